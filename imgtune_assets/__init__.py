@@ -1,0 +1,1 @@
+"""imgtune: tune OpenCV pipeline parameters with Dagster assets and Ray."""

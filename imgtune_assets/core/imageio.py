@@ -1,0 +1,54 @@
+"""Reading and writing images with clear errors, for any path (spaces, non-ASCII)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from imgtune_assets.core.files import atomic_write_bytes
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message names the file and the reason."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image as stored: grey stays 2-D, colour is BGR (alpha dropped), 8 or 16 bit.
+
+    Reads bytes with numpy and decodes in memory so that any file name works.
+    """
+    file = Path(path)
+    try:
+        raw = np.fromfile(file, dtype=np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"{file}: cannot read file ({exc.strerror or exc})") from exc
+    if raw.size == 0:
+        raise ImageReadError(f"{file}: empty file (0 bytes)")
+    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image)")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ImageReadError(f"{file}: unsupported pixel type {image.dtype} (need 8-bit or 16-bit)")
+    if image.ndim == 3:
+        if image.shape[2] == 1:
+            image = image[:, :, 0]
+        elif image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+        elif image.shape[2] != 3:
+            raise ImageReadError(f"{file}: unsupported channel count {image.shape[2]}")
+    elif image.ndim != 2:
+        raise ImageReadError(f"{file}: unsupported image shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Encode ``image`` as PNG and write it atomically."""
+    ok, buffer = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV could not encode image of shape {image.shape} {image.dtype}")
+    return atomic_write_bytes(path, buffer.tobytes())

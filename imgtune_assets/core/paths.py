@@ -1,0 +1,31 @@
+"""Where things are by default: the bundled sweeps and the project-local output folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BUNDLED_SWEEPS = PROJECT_ROOT / "sweeps"
+DEFAULT_SWEEP = BUNDLED_SWEEPS / "denoise.yaml"
+
+
+def default_sweep_path() -> Path:
+    """``IMGTUNE_SWEEP`` when set, else the bundled demo denoising sweep."""
+    value = os.environ.get("IMGTUNE_SWEEP", "").strip()
+    return Path(value).expanduser().resolve() if value else DEFAULT_SWEEP
+
+
+def default_output_dir() -> Path:
+    """``IMGTUNE_OUTPUT_DIR`` when set, else ``outputs/`` in the project folder."""
+    value = os.environ.get("IMGTUNE_OUTPUT_DIR", "").strip()
+    return Path(value).expanduser().resolve() if value else PROJECT_ROOT / "outputs"
+
+
+def sweep_output_dir(output_dir: Path, sweep_name: str) -> Path:
+    """Each sweep writes only under its own folder; names are validated as single path parts."""
+    root = Path(output_dir).resolve()
+    folder = (root / sweep_name).resolve()
+    if folder.parent != root:
+        raise ValueError(f"sweep name {sweep_name!r} would write outside the output folder {root}")
+    return folder

@@ -1,0 +1,193 @@
+"""The sweep report: leaderboard, the best pipeline as a reusable sweep file, and plots.
+
+Plain module (no Dagster). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
+from imgtune_assets.core.sampling import search_space
+from imgtune_assets.core.sweepfile import Sweep, fixed_sweep_document
+
+
+@dataclass
+class ReportFiles:
+    leaderboard: Path
+    per_image: Path
+    best_pipeline: Path | None
+    plots: dict[str, Path]
+
+
+def leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Every trial: rank (completed trials only), parameters, score, runtime, status."""
+    dims = [d.name for d in search_space(sweep)]
+    rows = []
+    for rec in records:
+        row = {"trial": rec["trial"], "status": rec["status"], "score": rec["score"]}
+        for name in dims:
+            row[name] = rec["params"].get(name)
+        row.update({"seconds": rec["seconds"], "images_scored": rec["images_scored"],
+                    "images_failed": rec["images_failed"], "error": rec.get("error")})
+        rows.append(row)
+    columns = ["rank", "trial", "status", "score", *dims, "seconds", "images_scored", "images_failed", "error"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows)
+    ok = frame["status"].eq("ok") & frame["score"].notna()
+    ranked = frame[ok].sort_values(["score", "trial"], ascending=[not sweep.higher_is_better, True])
+    ranked.insert(0, "rank", range(1, len(ranked) + 1))
+    rest = frame[~ok].sort_values("trial")
+    rest.insert(0, "rank", pd.NA)
+    board = pd.concat([ranked, rest], ignore_index=True) if len(rest) else ranked.reset_index(drop=True)
+    return board[columns]
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = search_space(sweep)
+    ok = board[board["status"].eq("ok")]
+    n = max(1, len(dims))
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    best = ok.iloc[0] if len(ok) else None
+    for ax, dim in zip(axes.flat, dims):
+        values = ok[dim.name]
+        if dim.range.type == "choice":
+            labels = [str(v) for v in dim.range.values]
+            xs = [labels.index(str(v)) for v in values]
+            ax.set_xticks(range(len(labels)), labels)
+        else:
+            xs = values.astype(float)
+            if dim.range.log:
+                ax.set_xscale("log")
+        ax.scatter(xs, ok["score"], s=18, alpha=0.75, color="#4f6bed")
+        if best is not None:
+            bx = str(best[dim.name]) if dim.range.type == "choice" else float(best[dim.name])
+            if dim.range.type == "choice":
+                bx = [str(v) for v in dim.range.values].index(bx)
+            ax.scatter([bx], [best["score"]], s=80, marker="*", color="#e8590c", label="best")
+        ax.set_xlabel(dim.name)
+        ax.set_ylabel(sweep.metric)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(dims):]:
+        ax.axis("off")
+    if not dims:
+        axes.flat[0].text(0.5, 0.5, "no searched parameters", ha="center")
+    fig.suptitle(f"{sweep.name}: {sweep.metric} against each searched parameter")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_best_so_far(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(records, key=lambda r: r["trial"])
+    xs, ys, best_xs, best_ys = [], [], [], []
+    best = None
+    for i, rec in enumerate(ordered):
+        if rec["status"] != "ok" or rec["score"] is None:
+            continue
+        xs.append(i)
+        ys.append(rec["score"])
+        if best is None or (rec["score"] > best if sweep.higher_is_better else rec["score"] < best):
+            best = rec["score"]
+        best_xs.append(i)
+        best_ys.append(best)
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.scatter(xs, ys, s=14, alpha=0.6, color="#4f6bed", label="trial score")
+    ax.step(best_xs, best_ys, where="post", color="#e8590c", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(sweep.metric)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right" if sweep.higher_is_better else "upper right")
+    ax.set_title(f"{sweep.name}: best {sweep.metric} so far")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def plot_before_after(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> bytes:
+    """Rows of (label, before, after, target) images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 3, figsize=(10, 3.4 * len(panels)), squeeze=False)
+    for row, (label, before, after, target) in zip(axes, panels):
+        for ax, title, image in zip(row, ("before", "after", "target"), (before, after, target)):
+            ax.axis("off")
+            if image is None:
+                ax.set_title(f"{title}: none")
+                continue
+            shown = image.astype(np.float32) / (65535.0 if image.dtype == np.uint16 else 255.0)
+            if shown.ndim == 3:
+                ax.imshow(shown[:, :, ::-1].clip(0, 1))
+            else:
+                ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"{label} — {title}", fontsize=9)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def write_report(
+    sweep: Sweep,
+    records: list[dict[str, Any]],
+    out_dir: Path,
+    *,
+    before_after: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] | None = None,
+) -> tuple[pd.DataFrame, ReportFiles]:
+    out_dir = Path(out_dir)
+    board = leaderboard(sweep, records)
+    leaderboard_path = atomic_write_text(out_dir / "leaderboard.csv", board.to_csv(index=False))
+    per_image_rows = [
+        {"trial": rec["trial"], "image": r["id"], "score": r["score"], "seconds": r["seconds"], "error": r["error"]}
+        for rec in records for r in rec["per_image"]
+    ]
+    per_image_path = atomic_write_text(out_dir / "per_image_scores.csv",
+                                       pd.DataFrame(per_image_rows, columns=["trial", "image", "score", "seconds", "error"]).to_csv(index=False))
+    best_path = None
+    ok = board[board["status"].eq("ok")]
+    if len(ok):
+        best_record = next(r for r in records if r["trial"] == ok.iloc[0]["trial"])
+        doc = fixed_sweep_document(sweep, [(op, params) for op, params in best_record["stages"]],
+                                   name=f"{sweep.name}-best")
+        header = (f"# Best pipeline of sweep {sweep.name!r}: {best_record['trial']}, "
+                  f"{sweep.metric} = {best_record['score']:.6g}.\n# Every parameter is fixed; run it as a sweep "
+                  "file (IMGTUNE_SWEEP) or read the stages.\n")
+        best_path = atomic_write_text(out_dir / "best_pipeline.yaml",
+                                      header + yaml.safe_dump(doc, sort_keys=False))
+    plots = {
+        "score_vs_params": atomic_write_bytes(out_dir / "plots" / "score_vs_params.png", plot_score_vs_params(sweep, board)),
+        "best_so_far": atomic_write_bytes(out_dir / "plots" / "best_so_far.png", plot_best_so_far(sweep, records)),
+    }
+    if before_after:
+        plots["best_trial_images"] = atomic_write_bytes(out_dir / "plots" / "best_trial_images.png",
+                                                        plot_before_after(before_after))
+    return board, ReportFiles(leaderboard=leaderboard_path, per_image=per_image_path, best_pipeline=best_path, plots=plots)

@@ -1,0 +1,178 @@
+"""Search spaces and samplers.
+
+Trial k's parameters depend only on (seed, search space, k) — plus, for ``grid``, the number of
+trials, which sets the grid's resolution — so re-running or backfilling one trial evaluates exactly
+the parameters it had before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from imgtune_assets.core.ops import validate_stage
+from imgtune_assets.core.sweepfile import SearchRange, Sweep
+
+PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched parameter. ``name`` is ``op.param`` (``op[i].param`` when an op repeats)."""
+
+    name: str
+    stage_index: int
+    param: str
+    range: SearchRange
+
+    def candidates(self, levels: int) -> list[Any]:
+        """At most ``levels`` values spread over the range (all values when fewer exist)."""
+        r = self.range
+        if r.type == "choice":
+            return list(r.values)
+        if r.type in ("int", "odd"):
+            step = 2 if r.type == "odd" else 1
+            start = int(r.low) + (1 if r.type == "odd" and int(r.low) % 2 == 0 else 0)
+            every = list(range(start, int(r.high) + 1, step))
+            if len(every) <= levels:
+                return every
+            picks = np.linspace(0, len(every) - 1, levels).round().astype(int)
+            return sorted({every[i] for i in picks})
+        if levels == 1:
+            return [_tidy(math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2)]
+        points = np.geomspace(r.low, r.high, levels) if r.log else np.linspace(r.low, r.high, levels)
+        return [_tidy(p) for p in points]
+
+    def from_unit(self, u: float) -> Any:
+        """Map u in [0, 1) to a value of this dimension (uniform, or log-uniform)."""
+        r = self.range
+        u = min(max(float(u), 0.0), np.nextafter(1.0, 0.0))
+        if r.type == "choice":
+            return r.values[int(u * len(r.values))]
+        if r.type in ("int", "odd"):
+            values = self.candidates(levels=10**9)
+            if r.log:
+                lo, hi = math.log(values[0]), math.log(values[-1] + 1)
+                target = math.exp(lo + u * (hi - lo))
+                return min(values, key=lambda v: (abs(v - target), v))
+            return values[int(u * len(values))]
+        if r.log:
+            return _tidy(math.exp(math.log(r.low) + u * (math.log(r.high) - math.log(r.low))))
+        return _tidy(r.low + u * (r.high - r.low))
+
+
+def _tidy(x: float) -> float:
+    # Six significant digits: readable in tables and sweep files, and exactly reproducible.
+    return float(f"{float(x):.6g}")
+
+
+def search_space(sweep: Sweep) -> list[Dimension]:
+    counts = Counter(stage.op for stage in sweep.pipeline)
+    dims = []
+    for i, stage in enumerate(sweep.pipeline):
+        label = stage.op if counts[stage.op] == 1 else f"{stage.op}[{i}]"
+        for param, rng in stage.searched.items():
+            dims.append(Dimension(name=f"{label}.{param}", stage_index=i, param=param, range=rng))
+    return dims
+
+
+def space_digest(dims: list[Dimension]) -> int:
+    payload = json.dumps([[d.name, d.range.to_dict()] for d in dims], sort_keys=True)
+    return int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "big")
+
+
+def _radical_inverse(index: int, base: int) -> float:
+    result, fraction = 0.0, 1.0 / base
+    while index > 0:
+        index, digit = divmod(index, base)
+        result += digit * fraction
+        fraction /= base
+    return result
+
+
+def sample_point(dims: list[Dimension], sampler: str, seed: int, k: int, n_trials: int) -> dict[str, Any]:
+    """Parameters of trial ``k`` as ``{dimension name: value}``."""
+    if k < 0:
+        raise ValueError(f"trial index must be >= 0, got {k}")
+    if not dims:
+        return {}
+    if sampler == "random":
+        rng = np.random.default_rng(np.random.SeedSequence([seed, k, space_digest(dims)]))
+        return {d.name: d.from_unit(u) for d, u in zip(dims, rng.random(len(dims)))}
+    if sampler == "halton":
+        if len(dims) > len(PRIMES):
+            raise ValueError(f"halton supports at most {len(PRIMES)} searched parameters, got {len(dims)}")
+        # A seeded random shift (Cranley-Patterson) so different seeds give different sequences.
+        shift = np.random.default_rng(np.random.SeedSequence([seed, space_digest(dims)])).random(len(dims))
+        return {
+            d.name: d.from_unit((_radical_inverse(k + 1, p) + s) % 1.0)
+            for d, p, s in zip(dims, PRIMES, shift)
+        }
+    if sampler == "grid":
+        levels = max(1, math.ceil(n_trials ** (1.0 / len(dims)) - 1e-9))
+        grids = [d.candidates(levels) for d in dims]
+        # Dimensions with few values (choices) leave room: raise the others' resolution to fill n_trials.
+        while math.prod(map(len, grids)) < n_trials:
+            grown = False
+            for i, d in enumerate(dims):
+                if d.range.type != "choice":
+                    bigger = d.candidates(len(grids[i]) + 1)
+                    if len(bigger) > len(grids[i]):
+                        grids[i], grown = bigger, True
+                if math.prod(map(len, grids)) >= n_trials:
+                    break
+            if not grown:
+                break
+        index = k % math.prod(map(len, grids))
+        point = {}
+        for d, grid in reversed(list(zip(dims, grids))):
+            index, digit = divmod(index, len(grid))
+            point[d.name] = grid[digit]
+        return {d.name: point[d.name] for d in dims}
+    raise ValueError(f"unknown sampler {sampler!r}")
+
+
+def trial_key(k: int, n_trials: int) -> str:
+    return f"trial-{k:0{max(3, len(str(n_trials - 1)))}d}"
+
+
+def trial_index(key: str) -> int:
+    prefix, _, number = key.partition("-")
+    if prefix != "trial" or not number.isdigit():
+        raise ValueError(f"not a trial partition key: {key!r} (expected like 'trial-007')")
+    return int(number)
+
+
+def trial_keys(sweep: Sweep) -> list[str]:
+    return [trial_key(k, sweep.trials) for k in range(sweep.trials)]
+
+
+def trial_stages(sweep: Sweep, point: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The full pipeline of a trial: fixed values, sampled values and op defaults, validated."""
+    dims = search_space(sweep)
+    stages = []
+    for i, stage in enumerate(sweep.pipeline):
+        params = dict(stage.fixed)
+        for d in dims:
+            if d.stage_index == i:
+                params[d.param] = point[d.name]
+        stages.append((stage.op, validate_stage(stage.op, params, where=f"{sweep.path}: pipeline[{i}]")))
+    return stages
+
+
+def trial_settings(sweep: Sweep, k: int) -> dict[str, Any]:
+    """Everything a trial needs: key, index, the sampled point and the full stage list."""
+    dims = search_space(sweep)
+    point = sample_point(dims, sweep.sampler, sweep.seed, k, sweep.trials)
+    return {
+        "trial": trial_key(k, sweep.trials),
+        "index": k,
+        "params": point,
+        "stages": [[op, params] for op, params in trial_stages(sweep, point)],
+    }

@@ -1,0 +1,1 @@
+"""Dagster pieces, one file per kind; ``imgtune_assets.definitions`` assembles them."""

@@ -1,0 +1,318 @@
+"""The sweep as assets: image_manifest → run_settings → experiment_results[trial] → sweep_report."""
+
+
+import base64
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from dagster import (
+    AllPartitionMapping,
+    AssetDep,
+    AssetExecutionContext,
+    AssetIn,
+    BackfillPolicy,
+    DataVersion,
+    Failure,
+    MetadataValue,
+    Output,
+    TableColumn,
+    TableRecord,
+    TableSchema,
+    asset,
+)
+
+from imgtune_assets.core.demo_data import ensure_demo_data
+from imgtune_assets.core.evaluate import evaluate_chunk
+from imgtune_assets.core.files import atomic_write_json
+from imgtune_assets.core.imageio import read_image
+from imgtune_assets.core.manifest import (
+    ManifestError,
+    ManifestRow,
+    image_folders,
+    load_images,
+    manifest_digest,
+    require_usable,
+    rows_to_records,
+    scan_folder,
+)
+from imgtune_assets.core.ops import apply_pipeline
+from imgtune_assets.core.report import leaderboard, write_report
+from imgtune_assets.core.sampling import search_space, trial_index, trial_keys, trial_settings
+from imgtune_assets.defs.partitions import trial_partitions
+from imgtune_assets.defs.resources import RayResource, SweepResource
+
+GROUP = "imgtune"
+
+
+def _rows(manifest: pd.DataFrame) -> list[ManifestRow]:
+    return [ManifestRow(**{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
+            for rec in manifest.to_dict("records")]
+
+
+def _table(frame: pd.DataFrame, limit: int | None = None) -> MetadataValue:
+    frame = frame if limit is None else frame.head(limit)
+    columns = []
+    for name, dtype in frame.dtypes.items():
+        kind = "float" if pd.api.types.is_float_dtype(dtype) else "int" if pd.api.types.is_integer_dtype(dtype) else "string"
+        columns.append(TableColumn(str(name), kind))
+    records = []
+    for rec in frame.to_dict("records"):
+        clean = {}
+        for key, value in rec.items():
+            if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+                clean[str(key)] = None
+            elif isinstance(value, float):
+                clean[str(key)] = round(value, 6)
+            elif isinstance(value, (int, bool)):
+                clean[str(key)] = value
+            else:
+                clean[str(key)] = str(value)
+        records.append(TableRecord(clean))
+    return MetadataValue.table(records, schema=TableSchema(columns))
+
+
+@asset(group_name=GROUP, kinds={"opencv"})
+def image_manifest(context: AssetExecutionContext, imgtune: SweepResource) -> Output[pd.DataFrame]:
+    """One row per file in the sweep's data folder: id, paths, content hashes, size, channels, status.
+
+    Unusable files are rows with a reason, not crashes. The data version is a hash of the
+    (id, content hash) pairs, so new or changed images make everything downstream stale.
+    """
+    sweep = imgtune.load()
+    if sweep.demo_data and not (sweep.data_dir / "images").is_dir():
+        context.log.info(f"Generating the {sweep.demo_data} demo data set in {sweep.data_dir}")
+        ensure_demo_data(sweep.data_dir, sweep.demo_data)
+    try:
+        rows = scan_folder(sweep.data_dir, needs_target=sweep.needs_target)
+        if sweep.needs_target and not any(r.target_path for r in rows):
+            _, target_dir = image_folders(sweep.data_dir)
+            raise ManifestError(f"{sweep.path}: objective.metric: {sweep.metric} needs ground-truth targets, "
+                                f"but {target_dir} holds none (expected targets/<image stem>.png)")
+        usable = require_usable(rows, sweep.data_dir)
+    except ManifestError as exc:
+        raise Failure(description=str(exc)) from None
+    skipped = [r for r in rows if r.status != "ok"]
+    for row in skipped:
+        context.log.warning(f"skipped {row.image_path}: {row.reason}")
+    digest = manifest_digest(rows)
+    frame = pd.DataFrame(rows_to_records(rows))
+    metadata: dict[str, Any] = {
+        "data_dir": MetadataValue.path(str(sweep.data_dir)),
+        "files": len(rows),
+        "usable_images": len(usable),
+        "skipped_files": len(skipped),
+        "with_targets": sum(1 for r in usable if r.target_path),
+        "content_hash": digest,
+    }
+    if skipped:
+        metadata["skipped"] = _table(frame[frame["status"] != "ok"][["image_path", "reason"]], limit=50)
+    return Output(frame, metadata=metadata, data_version=DataVersion(digest))
+
+
+@asset(group_name=GROUP, deps=[image_manifest])
+def run_settings(context: AssetExecutionContext, imgtune: SweepResource) -> Output[dict]:
+    """One row per trial: its partition key and parameters, drawn from (seed, search space, trial index)."""
+    sweep = imgtune.load()
+    trials = [trial_settings(sweep, k) for k in range(sweep.trials)]
+    settings = {"sweep": sweep.name, "fingerprint": sweep.fingerprint(), "metric": sweep.metric,
+                "metric_options": sweep.metric_options, "trials": trials}
+    atomic_write_json(imgtune.sweep_dir(sweep) / "run_settings.json", settings)
+    dims = search_space(sweep)
+    preview = pd.DataFrame([{"trial": t["trial"], **t["params"]} for t in trials])
+    return Output(settings, metadata={
+        "trials": sweep.trials,
+        "sampler": sweep.sampler,
+        "seed": sweep.seed,
+        "metric": sweep.metric,
+        "fingerprint": settings["fingerprint"],
+        "search_space": MetadataValue.json({d.name: d.range.to_dict() for d in dims}),
+        "preview": _table(preview, limit=20),
+    })
+
+
+def _check_settings(settings: dict, sweep, sweep_path: str) -> None:
+    if settings["fingerprint"] != sweep.fingerprint():
+        raise Failure(description=f"run_settings was made from another version of {sweep_path}: "
+                                  "materialize run_settings again before running trials")
+
+
+@asset(
+    group_name=GROUP,
+    partitions_def=trial_partitions,
+    backfill_policy=BackfillPolicy.single_run(),
+    ins={"image_manifest": AssetIn(), "run_settings": AssetIn()},
+    kinds={"ray", "opencv"},
+)
+def experiment_results(
+    context: AssetExecutionContext,
+    imgtune: SweepResource,
+    ray_cluster: RayResource,
+    image_manifest: pd.DataFrame,
+    run_settings: dict,
+) -> None:
+    """Each trial evaluated on every usable image, on Ray; one partition per trial.
+
+    Results are written per partition (``trials/<key>.json``, atomically). A trial whose pipeline raises
+    is recorded as failed with its error; the other trials complete.
+    """
+    from imgtune_assets.core.fanout import run_trials
+
+    sweep = imgtune.load()
+    _check_settings(run_settings, sweep, imgtune.sweep_path)
+    keys = list(context.partition_keys)
+    by_key = {t["trial"]: t for t in run_settings["trials"]}
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise Failure(description=f"partitions {missing[:5]} are not trials of sweep {sweep.name!r} "
+                                  f"({sweep.trials} trials); was the sweep file changed?")
+    rows = _rows(image_manifest)
+    digest = manifest_digest(rows)
+    started = time.perf_counter()
+    ids, images, targets = load_images(sweep.data_dir, rows)
+    decode_seconds = time.perf_counter() - started
+    context.log.info(f"{len(keys)} trial(s) × {len(ids)} image(s); decoded in {decode_seconds:.2f}s")
+
+    outcomes = run_trials([by_key[k] for k in keys], ids, images, targets, sweep.metric, sweep.metric_options,
+                          chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries)
+    trial_dir = imgtune.sweep_dir(sweep) / "trials"
+    failed = []
+    for outcome in outcomes:
+        record = outcome.to_record(sweep_name=sweep.name, fingerprint=sweep.fingerprint(), metric=sweep.metric,
+                                   manifest_digest=digest)
+        atomic_write_json(trial_dir / f"{outcome.trial}.json", record)
+        if record["status"] != "ok":
+            failed.append(outcome.trial)
+            context.log.warning(f"{outcome.trial} failed: {record['error']}")
+        context.add_asset_metadata({
+            "score": MetadataValue.float(float(record["score"]) if record["score"] is not None else float("nan")),
+            "status": record["status"],
+            "params": MetadataValue.json(record["params"]),
+            "images_scored": record["images_scored"],
+            "images_failed": record["images_failed"],
+            "seconds": MetadataValue.float(round(record["seconds"], 4)),
+            "nodes": MetadataValue.json(sorted({w["node_id"] for w in record["workers"]})),
+            "error": record["error"] or "",
+            "result_file": MetadataValue.path(str(trial_dir / f"{outcome.trial}.json")),
+        }, partition_key=outcome.trial)
+    context.log.info(f"{len(outcomes) - len(failed)} trial(s) completed, {len(failed)} failed "
+                     f"in {time.perf_counter() - started:.2f}s")
+
+
+def _load_records(folder: Path, keys: list[str], fingerprint: str, digest: str) -> tuple[list[dict], int]:
+    records, stale = [], 0
+    for key in keys:
+        file = folder / f"{key}.json"
+        if not file.exists():
+            continue
+        record = json.loads(file.read_text())
+        if record.get("fingerprint") != fingerprint or record.get("manifest_digest") != digest:
+            stale += 1
+            continue
+        records.append(record)
+    return records, stale
+
+
+def _embed_png(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"![{alt}](data:image/png;base64,{data})"
+
+
+@asset(
+    group_name=GROUP,
+    ins={"image_manifest": AssetIn(), "run_settings": AssetIn()},
+    deps=[AssetDep("experiment_results", partition_mapping=AllPartitionMapping())],
+    kinds={"pandas"},
+)
+def sweep_report(
+    context: AssetExecutionContext,
+    imgtune: SweepResource,
+    image_manifest: pd.DataFrame,
+    run_settings: dict,
+) -> Output[dict]:
+    """Leaderboard, the best pipeline as a reusable sweep file, plots, and the best score.
+
+    Reads every trial result present for the current settings and images; missing trials are
+    reported as missing, not fatal.
+    """
+    sweep = imgtune.load()
+    _check_settings(run_settings, sweep, imgtune.sweep_path)
+    out_dir = imgtune.sweep_dir(sweep)
+    rows = _rows(image_manifest)
+    digest = manifest_digest(rows)
+    keys = trial_keys(sweep)
+    records, stale = _load_records(out_dir / "trials", keys, sweep.fingerprint(), digest)
+    if not records:
+        raise Failure(description=f"no trial results for sweep {sweep.name!r} in {out_dir / 'trials'}: "
+                                  "materialize experiment_results first")
+
+    ids, images, targets = load_images(sweep.data_dir, rows)
+    identity = evaluate_chunk([("identity", {})], images, targets, sweep.metric, sweep.metric_options)
+    identity_scores = [r["score"] for r in identity if not r["error"]]
+    identity_score = float(sum(identity_scores) / len(identity_scores)) if identity_scores else float("nan")
+
+    completed = [r for r in records if r["status"] == "ok"]
+    failed = [r for r in records if r["status"] != "ok"]
+    before_after = None
+    best = None
+    if completed:
+        ranked = leaderboard(sweep, records)
+        best_key = ranked[ranked["status"].eq("ok")].iloc[0]["trial"]
+        best = next(r for r in completed if r["trial"] == best_key)
+        scored = [p for p in best["per_image"] if p["score"] is not None]
+        ordered = sorted(scored, key=lambda p: p["score"], reverse=sweep.higher_is_better)
+        picks = [("best image " + ordered[0]["id"], ordered[0]["id"])]
+        if len(ordered) > 1:
+            picks.append(("worst image " + ordered[-1]["id"], ordered[-1]["id"]))
+        stages = [(op, params) for op, params in best["stages"]]
+        before_after = []
+        for label, image_id in picks:
+            i = ids.index(image_id)
+            before_after.append((label, images[i], apply_pipeline(images[i], stages), targets[i]))
+
+    board, files = write_report(sweep, records, out_dir, before_after=before_after)
+    top = board[board["status"].eq("ok")].head(10).drop(columns=["error", "status"])
+    best_score = float(best["score"]) if best else float("nan")
+    summary = {
+        "sweep": sweep.name,
+        "metric": sweep.metric,
+        "higher_is_better": sweep.higher_is_better,
+        "total_trials": sweep.trials,
+        "completed_trials": len(completed),
+        "failed_trials": [r["trial"] for r in failed],
+        "missing_trials": sorted(set(keys) - {r["trial"] for r in records}),
+        "stale_trials": stale,
+        "best_trial": best["trial"] if best else None,
+        "best_score": best_score,
+        "best_params": best["params"] if best else None,
+        "identity_score": identity_score,
+        "nan_scores": sum(1 for r in completed if r["score"] is None or math.isnan(r["score"])),
+        "output_dir": str(out_dir),
+        "leaderboard": str(files.leaderboard),
+        "best_pipeline": str(files.best_pipeline) if files.best_pipeline else None,
+    }
+    atomic_write_json(out_dir / "report.json", summary)
+    plots_md = "\n\n".join(f"### {name.replace('_', ' ')}\n\n{_embed_png(path, name)}" for name, path in files.plots.items())
+    failed_md = "".join(f"\n- `{r['trial']}`: {r['error']}" for r in failed)
+    context.log.info(f"best {sweep.metric} {best_score:.4f} ({summary['best_trial']}); identity {identity_score:.4f}; "
+                     f"report in {out_dir}")
+    return Output(summary, metadata={
+        "best_score": MetadataValue.float(best_score),
+        "best_trial": summary["best_trial"] or "",
+        "best_params": MetadataValue.json(summary["best_params"] or {}),
+        "identity_score": MetadataValue.float(identity_score),
+        "improvement": MetadataValue.float(best_score - identity_score if best else float("nan")),
+        "completed_trials": len(completed),
+        "failed_trials": len(failed),
+        "missing_trials": len(summary["missing_trials"]),
+        "total_trials": sweep.trials,
+        "top_10": _table(top),
+        "plots": MetadataValue.md(plots_md),
+        "failed": MetadataValue.md(f"**Failed trials:**{failed_md}" if failed else "No failed trials."),
+        "leaderboard": MetadataValue.path(str(files.leaderboard)),
+        "best_pipeline": MetadataValue.path(str(files.best_pipeline or "")),
+        "output_dir": MetadataValue.path(str(out_dir)),
+    })

@@ -1,0 +1,125 @@
+"""Resources: the sweep in use and the Ray connection."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from imgtune_assets.core.paths import default_output_dir, default_sweep_path, sweep_output_dir
+from imgtune_assets.core.sweepfile import Sweep, load_sweep
+
+RAY_ADDRESS_ENV = "IMGTUNE_RAY_ADDRESS"
+# Set before an embedded Ray starts: Ray then listens on and advertises 127.0.0.1 only
+# (by default Ray 2.60 listens on every interface).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+class SweepResource(ConfigurableResource):
+    """The sweep file in use and where its outputs go."""
+
+    sweep_path: str = Field(
+        description="Path of the sweep YAML file. Defaults to $IMGTUNE_SWEEP, else the bundled demo sweep.",
+    )
+    output_dir: str = Field(
+        description="Folder for reports and trial results (one sub-folder per sweep name). "
+        "Defaults to $IMGTUNE_OUTPUT_DIR, else outputs/ in the project.",
+    )
+
+    @classmethod
+    def from_environment(cls) -> "SweepResource":
+        return cls(sweep_path=str(default_sweep_path()), output_dir=str(default_output_dir()))
+
+    def load(self) -> Sweep:
+        return load_sweep(self.sweep_path)
+
+    def sweep_dir(self, sweep: Sweep) -> Path:
+        return sweep_output_dir(Path(self.output_dir), sweep.name)
+
+
+def loopback_environment() -> dict[str, str]:
+    return dict(LOOPBACK_ENV)
+
+
+class RayResource(ConfigurableResource):
+    """A Ray connection: an embedded local Ray by default, or an existing cluster by ``address``.
+
+    Inside a Ray worker (a step run by ``ray_executor``) the worker's own connection is reused.
+    """
+
+    address: Optional[str] = Field(
+        default=None,
+        description="Ray cluster address: 'HOST:PORT', 'auto' or 'ray://HOST:10001'. Unset: $IMGTUNE_RAY_ADDRESS "
+        "if set, else an embedded local Ray on 127.0.0.1 that lives as long as the run.",
+    )
+    num_cpus: Optional[int] = Field(
+        default=None, description="CPUs for the embedded local Ray (default: all of this machine's). "
+        "Ignored when connecting to a cluster."
+    )
+    namespace: str = Field(default="imgtune", description="Ray namespace for imgtune's tasks.")
+    runtime_env: Optional[dict[str, Any]] = Field(
+        default=None,
+        description="Ray runtime_env for a cluster connection, e.g. {'py_modules': [...]} so remote nodes "
+        "get imgtune's code. By default imgtune ships its own package when connecting by address.",
+    )
+    max_retries: int = Field(
+        default=3, description="Times Ray re-runs an experiment task whose worker died (tasks are idempotent)."
+    )
+
+    _started_here: bool = PrivateAttr(default=False)
+
+    def resolved_address(self) -> Optional[str]:
+        return self.address or os.environ.get(RAY_ADDRESS_ENV) or None
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self.connect(context.log if context else None)
+
+    def connect(self, log: Optional[logging.Logger] = None) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return  # already connected: inside a Ray worker, or the caller connected
+        address = self.resolved_address()
+        if address:
+            ray.init(
+                address=address,
+                namespace=self.namespace,
+                runtime_env=self.runtime_env if self.runtime_env is not None else default_runtime_env(),
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+        else:
+            for key, value in LOOPBACK_ENV.items():
+                os.environ.setdefault(key, value)
+            ray.init(
+                num_cpus=self.num_cpus,
+                namespace=self.namespace,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                runtime_env=self.runtime_env,
+            )
+        self._started_here = True
+        if log:
+            resources = ray.cluster_resources()
+            log.info(f"Ray connected ({address or 'embedded local'}): {int(resources.get('CPU', 0))} CPUs, "
+                     f"{len(ray.nodes())} node(s)")
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._started_here:
+            import ray
+
+            ray.shutdown()
+            self._started_here = False
+
+
+def default_runtime_env() -> dict[str, Any]:
+    """Ship imgtune's own package to cluster workers, so nodes need only the dependencies."""
+    import imgtune_assets
+
+    return {"py_modules": [str(Path(imgtune_assets.__file__).parent)],
+            "env_vars": {"OMP_NUM_THREADS": "1"}}
