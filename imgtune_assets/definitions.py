@@ -3,11 +3,17 @@
 from dagster import Definitions, in_process_executor, load_asset_checks_from_modules, load_assets_from_modules
 
 from imgtune_assets.defs import assets, checks
+from imgtune_assets.defs.jobs import sweep_job, trials_job
 from imgtune_assets.defs.resources import RayResource, SweepResource
+from imgtune_assets.defs.schedules import nightly_sweep
+from imgtune_assets.defs.sensors import new_images
 
 defs = Definitions(
     assets=load_assets_from_modules([assets]),
     asset_checks=load_asset_checks_from_modules([checks]),
+    jobs=[sweep_job, trials_job],
+    schedules=[nightly_sweep],
+    sensors=[new_images],
     resources={"imgtune": SweepResource.from_environment(), "ray_cluster": RayResource()},
     # Steps run in the run's own process: Ray does the parallel work inside experiment_results,
     # and a process per step would only add start-up time.

@@ -386,12 +386,25 @@ def _canny(
     return _finish(_mask_to_dtype(edges, img.dtype), img.dtype)
 
 
-def _sobel(image: np.ndarray, ksize: int, scale: float) -> np.ndarray:
-    """Gradient magnitude sqrt(gx^2 + gy^2) * scale, per channel, clipped to the dtype."""
+def _sobel(image: np.ndarray, ksize: int, scale: float, dx: int = 1, dy: int = 1) -> np.ndarray:
+    """Derivative magnitude sqrt(Sobel(dx, 0)^2 + Sobel(0, dy)^2) * scale, per channel, clipped.
+
+    The defaults (dx = dy = 1) give the usual gradient magnitude. The derivative orders are passed to
+    OpenCV as they are, so combinations OpenCV refuses (dx = dy = 0, or an order >= ksize) raise
+    cv2.error at run time: such a trial is recorded as failed, the sweep goes on.
+    """
     img = _prep(image)
-    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=ksize)
-    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=ksize)
-    return _finish(_from_float(cv2.magnitude(gx, gy) * scale, img.dtype), img.dtype)
+    if dx == 0 and dy == 0:
+        magnitude = np.abs(cv2.Sobel(img, cv2.CV_32F, 0, 0, ksize=ksize))  # OpenCV raises: no derivative
+    elif dy == 0:
+        magnitude = np.abs(cv2.Sobel(img, cv2.CV_32F, dx, 0, ksize=ksize))
+    elif dx == 0:
+        magnitude = np.abs(cv2.Sobel(img, cv2.CV_32F, 0, dy, ksize=ksize))
+    else:
+        gx = cv2.Sobel(img, cv2.CV_32F, dx, 0, ksize=ksize)
+        gy = cv2.Sobel(img, cv2.CV_32F, 0, dy, ksize=ksize)
+        magnitude = cv2.magnitude(gx, gy)
+    return _finish(_from_float(magnitude * scale, img.dtype), img.dtype)
 
 
 def _laplacian(image: np.ndarray, ksize: int, scale: float) -> np.ndarray:
@@ -488,6 +501,8 @@ OPS: dict[str, OpSpec] = {
             _sobel,
             _p("ksize", "choice", 3, choices=_ODD_KSIZES),
             _p("scale", "float", 1.0, 0, 100),
+            _p("dx", "int", 1, 0, 2, doc="order of the x derivative (0 = none)"),
+            _p("dy", "int", 1, 0, 2, doc="order of the y derivative (0 = none)"),
         ),
         _op(
             "laplacian",

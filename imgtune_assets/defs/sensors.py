@@ -1,0 +1,142 @@
+"""``new_images``: a new, changed or removed image (or target) in the sweep's data folder requests a sweep.
+
+The request is the schedule's: one ranged run of ``imgtune_sweep`` over every trial.
+
+How a change is detected, cheaply on most ticks:
+
+1. A *stat digest* of the images and targets folders (names, sizes, mtimes; no file is read). Same as
+   the cursor's → skip at once.
+2. Otherwise the *content hash*: exactly ``image_manifest``'s ``content_hash`` metadata
+   (``scan_folder`` + ``manifest_digest``: file hashes and usability). Same as the last one seen (a
+   file touched or rewritten with the same bytes) → skip, remembering the new stat digest.
+   On the very first tick (no cursor) the baseline is the latest ``image_manifest``
+   materialization's ``content_hash``, so starting the sensor over already-swept images requests
+   nothing.
+3. A different content hash requests a sweep (run key ``images:<old>-><new>``) — unless a sweep run
+   is already queued or running: then the sensor waits (cursor unchanged) and looks again on the next
+   tick, so copying many images in over a minute gives one or two sweeps, not one per file.
+
+Cursor: JSON ``{"stat": <stat digest>, "content": <content hash>}``. Interval:
+``$IMGTUNE_SENSOR_INTERVAL_SECONDS`` (default 30). Sensors are STOPPED until started:
+``dagster sensor start new_images`` (or the UI toggle), with ``dagster-daemon run`` running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from dagster import (
+    AssetKey,
+    DagsterRunStatus,
+    RunsFilter,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from imgtune_assets.core.manifest import ManifestError, image_folders, manifest_digest, scan_folder
+from imgtune_assets.core.sweepfile import SweepFileError
+from imgtune_assets.defs.jobs import SWEEP_JOB_NAME, sweep_job, sweep_run_request
+from imgtune_assets.defs.partitions import trial_partitions
+from imgtune_assets.defs.resources import SweepResource
+
+INTERVAL_ENV = "IMGTUNE_SENSOR_INTERVAL_SECONDS"
+IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+               DagsterRunStatus.STARTED]
+
+
+def _interval() -> int:
+    value = os.environ.get(INTERVAL_ENV, "").strip()
+    if not value:
+        return 30
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{INTERVAL_ENV}: expected a whole number of seconds >= 1, got {value!r}")
+    return int(value)
+
+
+def stat_digest(data_dir: Path) -> str:
+    """Hash of (folder, name, size, mtime) of every visible file in the images and targets folders."""
+    image_dir, target_dir = image_folders(Path(data_dir))
+    digest = hashlib.sha256()
+    for folder in (image_dir, target_dir):
+        if not folder.is_dir():
+            continue
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            st = entry.stat()
+            digest.update(f"{folder.name}/{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _parse_cursor(cursor: str | None) -> dict[str, str]:
+    if not cursor:
+        return {}
+    try:
+        value = json.loads(cursor)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _last_manifest_hash(context: SensorEvaluationContext) -> str | None:
+    if context.instance is None:
+        return None
+    event = context.instance.get_latest_materialization_event(AssetKey("image_manifest"))
+    materialization = event.asset_materialization if event else None
+    entry = materialization.metadata.get("content_hash") if materialization else None
+    return str(entry.value) if entry is not None else None
+
+
+def _sweep_in_progress(context: SensorEvaluationContext) -> bool:
+    if context.instance is None:
+        return False
+    runs = context.instance.get_run_records(
+        filters=RunsFilter(job_name=SWEEP_JOB_NAME, statuses=IN_PROGRESS), limit=1)
+    return bool(runs)
+
+
+@sensor(
+    name="new_images",
+    job=sweep_job,
+    minimum_interval_seconds=_interval(),
+    description="Requests a whole sweep (one ranged run) when an image or target in the sweep's data folder "
+    "is added, changed or removed.",
+)
+def new_images(context: SensorEvaluationContext, imgtune: SweepResource) -> SensorResult | SkipReason:
+    try:
+        sweep = imgtune.load()
+    except SweepFileError as exc:
+        return SkipReason(f"cannot read the sweep file: {exc}")
+    data_dir = sweep.data_dir
+    if not data_dir.is_dir():
+        return SkipReason(f"{data_dir}: data folder does not exist yet"
+                          + (" (the first sweep generates the demo set)" if sweep.demo_data else ""))
+    cursor = _parse_cursor(context.cursor)
+    stat = stat_digest(data_dir)
+    if cursor.get("stat") == stat:
+        return SkipReason(f"no change in {data_dir} (content hash {cursor.get('content')})")
+    try:
+        content = manifest_digest(scan_folder(data_dir, needs_target=sweep.needs_target))
+    except ManifestError as exc:
+        return SkipReason(str(exc))
+    baseline = cursor.get("content") if cursor else _last_manifest_hash(context)
+    if content == baseline:
+        return SensorResult(skip_reason=f"files in {data_dir} were touched but their content is unchanged "
+                                        f"(content hash {content})",
+                            cursor=json.dumps({"stat": stat, "content": content}))
+    if _sweep_in_progress(context):
+        return SkipReason(f"images changed (content hash {baseline} -> {content}) but a {SWEEP_JOB_NAME} run "
+                          "is queued or running; will look again on the next tick")
+    request = sweep_run_request(
+        trial_partitions.get_partition_keys(),
+        trigger="new_images",
+        run_key=f"images:{baseline}->{content}",
+        tags={"imgtune/images_content_hash": content},
+    )
+    context.log.info(f"images in {data_dir} changed (content hash {baseline} -> {content}): requesting a sweep")
+    return SensorResult(run_requests=[request], cursor=json.dumps({"stat": stat, "content": content}))
