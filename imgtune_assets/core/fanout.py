@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -58,11 +58,13 @@ def run_trials(
     *,
     chunk_size: int | None = None,
     max_retries: int = DEFAULT_MAX_RETRIES,
+    on_trial_done: Callable[[TrialOutcome], None] | None = None,
 ) -> list[TrialOutcome]:
     """Evaluate each trial (``{"trial", "params", "stages", "error"?}``) on every image.
 
     An exception in a trial (OpenCV refusing its parameters, or a worker lost beyond Ray's retries)
-    fails that trial only; the others complete.
+    fails that trial only; the others complete. ``on_trial_done`` is called as soon as each trial's
+    last chunk is back, so its result can be saved before the rest of the sweep finishes.
     """
     import ray
 
@@ -76,6 +78,7 @@ def run_trials(
 
     outcomes: list[TrialOutcome] = []
     pending: dict[Any, tuple[int, int]] = {}
+    chunks_left: dict[int, int] = {}
     for t, trial in enumerate(trials):
         outcome = TrialOutcome(trial=trial["trial"], params=trial["params"], stages=trial["stages"],
                                image_ids=list(image_ids), per_image=[None] * len(images))
@@ -83,7 +86,10 @@ def run_trials(
         if trial.get("error"):
             outcome.error = trial["error"]
             outcome.per_image = []
+            if on_trial_done:
+                on_trial_done(outcome)
             continue
+        chunks_left[t] = len(chunk_refs)
         stages = [(op, params) for op, params in trial["stages"]]
         for c, ref in enumerate(chunk_refs):
             task = remote.options(name=f"imgtune:{trial['trial']}", max_retries=max_retries,
@@ -92,7 +98,11 @@ def run_trials(
 
     remaining = list(pending)
     while remaining:
-        done, remaining = ray.wait(remaining, num_returns=min(len(remaining), 64), timeout=None)
+        # Block for one result, then take whatever else is ready: trials are saved as they finish.
+        done, remaining = ray.wait(remaining, num_returns=1)
+        if remaining:
+            more, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0)
+            done += more
         for ref in done:
             t, c = pending[ref]
             outcome = outcomes[t]
@@ -102,12 +112,16 @@ def run_trials(
             except Exception as exc:  # noqa: BLE001 - recorded on the trial: a lost chunk fails its trial
                 message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 outcome.per_image[a:b] = [{"score": float("nan"), "seconds": 0.0, "error": message}] * (b - a)
-                continue
-            outcome.per_image[a:b] = payload["results"]
-            outcome.seconds += payload["seconds"]
-            outcome.workers.append({"chunk": c, "node_id": payload["node_id"], "pid": payload["pid"]})
+            else:
+                outcome.per_image[a:b] = payload["results"]
+                outcome.seconds += payload["seconds"]
+                outcome.workers.append({"chunk": c, "node_id": payload["node_id"], "pid": payload["pid"]})
+            chunks_left[t] -= 1
+            if chunks_left[t] == 0:
+                outcome.workers.sort(key=lambda w: w["chunk"])
+                if on_trial_done:
+                    on_trial_done(outcome)
     for outcome in outcomes:
-        outcome.workers.sort(key=lambda w: w["chunk"])
         if outcome.per_image and any(r is None for r in outcome.per_image):
             raise RuntimeError(f"{outcome.trial}: internal error, some images were never evaluated")
     return outcomes

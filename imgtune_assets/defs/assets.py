@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import Field
 from dagster import (
     AllPartitionMapping,
     AssetDep,
     AssetExecutionContext,
     AssetIn,
     BackfillPolicy,
+    Config,
     DataVersion,
     Failure,
     MetadataValue,
@@ -28,7 +30,6 @@ from dagster import (
 from imgtune_assets.core.demo_data import ensure_demo_data
 from imgtune_assets.core.evaluate import evaluate_chunk
 from imgtune_assets.core.files import atomic_write_json
-from imgtune_assets.core.imageio import read_image
 from imgtune_assets.core.manifest import (
     ManifestError,
     ManifestRow,
@@ -41,7 +42,7 @@ from imgtune_assets.core.manifest import (
 )
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets.core.report import leaderboard, write_report
-from imgtune_assets.core.sampling import search_space, trial_index, trial_keys, trial_settings
+from imgtune_assets.core.sampling import search_space, trial_keys, trial_settings
 from imgtune_assets.defs.partitions import trial_partitions
 from imgtune_assets.defs.resources import RayResource, SweepResource
 
@@ -140,6 +141,40 @@ def _check_settings(settings: dict, sweep, sweep_path: str) -> None:
                                   "materialize run_settings again before running trials")
 
 
+class ExperimentConfig(Config):
+    skip_finished: bool = Field(
+        default=False,
+        description="Reuse a trial's saved result when it was computed from the same settings and the same "
+        "images (same sweep fingerprint and manifest hash) instead of computing it again. For resuming "
+        "a sweep whose run was killed: finished trials are saved as they complete.",
+    )
+
+
+def _load_record(file: Path, fingerprint: str, digest: str) -> dict | None:
+    if not file.exists():
+        return None
+    record = json.loads(file.read_text())
+    if record.get("fingerprint") != fingerprint or record.get("manifest_digest") != digest:
+        return None
+    return record
+
+
+def _partition_metadata(record: dict, result_file: Path, reused: bool) -> dict[str, Any]:
+    score = float(record["score"]) if record["score"] is not None else float("nan")
+    return {
+        "score": MetadataValue.float(score),
+        "status": record["status"],
+        "params": MetadataValue.json(record["params"]),
+        "images_scored": record["images_scored"],
+        "images_failed": record["images_failed"],
+        "seconds": MetadataValue.float(round(record["seconds"], 4)),
+        "nodes": MetadataValue.json(sorted({w["node_id"] for w in record["workers"]})),
+        "error": record["error"] or "",
+        "reused": reused,
+        "result_file": MetadataValue.path(str(result_file)),
+    }
+
+
 @asset(
     group_name=GROUP,
     partitions_def=trial_partitions,
@@ -149,6 +184,7 @@ def _check_settings(settings: dict, sweep, sweep_path: str) -> None:
 )
 def experiment_results(
     context: AssetExecutionContext,
+    config: ExperimentConfig,
     imgtune: SweepResource,
     ray_cluster: RayResource,
     image_manifest: pd.DataFrame,
@@ -156,8 +192,9 @@ def experiment_results(
 ) -> None:
     """Each trial evaluated on every usable image, on Ray; one partition per trial.
 
-    Results are written per partition (``trials/<key>.json``, atomically). A trial whose pipeline raises
-    is recorded as failed with its error; the other trials complete.
+    Each trial's result is written (``trials/<key>.json``, atomically) as soon as it is complete, so a
+    killed run loses only unfinished trials. A trial whose pipeline raises is recorded as failed with
+    its error; the other trials complete.
     """
     from imgtune_assets.core.fanout import run_trials
 
@@ -171,48 +208,55 @@ def experiment_results(
                                   f"({sweep.trials} trials); was the sweep file changed?")
     rows = _rows(image_manifest)
     digest = manifest_digest(rows)
-    started = time.perf_counter()
-    ids, images, targets = load_images(sweep.data_dir, rows)
-    decode_seconds = time.perf_counter() - started
-    context.log.info(f"{len(keys)} trial(s) × {len(ids)} image(s); decoded in {decode_seconds:.2f}s")
-
-    outcomes = run_trials([by_key[k] for k in keys], ids, images, targets, sweep.metric, sweep.metric_options,
-                          chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries)
+    fingerprint = sweep.fingerprint()
     trial_dir = imgtune.sweep_dir(sweep) / "trials"
-    failed = []
-    for outcome in outcomes:
-        record = outcome.to_record(sweep_name=sweep.name, fingerprint=sweep.fingerprint(), metric=sweep.metric,
-                                   manifest_digest=digest)
-        atomic_write_json(trial_dir / f"{outcome.trial}.json", record)
+    failed: list[str] = []
+
+    def save(record: dict, reused: bool) -> None:
+        result_file = trial_dir / f"{record['trial']}.json"
+        if not reused:
+            atomic_write_json(result_file, record)
         if record["status"] != "ok":
-            failed.append(outcome.trial)
-            context.log.warning(f"{outcome.trial} failed: {record['error']}")
-        context.add_asset_metadata({
-            "score": MetadataValue.float(float(record["score"]) if record["score"] is not None else float("nan")),
-            "status": record["status"],
-            "params": MetadataValue.json(record["params"]),
-            "images_scored": record["images_scored"],
-            "images_failed": record["images_failed"],
-            "seconds": MetadataValue.float(round(record["seconds"], 4)),
-            "nodes": MetadataValue.json(sorted({w["node_id"] for w in record["workers"]})),
-            "error": record["error"] or "",
-            "result_file": MetadataValue.path(str(trial_dir / f"{outcome.trial}.json")),
-        }, partition_key=outcome.trial)
-    context.log.info(f"{len(outcomes) - len(failed)} trial(s) completed, {len(failed)} failed "
+            failed.append(record["trial"])
+            context.log.warning(f"{record['trial']} failed: {record['error']}")
+        context.add_asset_metadata(_partition_metadata(record, result_file, reused), partition_key=record["trial"])
+
+    todo = []
+    for key in keys:
+        previous = _load_record(trial_dir / f"{key}.json", fingerprint, digest) if config.skip_finished else None
+        if previous is not None:
+            save(previous, reused=True)
+        else:
+            todo.append(key)
+    if len(todo) < len(keys):
+        context.log.info(f"reusing {len(keys) - len(todo)} finished trial(s) (skip_finished)")
+
+    started = time.perf_counter()
+    if todo:
+        ids, images, targets = load_images(sweep.data_dir, rows)
+        context.log.info(f"{len(todo)} trial(s) × {len(ids)} image(s); decoded in "
+                         f"{time.perf_counter() - started:.2f}s")
+        run_trials(
+            [by_key[k] for k in todo], ids, images, targets, sweep.metric, sweep.metric_options,
+            chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries,
+            on_trial_done=lambda outcome: save(outcome.to_record(
+                sweep_name=sweep.name, fingerprint=fingerprint, metric=sweep.metric, manifest_digest=digest),
+                reused=False),
+        )
+    context.log.info(f"{len(keys) - len(failed)} trial(s) completed, {len(failed)} failed "
                      f"in {time.perf_counter() - started:.2f}s")
 
 
 def _load_records(folder: Path, keys: list[str], fingerprint: str, digest: str) -> tuple[list[dict], int]:
+    """Trial results for the current settings and images; results from older ones count as stale."""
     records, stale = [], 0
     for key in keys:
         file = folder / f"{key}.json"
-        if not file.exists():
-            continue
-        record = json.loads(file.read_text())
-        if record.get("fingerprint") != fingerprint or record.get("manifest_digest") != digest:
+        record = _load_record(file, fingerprint, digest)
+        if record is not None:
+            records.append(record)
+        elif file.exists():
             stale += 1
-            continue
-        records.append(record)
     return records, stale
 
 

@@ -1,0 +1,108 @@
+"""Ray fan-out on a real local Ray: same numbers as a plain loop, failures isolated per trial,
+and a worker killed mid-sweep changes nothing."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from imgtune_assets.core.demo_data import make_denoise_set
+from imgtune_assets.core.evaluate import evaluate_chunk
+from imgtune_assets.core.fanout import plan_chunks, run_trials
+from imgtune_assets.core.manifest import load_images, scan_folder
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fan")
+    make_denoise_set(folder, count=8, size=128)
+    return load_images(folder, scan_folder(folder, needs_target=True))
+
+
+def trials(n, extra=None):
+    out = []
+    for k in range(n):
+        stages = [["bilateral_filter", {"d": 3 + k % 5, "sigma_color": 20.0 + 7 * k, "sigma_space": 5.0}],
+                  ["gaussian_blur", {"ksize": 3 + 2 * (k % 3), "sigma": 0.5 + 0.1 * k}]]
+        out.append({"trial": f"trial-{k:03d}", "params": {"k": k}, "stages": stages})
+    return out + (extra or [])
+
+
+def test_plan_chunks():
+    assert plan_chunks(64, 128, 2) == 64          # plenty of trials: whole image sets per task
+    assert plan_chunks(64, 1, 2) == 16            # one trial: split so every CPU gets work
+    assert plan_chunks(3, 1, 8) == 1
+    assert plan_chunks(10, 4, 2, chunk_size=4) == 4
+
+
+def test_ray_results_equal_a_plain_loop(local_ray, images):
+    ids, imgs, tgts = images
+    outcomes = run_trials(trials(5), ids, imgs, tgts, "psnr", {}, chunk_size=3)
+    for outcome, trial in zip(outcomes, trials(5)):
+        expected = evaluate_chunk([tuple(s) for s in trial["stages"]], imgs, tgts, "psnr", {})
+        assert [r["score"] for r in outcome.per_image] == [r["score"] for r in expected]
+        assert outcome.status == "ok" and outcome.score == pytest.approx(np.mean([r["score"] for r in expected]))
+        assert len(outcome.workers) == 3  # 8 images in chunks of 3
+        assert all(len(w["node_id"]) > 10 and w["pid"] != os.getpid() for w in outcome.workers)
+
+
+def test_one_failing_trial_does_not_fail_the_others(local_ray, images):
+    ids, imgs, tgts = images
+    bad = {"trial": "trial-bad", "params": {}, "stages": [["sobel", {"ksize": 3, "scale": 1.0, "dx": 0, "dy": 0}]]}
+    invalid = {"trial": "trial-invalid", "params": {}, "stages": [], "error": "parameters refused"}
+    outcomes = {o.trial: o for o in run_trials(trials(3, [bad, invalid]), ids, imgs, tgts, "psnr", {})}
+    assert outcomes["trial-bad"].status == "failed" and "dx+dy > 0" in outcomes["trial-bad"].first_error
+    assert np.isnan(outcomes["trial-bad"].score)
+    assert outcomes["trial-invalid"].status == "failed" and outcomes["trial-invalid"].first_error == "parameters refused"
+    assert all(outcomes[f"trial-{k:03d}"].status == "ok" for k in range(3))
+
+
+def _busy_workers():
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::imgtune:"):
+            found.append(proc.info["pid"])
+    return found
+
+
+def test_worker_killed_mid_sweep_changes_nothing(local_ray, images):
+    ids, imgs, tgts = images
+    # nl_means is slow enough (tens of ms an image) to catch a worker in the middle of a task.
+    slow = [{"trial": f"trial-{k:03d}", "params": {},
+             "stages": [["nl_means", {"h": 8.0 + k, "template_window_size": 7, "search_window_size": 21}]]}
+            for k in range(6)]
+    undisturbed = run_trials(slow, ids, imgs, tgts, "psnr", {}, chunk_size=2)
+
+    killed = []
+
+    def kill_one():
+        deadline = time.time() + 30
+        while time.time() < deadline and not killed:
+            for pid in _busy_workers():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    disturbed = run_trials(slow, ids, imgs, tgts, "psnr", {}, chunk_size=2)
+    killer.join()
+    assert killed, "no busy Ray worker was found to kill"
+    assert [o.status for o in disturbed] == ["ok"] * 6
+    assert [o.score for o in disturbed] == [o.score for o in undisturbed]
+    assert all(w["pid"] not in killed for o in disturbed for w in o.workers)

@@ -1,0 +1,99 @@
+"""Manifest scanning over real-looking folders with bad files mixed in."""
+
+import numpy as np
+import pytest
+import cv2
+
+from imgtune_assets.core.manifest import ManifestError, load_images, manifest_digest, require_usable, scan_folder
+
+
+def png(path, image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    path.write_bytes(buf.tobytes())
+
+
+@pytest.fixture
+def messy(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = (rng.random((40, 50)) * 255).astype(np.uint8)
+    colour = (rng.random((40, 50, 3)) * 255).astype(np.uint8)
+    deep = (rng.random((40, 50)) * 65535).astype(np.uint16)
+    images, targets = tmp_path / "images", tmp_path / "targets"
+    png(images / "good.png", grey)
+    png(targets / "good.png", grey)
+    png(images / "colour photo.png", colour)
+    png(targets / "colour photo.png", colour)
+    png(images / "tiefe_ÄÖÜ_16bit.png", deep)
+    png(targets / "tiefe_ÄÖÜ_16bit.png", deep)
+    full = cv2.imencode(".png", grey)[1].tobytes()
+    (images / "truncated.png").write_bytes(full[: len(full) // 2])
+    png(targets / "truncated.png", grey)
+    (images / "empty.png").write_bytes(b"")
+    (images / "notes.png").write_text("this is not an image\n")
+    png(images / "no_target.png", grey)
+    png(images / "wrong_size.png", grey)
+    png(targets / "wrong_size.png", grey[:20])
+    (images / "readme.txt").write_text("hello")
+    return tmp_path
+
+
+def test_bad_files_become_rows_with_reasons(messy):
+    rows = {r.image_path.split("/")[-1]: r for r in scan_folder(messy, needs_target=True)}
+    ok = {name for name, r in rows.items() if r.status == "ok"}
+    assert ok == {"good.png", "colour photo.png", "tiefe_ÄÖÜ_16bit.png"}
+    assert "not a decodable image" in rows["truncated.png"].reason
+    assert "empty file" in rows["empty.png"].reason
+    assert "not a decodable image" in rows["notes.png"].reason
+    assert "no target" in rows["no_target.png"].reason
+    assert "target wrong_size.png is 50x20, image is 50x40" in rows["wrong_size.png"].reason
+    assert "not an image file type (.txt" in rows["readme.txt"].reason
+    assert rows["colour photo.png"].channels == 3 and rows["tiefe_ÄÖÜ_16bit.png"].dtype == "uint16"
+    for name, row in rows.items():
+        if row.status != "ok":
+            assert str(messy / "images" / name) in row.reason or "no target" in row.reason or "target " in row.reason \
+                or "not an image file type" in row.reason
+
+
+def test_without_target_requirement_targetless_images_are_ok(messy):
+    rows = {r.id: r for r in scan_folder(messy, needs_target=False)}
+    assert rows["no_target"].status == "ok" and rows["no_target"].target_path is None
+
+
+def test_load_images_decodes_usable_rows_once(messy):
+    rows = scan_folder(messy, needs_target=True)
+    ids, images, targets = load_images(messy, rows)
+    assert sorted(ids) == ["colour photo", "good", "tiefe_ÄÖÜ_16bit"]
+    shapes = {i: (im.shape, im.dtype) for i, im in zip(ids, images)}
+    assert shapes["colour photo"] == ((40, 50, 3), np.uint8)
+    assert shapes["tiefe_ÄÖÜ_16bit"] == ((40, 50), np.uint16)
+    assert all(t is not None for t in targets)
+
+
+def test_digest_changes_when_an_image_changes(messy):
+    before = manifest_digest(scan_folder(messy, needs_target=True))
+    png(messy / "images" / "good.png", np.zeros((40, 50), np.uint8))
+    after = manifest_digest(scan_folder(messy, needs_target=True))
+    assert before != after
+    assert manifest_digest(scan_folder(messy, needs_target=True)) == after
+
+
+def test_flat_folder_without_images_subfolder(tmp_path):
+    png(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    rows = scan_folder(tmp_path, needs_target=False)
+    assert [r.id for r in rows] == ["a"] and rows[0].status == "ok"
+
+
+def test_missing_empty_and_unusable_folders_are_errors(tmp_path):
+    with pytest.raises(ManifestError, match="data folder does not exist"):
+        scan_folder(tmp_path / "nope", needs_target=False)
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    with pytest.raises(ManifestError, match="no image files"):
+        scan_folder(tmp_path / "empty", needs_target=False)
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    (bad / "images" / "x.png").write_bytes(b"")
+    rows = scan_folder(bad, needs_target=False)
+    with pytest.raises(ManifestError, match=r"no usable images among 1 file\(s\): images/x.png: .*empty file"):
+        require_usable(rows, bad)
