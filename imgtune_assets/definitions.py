@@ -4,7 +4,8 @@ from dagster import Definitions, in_process_executor, load_asset_checks_from_mod
 
 from imgtune_assets.defs import assets, checks
 from imgtune_assets.defs.jobs import sweep_job, trials_job
-from imgtune_assets.defs.resources import RayResource, SweepResource
+from imgtune_assets.defs.partitions import active_sweep
+from imgtune_assets.defs.resources import RayResource, SweepResource, sweep_io_manager
 from imgtune_assets.defs.schedules import nightly_sweep
 from imgtune_assets.defs.sensors import new_images
 
@@ -14,7 +15,11 @@ defs = Definitions(
     jobs=[sweep_job, trials_job],
     schedules=[nightly_sweep],
     sensors=[new_images],
-    resources={"imgtune": SweepResource.from_environment(), "ray_cluster": RayResource()},
+    resources={
+        "imgtune": SweepResource.from_environment(),
+        "ray_cluster": RayResource(),
+        "io_manager": sweep_io_manager(active_sweep),
+    },
     # Steps run in the run's own process: Ray does the parallel work inside experiment_results,
     # and a process per step would only add start-up time.
     executor=in_process_executor,

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, FilesystemIOManager, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from imgtune_assets.core.paths import default_output_dir, default_sweep_path, sweep_output_dir
@@ -123,3 +123,9 @@ def default_runtime_env() -> dict[str, Any]:
 
     return {"py_modules": [str(Path(imgtune_assets.__file__).parent)],
             "env_vars": {"OMP_NUM_THREADS": "1"}}
+
+
+def sweep_io_manager(sweep: Sweep) -> FilesystemIOManager:
+    """Asset values (manifest, settings, report summary) are stored in the sweep's own output folder,
+    so two sweeps sharing one Dagster instance never overwrite each other's values."""
+    return FilesystemIOManager(base_dir=str(sweep_output_dir(default_output_dir(), sweep.name) / "storage"))
