@@ -13,6 +13,14 @@ from imgtune_assets.core.files import atomic_write_bytes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
+# Decodes in this process, so a run can report how often each image was decoded.
+_decode_count = 0
+
+
+def decode_count() -> int:
+    return _decode_count
+
+
 class ImageReadError(ValueError):
     """An image file that cannot be used; the message names the file and the reason."""
 
@@ -29,6 +37,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{file}: cannot read file ({exc.strerror or exc})") from exc
     if raw.size == 0:
         raise ImageReadError(f"{file}: empty file (0 bytes)")
+    global _decode_count
+    _decode_count += 1
     image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image)")

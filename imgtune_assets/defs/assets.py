@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 from pydantic import Field
 from dagster import (
     AllPartitionMapping,
@@ -30,6 +31,7 @@ from dagster import (
 from imgtune_assets.core.demo_data import ensure_demo_data
 from imgtune_assets.core.evaluate import evaluate_chunk
 from imgtune_assets.core.files import atomic_write_json
+from imgtune_assets.core.imageio import decode_count, read_image
 from imgtune_assets.core.manifest import (
     ManifestError,
     ManifestRow,
@@ -232,10 +234,18 @@ def experiment_results(
         context.log.info(f"reusing {len(keys) - len(todo)} finished trial(s) (skip_finished)")
 
     started = time.perf_counter()
+    stats: dict[str, Any] = {"run_id": context.run_id, "trials": len(keys), "computed": len(todo),
+                             "ray_start_seconds": round(ray_cluster.connect_seconds, 3)}
     if todo:
+        decodes_before = decode_count()
         ids, images, targets = load_images(sweep.data_dir, rows)
-        context.log.info(f"{len(todo)} trial(s) × {len(ids)} image(s); decoded in "
-                         f"{time.perf_counter() - started:.2f}s")
+        stats["decode_seconds"] = round(time.perf_counter() - started, 3)
+        files = len(ids) + sum(t is not None for t in targets)
+        stats["decodes_per_image"] = (decode_count() - decodes_before) / max(1, files)  # image and target files
+        context.log.info(f"{len(todo)} trial(s) × {len(ids)} image(s); decoded in {stats['decode_seconds']:.2f}s")
+        _save_identity(imgtune.sweep_dir(sweep), sweep, digest, images, targets)
+        fanout_started = time.perf_counter()
+        stats["startup_seconds"] = round(time.time() - psutil.Process().create_time(), 3)
         run_trials(
             [by_key[k] for k in todo], ids, images, targets, sweep.metric, sweep.metric_options,
             chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries,
@@ -243,8 +253,34 @@ def experiment_results(
                 sweep_name=sweep.name, fingerprint=fingerprint, metric=sweep.metric, manifest_digest=digest),
                 reused=False),
         )
+        stats["fanout_seconds"] = round(time.perf_counter() - fanout_started, 3)
+        stats["evaluations"] = len(todo) * len(ids)
+    stats["failed"] = len(failed)
+    atomic_write_json(imgtune.sweep_dir(sweep) / "last_experiment_run.json", stats)
     context.log.info(f"{len(keys) - len(failed)} trial(s) completed, {len(failed)} failed "
-                     f"in {time.perf_counter() - started:.2f}s")
+                     f"in {time.perf_counter() - started:.2f}s ({json.dumps(stats)})")
+
+
+def _save_identity(out_dir: Path, sweep, digest: str, images, targets) -> None:
+    """The identity pipeline's score (no processing): the baseline the report compares against.
+    Computed here, where the images are already decoded, so the report need not decode them all."""
+    results = evaluate_chunk([("identity", {})], images, targets, sweep.metric, sweep.metric_options)
+    scores = [r["score"] for r in results if not r["error"]]
+    atomic_write_json(out_dir / "identity.json", {
+        "manifest_digest": digest, "metric": sweep.metric, "metric_options": sweep.metric_options,
+        "score": float(sum(scores) / len(scores)) if scores else None})
+
+
+def _identity_score(out_dir: Path, sweep, digest: str, rows: list[ManifestRow]) -> float:
+    file = out_dir / "identity.json"
+    if file.exists():
+        saved = json.loads(file.read_text())
+        if (saved.get("manifest_digest"), saved.get("metric"), saved.get("metric_options")) == (
+                digest, sweep.metric, sweep.metric_options) and saved.get("score") is not None:
+            return float(saved["score"])
+    _, images, targets = load_images(sweep.data_dir, rows)
+    _save_identity(out_dir, sweep, digest, images, targets)
+    return float(json.loads(file.read_text())["score"] or float("nan"))
 
 
 def _load_records(folder: Path, keys: list[str], fingerprint: str, digest: str) -> tuple[list[dict], int]:
@@ -293,10 +329,7 @@ def sweep_report(
         raise Failure(description=f"no trial results for sweep {sweep.name!r} in {out_dir / 'trials'}: "
                                   "materialize experiment_results first")
 
-    ids, images, targets = load_images(sweep.data_dir, rows)
-    identity = evaluate_chunk([("identity", {})], images, targets, sweep.metric, sweep.metric_options)
-    identity_scores = [r["score"] for r in identity if not r["error"]]
-    identity_score = float(sum(identity_scores) / len(identity_scores)) if identity_scores else float("nan")
+    identity_score = _identity_score(out_dir, sweep, digest, rows)
 
     completed = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]
@@ -313,9 +346,12 @@ def sweep_report(
             picks.append(("worst image " + ordered[-1]["id"], ordered[-1]["id"]))
         stages = [(op, params) for op, params in best["stages"]]
         before_after = []
+        by_id = {r.id: r for r in rows}
         for label, image_id in picks:
-            i = ids.index(image_id)
-            before_after.append((label, images[i], apply_pipeline(images[i], stages), targets[i]))
+            row = by_id[image_id]
+            image = read_image(sweep.data_dir / row.image_path)
+            target = read_image(sweep.data_dir / row.target_path) if row.target_path else None
+            before_after.append((label, image, apply_pipeline(image, stages), target))
 
     board, files = write_report(sweep, records, out_dir, before_after=before_after)
     top = board[board["status"].eq("ok")].head(10).drop(columns=["error", "status"])

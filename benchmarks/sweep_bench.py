@@ -1,0 +1,296 @@
+"""Side-by-side benchmark: the same sweep three ways, in one process tree, in turn, several rounds.
+
+1. ``cli``    — imgtune as a user runs it: the real ``dagster`` CLI, every trial as one ranged run of
+                ``experiment_results``, on the embedded local Ray.
+2. ``fanout`` — imgtune's Ray fan-out alone (``imgtune_assets.core.fanout.run_trials``), no Dagster run
+                around it; Ray is started once beforehand and its start is not counted.
+3. ``floor``  — a ``multiprocessing`` pool over (trial, image) work, images decoded once per worker,
+                OpenCV limited to one thread per worker: what a hand-written script costs.
+
+Same images, same trial parameters (drawn by imgtune's sampler from the same sweep file), same metric.
+Prints medians over rounds: wall seconds, evaluations per second, ratio to the floor, peak memory of
+the whole process tree (sum of PSS, so shared object-store pages count once), and decodes per image.
+
+    python benchmarks/sweep_bench.py --trials 128 --images 64 --size 512 --rounds 3
+    python benchmarks/sweep_bench.py --data /path/to/photos   # images/ + targets/ (or a flat folder)
+    python benchmarks/sweep_bench.py --scaling                # trials {16,64,256} × images {16,64}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from imgtune_assets.core.demo_data import make_denoise_set  # noqa: E402
+from imgtune_assets.core.evaluate import evaluate_image  # noqa: E402
+from imgtune_assets.core.manifest import load_images, scan_folder  # noqa: E402
+from imgtune_assets.core.sampling import trial_keys, trial_settings  # noqa: E402
+from imgtune_assets.core.sweepfile import load_sweep  # noqa: E402
+
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+PIPELINE = [
+    {"op": "bilateral_filter", "d": {"type": "int", "low": 3, "high": 11},
+     "sigma_color": {"type": "float", "low": 10, "high": 150}, "sigma_space": {"type": "float", "low": 2, "high": 20}},
+    {"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 15},
+     "sigma": {"type": "float", "low": 0.3, "high": 3.0, "log": True}},
+]
+
+
+class TreeMemory:
+    """Samples the summed PSS (RSS where PSS is unavailable) of a process and all its descendants."""
+
+    def __init__(self, root_pid: int, interval: float = 0.1):
+        self.root_pid, self.interval, self.peak = root_pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        try:
+            root = psutil.Process(self.root_pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        total = 0
+        for proc in procs:
+            try:
+                info = proc.memory_full_info()
+                total += getattr(info, "pss", info.rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+# ----------------------------------------------------------------------------- the floor
+_floor_images: list = []
+_floor_targets: list = []
+
+
+def _floor_init(data_dir: str):
+    import cv2
+
+    cv2.setNumThreads(1)
+    global _floor_images, _floor_targets
+    _, _floor_images, _floor_targets = load_images(Path(data_dir), scan_folder(Path(data_dir), needs_target=True))
+
+
+def _floor_eval(job):
+    t, i, stages, metric = job
+    return t, i, evaluate_image(stages, _floor_images[i], _floor_targets[i], metric, {})["score"]
+
+
+def run_floor(data_dir: Path, trials: list[dict], n_images: int, metric: str, workers: int) -> dict:
+    jobs = [(t, i, [tuple(s) for s in trial["stages"]], metric) for t, trial in enumerate(trials) for i in range(n_images)]
+    ctx = mp.get_context("forkserver")
+    start = time.perf_counter()
+    with TreeMemory(os.getpid()) as mem:
+        with ctx.Pool(workers, initializer=_floor_init, initargs=(str(data_dir),)) as pool:
+            results = pool.map(_floor_eval, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
+    wall = time.perf_counter() - start
+    scores = {}
+    for t, _, s in results:
+        scores.setdefault(t, []).append(s)
+    return {"wall": wall, "peak": mem.peak, "decodes_per_image": workers,
+            "scores": [sum(v) / len(v) for _, v in sorted(scores.items())]}
+
+
+# ----------------------------------------------------------------------------- fan-out alone
+def run_fanout(data_dir: Path, trials: list[dict], metric: str) -> dict:
+    import ray
+
+    from imgtune_assets.core.fanout import run_trials
+
+    start = time.perf_counter()
+    with TreeMemory(os.getpid()) as mem:
+        ids, images, targets = load_images(data_dir, scan_folder(data_dir, needs_target=True))
+        outcomes = run_trials(trials, ids, images, targets, metric, {})
+    wall = time.perf_counter() - start
+    del images, targets
+    assert ray.is_initialized()
+    return {"wall": wall, "peak": mem.peak, "decodes_per_image": 1, "scores": [o.score for o in outcomes]}
+
+
+# ----------------------------------------------------------------------------- the dagster CLI
+def run_cli(work: Path, sweep_file: Path, keys: list[str], round_no: int) -> dict:
+    env = dict(os.environ, **LOOPBACK)
+    home = work / f"dagster_home_{round_no}"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    env.update({"DAGSTER_HOME": str(home), "IMGTUNE_SWEEP": str(sweep_file), "IMGTUNE_OUTPUT_DIR": str(work / f"out_{round_no}")})
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    base = [dagster, "asset", "materialize", "-m", "imgtune_assets.definitions"]
+    subprocess.run([*base, "--select", "image_manifest,run_settings"], env=env, cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.perf_counter()
+    proc = subprocess.Popen([*base, "--select", "experiment_results", "--partition-range", f"{keys[0]}...{keys[-1]}"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with TreeMemory(proc.pid) as mem:
+        _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"dagster CLI failed:\n{err[-3000:]}")
+    name = load_sweep(sweep_file).name
+    stats = json.loads((work / f"out_{round_no}" / name / "last_experiment_run.json").read_text())
+    scores = [json.loads((work / f"out_{round_no}" / name / "trials" / f"{k}.json").read_text())["score"] for k in keys]
+    return {"wall": wall, "peak": mem.peak, "decodes_per_image": stats["decodes_per_image"], "scores": scores,
+            "stats": stats}
+
+
+def prepare(work: Path, args) -> tuple[Path, Path, list[dict], int]:
+    if args.data:
+        data = Path(args.data).resolve()
+    else:
+        data = work / "data"
+        make_denoise_set(data, count=args.images, size=args.size, seed=args.seed)
+    sweep_file = work / "bench.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "bench", "data_dir": str(data), "objective": {"metric": "psnr"}, "trials": args.trials,
+        "seed": args.seed, "sampler": "random", "pipeline": PIPELINE}, sort_keys=False))
+    sweep = load_sweep(sweep_file)
+    trials = [trial_settings(sweep, k) for k in range(sweep.trials)]
+    n_images = len(load_images(data, scan_folder(data, needs_target=True))[0])
+    return data, sweep_file, trials, n_images
+
+
+def measure(args, work: Path) -> dict:
+    import ray
+
+    data, sweep_file, trials, n_images = prepare(work, args)
+    keys = trial_keys(load_sweep(sweep_file))
+    evals = len(trials) * n_images
+    os.environ.update(LOOPBACK)
+    results: dict[str, list[dict]] = {"cli": [], "fanout": [], "floor": []}
+    for round_no in range(args.rounds):
+        for mode in args.modes:
+            if mode == "fanout":
+                started = time.perf_counter()
+                ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+                ray_start = time.perf_counter() - started
+                res = run_fanout(data, trials, "psnr")
+                ray.shutdown()
+                res["ray_start"] = ray_start
+            elif mode == "floor":
+                res = run_floor(data, trials, n_images, "psnr", args.workers)
+            else:
+                res = run_cli(work, sweep_file, keys, round_no)
+            results[mode].append(res)
+            print(f"  round {round_no + 1} {mode:6s} {res['wall']:7.2f} s", flush=True)
+    # All three evaluated the same parameters on the same images: the scores must agree.
+    reference = results[args.modes[-1]][0]["scores"]
+    for mode in args.modes:
+        for res in results[mode]:
+            assert all(abs(a - b) < 1e-6 for a, b in zip(res["scores"], reference)), f"{mode} scores differ"
+    return {"results": results, "evals": evals, "n_images": n_images, "trials": len(trials)}
+
+
+def table(summary: dict, modes: list[str]) -> str:
+    res, evals = summary["results"], summary["evals"]
+    floor = statistics.median(r["wall"] for r in res["floor"]) if res.get("floor") else None
+    lines = [f"{'mode':8s} {'wall s':>8s} {'evals/s':>9s} {'× floor':>8s} {'peak MB':>9s} {'decodes/img':>12s}"]
+    for mode in modes:
+        wall = statistics.median(r["wall"] for r in res[mode])
+        peak = statistics.median(r["peak"] for r in res[mode]) / 2**20
+        ratio = f"{wall / floor:8.2f}" if floor else f"{'-':>8s}"
+        decodes = statistics.median(r["decodes_per_image"] for r in res[mode])
+        lines.append(f"{mode:8s} {wall:8.2f} {evals / wall:9.1f} {ratio} {peak:9.0f} {decodes:12g}")
+    if res.get("cli"):
+        stats = [r["stats"] for r in res["cli"]]
+        parts = {k: statistics.median(s[k] for s in stats) for k in ("ray_start_seconds", "decode_seconds", "fanout_seconds")}
+        walls = [r["wall"] for r in res["cli"]]
+        startup = statistics.median(w - s["fanout_seconds"] - s["decode_seconds"] for w, s in zip(walls, stats))
+        lines.append(f"cli breakdown (median): ray start {parts['ray_start_seconds']:.2f} s, decode "
+                     f"{parts['decode_seconds']:.2f} s, fan-out {parts['fanout_seconds']:.2f} s, "
+                     f"everything else (process + run start/finish, Ray start/stop) {startup:.2f} s")
+        lines.append(f"fixed start-up (CLI start → fan-out begins, median): "
+                     f"{statistics.median(s['startup_seconds'] for s in stats):.2f} s")
+    if res.get("fanout"):
+        lines.append(f"fanout: Ray start (not in its wall) median {statistics.median(r['ray_start'] for r in res['fanout']):.2f} s")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = cpu
+    return f"{os.cpu_count()} CPU ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=128)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--data", help="a folder of images (images/ + targets/) instead of generated ones")
+    parser.add_argument("--modes", default="cli,fanout,floor", help="comma-separated subset of cli,fanout,floor")
+    parser.add_argument("--scaling", action="store_true", help="trials {16,64,256} × images {16,64}, one round each")
+    args = parser.parse_args(argv)
+    args.modes = [m for m in args.modes.split(",") if m]
+    if "floor" in args.modes:  # the floor runs last in each round and is the reference
+        args.modes = [m for m in args.modes if m != "floor"] + ["floor"]
+    print(f"machine: {machine()}")
+    if args.scaling:
+        rows = []
+        for images in (16, 64):
+            for trials in (16, 64, 256):
+                with tempfile.TemporaryDirectory(prefix="imgtune-bench-") as tmp:
+                    sub = argparse.Namespace(**{**vars(args), "trials": trials, "images": images, "rounds": 1})
+                    print(f"trials {trials} × images {images}:", flush=True)
+                    summary = measure(sub, Path(tmp))
+                rows.append((trials, images, {m: summary["results"][m][0]["wall"] for m in args.modes}))
+        print(f"\n{'trials':>6s} {'images':>6s} " + " ".join(f"{m + ' s':>9s}" for m in args.modes)
+              + ("  cli ms/eval (slope)" if "cli" in args.modes else ""))
+        for trials, images, walls in rows:
+            print(f"{trials:6d} {images:6d} " + " ".join(f"{walls[m]:9.2f}" for m in args.modes))
+        for mode in args.modes:
+            xs = [t * i for t, i, _ in rows]
+            ys = [w[mode] for _, _, w in rows]
+            mx, my = statistics.mean(xs), statistics.mean(ys)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            print(f"{mode}: wall ≈ {my - slope * mx:.2f} s + {slope * 1000:.3f} ms × (trials × images)")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="imgtune-bench-") as tmp:
+        print(f"sweep: {args.trials} trials × {args.images if not args.data else 'given'} images, "
+              f"bilateral_filter + gaussian_blur, PSNR; {args.rounds} rounds; modes {', '.join(args.modes)}", flush=True)
+        summary = measure(args, Path(tmp))
+    print(f"\n{summary['trials']} trials × {summary['n_images']} images = {summary['evals']} evaluations")
+    print(table(summary, args.modes))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
