@@ -80,7 +80,12 @@ def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
         else:
             xs = values.astype(float)
             if dim.range.log:
+                from matplotlib.ticker import NullFormatter, ScalarFormatter
+
                 ax.set_xscale("log")
+                # Plain numbers, and no crowded minor labels, on a log axis.
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
         ax.scatter(xs, ok["score"], s=18, alpha=0.75, color="#4f6bed")
         if best is not None:
             bx = str(best[dim.name]) if dim.range.type == "choice" else float(best[dim.name])

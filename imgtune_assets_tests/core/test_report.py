@@ -1,0 +1,55 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from imgtune_assets.core.report import leaderboard, write_report
+from imgtune_assets.core.sampling import trial_settings
+from imgtune_assets.core.sweepfile import load_sweep
+from imgtune_assets_tests.conftest import write_sweep
+
+
+def record(settings, score, status="ok", error=None):
+    return {"trial": settings["trial"], "status": status, "score": score, "params": settings["params"],
+            "stages": settings["stages"], "seconds": 0.5, "images_scored": 2 if status == "ok" else 1,
+            "images_failed": 0 if status == "ok" else 1, "error": error,
+            "per_image": [{"id": "a", "score": score, "seconds": 0.2, "error": error},
+                          {"id": "b", "score": score, "seconds": 0.3, "error": None}]}
+
+
+@pytest.fixture
+def sweep(tmp_path, denoise_data):
+    return load_sweep(write_sweep(tmp_path / "r.yaml", denoise_data, name="r", trials=4))
+
+
+def test_leaderboard_ranks_completed_trials_and_lists_failed_last(sweep):
+    s = [trial_settings(sweep, k) for k in range(4)]
+    board = leaderboard(sweep, [record(s[0], 20.0), record(s[1], None, "failed", "boom"), record(s[2], 25.0),
+                                record(s[3], 22.5)])
+    assert list(board["trial"]) == ["trial-002", "trial-003", "trial-000", "trial-001"]
+    assert list(board["rank"][:3]) == [1, 2, 3] and pd.isna(board["rank"].iloc[3])
+    assert board["error"].iloc[3] == "boom"
+    assert "bilateral_filter.d" in board.columns
+
+
+def test_lower_is_better_metric_ranks_ascending(tmp_path, denoise_data):
+    mae_sweep = load_sweep(write_sweep(tmp_path / "m.yaml", denoise_data, name="m", trials=2, metric="mae"))
+    s = [trial_settings(mae_sweep, k) for k in range(2)]
+    board = leaderboard(mae_sweep, [record(s[0], 0.2), record(s[1], 0.1)])
+    assert list(board["trial"]) == ["trial-001", "trial-000"]
+
+
+def test_report_files_and_best_pipeline_is_a_valid_fixed_sweep(tmp_path, sweep):
+    s = [trial_settings(sweep, k) for k in range(3)]
+    image = np.zeros((32, 32), np.uint8)
+    board, files = write_report(sweep, [record(s[0], 20.0), record(s[1], 26.0), record(s[2], 21.0)], tmp_path / "out",
+                                before_after=[("best", image, image, image), ("worst", image, image, None)])
+    best = load_sweep(files.best_pipeline)  # a reusable sweep file: loads, and nothing is searched
+    assert best.trials == 1 and all(not stage.searched for stage in best.pipeline)
+    assert [[st.op, st.fixed] for st in best.pipeline] == [[op, params] for op, params in s[1]["stages"]]
+    for path in files.plots.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(files.plots) == {"score_vs_params", "best_so_far", "best_trial_images"}
+    csv = pd.read_csv(files.leaderboard)
+    assert list(csv["trial"]) == ["trial-001", "trial-002", "trial-000"]
+    assert len(pd.read_csv(files.per_image)) == 6
+    assert not list((tmp_path / "out").rglob("*.tmp"))
