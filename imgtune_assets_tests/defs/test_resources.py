@@ -1,0 +1,73 @@
+"""The embedded Ray of RayResource: loopback only, token authentication on."""
+
+import ipaddress
+import os
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from imgtune_assets.defs.resources import RayResource
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is IPv4 loopback on a dual socket
+    return (mapped or address).is_loopback
+
+
+def _ray_processes(root: psutil.Process) -> list[psutil.Process]:
+    return [root, *root.children(recursive=True)]
+
+
+def test_embedded_ray_listens_on_loopback_only_and_requires_a_token(monkeypatch, tmp_path):
+    import ray
+
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    resource = RayResource(num_cpus=1)
+    resource.connect()
+    try:
+        assert resource.connect_seconds > 0
+        listening = []
+        for proc in _ray_processes(psutil.Process()):
+            try:
+                conns = proc.net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            listening += [(proc.name(), c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+        assert listening, "found no listening Ray sockets"
+        assert all(_is_loopback(ip) for _, ip, _ in listening), listening
+        gcs = ray.get_runtime_context().gcs_address
+        assert gcs.startswith("127.0.0.1:")
+
+        # A client with the wrong token is refused: token authentication is on.
+        probe = textwrap.dedent(f"""
+            import ray
+            try:
+                ray.init(address="{gcs}", log_to_driver=False)
+            except Exception as exc:
+                print("REFUSED", type(exc).__name__, exc)
+            else:
+                print("ACCEPTED")
+        """)
+        env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token-" + "x" * 32,
+                   HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
+        assert "REFUSED" in out.stdout, out.stdout + out.stderr
+        assert "InvalidAuthToken" in out.stderr
+        assert "ACCEPTED" not in out.stdout
+    finally:
+        resource.teardown_after_execution(None)
+    assert not ray.is_initialized()
+
+
+def test_address_comes_from_the_environment_when_unset(monkeypatch):
+    monkeypatch.setenv("IMGTUNE_RAY_ADDRESS", "127.0.0.9:6379")
+    assert RayResource().resolved_address() == "127.0.0.9:6379"
+    assert RayResource(address="127.0.0.8:1").resolved_address() == "127.0.0.8:1"
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS")
+    assert RayResource().resolved_address() is None
