@@ -26,7 +26,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "OPS",
@@ -235,6 +234,8 @@ def _median_blur(image: np.ndarray, ksize: int) -> np.ndarray:
     # OpenCV has no 16-bit (or float) median for ksize > 5. scipy's 'nearest' mode is the
     # same border replication OpenCV uses, so the result is exact and consistent.
     size = (ksize, ksize) if img.ndim == 2 else (ksize, ksize, 1)
+    from scipy import ndimage  # imported here: it is slow to import and only this path needs it
+
     return _finish(ndimage.median_filter(img, size=size, mode="nearest"), img.dtype)
 
 
