@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,6 +72,12 @@ class RayResource(ConfigurableResource):
     )
 
     _started_here: bool = PrivateAttr(default=False)
+    _connect_seconds: float = PrivateAttr(default=0.0)
+
+    @property
+    def connect_seconds(self) -> float:
+        """How long connecting (or starting the embedded Ray) took in this process; 0 if reused."""
+        return self._connect_seconds
 
     def resolved_address(self) -> Optional[str]:
         return self.address or os.environ.get(RAY_ADDRESS_ENV) or None
@@ -79,11 +86,16 @@ class RayResource(ConfigurableResource):
         self.connect(context.log if context else None)
 
     def connect(self, log: Optional[logging.Logger] = None) -> None:
+        address = self.resolved_address()
+        if not address:
+            # Before the first `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when imported.
+            for key, value in LOOPBACK_ENV.items():
+                os.environ.setdefault(key, value)
         import ray
 
         if ray.is_initialized():
             return  # already connected: inside a Ray worker, or the caller connected
-        address = self.resolved_address()
+        started = time.perf_counter()
         if address:
             ray.init(
                 address=address,
@@ -93,8 +105,6 @@ class RayResource(ConfigurableResource):
                 log_to_driver=False,
             )
         else:
-            for key, value in LOOPBACK_ENV.items():
-                os.environ.setdefault(key, value)
             ray.init(
                 num_cpus=self.num_cpus,
                 namespace=self.namespace,
@@ -104,6 +114,7 @@ class RayResource(ConfigurableResource):
                 runtime_env=self.runtime_env,
             )
         self._started_here = True
+        self._connect_seconds = time.perf_counter() - started
         if log:
             resources = ray.cluster_resources()
             log.info(f"Ray connected ({address or 'embedded local'}): {int(resources.get('CPU', 0))} CPUs, "

@@ -1,0 +1,218 @@
+"""A real Ray cluster on loopback for tests: one head and ``nodes - 1`` worker nodes, each a
+``ray start --block`` child process in its own session, on its own loopback address
+(127.0.0.2, 127.0.0.3, ...). Token authentication is on, with a token made for this cluster only
+(``RAY_AUTH_TOKEN``; ``~/.ray/auth_token`` is neither read nor written).
+
+``stop()`` ends only what ``start_ray_cluster`` started: each node's process group and session,
+plus any descendant that left them, by pid. It never runs ``ray stop`` (that would end every Ray
+process on the machine, including other tests' and users').
+
+    cluster = start_ray_cluster(tmp_path, nodes=2, num_cpus=1)
+    env = {**os.environ, **cluster.env, "IMGTUNE_RAY_ADDRESS": cluster.address}
+    ...
+    cluster.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+HEAD_IP = "127.0.0.2"
+RAY_BIN = Path(sys.executable).with_name("ray")
+
+# Variables that must not leak from the test process into the nodes: the loopback switch forbids a
+# second node, and an ambient address or token would point the nodes somewhere else.
+_SCRUBBED = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+             "RAY_AUTH_MODE", "IMGTUNE_RAY_ADDRESS")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    address: str  # "127.0.0.2:PORT", what a client passes to ray.init(address=...)
+    env: dict[str, str]  # what a client's environment needs: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN
+    node_ips: list[str]
+    temp_dir: Path = field(default=None, repr=False)  # Ray's own (short) temp dir; removed by stop()
+    log_dir: Path = field(default=None, repr=False)  # stdout/stderr of each `ray start`
+    _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
+
+    def pids(self) -> set[int]:
+        """Every live process of this cluster: the `ray start` leaders, their sessions, descendants."""
+        pids: set[int] = set()
+        leaders = {p.pid for p in self._procs}
+        for proc in self._procs:
+            pids.add(proc.pid)
+            try:
+                pids.update(c.pid for c in psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) in leaders:
+                    pids.add(proc.pid)
+            except (ProcessLookupError, PermissionError, OSError):
+                continue
+        return pids
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM each node's process group (workers first, then the head), then SIGKILL leftovers."""
+        if not self._procs:
+            return
+        known = self.pids()
+        # One node at a time, workers first, while the head's GCS is still there to hear of it.
+        deadline = time.monotonic() + timeout
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        known |= self.pids()
+        alive = []
+        for pid in known:
+            try:
+                alive.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=max(0.5, deadline - time.monotonic()))
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for proc in self._procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # anything left in the groups we created
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._procs.clear()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> RayCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _node_env(token: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+                # A test cluster runs nothing worth draining: stop at once on SIGTERM (default: drain 30 s).
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+    return env
+
+
+def _start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = open(log, "wb")
+    try:
+        return subprocess.Popen([str(RAY_BIN), "start", "--block", "--disable-usage-stats", *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        out.close()
+
+
+_WAIT_SCRIPT = textwrap.dedent("""
+    import sys, time, ray
+    address, want, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]
+        if len(alive) >= want or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    print(",".join(sorted(alive)))
+    ray.shutdown()
+    sys.exit(0 if len(alive) >= want else 3)
+""")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_ray_cluster(tmp_dir: Path, nodes: int = 2, num_cpus: int = 1, timeout: float = 90.0) -> RayCluster:
+    """Start a head on 127.0.0.2 and ``nodes - 1`` workers on 127.0.0.3...; return once all are alive.
+
+    ``tmp_dir`` receives each node's `ray start` output; Ray's own temp dir is a short /tmp/rc-XXXX
+    folder (unix socket paths are limited to ~107 characters), removed by ``stop()``.
+    """
+    if nodes < 1:
+        raise ValueError("nodes must be >= 1")
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(32)
+    env = _node_env(token)
+    port = _free_port(HEAD_IP)
+    ray_temp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
+    ips = [f"127.0.0.{2 + i}" for i in range(nodes)]
+    cluster = RayCluster(address=f"{HEAD_IP}:{port}", env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                         node_ips=ips, temp_dir=ray_temp, log_dir=tmp_dir)
+    common = [f"--num-cpus={num_cpus}", "--num-gpus=0"]
+    try:
+        cluster._procs.append(_start_node(
+            ["--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--include-dashboard=false",
+             f"--temp-dir={ray_temp / 'n0'}", *common], env, tmp_dir / "ray-node-0.log"))
+        for i, ip in enumerate(ips[1:], start=1):
+            cluster._procs.append(_start_node(
+                [f"--address={cluster.address}", f"--node-ip-address={ip}", f"--temp-dir={ray_temp / f'n{i}'}",
+                 *common], env, tmp_dir / f"ray-node-{i}.log"))
+        client_env = {**env, **cluster.env}
+        result = subprocess.run([sys.executable, "-c", _WAIT_SCRIPT, cluster.address, str(nodes), str(timeout)],
+                                env=client_env, capture_output=True, text=True, timeout=timeout + 60)
+        if result.returncode != 0:
+            logs = "\n".join(f"--- node {i}:\n{_tail(tmp_dir / f'ray-node-{i}.log')}" for i in range(nodes))
+            raise RuntimeError(f"Ray cluster at {cluster.address} did not reach {nodes} alive node(s): "
+                               f"{result.stdout.strip()} {result.stderr[-2000:]}\n{logs}")
+        for i, proc in enumerate(cluster._procs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"`ray start` for node {i} exited ({proc.returncode}):\n"
+                                   f"{_tail(tmp_dir / f'ray-node-{i}.log')}")
+        alive = set(result.stdout.strip().split(","))
+        if not set(ips) <= alive:
+            raise RuntimeError(f"expected nodes {ips}, alive: {sorted(alive)}")
+        return cluster
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+if __name__ == "__main__":  # manual check: python -m imgtune_assets_tests.raycluster
+    start = time.monotonic()
+    with start_ray_cluster(Path(tempfile.mkdtemp(prefix="rclog-")), nodes=2) as c:
+        print(f"cluster {c.address} nodes {c.node_ips} up in {time.monotonic() - start:.1f}s; "
+              f"{len(c.pids())} processes")
+    print("stopped")
