@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from imgtune_assets.core.metrics import METRICS, score
+from imgtune_assets.core.metrics import score
 from imgtune_assets.core.ops import apply_pipeline
 
 Stages = Sequence[tuple[str, dict[str, Any]]]
@@ -83,7 +83,6 @@ class TrialOutcome:
             "manifest_digest": manifest_digest,
             "trial": self.trial,
             "metric": metric,
-            "higher_is_better": METRICS[metric].higher_is_better,
             "status": self.status,
             "error": self.first_error,
             "score": None if math.isnan(self.score) else self.score,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,18 @@ def sample_point(dims: list[Dimension], sampler: str, seed: int, k: int, n_trial
             d.name: d.from_unit((_radical_inverse(k + 1, p) + s) % 1.0)
             for d, p, s in zip(dims, PRIMES, shift)
         }
+    if sampler == "sobol":
+        from scipy.stats import qmc  # imported here: slow to import, only this sampler needs it
+
+        # Scrambled Sobol' seeded by (seed, space); fast_forward(k) makes point k independent of the others.
+        scramble_seed = int(np.random.SeedSequence([seed, space_digest(dims)]).generate_state(1)[0])
+        engine = qmc.Sobol(len(dims), scramble=True, seed=scramble_seed)
+        if k:
+            engine.fast_forward(k)  # (scipy refuses fast_forward(0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "balance properties need n = 2^m": one point at a time
+            unit = engine.random(1)[0]
+        return {d.name: d.from_unit(u) for d, u in zip(dims, unit)}
     if sampler == "grid":
         levels = max(1, math.ceil(n_trials ** (1.0 / len(dims)) - 1e-9))
         grids = [d.candidates(levels) for d in dims]

@@ -19,7 +19,7 @@ import yaml
 from imgtune_assets.core.metrics import METRICS
 from imgtune_assets.core.ops import OPS, OpParamError, validate_stage
 
-SAMPLERS = ("random", "grid", "halton")
+SAMPLERS = ("random", "grid", "halton", "sobol")
 RANGE_TYPES = ("int", "float", "odd", "choice")
 MAX_TRIALS = 10_000
 # A sweep name becomes a folder name under the output folder: keep it a single, plain path part.
@@ -74,11 +74,14 @@ class Sweep:
     pipeline: tuple[Stage, ...]
     schedule_cron: str | None = None
     chunk_size: int | None = None
+    direction: str | None = None  # overrides the metric's natural direction when set
     demo_data: str | None = None  # generate this demo set into data_dir when the folder is missing
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def higher_is_better(self) -> bool:
+        if self.direction:
+            return self.direction == "maximize"
         return METRICS[self.metric].higher_is_better
 
     @property
@@ -90,6 +93,7 @@ class Sweep:
         payload = {
             "metric": self.metric,
             "metric_options": self.metric_options,
+            "direction": self.direction,
             "seed": self.seed,
             "sampler": self.sampler,
             "trials": self.trials,
@@ -241,9 +245,13 @@ def parse_sweep(raw: Any, path: Path) -> Sweep:
     metric = objective["metric"]
     if metric not in METRICS:
         raise _fail(path, "objective.metric", f"unknown metric {metric!r} (known: {', '.join(sorted(METRICS))})")
-    metric_options = {k: v for k, v in objective.items() if k != "metric"}
+    direction = objective.get("direction")
+    if direction is not None and direction not in ("maximize", "minimize"):
+        raise _fail(path, "objective.direction", f"expected maximize or minimize, got {direction!r}")
+    metric_options = {k: v for k, v in objective.items() if k not in ("metric", "direction")}
     if metric_options and set(metric_options) != {"tolerance"}:
-        raise _fail(path, "objective", f"unknown option(s) {sorted(set(metric_options) - {'tolerance'})}")
+        raise _fail(path, "objective", f"unknown option(s) {sorted(set(metric_options) - {'tolerance'})} "
+                                       "(allowed: metric, direction, tolerance)")
     if "tolerance" in metric_options:
         if metric != "edge_f1":
             raise _fail(path, "objective.tolerance", "only edge_f1 takes a tolerance")
@@ -287,7 +295,7 @@ def parse_sweep(raw: Any, path: Path) -> Sweep:
     return Sweep(
         path=path, name=name, data_dir=resolved_data_dir, metric=metric, metric_options=metric_options,
         trials=trials, seed=seed, sampler=sampler, pipeline=pipeline, schedule_cron=cron,
-        chunk_size=chunk_size, demo_data=demo_data, raw=raw,
+        chunk_size=chunk_size, direction=direction, demo_data=demo_data, raw=raw,
     )
 
 
@@ -315,7 +323,8 @@ def fixed_sweep_document(sweep: Sweep, stages: list[tuple[str, dict[str, Any]]],
     return {
         "name": name,
         "data_dir": str(sweep.data_dir),
-        "objective": {"metric": sweep.metric, **sweep.metric_options},
+        "objective": {"metric": sweep.metric, **({"direction": sweep.direction} if sweep.direction else {}),
+                      **sweep.metric_options},
         "trials": 1,
         "seed": sweep.seed,
         "sampler": "grid",

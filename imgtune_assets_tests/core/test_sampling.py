@@ -32,7 +32,7 @@ def sweep(tmp_path, **changes):
     return parse_sweep({**RAW, **changes}, tmp_path / "s.yaml")
 
 
-@pytest.mark.parametrize("sampler", ["random", "grid", "halton"])
+@pytest.mark.parametrize("sampler", ["random", "grid", "halton", "sobol"])
 def test_values_stay_in_range_and_type(tmp_path, sampler):
     s = sweep(tmp_path, sampler=sampler)
     dims = {d.name: d for d in search_space(s)}
@@ -44,7 +44,7 @@ def test_values_stay_in_range_and_type(tmp_path, sampler):
         assert point["threshold.method"] in ("otsu", "mean", "gaussian")
 
 
-@pytest.mark.parametrize("sampler", ["random", "grid", "halton"])
+@pytest.mark.parametrize("sampler", ["random", "grid", "halton", "sobol"])
 def test_trial_depends_only_on_seed_space_and_index(tmp_path, sampler):
     s = sweep(tmp_path, sampler=sampler)
     # Trial 17 alone, drawn fresh, equals trial 17 drawn in sequence after the others.

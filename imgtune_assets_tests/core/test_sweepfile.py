@@ -108,3 +108,10 @@ def test_tolerance_only_for_edge_f1(tmp_path):
         load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: psnr, tolerance: 2}")))
     sweep = load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: edge_f1, tolerance: 2}")))
     assert sweep.metric_options == {"tolerance": 2}
+
+
+def test_direction_overrides_the_metric_and_is_validated(tmp_path):
+    sweep = load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: psnr, direction: minimize}")))
+    assert sweep.higher_is_better is False
+    with pytest.raises(SweepFileError, match=r"objective.direction: expected maximize or minimize, got 'up'"):
+        load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: psnr, direction: up}")))
