@@ -7,7 +7,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test dev clean
+.PHONY: install demo test dev clean ui-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 
 test: install
 	$(BIN)/pytest -q
+
+# The UI in a real headless browser (Debian's chromium: apt-get install -y chromium): a small sweep,
+# webserver + daemon on 127.0.0.1, lineage/report checks, Materialize clicks; screenshots in .artifacts/ui/.
+ui-check: install
+	$(BIN)/pytest -q imgtune_assets_tests/test_ui.py
 
 dev: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000

@@ -69,7 +69,7 @@ def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
     n = max(1, len(dims))
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False, layout="constrained")
     best = ok.iloc[0] if len(ok) else None
     for ax, dim in zip(axes.flat, dims):
         values = ok[dim.name]
@@ -123,7 +123,10 @@ def plot_best_so_far(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
             best = rec["score"]
         best_xs.append(i)
         best_ys.append(best)
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
     ax.scatter(xs, ys, s=14, alpha=0.6, color="#4f6bed", label="trial score")
     ax.step(best_xs, best_ys, where="post", color="#e8590c", label="best so far")
     ax.set_xlabel("trial")

@@ -15,8 +15,6 @@ from collections.abc import Mapping, Sequence
 
 from dagster import AssetSelection, RunRequest, define_asset_job
 
-from imgtune_assets.defs.partitions import trial_partitions
-
 SWEEP_JOB_NAME = "imgtune_sweep"
 TRIALS_JOB_NAME = "imgtune_trials"
 TRIGGER_TAG = "imgtune/trigger"
@@ -34,7 +32,6 @@ sweep_job = define_asset_job(
 trials_job = define_asset_job(
     TRIALS_JOB_NAME,
     selection=AssetSelection.assets("experiment_results"),
-    partitions_def=trial_partitions,
     description="experiment_results only: re-run or backfill trials (one run per partition with "
     "`dagster job backfill`, or a range as one run).",
 )

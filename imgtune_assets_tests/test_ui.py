@@ -1,0 +1,254 @@
+"""The Dagster UI tells the story: a real ``dagster-webserver`` + ``dagster-daemon`` over a temporary
+instance holding a small finished sweep (materialized with the real CLI), checked through GraphQL and
+in headless Chromium (Debian's, driven by Playwright).
+
+Runs launched from the UI go through the project's run queue (QueuedRunCoordinator, as in
+production), so the daemon runs here too.
+
+Screenshots: ``<tmp>/screenshots/`` and, for humans, ``.artifacts/ui/`` in the project (gitignored).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from imgtune_assets.core.demo_data import make_denoise_set
+from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, write_sweep
+from imgtune_assets_tests.uitools import MODULE, dagster_cli, runs, start_daemon, start_webserver, stop_all, wait_for, wait_for_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TRIALS = ["trial-000", "trial-001", "trial-002", "trial-003"]
+ARTIFACTS = PROJECT / ".artifacts" / "ui"
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ui")
+    make_denoise_set(tmp / "data", count=6, size=96)
+    sweep = write_sweep(tmp / "ui-demo.yaml", tmp / "data", name="ui-demo", trials=len(TRIALS))
+    env = cli_env(tmp, sweep)
+    # The sweep as a user runs it from the CLI (manifest+settings, every trial as one ranged run, report),
+    # then one trial again on its own.
+    started = time.monotonic()
+    result = subprocess.run([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "--quiet"], cwd=PROJECT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    dagster_cli(["asset", "materialize", "-m", MODULE, "--select", "experiment_results", "--partition", "trial-001"], env)
+    print(f"\nCLI: sweep + one-trial re-run in {time.monotonic() - started:.1f}s")
+    shots = tmp / "screenshots"
+    shots.mkdir()
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])  # (already initialized by the CLI runs)
+    daemon = start_daemon(env, tmp / "daemon.log")
+    try:
+        web = start_webserver(env, tmp / "webserver.log")
+    except BaseException:
+        daemon.stop()
+        instance.dispose()
+        raise
+    try:
+        yield {"env": env, "web": web, "daemon": daemon, "instance": instance, "shots": shots}
+    finally:
+        instance.dispose()
+        stop_all(web, daemon)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for shot in shots.glob("*.png"):
+            shutil.copy2(shot, ARTIFACTS / shot.name)
+
+
+def test_cli_backfills_one_range_run_and_a_rerun_trial_keeps_its_history(ui):
+    instance = ui["instance"]
+    records = instance.fetch_materializations(AssetKey("experiment_results"), limit=100).records
+    by_partition: dict[str, list] = {}
+    for record in records:
+        by_partition.setdefault(record.asset_materialization.partition, []).append(record)
+    assert sorted(by_partition) == TRIALS
+    assert {k: len(v) for k, v in by_partition.items()} == {"trial-000": 1, "trial-001": 2, "trial-002": 1,
+                                                           "trial-003": 1}
+    # the range was ONE run; the re-run of trial-001 is another, newer one
+    range_runs = {by_partition[k][0].run_id for k in ("trial-000", "trial-002", "trial-003")}
+    assert len(range_runs) == 1
+    newest, oldest = by_partition["trial-001"]  # newest first
+    assert oldest.run_id in range_runs and newest.run_id not in range_runs
+    run = instance.get_run_by_id(newest.run_id)
+    assert run.tags["dagster/partition"] == "trial-001"
+
+
+ASSET_NODES = """{ assetNodes { assetKey { path } dependencyKeys { path } groupName partitionDefinition { type } } }"""
+MATERIALIZATIONS = """
+query Mats($path: [String!]!) {
+  assetOrError(assetKey: {path: $path}) {
+    ... on Asset {
+      assetMaterializations(limit: 100) {
+        partition runId
+        metadataEntries {
+          label __typename
+          ... on FloatMetadataEntry { floatValue }
+          ... on JsonMetadataEntry { jsonString }
+          ... on MarkdownMetadataEntry { mdStr }
+          ... on TableMetadataEntry { table { records schema { columns { name } } } }
+        }
+      }
+    }
+  }
+}"""
+
+
+def _materializations(web, name: str) -> list[dict]:
+    return web.graphql(MATERIALIZATIONS, {"path": [name]})["assetOrError"]["assetMaterializations"]
+
+
+def test_graphql_shows_lineage_trial_partitions_and_the_report(ui):
+    web = ui["web"]
+    nodes = {n["assetKey"]["path"][0]: n for n in web.graphql(ASSET_NODES)["assetNodes"]}
+    deps = {name: sorted(d["path"][0] for d in node["dependencyKeys"]) for name, node in nodes.items()}
+    assert deps == {
+        "image_manifest": [],
+        "run_settings": ["image_manifest"],
+        "experiment_results": ["image_manifest", "run_settings"],
+        "sweep_report": ["experiment_results", "image_manifest", "run_settings"],
+    }
+    assert {n["groupName"] for n in nodes.values()} == {"imgtune"}
+    assert nodes["experiment_results"]["partitionDefinition"]["type"] == "STATIC"
+
+    # one materialization per trial partition from the ranged run, each with its score and parameters
+    trials = _materializations(web, "experiment_results")
+    range_run = next(m["runId"] for m in trials if m["partition"] == "trial-000")
+    from_range = [m for m in trials if m["runId"] == range_run]
+    assert sorted(m["partition"] for m in from_range) == TRIALS
+    for mat in from_range:
+        entries = {e["label"]: e for e in mat["metadataEntries"]}
+        assert entries["score"]["__typename"] == "FloatMetadataEntry" and entries["score"]["floatValue"] > 20
+        assert entries["params"]["__typename"] == "JsonMetadataEntry" and "bilateral_filter.d" in entries["params"]["jsonString"]
+
+    [report] = _materializations(web, "sweep_report")[:1]
+    entries = {e["label"]: e for e in report["metadataEntries"]}
+    assert entries["best_score"]["__typename"] == "FloatMetadataEntry"
+    assert entries["best_score"]["floatValue"] == max(
+        e["floatValue"] for m in trials for e in m["metadataEntries"] if e["label"] == "score")
+    assert entries["top_10"]["__typename"] == "TableMetadataEntry"
+    assert len(entries["top_10"]["table"]["records"]) == len(TRIALS)
+    assert {"trial", "score"} <= {c["name"] for c in entries["top_10"]["table"]["schema"]["columns"]}
+    assert entries["plots"]["__typename"] == "MarkdownMetadataEntry"
+    assert entries["plots"]["mdStr"].count("](data:image/png;base64,") >= 3
+
+
+@pytest.fixture
+def browser_page(ui):
+    if not CHROMIUM.exists():
+        pytest.fail("Debian chromium is missing: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(30_000)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield page
+        finally:
+            browser.close()
+    assert not errors, f"page errors in the UI: {errors}"
+
+
+def _open(page, url: str, ready_text: str) -> None:
+    page.goto(url)
+    page.get_by_text(ready_text).first.wait_for()
+    skip = page.get_by_role("button", name="Skip")  # "Join the Dagster community" on a fresh profile
+    try:
+        skip.wait_for(state="visible", timeout=2_000)
+        skip.click()
+    except Exception:  # noqa: BLE001 - no dialog (nux disabled in dagster.yaml): nothing to skip
+        pass
+    page.wait_for_load_state("networkidle")
+
+
+def _button(scope, text: str):
+    """A button by its visible text (Dagster's icons add their own names to the accessible name)."""
+    return scope.locator("button", has_text=re.compile(rf"^\s*{re.escape(text)}\s*$")).first
+
+
+def test_browser_graph_and_report_render(ui, browser_page):
+    page, web, shots = browser_page, ui["web"], ui["shots"]
+
+    page.set_viewport_size({"width": 1800, "height": 1000})  # wide enough for the nodes' detail rows
+    _open(page, f"{web.url}/asset-groups/imgtune", "sweep_report")
+    for name in ("image_manifest", "run_settings", "experiment_results", "sweep_report"):
+        assert page.get_by_text(name, exact=True).first.is_visible()
+    page.screenshot(path=shots / "1-asset-graph.png")
+
+    page.set_viewport_size({"width": 1400, "height": 2000})
+    _open(page, f"{web.url}/assets/sweep_report", "best_score")
+    for label in ("best_score", "best_params", "top_10", "plots", "completed_trials"):
+        assert page.get_by_text(label, exact=True).first.is_visible(), label
+    assert page.get_by_text("trial-003").first.is_visible()  # the top-10 table renders inline
+    page.screenshot(path=shots / "2-sweep-report.png")
+
+    page.set_viewport_size({"width": 1400, "height": 1400})
+    page.get_by_text("[Show Markdown]").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("score vs params").wait_for()
+    sizes = wait_for(lambda: (lambda s: s if len(s) >= 3 and all(w > 0 for w, _ in s) else None)(
+        page.evaluate("Array.from(document.querySelectorAll('[role=dialog] img')).map(i => [i.naturalWidth, i.naturalHeight])")),
+        timeout=15, interval=0.5, what="the embedded plots to decode")
+    assert all(w > 200 and h > 200 for w, h in sizes), sizes
+    page.wait_for_timeout(1_000)  # the dialog fades in
+    page.screenshot(path=shots / "3-sweep-report-plots.png")
+    page.keyboard.press("Escape")
+
+    page.set_viewport_size({"width": 1400, "height": 900})
+    _open(page, f"{web.url}/assets/experiment_results?view=partitions", "trial-003")
+    page.get_by_text("trial-002", exact=True).first.click()
+    page.get_by_text("score", exact=True).first.wait_for()
+    page.screenshot(path=shots / "4-experiment-results-partitions.png")
+
+
+def test_materialize_from_the_ui_report_and_one_trial(ui, browser_page):
+    page, web, shots = browser_page, ui["web"], ui["shots"]
+    before = {r["runId"] for r in runs(web)}
+
+    # sweep_report: the asset page's Materialize button launches a run straight away
+    _open(page, f"{web.url}/assets/sweep_report", "best_score")
+    _button(page, "Materialize").click()
+    page.get_by_text("Launched run").first.wait_for()
+
+    # one trial: Materialize… opens the launch dialog with the partition picker
+    _open(page, f"{web.url}/assets/experiment_results", "Partitions")
+    _button(page, "Materialize…").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("Launch runs to materialize experiment_results").wait_for()
+    dialog.get_by_text("Select a partition or create one").click()
+    page.get_by_role("menuitem", name="trial-002").click()
+    page.keyboard.press("Escape")  # close the picker, keep the dialog
+    page.get_by_placeholder("Filter partitions").wait_for(state="hidden")
+    dialog.get_by_text("1 partition", exact=True).wait_for()
+    page.wait_for_timeout(500)
+    page.screenshot(path=shots / "5-launch-one-trial.png")
+    _button(dialog, "Launch 1 run").click()
+    page.get_by_text("Launched run").first.wait_for()
+
+    launched = wait_for(lambda: (lambda rs: rs if len(rs) >= 2 else None)(
+        [r for r in runs(web) if r["runId"] not in before]), timeout=30, interval=1, what="two UI runs")
+    assert all({"key": "dagster/from_ui", "value": "true"} in r["tags"] for r in launched)
+    finished = {r["runId"]: wait_for_run(web, r["runId"], timeout=180) for r in launched}
+    assert all(r["status"] == "SUCCESS" for r in finished.values()), (finished, ui["daemon"].tail())
+    selections = sorted(tuple(sorted(p["path"][0] for p in r["assetSelection"])) for r in finished.values())
+    assert selections == [("experiment_results",), ("sweep_report",)]
+    trial_run = next(r for r in finished.values() if r["assetSelection"][0]["path"] == ["experiment_results"])
+    assert {"key": "dagster/partition", "value": "trial-002"} in trial_run["tags"]
+    for r in finished.values():
+        print(f"UI run {r['runId'][:8]} {r['assetSelection'][0]['path'][0]}: {r['endTime'] - r['startTime']:.1f}s")
+
+    _open(page, f"{web.url}/assets/sweep_report", "best_score")
+    _button(page, "Plots").click()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=shots / "6-sweep-report-history.png")
