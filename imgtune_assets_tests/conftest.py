@@ -55,6 +55,18 @@ def segment_data(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real two-node Ray cluster on loopback (127.0.0.2 and .3), one per test module that asks."""
+    from imgtune_assets_tests.raycluster import start_ray_cluster
+
+    started = start_ray_cluster(tmp_path_factory.mktemp("raycluster"), nodes=2, num_cpus=1)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
 @pytest.fixture
 def tiny_sweep(tmp_path, denoise_data) -> Path:
     return write_sweep(tmp_path / "tiny.yaml", denoise_data)

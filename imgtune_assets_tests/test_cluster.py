@@ -12,7 +12,6 @@ import textwrap
 import time
 
 import psutil
-import pytest
 from dagster import AssetKey, DagsterInstance
 
 from imgtune_assets.cli import materialize_commands
@@ -23,15 +22,6 @@ from imgtune_assets_tests.conftest import PROJECT, cli_env, write_sweep
 from imgtune_assets_tests.raycluster import RayCluster, start_ray_cluster
 
 TRIALS = 6
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    started = start_ray_cluster(tmp_path_factory.mktemp("raycluster"), nodes=2, num_cpus=1)
-    try:
-        yield started
-    finally:
-        started.stop()
 
 
 def cluster_env(tmp_path, sweep, cluster: RayCluster, **extra) -> dict[str, str]:

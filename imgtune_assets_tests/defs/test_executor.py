@@ -36,7 +36,6 @@ from imgtune_assets.defs.executor import (
     ray_executor,
 )
 from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, write_sweep
-from imgtune_assets_tests.raycluster import start_ray_cluster
 
 PID_FILE_ENV = "IMGTUNE_TEST_PID_FILE"
 THIS_MODULE = "imgtune_assets_tests.defs.test_executor"
@@ -68,15 +67,6 @@ defs = Definitions(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    started = start_ray_cluster(tmp_path_factory.mktemp("raycluster"), nodes=2, num_cpus=1)
-    try:
-        yield started
-    finally:
-        started.stop()
 
 
 def ray_env(tmp_path, sweep, cluster=None, **extra) -> dict[str, str]:

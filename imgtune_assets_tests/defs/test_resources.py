@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import psutil
-import pytest
 
 from imgtune_assets.defs.resources import RayResource
 
