@@ -3,11 +3,11 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
-# Ray listens on loopback only (see README, "Safe defaults").
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+# No usage reports leave the machine. (The embedded Ray's loopback-only switch is set by imgtune
+# itself, only for the embedded Ray: a client of a real multi-host cluster must not carry it.)
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test dev clean ui-check
+.PHONY: install demo test dev clean system-deps ui-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,19 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m imgtune_assets.cli sweep
 
-test: install
+# The tests drive real services: PostgreSQL's server programs (the tests start their own server on
+# 127.0.0.1) and Debian's chromium (the UI check). Installed from Debian's packages when missing.
+system-deps:
+	@need=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
+	command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
+	if [ -n "$$need" ]; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing from Debian's packages:$$need"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$need; \
+	fi
+
+test: install system-deps
 	$(BIN)/pytest -q
 
 # The UI in a real headless browser (Debian's chromium: apt-get install -y chromium): a small sweep,

@@ -146,3 +146,21 @@ def test_fanout_ships_pixels_through_the_object_store(tmp_path, cluster):
     # One put per image chunk (3 chunks of 2), each holding arrays, not paths: 12 tasks got refs.
     assert report["puts"] == ["tuple"] * 3
     assert len(report["nodes"]) == 2
+
+
+def test_embedded_ray_never_joins_a_cluster_found_in_the_environment(tmp_path, cluster):
+    # Ray's own ray.init() would connect to RAY_ADDRESS (or /tmp/ray/ray_current_cluster, left by any
+    # `ray start --head`); the embedded default must start its own single-node Ray regardless.
+    probe = (
+        "import ray\n"
+        "from imgtune_assets.defs.resources import RayResource\n"
+        "r = RayResource(num_cpus=1); r.connect()\n"
+        "print('GCS', ray.get_runtime_context().gcs_address, 'NODES', len(ray.nodes()))\n"
+        "r.teardown_after_execution(None)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "IMGTUNE_RAY_ADDRESS"}
+    env.update(RAY_ADDRESS=cluster.address, **cluster.env)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "GCS 127.0.0.1:" in out.stdout and "NODES 1" in out.stdout, out.stdout
+    assert cluster.address not in out.stdout

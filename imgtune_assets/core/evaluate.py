@@ -14,6 +14,7 @@ from imgtune_assets.core.metrics import score
 from imgtune_assets.core.ops import apply_pipeline
 
 Stages = Sequence[tuple[str, dict[str, Any]]]
+NAN_SCORE = "metric returned NaN"
 
 
 def evaluate_image(stages: Stages, image: np.ndarray, target: np.ndarray | None, metric: str,
@@ -25,7 +26,7 @@ def evaluate_image(stages: Stages, image: np.ndarray, target: np.ndarray | None,
         value = float(score(metric, output, target, **metric_options))
         error = None
         if math.isnan(value):
-            error, value = "metric returned NaN", float("nan")
+            error, value = NAN_SCORE, float("nan")
     except Exception as exc:  # noqa: BLE001 - a trial's failure is data: it is recorded, not raised
         value, error = float("nan"), f"{type(exc).__name__}: {exc}".strip()
     return {"score": value, "seconds": time.perf_counter() - start, "error": error}

@@ -49,6 +49,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             image = image[:, :, 0]
         elif image.shape[2] == 4:
             image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+            # OpenCV decodes a grey + alpha PNG as BGRA with B = G = R: it was stored grey, keep it grey.
+            if np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(image[:, :, 1], image[:, :, 2]):
+                image = image[:, :, 0]
         elif image.shape[2] != 3:
             raise ImageReadError(f"{file}: unsupported channel count {image.shape[2]}")
     elif image.ndim != 2:

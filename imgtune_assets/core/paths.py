@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+def _project_root() -> Path:
+    """The checkout holding ``sweeps/`` (an editable install), else the working folder (a plain
+    ``pip install .`` puts the package in site-packages, away from the project's files)."""
+    beside_package = Path(__file__).resolve().parents[2]
+    return beside_package if (beside_package / "sweeps").is_dir() else Path.cwd()
+
+
+PROJECT_ROOT = _project_root()
 BUNDLED_SWEEPS = PROJECT_ROOT / "sweeps"
 DEFAULT_SWEEP = BUNDLED_SWEEPS / "denoise.yaml"
 

@@ -134,7 +134,7 @@ def _parse_range(raw: dict, spec, path: Path, where: str) -> SearchRange:
             try:
                 checked.append(spec.validate(value, f"{path}: {where}.values[{i}]"))
             except OpParamError as exc:
-                raise SweepFileError(str(exc)) from exc
+                raise SweepFileError(str(exc)) from None
         if len(set(map(repr, checked))) != len(checked):
             raise _fail(path, f"{where}.values", f"duplicate values in {values!r}")
         return SearchRange(type="choice", values=tuple(checked))
@@ -196,7 +196,7 @@ def _parse_stage(raw: Any, index: int, path: Path) -> Stage:
             try:
                 fixed[name] = spec.params[name].validate(value, f"{path}: {where}.{name}")
             except OpParamError as exc:
-                raise SweepFileError(str(exc)) from exc
+                raise SweepFileError(str(exc)) from None
     # Check the stage as a whole once, with each searched parameter at one end of its range.
     probe = dict(fixed)
     for name, rng in searched.items():
@@ -204,7 +204,7 @@ def _parse_stage(raw: Any, index: int, path: Path) -> Stage:
     try:
         validate_stage(op, probe, where=f"{path}: {where}")
     except OpParamError as exc:
-        raise SweepFileError(str(exc)) from exc
+        raise SweepFileError(str(exc)) from None
     return Stage(op=op, fixed=fixed, searched=searched)
 
 

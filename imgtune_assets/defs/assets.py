@@ -30,7 +30,7 @@ from dagster import (
 )
 
 from imgtune_assets.core.demo_data import ensure_demo_data
-from imgtune_assets.core.evaluate import evaluate_chunk
+from imgtune_assets.core.evaluate import NAN_SCORE, evaluate_chunk
 from imgtune_assets.core.files import atomic_write_json
 from imgtune_assets.core.imageio import decode_count, read_image
 from imgtune_assets.core.manifest import (
@@ -172,6 +172,8 @@ def _partition_metadata(record: dict, result_file: Path, reused: bool) -> dict[s
         "images_failed": record["images_failed"],
         "seconds": MetadataValue.float(round(record["seconds"], 4)),
         "nodes": MetadataValue.json(sorted({w["node_id"] for w in record["workers"]})),
+        "tasks": MetadataValue.json([{"chunk": w["chunk"], "node_id": w["node_id"], "pid": w["pid"]}
+                                     for w in record["workers"]]),
         "error": record["error"] or "",
         "reused": reused,
         "result_file": MetadataValue.path(str(result_file)),
@@ -292,7 +294,8 @@ def _identity_score(out_dir: Path, sweep, digest: str, rows: list[ManifestRow]) 
             return float(saved["score"])
     _, images, targets = load_images(sweep.data_dir, rows)
     _save_identity(out_dir, sweep, digest, images, targets)
-    return float(json.loads(file.read_text())["score"] or float("nan"))
+    score = json.loads(file.read_text())["score"]
+    return float("nan") if score is None else float(score)
 
 
 def _load_records(folder: Path, keys: list[str], fingerprint: str, digest: str) -> tuple[list[dict], int]:
@@ -381,7 +384,8 @@ def sweep_report(
         "best_score": best_score,
         "best_params": best["params"] if best else None,
         "identity_score": identity_score,
-        "nan_scores": sum(1 for r in completed if r["score"] is None or math.isnan(r["score"])),
+        # Images whose metric came out NaN (such a trial is failed, not ranked): the scores_are_numbers check.
+        "nan_scores": sum(1 for r in records for p in r["per_image"] if p["error"] == NAN_SCORE),
         "output_dir": str(out_dir),
         "leaderboard": str(files.leaderboard),
         "best_pipeline": str(files.best_pipeline) if files.best_pipeline else None,

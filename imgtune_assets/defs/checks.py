@@ -26,7 +26,7 @@ def manifest_all_files_usable(image_manifest: pd.DataFrame) -> AssetCheckResult:
     )
 
 
-@asset_check(asset=sweep_report, description="No completed trial has a NaN score.")
+@asset_check(asset=sweep_report, description="No image's metric came out NaN (such trials are failed, not ranked).")
 def scores_are_numbers(sweep_report: dict) -> AssetCheckResult:
     return AssetCheckResult(passed=sweep_report["nan_scores"] == 0, metadata={"nan_scores": sweep_report["nan_scores"]})
 

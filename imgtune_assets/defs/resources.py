@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from dagster import ConfigurableResource, FilesystemIOManager, InitResourceContext
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    InitResourceContext,
+    InputContext,
+    MetadataValue,
+    OutputContext,
+)
 from pydantic import Field, PrivateAttr
 
+from imgtune_assets.core.files import atomic_write_bytes
 from imgtune_assets.core.paths import default_output_dir, default_sweep_path, sweep_output_dir
 from imgtune_assets.core.sweepfile import Sweep, load_sweep
 
@@ -109,6 +118,9 @@ class RayResource(ConfigurableResource):
             )
         else:
             ray.init(
+                # "local": always a new embedded Ray, never a cluster found through RAY_ADDRESS or
+                # /tmp/ray/ray_current_cluster (left by any `ray start --head` on this machine).
+                address="local",
                 num_cpus=self.num_cpus,
                 namespace=self.namespace,
                 include_dashboard=False,
@@ -159,7 +171,37 @@ def default_runtime_env() -> dict[str, Any]:
             "env_vars": {"OMP_NUM_THREADS": "1"}}
 
 
-def sweep_io_manager(sweep: Sweep) -> FilesystemIOManager:
-    """Asset values (manifest, settings, report summary) are stored in the sweep's own output folder,
-    so two sweeps sharing one Dagster instance never overwrite each other's values."""
-    return FilesystemIOManager(base_dir=str(sweep_output_dir(default_output_dir(), sweep.name) / "storage"))
+class SweepStorageIOManager(ConfigurableIOManager):
+    """Asset values (manifest, settings, report summary) pickled under the sweep's own output folder,
+    written atomically (a temporary file, then a rename), so a killed run never leaves half a value and
+    two sweeps sharing one Dagster instance never overwrite each other's values."""
+
+    base_dir: str = Field(description="Folder for the pickled asset values: outputs/<sweep name>/storage.")
+
+    def _path(self, context: InputContext | OutputContext) -> Path:
+        path = Path(self.base_dir).joinpath(*context.asset_key.path)
+        if context.has_asset_partitions:
+            keys = context.asset_partition_keys
+            if len(keys) != 1:
+                raise ValueError(f"{context.asset_key.to_user_string()}: one stored value covers one partition, "
+                                 f"got {len(keys)}; write partitioned results yourself (as experiment_results does)")
+            path = path / keys[0]
+        return path
+
+    def handle_output(self, context: OutputContext, obj: Any) -> None:
+        if obj is None:
+            return
+        path = self._path(context)
+        atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        context.add_output_metadata({"path": MetadataValue.path(str(path))})
+
+    def load_input(self, context: InputContext) -> Any:
+        path = self._path(context)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no stored value of {context.asset_key.to_user_string()} for this sweep; "
+                                    "materialize it first")
+        return pickle.loads(path.read_bytes())
+
+
+def sweep_io_manager(sweep: Sweep) -> SweepStorageIOManager:
+    return SweepStorageIOManager(base_dir=str(sweep_output_dir(default_output_dir(), sweep.name) / "storage"))

@@ -22,6 +22,7 @@ from dagster import (
     DagsterRunStatus,
     Definitions,
     asset,
+    define_asset_job,
     in_process_executor,
     multiprocess_executor,
 )
@@ -32,12 +33,14 @@ from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.executor import (
     NUM_CPUS_TAG,
     STEP_WORKER_MESSAGE,
+    RayStepHandler,
     executor_from_environment,
     ray_executor,
 )
 from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, write_sweep
 
 PID_FILE_ENV = "IMGTUNE_TEST_PID_FILE"
+HOLD_RAY_ENV = "IMGTUNE_TEST_HOLD_RAY_SECONDS"
 THIS_MODULE = "imgtune_assets_tests.defs.test_executor"
 
 
@@ -56,8 +59,25 @@ def sleeper() -> None:
     time.sleep(120)
 
 
+if os.environ.get(HOLD_RAY_ENV):
+    # For the termination test only (set in its code server's environment, so in the run process):
+    # the run process keeps its Ray connection for a while after the executor is done. A driver's
+    # disconnect ends its Ray job, and Ray then kills the job's workers anyway; holding it open shows
+    # that the step's worker was killed by the executor's ray.cancel, not by the run process exiting.
+    _close_now = RayStepHandler.close
+
+    def _close_later(self) -> None:
+        time.sleep(float(os.environ[HOLD_RAY_ENV]))
+        _close_now(self)
+
+    RayStepHandler.close = _close_later
+
+# A job of its own for the termination test (a run launched through the instance's run launcher).
+sleeper_job = define_asset_job("sleeper_job", selection=[sleeper])
+
 defs = Definitions(
     assets=[boom, sleeper],
+    jobs=[sleeper_job],
     # The executor's runtime_env env_vars reach every step worker (here: where sleeper writes its pid).
     executor=ray_executor.configured({
         "runtime_env": {"env_vars": {PID_FILE_ENV: os.environ.get(PID_FILE_ENV, "/nonexistent")}},
@@ -227,6 +247,123 @@ def test_a_killed_step_worker_is_failed_by_the_health_check(tmp_path, cluster, t
         assert step_workers(instance, run.run_id)["sleeper"]["pid"] == str(worker_pid)
     print(f"\nkilled step worker detected and the run ended in {detected_in:.1f}s")
     assert detected_in < 30
+
+
+def _ray_step_processes(cluster) -> dict[int, str]:
+    """The cluster's processes that are running a Dagster step task (Ray titles them ``ray::<task name>``)."""
+    import psutil
+
+    found = {}
+    for pid in cluster.pids():
+        try:
+            title = " ".join(psutil.Process(pid).cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if title.startswith("ray::dagster-step"):
+            found[pid] = title
+    return found
+
+
+def _launch_sleeper_run(instance: DagsterInstance, workspace, location_name: str) -> str:
+    """Create a run of ``sleeper_job`` from the code server and launch it with the instance's run
+    launcher (what the daemon does for a dequeued run), bypassing the queue."""
+    location = workspace.get_code_location(location_name)
+    repository = next(iter(location.get_repositories().values()))
+    remote_job = repository.get_full_job("sleeper_job")
+    plan = location.get_execution_plan(remote_job, {}, step_keys_to_execute=None, known_state=None,
+                                       instance=instance)
+    run = instance.create_run(
+        job_name=remote_job.name, run_id=None, run_config={}, status=None, tags=remote_job.tags,
+        root_run_id=None, parent_run_id=None, resolved_op_selection=None, op_selection=None,
+        step_keys_to_execute=plan.execution_plan_snapshot.step_keys_to_execute,
+        job_snapshot=remote_job.job_snapshot, execution_plan_snapshot=plan.execution_plan_snapshot,
+        parent_job_snapshot=remote_job.parent_job_snapshot, remote_job_origin=remote_job.get_remote_origin(),
+        job_code_origin=remote_job.get_python_origin(), asset_selection=None, asset_check_selection=None,
+        asset_graph=repository.asset_graph,
+    )
+    instance.launch_run(run.run_id, workspace)
+    return run.run_id
+
+
+def test_terminating_a_launched_run_cancels_its_ray_step_tasks(tmp_path, cluster, tiny_sweep):
+    """A run launched by the instance's DefaultRunLauncher (on a code server, as the daemon and the UI
+    launch runs) and terminated with ``run_launcher.terminate`` (what the UI's Terminate does): the
+    run process forwards the interrupt to the executor, whose ``terminate_step`` cancels the step's
+    Ray task with force, which kills the Ray worker running the step. The run process holds its Ray
+    connection for ``hold`` seconds after the executor ends (HOLD_RAY_ENV), so a worker gone before
+    then was killed by the cancel, not by the end of the run's Ray job."""
+    import psutil
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import GrpcServerTarget
+    from dagster._grpc.client import DagsterGrpcClient
+
+    from imgtune_assets_tests.uitools import Service, free_port, wait_for
+
+    hold = 15.0
+    pid_file = tmp_path / "sleeper.pid"
+    env = ray_env(tmp_path, tiny_sweep, cluster, **{PID_FILE_ENV: str(pid_file), HOLD_RAY_ENV: str(hold)})
+    port, location_name = free_port(), "executor_tests"
+    # The code server (and the run process it spawns) gets the Ray cluster's address and token; it
+    # runs in its own process group, which the test stops.
+    server = Service("code-server", [str(VENV_BIN / "dagster"), "api", "grpc", "-m", THIS_MODULE,
+                                     "-h", "127.0.0.1", "-p", str(port), "--location-name", location_name],
+                     env, tmp_path / "code-server.log")
+    try:
+        def server_up():
+            assert server.alive(), server.tail()
+            try:
+                return DagsterGrpcClient(port=port, host="127.0.0.1").ping("x") is not None
+            except Exception:  # noqa: BLE001 - not serving yet
+                return False
+        wait_for(server_up, 60, interval=0.5, what="the code server")
+        with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance, WorkspaceProcessContext(
+                instance, GrpcServerTarget(host="127.0.0.1", port=port, socket=None,
+                                           location_name=location_name)) as process_context:
+            assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
+            run_id = _launch_sleeper_run(instance, process_context.create_request_context(), location_name)
+
+            def started():
+                run = instance.get_run_by_id(run_id)
+                assert not run.is_finished, f"run ended {run.status} before its step started\n{server.tail()}"
+                return pid_file.exists() and pid_file.read_text()
+            worker_pid = int(wait_for(started, 60, interval=0.2, what="the sleeper step to start"))
+            assert step_workers(instance, run_id)["sleeper"]["pid"] == str(worker_pid)
+            assert worker_pid in _ray_step_processes(cluster), _ray_step_processes(cluster)
+            assert instance.get_run_by_id(run_id).status == DagsterRunStatus.STARTED
+
+            terminated_at = time.monotonic()
+            assert instance.run_launcher.terminate(run_id) is True
+
+            def worker_gone():
+                try:
+                    return psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    return True
+            wait_for(worker_gone, 30, interval=0.1, what=f"the step's Ray worker (pid {worker_pid}) to exit")
+            worker_gone_in = time.monotonic() - terminated_at
+            # Killed while the run process was still connected to Ray: by the cancel.
+            status_when_gone = instance.get_run_by_id(run_id).status
+            assert status_when_gone == DagsterRunStatus.CANCELING, (status_when_gone, worker_gone_in)
+            assert worker_gone_in < hold - 5, worker_gone_in
+            assert not _ray_step_processes(cluster), _ray_step_processes(cluster)
+
+            run = wait_for(lambda: (r := instance.get_run_by_id(run_id)).is_finished and r, hold + 30,
+                           interval=0.2, what="the terminated run to finish")
+            run_ended_in = time.monotonic() - terminated_at
+
+            # Dagster's termination outcome: CANCELED (not FAILURE); the step neither succeeded nor failed.
+            assert run.status == DagsterRunStatus.CANCELED, run.status
+            assert run_ended_in >= hold - 1, run_ended_in  # the hold did apply in the run process
+            messages = [e.message or "" for e in instance.all_logs(run_id)]
+            assert any("Executor received termination signal, forwarding to steps" in m for m in messages), messages
+            assert any(m.startswith("Cancelled the Ray task of step sleeper") for m in messages), messages
+            assert not instance.all_logs(run_id, of_type={DagsterEventType.STEP_SUCCESS,
+                                                          DagsterEventType.STEP_FAILURE})
+            assert not _ray_step_processes(cluster), _ray_step_processes(cluster)
+    finally:
+        server.stop()
+    print(f"\nthe step's Ray worker was gone {worker_gone_in:.1f}s after terminate; "
+          f"the run was CANCELED after {run_ended_in:.1f}s (Ray connection held {hold:g}s)")
 
 
 def test_step_env_vars_carry_the_instance_and_resolved_sweep(monkeypatch, tmp_path):
