@@ -54,31 +54,38 @@ PIPELINE = [
 
 
 class TreeMemory:
-    """Samples the summed PSS (RSS where PSS is unavailable) of a process and all its descendants."""
+    """Samples the memory of a process and all its descendants: the summed RSS (as asked for; it counts
+    shared pages, such as Ray's object store, once per process that maps them) and the summed PSS
+    (shared pages split between their processes: closer to what the tree really uses)."""
 
     def __init__(self, root_pid: int, interval: float = 0.1):
-        self.root_pid, self.interval, self.peak = root_pid, interval, 0
+        self.root_pid, self.interval, self.peak, self.peak_rss = root_pid, interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> tuple[int, int]:
         try:
             root = psutil.Process(self.root_pid)
             procs = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return 0
-        total = 0
+            return 0, 0
+        pss = rss = 0
         for proc in procs:
             try:
                 info = proc.memory_full_info()
-                total += getattr(info, "pss", info.rss)
+                pss += getattr(info, "pss", info.rss)
+                rss += info.rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        return total
+        return pss, rss
+
+    def _update(self):
+        pss, rss = self._sample()
+        self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self._update()
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -88,7 +95,7 @@ class TreeMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._sample())
+        self._update()
 
 
 # ----------------------------------------------------------------------------- the floor
@@ -120,7 +127,7 @@ def run_floor(data_dir: Path, trials: list[dict], n_images: int, metric: str, wo
     scores = {}
     for t, _, s in results:
         scores.setdefault(t, []).append(s)
-    return {"wall": wall, "peak": mem.peak, "decodes_per_image": workers,
+    return {"wall": wall, "peak": mem.peak, "peak_rss": mem.peak_rss, "decodes_per_image": workers,
             "scores": [sum(v) / len(v) for _, v in sorted(scores.items())]}
 
 
@@ -137,7 +144,7 @@ def run_fanout(data_dir: Path, trials: list[dict], metric: str) -> dict:
     wall = time.perf_counter() - start
     del images, targets
     assert ray.is_initialized()
-    return {"wall": wall, "peak": mem.peak, "decodes_per_image": 1, "scores": [o.score for o in outcomes]}
+    return {"wall": wall, "peak": mem.peak, "peak_rss": mem.peak_rss, "decodes_per_image": 1, "scores": [o.score for o in outcomes]}
 
 
 # ----------------------------------------------------------------------------- the dagster CLI
@@ -162,7 +169,7 @@ def run_cli(work: Path, sweep_file: Path, keys: list[str], round_no: int) -> dic
     name = load_sweep(sweep_file).name
     stats = json.loads((work / f"out_{round_no}" / name / "last_experiment_run.json").read_text())
     scores = [json.loads((work / f"out_{round_no}" / name / "trials" / f"{k}.json").read_text())["score"] for k in keys]
-    return {"wall": wall, "peak": mem.peak, "decodes_per_image": stats["decodes_per_image"], "scores": scores,
+    return {"wall": wall, "peak": mem.peak, "peak_rss": mem.peak_rss, "decodes_per_image": stats["decodes_per_image"], "scores": scores,
             "stats": stats}
 
 
@@ -216,13 +223,14 @@ def measure(args, work: Path) -> dict:
 def table(summary: dict, modes: list[str]) -> str:
     res, evals = summary["results"], summary["evals"]
     floor = statistics.median(r["wall"] for r in res["floor"]) if res.get("floor") else None
-    lines = [f"{'mode':8s} {'wall s':>8s} {'evals/s':>9s} {'× floor':>8s} {'peak MB':>9s} {'decodes/img':>12s}"]
+    lines = [f"{'mode':8s} {'wall s':>8s} {'evals/s':>9s} {'× floor':>8s} {'RSS MB':>8s} {'PSS MB':>8s} {'decodes/img':>12s}"]
     for mode in modes:
         wall = statistics.median(r["wall"] for r in res[mode])
         peak = statistics.median(r["peak"] for r in res[mode]) / 2**20
+        peak_rss = statistics.median(r["peak_rss"] for r in res[mode]) / 2**20
         ratio = f"{wall / floor:8.2f}" if floor else f"{'-':>8s}"
         decodes = statistics.median(r["decodes_per_image"] for r in res[mode])
-        lines.append(f"{mode:8s} {wall:8.2f} {evals / wall:9.1f} {ratio} {peak:9.0f} {decodes:12g}")
+        lines.append(f"{mode:8s} {wall:8.2f} {evals / wall:9.1f} {ratio} {peak_rss:8.0f} {peak:8.0f} {decodes:12g}")
     if res.get("cli"):
         stats = [r["stats"] for r in res["cli"]]
         parts = {k: statistics.median(s[k] for s in stats) for k in ("ray_start_seconds", "decode_seconds", "fanout_seconds")}

@@ -40,13 +40,17 @@ def instance_for(env):
         del os.environ["DAGSTER_HOME"]
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    # The CLI was started in its own session: its whole group (the run, its embedded Ray) goes at once.
-    parent = psutil.Process(proc.pid)
-    children = parent.children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
+def kill_run_process(proc: subprocess.Popen) -> list[psutil.Process]:
+    """SIGKILL the run's process alone, as a user (or the OOM killer) would; return what it had started
+    (its embedded Ray), for the test to clean up after the resumed sweep."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    for child in children:
+    return children
+
+
+def reap(processes: list[psutil.Process]) -> None:
+    for child in processes:
         try:
             child.kill()
         except psutil.NoSuchProcess:
@@ -69,21 +73,23 @@ def test_run_killed_mid_sweep_then_resumed(tmp_path, denoise_data):
     trials_dir = tmp_path / "outputs" / "slow" / "trials"
     proc = subprocess.Popen(dagster_cmd("asset", "materialize", *MODULE, "--select", "experiment_results",
                                         "--partition-range", "trial-000...trial-009"),
-                            cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(trials_dir.glob("trial-*.json"))) < 2:
         time.sleep(0.05)
-    kill_tree(proc)
+    orphans = kill_run_process(proc)
     finished = sorted(p.stem for p in trials_dir.glob("trial-*.json"))
     assert 2 <= len(finished) < 10, f"kill came too late or too early: {finished}"
     assert not list(trials_dir.glob(".*.tmp")), "a half-written result file was left behind"
 
     config = tmp_path / "resume.yaml"
     config.write_text("ops:\n  experiment_results:\n    config:\n      skip_finished: true\n")
-    run(env, "asset", "materialize", *MODULE, "--select", "experiment_results",
-        "--partition-range", "trial-000...trial-009", "-c", str(config))
-    run(env, "asset", "materialize", *MODULE, "--select", "sweep_report")
+    try:
+        run(env, "asset", "materialize", *MODULE, "--select", "experiment_results",
+            "--partition-range", "trial-000...trial-009", "-c", str(config))
+        run(env, "asset", "materialize", *MODULE, "--select", "sweep_report")
+    finally:
+        reap(orphans)
 
     instance = instance_for(env)
     records = instance.fetch_materializations(AssetKey("experiment_results"), limit=100).records
