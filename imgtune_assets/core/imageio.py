@@ -25,16 +25,26 @@ class ImageReadError(ValueError):
     """An image file that cannot be used; the message names the file and the reason."""
 
 
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A file's bytes, with a clear error naming it."""
+    file = Path(path)
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise ImageReadError(f"{file}: cannot read file ({exc.strerror or exc})") from exc
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image as stored: grey stays 2-D, colour is BGR (alpha dropped), 8 or 16 bit.
 
-    Reads bytes with numpy and decodes in memory so that any file name works.
+    Reads bytes in Python and decodes in memory so that any file name works.
     """
-    file = Path(path)
-    try:
-        raw = np.fromfile(file, dtype=np.uint8)
-    except OSError as exc:
-        raise ImageReadError(f"{file}: cannot read file ({exc.strerror or exc})") from exc
+    return decode_image(read_bytes(path), Path(path))
+
+
+def decode_image(data: bytes, file: Path) -> np.ndarray:
+    """Decode already-read file bytes (``file`` names them in errors); see ``read_image``."""
+    raw = np.frombuffer(data, dtype=np.uint8)
     if raw.size == 0:
         raise ImageReadError(f"{file}: empty file (0 bytes)")
     global _decode_count

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, read_image
+from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, decode_image, read_bytes, read_image
 
 
 class ManifestError(ValueError):
@@ -36,12 +36,10 @@ class ManifestRow:
     reason: str | None = None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _read_and_hash(path: Path) -> tuple[bytes, str]:
+    """Read a file once: its content hash and its bytes for decoding come from the same read."""
+    data = read_bytes(path)
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _candidate_files(folder: Path) -> list[Path]:
@@ -85,9 +83,9 @@ def scan_folder(data_dir: str | Path, *, needs_target: bool) -> list[ManifestRow
             row.reason = f"duplicate id {file.stem!r} (another file with the same stem comes first)"
             continue
         seen.add(file.stem)
-        row.image_sha256 = _sha256(file)
         try:
-            image = read_image(file)
+            data, row.image_sha256 = _read_and_hash(file)
+            image = decode_image(data, file)
         except ImageReadError as exc:
             row.reason = str(exc)
             continue
@@ -97,9 +95,9 @@ def scan_folder(data_dir: str | Path, *, needs_target: bool) -> list[ManifestRow
         target = targets.get(file.stem)
         if target is not None:
             row.target_path = str(target.relative_to(data_dir))
-            row.target_sha256 = _sha256(target)
             try:
-                target_image = read_image(target)
+                data, row.target_sha256 = _read_and_hash(target)
+                target_image = decode_image(data, target)
             except ImageReadError as exc:
                 row.reason = f"target unusable: {exc}"
                 continue

@@ -26,6 +26,7 @@ class ReportFiles:
     per_image: Path
     best_pipeline: Path | None
     plots: dict[str, Path]
+    plot_png: dict[str, bytes]  # the plots' bytes, as written (for embedding without reading them back)
 
 
 def leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -170,9 +171,12 @@ def write_report(
     out_dir: Path,
     *,
     before_after: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] | None = None,
+    board: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, ReportFiles]:
+    """Write the report files; ``board`` is ``leaderboard(sweep, records)`` when the caller has it."""
     out_dir = Path(out_dir)
-    board = leaderboard(sweep, records)
+    if board is None:
+        board = leaderboard(sweep, records)
     leaderboard_path = atomic_write_text(out_dir / "leaderboard.csv", board.to_csv(index=False))
     per_image_rows = [
         {"trial": rec["trial"], "image": r["id"], "score": r["score"], "seconds": r["seconds"], "error": r["error"]}
@@ -191,11 +195,9 @@ def write_report(
                   "file (IMGTUNE_SWEEP) or read the stages.\n")
         best_path = atomic_write_text(out_dir / "best_pipeline.yaml",
                                       header + yaml.safe_dump(doc, sort_keys=False))
-    plots = {
-        "score_vs_params": atomic_write_bytes(out_dir / "plots" / "score_vs_params.png", plot_score_vs_params(sweep, board)),
-        "best_so_far": atomic_write_bytes(out_dir / "plots" / "best_so_far.png", plot_best_so_far(sweep, records)),
-    }
+    png = {"score_vs_params": plot_score_vs_params(sweep, board), "best_so_far": plot_best_so_far(sweep, records)}
     if before_after:
-        plots["best_trial_images"] = atomic_write_bytes(out_dir / "plots" / "best_trial_images.png",
-                                                        plot_before_after(before_after))
-    return board, ReportFiles(leaderboard=leaderboard_path, per_image=per_image_path, best_pipeline=best_path, plots=plots)
+        png["best_trial_images"] = plot_before_after(before_after)
+    plots = {name: atomic_write_bytes(out_dir / "plots" / f"{name}.png", data) for name, data in png.items()}
+    return board, ReportFiles(leaderboard=leaderboard_path, per_image=per_image_path, best_pipeline=best_path,
+                              plots=plots, plot_png=png)

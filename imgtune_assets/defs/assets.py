@@ -311,9 +311,8 @@ def _load_records(folder: Path, keys: list[str], fingerprint: str, digest: str) 
     return records, stale
 
 
-def _embed_png(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"![{alt}](data:image/png;base64,{data})"
+def _embed_png(png: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
 
 
 @asset(
@@ -350,9 +349,9 @@ def sweep_report(
     failed = [r for r in records if r["status"] != "ok"]
     before_after = None
     best = None
+    board = leaderboard(sweep, records)
     if completed:
-        ranked = leaderboard(sweep, records)
-        best_key = ranked[ranked["status"].eq("ok")].iloc[0]["trial"]
+        best_key = board[board["status"].eq("ok")].iloc[0]["trial"]
         best = next(r for r in completed if r["trial"] == best_key)
         scored = [p for p in best["per_image"] if p["score"] is not None]
         ordered = sorted(scored, key=lambda p: p["score"], reverse=sweep.higher_is_better)
@@ -368,7 +367,7 @@ def sweep_report(
             target = read_image(sweep.data_dir / row.target_path) if row.target_path else None
             before_after.append((label, image, apply_pipeline(image, stages), target))
 
-    board, files = write_report(sweep, records, out_dir, before_after=before_after)
+    board, files = write_report(sweep, records, out_dir, before_after=before_after, board=board)
     top = board[board["status"].eq("ok")].head(10).drop(columns=["error", "status"])
     best_score = float(best["score"]) if best else float("nan")
     summary = {
@@ -391,7 +390,7 @@ def sweep_report(
         "best_pipeline": str(files.best_pipeline) if files.best_pipeline else None,
     }
     atomic_write_json(out_dir / "report.json", summary)
-    plots_md = "\n\n".join(f"### {name.replace('_', ' ')}\n\n{_embed_png(path, name)}" for name, path in files.plots.items())
+    plots_md = "\n\n".join(f"### {name.replace('_', ' ')}\n\n{_embed_png(png, name)}" for name, png in files.plot_png.items())
     failed_md = "".join(f"\n- `{r['trial']}`: {r['error']}" for r in failed)
     context.log.info(f"best {sweep.metric} {best_score:.4f} ({summary['best_trial']}); identity {identity_score:.4f}; "
                      f"report in {out_dir}")

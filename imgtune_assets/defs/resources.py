@@ -51,10 +51,6 @@ class SweepResource(ConfigurableResource):
         return sweep_output_dir(Path(self.output_dir), sweep.name)
 
 
-def loopback_environment() -> dict[str, str]:
-    return dict(LOOPBACK_ENV)
-
-
 class RayResource(ConfigurableResource):
     """A Ray connection: an embedded local Ray by default, or an existing cluster by ``address``.
 
