@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import psutil
 from pydantic import Field
 from dagster import (
     AllPartitionMapping,
@@ -29,6 +28,7 @@ from dagster import (
     asset,
 )
 
+from imgtune_assets.core.clock import process_age_seconds
 from imgtune_assets.core.demo_data import ensure_demo_data
 from imgtune_assets.core.evaluate import NAN_SCORE, evaluate_chunk
 from imgtune_assets.core.files import atomic_write_json
@@ -253,7 +253,8 @@ def experiment_results(
                          f"Ray ready in {stats['ray_start_seconds']:.2f}s (overlapping)")
         _save_identity(imgtune.sweep_dir(sweep), sweep, digest, images, targets)
         fanout_started = time.perf_counter()
-        stats["startup_seconds"] = round(time.time() - psutil.Process().create_time(), 3)
+        stats["startup_seconds"] = round(process_age_seconds(), 3)
+        stats["fanout_started_at"] = time.time()
         run_trials(
             [by_key[k] for k in todo], ids, images, targets, sweep.metric, sweep.metric_options,
             chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries,

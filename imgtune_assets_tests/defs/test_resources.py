@@ -70,3 +70,37 @@ def test_address_comes_from_the_environment_when_unset(monkeypatch):
     assert RayResource(address="127.0.0.8:1").resolved_address() == "127.0.0.8:1"
     monkeypatch.delenv("IMGTUNE_RAY_ADDRESS")
     assert RayResource().resolved_address() is None
+
+
+def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monkeypatch):
+    import ray
+    from ray._private.node import Node
+
+    from imgtune_assets.defs import resources
+
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    originals = {name: Node.__dict__[name] for name in ("start_api_server", "start_monitor", "start_log_monitor")}
+    resource = RayResource(num_cpus=1)
+    resource.connect()
+    try:
+        # Ray's own start methods are back in place for any later node; only this start skipped them.
+        assert {name: Node.__dict__[name] for name in originals} == originals
+        commands = [" ".join(p.cmdline()) for p in _ray_processes(psutil.Process())[1:]]
+        assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
+        for skipped in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "_private/log_monitor.py"):
+            assert not any(skipped in c for c in commands), (skipped, commands)
+
+        @ray.remote
+        def square(x):
+            return x * x
+
+        assert ray.get([square.remote(i) for i in range(4)]) == [0, 1, 4, 9]
+        children = psutil.Process().children(recursive=True)
+    finally:
+        resource.teardown_after_execution(None)
+    assert not ray.is_initialized()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    assert resources._final_collection_skipped  # the run's process exits without a last full GC
