@@ -3,7 +3,7 @@
 1. ``cli``    — imgtune as a user runs it: the real ``dagster`` CLI, every trial as one ranged run of
                 ``experiment_results``, on the embedded local Ray.
 2. ``fanout`` — imgtune's Ray fan-out alone (``imgtune_assets.core.fanout.run_trials``), no Dagster run
-                around it; Ray is started once beforehand and its start is not counted.
+                around it, on the same embedded Ray (``RayResource``), started beforehand and not counted.
 3. ``floor``  — a ``multiprocessing`` pool over (trial, image) work, images decoded once per worker,
                 OpenCV limited to one thread per worker: what a hand-written script costs.
 
@@ -43,6 +43,7 @@ from imgtune_assets.core.evaluate import evaluate_image  # noqa: E402
 from imgtune_assets.core.manifest import load_images, scan_folder  # noqa: E402
 from imgtune_assets.core.sampling import trial_keys, trial_settings  # noqa: E402
 from imgtune_assets.core.sweepfile import load_sweep  # noqa: E402
+from imgtune_assets.defs.resources import RayResource  # noqa: E402
 
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 PIPELINE = [
@@ -202,8 +203,6 @@ def prepare(work: Path, args) -> tuple[Path, Path, list[dict], int]:
 
 
 def measure(args, work: Path) -> dict:
-    import ray
-
     data, sweep_file, trials, n_images = prepare(work, args)
     keys = trial_keys(load_sweep(sweep_file))
     evals = len(trials) * n_images
@@ -212,12 +211,12 @@ def measure(args, work: Path) -> dict:
     for round_no in range(args.rounds):
         for mode in args.modes:
             if mode == "fanout":
-                started = time.perf_counter()
-                ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-                ray_start = time.perf_counter() - started
+                # The same embedded Ray the CLI run starts (RayResource), started before the clock.
+                embedded = RayResource(num_cpus=args.workers)
+                embedded.connect()
                 res = run_fanout(data, trials, "psnr")
-                ray.shutdown()
-                res["ray_start"] = ray_start
+                embedded.teardown_after_execution(None)
+                res["ray_start"] = embedded.connect_seconds
             elif mode == "floor":
                 res = run_floor(data, trials, n_images, "psnr", args.workers)
             else:

@@ -128,8 +128,8 @@ def test_graphql_shows_lineage_trial_partitions_and_the_report(ui):
     assert deps == {
         "image_manifest": [],
         "run_settings": ["image_manifest"],
-        "experiment_results": ["image_manifest", "run_settings"],
-        "sweep_report": ["experiment_results", "image_manifest", "run_settings"],
+        "experiment_results": ["run_settings"],
+        "sweep_report": ["experiment_results", "run_settings"],
     }
     assert {n["groupName"] for n in nodes.values()} == {"imgtune"}
     assert nodes["experiment_results"]["partitionDefinition"]["type"] == "STATIC"

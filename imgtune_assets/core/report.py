@@ -9,15 +9,17 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
 from imgtune_assets.core.sampling import search_space
 from imgtune_assets.core.sweepfile import Sweep, fixed_sweep_document
+
+if TYPE_CHECKING:  # pandas is imported when a report is made, not when the Dagster code loads
+    import pandas as pd
 
 
 @dataclass
@@ -31,6 +33,8 @@ class ReportFiles:
 
 def leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> pd.DataFrame:
     """Every trial: rank (completed trials only), parameters, score, runtime, status."""
+    import pandas as pd
+
     dims = [d.name for d in search_space(sweep)]
     rows = []
     for rec in records:
@@ -174,6 +178,8 @@ def write_report(
     board: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, ReportFiles]:
     """Write the report files; ``board`` is ``leaderboard(sweep, records)`` when the caller has it."""
+    import pandas as pd
+
     out_dir = Path(out_dir)
     if board is None:
         board = leaderboard(sweep, records)

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from pydantic import Field
 from dagster import (
     AllPartitionMapping,
@@ -18,6 +17,7 @@ from dagster import (
     AssetIn,
     BackfillPolicy,
     Config,
+    DagsterType,
     DataVersion,
     Failure,
     MetadataValue,
@@ -52,12 +52,32 @@ from imgtune_assets.defs.resources import RayResource, SweepResource
 GROUP = "imgtune"
 
 
-def _rows(manifest: pd.DataFrame) -> list[ManifestRow]:
+def _is_manifest_frame(_context, value) -> bool:
+    # Checked by name: pandas is imported where a manifest is built or read, not when the code loads
+    # (0.4 s for every process that loads the definitions, the trial runs included).
+    return type(value).__name__ == "DataFrame" and {"id", "image_path", "status"} <= set(getattr(value, "columns", ()))
+
+
+ImageManifestFrame = DagsterType(
+    name="ImageManifest", type_check_fn=_is_manifest_frame,
+    description="A pandas DataFrame with one row per file of the data folder: id, image_path, target_path, "
+                "image_sha256, target_sha256, width, height, channels, dtype, status (ok | skipped), reason.")
+
+
+def _rows(manifest) -> list[ManifestRow]:
+    """The manifest DataFrame as rows (pandas writes NaN where a value is missing)."""
     return [ManifestRow(**{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
             for rec in manifest.to_dict("records")]
 
 
-def _table(frame: pd.DataFrame, limit: int | None = None) -> MetadataValue:
+def _settings_rows(settings: dict) -> list[ManifestRow]:
+    """The manifest rows run_settings pinned for this sweep's runs."""
+    return [ManifestRow(**rec) for rec in settings["images"]]
+
+
+def _table(frame, limit: int | None = None) -> MetadataValue:
+    import pandas as pd
+
     frame = frame if limit is None else frame.head(limit)
     columns = []
     for name, dtype in frame.dtypes.items():
@@ -79,13 +99,15 @@ def _table(frame: pd.DataFrame, limit: int | None = None) -> MetadataValue:
     return MetadataValue.table(records, schema=TableSchema(columns))
 
 
-@asset(group_name=GROUP, kinds={"opencv"})
-def image_manifest(context: AssetExecutionContext, imgtune: SweepResource) -> Output[pd.DataFrame]:
+@asset(group_name=GROUP, kinds={"opencv", "pandas"}, dagster_type=ImageManifestFrame)
+def image_manifest(context: AssetExecutionContext, imgtune: SweepResource) -> Output:
     """One row per file in the sweep's data folder: id, paths, content hashes, size, channels, status.
 
     Unusable files are rows with a reason, not crashes. The data version is a hash of the
     (id, content hash) pairs, so new or changed images make everything downstream stale.
     """
+    import pandas as pd
+
     sweep = imgtune.load()
     if sweep.demo_data and not (sweep.data_dir / "images").is_dir():
         context.log.info(f"Generating the {sweep.demo_data} demo data set in {sweep.data_dir}")
@@ -117,13 +139,23 @@ def image_manifest(context: AssetExecutionContext, imgtune: SweepResource) -> Ou
     return Output(frame, metadata=metadata, data_version=DataVersion(digest))
 
 
-@asset(group_name=GROUP, deps=[image_manifest])
-def run_settings(context: AssetExecutionContext, imgtune: SweepResource) -> Output[dict]:
-    """One row per trial: its partition key and parameters, drawn from (seed, search space, trial index)."""
+@asset(group_name=GROUP)
+def run_settings(context: AssetExecutionContext, imgtune: SweepResource, image_manifest) -> Output[dict]:
+    """What the sweep's runs evaluate: one entry per trial (its partition key and parameters, drawn from
+    seed, search space and trial index) and the manifest's rows with its content hash.
+
+    The trials and the report read the images from here, so a run evaluates exactly the images the
+    settings were made for, and loading them needs no pandas: materialize ``image_manifest`` and
+    ``run_settings`` together (as every command in the README does) when the images change.
+    """
+    import pandas as pd
+
     sweep = imgtune.load()
+    rows = _rows(image_manifest)
     trials = [trial_settings(sweep, k) for k in range(sweep.trials)]
     settings = {"sweep": sweep.name, "fingerprint": sweep.fingerprint(), "metric": sweep.metric,
-                "metric_options": sweep.metric_options, "trials": trials}
+                "metric_options": sweep.metric_options, "trials": trials,
+                "manifest_digest": manifest_digest(rows), "images": rows_to_records(rows)}
     atomic_write_json(imgtune.sweep_dir(sweep) / "run_settings.json", settings)
     dims = search_space(sweep)
     preview = pd.DataFrame([{"trial": t["trial"], **t["params"]} for t in trials])
@@ -133,6 +165,7 @@ def run_settings(context: AssetExecutionContext, imgtune: SweepResource) -> Outp
         "seed": sweep.seed,
         "metric": sweep.metric,
         "fingerprint": settings["fingerprint"],
+        "usable_images": sum(1 for r in rows if r.status == "ok"),
         "search_space": MetadataValue.json({d.name: d.range.to_dict() for d in dims}),
         "preview": _table(preview, limit=20),
     })
@@ -142,6 +175,9 @@ def _check_settings(settings: dict, sweep, sweep_path: str) -> None:
     if settings["fingerprint"] != sweep.fingerprint():
         raise Failure(description=f"run_settings was made from another version of {sweep_path}: "
                                   "materialize run_settings again before running trials")
+    if "images" not in settings:
+        raise Failure(description="run_settings was made by an older imgtune that did not pin the images: "
+                                  "materialize image_manifest,run_settings again before running trials")
 
 
 class ExperimentConfig(Config):
@@ -184,7 +220,7 @@ def _partition_metadata(record: dict, result_file: Path, reused: bool) -> dict[s
     group_name=GROUP,
     partitions_def=trial_partitions,
     backfill_policy=BackfillPolicy.single_run(),
-    ins={"image_manifest": AssetIn(), "run_settings": AssetIn()},
+    ins={"run_settings": AssetIn()},
     kinds={"ray", "opencv"},
 )
 def experiment_results(
@@ -192,7 +228,6 @@ def experiment_results(
     config: ExperimentConfig,
     imgtune: SweepResource,
     ray_cluster: RayResource,
-    image_manifest: pd.DataFrame,
     run_settings: dict,
 ) -> None:
     """Each trial evaluated on every usable image, on Ray; one partition per trial.
@@ -211,8 +246,8 @@ def experiment_results(
     if missing:
         raise Failure(description=f"partitions {missing[:5]} are not trials of sweep {sweep.name!r} "
                                   f"({sweep.trials} trials); was the sweep file changed?")
-    rows = _rows(image_manifest)
-    digest = manifest_digest(rows)
+    rows = _settings_rows(run_settings)
+    digest = run_settings["manifest_digest"]
     fingerprint = sweep.fingerprint()
     trial_dir = imgtune.sweep_dir(sweep) / "trials"
     failed: list[str] = []
@@ -318,14 +353,13 @@ def _embed_png(png: bytes, alt: str) -> str:
 
 @asset(
     group_name=GROUP,
-    ins={"image_manifest": AssetIn(), "run_settings": AssetIn()},
+    ins={"run_settings": AssetIn()},
     deps=[AssetDep("experiment_results", partition_mapping=AllPartitionMapping())],
     kinds={"pandas"},
 )
 def sweep_report(
     context: AssetExecutionContext,
     imgtune: SweepResource,
-    image_manifest: pd.DataFrame,
     run_settings: dict,
 ) -> Output[dict]:
     """Leaderboard, the best pipeline as a reusable sweep file, plots, and the best score.
@@ -336,8 +370,8 @@ def sweep_report(
     sweep = imgtune.load()
     _check_settings(run_settings, sweep, imgtune.sweep_path)
     out_dir = imgtune.sweep_dir(sweep)
-    rows = _rows(image_manifest)
-    digest = manifest_digest(rows)
+    rows = _settings_rows(run_settings)
+    digest = run_settings["manifest_digest"]
     keys = trial_keys(sweep)
     records, stale = _load_records(out_dir / "trials", keys, sweep.fingerprint(), digest)
     if not records:

@@ -3,20 +3,19 @@
 
 import math
 
-import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSeverity, asset_check
 
 from imgtune_assets.defs.assets import image_manifest, sweep_report
 
 
 @asset_check(asset=image_manifest, blocking=True, description="At least one image is usable (with its target when the metric needs one).")
-def manifest_has_usable_images(image_manifest: pd.DataFrame) -> AssetCheckResult:
+def manifest_has_usable_images(image_manifest) -> AssetCheckResult:
     usable = image_manifest[image_manifest["status"] == "ok"]
     return AssetCheckResult(passed=len(usable) > 0, metadata={"usable_images": len(usable)})
 
 
 @asset_check(asset=image_manifest, description="Every file in the data folder is usable; skipped files are listed with a reason.")
-def manifest_all_files_usable(image_manifest: pd.DataFrame) -> AssetCheckResult:
+def manifest_all_files_usable(image_manifest) -> AssetCheckResult:
     skipped = image_manifest[image_manifest["status"] != "ok"]
     return AssetCheckResult(
         passed=len(skipped) == 0,

@@ -64,11 +64,14 @@ def test_image_manifest_refuses_targetless_folder_for_psnr(tmp_path, denoise_dat
     assert f"{sweep}: objective.metric: psnr needs ground-truth targets" in str(err.value)
 
 
-def test_run_settings_are_deterministic(tmp_path, tiny_sweep):
+def test_run_settings_are_deterministic_and_pin_the_images(tmp_path, tiny_sweep):
     sweep_resource = SweepResource(sweep_path=str(tiny_sweep), output_dir=str(tmp_path / "out"))
-    first = run_settings(build_asset_context(), imgtune=sweep_resource).value
-    second = run_settings(build_asset_context(), imgtune=sweep_resource).value
+    manifest = image_manifest(build_asset_context(), imgtune=sweep_resource)
+    first = run_settings(build_asset_context(), imgtune=sweep_resource, image_manifest=manifest.value).value
+    second = run_settings(build_asset_context(), imgtune=sweep_resource, image_manifest=manifest.value).value
     assert first == second
+    assert [r["id"] for r in first["images"]] == list(manifest.value["id"])
+    assert first["manifest_digest"] == manifest.metadata["content_hash"].value
     assert [t["trial"] for t in first["trials"]] == ["trial-000", "trial-001", "trial-002", "trial-003"]
     written = json.loads((tmp_path / "out" / "tiny" / "run_settings.json").read_text())
     assert written["fingerprint"] == first["fingerprint"]
