@@ -5,6 +5,7 @@ one for each of the others. The recorded best score is checked against scikit-im
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets.core.imageio import read_image
 from imgtune_assets.core.ops import apply_pipeline
-from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env
+from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, open_instance
 
 MODULE = ["-m", "imgtune_assets.definitions"]
 
@@ -68,9 +69,24 @@ def test_whole_sweep_then_one_trial_again(tmp_path, tiny_sweep):
 
 def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep):
     env = cli_env(tmp_path, tiny_sweep)
+    home_config = Path(env["DAGSTER_HOME"]) / "dagster.yaml"
+    home_config.unlink()  # a DAGSTER_HOME the user just made: the command installs the project's dagster.yaml
     result = subprocess.run([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "--quiet"], cwd=PROJECT,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"installed the project's, {home_config}" in result.stdout
+    assert home_config.read_text() == (PROJECT / "dagster.yaml").read_text()
+    with open_instance(env) as instance:
+        assert type(instance.event_log_storage).__name__ == "BatchedSqliteEventLogStorage"
     report = json.loads((tmp_path / "outputs" / "tiny" / "report.json").read_text())
     assert f"best psnr: {report['best_score']:.4f} ({report['best_trial']})" in result.stdout
     assert f"report: {tmp_path / 'outputs' / 'tiny'}" in result.stdout
+
+
+def test_an_existing_instance_config_is_left_alone(tmp_path):
+    from imgtune_assets.cli import ensure_instance_config
+
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: true\n")
+    assert ensure_instance_config(tmp_path) is None
+    assert (tmp_path / "dagster.yaml").read_text() == "telemetry:\n  enabled: true\n"
+    assert ensure_instance_config(tmp_path / "fresh") == tmp_path / "fresh" / "dagster.yaml"
