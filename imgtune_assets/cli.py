@@ -43,13 +43,13 @@ def materialize_commands(keys: list[str]) -> list[list[str]]:
 
 
 def ensure_instance_config(home: Path) -> Path | None:
-    """Put the project's dagster.yaml into a DAGSTER_HOME that has none (what ``make demo`` does), so a
+    """Put the project's dagster.yaml into a new or empty DAGSTER_HOME (what ``make demo`` does), so a
     sweep runs on the instance imgtune is measured on: its event log writes a run's trial events in one
-    transaction (Dagster's default SQLite storage takes ~16 ms more per trial). An existing
-    dagster.yaml is the user's and is left alone. Returns the file written, if any."""
+    transaction (Dagster's default SQLite storage takes ~16 ms more per trial). A home that already
+    holds a dagster.yaml or a history is the user's and is left alone. Returns the file written, if any."""
     target = home / "dagster.yaml"
     source = PROJECT_DAGSTER_YAML
-    if target.exists() or not source.exists():
+    if not source.exists() or (home.exists() and any(home.iterdir())):
         return None
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import DagsterInstance
 
 from imgtune_assets.core.demo_data import make_denoise_set, make_segment_set
 
@@ -71,14 +70,6 @@ def cluster(tmp_path_factory):
 @pytest.fixture
 def tiny_sweep(tmp_path, denoise_data) -> Path:
     return write_sweep(tmp_path / "tiny.yaml", denoise_data)
-
-
-def open_instance(env: dict[str, str]) -> DagsterInstance:
-    """The instance of a test's DAGSTER_HOME, opened as ``dagster`` opens it: with DAGSTER_HOME set, which
-    the project's dagster.yaml needs (its event log lives under $DAGSTER_HOME/history/runs)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-        return DagsterInstance.from_config(env["DAGSTER_HOME"])
 
 
 def cli_env(tmp_path: Path, sweep: Path, **extra: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets.core.imageio import read_image
 from imgtune_assets.core.ops import apply_pipeline
-from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, open_instance
+from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env
 
 MODULE = ["-m", "imgtune_assets.definitions"]
 
@@ -76,7 +76,7 @@ def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"installed the project's, {home_config}" in result.stdout
     assert home_config.read_text() == (PROJECT / "dagster.yaml").read_text()
-    with open_instance(env) as instance:
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         assert type(instance.event_log_storage).__name__ == "BatchedSqliteEventLogStorage"
     report = json.loads((tmp_path / "outputs" / "tiny" / "report.json").read_text())
     assert f"best psnr: {report['best_score']:.4f} ({report['best_trial']})" in result.stdout

@@ -12,13 +12,13 @@ import textwrap
 import time
 
 import psutil
-from dagster import AssetKey
+from dagster import AssetKey, DagsterInstance
 
 from imgtune_assets.cli import materialize_commands
 from imgtune_assets.core.demo_data import make_denoise_set
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import load_sweep
-from imgtune_assets_tests.conftest import PROJECT, cli_env, open_instance, write_sweep
+from imgtune_assets_tests.conftest import PROJECT, cli_env, write_sweep
 from imgtune_assets_tests.raycluster import RayCluster, start_ray_cluster
 
 TRIALS = 6
@@ -91,7 +91,7 @@ def test_sweep_on_a_two_node_cluster_uses_both_nodes(tmp_path, cluster):
     env = cluster_env(tmp_path, sweep, cluster)
     run_sweep_cli(env)
 
-    with open_instance(env) as instance:
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         records = instance.fetch_materializations(AssetKey("experiment_results"), limit=100).records
         assert sorted(r.asset_materialization.partition for r in records) == [f"trial-{i:03d}" for i in range(TRIALS)]
         nodes = set()

@@ -17,7 +17,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from imgtune_assets.core.demo_data import make_denoise_set
-from imgtune_assets_tests.conftest import cli_env, open_instance, write_sweep
+from imgtune_assets_tests.conftest import cli_env, write_sweep
 from imgtune_assets_tests.uitools import CODE, dagster_cli, start_daemon, wait_for
 
 TRIALS = ["trial-000", "trial-001", "trial-002", "trial-003"]
@@ -63,7 +63,7 @@ def deployment(tmp_path_factory):
     env = cli_env(tmp, sweep, IMGTUNE_SCHEDULE_CRON="* * * * *", IMGTUNE_SENSOR_INTERVAL_SECONDS="5")
     # Create the instance's SQLite storage before any other process opens it: two processes initializing
     # a fresh DAGSTER_HOME at once can both stamp the schema ("alembic_version has more than one head").
-    instance = open_instance(env)
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
     daemon = start_daemon(env, tmp / "daemon.log")
     try:
         yield {"tmp": tmp, "data": data, "env": env, "instance": instance, "daemon": daemon}

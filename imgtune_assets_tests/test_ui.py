@@ -17,26 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey
+from dagster import AssetKey, DagsterInstance
 
 from imgtune_assets.core.demo_data import make_denoise_set
-from imgtune_assets_tests.conftest import (
-    PROJECT,
-    VENV_BIN,
-    cli_env,
-    open_instance,
-    write_sweep,
-)
-from imgtune_assets_tests.uitools import (
-    MODULE,
-    dagster_cli,
-    runs,
-    start_daemon,
-    start_webserver,
-    stop_all,
-    wait_for,
-    wait_for_run,
-)
+from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, write_sweep
+from imgtune_assets_tests.uitools import MODULE, dagster_cli, runs, start_daemon, start_webserver, stop_all, wait_for, wait_for_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -61,7 +46,7 @@ def ui(tmp_path_factory):
     print(f"\nCLI: sweep + one-trial re-run in {time.monotonic() - started:.1f}s")
     shots = tmp / "screenshots"
     shots.mkdir()
-    instance = open_instance(env)  # (already initialized by the CLI runs)
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])  # (already initialized by the CLI runs)
     daemon = start_daemon(env, tmp / "daemon.log")
     try:
         web = start_webserver(env, tmp / "webserver.log")

@@ -137,12 +137,29 @@ def rows_to_records(rows: list[ManifestRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
-def load_images(data_dir: str | Path, rows: list[ManifestRow]) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None]]:
-    """Decode usable images (and targets) once; returns ids, images, targets (None when absent)."""
+def load_images(data_dir: str | Path, rows: list[ManifestRow], *, verify: bool = False
+                ) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None]]:
+    """Decode usable images (and targets) once; returns ids, images, targets (None when absent).
+
+    With ``verify``, each file's content must still hash to what the manifest recorded (hashed from the
+    same read that is decoded): results are saved under the manifest's content hash, so images changed
+    since must not be scored as the old ones. A changed file raises ``ManifestError`` naming it.
+    """
     data_dir = Path(data_dir)
+
+    def load(relative: str, expected: str | None) -> np.ndarray:
+        file = data_dir / relative
+        if not verify:
+            return read_image(file)
+        data, digest = _read_and_hash(file)
+        if digest != expected:
+            raise ManifestError(f"{file}: changed since the image manifest was made (content hash {digest[:12]}, "
+                                f"manifest {str(expected)[:12]}): materialize image_manifest,run_settings again")
+        return decode_image(data, file)
+
     ids, images, targets = [], [], []
     for row in usable(rows):
         ids.append(row.id)
-        images.append(read_image(data_dir / row.image_path))
-        targets.append(read_image(data_dir / row.target_path) if row.target_path else None)
+        images.append(load(row.image_path, row.image_sha256))
+        targets.append(load(row.target_path, row.target_sha256) if row.target_path else None)
     return ids, images, targets

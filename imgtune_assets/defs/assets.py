@@ -6,6 +6,7 @@ import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from imgtune_assets.core.clock import process_age_seconds
 from imgtune_assets.core.demo_data import ensure_demo_data
 from imgtune_assets.core.evaluate import NAN_SCORE, evaluate_chunk
 from imgtune_assets.core.files import atomic_write_json
-from imgtune_assets.core.imageio import decode_count, read_image
+from imgtune_assets.core.imageio import ImageReadError, decode_count, read_image
 from imgtune_assets.core.manifest import (
     ManifestError,
     ManifestRow,
@@ -278,9 +279,12 @@ def experiment_results(
         decodes_before = decode_count()
         # Decode in a thread (OpenCV releases the GIL) while Ray connects or starts: the two overlap.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-decode") as pool:
-            decoded = pool.submit(_timed, load_images, sweep.data_dir, rows)
+            decoded = pool.submit(_timed, partial(load_images, verify=True), sweep.data_dir, rows)
             ray_cluster.connect(context.log)
-            (ids, images, targets), stats["decode_seconds"] = decoded.result()
+            try:
+                (ids, images, targets), stats["decode_seconds"] = decoded.result()
+            except (ManifestError, ImageReadError) as exc:  # a pinned image changed or vanished since
+                raise Failure(description=str(exc)) from None
         stats["ray_start_seconds"] = round(ray_cluster.connect_seconds, 3)
         files = len(ids) + sum(t is not None for t in targets)
         stats["decodes_per_image"] = (decode_count() - decodes_before) / max(1, files)  # image and target files

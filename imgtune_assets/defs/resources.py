@@ -39,8 +39,8 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABL
 # - the raylet connects to its own object store, started by another thread a moment earlier, and
 #   retries after 1 s when it comes too early — which it does in about half the starts under load: poll
 #   every 20 ms instead (the same 10 s in total);
-# - the driver waits up to 1 s at shutdown to send task events to the dashboard, which the embedded Ray
-#   does not run.
+# - the driver waits up to 1 s at shutdown to flush task events to GCS (they feed the dashboard and the
+#   state API, which the embedded Ray does not run).
 EMBEDDED_RAY_ENV = {
     **LOOPBACK_ENV,
     "RAY_raylet_client_connect_timeout_milliseconds": "20",
@@ -178,7 +178,9 @@ def _stop_embedded_ray_at_once(ray) -> None:
         return
 
     def immediately(check_alive: bool = False, allow_graceful: bool = True, wait: bool = False):
-        started = _descendants(info.process.pid for infos in node.all_processes.values() for info in infos)
+        # Only processes still running: a pid that Ray already reaped may belong to someone else now.
+        started = _descendants(info.process.pid for infos in node.all_processes.values() for info in infos
+                               if info.process.poll() is None)
         result = graceful(check_alive=check_alive, allow_graceful=False, wait=wait)
         for proc in started:
             try:

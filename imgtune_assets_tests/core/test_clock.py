@@ -1,10 +1,9 @@
-"""process_age_seconds against the wall time a parent measures around its child."""
+"""process_age_seconds against the wall time a parent measures around its child (psutil's
+create_time, which Linux rounds to whole boot seconds, fails this by up to a second)."""
 
 import subprocess
 import sys
 import time
-
-from imgtune_assets.core.clock import process_age_seconds
 
 CHILD = ("import sys, time; time.sleep(0.3); from imgtune_assets.core.clock import process_age_seconds; "
          "print(process_age_seconds(), flush=True); sys.stdin.readline()")
@@ -20,8 +19,3 @@ def test_a_child_knows_its_age_to_a_few_clock_ticks():
         # The child slept 0.3 s after it started, and cannot be older than the time since its launch.
         assert 0.3 <= age <= upper + 0.02, (age, upper)
 
-
-def test_this_process_is_older_than_its_test():
-    age = process_age_seconds()
-    time.sleep(0.05)
-    assert process_age_seconds() - age >= 0.04

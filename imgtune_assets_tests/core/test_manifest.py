@@ -71,6 +71,16 @@ def test_load_images_decodes_usable_rows_once(messy):
     assert all(t is not None for t in targets)
 
 
+def test_verified_load_refuses_a_file_changed_since_the_manifest(messy):
+    rows = scan_folder(messy, needs_target=True)
+    ids, images, _ = load_images(messy, rows, verify=True)
+    assert len(ids) == 3 and all(im is not None for im in images)
+    png(messy / "targets" / "good.png", np.full((40, 50), 7, np.uint8))  # same size, new content
+    with pytest.raises(ManifestError, match=r"good\.png: changed since the image manifest was made"):
+        load_images(messy, rows, verify=True)
+    assert len(load_images(messy, rows)[0]) == 3  # unverified, the changed file is simply decoded
+
+
 def test_digest_changes_when_an_image_changes(messy):
     before = manifest_digest(scan_folder(messy, needs_target=True))
     png(messy / "images" / "good.png", np.zeros((40, 50), np.uint8))

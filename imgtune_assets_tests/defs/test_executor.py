@@ -37,13 +37,7 @@ from imgtune_assets.defs.executor import (
     executor_from_environment,
     ray_executor,
 )
-from imgtune_assets_tests.conftest import (
-    PROJECT,
-    VENV_BIN,
-    cli_env,
-    open_instance,
-    write_sweep,
-)
+from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, write_sweep
 
 PID_FILE_ENV = "IMGTUNE_TEST_PID_FILE"
 HOLD_RAY_ENV = "IMGTUNE_TEST_HOLD_RAY_SECONDS"
@@ -170,7 +164,7 @@ def test_whole_sweep_with_ray_executor_on_a_two_node_cluster(tmp_path, cluster, 
     for command in materialize_commands(keys):
         materialize(env, command)
 
-    with open_instance(env) as instance:
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         runs = instance.get_runs()
         assert len(runs) == 3
         overheads = check_steps_ran_in_ray_workers(instance, [r.run_id for r in runs], cluster.node_ips)
@@ -193,7 +187,7 @@ def test_ray_executor_on_the_embedded_local_ray(tmp_path, denoise_data):
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     for command in materialize_commands(trial_keys(load_sweep(sweep)))[:2]:
         materialize(env, command)
-    with open_instance(env) as instance:
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         runs = instance.get_runs()
         # The embedded Ray is on loopback only: its node (and so every step worker) is 127.0.0.1.
         overheads = check_steps_ran_in_ray_workers(instance, [r.run_id for r in runs], ["127.0.0.1"])
@@ -210,7 +204,7 @@ def test_a_failing_step_fails_the_run(tmp_path, cluster, tiny_sweep):
     command = [str(VENV_BIN / "dagster"), "asset", "materialize", "-m", THIS_MODULE, "--select", "boom"]
     result = materialize(env, command, expect_ok=False)
     assert result.returncode != 0
-    with open_instance(env) as instance:
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         (run,) = instance.get_runs()
         assert run.status == DagsterRunStatus.FAILURE
         (failure,) = _failures(instance, run.run_id)
@@ -243,7 +237,7 @@ def test_a_killed_step_worker_is_failed_by_the_health_check(tmp_path, cluster, t
             proc.kill()
             proc.wait()
     assert proc.returncode != 0, output.decode()[-3000:]
-    with open_instance(env) as instance:
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         (run,) = instance.get_runs()
         assert run.status == DagsterRunStatus.FAILURE
         (failure,) = _failures(instance, run.run_id)
@@ -291,7 +285,7 @@ def _launch_sleeper_run(instance: DagsterInstance, workspace, location_name: str
     return run.run_id
 
 
-def test_terminating_a_launched_run_cancels_its_ray_step_tasks(tmp_path, cluster, tiny_sweep, monkeypatch):
+def test_terminating_a_launched_run_cancels_its_ray_step_tasks(tmp_path, cluster, tiny_sweep):
     """A run launched by the instance's DefaultRunLauncher (on a code server, as the daemon and the UI
     launch runs) and terminated with ``run_launcher.terminate`` (what the UI's Terminate does): the
     run process forwards the interrupt to the executor, whose ``terminate_step`` cancels the step's
@@ -308,9 +302,6 @@ def test_terminating_a_launched_run_cancels_its_ray_step_tasks(tmp_path, cluster
     hold = 15.0
     pid_file = tmp_path / "sleeper.pid"
     env = ray_env(tmp_path, tiny_sweep, cluster, **{PID_FILE_ENV: str(pid_file), HOLD_RAY_ENV: str(hold)})
-    # This process plays the daemon: launching a run re-opens the instance from its ref, which (as in
-    # the daemon) finds the event log under $DAGSTER_HOME.
-    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     port, location_name = free_port(), "executor_tests"
     # The code server (and the run process it spawns) gets the Ray cluster's address and token; it
     # runs in its own process group, which the test stops.
@@ -325,7 +316,7 @@ def test_terminating_a_launched_run_cancels_its_ray_step_tasks(tmp_path, cluster
             except Exception:  # noqa: BLE001 - not serving yet
                 return False
         wait_for(server_up, 60, interval=0.5, what="the code server")
-        with open_instance(env) as instance, WorkspaceProcessContext(
+        with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance, WorkspaceProcessContext(
                 instance, GrpcServerTarget(host="127.0.0.1", port=port, socket=None,
                                            location_name=location_name)) as process_context:
             assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"

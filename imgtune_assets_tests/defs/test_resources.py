@@ -82,6 +82,8 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
     if ray.is_initialized():
         ray.shutdown()
     originals = {name: Node.__dict__[name] for name in ("start_api_server", "start_monitor", "start_log_monitor")}
+    # A process of this test's own, started before Ray: stopping the embedded Ray must leave it alone.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     resource = RayResource(num_cpus=1)
     resource.connect()
     try:
@@ -101,6 +103,10 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
     finally:
         resource.teardown_after_execution(None)
     assert not ray.is_initialized()
-    _, alive = psutil.wait_procs(children, timeout=10)
+    ray_children = [p for p in children if p.pid != bystander.pid]
+    _, alive = psutil.wait_procs(ray_children, timeout=10)
     assert not alive, [p.cmdline() for p in alive]
+    assert bystander.poll() is None, "stopping the embedded Ray killed a process that was not Ray's"
+    bystander.kill()
+    bystander.wait()
     assert resources._final_collection_skipped  # the run's process exits without a last full GC

@@ -1,5 +1,6 @@
-"""BatchedSqliteEventLogStorage: a batch of asset events stored in one transaction leaves the same rows
-as Dagster's one-by-one path, and a ranged run on an instance configured with it is complete."""
+"""The project's instance (ImgtuneInstance, BatchedSqliteEventLogStorage): a batch of asset events stored
+in one transaction leaves the same rows as Dagster's one-by-one path, a ranged run on it is complete,
+and its storage lives in the instance's own folder whatever DAGSTER_HOME says."""
 
 from __future__ import annotations
 
@@ -8,21 +9,25 @@ from pathlib import Path
 
 import pytest
 from dagster import (
+    AssetCheckResult,
     AssetKey,
     BackfillPolicy,
     DagsterEventType,
     DagsterInstance,
     StaticPartitionsDefinition,
     asset,
+    asset_check,
     materialize,
 )
+from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
 from imgtune_assets.defs import storage
-from imgtune_assets.defs.storage import BatchedSqliteEventLogStorage
+from imgtune_assets.defs.storage import BatchedSqliteEventLogStorage, ImgtuneInstance
+from imgtune_assets_tests.conftest import PROJECT
 
 KEYS = [f"p{i}" for i in range(6)]
 parts = StaticPartitionsDefinition(KEYS)
@@ -34,17 +39,21 @@ def ranged(context) -> None:
         context.add_asset_metadata({"value": int(key[1:])}, partition_key=key)
 
 
-def _instance(home: Path, monkeypatch) -> DagsterInstance:
+@asset_check(asset=ranged)
+def ranged_is_fine() -> AssetCheckResult:
+    return AssetCheckResult(passed=True)
+
+
+def _instance(home: Path) -> DagsterInstance:
+    """An instance on the project's own dagster.yaml, opened without DAGSTER_HOME pointing at it."""
     home.mkdir(parents=True, exist_ok=True)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))  # the storage's default folder, as under `dagster`
-    (home / "dagster.yaml").write_text(
-        "event_log_storage:\n  module: imgtune_assets.defs.storage\n  class: BatchedSqliteEventLogStorage\n"
-        "telemetry:\n  enabled: false\n")
+    (home / "dagster.yaml").write_text((PROJECT / "dagster.yaml").read_text())
     return DagsterInstance.from_config(str(home))
 
 
 def _ranged_run(instance: DagsterInstance):
-    return materialize([ranged], instance=instance, tags={
+    # The check is planned in the same batch as the asset's partitions, as in a whole-sweep run.
+    return materialize([ranged, ranged_is_fine], instance=instance, tags={
         ASSET_PARTITION_RANGE_START_TAG: KEYS[0], ASSET_PARTITION_RANGE_END_TAG: KEYS[-1]})
 
 
@@ -63,18 +72,21 @@ def _dump(db: Path) -> dict[str, list[tuple]]:
 
 @pytest.fixture
 def isolated_batch_size(monkeypatch):
-    monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE", raising=False)
+    """No DAGSTER_EVENT_BATCH_SIZE during the test, and none left behind by the storage after it."""
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "0")  # recorded as unset or as it was, for undo
+    monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE")
     yield
 
 
 def test_a_batch_leaves_the_same_rows_as_one_by_one(tmp_path, monkeypatch, isolated_batch_size):
-    source = _instance(tmp_path / "source", monkeypatch)
+    source = _instance(tmp_path / "source")
     run = _ranged_run(source)
     assert run.success
     events = source.all_logs(run.run_id)
-    planned = [e for e in events if e.dagster_event_type == DagsterEventType.ASSET_MATERIALIZATION_PLANNED]
+    planned = [e for e in events if e.dagster_event_type in (
+        DagsterEventType.ASSET_MATERIALIZATION_PLANNED, DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED)]
     materialized = [e for e in events if e.dagster_event_type == DagsterEventType.ASSET_MATERIALIZATION]
-    assert len(planned) == len(materialized) == len(KEYS)
+    assert len(planned) == len(KEYS) + 1 and len(materialized) == len(KEYS)
 
     one_by_one = BatchedSqliteEventLogStorage(str(tmp_path / "one"))
     batched = BatchedSqliteEventLogStorage(str(tmp_path / "batch"))
@@ -92,7 +104,8 @@ def test_a_batch_leaves_the_same_rows_as_one_by_one(tmp_path, monkeypatch, isola
 
 
 def test_a_ranged_run_writes_its_events_as_batches(tmp_path, monkeypatch, isolated_batch_size):
-    instance = _instance(tmp_path / "home", monkeypatch)
+    instance = _instance(tmp_path / "home")
+    assert isinstance(instance, ImgtuneInstance)
     assert isinstance(instance.event_log_storage, BatchedSqliteEventLogStorage)
     assert storage.os.environ["DAGSTER_EVENT_BATCH_SIZE"] == storage.EVENT_BATCH_SIZE
 
@@ -106,7 +119,8 @@ def test_a_ranged_run_writes_its_events_as_batches(tmp_path, monkeypatch, isolat
     monkeypatch.setattr(BatchedSqliteEventLogStorage, "store_event_batch", recording)
     run = _ranged_run(instance)
     assert run.success
-    assert ["ASSET_MATERIALIZATION_PLANNED"] * len(KEYS) in batches
+    assert sorted(next(b for b in batches if "ASSET_MATERIALIZATION_PLANNED" in b)) == sorted(
+        ["ASSET_MATERIALIZATION_PLANNED"] * len(KEYS) + ["ASSET_CHECK_EVALUATION_PLANNED"])
     assert ["ASSET_MATERIALIZATION"] * len(KEYS) in batches
     assert instance.get_materialized_partitions(AssetKey("ranged")) == set(KEYS)
     records = instance.fetch_materializations(AssetKey("ranged"), limit=100).records
@@ -114,10 +128,22 @@ def test_a_ranged_run_writes_its_events_as_batches(tmp_path, monkeypatch, isolat
     assert values == {key: int(key[1:]) for key in KEYS}
 
 
-def test_base_dir_defaults_to_dagster_home(tmp_path, monkeypatch, isolated_batch_size):
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    made = BatchedSqliteEventLogStorage.from_config_value(None, {})
-    assert Path(made._base_dir) == tmp_path / "history" / "runs"
+def test_the_storage_lives_in_the_instance_folder_whatever_dagster_home_says(tmp_path, monkeypatch,
+                                                                             isolated_batch_size):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))
+    instance = _instance(tmp_path / "home")
+    assert _ranged_run(instance).success
+    assert list((tmp_path / "home" / "history" / "runs").glob("*.db"))
+    assert not (tmp_path / "elsewhere").exists()
+    # A process that re-opens the instance from its ref (a run worker, a step on Ray) finds it there too.
     monkeypatch.delenv("DAGSTER_HOME")
-    with pytest.raises(ValueError, match="base_dir"):
-        BatchedSqliteEventLogStorage.from_config_value(None, {})
+    reopened = DagsterInstance.from_ref(instance.get_ref())
+    assert reopened.get_materialized_partitions(AssetKey("ranged")) == set(KEYS)
+
+
+def test_without_dagster_home_the_temporary_instance_uses_the_project_config(tmp_path, isolated_batch_size):
+    # What `dagster asset materialize` does in the project folder when DAGSTER_HOME is unset.
+    instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path), config_dir=str(PROJECT)))
+    assert isinstance(instance.event_log_storage, BatchedSqliteEventLogStorage)
+    assert _ranged_run(instance).success
+    assert list((tmp_path / "history" / "runs").glob("*.db"))
