@@ -23,7 +23,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -43,9 +42,9 @@ from imgtune_assets.core.evaluate import evaluate_image  # noqa: E402
 from imgtune_assets.core.manifest import load_images, scan_folder  # noqa: E402
 from imgtune_assets.core.sampling import trial_keys, trial_settings  # noqa: E402
 from imgtune_assets.core.sweepfile import load_sweep  # noqa: E402
-from imgtune_assets.defs.resources import RayResource  # noqa: E402
+from imgtune_assets.cli import ensure_instance_config  # noqa: E402
+from imgtune_assets.defs.resources import LOOPBACK_ENV, RayResource  # noqa: E402
 
-LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 PIPELINE = [
     {"op": "bilateral_filter", "d": {"type": "int", "low": 3, "high": 11},
      "sigma_color": {"type": "float", "low": 10, "high": 150}, "sigma_space": {"type": "float", "low": 2, "high": 20}},
@@ -160,10 +159,9 @@ def run_fanout(data_dir: Path, trials: list[dict], metric: str) -> dict:
 
 # ----------------------------------------------------------------------------- the dagster CLI
 def run_cli(work: Path, sweep_file: Path, keys: list[str], round_no: int) -> dict:
-    env = dict(os.environ, **LOOPBACK)
+    env = dict(os.environ, **LOOPBACK_ENV)
     home = work / f"dagster_home_{round_no}"
-    home.mkdir()
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    ensure_instance_config(home)  # a new home with the project's dagster.yaml, as a user's would get
     env.update({"DAGSTER_HOME": str(home), "IMGTUNE_SWEEP": str(sweep_file), "IMGTUNE_OUTPUT_DIR": str(work / f"out_{round_no}")})
     dagster = str(Path(sys.executable).with_name("dagster"))
     base = [dagster, "asset", "materialize", "-m", "imgtune_assets.definitions"]
@@ -206,7 +204,7 @@ def measure(args, work: Path) -> dict:
     data, sweep_file, trials, n_images = prepare(work, args)
     keys = trial_keys(load_sweep(sweep_file))
     evals = len(trials) * n_images
-    os.environ.update(LOOPBACK)
+    os.environ.update(LOOPBACK_ENV)
     results: dict[str, list[dict]] = {"cli": [], "fanout": [], "floor": []}
     for round_no in range(args.rounds):
         for mode in args.modes:
