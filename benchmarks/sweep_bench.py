@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from imgtune_assets.core.demo_data import make_denoise_set  # noqa: E402
 from imgtune_assets.core.evaluate import evaluate_image  # noqa: E402
 from imgtune_assets.core.manifest import load_images, scan_folder  # noqa: E402
+from imgtune_assets.core.metrics import Objective  # noqa: E402
 from imgtune_assets.core.sampling import trial_keys, trial_settings  # noqa: E402
 from imgtune_assets.core.sweepfile import load_sweep  # noqa: E402
 from imgtune_assets.cli import ensure_instance_config  # noqa: E402
@@ -123,7 +124,7 @@ def _floor_init(data_dir: str):
 
 def _floor_eval(job):
     t, i, stages, metric = job
-    return t, i, evaluate_image(stages, _floor_images[i], _floor_targets[i], metric, {})["score"]
+    return t, i, evaluate_image(stages, _floor_images[i], _floor_targets[i], Objective(metric))["score"]
 
 
 def run_floor(data_dir: Path, trials: list[dict], n_images: int, metric: str, workers: int) -> dict:
@@ -150,7 +151,7 @@ def run_fanout(data_dir: Path, trials: list[dict], metric: str) -> dict:
     start = time.perf_counter()
     with TreeMemory(os.getpid()) as mem:
         ids, images, targets = load_images(data_dir, scan_folder(data_dir, needs_target=True))
-        outcomes = run_trials(trials, ids, images, targets, metric, {})
+        outcomes = run_trials(trials, ids, images, targets, Objective(metric))
     wall = time.perf_counter() - start
     del images, targets
     assert ray.is_initialized()

@@ -16,6 +16,7 @@ from dagster import AssetKey, DagsterInstance
 
 from imgtune_assets.cli import materialize_commands
 from imgtune_assets.core.demo_data import make_denoise_set
+from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets_tests.conftest import PROJECT, cli_env, write_sweep
@@ -126,7 +127,7 @@ _IN_MEMORY_FANOUT = textwrap.dedent("""
     ray.put = counting_put
     trials = [{"trial": f"t{i}", "params": {}, "stages": [["gaussian_blur", {"ksize": 3 + 2 * i, "sigma": 1.0}]]}
               for i in range(4)]
-    outcomes = fanout.run_trials(trials, [f"img{i}" for i in range(6)], noisy, clean, "psnr", chunk_size=2,
+    outcomes = fanout.run_trials(trials, [f"img{i}" for i in range(6)], noisy, clean, Objective("psnr"), chunk_size=2,
                                  max_retries=0)
     print(json.dumps({"puts": puts,
                       "nodes": sorted({w["node_id"] for o in outcomes for w in o.workers}),

@@ -14,6 +14,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from imgtune_assets.core.evaluate import evaluate_chunk
+from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.manifest import load_images, scan_folder
 from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, write_sweep
 
@@ -62,7 +63,7 @@ def expected_scores(sweep_file, data_dir, settings_file):
     ids, images, targets = load_images(data_dir, scan_folder(data_dir, needs_target=True))
     settings = json.loads(settings_file.read_text())
     return {t["trial"]: float(np.mean([r["score"] for r in evaluate_chunk([tuple(s) for s in t["stages"]], images,
-                                                                         targets, "psnr", {})]))
+                                                                         targets, Objective("psnr"))]))
             for t in settings["trials"]}
 
 

@@ -10,20 +10,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from imgtune_assets.core.metrics import score
+from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.ops import apply_pipeline
 
 Stages = Sequence[tuple[str, dict[str, Any]]]
 NAN_SCORE = "metric returned NaN"
 
 
-def evaluate_image(stages: Stages, image: np.ndarray, target: np.ndarray | None, metric: str,
-                   metric_options: dict[str, Any]) -> dict[str, Any]:
+def evaluate_image(stages: Stages, image: np.ndarray, target: np.ndarray | None,
+                   objective: Objective) -> dict[str, Any]:
     """Run the pipeline on one image and score it; an exception becomes an ``error`` entry."""
     start = time.perf_counter()
     try:
         output = apply_pipeline(image, stages)
-        value = float(score(metric, output, target, **metric_options))
+        value = float(objective.score(output, target))
         error = None
         if math.isnan(value):
             error, value = NAN_SCORE, float("nan")
@@ -33,8 +33,8 @@ def evaluate_image(stages: Stages, image: np.ndarray, target: np.ndarray | None,
 
 
 def evaluate_chunk(stages: Stages, images: Sequence[np.ndarray], targets: Sequence[np.ndarray | None],
-                   metric: str, metric_options: dict[str, Any]) -> list[dict[str, Any]]:
-    return [evaluate_image(stages, img, tgt, metric, metric_options) for img, tgt in zip(images, targets)]
+                   objective: Objective) -> list[dict[str, Any]]:
+    return [evaluate_image(stages, img, tgt, objective) for img, tgt in zip(images, targets)]
 
 
 @dataclass

@@ -14,11 +14,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from imgtune_assets.core.evaluate import TrialOutcome, evaluate_chunk
+from imgtune_assets.core.metrics import Objective
 
 DEFAULT_MAX_RETRIES = 3
 
 
-def _evaluate_task(stages, chunk, metric, metric_options):
+def _evaluate_task(stages, chunk, objective):
     """Ray task body: the chunk arrives as zero-copy read-only views from the object store."""
     import cv2
     import os
@@ -29,7 +30,7 @@ def _evaluate_task(stages, chunk, metric, metric_options):
     cv2.setNumThreads(1)
     start = time.perf_counter()
     images, targets = chunk
-    results = evaluate_chunk(stages, images, targets, metric, metric_options)
+    results = evaluate_chunk(stages, images, targets, objective)
     ctx = ray.get_runtime_context()
     return {
         "results": results,
@@ -53,8 +54,7 @@ def run_trials(
     image_ids: Sequence[str],
     images: Sequence[np.ndarray],
     targets: Sequence[np.ndarray | None],
-    metric: str,
-    metric_options: dict[str, Any] | None = None,
+    objective: Objective,
     *,
     chunk_size: int | None = None,
     max_retries: int = DEFAULT_MAX_RETRIES,
@@ -68,7 +68,6 @@ def run_trials(
     """
     import ray
 
-    metric_options = dict(metric_options or {})
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     size = plan_chunks(len(images), len(trials), total_cpus, chunk_size)
     spans = [(s, min(s + size, len(images))) for s in range(0, len(images), size)]
@@ -96,7 +95,7 @@ def run_trials(
             # filling up first; on one node it changes nothing.
             task = remote.options(name=f"imgtune:{trial['trial']}", max_retries=max_retries,
                                   retry_exceptions=False, num_cpus=1, scheduling_strategy="SPREAD")
-            pending[task.remote(stages, ref, metric, metric_options)] = (t, c)
+            pending[task.remote(stages, ref, objective)] = (t, c)
 
     remaining = list(pending)
     while remaining:

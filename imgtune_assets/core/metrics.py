@@ -21,8 +21,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -401,3 +401,39 @@ def score(metric: str, pred: np.ndarray, target: np.ndarray | None, **options) -
         else:
             target = _to_grey(target)
     return float(spec.fn(pred, target, **options))
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a sweep optimizes: a registered metric, its options (``tolerance`` for edge_f1) and the
+    direction (the metric's own unless ``direction`` overrides it). One value, passed whole to every
+    place that scores, ranks or labels."""
+
+    metric: str
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+    direction: str | None = None  # "maximize" | "minimize"; None: the metric's natural direction
+
+    @property
+    def spec(self) -> MetricSpec:
+        return METRICS[self.metric]
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.direction:
+            return self.direction == "maximize"
+        return self.spec.higher_is_better
+
+    @property
+    def needs_target(self) -> bool:
+        return self.spec.needs_target
+
+    def score(self, pred: np.ndarray, target: np.ndarray | None) -> float:
+        return score(self.metric, pred, target, **self.options)
+
+    def better(self, a: float, b: float | None) -> bool:
+        """Whether score ``a`` beats ``b`` (``None``: nothing yet)."""
+        return b is None or (a > b if self.higher_is_better else a < b)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As written in a sweep file's ``objective:`` (also the identity baseline's cache key)."""
+        return {"metric": self.metric, **({"direction": self.direction} if self.direction else {}), **self.options}

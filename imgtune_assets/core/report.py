@@ -98,13 +98,13 @@ def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
                 bx = [str(v) for v in dim.range.values].index(bx)
             ax.scatter([bx], [best["score"]], s=80, marker="*", color="#e8590c", label="best")
         ax.set_xlabel(dim.name)
-        ax.set_ylabel(sweep.metric)
+        ax.set_ylabel(sweep.objective.metric)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(dims):]:
         ax.axis("off")
     if not dims:
         axes.flat[0].text(0.5, 0.5, "no searched parameters", ha="center")
-    fig.suptitle(f"{sweep.name}: {sweep.metric} against each searched parameter")
+    fig.suptitle(f"{sweep.name}: {sweep.objective.metric} against each searched parameter")
     data = _png(fig)
     plt.close(fig)
     return data
@@ -135,10 +135,10 @@ def plot_best_so_far(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     ax.scatter(xs, ys, s=14, alpha=0.6, color="#4f6bed", label="trial score")
     ax.step(best_xs, best_ys, where="post", color="#e8590c", label="best so far")
     ax.set_xlabel("trial")
-    ax.set_ylabel(sweep.metric)
+    ax.set_ylabel(sweep.objective.metric)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right" if sweep.higher_is_better else "upper right")
-    ax.set_title(f"{sweep.name}: best {sweep.metric} so far")
+    ax.set_title(f"{sweep.name}: best {sweep.objective.metric} so far")
     data = _png(fig)
     plt.close(fig)
     return data
@@ -197,7 +197,7 @@ def write_report(
         doc = fixed_sweep_document(sweep, [(op, params) for op, params in best_record["stages"]],
                                    name=f"{sweep.name}-best")
         header = (f"# Best pipeline of sweep {sweep.name!r}: {best_record['trial']}, "
-                  f"{sweep.metric} = {best_record['score']:.6g}.\n# Every parameter is fixed; run it as a sweep "
+                  f"{sweep.objective.metric} = {best_record['score']:.6g}.\n# Every parameter is fixed; run it as a sweep "
                   "file (IMGTUNE_SWEEP) or read the stages.\n")
         best_path = atomic_write_text(out_dir / "best_pipeline.yaml",
                                       header + yaml.safe_dump(doc, sort_keys=False))

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from imgtune_assets.core.metrics import METRICS
+from imgtune_assets.core.metrics import METRICS, Objective
 from imgtune_assets.core.ops import OPS, OpParamError, validate_stage
 
 SAMPLERS = ("random", "grid", "halton", "sobol")
@@ -66,34 +66,30 @@ class Sweep:
     path: Path
     name: str
     data_dir: Path
-    metric: str
-    metric_options: dict[str, Any]
+    objective: Objective
     trials: int
     seed: int
     sampler: str
     pipeline: tuple[Stage, ...]
     schedule_cron: str | None = None
     chunk_size: int | None = None
-    direction: str | None = None  # overrides the metric's natural direction when set
     demo_data: str | None = None  # generate this demo set into data_dir when the folder is missing
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def higher_is_better(self) -> bool:
-        if self.direction:
-            return self.direction == "maximize"
-        return METRICS[self.metric].higher_is_better
+        return self.objective.higher_is_better
 
     @property
     def needs_target(self) -> bool:
-        return METRICS[self.metric].needs_target
+        return self.objective.needs_target
 
     def fingerprint(self) -> str:
         """Hash of everything that decides a trial's parameters and score (not the data)."""
         payload = {
-            "metric": self.metric,
-            "metric_options": self.metric_options,
-            "direction": self.direction,
+            "metric": self.objective.metric,
+            "metric_options": self.objective.options,
+            "direction": self.objective.direction,
             "seed": self.seed,
             "sampler": self.sampler,
             "trials": self.trials,
@@ -293,9 +289,10 @@ def parse_sweep(raw: Any, path: Path) -> Sweep:
         raise _fail(path, "demo_data", f"unknown demo set {demo_data!r} (known: {', '.join(DEMO_KINDS)})")
 
     return Sweep(
-        path=path, name=name, data_dir=resolved_data_dir, metric=metric, metric_options=metric_options,
+        path=path, name=name, data_dir=resolved_data_dir,
+        objective=Objective(metric=metric, options=metric_options, direction=direction),
         trials=trials, seed=seed, sampler=sampler, pipeline=pipeline, schedule_cron=cron,
-        chunk_size=chunk_size, direction=direction, demo_data=demo_data, raw=raw,
+        chunk_size=chunk_size, demo_data=demo_data, raw=raw,
     )
 
 
@@ -323,8 +320,7 @@ def fixed_sweep_document(sweep: Sweep, stages: list[tuple[str, dict[str, Any]]],
     return {
         "name": name,
         "data_dir": str(sweep.data_dir),
-        "objective": {"metric": sweep.metric, **({"direction": sweep.direction} if sweep.direction else {}),
-                      **sweep.metric_options},
+        "objective": sweep.objective.to_dict(),
         "trials": 1,
         "seed": sweep.seed,
         "sampler": "grid",

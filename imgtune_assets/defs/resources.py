@@ -1,4 +1,4 @@
-"""Resources: the sweep in use and the Ray connection."""
+"""Resources: where sweeps write, and the Ray connection."""
 
 from __future__ import annotations
 
@@ -6,30 +6,16 @@ import atexit
 import gc
 import logging
 import os
-import pickle
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import psutil
-from dagster import (
-    ConfigurableIOManager,
-    ConfigurableResource,
-    InitResourceContext,
-    InputContext,
-    MetadataValue,
-    OutputContext,
-)
+from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
-from imgtune_assets.core.files import atomic_write_bytes
-from imgtune_assets.core.paths import (
-    default_output_dir,
-    default_sweep_path,
-    sweep_output_dir,
-)
-from imgtune_assets.core.sweepfile import Sweep, load_sweep
+from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
 
 RAY_ADDRESS_ENV = "IMGTUNE_RAY_ADDRESS"
 # Set before an embedded Ray starts: Ray then listens on and advertises 127.0.0.1 only
@@ -50,25 +36,20 @@ EMBEDDED_RAY_ENV = {
 
 
 class SweepResource(ConfigurableResource):
-    """The sweep file in use and where its outputs go."""
+    """Where sweeps write: each sweep under ``<output_dir>/<sweep name>/`` (reports, trial results and
+    the stored asset values). The sweep itself is bound to its assets by the sweep factory."""
 
-    sweep_path: str = Field(
-        description="Path of the sweep YAML file. Defaults to $IMGTUNE_SWEEP, else the bundled demo sweep.",
-    )
     output_dir: str = Field(
-        description="Folder for reports and trial results (one sub-folder per sweep name). "
-        "Defaults to $IMGTUNE_OUTPUT_DIR, else outputs/ in the project.",
+        description="Folder for reports, trial results and stored asset values (one sub-folder per sweep "
+        "name). Defaults to $IMGTUNE_OUTPUT_DIR, else outputs/ in the project.",
     )
 
     @classmethod
     def from_environment(cls) -> "SweepResource":
-        return cls(sweep_path=str(default_sweep_path()), output_dir=str(default_output_dir()))
+        return cls(output_dir=str(default_output_dir()))
 
-    def load(self) -> Sweep:
-        return load_sweep(self.sweep_path)
-
-    def sweep_dir(self, sweep: Sweep) -> Path:
-        return sweep_output_dir(Path(self.output_dir), sweep.name)
+    def sweep_dir(self, sweep_name: str) -> Path:
+        return sweep_output_dir(Path(self.output_dir), sweep_name)
 
 
 class RayResource(ConfigurableResource):
@@ -265,39 +246,3 @@ def default_runtime_env() -> dict[str, Any]:
 
     return {"py_modules": [str(Path(imgtune_assets.__file__).parent)],
             "env_vars": {"OMP_NUM_THREADS": "1"}}
-
-
-class SweepStorageIOManager(ConfigurableIOManager):
-    """Asset values (manifest, settings, report summary) pickled under the sweep's own output folder,
-    written atomically (a temporary file, then a rename), so a killed run never leaves half a value and
-    two sweeps sharing one Dagster instance never overwrite each other's values."""
-
-    base_dir: str = Field(description="Folder for the pickled asset values: outputs/<sweep name>/storage.")
-
-    def _path(self, context: InputContext | OutputContext) -> Path:
-        path = Path(self.base_dir).joinpath(*context.asset_key.path)
-        if context.has_asset_partitions:
-            keys = context.asset_partition_keys
-            if len(keys) != 1:
-                raise ValueError(f"{context.asset_key.to_user_string()}: one stored value covers one partition, "
-                                 f"got {len(keys)}; write partitioned results yourself (as experiment_results does)")
-            path = path / keys[0]
-        return path
-
-    def handle_output(self, context: OutputContext, obj: Any) -> None:
-        if obj is None:
-            return
-        path = self._path(context)
-        atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-        context.add_output_metadata({"path": MetadataValue.path(str(path))})
-
-    def load_input(self, context: InputContext) -> Any:
-        path = self._path(context)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no stored value of {context.asset_key.to_user_string()} for this sweep; "
-                                    "materialize it first")
-        return pickle.loads(path.read_bytes())
-
-
-def sweep_io_manager(sweep: Sweep) -> SweepStorageIOManager:
-    return SweepStorageIOManager(base_dir=str(sweep_output_dir(default_output_dir(), sweep.name) / "storage"))

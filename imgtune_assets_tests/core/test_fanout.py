@@ -14,6 +14,9 @@ from imgtune_assets.core.demo_data import make_denoise_set
 from imgtune_assets.core.evaluate import evaluate_chunk
 from imgtune_assets.core.fanout import plan_chunks, run_trials
 from imgtune_assets.core.manifest import load_images, scan_folder
+from imgtune_assets.core.metrics import Objective
+
+PSNR = Objective("psnr")
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +53,9 @@ def test_plan_chunks():
 
 def test_ray_results_equal_a_plain_loop(local_ray, images):
     ids, imgs, tgts = images
-    outcomes = run_trials(trials(5), ids, imgs, tgts, "psnr", {}, chunk_size=3)
+    outcomes = run_trials(trials(5), ids, imgs, tgts, PSNR, chunk_size=3)
     for outcome, trial in zip(outcomes, trials(5)):
-        expected = evaluate_chunk([tuple(s) for s in trial["stages"]], imgs, tgts, "psnr", {})
+        expected = evaluate_chunk([tuple(s) for s in trial["stages"]], imgs, tgts, PSNR)
         assert [r["score"] for r in outcome.per_image] == [r["score"] for r in expected]
         assert outcome.status == "ok" and outcome.score == pytest.approx(np.mean([r["score"] for r in expected]))
         assert len(outcome.workers) == 3  # 8 images in chunks of 3
@@ -63,7 +66,7 @@ def test_one_failing_trial_does_not_fail_the_others(local_ray, images):
     ids, imgs, tgts = images
     bad = {"trial": "trial-bad", "params": {}, "stages": [["sobel", {"ksize": 3, "scale": 1.0, "dx": 0, "dy": 0}]]}
     invalid = {"trial": "trial-invalid", "params": {}, "stages": [], "error": "parameters refused"}
-    outcomes = {o.trial: o for o in run_trials(trials(3, [bad, invalid]), ids, imgs, tgts, "psnr", {})}
+    outcomes = {o.trial: o for o in run_trials(trials(3, [bad, invalid]), ids, imgs, tgts, PSNR)}
     assert outcomes["trial-bad"].status == "failed" and "dx+dy > 0" in outcomes["trial-bad"].first_error
     assert np.isnan(outcomes["trial-bad"].score)
     assert outcomes["trial-invalid"].status == "failed" and outcomes["trial-invalid"].first_error == "parameters refused"
@@ -85,7 +88,7 @@ def test_worker_killed_mid_sweep_changes_nothing(local_ray, images):
     slow = [{"trial": f"trial-{k:03d}", "params": {},
              "stages": [["nl_means", {"h": 8.0 + k, "template_window_size": 7, "search_window_size": 21}]]}
             for k in range(6)]
-    undisturbed = run_trials(slow, ids, imgs, tgts, "psnr", {}, chunk_size=2)
+    undisturbed = run_trials(slow, ids, imgs, tgts, PSNR, chunk_size=2)
 
     killed = []
 
@@ -100,7 +103,7 @@ def test_worker_killed_mid_sweep_changes_nothing(local_ray, images):
 
     killer = threading.Thread(target=kill_one)
     killer.start()
-    disturbed = run_trials(slow, ids, imgs, tgts, "psnr", {}, chunk_size=2)
+    disturbed = run_trials(slow, ids, imgs, tgts, PSNR, chunk_size=2)
     killer.join()
     assert killed, "no busy Ray worker was found to kill"
     assert [o.status for o in disturbed] == ["ok"] * 6

@@ -35,7 +35,7 @@ def test_good_sweep_parses(tmp_path):
     sweep = load_sweep(write(tmp_path, GOOD))
     assert sweep.name == "t"
     assert sweep.data_dir == (tmp_path / "data").resolve()
-    assert sweep.trials == 8 and sweep.seed == 3 and sweep.metric == "psnr"
+    assert sweep.trials == 8 and sweep.seed == 3 and sweep.objective.metric == "psnr"
     assert [s.op for s in sweep.pipeline] == ["bilateral_filter", "gaussian_blur", "threshold"]
     assert set(sweep.pipeline[0].searched) == {"d", "sigma_color"}
     assert sweep.pipeline[2].fixed == {"block_size": 11}
@@ -107,7 +107,7 @@ def test_tolerance_only_for_edge_f1(tmp_path):
     with pytest.raises(SweepFileError, match="objective.tolerance"):
         load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: psnr, tolerance: 2}")))
     sweep = load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: edge_f1, tolerance: 2}")))
-    assert sweep.metric_options == {"tolerance": 2}
+    assert sweep.objective.options == {"tolerance": 2}
 
 
 def test_direction_overrides_the_metric_and_is_validated(tmp_path):
