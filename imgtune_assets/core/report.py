@@ -57,6 +57,40 @@ def leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> pd.DataFrame:
     return board[columns]
 
 
+def best_record(records: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any] | None:
+    """The winning trial: best score among completed trials, ties to the lowest trial key (the
+    leaderboard's order). Chosen once per report; everything else reads it."""
+    ok = [r for r in records if r["status"] == "ok" and r["score"] is not None]
+    if not ok:
+        return None
+    sign = -1.0 if higher_is_better else 1.0
+    return min(ok, key=lambda r: (sign * r["score"], r["trial"]))
+
+
+def before_after_panels(best: dict[str, Any], rows: list, data_dir: Path, higher_is_better: bool
+                        ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """The best trial's best- and worst-scored images: (label, before, after, target), decoding only those."""
+    from imgtune_assets.core.imageio import read_image
+    from imgtune_assets.core.ops import apply_pipeline
+
+    scored = [p for p in best["per_image"] if p["score"] is not None]
+    if not scored:
+        return []
+    ordered = sorted(scored, key=lambda p: p["score"], reverse=higher_is_better)
+    picks = [("best image " + ordered[0]["id"], ordered[0]["id"])]
+    if len(ordered) > 1:
+        picks.append(("worst image " + ordered[-1]["id"], ordered[-1]["id"]))
+    stages = [(op, params) for op, params in best["stages"]]
+    by_id = {r.id: r for r in rows}
+    panels = []
+    for label, image_id in picks:
+        row = by_id[image_id]
+        image = read_image(Path(data_dir) / row.image_path)
+        target = read_image(Path(data_dir) / row.target_path) if row.target_path else None
+        panels.append((label, image, apply_pipeline(image, stages), target))
+    return panels
+
+
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
@@ -174,10 +208,12 @@ def write_report(
     records: list[dict[str, Any]],
     out_dir: Path,
     *,
+    best: dict[str, Any] | None,
     before_after: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] | None = None,
     board: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, ReportFiles]:
-    """Write the report files; ``board`` is ``leaderboard(sweep, records)`` when the caller has it."""
+    """Write the report files; ``best`` is ``best_record(...)``, ``board`` is ``leaderboard(sweep, records)``
+    when the caller has it."""
     import pandas as pd
 
     out_dir = Path(out_dir)
@@ -191,9 +227,8 @@ def write_report(
     per_image_path = atomic_write_text(out_dir / "per_image_scores.csv",
                                        pd.DataFrame(per_image_rows, columns=["trial", "image", "score", "seconds", "error"]).to_csv(index=False))
     best_path = None
-    ok = board[board["status"].eq("ok")]
-    if len(ok):
-        best_record = next(r for r in records if r["trial"] == ok.iloc[0]["trial"])
+    if best is not None:
+        best_record = best
         doc = fixed_sweep_document(sweep, [(op, params) for op, params in best_record["stages"]],
                                    name=f"{sweep.name}-best")
         header = (f"# Best pipeline of sweep {sweep.name!r}: {best_record['trial']}, "

@@ -1,52 +1,58 @@
-"""Asset checks: the data is usable, scores are numbers, tuning helped, the report is complete."""
+"""Asset checks of a sweep: the data is usable, scores are numbers, tuning helped, the report is complete."""
 
 
 import math
 
-from dagster import AssetCheckResult, AssetCheckSeverity, asset_check
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetChecksDefinition, asset_check
 
-from imgtune_assets.defs.assets import image_manifest, sweep_report
-
-
-@asset_check(asset=image_manifest, blocking=True, description="At least one image is usable (with its target when the metric needs one).")
-def manifest_has_usable_images(image_manifest) -> AssetCheckResult:
-    usable = image_manifest[image_manifest["status"] == "ok"]
-    return AssetCheckResult(passed=len(usable) > 0, metadata={"usable_images": len(usable)})
+from imgtune_assets.defs.assets import SweepAssets
 
 
-@asset_check(asset=image_manifest, description="Every file in the data folder is usable; skipped files are listed with a reason.")
-def manifest_all_files_usable(image_manifest) -> AssetCheckResult:
-    skipped = image_manifest[image_manifest["status"] != "ok"]
-    return AssetCheckResult(
-        passed=len(skipped) == 0,
-        severity=AssetCheckSeverity.WARN,
-        metadata={"skipped_files": len(skipped),
-                  "reasons": "\n".join(f"{p}: {r}" for p, r in zip(skipped["image_path"], skipped["reason"]))[:4000]},
-    )
+def build_sweep_checks(assets: SweepAssets) -> list[AssetChecksDefinition]:
+    @asset_check(asset=assets.image_manifest, blocking=True,
+                 description="At least one image is usable (with its target when the metric needs one).")
+    def manifest_has_usable_images(image_manifest) -> AssetCheckResult:
+        usable = image_manifest[image_manifest["status"] == "ok"]
+        return AssetCheckResult(passed=len(usable) > 0, metadata={"usable_images": len(usable)})
 
+    @asset_check(asset=assets.image_manifest,
+                 description="Every file in the data folder is usable; skipped files are listed with a reason.")
+    def manifest_all_files_usable(image_manifest) -> AssetCheckResult:
+        skipped = image_manifest[image_manifest["status"] != "ok"]
+        return AssetCheckResult(
+            passed=len(skipped) == 0,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"skipped_files": len(skipped),
+                      "reasons": "\n".join(f"{p}: {r}" for p, r in zip(skipped["image_path"], skipped["reason"]))[:4000]},
+        )
 
-@asset_check(asset=sweep_report, description="No image's metric came out NaN (such trials are failed, not ranked).")
-def scores_are_numbers(sweep_report: dict) -> AssetCheckResult:
-    return AssetCheckResult(passed=sweep_report["nan_scores"] == 0, metadata={"nan_scores": sweep_report["nan_scores"]})
+    @asset_check(asset=assets.sweep_report,
+                 description="No image's metric came out NaN (such trials are failed, not ranked).")
+    def scores_are_numbers(sweep_report: dict) -> AssetCheckResult:
+        return AssetCheckResult(passed=sweep_report["nan_scores"] == 0,
+                                metadata={"nan_scores": sweep_report["nan_scores"]})
 
+    @asset_check(asset=assets.sweep_report, description="The best trial beats the identity pipeline (tuning helped).")
+    def tuning_beats_identity(sweep_report: dict) -> AssetCheckResult:
+        best, identity = sweep_report["best_score"], sweep_report["identity_score"]
+        if best is None or math.isnan(best) or math.isnan(identity):
+            passed = False
+        else:
+            passed = best > identity if sweep_report["higher_is_better"] else best < identity
+        return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.WARN,
+                                metadata={"best_score": float(best), "identity_score": float(identity)})
 
-@asset_check(asset=sweep_report, description="The best trial beats the identity pipeline (tuning helped).")
-def tuning_beats_identity(sweep_report: dict) -> AssetCheckResult:
-    best, identity = sweep_report["best_score"], sweep_report["identity_score"]
-    if best is None or math.isnan(best) or math.isnan(identity):
-        passed = False
-    else:
-        passed = best > identity if sweep_report["higher_is_better"] else best < identity
-    return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.WARN,
-                            metadata={"best_score": float(best), "identity_score": float(identity)})
+    @asset_check(asset=assets.sweep_report,
+                 description="Every trial of the sweep completed; failed and missing trials are listed.")
+    def report_complete(sweep_report: dict) -> AssetCheckResult:
+        failed, missing = sweep_report["failed_trials"], sweep_report["missing_trials"]
+        return AssetCheckResult(
+            passed=not failed and not missing and sweep_report["completed_trials"] == sweep_report["total_trials"],
+            severity=AssetCheckSeverity.WARN,
+            metadata={"completed_trials": sweep_report["completed_trials"],
+                      "total_trials": sweep_report["total_trials"],
+                      "failed_trials": ", ".join(failed) or "none", "missing_trials": ", ".join(missing[:50]) or "none"},
+        )
 
-
-@asset_check(asset=sweep_report, description="Every trial of the sweep completed; failed and missing trials are listed.")
-def report_complete(sweep_report: dict) -> AssetCheckResult:
-    failed, missing = sweep_report["failed_trials"], sweep_report["missing_trials"]
-    return AssetCheckResult(
-        passed=not failed and not missing and sweep_report["completed_trials"] == sweep_report["total_trials"],
-        severity=AssetCheckSeverity.WARN,
-        metadata={"completed_trials": sweep_report["completed_trials"], "total_trials": sweep_report["total_trials"],
-                  "failed_trials": ", ".join(failed) or "none", "missing_trials": ", ".join(missing[:50]) or "none"},
-    )
+    return [manifest_has_usable_images, manifest_all_files_usable, scores_are_numbers, tuning_beats_identity,
+            report_complete]

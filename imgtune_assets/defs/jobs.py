@@ -1,50 +1,77 @@
-"""Jobs for the schedule, the sensor and CLI backfills, and the one request shape they share.
+"""Jobs of a sweep for the schedule, the sensor and CLI backfills, and the one request shape they share.
 
-* ``imgtune_sweep``: every asset of the sweep (manifest, settings, all trial partitions, report)
-  with their checks. A sweep is requested as ONE run of this job tagged with a partition range
-  (``dagster/asset_partition_range_start|end`` = first/last trial key): the unpartitioned steps run
-  once, ``experiment_results`` sees every trial key in ``context.partition_keys`` and records one
+* ``<group>_sweep``: every asset of the sweep's group (manifest, settings, all trial partitions,
+  report) with their checks. A sweep is requested as ONE run of this job tagged with a partition
+  range (``dagster/asset_partition_range_start|end`` = first/last trial key): the unpartitioned steps
+  run once, ``experiment_results`` sees every trial key in ``context.partition_keys`` and records one
   materialization per trial, then the report reads them all.
-* ``imgtune_trials``: ``experiment_results`` alone, for ``dagster job backfill -j imgtune_trials``
-  (one run per partition through the daemon) and for the UI's partition picker.
+* ``<group>_trials``: the sweep's ``experiment_results`` alone, for ``dagster job backfill -j
+  <group>_trials`` (one run per partition through the daemon) and for the UI's partition picker.
+
+``<group>`` is the sweep's asset group name (``denoise-demo`` → ``denoise_demo``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from dagster import AssetSelection, RunRequest, define_asset_job
+from dagster import AssetSelection, JobDefinition, PartitionsDefinition, RunRequest, define_asset_job
 
-SWEEP_JOB_NAME = "imgtune_sweep"
-TRIALS_JOB_NAME = "imgtune_trials"
+from imgtune_assets.core.catalog import group_name
+from imgtune_assets.core.sweepfile import Sweep
+from imgtune_assets.defs.keys import asset_key
+
 TRIGGER_TAG = "imgtune/trigger"
+SWEEP_TAG = "imgtune/sweep"
 # The tags Dagster itself puts on a ranged run (dagster._core.storage.tags; spelled out to avoid a private import).
 ASSET_PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 ASSET_PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 
-sweep_job = define_asset_job(
-    SWEEP_JOB_NAME,
-    selection=AssetSelection.groups("imgtune"),
-    description="The whole sweep in one run: image_manifest, run_settings, every trial partition of "
-    "experiment_results (as one partition range), then sweep_report.",
-)
 
-trials_job = define_asset_job(
-    TRIALS_JOB_NAME,
-    selection=AssetSelection.assets("experiment_results"),
-    description="experiment_results only: re-run or backfill trials (one run per partition with "
-    "`dagster job backfill`, or a range as one run).",
-)
+def sweep_job_name(sweep: Sweep) -> str:
+    return f"{group_name(sweep.name)}_sweep"
 
 
-def sweep_run_request(trial_keys: Sequence[str], *, trigger: str, run_key: str | None = None,
+def trials_job_name(sweep: Sweep) -> str:
+    return f"{group_name(sweep.name)}_trials"
+
+
+@dataclass(frozen=True)
+class SweepJobs:
+    sweep: JobDefinition  # (unresolved until the definitions are assembled)
+    trials: JobDefinition
+
+
+def build_sweep_jobs(sweep: Sweep, partitions: PartitionsDefinition) -> SweepJobs:
+    return SweepJobs(
+        sweep=define_asset_job(
+            sweep_job_name(sweep),
+            selection=AssetSelection.groups(group_name(sweep.name)),
+            partitions_def=partitions,
+            tags={SWEEP_TAG: sweep.name},
+            description=f"The whole sweep {sweep.name!r} in one run: image_manifest, run_settings, every trial "
+            "partition of experiment_results (as one partition range), then sweep_report.",
+        ),
+        trials=define_asset_job(
+            trials_job_name(sweep),
+            selection=AssetSelection.assets(asset_key(sweep, "experiment_results")),
+            partitions_def=partitions,
+            tags={SWEEP_TAG: sweep.name},
+            description=f"{sweep.name}/experiment_results only: re-run or backfill trials (one run per partition "
+            "with `dagster job backfill`, or a range as one run).",
+        ),
+    )
+
+
+def sweep_run_request(job_name: str, trial_keys: Sequence[str], *, trigger: str, run_key: str | None = None,
                       tags: Mapping[str, str] | None = None) -> RunRequest:
-    """One ranged run of ``imgtune_sweep`` covering ``trial_keys`` (first..last, in partition order)."""
+    """One ranged run of a sweep job covering ``trial_keys`` (first..last, in partition order)."""
     if not trial_keys:
         raise ValueError("a sweep needs at least one trial")
     return RunRequest(
         run_key=run_key,
-        job_name=SWEEP_JOB_NAME,
+        job_name=job_name,
         tags={
             ASSET_PARTITION_RANGE_START_TAG: trial_keys[0],
             ASSET_PARTITION_RANGE_END_TAG: trial_keys[-1],

@@ -1,4 +1,5 @@
-"""``new_images``: a new, changed or removed image (or target) in the sweep's data folder requests a sweep.
+"""``<group>_new_images``: a new, changed or removed image (or target) in a sweep's data folder requests
+that sweep.
 
 The request is the schedule's: one ranged run of ``imgtune_sweep`` over every trial.
 
@@ -18,10 +19,9 @@ How a change is detected, cheaply on most ticks:
 
 Cursor: JSON ``{"stat": <stat digest>, "content": <content hash>}``. Interval:
 ``$IMGTUNE_SENSOR_INTERVAL_SECONDS`` (default 30). Sensors are STOPPED until started:
-``dagster sensor start new_images`` (or the UI toggle), with ``dagster-daemon run`` running.
+``dagster sensor start <group>_new_images`` (or the UI toggle), with ``dagster-daemon run`` running.
 """
 
-from __future__ import annotations
 
 import hashlib
 import json
@@ -29,20 +29,21 @@ import os
 from pathlib import Path
 
 from dagster import (
-    AssetKey,
     DagsterRunStatus,
     RunsFilter,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
     sensor,
 )
 
+from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.manifest import ManifestError, image_folders, manifest_digest, scan_folder
-from imgtune_assets.core.sweepfile import SweepFileError
-from imgtune_assets.defs.jobs import SWEEP_JOB_NAME, sweep_job, sweep_run_request
-from imgtune_assets.defs.partitions import trial_partitions
-from imgtune_assets.defs.resources import SweepResource
+from imgtune_assets.core.sampling import trial_keys
+from imgtune_assets.core.sweepfile import Sweep
+from imgtune_assets.defs.jobs import SweepJobs, sweep_run_request
+from imgtune_assets.defs.keys import asset_key
 
 INTERVAL_ENV = "IMGTUNE_SENSOR_INTERVAL_SECONDS"
 IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
@@ -83,60 +84,61 @@ def _parse_cursor(cursor: str | None) -> dict[str, str]:
     return value if isinstance(value, dict) else {}
 
 
-def _last_manifest_hash(context: SensorEvaluationContext) -> str | None:
+def sensor_name(sweep: Sweep) -> str:
+    return f"{group_name(sweep.name)}_new_images"
+
+
+def _last_manifest_hash(context: SensorEvaluationContext, sweep: Sweep) -> str | None:
     if context.instance is None:
         return None
-    event = context.instance.get_latest_materialization_event(AssetKey("image_manifest"))
+    event = context.instance.get_latest_materialization_event(asset_key(sweep, "image_manifest"))
     materialization = event.asset_materialization if event else None
     entry = materialization.metadata.get("content_hash") if materialization else None
     return str(entry.value) if entry is not None else None
 
 
-def _sweep_in_progress(context: SensorEvaluationContext) -> bool:
+def _sweep_in_progress(context: SensorEvaluationContext, job_name: str) -> bool:
     if context.instance is None:
         return False
-    runs = context.instance.get_run_records(
-        filters=RunsFilter(job_name=SWEEP_JOB_NAME, statuses=IN_PROGRESS), limit=1)
+    runs = context.instance.get_run_records(filters=RunsFilter(job_name=job_name, statuses=IN_PROGRESS), limit=1)
     return bool(runs)
 
 
-@sensor(
-    name="new_images",
-    job=sweep_job,
-    minimum_interval_seconds=_interval(),
-    description="Requests a whole sweep (one ranged run) when an image or target in the sweep's data folder "
-    "is added, changed or removed.",
-)
-def new_images(context: SensorEvaluationContext, imgtune: SweepResource) -> SensorResult | SkipReason:
-    try:
-        sweep = imgtune.load()
-    except SweepFileError as exc:
-        return SkipReason(f"cannot read the sweep file: {exc}")
-    data_dir = sweep.data_dir
-    if not data_dir.is_dir():
-        return SkipReason(f"{data_dir}: data folder does not exist yet"
-                          + (" (the first sweep generates the demo set)" if sweep.demo_data else ""))
-    cursor = _parse_cursor(context.cursor)
-    stat = stat_digest(data_dir)
-    if cursor.get("stat") == stat:
-        return SkipReason(f"no change in {data_dir} (content hash {cursor.get('content')})")
-    try:
-        content = manifest_digest(scan_folder(data_dir, needs_target=sweep.needs_target))
-    except ManifestError as exc:
-        return SkipReason(str(exc))
-    baseline = cursor.get("content") if cursor else _last_manifest_hash(context)
-    if content == baseline:
-        return SensorResult(skip_reason=f"files in {data_dir} were touched but their content is unchanged "
-                                        f"(content hash {content})",
-                            cursor=json.dumps({"stat": stat, "content": content}))
-    if _sweep_in_progress(context):
-        return SkipReason(f"images changed (content hash {baseline} -> {content}) but a {SWEEP_JOB_NAME} run "
-                          "is queued or running; will look again on the next tick")
-    request = sweep_run_request(
-        trial_partitions.get_partition_keys(),
-        trigger="new_images",
-        run_key=f"images:{baseline}->{content}",
-        tags={"imgtune/images_content_hash": content},
+def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
+    job_name = jobs.sweep.name
+    keys = trial_keys(sweep)
+
+    @sensor(
+        name=sensor_name(sweep),
+        job=jobs.sweep,
+        minimum_interval_seconds=_interval(),
+        description=f"Requests the whole sweep {sweep.name!r} (one ranged run) when an image or target in "
+        f"{sweep.data_dir} is added, changed or removed.",
     )
-    context.log.info(f"images in {data_dir} changed (content hash {baseline} -> {content}): requesting a sweep")
-    return SensorResult(run_requests=[request], cursor=json.dumps({"stat": stat, "content": content}))
+    def new_images(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+        data_dir = sweep.data_dir
+        if not data_dir.is_dir():
+            return SkipReason(f"{data_dir}: data folder does not exist yet"
+                              + (" (the first sweep generates the demo set)" if sweep.demo_data else ""))
+        cursor = _parse_cursor(context.cursor)
+        stat = stat_digest(data_dir)
+        if cursor.get("stat") == stat:
+            return SkipReason(f"no change in {data_dir} (content hash {cursor.get('content')})")
+        try:
+            content = manifest_digest(scan_folder(data_dir, needs_target=sweep.needs_target))
+        except ManifestError as exc:
+            return SkipReason(str(exc))
+        baseline = cursor.get("content") if cursor else _last_manifest_hash(context, sweep)
+        if content == baseline:
+            return SensorResult(skip_reason=f"files in {data_dir} were touched but their content is unchanged "
+                                            f"(content hash {content})",
+                                cursor=json.dumps({"stat": stat, "content": content}))
+        if _sweep_in_progress(context, job_name):
+            return SkipReason(f"images changed (content hash {baseline} -> {content}) but a {job_name} run "
+                              "is queued or running; will look again on the next tick")
+        request = sweep_run_request(job_name, keys, trigger="new_images", run_key=f"images:{baseline}->{content}",
+                                    tags={"imgtune/images_content_hash": content})
+        context.log.info(f"images in {data_dir} changed (content hash {baseline} -> {content}): requesting a sweep")
+        return SensorResult(run_requests=[request], cursor=json.dumps({"stat": stat, "content": content}))
+
+    return new_images

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgtune_assets.core.report import leaderboard, write_report
+from imgtune_assets.core.report import best_record, leaderboard, write_report
 from imgtune_assets.core.sampling import trial_settings
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets_tests.conftest import write_sweep
@@ -41,7 +41,10 @@ def test_lower_is_better_metric_ranks_ascending(tmp_path, denoise_data):
 def test_report_files_and_best_pipeline_is_a_valid_fixed_sweep(tmp_path, sweep):
     s = [trial_settings(sweep, k) for k in range(3)]
     image = np.zeros((32, 32), np.uint8)
-    board, files = write_report(sweep, [record(s[0], 20.0), record(s[1], 26.0), record(s[2], 21.0)], tmp_path / "out",
+    records = [record(s[0], 20.0), record(s[1], 26.0), record(s[2], 21.0)]
+    best = best_record(records, sweep.higher_is_better)
+    assert best["trial"] == "trial-001"
+    board, files = write_report(sweep, records, tmp_path / "out", best=best,
                                 before_after=[("best", image, image, image), ("worst", image, image, None)])
     best = load_sweep(files.best_pipeline)  # a reusable sweep file: loads, and nothing is searched
     assert best.trials == 1 and all(not stage.searched for stage in best.pipeline)
@@ -53,3 +56,13 @@ def test_report_files_and_best_pipeline_is_a_valid_fixed_sweep(tmp_path, sweep):
     assert list(csv["trial"]) == ["trial-001", "trial-002", "trial-000"]
     assert len(pd.read_csv(files.per_image)) == 6
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_best_record_follows_the_direction_and_breaks_ties_by_trial_key(sweep):
+    s = [trial_settings(sweep, k) for k in range(4)]
+    records = [record(s[0], 20.0), record(s[1], None, "failed", "boom"), record(s[2], 25.0), record(s[3], 25.0)]
+    assert best_record(records, higher_is_better=True)["trial"] == "trial-002"
+    assert best_record(records, higher_is_better=False)["trial"] == "trial-000"
+    assert best_record([records[1]], higher_is_better=True) is None
+    board = leaderboard(sweep, records)
+    assert board.iloc[0]["trial"] == best_record(records, sweep.higher_is_better)["trial"]

@@ -1,0 +1,88 @@
+"""Which sweeps a code location serves: every sweep file of the sweeps folder, or one file alone.
+
+* ``IMGTUNE_SWEEP=FILE``: that sweep file alone (scripts and CI pin one sweep this way).
+* otherwise every ``*.yaml`` / ``*.yml`` file of ``IMGTUNE_SWEEPS_DIR`` (default: the project's
+  ``sweeps/``), in name order; hidden files are ignored.
+
+Every file is validated in full. A bad file, or two files declaring the same sweep name (or names
+that map to the same Dagster group name), refuses the whole set with one error that names every
+file and field at fault: a code location that silently dropped a sweep would also drop its schedule
+and sensor without anyone noticing, while a load error is shown on the code location in the UI and
+by ``dg check defs``, and a fix followed by *Reload definitions* brings everything back.
+
+Plain module (no Dagster).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from imgtune_assets.core.paths import BUNDLED_SWEEPS
+from imgtune_assets.core.sweepfile import Sweep, SweepFileError, load_sweep
+
+SWEEP_ENV = "IMGTUNE_SWEEP"
+SWEEPS_DIR_ENV = "IMGTUNE_SWEEPS_DIR"
+SWEEP_SUFFIXES = (".yaml", ".yml")
+
+
+class SweepCatalogError(SweepFileError):
+    """The sweeps cannot be served: every problem found, one per line, each naming its file."""
+
+
+def group_name(sweep_name: str) -> str:
+    """The Dagster asset group of a sweep: its name with characters outside ``[A-Za-z0-9_]`` as ``_``."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", sweep_name)
+
+
+def sweep_files(folder: Path) -> list[Path]:
+    """The sweep files of a folder (``*.yaml``, ``*.yml``; not hidden), in name order."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise SweepCatalogError(f"{folder}: sweeps folder not found (set {SWEEPS_DIR_ENV} to a folder of sweep files)")
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in SWEEP_SUFFIXES and not p.name.startswith("."))
+
+
+def load_catalog(files: list[Path]) -> list[Sweep]:
+    """Validate every file; refuse the set if any file is bad or two sweeps would share a name or group."""
+    sweeps: list[Sweep] = []
+    problems: list[str] = []
+    for file in files:
+        try:
+            sweeps.append(load_sweep(file))
+        except SweepFileError as exc:
+            problems.append(str(exc))
+    for label, key in (("sweep name", lambda s: s.name), ("asset group name", lambda s: group_name(s.name))):
+        seen: dict[str, Sweep] = {}
+        for sweep in sweeps:
+            other = seen.setdefault(key(sweep), sweep)
+            if other is not sweep:
+                problems.append(f"{other.path} and {sweep.path}: both declare the {label} {key(sweep)!r}; "
+                                "each sweep needs its own name (it names its asset keys, group and output folder)")
+    if problems:
+        raise SweepCatalogError("\n".join(problems))
+    return sweeps
+
+
+def sweeps_from_environment(env: Mapping[str, str] | None = None) -> list[Sweep]:
+    """The sweeps to serve: ``$IMGTUNE_SWEEP`` alone, else every file of ``$IMGTUNE_SWEEPS_DIR`` (or ``sweeps/``)."""
+    env = os.environ if env is None else env
+    single = env.get(SWEEP_ENV, "").strip()
+    if single:
+        return load_catalog([Path(single).expanduser().resolve()])
+    folder = Path(env.get(SWEEPS_DIR_ENV, "").strip() or BUNDLED_SWEEPS).expanduser().resolve()
+    files = sweep_files(folder)
+    if not files:
+        raise SweepCatalogError(f"{folder}: no sweep files (*.yaml, *.yml) in the sweeps folder")
+    return load_catalog(files)
+
+
+def find_sweep(sweeps: list[Sweep], name: str) -> Sweep:
+    for sweep in sweeps:
+        if sweep.name == name:
+            return sweep
+    known = ", ".join(s.name for s in sweeps) or "none"
+    raise SweepCatalogError(f"no sweep named {name!r} (known: {known})")

@@ -1,0 +1,15 @@
+"""Asset keys of a sweep: ``<sweep name>/<asset>`` (``denoise-demo/experiment_results``)."""
+
+from __future__ import annotations
+
+from dagster import AssetKey
+
+from imgtune_assets.core.sweepfile import Sweep
+
+ASSET_NAMES = ("image_manifest", "run_settings", "experiment_results", "sweep_report")
+
+
+def asset_key(sweep: Sweep | str, asset: str) -> AssetKey:
+    if asset not in ASSET_NAMES:
+        raise ValueError(f"unknown imgtune asset {asset!r} (known: {', '.join(ASSET_NAMES)})")
+    return AssetKey([sweep if isinstance(sweep, str) else sweep.name, asset])
