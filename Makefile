@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (install + run the demo sweep) and `make test`.
+# Two commands on a fresh machine: `make demo` (install + run the bundled sweeps) and `make test`.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,7 +21,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/python -m imgtune_assets.cli sweep
+	$(BIN)/python -m imgtune_assets.cli sweep --all
 
 # The tests drive real services: PostgreSQL's server programs (the tests start their own server on
 # 127.0.0.1) and Debian's chromium (the UI check). Installed from Debian's packages when missing.
@@ -44,7 +44,7 @@ ui-check: install
 	$(BIN)/pytest -q imgtune_assets_tests/test_ui.py
 
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
+	$(BIN)/dg dev --host 127.0.0.1 --port 3000
 
 clean:
 	rm -rf outputs .dagster_home data
