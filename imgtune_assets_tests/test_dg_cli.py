@@ -3,10 +3,7 @@ partition range) and `dg dev`, run from the project folder as a user would, over
 two sweeps of our own, on a temporary DAGSTER_HOME."""
 
 import json
-import os
-import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +15,9 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets.core.imageio import read_image
 from imgtune_assets.core.ops import apply_pipeline
-from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, write_sweep
+from imgtune_assets_tests.support.processes import Service, free_port
+from imgtune_assets_tests.support.sweeps import PROJECT, VENV_BIN, sweeps_dir_env, write_sweep
+from imgtune_assets_tests.support.waiting import wait_for
 
 DG = str(VENV_BIN / "dg")
 
@@ -31,10 +30,7 @@ def two_sweeps(tmp_path, denoise_data, segment_data):
     write_sweep(folder / "segment.yml", segment_data, name="seg", trials=2, metric="dice", pipeline=[
         {"op": "gaussian_blur", "ksize": {"type": "odd", "low": 1, "high": 5}, "sigma": 0},
         {"op": "threshold", "method": {"type": "choice", "values": ["otsu", "mean"]}}])
-    env = cli_env(tmp_path, folder / "denoise.yaml")
-    del env["IMGTUNE_SWEEP"]
-    env["IMGTUNE_SWEEPS_DIR"] = str(folder)
-    return folder, env
+    return folder, sweeps_dir_env(tmp_path, folder)
 
 
 def dg(env, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -47,10 +43,13 @@ def test_dg_check_and_list_defs_show_every_sweep(two_sweeps):
     _, env = two_sweeps
     dg(env, "check", "defs")
     listed = json.loads(dg(env, "list", "defs", "--json").stdout)
-    assets = {a["key"]: a for a in listed["assets"]}
+    assets = {a["asset_key"]: a for a in listed["assets"]}
+    assert len(assets) == 8
     for name, group in (("den-oise", "den_oise"), ("seg", "seg")):
         for asset in ("image_manifest", "run_settings", "experiment_results", "sweep_report"):
-            assert assets[f"{name}/{asset}"]["group"] == group
+            assert assets[f"{name}/{asset}"]["group_name"] == group
+    checks = {c["key"] for c in listed["asset_checks"]}
+    assert {"den-oise/sweep_report:tuning_beats_identity", "seg/image_manifest:manifest_has_usable_images"} <= checks
     assert {j["name"] for j in listed["jobs"]} >= {"den_oise_sweep", "den_oise_trials", "seg_sweep", "seg_trials"}
     assert {s["name"] for s in listed["schedules"]} == {"den_oise_nightly_sweep", "seg_nightly_sweep"}
     assert {s["name"] for s in listed["sensors"]} == {"den_oise_new_images", "seg_new_images"}
@@ -95,37 +94,29 @@ def test_dg_launch_a_sweep_under_its_own_keys(two_sweeps):
     assert (out / "storage" / "run_settings").is_file()
 
 
-def test_dg_dev_serves_every_sweep(two_sweeps, tmp_path):
-    from imgtune_assets_tests.conftest import free_port
+def _asset_groups(port: int) -> dict[str, str] | None:
+    """{asset key: group} as the webserver serves them; None while it (or the code location) is not up."""
+    query = json.dumps({"query": "{ assetNodes { assetKey { path } groupName } }"}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            nodes = json.loads(response.read())["data"]["assetNodes"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return {"/".join(n["assetKey"]["path"]): n["groupName"] for n in nodes} or None
 
+
+def test_dg_dev_serves_every_sweep(two_sweeps, tmp_path):
     _, env = two_sweeps
     port = free_port()
-    log = (tmp_path / "dg_dev.log").open("w")
-    proc = subprocess.Popen([DG, "dev", "--host", "127.0.0.1", "--port", str(port)], cwd=PROJECT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        query = json.dumps({"query": "{ assetNodes { assetKey { path } groupName } }"}).encode()
-        deadline, nodes, last_error = time.monotonic() + 180, None, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    nodes = json.loads(response.read())["data"]["assetNodes"]
-                if nodes:
-                    break
-            except (OSError, KeyError, TypeError) as exc:  # not up yet, or the code location still loading
-                last_error = exc
-            time.sleep(0.5)
-        assert nodes, f"dg dev did not serve the assets (last error {last_error}); log:\n" + \
-            (tmp_path / "dg_dev.log").read_text()[-3000:]
-        groups = {"/".join(n["assetKey"]["path"]): n["groupName"] for n in nodes}
-        assert groups["den-oise/sweep_report"] == "den_oise" and groups["seg/experiment_results"] == "seg"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with Service("dg dev", [DG, "dev", "--host", "127.0.0.1", "--port", str(port)], env,
+                 tmp_path / "dg_dev.log") as dev:
+        def served():
+            if not dev.alive():
+                raise RuntimeError(f"dg dev exited:\n{dev.tail()}")
+            return _asset_groups(port)
+
+        groups = wait_for(served, 180, what=lambda: f"dg dev to serve the assets; log:\n{dev.tail()}")
+    assert groups["den-oise/sweep_report"] == "den_oise" and groups["seg/experiment_results"] == "seg"
+    assert len(groups) == 8
