@@ -9,7 +9,7 @@ goes on with the rest. A folder with nothing usable is an error.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,10 +131,6 @@ def manifest_digest(rows: list[ManifestRow]) -> str:
     for row in sorted(rows, key=lambda r: r.image_path):
         digest.update(f"{row.id}\0{row.image_path}\0{row.image_sha256}\0{row.target_sha256}\0{row.status}\n".encode())
     return digest.hexdigest()[:16]
-
-
-def rows_to_records(rows: list[ManifestRow]) -> list[dict]:
-    return [asdict(r) for r in rows]
 
 
 def load_images(data_dir: str | Path, rows: list[ManifestRow], *, verify: bool = False

@@ -1,9 +1,10 @@
-"""Where things are by default: the bundled sweeps and the project-local output folder."""
+"""Where things are by default: the bundled sweeps folder and the project-local output folder."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
 
 def _project_root() -> Path:
     """The checkout holding ``sweeps/`` (an editable install), else the working folder (a plain
@@ -14,13 +15,6 @@ def _project_root() -> Path:
 
 PROJECT_ROOT = _project_root()
 BUNDLED_SWEEPS = PROJECT_ROOT / "sweeps"
-DEFAULT_SWEEP = BUNDLED_SWEEPS / "denoise.yaml"
-
-
-def default_sweep_path() -> Path:
-    """``IMGTUNE_SWEEP`` when set, else the bundled demo denoising sweep."""
-    value = os.environ.get("IMGTUNE_SWEEP", "").strip()
-    return Path(value).expanduser().resolve() if value else DEFAULT_SWEEP
 
 
 def default_output_dir() -> Path:
