@@ -24,8 +24,6 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,17 +32,17 @@ from pathlib import Path
 import psutil
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from imgtune_assets.cli import ensure_instance_config, launch_logged, log_tail, sweep_commands
+from imgtune_assets.core.demo_data import make_denoise_set
+from imgtune_assets.core.evaluate import evaluate_image
+from imgtune_assets.core.manifest import load_images, scan_folder
+from imgtune_assets.core.metrics import Objective
+from imgtune_assets.core.sampling import trial_keys, trial_settings
+from imgtune_assets.core.sweepfile import load_sweep
+from imgtune_assets.defs.resources import LOOPBACK_ENV, RayResource
 
-from imgtune_assets.core.demo_data import make_denoise_set  # noqa: E402
-from imgtune_assets.core.evaluate import evaluate_image  # noqa: E402
-from imgtune_assets.core.manifest import load_images, scan_folder  # noqa: E402
-from imgtune_assets.core.metrics import Objective  # noqa: E402
-from imgtune_assets.core.sampling import trial_keys, trial_settings  # noqa: E402
-from imgtune_assets.core.sweepfile import load_sweep  # noqa: E402
-from imgtune_assets.cli import ensure_instance_config  # noqa: E402
-from imgtune_assets.defs.resources import LOOPBACK_ENV, RayResource  # noqa: E402
+# The project folder: the commands run from here, as a user's would.
+ROOT = Path(__file__).resolve().parents[1]
 
 PIPELINE = [
     {"op": "bilateral_filter", "d": {"type": "int", "low": 3, "high": 11},
@@ -160,25 +158,33 @@ def run_fanout(data_dir: Path, trials: list[dict], metric: str) -> dict:
 
 # ----------------------------------------------------------------------------- the dagster CLI
 def run_cli(work: Path, sweep_file: Path, keys: list[str], round_no: int) -> dict:
+    """The CLI's own command lines (``imgtune_assets.cli.sweep_commands``): the manifest and settings
+    first (not timed), then every trial as one ranged run, timed from launch to exit. Dagster's output
+    goes to a log file, as with ``python -m imgtune_assets.cli sweep``."""
     env = dict(os.environ, **LOOPBACK_ENV)
     home = work / f"dagster_home_{round_no}"
     ensure_instance_config(home)  # a new home with the project's dagster.yaml, as a user's would get
-    env.update({"DAGSTER_HOME": str(home), "IMGTUNE_SWEEP": str(sweep_file), "IMGTUNE_OUTPUT_DIR": str(work / f"out_{round_no}")})
-    dagster = str(Path(sys.executable).with_name("dagster"))
-    base = [dagster, "asset", "materialize", "-m", "imgtune_assets.definitions"]
-    subprocess.run([*base, "--select", "image_manifest,run_settings"], env=env, cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out_dir = work / f"out_{round_no}"
+    env.update({"DAGSTER_HOME": str(home), "IMGTUNE_SWEEP": str(sweep_file), "IMGTUNE_OUTPUT_DIR": str(out_dir)})
+    name = load_sweep(sweep_file).name  # the asset key prefix
+    settings, trials_command, _report = sweep_commands(name, keys)
+    log = work / f"dagster_{round_no}.log"
+
+    def failed(command: list[str]) -> RuntimeError:
+        tail = "\n".join(log_tail(log))
+        return RuntimeError(f"dagster CLI failed: {' '.join(command)}\n{tail}\n(log: {log})")
+
+    if launch_logged(settings, log, env=env, cwd=ROOT).wait() != 0:
+        raise failed(settings)
     start, launched_at = time.perf_counter(), time.time()
-    proc = subprocess.Popen([*base, "--select", "experiment_results", "--partition-range", f"{keys[0]}...{keys[-1]}"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = launch_logged(trials_command, log, env=env, cwd=ROOT)
     with TreeMemory(proc.pid) as mem:
-        _, err = proc.communicate()
+        code = proc.wait()
     wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"dagster CLI failed:\n{err[-3000:]}")
-    name = load_sweep(sweep_file).name
-    stats = json.loads((work / f"out_{round_no}" / name / "last_experiment_run.json").read_text())
-    scores = [json.loads((work / f"out_{round_no}" / name / "trials" / f"{k}.json").read_text())["score"] for k in keys]
+    if code != 0:
+        raise failed(trials_command)
+    stats = json.loads((out_dir / name / "last_experiment_run.json").read_text())
+    scores = [json.loads((out_dir / name / "trials" / f"{k}.json").read_text())["score"] for k in keys]
     # Fixed start-up as the user sees it: from launching the command to the first trial task submitted.
     stats["startup_seconds"] = stats["fanout_started_at"] - launched_at
     return {"wall": wall, "peak": mem.peak, "peak_rss": mem.peak_rss, "decodes_per_image": stats["decodes_per_image"], "scores": scores,

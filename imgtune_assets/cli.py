@@ -1,44 +1,76 @@
-"""``python -m imgtune_assets.cli sweep``: materialize the whole sweep with the real ``dagster`` CLI.
+"""``python -m imgtune_assets.cli sweep``: materialize sweeps with the real ``dagster`` CLI.
 
-Three ``dagster asset materialize`` calls, exactly what a user would type: the manifest and run
-settings, every trial partition as one ranged run, then the report. Prints the best score and where
-the report is. Uses $DAGSTER_HOME (required, so the history is kept).
+For each sweep, three ``dagster asset materialize`` calls, exactly what a user would type (see
+:func:`sweep_commands`): the manifest and run settings, every trial partition as one ranged run, then
+the report. Dagster's own output goes to a log file under ``$DAGSTER_HOME/logs/``; the terminal shows
+the steps, a progress bar of the trials (read from the sweep's ``progress.json``) and a short summary
+from its ``report.json``.
+
+    python -m imgtune_assets.cli sweep                            # the one sweep served ($IMGTUNE_SWEEP)
+    python -m imgtune_assets.cli sweep denoise-demo segment-demo  # sweeps by name
+    python -m imgtune_assets.cli sweep --all                      # every sweep served
+
+Uses $DAGSTER_HOME (required, so the history is kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections import deque
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO, Any, Callable, Sequence
 
-from imgtune_assets.core.paths import (
-    default_output_dir,
-    default_sweep_path,
-    sweep_output_dir,
-)
+from imgtune_assets.core.catalog import SweepCatalogError, find_sweep, sweeps_from_environment
+from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
+from imgtune_assets.core.progress import describe, format_score
 from imgtune_assets.core.sampling import trial_keys
-from imgtune_assets.core.sweepfile import SweepFileError, load_sweep
+from imgtune_assets.core.sweepfile import Sweep, SweepFileError
 
 MODULE = "imgtune_assets.definitions"
 # The project's instance configuration (beside the package in a checkout or an editable install).
 PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
+# What each of the three commands of a sweep does, as shown on the terminal.
+STEP_LABELS = ("image_manifest + run_settings", "experiment_results", "sweep_report")
+PROGRESS_FILE = "progress.json"
+REPORT_FILE = "report.json"
+LOG_TAIL_LINES = 30
+POLL_SECONDS = 0.25
+BAR_WIDTH = 20
 
 
+# ----------------------------------------------------------------------------- the command lines
 def dagster_executable() -> str:
     beside = Path(sys.executable).with_name("dagster")
     return str(beside) if beside.exists() else (shutil.which("dagster") or "dagster")
 
 
-def materialize_commands(keys: list[str]) -> list[list[str]]:
+def asset_selection(sweep_name: str, *assets: str) -> str:
+    """``--select`` value for assets of one sweep: ``denoise-demo/image_manifest,denoise-demo/run_settings``."""
+    return ",".join(f"{sweep_name}/{asset}" for asset in assets)
+
+
+def sweep_commands(sweep_name: str, trial_keys: Sequence[str]) -> list[list[str]]:
+    """The three ``dagster asset materialize`` command lines (argv lists) that run a whole sweep:
+    manifest + run settings, every trial as one ranged run, the report. The one place they are spelled
+    out: the CLI, the benchmark and the tests use them."""
+    if not trial_keys:
+        raise ValueError(f"sweep {sweep_name!r} has no trials")
     base = [dagster_executable(), "asset", "materialize", "-m", MODULE]
     return [
-        [*base, "--select", "image_manifest,run_settings"],
-        [*base, "--select", "experiment_results", "--partition-range", f"{keys[0]}...{keys[-1]}"],
-        [*base, "--select", "sweep_report"],
+        [*base, "--select", asset_selection(sweep_name, "image_manifest", "run_settings")],
+        [*base, "--select", asset_selection(sweep_name, "experiment_results"),
+         "--partition-range", f"{trial_keys[0]}...{trial_keys[-1]}"],
+        [*base, "--select", asset_selection(sweep_name, "sweep_report")],
     ]
 
 
@@ -56,44 +88,265 @@ def ensure_instance_config(home: Path) -> Path | None:
     return target
 
 
-def run_sweep(quiet: bool = False) -> int:
+# ----------------------------------------------------------------------------- running a command, logged
+def log_file_path(home: Path, sweep_name: str, now: datetime | None = None) -> Path:
+    """``$DAGSTER_HOME/logs/<sweep>-<UTC timestamp>.log``: Dagster's own output for one sweep."""
+    now = now or datetime.now(timezone.utc)
+    return Path(home) / "logs" / f"{sweep_name}-{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}.log"
+
+
+def launch_logged(command: Sequence[str], log: Path, *, env: dict[str, str] | None = None,
+                  cwd: str | os.PathLike | None = None) -> subprocess.Popen:
+    """Start ``command`` with its stdout and stderr appended to ``log`` (after a ``$ command`` line)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write(f"$ {shlex.join(command)}\n")
+        handle.flush()
+        # The child holds its own copy of the descriptor: closing ours does not cut its output.
+        return subprocess.Popen(list(command), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=cwd)
+
+
+def wait_polling(proc: subprocess.Popen, on_poll: Callable[[], None] | None = None,
+                 interval: float = POLL_SECONDS) -> int:
+    """Wait for ``proc``, calling ``on_poll`` every ``interval`` seconds meanwhile; its exit code."""
+    while True:
+        try:
+            return proc.wait(timeout=interval)
+        except subprocess.TimeoutExpired:
+            if on_poll is not None:
+                on_poll()
+
+
+def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     try:
-        sweep = load_sweep(default_sweep_path())
-    except SweepFileError as exc:
+        with open(log, encoding="utf-8", errors="replace") as handle:
+            return [line.rstrip("\n") for line in deque(handle, maxlen=lines)]
+    except OSError:
+        return []
+
+
+# ----------------------------------------------------------------------------- what the terminal shows
+def read_progress(path: Path, since: float, sweep_name: str | None = None) -> dict[str, Any] | None:
+    """The snapshot in ``progress.json`` if it was written at or after ``since`` (a time.time()) and,
+    when it names its sweep, by ``sweep_name``."""
+    try:
+        snap = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # absent, or not (yet) a progress file
+        return None
+    if not isinstance(snap, dict):
+        return None
+    try:
+        updated = float(snap.get("updated_at") or 0)
+    except (TypeError, ValueError):
+        return None
+    if updated < since or not isinstance(snap.get("done"), int) or not isinstance(snap.get("total"), int):
+        return None
+    if sweep_name is not None and snap.get("sweep", sweep_name) != sweep_name:
+        return None
+    return snap
+
+
+def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    filled = width if total <= 0 or done >= total else min(width - 1, int(width * done / total))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 90 else f"{value / 60:.1f} min"
+
+
+class StepDisplay:
+    """One step of a sweep on the terminal. On a TTY: one line redrawn in place (``\\r``) with the
+    elapsed time or, for the trials, a progress bar. Otherwise: a new line only when the trials reach
+    another tenth (never more often than every 10 %), and one line when the step ends."""
+
+    def __init__(self, label: str, stream: IO[str], *, tty: bool, columns: int = 100, quiet: bool = False):
+        self.label, self.stream, self.tty, self.columns, self.quiet = label, stream, tty, max(20, columns), quiet
+        self._drawn = 0  # length of the line currently drawn (TTY)
+        self._tenth = 0  # last tenth of the trials printed (not a TTY)
+        self._printed_finished = False
+
+    def _draw(self, text: str) -> None:
+        text = text[: self.columns - 1]
+        self.stream.write("\r" + text + " " * max(0, self._drawn - len(text)))
+        self.stream.flush()
+        self._drawn = len(text)
+
+    def _print(self, text: str) -> None:
+        """A line that stays: whole (it may wrap), over the line being redrawn if any."""
+        if self._drawn:
+            self.stream.write("\r" + " " * self._drawn + "\r")
+            self._drawn = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def update(self, elapsed: float, snap: dict[str, Any] | None = None) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            if snap is None:
+                self._draw(f"{self.label} ... {elapsed:.0f} s")
+            else:
+                self._draw(f"{self.label} {progress_bar(int(snap['done']), int(snap['total']))} {describe(snap)}")
+            return
+        if snap is None or not snap.get("total"):
+            return
+        tenth = min(10, int(10 * int(snap["done"]) / int(snap["total"])))
+        if tenth > self._tenth:
+            self._tenth = tenth
+            self._printed_finished = bool(snap.get("finished"))
+            self._print(f"{self.label} {describe(snap)}")
+
+    def finish(self, elapsed: float, snap: dict[str, Any] | None = None, *, ok: bool = True) -> None:
+        if self.quiet:
+            return
+        if not ok:
+            self._print(f"{self.label} failed after {_seconds(elapsed)}")
+        elif snap is not None and snap.get("finished"):
+            if self.tty or not self._printed_finished:
+                self._print(f"{self.label} {describe(snap)}")
+        elif snap is not None:  # the run ended before it reported every trial
+            self._print(f"{self.label} {describe(snap)}; command done in {_seconds(elapsed)}")
+        else:
+            self._print(f"{self.label} done in {_seconds(elapsed)}")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return format_score(value)
+    return str(value)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A sweep's ``report.json`` in three lines: trials and scores, best parameters, where the report is."""
+    metric = report.get("metric") or "score"
+    completed, total = report.get("completed_trials", 0), report.get("total_trials", 0)
+    failed = report.get("failed_trials") or []
+    first = f"{completed}/{total} trials completed" + (f" ({len(failed)} failed)" if failed else "")
+    best, identity = report.get("best_score"), report.get("identity_score")
+    if report.get("best_trial") and best is not None and math.isfinite(float(best)):
+        first += f"; best {metric}: {float(best):.4f} ({report['best_trial']})"
+    else:
+        first += f"; no trial completed, no best {metric}"
+    if identity is not None and math.isfinite(float(identity)):
+        first += f"; identity pipeline: {float(identity):.4f}"
+    params = report.get("best_params") or {}
+    shown = ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) if params else "none"
+    out_dir = report.get("output_dir", "")
+    return [first, f"best parameters: {shown}",
+            f"report: {out_dir} (leaderboard.csv, best_pipeline.yaml, plots/)"]
+
+
+# ----------------------------------------------------------------------------- the sweep command
+def select_sweeps(served: list[Sweep], names: Sequence[str], all_sweeps: bool) -> list[Sweep]:
+    """The sweeps to run: by name, all of them, or the only one served. Raises SweepCatalogError."""
+    known = ", ".join(s.name for s in served) or "none"
+    if names and all_sweeps:
+        raise SweepCatalogError("name sweeps or pass --all, not both")
+    if all_sweeps:
+        return list(served)
+    if names:
+        return [find_sweep(served, name) for name in dict.fromkeys(names)]
+    if len(served) == 1:
+        return list(served)
+    raise SweepCatalogError(f"{len(served)} sweeps are served (known: {known}): name the ones to run, or pass --all "
+                            "(or set IMGTUNE_SWEEP to one sweep file)")
+
+
+def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: bool, columns: int,
+                  quiet: bool = False) -> int:
+    keys = trial_keys(sweep)
+    sweep_dir = sweep_output_dir(default_output_dir(), sweep.name)
+    log = log_file_path(home, sweep.name)
+    print(f"{sweep.name}: {len(keys)} trials; Dagster's log: {log}", file=out, flush=True)
+    for step, command in enumerate(sweep_commands(sweep.name, keys)):
+        display = StepDisplay(f"  [{step + 1}/3] {STEP_LABELS[step]}", out, tty=tty, columns=columns, quiet=quiet)
+        started = time.time()
+        clock = time.perf_counter()
+        is_trials = step == 1
+        state: dict[str, Any] = {"snap": None}
+
+        def poll() -> None:
+            if is_trials:
+                state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
+            display.update(time.perf_counter() - clock, state["snap"])
+
+        proc = launch_logged(command, log)
+        try:
+            code = wait_polling(proc, poll)
+        except KeyboardInterrupt:
+            # Ctrl-C on a terminal reached dagster too: let it stop its run, then give up.
+            try:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=30)
+            except (subprocess.TimeoutExpired, OSError):
+                proc.kill()
+            display.finish(time.perf_counter() - clock, ok=False)
+            print(f"interrupted; Dagster's log: {log}", file=err, flush=True)
+            return 130
+        if is_trials:
+            state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
+        display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
+        if code != 0:
+            print(f"error: {sweep.name}: {STEP_LABELS[step]} failed (exit {code}): {shlex.join(command)}", file=err)
+            print("the last lines of Dagster's log:", file=err)
+            for line in log_tail(log):
+                print(f"    {line}", file=err)
+            print(f"log: {log}", file=err, flush=True)
+            return code
+    report_file = sweep_dir / REPORT_FILE
+    try:
+        report = json.loads(report_file.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: {sweep.name}: no report at {report_file} ({exc}); log: {log}", file=err, flush=True)
+        return 1
+    for line in summary_lines(report):
+        print(f"  {line}", file=out)
+    out.flush()
+    return 0
+
+
+def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool = False) -> int:
+    try:
+        sweeps = select_sweeps(sweeps_from_environment(), names, all_sweeps)
+    except SweepFileError as exc:  # SweepCatalogError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not os.environ.get("DAGSTER_HOME"):
         print("error: set DAGSTER_HOME to a folder that keeps the run history (the Makefile uses .dagster_home/)",
               file=sys.stderr)
         return 2
-    installed = ensure_instance_config(Path(os.environ["DAGSTER_HOME"]))
+    home = Path(os.environ["DAGSTER_HOME"]).expanduser().resolve()
+    installed = ensure_instance_config(home)
     if installed:
         print(f"(no dagster.yaml in DAGSTER_HOME: installed the project's, {installed})", flush=True)
-    for command in materialize_commands(trial_keys(sweep)):
-        print("$ dagster " + " ".join(command[1:]), flush=True)
-        result = subprocess.run(command, stdout=subprocess.DEVNULL if quiet else None)
-        if result.returncode != 0:
-            print(f"error: step failed (exit {result.returncode}): {' '.join(command)}", file=sys.stderr)
-            return result.returncode
-    report = sweep_output_dir(default_output_dir(), sweep.name) / "report.json"
-    summary = json.loads(report.read_text())
-    print()
-    print(f"sweep {summary['sweep']}: {summary['completed_trials']}/{summary['total_trials']} trials completed")
-    print(f"best {summary['metric']}: {summary['best_score']:.4f} ({summary['best_trial']}) — "
-          f"identity pipeline: {summary['identity_score']:.4f}")
-    print(f"best parameters: {json.dumps(summary['best_params'])}")
-    print(f"report: {summary['output_dir']} (leaderboard.csv, best_pipeline.yaml, plots/)")
+    tty = sys.stdout.isatty()
+    columns = shutil.get_terminal_size((100, 24)).columns
+    for i, sweep in enumerate(sweeps):
+        code = run_one_sweep(sweep, home, out=sys.stdout, err=sys.stderr, tty=tty, columns=columns, quiet=quiet)
+        if code != 0:
+            rest = [s.name for s in sweeps[i + 1:]]
+            if rest:
+                print(f"not run: {', '.join(rest)}", file=sys.stderr, flush=True)
+            return code
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imgtune_assets.cli")
     sub = parser.add_subparsers(dest="command", required=True)
-    sweep = sub.add_parser("sweep", help="materialize the sweep in use ($IMGTUNE_SWEEP or the demo)")
-    sweep.add_argument("--quiet", action="store_true", help="hide the dagster CLI's own output")
+    sweep = sub.add_parser(
+        "sweep", help="materialize sweeps: by name, --all, or the one served ($IMGTUNE_SWEEP)",
+        description="Run each sweep's three `dagster asset materialize` commands (manifest and settings, "
+                    "every trial as one run, report) and print a summary. Dagster's output goes to "
+                    "$DAGSTER_HOME/logs/.")
+    sweep.add_argument("names", nargs="*", metavar="NAME", help="sweep names (the `name` of sweep files)")
+    sweep.add_argument("--all", action="store_true", dest="all_sweeps", help="every sweep served")
+    sweep.add_argument("--quiet", action="store_true", help="no step lines or progress bar, only the summaries")
     args = parser.parse_args(argv)
     if args.command == "sweep":
-        return run_sweep(quiet=args.quiet)
+        return run_sweeps(args.names, args.all_sweeps, quiet=args.quiet)
     return 2
 
 

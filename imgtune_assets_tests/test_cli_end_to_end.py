@@ -1,9 +1,14 @@
 """End to end through the real `dagster` CLI on a temporary DAGSTER_HOME: the whole sweep as one
 ranged run, then one trial re-run; the instance then holds two materializations for that trial and
-one for each of the others. The recorded best score is checked against scikit-image's PSNR."""
+one for each of the others. The recorded best score is checked against scikit-image's PSNR.
 
+Then ``python -m imgtune_assets.cli sweep``: one sweep, every sweep of a folder (``--all``), unknown
+names; and, without Dagster, its command lines and what it prints."""
+
+import io
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,32 +18,47 @@ import yaml
 from dagster import AssetKey, DagsterInstance
 from skimage.metrics import peak_signal_noise_ratio
 
+from imgtune_assets import cli
+from imgtune_assets.cli import StepDisplay, ensure_instance_config, read_progress, summary_lines, sweep_commands
 from imgtune_assets.core.imageio import read_image
 from imgtune_assets.core.ops import apply_pipeline
-from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env
+from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, sweeps_dir_env, write_sweep
 
 MODULE = ["-m", "imgtune_assets.definitions"]
+KEYS = [f"trial-{k:03d}" for k in range(4)]
+SEGMENT_PIPELINE = [
+    {"op": "gaussian_blur", "ksize": {"type": "odd", "low": 1, "high": 7}, "sigma": 0},
+    {"op": "threshold", "method": {"type": "choice", "values": ["otsu", "mean"]}, "block_size": 31, "c": 0},
+    {"op": "morphology", "operation": "open", "shape": "ellipse", "ksize": {"type": "int", "low": 1, "high": 5},
+     "iterations": 1},
+]
+LOG_PATH = re.compile(r"Dagster's log: (\S+\.log)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def dagster(env, *args, timeout=300):
-    result = subprocess.run([str(VENV_BIN / "dagster"), *args], cwd=PROJECT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, f"dagster {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+def run(env, argv, timeout=300):
+    result = subprocess.run(argv, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(argv)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
 
+def run_cli(env, *args, timeout=600):
+    return subprocess.run([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", *args], cwd=PROJECT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- the dagster CLI itself
 def test_whole_sweep_then_one_trial_again(tmp_path, tiny_sweep):
     env = cli_env(tmp_path, tiny_sweep)
-    dagster(env, "asset", "materialize", *MODULE, "--select", "image_manifest,run_settings")
-    dagster(env, "asset", "materialize", *MODULE, "--select", "experiment_results",
-            "--partition-range", "trial-000...trial-003")
-    dagster(env, "asset", "materialize", *MODULE, "--select", "sweep_report")
-    dagster(env, "asset", "materialize", *MODULE, "--select", "experiment_results", "--partition", "trial-002")
+    for command in sweep_commands("tiny", KEYS):
+        run(env, command)
+    run(env, [str(VENV_BIN / "dagster"), "asset", "materialize", *MODULE, "--select", "tiny/experiment_results",
+              "--partition", "trial-002"])
 
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     try:
         with DagsterInstance.get() as instance:
-            records = instance.fetch_materializations(AssetKey("experiment_results"), limit=100).records
+            records = instance.fetch_materializations(AssetKey(["tiny", "experiment_results"]), limit=100).records
             per_partition = {}
             for record in records:
                 key = record.asset_materialization.partition
@@ -46,8 +66,9 @@ def test_whole_sweep_then_one_trial_again(tmp_path, tiny_sweep):
             assert per_partition == {"trial-000": 1, "trial-001": 1, "trial-002": 2, "trial-003": 1}
             ranged_runs = {r.run_id for r in records if r.asset_materialization.partition != "trial-002"}
             assert len(ranged_runs) == 1  # the whole sweep was one run
-            report = instance.fetch_materializations(AssetKey("sweep_report"), limit=1).records[0]
+            report = instance.fetch_materializations(AssetKey(["tiny", "sweep_report"]), limit=1).records[0]
             metadata = report.asset_materialization.metadata
+            assert not instance.fetch_materializations(AssetKey("experiment_results"), limit=1).records
     finally:
         del os.environ["DAGSTER_HOME"]
 
@@ -67,12 +88,20 @@ def test_whole_sweep_then_one_trial_again(tmp_path, tiny_sweep):
     assert all(not isinstance(v, dict) for s in best_pipeline["pipeline"] for v in s.values())
 
 
+# ----------------------------------------------------------------------------- python -m imgtune_assets.cli sweep
+def _log_files(output: str) -> list[Path]:
+    return [Path(p) for p in LOG_PATH.findall(output)]
+
+
+def _plain(path: Path) -> str:
+    return ANSI.sub("", path.read_text())
+
+
 def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep):
     env = cli_env(tmp_path, tiny_sweep)
     home_config = Path(env["DAGSTER_HOME"]) / "dagster.yaml"
     home_config.unlink()  # a DAGSTER_HOME the user just made: the command installs the project's dagster.yaml
-    result = subprocess.run([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "--quiet"], cwd=PROJECT,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = run_cli(env)  # IMGTUNE_SWEEP names one sweep: no name needed
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"installed the project's, {home_config}" in result.stdout
     assert home_config.read_text() == (PROJECT / "dagster.yaml").read_text()
@@ -81,11 +110,162 @@ def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep):
     report = json.loads((tmp_path / "outputs" / "tiny" / "report.json").read_text())
     assert f"best psnr: {report['best_score']:.4f} ({report['best_trial']})" in result.stdout
     assert f"report: {tmp_path / 'outputs' / 'tiny'}" in result.stdout
+    assert "4/4 trials completed" in result.stdout
+    # Dagster's own output is in the log file, not on the terminal.
+    [log] = _log_files(result.stdout)
+    assert log.parent == Path(env["DAGSTER_HOME"]) / "logs" and log.name.startswith("tiny-")
+    assert " - DEBUG - " in _plain(log) and " - DEBUG - " not in result.stdout + result.stderr
+
+
+def test_cli_all_sweeps_of_a_folder(tmp_path, denoise_data, segment_data):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    write_sweep(sweeps / "a-denoise.yaml", denoise_data, name="den-1", trials=4)
+    write_sweep(sweeps / "b-segment.yaml", segment_data, name="seg.2", trials=4, metric="dice",
+                pipeline=SEGMENT_PIPELINE)
+    env = sweeps_dir_env(tmp_path, sweeps)
+    result = run_cli(env, "--all")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    lines = output.splitlines()
+    assert len(lines) < 40, output
+    for name, metric in (("den-1", "psnr"), ("seg.2", "dice")):
+        report = json.loads((tmp_path / "outputs" / name / "report.json").read_text())
+        assert report["completed_trials"] == 4
+        assert f"best {metric}: {report['best_score']:.4f} ({report['best_trial']})" in result.stdout
+        assert f"report: {tmp_path / 'outputs' / name}" in result.stdout
+    # The sweeps ran in the order given by the folder, each with its own log of Dagster's DEBUG stream.
+    assert result.stdout.index("den-1:") < result.stdout.index("seg.2:")
+    logs = _log_files(result.stdout)
+    assert [re.fullmatch(r"(.+)-\d{8}T\d{6}Z\.log", p.name).group(1) for p in logs] == ["den-1", "seg.2"]
+    for log in logs:
+        text = _plain(log)
+        assert " - DEBUG - " in text and "RUN_SUCCESS" in text
+    # A progress line of the trials, from progress.json (the last one at least: 4/4).
+    assert re.search(r"\[2/3\] experiment_results \d/4 trials \(\d+%\)", result.stdout), result.stdout
+    for name in ("den-1", "seg.2"):
+        with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            partitions = instance.get_materialized_partitions(AssetKey([name, "experiment_results"]))
+        assert partitions == set(KEYS)
+
+
+def test_cli_unknown_sweep_name_fails_naming_the_known_ones(tmp_path, denoise_data, segment_data):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    write_sweep(sweeps / "one.yaml", denoise_data, name="alpha")
+    write_sweep(sweeps / "two.yaml", denoise_data, name="beta")
+    env = sweeps_dir_env(tmp_path, sweeps)
+    result = run_cli(env, "alpha", "gamma", timeout=120)
+    assert result.returncode != 0
+    assert "'gamma'" in result.stderr and "alpha, beta" in result.stderr
+    assert not (tmp_path / "outputs" / "alpha").exists()  # nothing ran
+    # Neither names nor --all, and two sweeps served: which one?
+    result = run_cli(env, timeout=120)
+    assert result.returncode != 0 and "alpha, beta" in result.stderr and "--all" in result.stderr
+    assert not (Path(env["DAGSTER_HOME"]) / "logs").exists()  # no dagster command was started
+
+
+# ----------------------------------------------------------------------------- the CLI's parts, without Dagster
+def test_sweep_commands_are_the_prefixed_dagster_commands():
+    commands = sweep_commands("denoise-demo", [f"trial-{k:03d}" for k in range(32)])
+    dagster = commands[0][0]
+    assert Path(dagster).name == "dagster"
+    base = [dagster, "asset", "materialize", "-m", "imgtune_assets.definitions"]
+    assert commands == [
+        [*base, "--select", "denoise-demo/image_manifest,denoise-demo/run_settings"],
+        [*base, "--select", "denoise-demo/experiment_results", "--partition-range", "trial-000...trial-031"],
+        [*base, "--select", "denoise-demo/sweep_report"],
+    ]
+    with pytest.raises(ValueError):
+        sweep_commands("empty", [])
+
+
+def _snap(done, total=32, **extra):
+    return {"done": done, "total": total, "failed": 0, "best": 20.0 + done / 10, "best_trial": f"trial-{done:03d}",
+            "metric": "psnr", "evaluations_per_second": 50.0, "eta_seconds": 2.0 * (total - done),
+            "elapsed_seconds": 1.0 * done, "finished": done == total, "updated_at": 1e9, **extra}
+
+
+def test_progress_display_not_a_tty_prints_at_most_every_tenth():
+    out = io.StringIO()
+    display = StepDisplay("  [2/3] experiment_results", out, tty=False)
+    display.update(0.5, None)
+    for done in range(33):  # a report after every trial: far more often than every 10 %
+        display.update(done, _snap(done))
+        display.update(done, _snap(done))
+    display.finish(33.0, _snap(32))
+    lines = out.getvalue().splitlines()
+    assert 1 <= len(lines) <= 10, lines
+    assert "\r" not in out.getvalue()
+    assert lines[-1] == "  [2/3] experiment_results 32/32 trials (100%), best psnr 23.2 (trial-032), " \
+                        "50.0 evaluations/s, done in 32 s"
+    # Two bundled sweeps of 32 trials: header, 3 step lines (the trials' ≤ 10), 3 summary lines each, and
+    # the one-off "installed dagster.yaml" line stay under the 40-line budget of `make demo`.
+    assert 2 * (1 + 1 + len(lines) + 1 + 3) + 1 < 40
+
+
+def test_progress_display_on_a_tty_redraws_one_line():
+    out = io.StringIO()
+    display = StepDisplay("  [2/3] experiment_results", out, tty=True, columns=60)
+    display.update(1.0, None)
+    for done in range(0, 33, 4):
+        display.update(done, _snap(done))
+    display.finish(33.0, _snap(32))
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert text.count("\r") >= 9
+    assert "[####################] 32/32" in text and "[##########----------] 16/32" in text
+    *redrawn, final = text.split("\r")
+    assert all(len(part) < 60 for part in redrawn)  # a line redrawn in place never wraps
+    assert final.startswith("  [2/3] experiment_results 32/32 trials (100%)") and final.endswith("done in 32 s\n")
+
+
+def test_read_progress_ignores_a_file_from_before_the_command(tmp_path):
+    file = tmp_path / "progress.json"
+    assert read_progress(file, since=0) is None
+    file.write_text(json.dumps(_snap(4, updated_at=1000.0)))
+    assert read_progress(file, since=999.0)["done"] == 4
+    assert read_progress(file, since=1001.0) is None
+    file.write_text(json.dumps(_snap(4, updated_at=1000.0, sweep="other")))
+    assert read_progress(file, since=0, sweep_name="mine") is None
+    assert read_progress(file, since=0, sweep_name="other")["done"] == 4
+    file.write_text("{not json")
+    assert read_progress(file, since=0) is None
+
+
+def test_summary_lines():
+    report = {"sweep": "s", "metric": "dice", "total_trials": 32, "completed_trials": 31, "failed_trials": ["trial-009"],
+              "best_trial": "trial-017", "best_score": 0.912345, "identity_score": 0.5,
+              "best_params": {"gaussian_blur.ksize": 5, "threshold.c": -2.345678}, "output_dir": "/o/s"}
+    assert summary_lines(report) == [
+        "31/32 trials completed (1 failed); best dice: 0.9123 (trial-017); identity pipeline: 0.5000",
+        "best parameters: gaussian_blur.ksize=5, threshold.c=-2.346",
+        "report: /o/s (leaderboard.csv, best_pipeline.yaml, plots/)",
+    ]
+    none = summary_lines({**report, "completed_trials": 0, "best_trial": None, "best_score": float("nan"),
+                          "best_params": None})
+    assert "no trial completed" in none[0] and none[1] == "best parameters: none"
+
+
+def test_log_file_path_is_per_sweep_and_utc(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    when = datetime(2026, 11, 30, 23, 5, 9, tzinfo=timezone(timedelta(hours=2)))
+    assert cli.log_file_path(tmp_path, "denoise-demo", when) == tmp_path / "logs" / "denoise-demo-20261130T210509Z.log"
+
+
+def test_cli_refuses_without_dagster_home_or_with_names_and_all(tmp_path, tiny_sweep, monkeypatch, capsys):
+    monkeypatch.setenv("IMGTUNE_SWEEP", str(tiny_sweep))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    assert cli.main(["sweep"]) == 2
+    assert "DAGSTER_HOME" in capsys.readouterr().err
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert cli.main(["sweep", "tiny", "--all"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()
 
 
 def test_an_existing_instance_config_is_left_alone(tmp_path):
-    from imgtune_assets.cli import ensure_instance_config
-
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: true\n")
     assert ensure_instance_config(tmp_path) is None
     assert (tmp_path / "dagster.yaml").read_text() == "telemetry:\n  enabled: true\n"

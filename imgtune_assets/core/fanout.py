@@ -59,13 +59,22 @@ def run_trials(
     chunk_size: int | None = None,
     max_retries: int = DEFAULT_MAX_RETRIES,
     on_trial_done: Callable[[TrialOutcome], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
+    tick_seconds: float = 1.0,
 ) -> list[TrialOutcome]:
     """Evaluate each trial (``{"trial", "params", "stages", "error"?}``) on every image.
 
     An exception in a trial (OpenCV refusing its parameters, or a worker lost beyond Ray's retries)
     fails that trial only; the others complete. ``on_trial_done`` is called as soon as each trial's
     last chunk is back, so its result can be saved before the rest of the sweep finishes.
+
+    ``on_tick`` is called at least every ``tick_seconds`` while results are awaited — also when no
+    trial completes for a long time — and once more at the end, so the caller can report progress
+    on time. Results are still taken as soon as they are ready. An exception from a callback
+    propagates (the submitted tasks are left to Ray).
     """
+    if tick_seconds <= 0:
+        raise ValueError(f"tick_seconds must be > 0, got {tick_seconds}")
     import ray
 
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -98,10 +107,16 @@ def run_trials(
             pending[task.remote(stages, ref, objective)] = (t, c)
 
     remaining = list(pending)
+    last_tick = time.monotonic()
     while remaining:
         # Block for one result, then take whatever else is ready: trials are saved as they finish.
-        done, remaining = ray.wait(remaining, num_returns=1)
-        if remaining:
+        # With a tick, block no longer than until the next tick is due.
+        if on_tick is None:
+            done, remaining = ray.wait(remaining, num_returns=1)
+        else:
+            wait = max(0.0, last_tick + tick_seconds - time.monotonic())
+            done, remaining = ray.wait(remaining, num_returns=1, timeout=wait)
+        if done and remaining:
             more, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0)
             done += more
         for ref in done:
@@ -122,6 +137,11 @@ def run_trials(
                 outcome.workers.sort(key=lambda w: w["chunk"])
                 if on_trial_done:
                     on_trial_done(outcome)
+        if on_tick is not None and time.monotonic() - last_tick >= tick_seconds:
+            last_tick = time.monotonic()
+            on_tick()
+    if on_tick is not None:
+        on_tick()
     for outcome in outcomes:
         if outcome.per_image and any(r is None for r in outcome.per_image):
             raise RuntimeError(f"{outcome.trial}: internal error, some images were never evaluated")

@@ -309,6 +309,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             fanout_started = time.perf_counter()
             stats["startup_seconds"] = round(process_age_seconds(), 3)
             stats["fanout_started_at"] = time.time()
+            progress.start_computing()  # rate and time left from here, not from decoding and Ray start-up
             run_trials(
                 [by_key[k] for k in todo], ids, images, targets, objective,
                 chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries,

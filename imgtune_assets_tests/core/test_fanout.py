@@ -109,3 +109,60 @@ def test_worker_killed_mid_sweep_changes_nothing(local_ray, images):
     assert [o.status for o in disturbed] == ["ok"] * 6
     assert [o.score for o in disturbed] == [o.score for o in undisturbed]
     assert all(w["pid"] not in killed for o in disturbed for w in o.workers)
+
+
+@pytest.fixture(scope="module")
+def slow_images(tmp_path_factory):
+    # nl_means with a 35-pixel search window on 4 images of 256×256: about 0.5 s per trial on one core.
+    folder = tmp_path_factory.mktemp("slow")
+    make_denoise_set(folder, count=4, size=256)
+    return load_images(folder, scan_folder(folder, needs_target=True))
+
+
+def test_ticks_come_while_no_trial_completes(local_ray, slow_images):
+    ids, imgs, tgts = slow_images
+    slow = [{"trial": f"trial-{k:03d}", "params": {},
+             "stages": [["nl_means", {"h": 8.0 + k, "template_window_size": 7, "search_window_size": 35}]]}
+            for k in range(4)]
+    events = []
+    start = time.monotonic()
+    outcomes = run_trials(slow, ids, imgs, tgts, PSNR, chunk_size=4,  # one task per trial
+                          on_trial_done=lambda o: events.append(("done", time.monotonic())),
+                          on_tick=lambda: events.append(("tick", time.monotonic())), tick_seconds=0.2)
+    assert [o.status for o in outcomes] == ["ok"] * 4
+    ticks = [t for kind, t in events if kind == "tick"]
+    dones = [t for kind, t in events if kind == "done"]
+    assert len(dones) == 4
+    # Ticks while nothing completes: several before the first trial is back (each takes ~0.5 s).
+    assert sum(1 for t in ticks if t < dones[0]) >= 2
+    # Regular: no gap much longer than tick_seconds (generous slack for a loaded machine).
+    gaps = np.diff([start, *ticks])
+    assert gaps.max() < 0.2 + 1.0, gaps
+    # And a last tick once every result is in.
+    assert events[-1][0] == "tick" and ticks[-1] >= dones[-1]
+
+
+def test_a_long_tick_does_not_hold_results_back(local_ray, images):
+    ids, imgs, tgts = images
+    ticks = []
+    done_at = []
+    start = time.monotonic()
+    outcomes = run_trials(trials(4), ids, imgs, tgts, PSNR, on_tick=lambda: ticks.append(time.monotonic()),
+                          on_trial_done=lambda o: done_at.append(time.monotonic()), tick_seconds=120.0)
+    elapsed = time.monotonic() - start
+    assert elapsed < 60, "the loop waited for the tick instead of taking results as they came"
+    assert len(done_at) == 4 and len(ticks) == 1 and ticks[0] >= max(done_at)  # only the final tick
+    plain = run_trials(trials(4), ids, imgs, tgts, PSNR)
+    assert [o.score for o in outcomes] == [o.score for o in plain]
+
+
+def test_an_error_in_on_tick_propagates(local_ray, images):
+    ids, imgs, tgts = images
+
+    def boom():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run_trials(trials(2), ids, imgs, tgts, PSNR, on_tick=boom, tick_seconds=0.01)
+    with pytest.raises(ValueError, match="tick_seconds"):
+        run_trials(trials(1), ids, imgs, tgts, PSNR, on_tick=lambda: None, tick_seconds=0)

@@ -1,0 +1,188 @@
+"""Progress of a sweep's trials while they run: counts, best score so far, rate and time left.
+
+Plain module (no Dagster, no Ray). The experiment asset feeds it every finished trial and asks, as
+trials finish and on a periodic tick, whether a report is due; a due report is a snapshot (a dict,
+written to ``<sweep dir>/progress.json``) and a one-line summary for the run log::
+
+    progress = SweepProgress(len(keys), n_images, sweep.objective)
+    progress.trial_done(record, reused=False)
+    snap = progress.report_if_due()
+    if snap:
+        context.log.info(progress.line())
+
+A report is due when ``min_interval_seconds`` have passed since the last one (even if no trial
+finished: long trials still show signs of life), when ``step_fraction`` of all trials finished since
+it, or, once, when every trial is done.
+
+The rate counts computed trials only: trials reused from an earlier run (``reused=True``) cost
+nothing, would inflate it and make the time left too optimistic. The rate is measured from
+construction, or from :meth:`SweepProgress.start_computing` when the caller marks the moment the
+computing starts (after decoding images and starting Ray, say).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Mapping
+
+from imgtune_assets.core.metrics import Objective
+
+
+class SweepProgress:
+    def __init__(
+        self,
+        total_trials: int,
+        images: int,
+        objective: Objective,
+        *,
+        min_interval_seconds: float = 5.0,
+        step_fraction: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        if total_trials < 0 or images < 0:
+            raise ValueError(f"total_trials and images must be >= 0, got {total_trials} and {images}")
+        self.total = int(total_trials)
+        self.images = int(images)
+        self.objective = objective
+        self.min_interval_seconds = float(min_interval_seconds)
+        self.step_fraction = float(step_fraction)
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._started = clock()
+        self._computing_since = self._started
+        self.done = 0
+        self.failed = 0
+        self.reused = 0
+        self.computed = 0
+        self.best: float | None = None
+        self.best_trial: str | None = None
+        self._last_report_at = self._started
+        self._done_at_last_report = 0
+        self._reported_finished = False
+
+    # ------------------------------------------------------------------ feeding
+    def start_computing(self) -> None:
+        """Mark when the trials start being computed: the rate is measured from here (optional)."""
+        self._computing_since = self._clock()
+
+    def trial_done(self, record: Mapping[str, Any], reused: bool = False) -> None:
+        """One trial finished: ``record`` has ``trial``, ``status`` ("ok" | "failed") and ``score``."""
+        self.done += 1
+        if reused:
+            self.reused += 1
+        else:
+            self.computed += 1
+        score = record.get("score")
+        if record.get("status") != "ok":
+            self.failed += 1
+        elif score is not None and math.isfinite(float(score)) and self.objective.better(float(score), self.best):
+            self.best = float(score)
+            self.best_trial = record.get("trial")
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+    def evaluations_per_second(self) -> float | None:
+        """Computed (trial × image) evaluations per second since computing started; None before any."""
+        seconds = self._clock() - self._computing_since
+        if self.computed == 0 or seconds <= 0:
+            return None
+        return self.computed * max(1, self.images) / seconds
+
+    def eta_seconds(self) -> float | None:
+        if self.finished:
+            return 0.0
+        rate = self.evaluations_per_second()
+        if not rate:
+            return None
+        return (self.total - self.done) * max(1, self.images) / rate
+
+    def snapshot(self) -> dict[str, Any]:
+        """The current state (does not count as a report)."""
+        rate = self.evaluations_per_second()
+        eta = self.eta_seconds()
+        return {
+            "done": self.done,
+            "total": self.total,
+            "failed": self.failed,
+            "reused": self.reused,
+            "images": self.images,
+            "metric": self.objective.metric,
+            "best": self.best,
+            "best_trial": self.best_trial,
+            "evaluations_per_second": None if rate is None else round(rate, 3),
+            "eta_seconds": None if eta is None else round(eta, 3),
+            "elapsed_seconds": round(self._clock() - self._started, 3),
+            "finished": self.finished,
+            "updated_at": self._wall_clock(),
+        }
+
+    def is_due(self) -> bool:
+        if self._reported_finished:
+            return False
+        if self.finished:
+            return True
+        if self._clock() - self._last_report_at >= self.min_interval_seconds:
+            return True
+        since = self.done - self._done_at_last_report
+        return since > 0 and since >= self.step_fraction * self.total
+
+    def report_if_due(self) -> dict[str, Any] | None:
+        """A snapshot when a report is due (and count it as reported), else None."""
+        if not self.is_due():
+            return None
+        self._last_report_at = self._clock()
+        self._done_at_last_report = self.done
+        self._reported_finished = self.finished
+        return self.snapshot()
+
+    def line(self) -> str:
+        """One line for the run log: ``12/32 trials (38%), 1 failed, best psnr 28.41 (trial-007), ...``."""
+        return describe(self.snapshot())
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 1:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def percent(done: int, total: int) -> int:
+    """Whole percent done; never 100 before everything is done."""
+    if total <= 0:
+        return 100
+    value = round(100 * done / total)
+    return 100 if done >= total else min(99, value)
+
+
+def format_score(score: float) -> str:
+    return f"{score:.4g}" if abs(score) < 1e4 else f"{score:.0f}"
+
+
+def describe(snap: Mapping[str, Any], *, with_counts: bool = True) -> str:
+    """A progress snapshot (``SweepProgress.snapshot()`` or a ``progress.json``) as one line."""
+    done, total = int(snap.get("done", 0)), int(snap.get("total", 0))
+    parts = [f"{done}/{total} trials ({percent(done, total)}%)"] if with_counts else []
+    if snap.get("failed"):
+        parts.append(f"{snap['failed']} failed")
+    metric = snap.get("metric") or "score"
+    if snap.get("best") is not None:
+        parts.append(f"best {metric} {format_score(float(snap['best']))} ({snap.get('best_trial')})")
+    rate = snap.get("evaluations_per_second")
+    if rate:
+        parts.append(f"{rate:.1f} evaluations/s")
+    if snap.get("finished"):
+        parts.append(f"done in {_duration(snap.get('elapsed_seconds') or 0)}")
+    elif snap.get("eta_seconds") is not None:
+        eta = float(snap["eta_seconds"])
+        parts.append("about a second left" if eta < 1.5 else f"about {_duration(eta)} left")
+    return ", ".join(parts)

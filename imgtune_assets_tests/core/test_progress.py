@@ -1,0 +1,181 @@
+"""SweepProgress with a fake clock: when a report is due, the best score in either direction, the
+rate and time left counting computed trials only, and the one-line summary."""
+
+import math
+
+import pytest
+
+from imgtune_assets.core.metrics import Objective
+from imgtune_assets.core.progress import SweepProgress, describe, percent
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def ok(k: int, score: float) -> dict:
+    return {"trial": f"trial-{k:03d}", "status": "ok", "score": score}
+
+
+def failed(k: int) -> dict:
+    return {"trial": f"trial-{k:03d}", "status": "failed", "score": None}
+
+
+def make(total=32, images=10, metric="psnr", **kw):
+    clock = FakeClock()
+    progress = SweepProgress(total, images, Objective(metric), clock=clock, wall_clock=lambda: 1.7e9 + clock.now, **kw)
+    return progress, clock
+
+
+def test_nothing_is_due_at_first():
+    progress, clock = make()
+    assert progress.report_if_due() is None
+    clock.advance(4.9)
+    assert progress.report_if_due() is None
+
+
+def test_due_after_the_interval_even_without_a_finished_trial():
+    progress, clock = make()
+    clock.advance(5.0)
+    snap = progress.report_if_due()
+    assert snap is not None and snap["done"] == 0 and snap["eta_seconds"] is None and snap["best"] is None
+    assert progress.report_if_due() is None  # just reported
+    clock.advance(5.0)
+    assert progress.report_if_due() is not None
+
+
+def test_due_after_a_tenth_of_the_trials():
+    progress, clock = make(total=32)
+    for k in range(3):  # 3/32 < 10 %
+        progress.trial_done(ok(k, 20.0 + k))
+        assert progress.report_if_due() is None
+    progress.trial_done(ok(3, 21.0))  # 4/32 >= 10 %
+    snap = progress.report_if_due()
+    assert snap["done"] == 4
+    progress.trial_done(ok(4, 21.0))  # counted from the last report again
+    assert progress.report_if_due() is None
+
+
+def test_due_once_when_all_done():
+    progress, clock = make(total=3, step_fraction=0.9)
+    progress.trial_done(ok(0, 1.0))
+    progress.trial_done(ok(1, 1.0))
+    assert progress.report_if_due() is None
+    progress.trial_done(failed(2))
+    snap = progress.report_if_due()
+    assert snap["finished"] is True and snap["done"] == 3 and snap["eta_seconds"] == 0
+    clock.advance(60)
+    assert progress.report_if_due() is None  # the final report is not repeated
+
+
+def test_best_follows_the_objective_direction_and_skips_failures():
+    up, _ = make(metric="psnr")
+    down, _ = make(metric="mae")
+    forced, _ = make(metric="psnr")
+    forced.objective = Objective("psnr", direction="minimize")
+    for p in (up, down, forced):
+        p.trial_done(ok(0, 0.5))
+        p.trial_done(ok(1, 0.2))
+        p.trial_done({"trial": "trial-002", "status": "ok", "score": float("nan")})
+        p.trial_done(failed(3))
+        p.trial_done(ok(4, 0.9))
+        p.trial_done(ok(5, 0.9))  # a tie keeps the first
+    assert (up.best, up.best_trial) == (0.9, "trial-004")
+    assert (down.best, down.best_trial) == (0.2, "trial-001")
+    assert (forced.best, forced.best_trial) == (0.2, "trial-001")
+    assert up.snapshot()["failed"] == 1
+
+
+def test_rate_and_eta_count_computed_trials_only():
+    progress, clock = make(total=10, images=20)
+    for k in range(4):  # reused from an earlier run: instant, not in the rate
+        progress.trial_done(ok(k, 10.0), reused=True)
+    assert progress.snapshot()["evaluations_per_second"] is None
+    assert progress.snapshot()["eta_seconds"] is None
+    clock.advance(3.0)  # decoding, starting Ray
+    progress.start_computing()
+    clock.advance(2.0)
+    progress.trial_done(ok(4, 11.0))
+    progress.trial_done(ok(5, 12.0))
+    snap = progress.snapshot()
+    # 2 computed trials × 20 images in 2 s since computing started
+    assert snap["evaluations_per_second"] == pytest.approx(20.0)
+    # 4 trials left × 20 images at 20 evaluations/s
+    assert snap["eta_seconds"] == pytest.approx(4.0)
+    assert snap["elapsed_seconds"] == pytest.approx(5.0)
+    assert snap["done"] == 6 and snap["reused"] == 4 and snap["total"] == 10
+    assert snap["updated_at"] == pytest.approx(1.7e9 + clock.now)
+
+
+def test_rate_from_construction_without_start_computing():
+    progress, clock = make(total=4, images=5)
+    clock.advance(10.0)
+    progress.trial_done(ok(0, 1.0))
+    assert progress.snapshot()["evaluations_per_second"] == pytest.approx(0.5)
+    assert progress.snapshot()["eta_seconds"] == pytest.approx(30.0)
+
+
+def test_snapshot_fields():
+    progress, clock = make()
+    snap = progress.snapshot()
+    for field in ("done", "total", "failed", "best", "best_trial", "evaluations_per_second", "eta_seconds",
+                  "elapsed_seconds", "finished", "updated_at"):
+        assert field in snap
+    assert snap["finished"] is False
+
+
+def test_line():
+    progress, clock = make(total=32, images=8)
+    for k in range(12):
+        clock.advance(1.0)
+        if k == 3:
+            progress.trial_done(failed(k))
+        else:
+            progress.trial_done(ok(k, 28.41 if k == 7 else 20.0 + k / 10))
+    line = progress.line()
+    # 12 trials × 8 images in 12 s = 8 evaluations/s; 20 trials left × 8 images = 20 s
+    assert line == "12/32 trials (38%), 1 failed, best psnr 28.41 (trial-007), 8.0 evaluations/s, about 20 s left"
+
+
+def test_line_when_finished_and_before_anything():
+    progress, clock = make(total=2, images=1)
+    assert progress.line() == "0/2 trials (0%)"
+    clock.advance(120)
+    progress.trial_done(ok(0, 0.5))
+    progress.trial_done(ok(1, 0.75))
+    assert progress.line().startswith("2/2 trials (100%), best psnr 0.75 (trial-001), ")
+    assert progress.line().endswith("done in 2 min")
+
+
+def test_percent_is_never_100_before_the_end():
+    assert percent(31, 32) == 97
+    assert percent(999, 1000) == 99
+    assert percent(1000, 1000) == 100
+    assert percent(0, 0) == 100
+
+
+def test_describe_reads_a_progress_file_snapshot():
+    snap = {"done": 5, "total": 10, "failed": 0, "best": 0.912345, "best_trial": "trial-004", "metric": "dice",
+            "evaluations_per_second": None, "eta_seconds": 80.0, "finished": False}
+    assert describe(snap) == "5/10 trials (50%), best dice 0.9123 (trial-004), about 80 s left"
+    assert describe({**snap, "eta_seconds": 150.0}).endswith("about 2 min left")
+    assert describe({**snap, "eta_seconds": 3 * 3600.0}).endswith("about 3.0 h left")
+
+
+def test_refuses_negative_sizes():
+    with pytest.raises(ValueError):
+        SweepProgress(-1, 3, Objective("psnr"))
+
+
+def test_no_images_still_gives_a_finite_rate():
+    progress, clock = make(total=2, images=0)
+    clock.advance(1.0)
+    progress.trial_done(failed(0))
+    assert math.isfinite(progress.snapshot()["eta_seconds"])
