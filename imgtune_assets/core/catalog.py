@@ -59,7 +59,8 @@ def load_catalog(files: list[Path]) -> list[Sweep]:
         seen: dict[str, Sweep] = {}
         for sweep in sweeps:
             other = seen.setdefault(key(sweep), sweep)
-            if other is not sweep:
+            # (same names also make the same group: reported once, as names)
+            if other is not sweep and (label == "sweep name" or other.name != sweep.name):
                 problems.append(f"{other.path} and {sweep.path}: both declare the {label} {key(sweep)!r}; "
                                 "each sweep needs its own name (it names its asset keys, group and output folder)")
     if problems:

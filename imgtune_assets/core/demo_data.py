@@ -43,7 +43,6 @@ __all__ = [
     "make_segment_set",
 ]
 
-DEMO_KINDS = ("denoise", "segment")
 MIN_SIZE = 64
 MAX_SIZE = 2048
 DEFAULT_COUNT = 24
@@ -406,6 +405,8 @@ def make_segment_set(
 
 
 _MAKERS: dict[str, Callable[..., list[str]]] = {"denoise": make_denoise_set, "segment": make_segment_set}
+# The registry of demo sets: the sweep file's `demo_data:` and the command line take these names.
+DEMO_KINDS = tuple(_MAKERS)
 
 
 def _write_readme(out: Path, kind: str, count: int, size: int, seed: int) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "edge_f1",
     "iou",
     "mae",
+    "metric_options",
     "psnr",
     "score",
     "sharpness",
@@ -369,6 +370,11 @@ def _to_grey(image: np.ndarray) -> np.ndarray:
 def _option_names(fn: Callable[..., float]) -> frozenset[str]:
     params = list(inspect.signature(fn).parameters.values())[2:]
     return frozenset(p.name for p in params)
+
+
+def metric_options(name: str) -> frozenset[str]:
+    """The keyword options metric ``name`` takes (its function's parameters after pred, target)."""
+    return _option_names(METRICS[name].fn)
 
 
 def score(metric: str, pred: np.ndarray, target: np.ndarray | None, **options) -> float:

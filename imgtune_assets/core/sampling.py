@@ -1,5 +1,8 @@
 """Search spaces and samplers.
 
+Samplers are registered in ``SAMPLERS`` (name -> ``fn(dims, seed, k, n_trials) -> point``), as ops
+are in ``OPS`` and metrics in ``METRICS``; the sweep file's ``sampler:`` takes these names.
+
 Trial k's parameters depend only on (seed, search space, k) — plus, for ``grid``, the number of
 trials, which sets the grid's resolution — so re-running or backfilling one trial evaluates exactly
 the parameters it had before.
@@ -7,20 +10,21 @@ the parameters it had before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from imgtune_assets.core.ops import validate_stage
-from imgtune_assets.core.sweepfile import SearchRange, Sweep
 
-PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
+if TYPE_CHECKING:  # annotations only: sweepfile imports SAMPLERS from here
+    from imgtune_assets.core.sweepfile import SearchRange, Sweep
 
 
 @dataclass(frozen=True)
@@ -88,67 +92,85 @@ def space_digest(dims: list[Dimension]) -> int:
     return int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "big")
 
 
-def _radical_inverse(index: int, base: int) -> float:
-    result, fraction = 0.0, 1.0 / base
-    while index > 0:
-        index, digit = divmod(index, base)
-        result += digit * fraction
-        fraction /= base
-    return result
+Point = dict[str, Any]
+Sampler = Callable[[list[Dimension], int, int, int], Point]
 
 
-def sample_point(dims: list[Dimension], sampler: str, seed: int, k: int, n_trials: int) -> dict[str, Any]:
+def _random(dims: list[Dimension], seed: int, k: int, n_trials: int) -> Point:
+    rng = np.random.default_rng(np.random.SeedSequence([seed, k, space_digest(dims)]))
+    return {d.name: d.from_unit(u) for d, u in zip(dims, rng.random(len(dims)))}
+
+
+@functools.lru_cache(maxsize=8)
+def _halton_table(d: int, n: int) -> np.ndarray:
+    # One table of n points per (dimension count, length): scipy's Halton.fast_forward draws and
+    # discards the skipped points, so trial-by-trial fast-forwarding would cost O(k) per trial.
+    from scipy.stats import qmc  # imported here: slow to import, only the QMC samplers need it
+
+    table = qmc.Halton(d, scramble=False).random(n)
+    table.setflags(write=False)
+    return table
+
+
+def _halton(dims: list[Dimension], seed: int, k: int, n_trials: int) -> Point:
+    # Point k+1 of the plain sequence (point 0 is all zeros), plus a seeded random shift
+    # (Cranley-Patterson) so different seeds give different sequences.
+    unit = _halton_table(len(dims), max(n_trials, k + 1) + 1)[k + 1]
+    shift = np.random.default_rng(np.random.SeedSequence([seed, space_digest(dims)])).random(len(dims))
+    return {d.name: d.from_unit((u + s) % 1.0) for d, u, s in zip(dims, unit, shift)}
+
+
+def _sobol(dims: list[Dimension], seed: int, k: int, n_trials: int) -> Point:
+    from scipy.stats import qmc  # imported here: slow to import, only the QMC samplers need it
+
+    # Scrambled Sobol' seeded by (seed, space); fast_forward(k) makes point k independent of the others.
+    scramble_seed = int(np.random.SeedSequence([seed, space_digest(dims)]).generate_state(1)[0])
+    engine = qmc.Sobol(len(dims), scramble=True, seed=scramble_seed)
+    if k:
+        engine.fast_forward(k)  # (scipy refuses fast_forward(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "balance properties need n = 2^m": one point at a time
+        unit = engine.random(1)[0]
+    return {d.name: d.from_unit(u) for d, u in zip(dims, unit)}
+
+
+def _grid(dims: list[Dimension], seed: int, k: int, n_trials: int) -> Point:
+    levels = max(1, math.ceil(n_trials ** (1.0 / len(dims)) - 1e-9))
+    grids = [d.candidates(levels) for d in dims]
+    # Dimensions with few values (choices) leave room: raise the others' resolution to fill n_trials.
+    while math.prod(map(len, grids)) < n_trials:
+        grown = False
+        for i, d in enumerate(dims):
+            if d.range.type != "choice":
+                bigger = d.candidates(len(grids[i]) + 1)
+                if len(bigger) > len(grids[i]):
+                    grids[i], grown = bigger, True
+            if math.prod(map(len, grids)) >= n_trials:
+                break
+        if not grown:
+            break
+    index = k % math.prod(map(len, grids))
+    point = {}
+    for d, grid in reversed(list(zip(dims, grids))):
+        index, digit = divmod(index, len(grid))
+        point[d.name] = grid[digit]
+    return {d.name: point[d.name] for d in dims}
+
+
+# The order is the one listed in error messages.
+SAMPLERS: dict[str, Sampler] = {"random": _random, "grid": _grid, "halton": _halton, "sobol": _sobol}
+
+
+def sample_point(dims: list[Dimension], sampler: str, seed: int, k: int, n_trials: int) -> Point:
     """Parameters of trial ``k`` as ``{dimension name: value}``."""
     if k < 0:
         raise ValueError(f"trial index must be >= 0, got {k}")
     if not dims:
         return {}
-    if sampler == "random":
-        rng = np.random.default_rng(np.random.SeedSequence([seed, k, space_digest(dims)]))
-        return {d.name: d.from_unit(u) for d, u in zip(dims, rng.random(len(dims)))}
-    if sampler == "halton":
-        if len(dims) > len(PRIMES):
-            raise ValueError(f"halton supports at most {len(PRIMES)} searched parameters, got {len(dims)}")
-        # A seeded random shift (Cranley-Patterson) so different seeds give different sequences.
-        shift = np.random.default_rng(np.random.SeedSequence([seed, space_digest(dims)])).random(len(dims))
-        return {
-            d.name: d.from_unit((_radical_inverse(k + 1, p) + s) % 1.0)
-            for d, p, s in zip(dims, PRIMES, shift)
-        }
-    if sampler == "sobol":
-        from scipy.stats import qmc  # imported here: slow to import, only this sampler needs it
-
-        # Scrambled Sobol' seeded by (seed, space); fast_forward(k) makes point k independent of the others.
-        scramble_seed = int(np.random.SeedSequence([seed, space_digest(dims)]).generate_state(1)[0])
-        engine = qmc.Sobol(len(dims), scramble=True, seed=scramble_seed)
-        if k:
-            engine.fast_forward(k)  # (scipy refuses fast_forward(0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "balance properties need n = 2^m": one point at a time
-            unit = engine.random(1)[0]
-        return {d.name: d.from_unit(u) for d, u in zip(dims, unit)}
-    if sampler == "grid":
-        levels = max(1, math.ceil(n_trials ** (1.0 / len(dims)) - 1e-9))
-        grids = [d.candidates(levels) for d in dims]
-        # Dimensions with few values (choices) leave room: raise the others' resolution to fill n_trials.
-        while math.prod(map(len, grids)) < n_trials:
-            grown = False
-            for i, d in enumerate(dims):
-                if d.range.type != "choice":
-                    bigger = d.candidates(len(grids[i]) + 1)
-                    if len(bigger) > len(grids[i]):
-                        grids[i], grown = bigger, True
-                if math.prod(map(len, grids)) >= n_trials:
-                    break
-            if not grown:
-                break
-        index = k % math.prod(map(len, grids))
-        point = {}
-        for d, grid in reversed(list(zip(dims, grids))):
-            index, digit = divmod(index, len(grid))
-            point[d.name] = grid[digit]
-        return {d.name: point[d.name] for d in dims}
-    raise ValueError(f"unknown sampler {sampler!r}")
+    fn = SAMPLERS.get(sampler) if isinstance(sampler, str) else None
+    if fn is None:
+        raise ValueError(f"unknown sampler {sampler!r}")
+    return fn(dims, seed, k, n_trials)
 
 
 def trial_key(k: int, n_trials: int) -> str:

@@ -1,7 +1,12 @@
 """The sweep file: a YAML description of an OpenCV pipeline, its search space and an objective.
 
 Loading validates everything before any work starts; every error names the file and the field,
-for example ``sweeps/x.yaml: pipeline[1].ksize: fixed value 4 must be odd``.
+for example ``sweeps/x.yaml: pipeline[1].ksize: parameter 'ksize' must be odd, got 4``.
+
+The checks are pydantic models (one per level: the file, its objective, schedule, each stage and
+each search range); the first problem, in the order the fields are read, becomes that message.
+Op parameters are checked by their specs in core/ops.py, metric options come from the metric
+registry, samplers from the sampler registry, demo sets from demo_data, cron strings from cron.
 """
 
 from __future__ import annotations
@@ -12,23 +17,40 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from imgtune_assets.core.metrics import METRICS, Objective
-from imgtune_assets.core.ops import OPS, OpParamError, validate_stage
+from imgtune_assets.core.cron import validate_cron
+from imgtune_assets.core.demo_data import DEMO_KINDS
+from imgtune_assets.core.metrics import METRICS, Objective, metric_options
+from imgtune_assets.core.ops import OPS, OpParamError, ParamSpec, validate_stage
+from imgtune_assets.core.sampling import SAMPLERS
 
-SAMPLERS = ("random", "grid", "halton", "sobol")
 RANGE_TYPES = ("int", "float", "odd", "choice")
 MAX_TRIALS = 10_000
 # A sweep name becomes a folder name under the output folder: keep it a single, plain path part.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-TOP_LEVEL_FIELDS = {
-    "name", "data_dir", "objective", "trials", "seed", "sampler", "pipeline", "schedule", "chunk_size",
-    "description", "demo_data",
-}
-DEMO_KINDS = ("denoise", "segment")
+# Every keyword option of a registered metric (edge_f1's tolerance, ...).
+METRIC_OPTIONS = tuple(sorted(set().union(*(metric_options(m) for m in METRICS))))
 
 
 class SweepFileError(ValueError):
@@ -105,103 +127,204 @@ def _fail(path: Path, where: str, message: str) -> SweepFileError:
     return SweepFileError(f"{path}: {where}: {message}" if where else f"{path}: {message}")
 
 
-def _number(value: Any, path: Path, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(path, where, f"expected a number, got {value!r}")
+# ----------------------------------------------------------------------------- validation models
+#
+# A check raises ``_problem(message)``: the message is the one users have always seen; ``sub``
+# and ``up`` move it from the field being checked to the field path the message names.
+
+
+def _problem(message: str, *, sub: str = "", up: int = 0) -> PydanticCustomError:
+    return PydanticCustomError("sweep", "{message}", {"message": message, "sub": sub, "up": up})
+
+
+def _says(template: str) -> WrapValidator:
+    """Report any failure of the wrapped type or bound as ``template.format(value)``."""
+
+    def check(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise _problem(template.format(value)) from None
+
+    return WrapValidator(check)
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("not finite")
     return value
 
 
-def _parse_range(raw: dict, spec, path: Path, where: str) -> SearchRange:
-    unknown = set(raw) - {"type", "low", "high", "log", "values"}
-    if unknown:
-        raise _fail(path, where, f"unknown key(s) {sorted(unknown)} in search range "
-                                 "(allowed: type, low, high, log, values)")
-    kind = raw.get("type")
-    if kind not in RANGE_TYPES:
-        raise _fail(path, f"{where}.type", f"unknown range type {kind!r} (allowed: {', '.join(RANGE_TYPES)})")
-    if kind == "choice":
-        values = raw.get("values")
-        if not isinstance(values, list) or not values:
-            raise _fail(path, f"{where}.values", "a choice needs a non-empty list of values")
-        if "low" in raw or "high" in raw or raw.get("log"):
-            raise _fail(path, where, "a choice takes `values`, not low/high/log")
-        checked = []
-        for i, value in enumerate(values):
-            try:
-                checked.append(spec.validate(value, f"{path}: {where}.values[{i}]"))
-            except OpParamError as exc:
-                raise SweepFileError(str(exc)) from None
-        if len(set(map(repr, checked))) != len(checked):
-            raise _fail(path, f"{where}.values", f"duplicate values in {values!r}")
-        return SearchRange(type="choice", values=tuple(checked))
-
-    if "values" in raw:
-        raise _fail(path, where, f"a {kind} range takes low/high, not values")
-    for key in ("low", "high"):
-        if key not in raw:
-            raise _fail(path, f"{where}.{key}", f"missing (a {kind} range needs low and high)")
-    low = _number(raw["low"], path, f"{where}.low")
-    high = _number(raw["high"], path, f"{where}.high")
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise _fail(path, f"{where}.log", f"expected true or false, got {log!r}")
-    if low > high:
-        raise _fail(path, where, f"low ({low}) > high ({high})")
-    if log and low <= 0:
-        raise _fail(path, f"{where}.low", f"a log range needs low > 0, got {low}")
-
-    allowed = {"int": ("int",), "odd": ("odd",), "float": ("float", "int")}.get(spec.kind, ())
-    if kind not in allowed:
-        expected = " or ".join(allowed) if allowed else "choice"
-        raise _fail(path, f"{where}.type", f"parameter {spec.name!r} is {spec.kind}: use type {expected}, not {kind}")
-    if kind in ("int", "odd"):
-        if low != int(low) or high != int(high):
-            raise _fail(path, where, f"{kind} range bounds must be whole numbers, got {low}..{high}")
-        low, high = int(low), int(high)
-    if kind == "odd":
-        if not any(v % 2 == 1 for v in range(low, high + 1)):
-            raise _fail(path, where, f"no odd value in {low}..{high}")
-    for key, value in (("low", low), ("high", high)):
-        if spec.low is not None and value < spec.low or spec.high is not None and value > spec.high:
-            raise _fail(path, f"{where}.{key}",
-                        f"{value} is outside the allowed range {spec.low}..{spec.high} of {spec.name!r}")
-    return SearchRange(type=kind, low=low, high=high, log=log)
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("blank")
+    return value
 
 
-def _parse_stage(raw: Any, index: int, path: Path) -> Stage:
-    where = f"pipeline[{index}]"
-    if not isinstance(raw, dict):
-        raise _fail(path, where, f"each stage is a mapping with `op:` and parameters, got {raw!r}")
-    if "op" not in raw:
-        raise _fail(path, f"{where}.op", "missing")
-    op = raw["op"]
-    if op not in OPS:
-        raise _fail(path, f"{where}.op", f"unknown op {op!r} (known: {', '.join(sorted(OPS))})")
-    spec = OPS[op]
-    fixed: dict[str, Any] = {}
-    searched: dict[str, SearchRange] = {}
-    for name, value in raw.items():
-        if name == "op":
-            continue
-        if name not in spec.params:
-            known = ", ".join(sorted(spec.params)) or "none"
-            raise _fail(path, f"{where}.{name}", f"unknown parameter for {op} (known: {known})")
-        if isinstance(value, dict):
-            searched[name] = _parse_range(value, spec.params[name], path, f"{where}.{name}")
-        else:
-            try:
-                fixed[name] = spec.params[name].validate(value, f"{path}: {where}.{name}")
-            except OpParamError as exc:
-                raise SweepFileError(str(exc)) from None
-    # Check the stage as a whole once, with each searched parameter at one end of its range.
-    probe = dict(fixed)
-    for name, rng in searched.items():
-        probe[name] = rng.values[0] if rng.type == "choice" else _first_value(rng)
-    try:
-        validate_stage(op, probe, where=f"{path}: {where}")
-    except OpParamError as exc:
-        raise SweepFileError(str(exc)) from None
-    return Stage(op=op, fixed=fixed, searched=searched)
+# int stays int (10, not 10.0): values are written back into documents and hashed by fingerprint().
+Number = Annotated[Union[StrictInt, StrictFloat], AfterValidator(_finite), _says("expected a number, got {!r}")]
+
+
+class _Model(BaseModel):
+    # Check order for picking the first problem: field names, "+" for unknown keys, "!" for missing.
+    _ORDER: ClassVar[tuple[str, ...]] = ()
+    _NESTED: ClassVar[dict[str, type[_Model]]] = {}
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
+        """(path below this model, message) for unknown keys."""
+        raise NotImplementedError
+
+
+class _Range(_Model):
+    """A searched parameter; validated with ``context={"spec": ParamSpec}``."""
+
+    _ORDER = ("+", "type", "values", "low", "high", "log")
+    type: Annotated[
+        Literal["int", "float", "odd", "choice"],
+        _says(f"unknown range type {{!r}} (allowed: {', '.join(RANGE_TYPES)})"),
+    ] = Field(None, validate_default=True)
+    values: Optional[list[Any]] = None
+    low: Number = None  # an explicit null is not a number; absence is checked by _keys_fit_type
+    high: Number = None
+    log: Annotated[StrictBool, _says("expected true or false, got {!r}")] = False
+
+    @classmethod
+    def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
+        return "", (f"unknown key(s) {sorted(keys)} in search range "
+                    "(allowed: type, low, high, log, values)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_fit_type(cls, raw: Any) -> Any:
+        # Which keys a range type takes is checked before their values.
+        if not isinstance(raw, dict) or set(raw) - set(cls.model_fields):
+            return raw  # unknown keys are reported first, by extra="forbid"
+        kind = raw.get("type")
+        if kind not in RANGE_TYPES:
+            return raw  # the type field reports it
+        if kind == "choice":
+            values = raw.get("values")
+            if not isinstance(values, list) or not values:
+                raise _problem("a choice needs a non-empty list of values", sub=".values")
+            if "low" in raw or "high" in raw or raw.get("log"):
+                raise _problem("a choice takes `values`, not low/high/log")
+            return {k: v for k, v in raw.items() if k != "log"}  # a false log is ignored
+        if "values" in raw:
+            raise _problem(f"a {kind} range takes low/high, not values")
+        for key in ("low", "high"):
+            if key not in raw:
+                raise _problem(f"missing (a {kind} range needs low and high)", sub=f".{key}")
+        return raw
+
+    @model_validator(mode="after")
+    def _fits_parameter(self, info: ValidationInfo) -> _Range:
+        spec: ParamSpec = info.context["spec"]
+        if self.type == "choice":
+            checked = []
+            for i, value in enumerate(self.values):
+                try:
+                    checked.append(spec.validate(value))
+                except OpParamError as exc:
+                    raise _problem(str(exc), sub=f".values[{i}]") from None
+            if len(set(map(repr, checked))) != len(checked):
+                raise _problem(f"duplicate values in {self.values!r}", sub=".values")
+            self.values = checked
+            return self
+        kind, low, high = self.type, self.low, self.high
+        if low > high:
+            raise _problem(f"low ({low}) > high ({high})")
+        if self.log and low <= 0:
+            raise _problem(f"a log range needs low > 0, got {low}", sub=".low")
+        allowed = {"int": ("int",), "odd": ("odd",), "float": ("float", "int")}.get(spec.kind, ())
+        if kind not in allowed:
+            expected = " or ".join(allowed) if allowed else "choice"
+            raise _problem(f"parameter {spec.name!r} is {spec.kind}: use type {expected}, not {kind}", sub=".type")
+        if kind in ("int", "odd"):
+            if low != int(low) or high != int(high):
+                raise _problem(f"{kind} range bounds must be whole numbers, got {low}..{high}")
+            low, high = int(low), int(high)
+        if kind == "odd" and not any(v % 2 == 1 for v in range(low, high + 1)):
+            raise _problem(f"no odd value in {low}..{high}")
+        for key, value in (("low", low), ("high", high)):
+            if spec.low is not None and value < spec.low or spec.high is not None and value > spec.high:
+                raise _problem(f"{value} is outside the allowed range {spec.low}..{spec.high} of {spec.name!r}",
+                               sub=f".{key}")
+        self.low, self.high = low, high
+        return self
+
+    def to_range(self) -> SearchRange:
+        if self.type == "choice":
+            return SearchRange(type="choice", values=tuple(self.values))
+        return SearchRange(type=self.type, low=self.low, high=self.high, log=self.log)
+
+
+class _Stage(_Model):
+    """One pipeline stage: ``{op: name, <param>: fixed value or search range, ...}``."""
+
+    op: Any
+    params: dict[Any, Any]  # not in the file: the stage's keys other than op, gathered here
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_params(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise _problem(f"each stage is a mapping with `op:` and parameters, got {raw!r}")
+        if "op" not in raw:
+            raise _problem("missing", sub=".op")
+        return {"op": raw["op"], "params": {k: v for k, v in raw.items() if k != "op"}}
+
+    @field_validator("op")
+    @classmethod
+    def _known_op(cls, op: Any) -> str:
+        if not isinstance(op, str) or op not in OPS:
+            raise _problem(f"unknown op {op!r} (known: {', '.join(sorted(OPS))})")
+        return op
+
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, params: dict, info: ValidationInfo) -> dict[str, Any]:
+        """Each parameter, in file order: a fixed value, or a SearchRange for a mapping."""
+        if "op" not in info.data:
+            return params  # the op is reported
+        op = info.data["op"]
+        spec = OPS[op]
+        out: dict[str, Any] = {}
+        for name, value in params.items():
+            if name not in spec.params:
+                known = ", ".join(sorted(spec.params)) or "none"
+                raise _problem(f"unknown parameter for {op} (known: {known})", sub=f".{name}")
+            if isinstance(value, dict):
+                try:
+                    out[name] = _Range.model_validate(value, context={"spec": spec.params[name]}).to_range()
+                except ValidationError as exc:
+                    where, message = _first_problem(exc, _Range)
+                    raise _problem(message, sub=f".{name}{where}") from None
+            else:
+                try:
+                    out[name] = spec.params[name].validate(value)
+                except OpParamError as exc:
+                    raise _problem(str(exc), sub=f".{name}") from None
+        return out
+
+    @model_validator(mode="after")
+    def _stage_as_a_whole(self) -> _Stage:
+        # Check the stage as a whole once, with each searched parameter at one end of its range.
+        probe = {name: (value.values[0] if value.type == "choice" else _first_value(value))
+                 if isinstance(value, SearchRange) else value for name, value in self.params.items()}
+        try:
+            validate_stage(self.op, probe)
+        except OpParamError as exc:
+            raise _problem(str(exc)) from None
+        return self
+
+    def to_stage(self) -> Stage:
+        return Stage(
+            op=self.op,
+            fixed={k: v for k, v in self.params.items() if not isinstance(v, SearchRange)},
+            searched={k: v for k, v in self.params.items() if isinstance(v, SearchRange)},
+        )
 
 
 def _first_value(rng: SearchRange):
@@ -213,87 +336,219 @@ def _first_value(rng: SearchRange):
     return float(rng.low)
 
 
+def _option_taken(value: Any, info: ValidationInfo) -> Any:
+    metric = info.data.get("metric")  # absent when the metric itself is wrong (reported first)
+    if metric is not None and info.field_name not in metric_options(metric):
+        takers = [m for m in METRICS if info.field_name in metric_options(m)]
+        raise _problem(f"only {', '.join(takers)} takes a {info.field_name}")
+    return value
+
+
+def _non_negative(value: float) -> float:
+    if value < 0:
+        raise _problem(f"must be >= 0, got {value}")
+    return value
+
+
+class _ObjectiveFields(_Model):
+    _ORDER = ("metric", "direction", "+", *METRIC_OPTIONS)
+    metric: Any
+    direction: Annotated[
+        Optional[Literal["maximize", "minimize"]], _says("expected maximize or minimize, got {!r}")
+    ] = None
+
+    @classmethod
+    def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
+        allowed = ", ".join(("metric", "direction", *METRIC_OPTIONS))
+        return "", f"unknown option(s) {sorted(keys)} (allowed: {allowed})"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, raw: Any) -> Any:
+        if isinstance(raw, str):
+            raw = {"metric": raw}
+        if not isinstance(raw, dict) or "metric" not in raw:
+            raise _problem("expected a mapping like {metric: psnr}")
+        return raw
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: Any) -> str:
+        if not isinstance(metric, str) or metric not in METRICS:
+            raise _problem(f"unknown metric {metric!r} (known: {', '.join(sorted(METRICS))})")
+        return metric
+
+    def to_objective(self) -> Objective:
+        options = {name: getattr(self, name) for name in METRIC_OPTIONS if name in self.model_fields_set}
+        return Objective(metric=self.metric, options=options, direction=self.direction)
+
+
+# One optional field per metric option; every option so far is a non-negative number (a tolerance).
+_Objective = create_model(
+    "_Objective",
+    __base__=_ObjectiveFields,
+    __validators__={"_option_taken": field_validator(*METRIC_OPTIONS, mode="before")(_option_taken)}
+    if METRIC_OPTIONS else {},
+    **{name: (Annotated[Number, AfterValidator(_non_negative)], None) for name in METRIC_OPTIONS},
+)
+
+
+def _check_cron(expr: Any) -> str:
+    try:
+        return validate_cron(expr)
+    except ValueError as exc:
+        raise _problem(str(exc)) from None
+
+
+class _Schedule(_Model):
+    _ORDER = ("+", "cron")
+    cron: Annotated[Any, AfterValidator(_check_cron)] = Field(None, validate_default=True)
+
+    @classmethod
+    def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
+        return "", "expected a mapping like {cron: '0 2 * * *'}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise _problem("expected a mapping like {cron: '0 2 * * *'}")
+        return raw
+
+
+def _plain_name(name: Any) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise _problem(f"{name!r} is not a plain name (letters, digits, '_', '-', '.'; "
+                       "it names a folder under the output folder, so no '/' or '..')")
+    return name
+
+
+def _trials_range(trials: int) -> int:
+    if not 1 <= trials <= MAX_TRIALS:
+        raise _problem(f"must be between 1 and {MAX_TRIALS}, got {trials}")
+    return trials
+
+
+def _known_sampler(sampler: Any) -> str:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise _problem(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+    return sampler
+
+
+def _known_demo(kind: Any) -> Any:
+    if kind is not None and kind not in DEMO_KINDS:
+        raise _problem(f"unknown demo set {kind!r} (known: {', '.join(DEMO_KINDS)})")
+    return kind
+
+
+def _stage_list(value: Any) -> Any:
+    if not isinstance(value, list) or not value:
+        raise _problem("expected a non-empty list of stages")
+    return value
+
+
+class _SweepDoc(_Model):
+    """The whole file. Fields are declared in the order they are checked."""
+
+    _ORDER = ("+", "!", "name", "data_dir", "objective", "trials", "seed", "sampler", "pipeline", "schedule",
+              "chunk_size", "demo_data", "description")
+    _NESTED = {"objective": _Objective, "schedule": _Schedule}
+    name: Annotated[Any, AfterValidator(_plain_name)]
+    data_dir: Annotated[StrictStr, AfterValidator(_not_blank), _says("expected a folder path, got {!r}")]
+    objective: _Objective
+    trials: Annotated[StrictInt, _says("expected a whole number, got {!r}"), AfterValidator(_trials_range)]
+    seed: Annotated[StrictInt, Field(ge=0), _says("expected a whole number >= 0, got {!r}")] = 0
+    sampler: Annotated[Any, AfterValidator(_known_sampler)] = "random"
+    pipeline: Annotated[list[_Stage], BeforeValidator(_stage_list)]
+    schedule: Optional[_Schedule] = None
+    chunk_size: Optional[Annotated[StrictInt, Field(ge=1), _says("expected a whole number >= 1, got {!r}")]] = None
+    # Generated into data_dir when that folder is missing.
+    demo_data: Annotated[Any, AfterValidator(_known_demo)] = None
+    description: Any = None
+
+    @classmethod
+    def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
+        allowed = ", ".join(sorted(cls.model_fields))
+        return f".{sorted(keys, key=str)[0]}", f"unknown field (allowed: {allowed})"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise _problem("the sweep file must be a YAML mapping (name, data_dir, objective, trials, ...)")
+        return raw
+
+    def to_sweep(self, path: Path, raw: dict[str, Any]) -> Sweep:
+        return Sweep(
+            path=path, name=self.name, data_dir=(path.parent / self.data_dir).resolve(),
+            objective=self.objective.to_objective(), trials=self.trials, seed=self.seed, sampler=self.sampler,
+            pipeline=tuple(stage.to_stage() for stage in self.pipeline),
+            schedule_cron=self.schedule.cron if self.schedule else None,
+            chunk_size=self.chunk_size, demo_data=self.demo_data, raw=raw,
+        )
+
+
+TOP_LEVEL_FIELDS = frozenset(_SweepDoc.model_fields)
+
+
+# ------------------------------------------------------------------- pydantic errors -> messages
+
+
+def _rank(model: type[_Model], loc: tuple, kind: str) -> tuple[int, ...]:
+    """Where an error's check comes in ``model``'s check order (nested models refine it)."""
+    if not loc:
+        return (-1,)
+    order = model._ORDER
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return (order.index("+"),)
+    if kind == "missing" and len(loc) == 1 and "!" in order:
+        return (order.index("!"),)
+    head = loc[0]
+    rank = order.index(head) if head in order else len(order)
+    nested = model._NESTED.get(head)
+    return (rank, *(_rank(nested, loc[1:], kind) if nested else ()))
+
+
+def _path(loc: tuple, *, up: int = 0, sub: str = "") -> str:
+    """``('pipeline', 0, 'params', 'd')`` -> ``.pipeline[0].d`` (``params`` is not in the file)."""
+    parts = [
+        f"[{part}]" if isinstance(part, int) else f".{part}"
+        for i, part in enumerate(loc)
+        if not (part == "params" and i >= 2 and loc[i - 2] == "pipeline" and isinstance(loc[i - 1], int))
+    ]
+    return "".join(parts[: len(parts) - up]) + sub
+
+
+def _first_problem(exc: ValidationError, model: type[_Model]) -> tuple[str, str]:
+    """The problem the checks meet first, as (field path like ``.pipeline[0].d``, message)."""
+    errors = exc.errors()
+    index = min(range(len(errors)), key=lambda i: (_rank(model, errors[i]["loc"], errors[i]["type"]), i))
+    error = errors[index]
+    loc = error["loc"]
+    if error["type"] == "extra_forbidden":
+        parent = loc[:-1]
+        owner = model
+        for part in parent:
+            owner = owner._NESTED[part]
+        keys = [e["loc"][-1] for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == parent]
+        where, message = owner._unknown(keys)
+        return _path(parent) + where, message
+    if error["type"] == "sweep":
+        ctx = error["ctx"]
+        return _path(loc, up=ctx["up"], sub=ctx["sub"]), ctx["message"]
+    if error["type"] == "missing":
+        return _path(loc), "missing"
+    return _path(loc), error["msg"]  # not expected: every check above words its own message
+
+
 def parse_sweep(raw: Any, path: Path) -> Sweep:
     """Validate an already-parsed YAML document; ``path`` is used for messages and ``data_dir``."""
-    if not isinstance(raw, dict):
-        raise _fail(path, "", "the sweep file must be a YAML mapping (name, data_dir, objective, trials, ...)")
-    unknown = set(raw) - TOP_LEVEL_FIELDS
-    if unknown:
-        raise _fail(path, sorted(unknown)[0], f"unknown field (allowed: {', '.join(sorted(TOP_LEVEL_FIELDS))})")
-    for required in ("name", "data_dir", "objective", "trials", "pipeline"):
-        if required not in raw:
-            raise _fail(path, required, "missing")
-
-    name = raw["name"]
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
-        raise _fail(path, "name", f"{name!r} is not a plain name (letters, digits, '_', '-', '.'; "
-                                  "it names a folder under the output folder, so no '/' or '..')")
-    data_dir = raw["data_dir"]
-    if not isinstance(data_dir, str) or not data_dir.strip():
-        raise _fail(path, "data_dir", f"expected a folder path, got {data_dir!r}")
-    resolved_data_dir = (path.parent / data_dir).resolve()
-
-    objective = raw["objective"]
-    if isinstance(objective, str):
-        objective = {"metric": objective}
-    if not isinstance(objective, dict) or "metric" not in objective:
-        raise _fail(path, "objective", "expected a mapping like {metric: psnr}")
-    metric = objective["metric"]
-    if metric not in METRICS:
-        raise _fail(path, "objective.metric", f"unknown metric {metric!r} (known: {', '.join(sorted(METRICS))})")
-    direction = objective.get("direction")
-    if direction is not None and direction not in ("maximize", "minimize"):
-        raise _fail(path, "objective.direction", f"expected maximize or minimize, got {direction!r}")
-    metric_options = {k: v for k, v in objective.items() if k not in ("metric", "direction")}
-    if metric_options and set(metric_options) != {"tolerance"}:
-        raise _fail(path, "objective", f"unknown option(s) {sorted(set(metric_options) - {'tolerance'})} "
-                                       "(allowed: metric, direction, tolerance)")
-    if "tolerance" in metric_options:
-        if metric != "edge_f1":
-            raise _fail(path, "objective.tolerance", "only edge_f1 takes a tolerance")
-        tol = _number(metric_options["tolerance"], path, "objective.tolerance")
-        if tol < 0:
-            raise _fail(path, "objective.tolerance", f"must be >= 0, got {tol}")
-
-    trials = raw["trials"]
-    if isinstance(trials, bool) or not isinstance(trials, int):
-        raise _fail(path, "trials", f"expected a whole number, got {trials!r}")
-    if not 1 <= trials <= MAX_TRIALS:
-        raise _fail(path, "trials", f"must be between 1 and {MAX_TRIALS}, got {trials}")
-    seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise _fail(path, "seed", f"expected a whole number >= 0, got {seed!r}")
-    sampler = raw.get("sampler", "random")
-    if sampler not in SAMPLERS:
-        raise _fail(path, "sampler", f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
-
-    pipeline_raw = raw["pipeline"]
-    if not isinstance(pipeline_raw, list) or not pipeline_raw:
-        raise _fail(path, "pipeline", "expected a non-empty list of stages")
-    pipeline = tuple(_parse_stage(stage, i, path) for i, stage in enumerate(pipeline_raw))
-
-    cron = None
-    schedule = raw.get("schedule")
-    if schedule is not None:
-        if not isinstance(schedule, dict) or set(schedule) - {"cron"}:
-            raise _fail(path, "schedule", "expected a mapping like {cron: '0 2 * * *'}")
-        cron = schedule.get("cron")
-        if not isinstance(cron, str) or len(cron.split()) != 5:
-            raise _fail(path, "schedule.cron", f"expected a 5-field cron string, got {cron!r}")
-    chunk_size = raw.get("chunk_size")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise _fail(path, "chunk_size", f"expected a whole number >= 1, got {chunk_size!r}")
-
-    demo_data = raw.get("demo_data")
-    if demo_data is not None and demo_data not in DEMO_KINDS:
-        raise _fail(path, "demo_data", f"unknown demo set {demo_data!r} (known: {', '.join(DEMO_KINDS)})")
-
-    return Sweep(
-        path=path, name=name, data_dir=resolved_data_dir,
-        objective=Objective(metric=metric, options=metric_options, direction=direction),
-        trials=trials, seed=seed, sampler=sampler, pipeline=pipeline, schedule_cron=cron,
-        chunk_size=chunk_size, demo_data=demo_data, raw=raw,
-    )
+    try:
+        doc = _SweepDoc.model_validate(raw)
+    except ValidationError as exc:
+        where, message = _first_problem(exc, _SweepDoc)
+        raise _fail(path, where[1:] if where.startswith(".") else where, message) from None
+    return doc.to_sweep(path, raw)
 
 
 def load_sweep(path: str | Path) -> Sweep:

@@ -30,7 +30,7 @@ def sweep_definitions(sweep: Sweep) -> Definitions:
     """Everything one sweep needs, without resources or executor."""
     partitions = trial_partitions(sweep)
     assets = build_sweep_assets(sweep, partitions)
-    jobs = build_sweep_jobs(sweep, partitions)
+    jobs = build_sweep_jobs(sweep)
     return Definitions(
         assets=assets.all(),
         asset_checks=build_sweep_checks(assets),

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from dagster import AssetSelection, JobDefinition, PartitionsDefinition, RunRequest, define_asset_job
+from dagster import AssetSelection, JobDefinition, RunRequest, define_asset_job
 
 from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.sweepfile import Sweep
@@ -43,12 +43,12 @@ class SweepJobs:
     trials: JobDefinition
 
 
-def build_sweep_jobs(sweep: Sweep, partitions: PartitionsDefinition) -> SweepJobs:
+def build_sweep_jobs(sweep: Sweep) -> SweepJobs:
+    # Partitions are inferred from the selected assets (the sweep's trial partitions).
     return SweepJobs(
         sweep=define_asset_job(
             sweep_job_name(sweep),
             selection=AssetSelection.groups(group_name(sweep.name)),
-            partitions_def=partitions,
             tags={SWEEP_TAG: sweep.name},
             description=f"The whole sweep {sweep.name!r} in one run: image_manifest, run_settings, every trial "
             "partition of experiment_results (as one partition range), then sweep_report.",
@@ -56,7 +56,6 @@ def build_sweep_jobs(sweep: Sweep, partitions: PartitionsDefinition) -> SweepJob
         trials=define_asset_job(
             trials_job_name(sweep),
             selection=AssetSelection.assets(asset_key(sweep, "experiment_results")),
-            partitions_def=partitions,
             tags={SWEEP_TAG: sweep.name},
             description=f"{sweep.name}/experiment_results only: re-run or backfill trials (one run per partition "
             "with `dagster job backfill`, or a range as one run).",

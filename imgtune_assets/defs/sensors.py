@@ -1,7 +1,7 @@
 """``<group>_new_images``: a new, changed or removed image (or target) in a sweep's data folder requests
 that sweep.
 
-The request is the schedule's: one ranged run of ``imgtune_sweep`` over every trial.
+The request is the schedule's: one ranged run of ``<group>_sweep`` over every trial.
 
 How a change is detected, cheaply on most ticks:
 

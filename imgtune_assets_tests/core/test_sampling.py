@@ -1,9 +1,12 @@
+import json
 import math
+from pathlib import Path
 
 import pytest
 
 from imgtune_assets.core.ops import validate_stage
 from imgtune_assets.core.sampling import (
+    SAMPLERS,
     sample_point,
     search_space,
     trial_index,
@@ -99,3 +102,53 @@ def test_trial_keys_are_readable_and_round_trip():
 def test_trial_keys_of_sweep(tmp_path):
     keys = trial_keys(sweep(tmp_path, trials=3))
     assert keys == ["trial-000", "trial-001", "trial-002"]
+
+
+# Trial parameters recorded from the samplers before Halton moved to scipy (the hand-written
+# radical inverse): every sampler must keep giving exactly these, so re-running or backfilling a
+# trial of an existing sweep evaluates the same parameters. See sampler_golden.json for the sweeps.
+GOLDEN = json.loads((Path(__file__).parent / "sampler_golden.json").read_text())
+
+
+def _golden_sweep(name: str, **changes):
+    return parse_sweep({**GOLDEN["sweeps"][name]["raw"], **changes}, Path("/golden") / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN["sweeps"]))
+@pytest.mark.parametrize("sampler", ["random", "grid", "halton", "sobol"])
+def test_points_match_the_recorded_ones(name, sampler):
+    s = _golden_sweep(name)
+    dims = search_space(s)
+    assert [d.name for d in dims] == GOLDEN["sweeps"][name]["dims"]
+    for seed in GOLDEN["seeds"]:
+        expected = GOLDEN["sweeps"][name]["points"][f"{sampler}/{seed}"]
+        got = [[sample_point(dims, sampler, seed, k, s.trials)[d.name] for d in dims] for k in GOLDEN["ks"]]
+        # Compared as JSON so 3 and 3.0, True and 1 count as different.
+        assert json.dumps(got) == json.dumps(expected), (name, sampler, seed)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in GOLDEN["sweeps"].items() if e["settings"]))
+@pytest.mark.parametrize("sampler", ["random", "grid", "halton", "sobol"])
+def test_trial_settings_match_the_recorded_ones(name, sampler):
+    seed = GOLDEN["settings_seed"]
+    s = _golden_sweep(name, sampler=sampler, seed=seed)
+    got = [trial_settings(s, k) for k in GOLDEN["settings_ks"]]
+    assert json.dumps(got) == json.dumps(GOLDEN["sweeps"][name]["settings"][f"{sampler}/{seed}"])
+
+
+def test_samplers_are_a_registry():
+    assert list(SAMPLERS) == ["random", "grid", "halton", "sobol"]
+    dims = search_space(_golden_sweep("one_dim"))
+    for name, fn in SAMPLERS.items():
+        assert fn(dims, 3, 5, 7) == sample_point(dims, name, 3, 5, 7)
+    with pytest.raises(ValueError, match="unknown sampler 'tpe'"):
+        sample_point(dims, "tpe", 0, 0, 1)
+    with pytest.raises(ValueError, match="trial index must be >= 0"):
+        sample_point(dims, "random", 0, -1, 1)
+
+
+def test_halton_point_does_not_depend_on_the_trial_count_or_order():
+    dims = search_space(_golden_sweep("mixed4"))
+    late = sample_point(dims, "halton", 5, 300, 1000)
+    assert sample_point(dims, "halton", 5, 300, 40) == late  # k beyond n_trials still works
+    assert [sample_point(dims, "halton", 5, k, 1000) for k in (0, 300)][1] == late

@@ -2,8 +2,12 @@ from pathlib import Path
 
 import pytest
 
+from imgtune_assets.core import demo_data, sweepfile
+from imgtune_assets.core.cron import validate_cron
+from imgtune_assets.core.metrics import METRICS, metric_options
 from imgtune_assets.core.paths import BUNDLED_SWEEPS
-from imgtune_assets.core.sweepfile import SweepFileError, load_sweep
+from imgtune_assets.core.sampling import SAMPLERS
+from imgtune_assets.core.sweepfile import SweepFileError, fixed_sweep_document, load_sweep, parse_sweep
 
 GOOD = """
 name: t
@@ -115,3 +119,199 @@ def test_direction_overrides_the_metric_and_is_validated(tmp_path):
     assert sweep.higher_is_better is False
     with pytest.raises(SweepFileError, match=r"objective.direction: expected maximize or minimize, got 'up'"):
         load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: psnr, direction: up}")))
+
+
+# Whole messages, recorded from the hand-written parser that the pydantic models replaced: the
+# models must word every problem, and pick the same first problem, exactly as it did.
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: 4',
+         "pipeline[1].ksize: parameter 'ksize' must be odd, got 4"),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 4, high: 4}',
+         'pipeline[1].ksize: no odd value in 4..4'),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 3.5, high: 15}',
+         'pipeline[1].ksize: odd range bounds must be whole numbers, got 3.5..15'),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 3, high: 101}',
+         "pipeline[1].ksize.high: 101 is outside the allowed range 1..99 of 'ksize'"),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 3}',
+         'pipeline[1].ksize.high: missing (a odd range needs low and high)'),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 3, high: 15, values: [3]}',
+         'pipeline[1].ksize: a odd range takes low/high, not values'),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: oddd, low: 3, high: 15, step: 2, by: 1}',
+         "pipeline[1].ksize: unknown key(s) ['by', 'step'] in search range (allowed: type, low, high, log, values)"),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: true, high: 15}',
+         'pipeline[1].ksize.low: expected a number, got True'),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {low: 3, high: 15}',
+         'pipeline[1].ksize.type: unknown range type None (allowed: int, float, odd, choice)'),
+        ('log: true', 'log: 1',
+         'pipeline[1].sigma.log: expected true or false, got 1'),
+        ('low: 0.3, high: 3.0, log: true', 'low: .inf, high: 3.0, log: true',
+         'pipeline[1].sigma.low: expected a number, got inf'),
+        ('values: [otsu, mean, gaussian]', 'values: []',
+         'pipeline[2].method.values: a choice needs a non-empty list of values'),
+        ('values: [otsu, mean, gaussian]', 'values: [otsu, otsu]',
+         "pipeline[2].method.values: duplicate values in ['otsu', 'otsu']"),
+        ('values: [otsu, mean, gaussian]', 'values: [otsu], low: 1',
+         'pipeline[2].method: a choice takes `values`, not low/high/log'),
+        ('values: [otsu, mean, gaussian]', 'values: [otsu, 3]',
+         "pipeline[2].method.values[1]: parameter 'method' must be one of 'fixed', 'otsu', 'mean', 'gaussian', got 3"),
+        ('{type: choice, values: [otsu, mean, gaussian]}', '{type: int, low: 1, high: 3}',
+         "pipeline[2].method.type: parameter 'method' is choice: use type choice, not int"),
+        ('block_size: 11', 'block_size: true',
+         "pipeline[2].block_size: parameter 'block_size' must be an integer, got True"),
+        ('block_size: 11', 'block_size: 11\n  - 7',
+         'pipeline[3]: each stage is a mapping with `op:` and parameters, got 7'),
+        ('- op: threshold', '- bogus: threshold',
+         'pipeline[2].op: missing'),
+        ('name: t', "name: 'a/b'",
+         "name: 'a/b' is not a plain name (letters, digits, '_', '-', '.'; it names a folder under the output folder, so no '/' or '..')"),
+        ('name: t', 'name: 12',
+         "name: 12 is not a plain name (letters, digits, '_', '-', '.'; it names a folder under the output folder, so no '/' or '..')"),
+        ('data_dir: data', "data_dir: ''",
+         "data_dir: expected a folder path, got ''"),
+        ('data_dir: data', 'data_dir: [a]',
+         "data_dir: expected a folder path, got ['a']"),
+        ('objective: {metric: psnr}', 'objective: [psnr]',
+         'objective: expected a mapping like {metric: psnr}'),
+        ('objective: {metric: psnr}', 'objective: {direction: maximize}',
+         'objective: expected a mapping like {metric: psnr}'),
+        ('objective: {metric: psnr}', 'objective: {metric: psnr, tolerance: 2, foo: 1}',
+         "objective: unknown option(s) ['foo'] (allowed: metric, direction, tolerance)"),
+        ('objective: {metric: psnr}', 'objective: {metric: edge_f1, tolerance: -1}',
+         'objective.tolerance: must be >= 0, got -1'),
+        ('objective: {metric: psnr}', 'objective: {metric: edge_f1, tolerance: yes}',
+         'objective.tolerance: expected a number, got True'),
+        ('objective: {metric: psnr}', 'objective: {metric: psnr, direction: up, foo: 1}',
+         "objective.direction: expected maximize or minimize, got 'up'"),
+        ('trials: 8', 'trials: true',
+         'trials: expected a whole number, got True'),
+        ('trials: 8', 'trials: 10001',
+         'trials: must be between 1 and 10000, got 10001'),
+        ('seed: 3', 'seed: -1',
+         'seed: expected a whole number >= 0, got -1'),
+        ('seed: 3', "seed: '3'",
+         "seed: expected a whole number >= 0, got '3'"),
+        ('sampler: random', 'sampler: null',
+         'sampler: unknown sampler None (known: random, grid, halton, sobol)'),
+        ('pipeline:', 'zz: 1\naa: 2\npipeline:',
+         'aa: unknown field (allowed: chunk_size, data_dir, demo_data, description, name, objective, pipeline, sampler, schedule, seed, trials)'),
+        ('trials: 8', "trials: 8\nschedule: {cron: '0 2 * *'}",
+         "schedule.cron: expected a 5-field cron string, got '0 2 * *'"),
+        ('trials: 8', 'trials: 8\nschedule: {cron: 5}',
+         'schedule.cron: expected a 5-field cron string, got 5'),
+        ('trials: 8', 'trials: 8\nschedule: {}',
+         'schedule.cron: expected a 5-field cron string, got None'),
+        ('trials: 8', "trials: 8\nschedule: '0 2 * * *'",
+         "schedule: expected a mapping like {cron: '0 2 * * *'}"),
+        ('trials: 8', "trials: 8\nschedule: {cron: '0 2 * * *', timezone: UTC}",
+         "schedule: expected a mapping like {cron: '0 2 * * *'}"),
+        ('trials: 8', 'trials: 8\nchunk_size: 0',
+         'chunk_size: expected a whole number >= 1, got 0'),
+        ('trials: 8', 'trials: 8\nchunk_size: 2.5',
+         'chunk_size: expected a whole number >= 1, got 2.5'),
+        ('trials: 8', 'trials: 8\ndemo_data: faces',
+         "demo_data: unknown demo set 'faces' (known: denoise, segment)"),
+        ('name: t\n', '',
+         'name: missing'),
+    ],
+)
+def test_messages_are_unchanged(tmp_path, old, new, message):
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_not_a_mapping(tmp_path):
+    path = write(tmp_path, "- a\n- b\n")
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    assert str(err.value) == f"{path}: the sweep file must be a YAML mapping (name, data_dir, objective, trials, ...)"
+
+
+@pytest.mark.parametrize(
+    "objective, expected",
+    [
+        ("{metric: psnr}", "51e440d8346ac209"),
+        ("{metric: edge_f1, tolerance: 2, direction: minimize}", "b0bcbbd45eb2066a"),
+    ],
+)
+def test_fingerprint_is_stable(tmp_path, objective, expected):
+    # Values computed with the parser before the pydantic rewrite: results cached under a
+    # fingerprint must still be found (ints stay ints, options keep their values).
+    text = GOOD.replace("{metric: psnr}", objective)
+    assert load_sweep(write(tmp_path, text)).fingerprint() == expected
+    extra = "schedule: {cron: '0 2 * * *'}\nchunk_size: 3\ndemo_data: denoise\ndescription: hi\n"
+    assert load_sweep(write(tmp_path, text + extra)).fingerprint() == expected  # not part of it
+
+
+def test_fingerprint_is_stable_for_float_options_and_other_samplers(tmp_path):
+    text = GOOD.replace("{metric: psnr}", "{metric: edge_f1, tolerance: 1.5}").replace("sampler: random", "sampler: halton")
+    assert load_sweep(write(tmp_path, text)).fingerprint() == "73ffcbf5a232809b"
+
+
+def test_parsed_values_keep_their_types(tmp_path):
+    sweep = load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: edge_f1, tolerance: 2}")))
+    assert sweep.objective.options == {"tolerance": 2} and type(sweep.objective.options["tolerance"]) is int
+    d = sweep.pipeline[0].searched["d"]
+    assert (d.type, d.low, d.high, d.log) == ("int", 3, 11, False) and type(d.low) is int
+    sigma_color = sweep.pipeline[0].searched["sigma_color"]
+    assert type(sigma_color.low) is int and type(sigma_color.high) is int  # as written: 10, 150
+    assert sweep.pipeline[2].searched["method"].values == ("otsu", "mean", "gaussian")
+    assert sweep.raw["name"] == "t" and sweep.schedule_cron is None and sweep.demo_data is None
+
+
+def test_schedule_cron_is_checked_by_core_cron(tmp_path):
+    sweep = load_sweep(write(tmp_path, GOOD + "schedule: {cron: '*/15 9-17 * * MON-FRI'}\n"))
+    assert sweep.schedule_cron == "*/15 9-17 * * MON-FRI"
+    for cron in ("99 * * * *", "0 0 30 2 *"):
+        path = write(tmp_path, GOOD + f"schedule: {{cron: '{cron}'}}\n")
+        with pytest.raises(SweepFileError) as err:
+            load_sweep(path)
+        with pytest.raises(ValueError) as direct:
+            validate_cron(cron)
+        assert str(err.value) == f"{path}: schedule.cron: {direct.value}"
+
+
+def test_sampler_names_come_from_the_sampler_registry(tmp_path, monkeypatch):
+    path = write(tmp_path, GOOD.replace("sampler: random", "sampler: lattice"))
+    with pytest.raises(SweepFileError, match=r"sampler: unknown sampler 'lattice' \(known: random, grid, halton, sobol\)"):
+        load_sweep(path)
+    monkeypatch.setitem(SAMPLERS, "lattice", SAMPLERS["random"])
+    assert load_sweep(path).sampler == "lattice"
+
+
+def test_demo_kinds_and_metric_options_come_from_their_registries():
+    assert sweepfile.DEMO_KINDS is demo_data.DEMO_KINDS
+    assert sweepfile.METRIC_OPTIONS == tuple(sorted(set().union(*map(metric_options, METRICS))))
+    assert metric_options("edge_f1") == {"tolerance"} and metric_options("psnr") == frozenset()
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        # Strict types: a YAML true or a quoted number is not a number.
+        ("low: 3, high: 11", "low: 3, high: '11'", "pipeline[0].d.high: expected a number, got '11'"),
+        ("trials: 8", "trials: '8'", "trials: expected a whole number, got '8'"),
+        ("trials: 8", "trials: 8\nchunk_size: true", "chunk_size: expected a whole number >= 1, got True"),
+        # The first problem in file order wins, across stages and within a stage.
+        ("block_size: 11", "block_size: 10\n    bogus: 1", "pipeline[2].block_size: parameter 'block_size' must be odd, got 10"),
+        ("d: {type: int, low: 3, high: 11}", "d: {type: int, low: 3, high: 99}",
+         "pipeline[0].d.high: 99 is outside the allowed range 1..25 of 'd'"),
+    ],
+)
+def test_more_messages(tmp_path, old, new, message):
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_fixed_sweep_document_round_trips(tmp_path):
+    sweep = load_sweep(write(tmp_path, GOOD))
+    doc = fixed_sweep_document(sweep, [("gaussian_blur", {"ksize": 5, "sigma": 1.0})], name="t-best")
+    again = parse_sweep(doc, tmp_path / "best.yaml")
+    assert again.trials == 1 and again.pipeline[0].fixed == {"ksize": 5, "sigma": 1.0} and not again.pipeline[0].searched

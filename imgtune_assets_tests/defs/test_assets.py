@@ -1,32 +1,29 @@
-"""Single assets with build_asset_context, and the asset group with `materialize` on a temporary
-instance, with a real embedded Ray."""
+"""A sweep's assets, built by the factory for a sweep object of the test's own: single assets with
+build_asset_context, and the asset group with `materialize` on a temporary instance, with a real
+embedded Ray."""
 
 import json
 import math
 
+import cv2
 import numpy as np
 import pytest
-import yaml
-from dagster import AssetKey, DagsterInstance, Failure, build_asset_context, materialize
+from dagster import AssetKey, AssetSelection, DagsterInstance, Failure, build_asset_context, materialize
+from skimage.metrics import peak_signal_noise_ratio
 
-from imgtune_assets.core.imageio import read_image
-from imgtune_assets.core.metrics import psnr
+from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.ops import apply_pipeline
-from imgtune_assets.defs.assets import experiment_results, image_manifest, run_settings, sweep_report
-from imgtune_assets.defs.checks import (
-    manifest_all_files_usable,
-    manifest_has_usable_images,
-    report_complete,
-    scores_are_numbers,
-    tuning_beats_identity,
-)
+from imgtune_assets.core.sweepfile import load_sweep
+from imgtune_assets.defs.assets import ExperimentConfig, build_sweep_assets
+from imgtune_assets.defs.checks import build_sweep_checks
+from imgtune_assets.defs.io_manager import SweepStorageIOManager
+from imgtune_assets.defs.keys import asset_key
+from imgtune_assets.defs.partitions import trial_partitions
 from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets_tests.conftest import write_sweep
 
-RANGE_TAGS = {"dagster/asset_partition_range_start": "trial-000", "dagster/asset_partition_range_end": "trial-003"}
-ALL_ASSETS = [image_manifest, run_settings, experiment_results, sweep_report]
-ALL_CHECKS = [manifest_has_usable_images, manifest_all_files_usable, scores_are_numbers, tuning_beats_identity,
-              report_complete]
+REPORT_FILES = ("leaderboard.csv", "per_image_scores.csv", "best_pipeline.yaml", "report.json",
+                "plots/score_vs_params.png", "plots/best_so_far.png", "plots/best_trial_images.png")
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +36,83 @@ def local_ray():
     ray.shutdown()
 
 
-def resources(tmp_path, sweep):
-    return {"imgtune": SweepResource(sweep_path=str(sweep), output_dir=str(tmp_path / "outputs")),
-            "ray_cluster": RayResource()}
+def range_tags(sweep):
+    keys = trial_partitions(sweep).get_partition_keys()
+    return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
 
 
-def test_image_manifest_lists_every_file(tmp_path, tiny_sweep):
-    sweep_resource = SweepResource(sweep_path=str(tiny_sweep), output_dir=str(tmp_path / "out"))
-    output = image_manifest(build_asset_context(), imgtune=sweep_resource)
+def resources(out_dir):
+    """The resources every sweep shares (as definitions.py sets them), writing under ``out_dir``."""
+    imgtune = SweepResource(output_dir=str(out_dir))
+    return {"imgtune": imgtune, "ray_cluster": RayResource(), "io_manager": SweepStorageIOManager(imgtune=imgtune)}
+
+
+def built(sweep_file):
+    sweep = load_sweep(sweep_file)
+    return sweep, build_sweep_assets(sweep, trial_partitions(sweep))
+
+
+def node(assets_def) -> str:
+    return assets_def.op.name
+
+
+def data_files(sweep):
+    images = sorted((sweep.data_dir / "images").iterdir())
+    return [(p, sweep.data_dir / "targets" / p.name) for p in images]
+
+
+def independent_denoise_psnr(sweep, stages) -> float:
+    """Bilateral filter then Gaussian blur with OpenCV directly, scored with skimage: no imgtune code."""
+    (op1, bilateral), (op2, blur) = stages
+    assert (op1, op2) == ("bilateral_filter", "gaussian_blur")
+    scores = []
+    for image_file, target_file in data_files(sweep):
+        image = cv2.imread(str(image_file), cv2.IMREAD_UNCHANGED)
+        out = cv2.bilateralFilter(image, bilateral["d"], bilateral["sigma_color"], bilateral["sigma_space"])
+        out = cv2.GaussianBlur(out, (blur["ksize"], blur["ksize"]), blur["sigma"])
+        scores.append(peak_signal_noise_ratio(cv2.imread(str(target_file), cv2.IMREAD_UNCHANGED), out,
+                                              data_range=255))
+    return float(np.mean(scores))
+
+
+def independent_identity_psnr(sweep) -> float:
+    return float(np.mean([peak_signal_noise_ratio(cv2.imread(str(t), cv2.IMREAD_UNCHANGED),
+                                                  cv2.imread(str(i), cv2.IMREAD_UNCHANGED), data_range=255)
+                          for i, t in data_files(sweep)]))
+
+
+def independent_dice(sweep, stages) -> float:
+    scores = []
+    for image_file, target_file in data_files(sweep):
+        pred = apply_pipeline(cv2.imread(str(image_file), cv2.IMREAD_UNCHANGED), [tuple(s) for s in stages]) > 0
+        truth = cv2.imread(str(target_file), cv2.IMREAD_UNCHANGED) > 0
+        total = pred.sum() + truth.sum()
+        scores.append(1.0 if total == 0 else 2.0 * (pred & truth).sum() / total)
+    return float(np.mean(scores))
+
+
+# ------------------------------------------------------------------------------------ single assets
+
+
+def test_the_assets_are_keyed_and_grouped_by_the_sweep_they_were_built_for(tmp_path, denoise_data):
+    sweep, assets = built(write_sweep(tmp_path / "s.yaml", denoise_data, name="my-sweep.v2", trials=3))
+    assert [a.key for a in assets.all()] == [AssetKey(["my-sweep.v2", n]) for n in
+                                             ("image_manifest", "run_settings", "experiment_results", "sweep_report")]
+    assert {a.group_names_by_key[a.key] for a in assets.all()} == {"my_sweep_v2"} == {group_name(sweep.name)}
+    assert assets.experiment_results.partitions_def.get_partition_keys() == ["trial-000", "trial-001", "trial-002"]
+    assert assets.image_manifest.partitions_def is None and assets.sweep_report.partitions_def is None
+    deps = assets.sweep_report.asset_deps[assets.sweep_report.key]
+    assert {asset_key(sweep, "run_settings"), asset_key(sweep, "experiment_results")} <= set(deps)
+
+
+def test_image_manifest_lists_every_file(tiny_sweep):
+    _, assets = built(tiny_sweep)
+    output = assets.image_manifest(build_asset_context())
     frame = output.value
     assert len(frame) == 6 and set(frame["status"]) == {"ok"}
     assert frame["target_path"].notna().all()
     assert output.data_version.value == output.metadata["content_hash"].value
+    assert output.metadata["usable_images"].value == 6 and output.metadata["skipped_files"].value == 0
 
 
 def test_image_manifest_refuses_targetless_folder_for_psnr(tmp_path, denoise_data):
@@ -58,17 +120,18 @@ def test_image_manifest_refuses_targetless_folder_for_psnr(tmp_path, denoise_dat
     (folder / "images").mkdir(parents=True)
     for file in sorted((denoise_data / "images").iterdir())[:2]:
         (folder / "images" / file.name).write_bytes(file.read_bytes())
-    sweep = write_sweep(tmp_path / "s.yaml", folder)
+    sweep, assets = built(write_sweep(tmp_path / "s.yaml", folder))
     with pytest.raises(Failure) as err:
-        image_manifest(build_asset_context(), imgtune=SweepResource(sweep_path=str(sweep), output_dir=str(tmp_path)))
-    assert f"{sweep}: objective.metric: psnr needs ground-truth targets" in str(err.value)
+        assets.image_manifest(build_asset_context())
+    assert f"{sweep.path}: objective.metric: psnr needs ground-truth targets" in str(err.value)
 
 
 def test_run_settings_are_deterministic_and_pin_the_images(tmp_path, tiny_sweep):
-    sweep_resource = SweepResource(sweep_path=str(tiny_sweep), output_dir=str(tmp_path / "out"))
-    manifest = image_manifest(build_asset_context(), imgtune=sweep_resource)
-    first = run_settings(build_asset_context(), imgtune=sweep_resource, image_manifest=manifest.value).value
-    second = run_settings(build_asset_context(), imgtune=sweep_resource, image_manifest=manifest.value).value
+    _, assets = built(tiny_sweep)
+    imgtune = SweepResource(output_dir=str(tmp_path / "out"))
+    manifest = assets.image_manifest(build_asset_context())
+    first = assets.run_settings(build_asset_context(), imgtune=imgtune, image_manifest=manifest.value).value
+    second = assets.run_settings(build_asset_context(), imgtune=imgtune, image_manifest=manifest.value).value
     assert first == second
     assert [r["id"] for r in first["images"]] == list(manifest.value["id"])
     assert first["manifest_digest"] == manifest.metadata["content_hash"].value
@@ -77,37 +140,63 @@ def test_run_settings_are_deterministic_and_pin_the_images(tmp_path, tiny_sweep)
     assert written["fingerprint"] == first["fingerprint"]
 
 
+def test_trials_refuse_settings_made_from_another_version_of_the_sweep(tmp_path, denoise_data, tiny_sweep):
+    _, old_assets = built(tiny_sweep)
+    imgtune = SweepResource(output_dir=str(tmp_path / "out"))
+    manifest = old_assets.image_manifest(build_asset_context()).value
+    old_settings = old_assets.run_settings(build_asset_context(), imgtune=imgtune, image_manifest=manifest).value
+    # the same sweep name, now with a different seed
+    changed, assets = built(write_sweep(tmp_path / "tiny.yaml", denoise_data, seed=7))
+    with pytest.raises(Failure, match=f"tiny/run_settings was made from another version of {changed.path}"):
+        assets.experiment_results(build_asset_context(partition_key="trial-000"), config=ExperimentConfig(),
+                                  imgtune=imgtune, ray_cluster=RayResource(), run_settings=old_settings)
+    assert not (tmp_path / "out" / "tiny" / "trials").exists()
+
+
+def test_the_report_without_trial_results_says_what_to_materialize(tmp_path, tiny_sweep):
+    _, assets = built(tiny_sweep)
+    imgtune = SweepResource(output_dir=str(tmp_path / "out"))
+    manifest = assets.image_manifest(build_asset_context()).value
+    settings = assets.run_settings(build_asset_context(), imgtune=imgtune, image_manifest=manifest).value
+    with pytest.raises(Failure, match="no trial results for sweep 'tiny'.*materialize tiny/experiment_results first"):
+        assets.sweep_report(build_asset_context(), imgtune=imgtune, run_settings=settings)
+
+
+# ------------------------------------------------------------------------------------ the asset group
+
+
 def test_whole_sweep_materializes_on_a_temporary_instance(tmp_path, tiny_sweep, local_ray):
+    sweep, assets = built(tiny_sweep)
+    checks = build_sweep_checks(assets)
     instance = DagsterInstance.ephemeral()
-    res = resources(tmp_path, tiny_sweep)
-    assert materialize([image_manifest, run_settings], instance=instance, resources=res).success
-    ranged = materialize(ALL_ASSETS, selection=[experiment_results], instance=instance, resources=res,
-                         tags=RANGE_TAGS)
+    res = resources(tmp_path / "outputs")
+    assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
+    ranged = materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
+                         tags=range_tags(sweep))
     assert ranged.success
-    partitions = instance.get_materialized_partitions(AssetKey("experiment_results"))
+    partitions = instance.get_materialized_partitions(asset_key(sweep, "experiment_results"))
     assert partitions == {"trial-000", "trial-001", "trial-002", "trial-003"}
-    report = materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["sweep_report"], instance=instance, resources=res)
+    report = materialize([*assets.all(), *checks], selection=[assets.sweep_report], instance=instance, resources=res)
     assert report.success
-    summary = report.output_for_node("sweep_report")
+    summary = report.output_for_node(node(assets.sweep_report))
     assert summary["completed_trials"] == 4 and summary["total_trials"] == 4
     assert summary["best_score"] > summary["identity_score"]
-    checks = {e.check_name: e.passed for e in report.get_asset_check_evaluations()}
-    assert checks == {"scores_are_numbers": True, "tuning_beats_identity": True, "report_complete": True}
+    evaluations = report.get_asset_check_evaluations()
+    assert {e.asset_key for e in evaluations} == {asset_key(sweep, "sweep_report")}
+    assert {e.check_name: e.passed for e in evaluations} == {
+        "scores_are_numbers": True, "tuning_beats_identity": True, "report_complete": True}
 
     # The recorded best score is the best trial's mean PSNR, recomputed here image by image.
     out = tmp_path / "outputs" / "tiny"
     best = json.loads((out / "trials" / f"{summary['best_trial']}.json").read_text())
-    data = tiny_sweep.parent / yaml.safe_load(tiny_sweep.read_text())["data_dir"]
-    scores = []
-    for image_file in sorted((data / "images").iterdir()):
-        out_image = apply_pipeline(read_image(image_file), [tuple(s) for s in best["stages"]])
-        scores.append(psnr(out_image, read_image(data / "targets" / image_file.name)))
-    assert math.isclose(summary["best_score"], float(np.mean(scores)), abs_tol=1e-9)
-    for name in ("leaderboard.csv", "per_image_scores.csv", "best_pipeline.yaml", "report.json",
-                 "plots/score_vs_params.png", "plots/best_so_far.png", "plots/best_trial_images.png"):
+    assert math.isclose(summary["best_score"], independent_denoise_psnr(sweep, best["stages"]), rel_tol=1e-9)
+    assert math.isclose(summary["identity_score"], independent_identity_psnr(sweep), rel_tol=1e-9)
+    for name in REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
+    # the stored values are the sweep's own, under its own folder
+    assert sorted(p.name for p in (out / "storage").iterdir()) == ["image_manifest", "run_settings", "sweep_report"]
 
-    mat = instance.fetch_materializations(AssetKey("sweep_report"), limit=1).records[0]
+    mat = instance.fetch_materializations(asset_key(sweep, "sweep_report"), limit=1).records[0]
     metadata = mat.asset_materialization.metadata
     assert metadata["best_score"].value == pytest.approx(summary["best_score"])
     assert "data:image/png;base64," in metadata["plots"].value
@@ -118,23 +207,75 @@ def test_failing_trial_is_recorded_and_the_others_complete(tmp_path, segment_dat
     # Sobel with dx = dy = 0 passes validation but OpenCV refuses it at run time.
     pipeline = [{"op": "sobel", "dx": {"type": "int", "low": 0, "high": 1}, "dy": {"type": "int", "low": 0, "high": 1}},
                 {"op": "threshold", "method": "otsu"}]
-    sweep = write_sweep(tmp_path / "f.yaml", segment_data, name="fails", trials=4, metric="dice", pipeline=pipeline,
-                        sampler="grid")
+    sweep, assets = built(write_sweep(tmp_path / "f.yaml", segment_data, name="fails", trials=4, metric="dice",
+                                      pipeline=pipeline, sampler="grid"))
+    checks = build_sweep_checks(assets)
     instance = DagsterInstance.ephemeral()
-    res = resources(tmp_path, sweep)
-    assert materialize([image_manifest, run_settings], instance=instance, resources=res).success
-    result = materialize(ALL_ASSETS, selection=[experiment_results], instance=instance, resources=res, tags=RANGE_TAGS)
+    res = resources(tmp_path / "outputs")
+    assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
+    result = materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
+                         tags=range_tags(sweep))
     assert result.success
-    assert len(instance.get_materialized_partitions(AssetKey("experiment_results"))) == 4
+    assert len(instance.get_materialized_partitions(asset_key(sweep, "experiment_results"))) == 4
     trials = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "outputs" / "fails" / "trials").glob("*.json")}
     failed = [t for t in trials.values() if t["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["params"] == {"sobel.dx": 0, "sobel.dy": 0}
     assert "dx+dy > 0" in failed[0]["error"] and failed[0]["score"] is None
     assert all(t["score"] is not None for t in trials.values() if t is not failed[0])
 
-    report = materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["sweep_report"], instance=instance, resources=res)
+    report = materialize([*assets.all(), *checks], selection=[assets.sweep_report], instance=instance, resources=res)
     assert report.success
-    summary = report.output_for_node("sweep_report")
+    summary = report.output_for_node(node(assets.sweep_report))
     assert summary["failed_trials"] == [failed[0]["trial"]] and summary["completed_trials"] == 3
+    checks_passed = {e.check_name: e.passed for e in report.get_asset_check_evaluations()}
+    assert checks_passed["report_complete"] is False
     board = (tmp_path / "outputs" / "fails" / "leaderboard.csv").read_text()
     assert f"{failed[0]['trial']},failed" in board
+
+
+def test_two_sweeps_side_by_side_in_one_instance(tmp_path, denoise_data, segment_data, local_ray):
+    from imgtune_assets.defs.factory import build_definitions
+
+    denoise = load_sweep(write_sweep(tmp_path / "d.yaml", denoise_data, name="den-a", trials=3))
+    segment = load_sweep(write_sweep(
+        tmp_path / "s.yaml", segment_data, name="seg.b", trials=2, metric="dice",
+        pipeline=[{"op": "gaussian_blur", "ksize": {"type": "odd", "low": 1, "high": 5}, "sigma": 0},
+                  {"op": "threshold", "method": "otsu"}]))
+    out = tmp_path / "outputs"
+    defs = build_definitions([denoise, segment], output_dir=str(out))
+    instance = DagsterInstance.ephemeral()
+    summaries = {}
+    for sweep in (denoise, segment):
+        # the whole sweep in one ranged run, as its schedule and sensor request it
+        result = materialize([*defs.assets, *defs.asset_checks],
+                             selection=AssetSelection.groups(group_name(sweep.name)),
+                             instance=instance, resources=defs.resources, tags=range_tags(sweep))
+        assert result.success
+        assert {e.asset_key.path[0] for e in result.get_asset_materialization_events()} == {sweep.name}
+        summaries[sweep.name] = json.loads((out / sweep.name / "report.json").read_text())
+
+    assert instance.get_materialized_partitions(asset_key(denoise, "experiment_results")) == \
+        {"trial-000", "trial-001", "trial-002"}
+    assert instance.get_materialized_partitions(asset_key(segment, "experiment_results")) == {"trial-000", "trial-001"}
+    assert sorted(p.name for p in out.iterdir()) == ["den-a", "seg.b"]
+    for sweep in (denoise, segment):
+        summary = summaries[sweep.name]
+        assert summary["sweep"] == sweep.name and summary["output_dir"] == str(out / sweep.name)
+        assert summary["completed_trials"] == summary["total_trials"] == sweep.trials
+        assert sorted(p.stem for p in (out / sweep.name / "trials").glob("*.json")) == \
+            trial_partitions(sweep).get_partition_keys()
+        for name in REPORT_FILES:
+            assert (out / sweep.name / name).stat().st_size > 0, (sweep.name, name)
+        # each report's best_score under its own key: the second run did not touch the first
+        [record] = instance.fetch_materializations(asset_key(sweep, "sweep_report"), limit=5).records
+        assert record.asset_materialization.metadata["best_score"].value == pytest.approx(summary["best_score"])
+        assert record.asset_materialization.metadata["output_dir"].value == str(out / sweep.name)
+
+    den, seg = summaries["den-a"], summaries["seg.b"]
+    assert den["metric"] == "psnr" and seg["metric"] == "dice"
+    den_best = json.loads((out / "den-a" / "trials" / f"{den['best_trial']}.json").read_text())
+    assert math.isclose(den["best_score"], independent_denoise_psnr(denoise, den_best["stages"]), rel_tol=1e-9)
+    assert math.isclose(den["identity_score"], independent_identity_psnr(denoise), rel_tol=1e-9)
+    seg_best = json.loads((out / "seg.b" / "trials" / f"{seg['best_trial']}.json").read_text())
+    assert 0 < seg["best_score"] <= 1
+    assert math.isclose(seg["best_score"], independent_dice(segment, seg_best["stages"]), rel_tol=1e-9)

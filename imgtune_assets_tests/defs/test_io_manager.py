@@ -1,31 +1,71 @@
-"""The sweep's own IO manager: values round-trip, writes are atomic, a missing value is named."""
+"""The sweeps' IO manager: each sweep's values under its own folder, round trips, atomic writes, a missing
+value named."""
+
+import pickle
 
 import pytest
-from dagster import AssetKey, build_input_context, build_output_context
+from dagster import AssetKey, build_init_resource_context, build_input_context, build_output_context
 
 from imgtune_assets.core import files
-from imgtune_assets.defs.resources import SweepStorageIOManager
+from imgtune_assets.defs.io_manager import SweepStorageIOManager
+from imgtune_assets.defs.resources import SweepResource
+
+SETTINGS = AssetKey(["tiny", "run_settings"])
 
 
-def test_round_trip_and_atomic_write(tmp_path, monkeypatch):
-    manager = SweepStorageIOManager(base_dir=str(tmp_path / "storage"))
-    out = build_output_context(asset_key=AssetKey("run_settings"))
-    manager.handle_output(out, {"trials": [1, 2]})
-    assert manager.load_input(build_input_context(asset_key=AssetKey("run_settings"))) == {"trials": [1, 2]}
+@pytest.fixture
+def manager(tmp_path):
+    factory = SweepStorageIOManager(imgtune=SweepResource(output_dir=str(tmp_path / "out")))
+    return factory.create_io_manager(build_init_resource_context())
+
+
+def store(manager, key, value):
+    manager.handle_output(build_output_context(asset_key=key), value)
+
+
+def load(manager, key):
+    return manager.load_input(build_input_context(asset_key=key))
+
+
+def test_round_trip_under_the_sweeps_own_storage_folder(tmp_path, manager):
+    store(manager, SETTINGS, {"trials": [1, 2]})
+    assert load(manager, SETTINGS) == {"trials": [1, 2]}
+    path = tmp_path / "out" / "tiny" / "storage" / "run_settings"
+    assert pickle.loads(path.read_bytes()) == {"trials": [1, 2]}
+
+
+def test_two_sweeps_with_the_same_asset_names_do_not_share_values(tmp_path, manager):
+    store(manager, AssetKey(["a", "run_settings"]), "settings of a")
+    store(manager, AssetKey(["b", "run_settings"]), "settings of b")
+    assert load(manager, AssetKey(["a", "run_settings"])) == "settings of a"
+    assert load(manager, AssetKey(["b", "run_settings"])) == "settings of b"
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) \
+        == ["a/storage/run_settings", "b/storage/run_settings"]
+
+
+def test_a_write_killed_midway_leaves_the_earlier_value_whole(tmp_path, manager, monkeypatch):
+    store(manager, SETTINGS, {"trials": [1, 2]})
 
     def broken_replace(src, dst):
         raise OSError("killed mid-write")
 
     monkeypatch.setattr(files.os, "replace", broken_replace)
-    with pytest.raises(OSError):
-        manager.handle_output(build_output_context(asset_key=AssetKey("run_settings")), {"trials": [3]})
+    with pytest.raises(OSError, match="killed mid-write"):
+        store(manager, SETTINGS, {"trials": [3]})
     monkeypatch.undo()
     # The earlier value is intact and no temporary file is left beside it.
-    assert manager.load_input(build_input_context(asset_key=AssetKey("run_settings"))) == {"trials": [1, 2]}
-    assert [p.name for p in (tmp_path / "storage").iterdir()] == ["run_settings"]
+    assert load(manager, SETTINGS) == {"trials": [1, 2]}
+    assert [p.name for p in (tmp_path / "out" / "tiny" / "storage").iterdir()] == ["run_settings"]
 
 
-def test_missing_value_is_named(tmp_path):
-    manager = SweepStorageIOManager(base_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no stored value of image_manifest for this sweep; materialize it first"):
-        manager.load_input(build_input_context(asset_key=AssetKey("image_manifest")))
+def test_none_is_not_stored(tmp_path, manager):
+    # experiment_results writes its per-trial results itself and returns None
+    store(manager, AssetKey(["tiny", "experiment_results"]), None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_value_is_named(tmp_path, manager):
+    path = tmp_path / "out" / "tiny" / "storage" / "image_manifest"
+    with pytest.raises(FileNotFoundError) as err:
+        load(manager, AssetKey(["tiny", "image_manifest"]))
+    assert str(err.value) == f"{path}: no stored value of tiny/image_manifest; materialize it first"

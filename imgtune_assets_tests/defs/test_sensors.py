@@ -1,4 +1,4 @@
-"""new_images: a changed data folder requests the whole sweep; an unchanged one requests nothing."""
+"""<group>_new_images: a changed data folder requests the whole sweep; an unchanged one requests nothing."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import os
 import shutil
 
 import pytest
-from dagster import AssetMaterialization, DagsterRunStatus, build_sensor_context, instance_for_test
+from dagster import AssetKey, AssetMaterialization, DagsterRunStatus, build_sensor_context, instance_for_test
 from dagster._core.test_utils import create_run_for_test
 
 from imgtune_assets.core.manifest import manifest_digest, scan_folder
-from imgtune_assets.defs.partitions import trial_partitions
-from imgtune_assets.defs.resources import SweepResource
-from imgtune_assets.defs.sensors import new_images, stat_digest
+from imgtune_assets.core.sweepfile import load_sweep
+from imgtune_assets.defs.jobs import build_sweep_jobs
+from imgtune_assets.defs.sensors import INTERVAL_ENV, build_new_images_sensor, stat_digest
 from imgtune_assets_tests.conftest import write_sweep
 
 
@@ -25,9 +25,18 @@ def folder(tmp_path, denoise_data):
 
 
 @pytest.fixture
-def resources(tmp_path, folder):
-    sweep = write_sweep(tmp_path / "tiny.yaml", folder)
-    return {"imgtune": SweepResource(sweep_path=str(sweep), output_dir=str(tmp_path / "outputs"))}
+def sweep(tmp_path, folder):
+    return load_sweep(write_sweep(tmp_path / "tiny.yaml", folder, trials=3))
+
+
+def new_images_sensor(sweep):
+    return build_new_images_sensor(sweep, build_sweep_jobs(sweep))
+
+
+@pytest.fixture
+def sensor(sweep, monkeypatch):
+    monkeypatch.delenv(INTERVAL_ENV, raising=False)
+    return new_images_sensor(sweep)
 
 
 @pytest.fixture
@@ -36,21 +45,21 @@ def instance():
         yield instance
 
 
-def tick(instance, resources, cursor=None):
-    return new_images.evaluate_tick(build_sensor_context(instance=instance, cursor=cursor, resources=resources))
+def tick(instance, sensor, cursor=None):
+    return sensor.evaluate_tick(build_sensor_context(instance=instance, cursor=cursor))
 
 
 def content_hash(folder) -> str:
     return manifest_digest(scan_folder(folder, needs_target=True))
 
 
-def test_first_tick_on_never_swept_images_requests_the_whole_sweep(instance, resources, folder):
-    data = tick(instance, resources)
+def test_first_tick_on_never_swept_images_requests_the_whole_sweep(instance, sensor, folder):
+    assert sensor.name == "tiny_new_images" and sensor.minimum_interval_seconds == 30
+    data = tick(instance, sensor)
     [request] = data.run_requests
-    keys = trial_partitions.get_partition_keys()
-    assert request.job_name == "imgtune_sweep"
+    assert request.job_name == "tiny_sweep"
     assert (request.tags["dagster/asset_partition_range_start"], request.tags["dagster/asset_partition_range_end"]) \
-        == (keys[0], keys[-1])
+        == ("trial-000", "trial-002")
     assert request.tags["imgtune/trigger"] == "new_images"
     # the cursor is the manifest's own content hash (what image_manifest reports as content_hash)
     cursor = json.loads(data.cursor)
@@ -59,18 +68,18 @@ def test_first_tick_on_never_swept_images_requests_the_whole_sweep(instance, res
     assert request.run_key == f"images:None->{cursor['content']}"
 
 
-def test_unchanged_folder_requests_nothing(instance, resources):
-    cursor = tick(instance, resources).cursor
-    again = tick(instance, resources, cursor)
+def test_unchanged_folder_requests_nothing(instance, sensor):
+    cursor = tick(instance, sensor).cursor
+    again = tick(instance, sensor, cursor)
     assert not again.run_requests
     assert "no change" in again.skip_message
 
 
-def test_touched_but_identical_files_request_nothing(instance, resources, folder):
-    cursor = tick(instance, resources).cursor
+def test_touched_but_identical_files_request_nothing(instance, sensor, folder):
+    cursor = tick(instance, sensor).cursor
     image = next((folder / "images").iterdir())
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 5_000_000_000))
-    data = tick(instance, resources, cursor)
+    data = tick(instance, sensor, cursor)
     assert not data.run_requests
     assert "content is unchanged" in data.skip_message
     assert json.loads(data.cursor)["stat"] != json.loads(cursor)["stat"]  # remembered: next tick is cheap
@@ -78,8 +87,8 @@ def test_touched_but_identical_files_request_nothing(instance, resources, folder
 
 
 @pytest.mark.parametrize("change", ["add", "modify", "remove", "new_target"])
-def test_new_changed_or_removed_images_request_a_sweep(instance, resources, folder, change):
-    cursor = tick(instance, resources).cursor
+def test_new_changed_or_removed_images_request_a_sweep(instance, sensor, folder, change):
+    cursor = tick(instance, sensor).cursor
     images, targets = folder / "images", folder / "targets"
     first = sorted(images.iterdir())[0]
     if change == "add":
@@ -91,40 +100,67 @@ def test_new_changed_or_removed_images_request_a_sweep(instance, resources, fold
         first.unlink()
     else:
         shutil.copy(sorted(targets.iterdir())[1], targets / first.name)
-    data = tick(instance, resources, cursor)
+    data = tick(instance, sensor, cursor)
     [request] = data.run_requests
     old, new = json.loads(cursor)["content"], json.loads(data.cursor)["content"]
     assert old != new == content_hash(folder)
     assert request.run_key == f"images:{old}->{new}"
+    assert request.job_name == "tiny_sweep"
 
 
-def test_first_tick_over_already_swept_images_requests_nothing(instance, resources, folder):
-    # image_manifest was materialized from exactly these images: starting the sensor requests no sweep
+def test_first_tick_over_already_swept_images_requests_nothing(instance, sensor, folder):
+    # tiny/image_manifest was materialized from exactly these images: starting the sensor requests no sweep
     instance.report_runless_asset_event(
-        AssetMaterialization("image_manifest", metadata={"content_hash": content_hash(folder)}))
-    data = tick(instance, resources)
+        AssetMaterialization(AssetKey(["tiny", "image_manifest"]), metadata={"content_hash": content_hash(folder)}))
+    data = tick(instance, sensor)
     assert not data.run_requests
     assert json.loads(data.cursor)["content"] == content_hash(folder)
 
 
-def test_waits_while_a_sweep_is_running(instance, resources, folder):
-    cursor = tick(instance, resources).cursor
+def test_another_sweeps_manifest_is_not_this_sweeps_baseline(instance, sensor, folder):
+    # the same images swept by another sweep (its own key) do not count for this one
+    instance.report_runless_asset_event(
+        AssetMaterialization(AssetKey(["other", "image_manifest"]), metadata={"content_hash": content_hash(folder)}))
+    data = tick(instance, sensor)
+    [request] = data.run_requests
+    assert request.run_key == f"images:None->{content_hash(folder)}"
+
+
+def test_waits_while_a_sweep_is_running(instance, sensor, folder):
+    cursor = tick(instance, sensor).cursor
     shutil.copy(sorted((folder / "images").iterdir())[0], folder / "images" / "extra.png")
-    run = create_run_for_test(instance, job_name="imgtune_sweep", status=DagsterRunStatus.STARTED)
-    data = tick(instance, resources, cursor)
+    run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED)
+    data = tick(instance, sensor, cursor)
     assert not data.run_requests and "queued or running" in data.skip_message
     assert data.cursor in (None, cursor)  # unchanged: the change is still pending
     instance.report_run_canceled(run)
-    data = tick(instance, resources, cursor)
+    data = tick(instance, sensor, cursor)
     assert len(data.run_requests) == 1
 
 
-def test_missing_or_empty_folder_is_a_skip_not_an_error(instance, resources, folder):
+def test_another_sweeps_run_does_not_hold_this_one_back(instance, sensor, folder):
+    cursor = tick(instance, sensor).cursor
+    shutil.copy(sorted((folder / "images").iterdir())[0], folder / "images" / "extra.png")
+    create_run_for_test(instance, job_name="other_sweep", status=DagsterRunStatus.STARTED)
+    data = tick(instance, sensor, cursor)
+    [request] = data.run_requests
+    assert request.job_name == "tiny_sweep"
+
+
+def test_missing_or_empty_folder_is_a_skip_not_an_error(instance, sensor, folder):
     shutil.rmtree(folder / "images")
     (folder / "images").mkdir()
     shutil.rmtree(folder / "targets")
-    data = tick(instance, resources)
+    data = tick(instance, sensor)
     assert not data.run_requests and "no image files" in data.skip_message
     shutil.rmtree(folder)
-    data = tick(instance, resources)
+    data = tick(instance, sensor)
     assert not data.run_requests and "does not exist" in data.skip_message
+
+
+def test_interval_comes_from_the_environment(monkeypatch, sweep):
+    monkeypatch.setenv(INTERVAL_ENV, "5")
+    assert new_images_sensor(sweep).minimum_interval_seconds == 5
+    monkeypatch.setenv(INTERVAL_ENV, "0")
+    with pytest.raises(ValueError, match=f"{INTERVAL_ENV}: expected a whole number of seconds >= 1, got '0'"):
+        new_images_sensor(sweep)

@@ -1,0 +1,67 @@
+import subprocess
+import sys
+
+import pytest
+
+from imgtune_assets.core.cron import is_valid_cron, validate_cron
+
+VALID = [
+    "0 2 * * *",
+    "*/15 9-17 * * MON-FRI",
+    "0 0 1,15 * *",
+    "0-59/7 * * * *",
+    "0 12 * * 0-6",
+    "0 0 * * 7",
+    "0 0 1 jan *",
+    "0 0 29 2 *",  # fires in leap years
+    "0 0 L * *",
+    "0 0 * * 5#3",
+]
+
+INVALID = [
+    (None, "expected a 5-field cron string, got None"),
+    (5, "expected a 5-field cron string, got 5"),
+    ("0 2 * *", "expected a 5-field cron string, got '0 2 * *'"),
+    ("0 0 2 * * *", "expected a 5-field cron string"),  # seconds or years: not for a Dagster schedule
+    ("@daily", "expected a 5-field cron string, got '@daily'"),
+    ("99 * * * *", "'99 * * * *' is not a valid cron string: not acceptable, out of range"),
+    ("0 24 * * *", "not a valid cron string"),
+    ("0 0 * * 8", "not a valid cron string"),
+    ("*/0 * * * *", "not a valid cron string"),
+    ("a b c d e", "not a valid cron string"),
+    ("0 0 30 2 *", "'0 0 30 2 *' never fires"),
+    ("0 0 31 4 *", "never fires"),
+    ("0 0 15W * *", "'W' is not supported"),
+    ("R * * * *", "random 'R'"),
+]
+
+
+@pytest.mark.parametrize("expr", VALID)
+def test_valid_strings_pass_unchanged(expr):
+    assert validate_cron(expr) == expr
+    assert is_valid_cron(expr)
+
+
+@pytest.mark.parametrize("expr, words", INVALID)
+def test_invalid_strings_say_why(expr, words):
+    with pytest.raises(ValueError) as err:
+        validate_cron(expr)
+    assert words in str(err.value)
+    assert not is_valid_cron(expr)
+
+
+def test_dagster_accepts_whatever_passes_here():
+    # The schedule that runs a sweep hands the same string to Dagster: nothing accepted here may
+    # be refused there. (This test may import Dagster; core/cron.py itself must not.)
+    schedules = pytest.importorskip("dagster._utils.schedules")
+    for expr in VALID:
+        assert schedules.is_valid_cron_string(expr), expr
+
+
+def test_core_does_not_import_dagster():
+    code = (
+        "import sys, imgtune_assets.core.cron, imgtune_assets.core.sweepfile, imgtune_assets.core.sampling; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

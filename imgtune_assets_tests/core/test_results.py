@@ -1,0 +1,146 @@
+"""Trial results on disk (current vs stale) and the cached identity baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio
+
+from imgtune_assets.core.metrics import Objective
+from imgtune_assets.core.results import IdentityBaseline, TrialStore
+
+FINGERPRINT, DIGEST = "f" * 16, "d" * 16
+
+
+def record(key: str, score: float = 20.0, *, fingerprint: str = FINGERPRINT, digest: str = DIGEST) -> dict:
+    return {"trial": key, "fingerprint": fingerprint, "manifest_digest": digest, "status": "ok", "score": score}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return TrialStore(tmp_path / "sweep", FINGERPRINT, DIGEST)
+
+
+def test_a_saved_result_is_current_and_loads_back(tmp_path, store):
+    path = store.save(record("trial-001", 31.5))
+    assert path == tmp_path / "sweep" / "trials" / "trial-001.json"
+    assert json.loads(path.read_text())["score"] == 31.5
+    assert store.load("trial-001") == record("trial-001", 31.5)
+    assert store.load("trial-000") is None  # never computed
+    assert list(path.parent.iterdir()) == [path]  # written through a temporary file, none left behind
+
+
+@pytest.mark.parametrize("changed", ["fingerprint", "digest"])
+def test_stale_results_are_counted_kept_and_never_reused(tmp_path, store, changed):
+    store.save(record("trial-000", 10.0))
+    store.save(record("trial-002", 12.0))
+    # computed for other settings, or for other images
+    other = TrialStore(tmp_path / "sweep", "other" if changed == "fingerprint" else FINGERPRINT,
+                       "other" if changed == "digest" else DIGEST)
+    stale_file = other.save(record("trial-001", 99.0, fingerprint=other.fingerprint, digest=other.manifest_digest))
+
+    records, stale = store.load_all(["trial-000", "trial-001", "trial-002", "trial-003"])
+    assert [r["trial"] for r in records] == ["trial-000", "trial-002"] and stale == 1
+    assert store.load("trial-001") is None
+    assert stale_file.exists()  # kept on disk
+    reused, todo = store.split_finished(["trial-000", "trial-001", "trial-002", "trial-003"], skip_finished=True)
+    assert [r["trial"] for r in reused] == ["trial-000", "trial-002"]
+    assert todo == ["trial-001", "trial-003"]  # the stale one is computed again, like a missing one
+    # and from the other side, the current results are the stale ones
+    assert other.load_all(["trial-000", "trial-001", "trial-002"]) == ([other.load("trial-001")], 2)
+
+
+def test_without_skip_finished_every_trial_is_computed(store):
+    store.save(record("trial-000"))
+    store.save(record("trial-001"))
+    assert store.split_finished(["trial-000", "trial-001", "trial-002"], skip_finished=False) == \
+        ([], ["trial-000", "trial-001", "trial-002"])
+    reused, todo = store.split_finished(["trial-000", "trial-001", "trial-002"], skip_finished=True)
+    assert [r["trial"] for r in reused] == ["trial-000", "trial-001"] and todo == ["trial-002"]
+
+
+def test_load_all_keeps_the_order_of_the_keys(store):
+    for key in ("trial-002", "trial-000", "trial-001"):
+        store.save(record(key))
+    records, stale = store.load_all(["trial-001", "trial-002", "trial-000"])
+    assert [r["trial"] for r in records] == ["trial-001", "trial-002", "trial-000"] and stale == 0
+
+
+def test_a_file_that_is_not_a_trial_result_is_named(store):
+    store.folder.mkdir(parents=True)
+    store.path("trial-000").write_text("{not json")
+    with pytest.raises(ValueError, match=f"{store.path('trial-000')}: not a trial result"):
+        store.load_all(["trial-000"])
+
+
+# ---------------------------------------------------------------------------------- identity baseline
+
+
+@pytest.fixture(scope="module")
+def decoded(denoise_data):
+    """The denoise fixture's images and targets, read with OpenCV directly."""
+    images = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((denoise_data / "images").iterdir())]
+    targets = [cv2.imread(str(denoise_data / "targets" / p.name), cv2.IMREAD_UNCHANGED)
+               for p in sorted((denoise_data / "images").iterdir())]
+    assert len(images) == 6 and all(i is not None and i.dtype == np.uint8 for i in images + targets)
+    return images, targets
+
+
+class Loader:
+    """Counts how often the baseline asks for the decoded images."""
+
+    def __init__(self, decoded):
+        self.decoded, self.calls = decoded, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.decoded
+
+
+def test_identity_psnr_matches_an_independent_computation(tmp_path, decoded):
+    images, targets = decoded
+    expected = float(np.mean([peak_signal_noise_ratio(t, i, data_range=255) for i, t in zip(images, targets)]))
+    assert 10 < expected < 60  # noisy images: a real, finite PSNR
+    score = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST).compute(images, targets)
+    assert math.isclose(score, expected, rel_tol=1e-9)
+    saved = json.loads((tmp_path / "identity.json").read_text())
+    assert saved == {"manifest_digest": DIGEST, "objective": {"metric": "psnr"}, "score": pytest.approx(expected)}
+
+
+def test_identity_is_computed_once_then_read_from_the_cache(tmp_path, decoded):
+    load = Loader(decoded)
+    first = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST).score(load)
+    assert load.calls == 1
+    again = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST)
+    assert again.cached() == first
+    assert again.score(load) == first and load.calls == 1  # no decoding the second time
+
+
+def test_identity_is_recomputed_when_the_objective_or_the_images_change(tmp_path, decoded):
+    load = Loader(decoded)
+    psnr = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST).score(load)
+    mae = IdentityBaseline(tmp_path, Objective("mae"), DIGEST).score(load)
+    assert load.calls == 2 and mae != psnr
+    images, targets = decoded
+    assert math.isclose(mae, np.mean([np.abs(i.astype(float) - t).mean() / 255 for i, t in zip(images, targets)]),
+                        rel_tol=1e-9)
+    # the cache now holds mae: psnr is not served from it
+    assert IdentityBaseline(tmp_path, Objective("psnr"), DIGEST).cached() is None
+    # same metric, other direction: another objective
+    assert IdentityBaseline(tmp_path, Objective("mae", direction="maximize"), DIGEST).cached() is None
+    # other images (manifest digest)
+    assert IdentityBaseline(tmp_path, Objective("mae"), "e" * 16).cached() is None
+    changed = IdentityBaseline(tmp_path, Objective("mae"), "e" * 16).score(load)
+    assert load.calls == 3 and changed == mae
+    assert IdentityBaseline(tmp_path, Objective("mae"), DIGEST).cached() is None  # replaced
+
+
+def test_an_identity_that_scores_nothing_is_nan_and_not_cached(tmp_path, decoded):
+    images, _ = decoded
+    baseline = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST)
+    assert math.isnan(baseline.compute(images, [None] * len(images)))  # psnr without targets fails per image
+    assert baseline.cached() is None
