@@ -15,7 +15,8 @@ also cancels the tasks they submitted.
 
 Where Ray is:
 * ``address`` unset and ``$IMGTUNE_RAY_ADDRESS`` unset: the run process starts the same embedded
-  local Ray as ``RayResource`` (loopback only, no dashboard) and stops it when the run ends.
+  local Ray as ``RayResource`` (loopback only, no dashboard; lean unless ``$IMGTUNE_RAY_LEAN=0``, see
+  ``imgtune_assets.core.embedded_ray``) and stops it when the run ends.
 * ``address`` (or ``$IMGTUNE_RAY_ADDRESS``): an existing cluster; imgtune's package ships to the
   nodes through ``runtime_env`` ``py_modules`` (see ``RayResource``), the nodes need the same Python
   and dependencies. Dagster's instance must be reachable from the nodes: the SQLite instance under
@@ -30,6 +31,11 @@ step run without reserving a CPU at all.
 
 Which executor a run uses: ``executor_from_environment()`` (``$IMGTUNE_EXECUTOR``: ``in_process``
 (default), ``multiprocess`` or ``ray``).
+
+Private Dagster API: Dagster offers no public way to write a step-delegating executor nor to run one
+step in an existing process, so this module imports from ``dagster._*`` — in the one block below and
+nowhere else. Pinned ``dagster==1.13.27``; imgtune_assets_tests/test_pinned_private_apis.py fails,
+saying what to re-check, when the version or any name or signature used here changes.
 """
 
 from __future__ import annotations
@@ -42,36 +48,47 @@ from pathlib import Path
 from typing import Any
 
 from dagster import (
+    DagsterEvent,
+    DagsterInstance,
+    ExecutorDefinition,
     Field,
     IntSource,
     Noneable,
     Permissive,
     StringSource,
+    deserialize_value,
     executor,
     in_process_executor,
     multiple_process_executor_requirements,
     multiprocess_executor,
+    serialize_value,
 )
-from dagster import (
-    _check as check,
-)
-from dagster._core.definitions.executor_definition import ExecutorDefinition
-from dagster._core.events import DagsterEvent, EngineEventData
-from dagster._core.execution.retries import RetryMode, get_retries_config
-from dagster._core.executor.step_delegating import (
+
+# --- Dagster's private API: imported here only (pinned dagster==1.13.27; checked name by name and
+# signature by signature in imgtune_assets_tests/test_pinned_private_apis.py).
+from dagster._cli.api import _execute_step_command_body  # the body of `dagster api execute_step`
+from dagster._core.events import EngineEventData  # an engine event's metadata
+from dagster._core.execution.retries import RetryMode, get_retries_config  # the executor's `retries` config
+from dagster._core.executor.step_delegating import (  # the pattern of dagster-k8s, -docker, -ray
     CheckStepHealthResult,
     StepDelegatingExecutor,
     StepHandler,
     StepHandlerContext,
 )
+from dagster._grpc.types import ExecuteStepArgs  # what the executor hands each step
+# --- end of Dagster's private API
 
 EXECUTOR_ENV = "IMGTUNE_EXECUTOR"
 NUM_CPUS_TAG = "imgtune/ray_num_cpus"
 # Environment variables that must reach the step's worker (through the task's runtime_env): the
 # instance (DAGSTER_HOME; the Postgres instance's connection, read from the environment of every
 # process that opens it), and imgtune's own settings.
-PASSTHROUGH_ENV = ("DAGSTER_HOME", "IMGTUNE_EXECUTOR", "IMGTUNE_SWEEP", "IMGTUNE_OUTPUT_DIR",
+# The sweep variables (core/catalog.py) and IMGTUNE_OUTPUT_DIR are passed as absolute paths.
+SWEEP_ENV = "IMGTUNE_SWEEP"
+SWEEPS_DIR_ENV = "IMGTUNE_SWEEPS_DIR"
+PASSTHROUGH_ENV = ("DAGSTER_HOME", "IMGTUNE_EXECUTOR", SWEEP_ENV, SWEEPS_DIR_ENV, "IMGTUNE_OUTPUT_DIR",
                    "DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB")
+SWEEP_SUFFIXES = (".yaml", ".yml")
 STEP_WORKER_MESSAGE = "imgtune step worker"
 
 
@@ -108,21 +125,18 @@ def execute_step_in_ray_worker(serialized_args: str) -> dict[str, Any]:
     up for retry, or a resource init failure); the executor's health check fails a step whose task
     ended without one.
     """
-    from dagster._cli.api import (
-        _execute_step_command_body,  # the body of `dagster api execute_step`
-    )
-    from dagster._cli.utils import get_instance_for_cli
-    from dagster._grpc.types import ExecuteStepArgs
-    from dagster._serdes import deserialize_value
-
     args = deserialize_value(serialized_args, ExecuteStepArgs)
     step_keys = args.step_keys_to_execute or []
     step_key = step_keys[0] if len(step_keys) == 1 else None
     identity = _worker_identity()
     started = time.perf_counter()
     reported = False
-    with get_instance_for_cli(instance_ref=args.instance_ref) as instance:
-        dagster_run = check.not_none(instance.get_run_by_id(args.run_id), f"run {args.run_id} not found")
+    if args.instance_ref is None:
+        raise ValueError(f"run {args.run_id}: the step's arguments carry no instance_ref")
+    with DagsterInstance.from_ref(args.instance_ref) as instance:
+        dagster_run = instance.get_run_by_id(args.run_id)
+        if dagster_run is None:
+            raise ValueError(f"run {args.run_id} not found")
         instance.report_engine_event(
             f"{STEP_WORKER_MESSAGE}: step {step_key} in Ray worker pid {identity['pid']} "
             f"({identity['process_name']}) on node {identity['ray_node_ip']} {identity['ray_node_id'][:12]}",
@@ -140,24 +154,55 @@ def execute_step_in_ray_worker(serialized_args: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- step handler
 
 
-def _env_fingerprint(path: str | None) -> str:
-    """Content hash of the sweep file: a changed sweep gets fresh workers (reused workers keep the
-    definitions, and the trial partitions, they loaded)."""
+def _served_sweep_files(env: dict[str, str]) -> list[Path]:
+    """The sweep files the step's code location will read: ``IMGTUNE_SWEEP`` alone, else the sweep
+    files of ``IMGTUNE_SWEEPS_DIR`` (as core/catalog.py picks them; none if the folder is missing)."""
+    if env.get(SWEEP_ENV):
+        return [Path(env[SWEEP_ENV])]
+    folder = Path(env[SWEEPS_DIR_ENV])
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else ""
+        return sorted(p for p in folder.iterdir()
+                      if p.is_file() and p.suffix.lower() in SWEEP_SUFFIXES and not p.name.startswith("."))
     except OSError:
-        return ""
+        return []
+
+
+def _env_fingerprint(files: list[Path]) -> str:
+    """Content hash of the served sweep files (names and bytes): a changed, added or removed sweep
+    gets fresh workers (reused workers keep the definitions, and the trial partitions, they loaded)."""
+    digest, read = hashlib.sha256(), False
+    for file in files:
+        try:
+            content = file.read_bytes()
+        except OSError:
+            continue
+        digest.update(str(file).encode() + b"\0" + hashlib.sha256(content).digest())
+        read = True
+    return digest.hexdigest()[:16] if read else ""
+
+
+def _absolute(value: str) -> str:
+    """A path as the run process means it: ``~`` expanded, relative to the current folder."""
+    return str(Path(value.strip()).expanduser().resolve())
 
 
 def step_env_vars(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The variables a step worker needs, resolved in the run process (so that relative or default
-    paths mean what they mean here, not in the worker's working directory)."""
-    from imgtune_assets.core.paths import default_output_dir, default_sweep_path
+    paths mean what they mean here, not in the worker's working directory).
 
-    env = {k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)}
-    env["IMGTUNE_SWEEP"] = str(default_sweep_path())
+    ``IMGTUNE_SWEEP`` and ``IMGTUNE_SWEEPS_DIR`` go through as absolute paths when set; with neither
+    set, ``IMGTUNE_SWEEPS_DIR`` is the default sweeps folder as this process finds it.
+    """
+    from imgtune_assets.core.paths import BUNDLED_SWEEPS, default_output_dir
+
+    env = {k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k, "").strip()}
+    for name in (SWEEP_ENV, SWEEPS_DIR_ENV):
+        if name in env:
+            env[name] = _absolute(env[name])
+    if SWEEP_ENV not in env and SWEEPS_DIR_ENV not in env:
+        env[SWEEPS_DIR_ENV] = str(Path(BUNDLED_SWEEPS).resolve())
     env["IMGTUNE_OUTPUT_DIR"] = str(default_output_dir())
-    env["IMGTUNE_SWEEP_SHA"] = _env_fingerprint(env["IMGTUNE_SWEEP"])
+    env["IMGTUNE_SWEEP_SHA"] = _env_fingerprint(_served_sweep_files(env))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env
@@ -198,7 +243,8 @@ class RayStepHandler(StepHandler):
     @staticmethod
     def _step_key(ctx: StepHandlerContext) -> str:
         keys = ctx.execute_step_args.step_keys_to_execute or []
-        check.invariant(len(keys) == 1, "ray_executor launches one step per Ray task")
+        if len(keys) != 1:
+            raise ValueError(f"ray_executor launches one step per Ray task, got steps {keys}")
         return keys[0]
 
     def _cpus_for(self, ctx: StepHandlerContext, step_key: str) -> float:
@@ -208,13 +254,12 @@ class RayStepHandler(StepHandler):
         try:
             value = float(tag)
         except ValueError:
-            raise check.CheckError(f"op tag {NUM_CPUS_TAG}={tag!r} on step {step_key} is not a number") from None
-        check.invariant(value >= 0, f"op tag {NUM_CPUS_TAG} must be >= 0, got {value}")
+            raise ValueError(f"op tag {NUM_CPUS_TAG}={tag!r} on step {step_key} is not a number") from None
+        if not value >= 0:
+            raise ValueError(f"op tag {NUM_CPUS_TAG} on step {step_key} must be >= 0, got {value}")
         return value
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
-        from dagster._serdes import serialize_value
-
         ctx = step_handler_context
         step_key = self._step_key(ctx)
         step_context = ctx.get_step_context(step_key)
@@ -318,7 +363,8 @@ def ray_executor(init_context) -> StepDelegatingExecutor:
     """Run each step as a Ray task (in a Ray worker process), on an embedded local Ray or a cluster."""
     config = init_context.executor_config
     num_cpus = float(config["num_cpus"])
-    check.invariant(num_cpus >= 0, "num_cpus must be >= 0")
+    if not num_cpus >= 0:
+        raise ValueError(f"ray_executor: num_cpus must be >= 0, got {num_cpus}")
     return RayStepDelegatingExecutor(
         RayStepHandler(address=config.get("address"), num_cpus=num_cpus, runtime_env=config.get("runtime_env")),
         retries=RetryMode.from_config(config["retries"]),

@@ -13,6 +13,10 @@ The project's ``dagster.yaml`` names ``ImgtuneInstance`` as its ``instance_class
 instance, whose default SQLite storage (under the instance's folder, wherever that is: $DAGSTER_HOME,
 or the temporary folder ``dagster`` uses without it) keeps its event log here. An instance without it
 keeps Dagster's default storage and simply runs slower.
+
+The base classes and the helpers this storage calls are Dagster's private API (``dagster._core``),
+imported in one block below; a Dagster upgrade must re-check them (see
+imgtune_assets_tests/test_pinned_private_apis.py).
 """
 
 from __future__ import annotations
@@ -22,14 +26,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import yaml
-from dagster import DagsterInstance
+from dagster import DagsterInstance, EventLogEntry
+
+# --- Dagster's private API: imported here only (pinned dagster==1.13.27; every name, method and
+# signature used below is checked in imgtune_assets_tests/test_pinned_private_apis.py). Dagster has no
+# public base class for an event log storage that writes to its own SQLite files.
 from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS
-from dagster._core.events.log import EventLogEntry
 from dagster._core.instance.ref import InstanceRef, _event_logs_directory
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._core.storage.sqlalchemy_compat import db_result
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
 from dagster._serdes import ConfigurableClassData
+
+# --- end of Dagster's private API
 
 # Dagster reads this in every ``handle_new_event``; any size above a run's partition count keeps a
 # run's planned (or materialized) events in one batch.

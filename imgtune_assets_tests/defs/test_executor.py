@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from dagster import (
-    AssetKey,
     DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
@@ -27,9 +26,10 @@ from dagster import (
     multiprocess_executor,
 )
 
-from imgtune_assets.cli import materialize_commands
+from imgtune_assets.cli import sweep_commands
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import load_sweep
+from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.executor import (
     NUM_CPUS_TAG,
     STEP_WORKER_MESSAGE,
@@ -161,18 +161,18 @@ def test_whole_sweep_with_ray_executor_on_a_two_node_cluster(tmp_path, cluster, 
     sweep = write_sweep(tmp_path / "sweep.yaml", denoise_data, name="onray", trials=6, chunk_size=1)
     env = ray_env(tmp_path, sweep, cluster)
     keys = trial_keys(load_sweep(sweep))
-    for command in materialize_commands(keys):
+    for command in sweep_commands("onray", keys):
         materialize(env, command)
 
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         runs = instance.get_runs()
         assert len(runs) == 3
         overheads = check_steps_ran_in_ray_workers(instance, [r.run_id for r in runs], cluster.node_ips)
-        assert instance.get_materialized_partitions(AssetKey("experiment_results")) == set(keys)
-        records = instance.fetch_materializations(AssetKey("experiment_results"), limit=100).records
+        assert instance.get_materialized_partitions(asset_key("onray", "experiment_results")) == set(keys)
+        records = instance.fetch_materializations(asset_key("onray", "experiment_results"), limit=100).records
         nodes = set().union(*(r.asset_materialization.metadata["nodes"].value for r in records))
         assert {r.asset_materialization.metadata["status"].value for r in records} == {"ok"}
-        report = instance.fetch_materializations(AssetKey("sweep_report"), limit=1).records[0]
+        report = instance.fetch_materializations(asset_key("onray", "sweep_report"), limit=1).records[0]
         assert report.asset_materialization.metadata["completed_trials"].value == 6
     # The experiment step, itself a Ray task, fanned its trials out over both nodes (its CPU is lent
     # back while it waits on them).
@@ -185,13 +185,14 @@ def test_ray_executor_on_the_embedded_local_ray(tmp_path, denoise_data):
     sweep = write_sweep(tmp_path / "sweep.yaml", denoise_data, name="embedded", trials=2)
     env = ray_env(tmp_path, sweep)
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
-    for command in materialize_commands(trial_keys(load_sweep(sweep)))[:2]:
+    for command in sweep_commands("embedded", trial_keys(load_sweep(sweep)))[:2]:
         materialize(env, command)
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         runs = instance.get_runs()
         # The embedded Ray is on loopback only: its node (and so every step worker) is 127.0.0.1.
         overheads = check_steps_ran_in_ray_workers(instance, [r.run_id for r in runs], ["127.0.0.1"])
-        assert instance.get_materialized_partitions(AssetKey("experiment_results")) == {"trial-000", "trial-001"}
+        assert instance.get_materialized_partitions(asset_key("embedded", "experiment_results")) == {
+            "trial-000", "trial-001"}
     print(f"\nray_executor embedded: launch→STEP_START per step: mean {sum(overheads) / len(overheads):.2f}s")
 
 
@@ -373,12 +374,51 @@ def test_step_env_vars_carry_the_instance_and_resolved_sweep(monkeypatch, tmp_pa
     sweep.write_text("name: x\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IMGTUNE_SWEEP", "s.yaml")  # relative here: the worker gets the absolute path
+    monkeypatch.delenv("IMGTUNE_SWEEPS_DIR", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DAGSTER_PG_HOST", "127.0.0.1")
     monkeypatch.delenv("IMGTUNE_OUTPUT_DIR", raising=False)
     env = step_env_vars({"EXTRA": "1", "OMP_NUM_THREADS": "2"})
     assert env["IMGTUNE_SWEEP"] == str(sweep)
+    assert "IMGTUNE_SWEEPS_DIR" not in env
     assert Path(env["IMGTUNE_OUTPUT_DIR"]).is_absolute()
     assert env["DAGSTER_HOME"] == str(tmp_path / "home") and env["DAGSTER_PG_HOST"] == "127.0.0.1"
     assert env["EXTRA"] == "1" and env["OMP_NUM_THREADS"] == "2"
     assert len(env["IMGTUNE_SWEEP_SHA"]) == 16
+    sweep.write_text("name: y\n")
+    assert step_env_vars()["IMGTUNE_SWEEP_SHA"] != env["IMGTUNE_SWEEP_SHA"]  # a changed sweep: fresh workers
+
+
+def test_step_env_vars_carry_the_resolved_sweeps_folder(monkeypatch, tmp_path):
+    from imgtune_assets.core.paths import BUNDLED_SWEEPS
+    from imgtune_assets.defs.executor import step_env_vars
+
+    folder = tmp_path / "sweeps"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("name: a\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IMGTUNE_SWEEP", raising=False)
+    monkeypatch.setenv("IMGTUNE_SWEEPS_DIR", "sweeps")  # relative here: the worker gets the absolute path
+    env = step_env_vars()
+    assert env["IMGTUNE_SWEEPS_DIR"] == str(folder)
+    assert "IMGTUNE_SWEEP" not in env
+    first = env["IMGTUNE_SWEEP_SHA"]
+    assert len(first) == 16
+    (folder / "b.yml").write_text("name: b\n")  # a sweep added to the folder: fresh workers
+    second = step_env_vars()["IMGTUNE_SWEEP_SHA"]
+    assert second != first
+    (folder / ".hidden.yaml").write_text("name: h\n")  # not a sweep file of the folder
+    (folder / "notes.txt").write_text("x")
+    assert step_env_vars()["IMGTUNE_SWEEP_SHA"] == second
+
+    # Both set: both go through, absolute (IMGTUNE_SWEEP wins in the worker, as here).
+    monkeypatch.setenv("IMGTUNE_SWEEP", "sweeps/a.yaml")
+    env = step_env_vars()
+    assert env["IMGTUNE_SWEEP"] == str(folder / "a.yaml") and env["IMGTUNE_SWEEPS_DIR"] == str(folder)
+
+    # Neither set: the default sweeps folder, as this process finds it.
+    monkeypatch.delenv("IMGTUNE_SWEEP")
+    monkeypatch.setenv("IMGTUNE_SWEEPS_DIR", "  ")  # blank counts as unset
+    env = step_env_vars()
+    assert env["IMGTUNE_SWEEPS_DIR"] == str(Path(BUNDLED_SWEEPS).resolve())
+    assert "IMGTUNE_SWEEP" not in env

@@ -1,4 +1,6 @@
-"""The embedded Ray of RayResource: loopback only, token authentication on."""
+"""The embedded Ray of RayResource: loopback only, token authentication on; lean by default, and
+started and stopped as Ray ships it when the lean switch is off (``lean_embedded=False`` or
+``IMGTUNE_RAY_LEAN=0``)."""
 
 import ipaddress
 import os
@@ -7,8 +9,10 @@ import sys
 import textwrap
 
 import psutil
+import pytest
 
-from imgtune_assets.defs.resources import RayResource
+from imgtune_assets.core import embedded_ray
+from imgtune_assets.defs.resources import LOOPBACK_ENV, RayResource
 
 
 def _is_loopback(ip: str) -> bool:
@@ -76,11 +80,11 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
     import ray
     from ray._private.node import Node
 
-    from imgtune_assets.defs import resources
-
     monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(embedded_ray.LEAN_ENV, raising=False)
     if ray.is_initialized():
         ray.shutdown()
+    stops_at_once = _record_calls(monkeypatch, "_stop_at_once")
     originals = {name: Node.__dict__[name] for name in ("start_api_server", "start_monitor", "start_log_monitor")}
     # A process of this test's own, started before Ray: stopping the embedded Ray must leave it alone.
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -109,4 +113,90 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
     assert bystander.poll() is None, "stopping the embedded Ray killed a process that was not Ray's"
     bystander.kill()
     bystander.wait()
-    assert resources._final_collection_skipped  # the run's process exits without a last full GC
+    assert stops_at_once == [True]  # the lean stop: every process killed at once
+    assert embedded_ray.final_collection_skipped()  # the run's process exits without a last full GC
+
+
+def _record_calls(monkeypatch, name: str) -> list[bool]:
+    """Record each call of ``embedded_ray.<name>`` (still calling it)."""
+    calls: list[bool] = []
+    real = getattr(embedded_ray, name)
+
+    def recording(*args, **kwargs):
+        calls.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedded_ray, name, recording)
+    return calls
+
+
+def _head_processes(commands: list[str]) -> list[str]:
+    return [skipped for skipped in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "_private/log_monitor.py")
+            if any(skipped in c for c in commands)]
+
+
+@pytest.mark.parametrize("switch", ["field", "environment"])
+def test_the_lean_switch_off_starts_and_stops_ray_as_shipped(monkeypatch, switch):
+    """``lean_embedded=False`` or ``IMGTUNE_RAY_LEAN=0``: no private-API shortcut, no internal tuning;
+    still loopback only, and every Ray process gone after the teardown."""
+    import ray
+    from ray._private import worker
+
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    for key in embedded_ray.LEAN_TUNING_ENV:
+        monkeypatch.delenv(key, raising=False)
+    if switch == "field":
+        monkeypatch.delenv(embedded_ray.LEAN_ENV, raising=False)
+        resource = RayResource(num_cpus=1, lean_embedded=False)
+    else:
+        monkeypatch.setenv(embedded_ray.LEAN_ENV, "0")
+        resource = RayResource(num_cpus=1)
+    assert not resource.lean()
+    if ray.is_initialized():
+        ray.shutdown()
+    stops_at_once = _record_calls(monkeypatch, "_stop_at_once")
+    lean_starts = _record_calls(monkeypatch, "_ray_private")
+    resource.connect()
+    try:
+        assert lean_starts == []  # Ray's private modules were not even imported for the start
+        assert not any(key in os.environ for key in embedded_ray.LEAN_TUNING_ENV)
+        assert all(os.environ.get(key) == value for key, value in LOOPBACK_ENV.items())
+        commands = [" ".join(p.cmdline()) for p in _ray_processes(psutil.Process())[1:]]
+        # Ray as shipped starts its monitor, log monitor and dashboard API server.
+        assert _head_processes(commands) == ["dashboard/dashboard.py", "autoscaler/_private/monitor.py",
+                                             "_private/log_monitor.py"], commands
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        assert "kill_all_processes" not in vars(worker._global_node)  # Ray's own stop, unwrapped
+        assert ray.get(ray.remote(lambda: 7).remote()) == 7
+        children = psutil.Process().children(recursive=True)
+    finally:
+        resource.teardown_after_execution(None)
+    assert not ray.is_initialized()
+    assert stops_at_once == []
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+def test_lean_switch_from_the_environment(monkeypatch):
+    monkeypatch.delenv(embedded_ray.LEAN_ENV, raising=False)
+    assert embedded_ray.lean_from_environment() and RayResource().lean()
+    for value in ("0", "false", "No", " off "):
+        monkeypatch.setenv(embedded_ray.LEAN_ENV, value)
+        assert not embedded_ray.lean_from_environment() and not RayResource().lean()
+    for value in ("1", "true", "yes", ""):
+        monkeypatch.setenv(embedded_ray.LEAN_ENV, value)
+        assert embedded_ray.lean_from_environment()
+        assert RayResource().lean() and not RayResource(lean_embedded=False).lean()
+
+
+def test_every_ray_resource_field_is_described():
+    for name, field in RayResource.model_fields.items():
+        assert field.description, name
+
+
+def test_loopback_settings_stay_importable_from_resources():
+    from imgtune_assets.defs import resources
+
+    assert resources.LOOPBACK_ENV is embedded_ray.LOOPBACK_ENV
+    assert resources.LOOPBACK_ENV == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    assert set(LOOPBACK_ENV) <= set(resources.EMBEDDED_RAY_ENV)

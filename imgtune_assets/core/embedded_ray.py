@@ -1,0 +1,256 @@
+"""The embedded local Ray: how imgtune starts and stops the one-node Ray that lives as long as a run.
+
+Public surface:
+
+* ``LOOPBACK_ENV``: the variables that keep a local Ray on 127.0.0.1 (set before Ray is imported).
+* ``prepare_environment(lean)``: put them (and, lean, the start-up/shut-down tuning below) into
+  ``os.environ``; must run before the process's first ``import ray``.
+* ``start_embedded_ray(num_cpus, namespace, runtime_env, lean)``: start it and connect this process.
+* ``stop_embedded_ray(lean)``: disconnect and stop it.
+* ``skip_final_collection_at_exit()``: let the process exit without a last full garbage collection.
+* ``lean_from_environment()``: the ``IMGTUNE_RAY_LEAN`` switch.
+
+**The lean switch.** By default (``lean=True``) the embedded Ray is started and stopped with three
+shortcuts measured on 2 cores (benchmarks/sweep_bench.py), two of which reach into Ray's *private*
+``ray._private`` modules (pinned ``ray==2.60.0``; imgtune_assets_tests/test_pinned_private_apis.py
+fails when they move):
+
+1. Ray's internal config variables (``RAY_raylet_client_*``, ``RAY_task_events_shutdown_flush_timeout_ms``)
+   that shorten the raylet's connect retries and the driver's task-event flush at shutdown;
+2. the head node starts without the dashboard's API server, the autoscaler's monitor and the log
+   monitor (their start methods on the private ``Node`` are skipped during ``ray.init``);
+3. the stop kills the node's processes at once instead of SIGTERM and up to 1 s of waiting each
+   (the private node's ``kill_all_processes`` is wrapped for the coming ``ray.shutdown``).
+
+``lean=False`` turns all three off together: a plain ``ray.init(address="local", ...)`` and
+``ray.shutdown()`` with only ``LOOPBACK_ENV``, i.e. Ray exactly as shipped, slower by ~1.5 s at start
+and ~1.4 s at stop. Use it when a Ray upgrade is being checked or the embedded Ray misbehaves.
+``IMGTUNE_RAY_LEAN=0`` (or ``false``/``no``/``off``) turns it off for every embedded Ray of the
+process, whatever the caller asked for; ``RayResource.lean_embedded=False`` turns it off for one
+resource.
+
+``skip_final_collection_at_exit`` uses public Python only (``gc.freeze`` at exit) and is not part of
+the switch.
+
+No Dagster here; ``import ray`` happens only inside functions (Ray reads
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is first imported). Ray's private modules are imported in
+one place only: ``_ray_private()``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import psutil
+
+LEAN_ENV = "IMGTUNE_RAY_LEAN"
+# Set before an embedded Ray starts: Ray then listens on and advertises 127.0.0.1 only
+# (by default Ray 2.60 listens on every interface).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray's internal config, for the lean embedded Ray only (measured on 2 cores, benchmarks/sweep_bench.py):
+# - the raylet connects to its own object store, started by another thread a moment earlier, and
+#   retries after 1 s when it comes too early — which it does in about half the starts under load: poll
+#   every 20 ms instead (the same 10 s in total);
+# - the driver waits up to 1 s at shutdown to flush task events to GCS (they feed the dashboard and the
+#   state API, which the embedded Ray does not run).
+LEAN_TUNING_ENV = {
+    "RAY_raylet_client_connect_timeout_milliseconds": "20",
+    "RAY_raylet_client_num_connect_attempts": "500",
+    "RAY_task_events_shutdown_flush_timeout_ms": "0",
+}
+EMBEDDED_RAY_ENV = {**LOOPBACK_ENV, **LEAN_TUNING_ENV}
+# The head processes the lean start skips, by the name of their start method on Ray's private Node.
+SKIPPED_HEAD_PROCESSES = ("start_api_server", "start_monitor", "start_log_monitor")
+
+_OFF = ("0", "false", "no", "off")
+
+
+def lean_from_environment() -> bool:
+    """False when ``$IMGTUNE_RAY_LEAN`` says off (``0``, ``false``, ``no``, ``off``); True otherwise."""
+    return os.environ.get(LEAN_ENV, "").strip().lower() not in _OFF
+
+
+def prepare_environment(lean: bool = True) -> None:
+    """Set the loopback variables (and, lean, Ray's start/stop tuning) unless already set.
+
+    Must run before this process first imports Ray; Ray's own processes inherit them.
+    """
+    for key, value in (EMBEDDED_RAY_ENV if lean else LOOPBACK_ENV).items():
+        os.environ.setdefault(key, value)
+
+
+def start_embedded_ray(num_cpus: Optional[int] = None, namespace: Optional[str] = None,
+                       runtime_env: Optional[dict[str, Any]] = None, lean: bool = True) -> None:
+    """Start a new one-node Ray on loopback and connect this process to it (``ray.init``).
+
+    Never joins an existing cluster (``address="local"``): not one found through ``RAY_ADDRESS`` nor
+    ``/tmp/ray/ray_current_cluster`` (left by any ``ray start --head`` on this machine). No dashboard,
+    worker output stays in the session's log files. ``lean`` as in the module's docstring (and off
+    when ``$IMGTUNE_RAY_LEAN`` says so).
+    """
+    lean = lean and lean_from_environment()
+    prepare_environment(lean)
+    import ray
+
+    with _lean_head_node(enabled=lean):
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            namespace=namespace,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            runtime_env=runtime_env,
+        )
+
+
+def stop_embedded_ray(lean: bool = True) -> None:
+    """Disconnect from the embedded Ray this process started, and stop it (``ray.shutdown``).
+
+    Lean: its processes are killed at once rather than stopped gracefully (see
+    ``_stop_at_once``). A no-op when Ray is not initialized.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if lean and lean_from_environment():
+        _stop_at_once()
+    ray.shutdown()
+
+
+def skip_final_collection_at_exit() -> None:
+    """Let the process that ran a sweep exit without a last full garbage collection.
+
+    Python's shutdown walks every live object (Dagster, Ray, gRPC and pydantic leave about a million)
+    to collect cycles that the exit frees anyway: 0.8 s at the end of every CLI run on 2 cores. Frozen
+    objects are skipped; the atexit handlers registered before this one (Ray's, logging's flush,
+    Dagster's) still run after it, and nothing else changes while the process lives.
+    """
+    global _final_collection_skipped
+    if not _final_collection_skipped:
+        atexit.register(gc.freeze)
+        _final_collection_skipped = True
+
+
+_final_collection_skipped = False
+
+
+def final_collection_skipped() -> bool:
+    """Whether ``skip_final_collection_at_exit`` ran in this process."""
+    return _final_collection_skipped
+
+
+# --------------------------------------------------------------------------- Ray's private API
+
+
+def _ray_private():
+    """The one place imgtune imports Ray's private modules: ``(Node class, ray._private.worker)``.
+
+    ``None`` when a Ray release has moved them: the lean shortcuts are then skipped and the embedded
+    Ray starts and stops as shipped. Pinned: ray==2.60.0 (imgtune_assets_tests/test_pinned_private_apis.py).
+    """
+    try:
+        from ray._private import worker
+        from ray._private.node import Node
+    except ImportError:  # pragma: no cover - Ray moved its private modules
+        return None
+    return Node, worker
+
+
+@contextmanager
+def _lean_head_node(enabled: bool = True) -> Iterator[None]:
+    """Start the embedded Ray without the three head processes it has no use for.
+
+    A local ``ray.init`` also starts the dashboard's API server (even with ``include_dashboard=False``;
+    and it waits ~0.6 s for it to come up), the autoscaler's monitor and the log monitor (which only
+    streams worker output to the driver, off here with ``log_to_driver=False``): three Python processes,
+    about 1.3 s of CPU at start-up on a 2-core machine, and a little polling all through the sweep. The
+    embedded Ray is one node that lives as long as a run, with no dashboard, nothing to autoscale and
+    its logs in the session folder; GCS, raylet, the object store, the workers and their agents start as
+    usual. Ray offers no switch for these (``ray start`` hides ``--no-monitor``), so their start methods
+    on Ray's private ``Node`` are skipped for the duration of this ``ray.init`` only; should a Ray
+    release rename them, the embedded Ray starts in full, as before.
+    """
+    private = _ray_private() if enabled else None
+    if private is None:
+        yield
+        return
+    node_class = private[0]
+    originals = {name: node_class.__dict__.get(name) for name in SKIPPED_HEAD_PROCESSES}
+    if any(method is None for method in originals.values()):
+        yield
+        return
+
+    def skipped(self, *args, **kwargs):
+        return None
+
+    for name in SKIPPED_HEAD_PROCESSES:
+        setattr(node_class, name, skipped)
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(node_class, name, method)
+
+
+def _stop_at_once() -> None:
+    """Make the coming ``ray.shutdown()`` kill the embedded Ray's processes at once.
+
+    By default it sends SIGTERM and waits up to a second per process (about 1.4 s at the end of every
+    run). The embedded Ray holds nothing that needs a graceful stop: every result is saved by then.
+    A raylet killed at once cannot stop the agents and workers it started, so they are killed too
+    (they would otherwise live as long as this process). This reaches into Ray's private node object
+    (``ray._private.worker._global_node``); if a Ray release moves it, the graceful stop remains.
+    """
+    private = _ray_private()
+    node = getattr(private[1], "_global_node", None) if private else None
+    graceful = getattr(node, "kill_all_processes", None)
+    if graceful is None or not isinstance(getattr(node, "all_processes", None), dict):
+        return
+
+    def immediately(check_alive: bool = False, allow_graceful: bool = True, wait: bool = False):
+        # Only processes still running: a pid that Ray already reaped may belong to someone else now.
+        started = _descendants(info.process.pid for infos in node.all_processes.values() for info in infos
+                               if info.process.poll() is None)
+        result = graceful(check_alive=check_alive, allow_graceful=False, wait=wait)
+        for proc in started:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return result
+
+    node.kill_all_processes = immediately
+
+
+def _descendants(pids: Iterable[int]) -> list[psutil.Process]:
+    """Every process below ``pids``, from one pass over the process table."""
+    children: dict[int, list[psutil.Process]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        children.setdefault(proc.info["ppid"], []).append(proc)
+    found, todo = [], list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child.pid)
+    return found
+
+
+__all__ = [
+    "EMBEDDED_RAY_ENV",
+    "LEAN_ENV",
+    "LOOPBACK_ENV",
+    "final_collection_skipped",
+    "lean_from_environment",
+    "prepare_environment",
+    "skip_final_collection_at_exit",
+    "start_embedded_ray",
+    "stop_embedded_ray",
+]
