@@ -158,7 +158,12 @@ def test_executor_from_environment(monkeypatch):
 
 
 def test_whole_sweep_with_ray_executor_on_a_two_node_cluster(tmp_path, cluster, denoise_data):
-    sweep = write_sweep(tmp_path / "sweep.yaml", denoise_data, name="onray", trials=6, chunk_size=1)
+    # Tasks of tens of milliseconds (non-local means), not a few: with millisecond tasks the whole fan-out
+    # can finish on the free node before Ray sees the step's own worker blocked and lends its CPU back.
+    pipeline = [{"op": "nl_means", "h": {"type": "float", "low": 3, "high": 20}, "template_window_size": 7,
+                 "search_window_size": 21}]
+    sweep = write_sweep(tmp_path / "sweep.yaml", denoise_data, name="onray", trials=6, chunk_size=1,
+                        pipeline=pipeline)
     env = ray_env(tmp_path, sweep, cluster)
     keys = trial_keys(load_sweep(sweep))
     for command in sweep_commands("onray", keys):
