@@ -12,15 +12,15 @@ import textwrap
 import time
 
 import psutil
-from dagster import AssetKey, DagsterInstance
+from dagster import DagsterInstance
 
-from imgtune_assets.cli import materialize_commands
+from imgtune_assets.cli import sweep_commands
 from imgtune_assets.core.demo_data import make_denoise_set
-from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import load_sweep
-from imgtune_assets_tests.conftest import PROJECT, cli_env, write_sweep
-from imgtune_assets_tests.raycluster import RayCluster, start_ray_cluster
+from imgtune_assets.defs.keys import asset_key
+from imgtune_assets_tests.support import cli_env, gone, run_checked, write_sweep
+from imgtune_assets_tests.support.raycluster import RayCluster, start_ray_cluster
 
 TRIALS = 6
 
@@ -33,34 +33,39 @@ def cluster_env(tmp_path, sweep, cluster: RayCluster, **extra) -> dict[str, str]
     return env
 
 
-def run_sweep_cli(env) -> list[subprocess.CompletedProcess]:
-    """The three commands a user types (imgtune_assets.cli), each checked."""
+def run_sweep_cli(env) -> list[float]:
+    """The three commands a user types (imgtune_assets.cli.sweep_commands), each checked; their seconds."""
     sweep = load_sweep(env["IMGTUNE_SWEEP"])
-    results = []
-    for command in materialize_commands(trial_keys(sweep)):
+    seconds = []
+    for command in sweep_commands(sweep.name, trial_keys(sweep)):
         started = time.perf_counter()
-        result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=240)
-        assert result.returncode == 0, f"{' '.join(command[1:])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        result.seconds = time.perf_counter() - started
-        results.append(result)
-    return results
+        run_checked(command, env, timeout=240)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def small_cluster_sweep(tmp_path):
     data = tmp_path / "data"
-    make_denoise_set(data, count=8, size=128)
-    # 6 trials × 4 chunks of 2 images = 24 tasks for 2 single-CPU nodes: both nodes get work.
-    return write_sweep(tmp_path / "sweep.yaml", data, name="cluster", trials=TRIALS, chunk_size=2)
+    make_denoise_set(data, count=8, size=256)
+    # 6 trials × 4 chunks of 2 images = 24 tasks for 2 single-CPU nodes, each long enough (non-local
+    # means, ~0.1 s an image) for the second node's worker to start before the first has done them all.
+    pipeline = [{"op": "nl_means", "h": {"type": "float", "low": 3, "high": 20}, "template_window_size": 7,
+                 "search_window_size": 21}]
+    return write_sweep(tmp_path / "sweep.yaml", data, name="cluster", trials=TRIALS, chunk_size=2, pipeline=pipeline)
 
 
 def test_start_ray_cluster_on_loopback_with_token_auth_and_stop_ends_only_its_own(tmp_path):
+    # A bystander that looks like Ray to anything matching by name (`ray stop`, `pkill -f raylet`).
+    bystander = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "raylet", "ray::IDLE"],
+                                 stdin=subprocess.PIPE)
     mine = start_ray_cluster(tmp_path / "logs", nodes=2, num_cpus=1)
     try:
         assert mine.node_ips == ["127.0.0.2", "127.0.0.3"]
         assert mine.address.startswith("127.0.0.2:")
         assert mine.env["RAY_AUTH_MODE"] == "token" and len(mine.env["RAY_AUTH_TOKEN"]) == 64
-        pids = mine.pids()
-        assert len(pids) >= 6  # 2 × (ray start, raylet, ...) + gcs_server
+        processes = [p for node in mine.nodes for p in node.processes()]
+        pids = {p.pid for p in processes}
+        assert pids == mine.pids() and len(pids) >= 6  # 2 × (ray start, raylet, ...) + gcs_server
         listening = set()
         for pid in pids:
             try:
@@ -76,31 +81,37 @@ def test_start_ray_cluster_on_loopback_with_token_auth_and_stop_ends_only_its_ow
         # A client without the token is refused: the cluster really uses token authentication.
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+        # (Ray's client tries its GCS connection 20 times, a second apart: 2 tries are enough here.)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64, RAY_gcs_server_port_wait_time_s="2")
         refused = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={mine.address!r})"],
                                  env=env, capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0
         assert "auth" in (refused.stderr + refused.stdout).lower()
     finally:
         mine.stop()
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive_after_stop = bystander.poll() is None
+        bystander.stdin.close()  # ends it
+        bystander.wait(timeout=30)
+    assert all(gone(p) for p in processes), [p for p in processes if not gone(p)]
     assert not mine.temp_dir.exists()
+    assert alive_after_stop, "stop() ended a process that was not the cluster's"
 
 
 def test_sweep_on_a_two_node_cluster_uses_both_nodes(tmp_path, cluster):
     sweep = small_cluster_sweep(tmp_path)
     env = cluster_env(tmp_path, sweep, cluster)
-    run_sweep_cli(env)
+    seconds = run_sweep_cli(env)
+    print(f"\ncluster sweep: commands took {[round(s, 1) for s in seconds]} s")
 
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-        records = instance.fetch_materializations(AssetKey("experiment_results"), limit=100).records
+        records = instance.fetch_materializations(asset_key("cluster", "experiment_results"), limit=100).records
         assert sorted(r.asset_materialization.partition for r in records) == [f"trial-{i:03d}" for i in range(TRIALS)]
         nodes = set()
         for record in records:
             metadata = record.asset_materialization.metadata
             assert metadata["status"].value == "ok"
             nodes |= set(metadata["nodes"].value)
-        report = instance.fetch_materializations(AssetKey("sweep_report"), limit=1).records[0]
+        report = instance.fetch_materializations(asset_key("cluster", "sweep_report"), limit=1).records[0]
         assert report.asset_materialization.metadata["completed_trials"].value == TRIALS
     assert len(nodes) == 2, f"experiment tasks ran on {nodes}"
     summary = json.loads((tmp_path / "outputs" / "cluster" / "report.json").read_text())
@@ -109,15 +120,19 @@ def test_sweep_on_a_two_node_cluster_uses_both_nodes(tmp_path, cluster):
 
 # The fan-out on the cluster, fed with images that exist only in the driver's memory: no file of
 # them exists anywhere, so the tasks can only have received the pixels through the object store.
+# Each task takes a while (non-local means, ~0.3 s per chunk): with very short tasks the first worker
+# leased can finish them all before the other node has started one (Ray reuses a leased worker for
+# the queued tasks), and the fan-out would use one node whatever its scheduling strategy.
 _IN_MEMORY_FANOUT = textwrap.dedent("""
     import json, sys
     import numpy as np, ray
     from imgtune_assets.core import fanout
+    from imgtune_assets.core.metrics import Objective
     from imgtune_assets.defs.resources import RayResource
 
     RayResource(address=sys.argv[1]).connect()
     rng = np.random.default_rng(0)
-    clean = [rng.integers(0, 255, (64, 64), dtype=np.uint8) for _ in range(6)]
+    clean = [rng.integers(0, 255, (384, 384), dtype=np.uint8) for _ in range(6)]
     noisy = [np.clip(c + rng.normal(0, 20, c.shape), 0, 255).astype(np.uint8) for c in clean]
     puts = []
     real_put = ray.put
@@ -125,7 +140,8 @@ _IN_MEMORY_FANOUT = textwrap.dedent("""
         puts.append(type(value).__name__)
         return real_put(value, *a, **k)
     ray.put = counting_put
-    trials = [{"trial": f"t{i}", "params": {}, "stages": [["gaussian_blur", {"ksize": 3 + 2 * i, "sigma": 1.0}]]}
+    trials = [{"trial": f"t{i}", "params": {},
+               "stages": [["nl_means", {"h": 5.0 + 5 * i, "template_window_size": 7, "search_window_size": 21}]]}
               for i in range(4)]
     outcomes = fanout.run_trials(trials, [f"img{i}" for i in range(6)], noisy, clean, Objective("psnr"), chunk_size=2,
                                  max_retries=0)

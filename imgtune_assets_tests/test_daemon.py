@@ -1,11 +1,13 @@
-"""End to end through a real ``dagster-daemon run`` on a temporary DAGSTER_HOME:
+"""End to end through a real ``dagster-daemon run`` on a temporary DAGSTER_HOME, for a sweep named
+``night-owl`` (asset keys ``night-owl/...``, group and name prefix ``night_owl``):
 
-1. ``nightly_sweep`` (cron ``* * * * *`` via IMGTUNE_SCHEDULE_CRON, started with
-   ``dagster schedule start``) launches the whole sweep as ONE ranged run that succeeds;
-2. ``new_images`` (started with ``dagster sensor start``) sees an image added to the data folder and
-   launches exactly one sweep;
-3. ``dagster job backfill -j imgtune_trials --partitions ... --noprompt`` queues one run per trial and
-   the daemon runs them; each re-run trial gains a materialization.
+1. ``night_owl_nightly_sweep`` (cron ``* * * * *`` via IMGTUNE_SCHEDULE_CRON, started with
+   ``dagster schedule start``) launches the whole sweep as ONE ranged run of ``night_owl_sweep`` that
+   succeeds;
+2. ``night_owl_new_images`` (started with ``dagster sensor start``) sees an image added to the data
+   folder and launches exactly one sweep (its next tick, after that run, requests nothing);
+3. ``dagster job backfill -j night_owl_trials --partitions ... --noprompt`` queues one run per trial
+   and the daemon runs them; each re-run trial gains a materialization.
 """
 
 from __future__ import annotations
@@ -14,14 +16,32 @@ import time
 from datetime import datetime
 
 import pytest
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from imgtune_assets.core.demo_data import make_denoise_set
-from imgtune_assets_tests.conftest import cli_env, write_sweep
-from imgtune_assets_tests.uitools import CODE, dagster_cli, start_daemon, wait_for
+from imgtune_assets.defs.keys import asset_key
+from imgtune_assets_tests.support import (
+    CODE,
+    FINISHED_STATUSES,
+    cli_env,
+    dagster_cli,
+    materializations_by_partition,
+    run_failures,
+    start_daemon,
+    wait_for,
+    write_sweep,
+)
 
+SWEEP = "night-owl"
+GROUP = "night_owl"
+SCHEDULE, SENSOR = f"{GROUP}_nightly_sweep", f"{GROUP}_new_images"
+SWEEP_JOB, TRIALS_JOB = f"{GROUP}_sweep", f"{GROUP}_trials"
+SENSOR_INTERVAL = 5
 TRIALS = ["trial-000", "trial-001", "trial-002", "trial-003"]
-FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+
+
+def key(asset: str):
+    return asset_key(SWEEP, asset)
 
 
 def _runs(instance: DagsterInstance, **tags: str):
@@ -30,28 +50,18 @@ def _runs(instance: DagsterInstance, **tags: str):
 
 def _finished(instance: DagsterInstance, **tags: str):
     records = _runs(instance, **tags)
-    return records if records and all(r.dagster_run.status in FINISHED for r in records) else None
-
-
-def _errors(instance: DagsterInstance, records) -> str:
-    """The failure messages of any failed runs, for assertion messages."""
-    out = []
-    for record in records:
-        if record.dagster_run.status != DagsterRunStatus.SUCCESS:
-            for event in instance.all_logs(record.dagster_run.run_id):
-                if event.is_dagster_event and event.dagster_event.event_type_value in ("STEP_FAILURE", "RUN_FAILURE"):
-                    out.append(f"{record.dagster_run.run_id}: {event.dagster_event.message}\n"
-                               f"{getattr(event.dagster_event.event_specific_data, 'error', '')}")
-    return "\n".join(out)[-6000:]
+    return records if records and all(r.dagster_run.status in FINISHED_STATUSES for r in records) else None
 
 
 def _trial_materializations(instance: DagsterInstance) -> dict[str, int]:
-    records = instance.fetch_materializations(AssetKey("experiment_results"), limit=1000).records
-    counts: dict[str, int] = {}
-    for record in records:
-        key = record.asset_materialization.partition
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+    return {k: len(v) for k, v in materializations_by_partition(instance, key("experiment_results")).items()}
+
+
+def _sensor_ticks(instance: DagsterInstance, name: str, after: float):
+    """The sensor's ticks evaluated after ``after`` (a time.time()), newest first."""
+    states = [s for s in instance.all_instigator_state() if s.instigator_name == name]
+    assert len(states) == 1, [s.instigator_name for s in states]
+    return instance.get_ticks(states[0].instigator_origin_id, states[0].selector_id, after=after)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +69,8 @@ def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("daemon")
     data = tmp / "data"
     make_denoise_set(data, count=6, size=96)
-    sweep = write_sweep(tmp / "tiny.yaml", data, name="nightly", trials=len(TRIALS))
-    env = cli_env(tmp, sweep, IMGTUNE_SCHEDULE_CRON="* * * * *", IMGTUNE_SENSOR_INTERVAL_SECONDS="5")
+    sweep = write_sweep(tmp / "night-owl.yaml", data, name=SWEEP, trials=len(TRIALS))
+    env = cli_env(tmp, sweep, IMGTUNE_SCHEDULE_CRON="* * * * *", IMGTUNE_SENSOR_INTERVAL_SECONDS=str(SENSOR_INTERVAL))
     # Create the instance's SQLite storage before any other process opens it: two processes initializing
     # a fresh DAGSTER_HOME at once can both stamp the schema ("alembic_version has more than one head").
     instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
@@ -74,18 +84,20 @@ def deployment(tmp_path_factory):
 
 def test_nightly_schedule_then_new_images_sensor_then_cli_backfill(deployment):
     env, instance, daemon = deployment["env"], deployment["instance"], deployment["daemon"]
+    daemon_log = lambda: daemon.tail()  # noqa: E731 - read when a wait times out
 
     # 1. The schedule: every minute in this test; one tick → one ranged run of the whole sweep.
-    dagster_cli(["schedule", "start", "nightly_sweep", *CODE], env)
+    dagster_cli(["schedule", "start", SCHEDULE, *CODE], env)
     try:
         scheduled = wait_for(lambda: _finished(instance, **{"imgtune/trigger": "schedule"}), timeout=150,
-                             interval=2, what=f"a scheduled sweep\n{daemon.tail()}")
+                             interval=1, what=lambda: f"a scheduled sweep\n{daemon_log()}")
     finally:
-        dagster_cli(["schedule", "stop", "nightly_sweep", *CODE], env)
+        dagster_cli(["schedule", "stop", SCHEDULE, *CODE], env)
     scheduled = sorted(scheduled, key=lambda r: r.create_timestamp)
     run = scheduled[0].dagster_run
-    assert run.status == DagsterRunStatus.SUCCESS, _errors(instance, scheduled)
-    assert run.job_name == "imgtune_sweep"
+    assert run.status == DagsterRunStatus.SUCCESS, run_failures(instance, scheduled)
+    assert run.job_name == SWEEP_JOB
+    assert run.tags["imgtune/sweep"] == SWEEP
     assert run.tags["dagster/asset_partition_range_start"] == TRIALS[0]
     assert run.tags["dagster/asset_partition_range_end"] == TRIALS[-1]
     scheduled_for = datetime.fromisoformat(run.tags["imgtune/scheduled_for"])
@@ -93,30 +105,39 @@ def test_nightly_schedule_then_new_images_sensor_then_cli_backfill(deployment):
           f"{scheduled[0].end_time - scheduled_for.timestamp():.1f}s "
           f"(run itself {scheduled[0].end_time - scheduled[0].start_time:.1f}s)")
     # Every asset of the sweep in that one run, one materialization per trial.
-    for key in ("image_manifest", "run_settings", "sweep_report"):
-        event = instance.get_latest_materialization_event(AssetKey(key))
-        assert event is not None and event.run_id == run.run_id, key
-    assert instance.get_materialized_partitions(AssetKey("experiment_results")) == set(TRIALS)
-    assert _trial_materializations(instance) == {key: 1 for key in TRIALS}
+    for name in ("image_manifest", "run_settings", "sweep_report"):
+        event = instance.get_latest_materialization_event(key(name))
+        assert event is not None and event.run_id == run.run_id, name
+    assert instance.get_materialized_partitions(key("experiment_results")) == set(TRIALS)
+    assert _trial_materializations(instance) == {k: 1 for k in TRIALS}
     # A tick may have fired just before the stop: let it finish so the sensor sees no sweep in progress.
-    wait_for(lambda: _finished(instance), timeout=120, interval=2, what="scheduled runs to finish")
-    assert all(r.dagster_run.status == DagsterRunStatus.SUCCESS for r in _runs(instance)), _errors(instance, _runs(instance))
+    wait_for(lambda: _finished(instance), timeout=120, interval=1, what="scheduled runs to finish")
+    assert all(r.dagster_run.status == DagsterRunStatus.SUCCESS for r in _runs(instance)), \
+        run_failures(instance, _runs(instance))
 
     # 2. The sensor: a new image appears → exactly one sweep over the new images.
     before = {r.dagster_run.run_id for r in _runs(instance)}
-    dagster_cli(["sensor", "start", "new_images", *CODE], env)
+    dagster_cli(["sensor", "start", SENSOR, *CODE], env)
     added_at = time.time()
     try:
         make_denoise_set(deployment["data"], count=7, size=96)  # adds scene_006, keeps the six others
         sensed = wait_for(lambda: _finished(instance, **{"imgtune/trigger": "new_images"}), timeout=120,
-                          interval=2, what=f"a sweep requested by new_images\n{daemon.tail()}")
-        time.sleep(6)  # one more sensor interval: nothing else may be requested
+                          interval=1, what=lambda: f"a sweep requested by {SENSOR}\n{daemon_log()}")
+        # The sensor's first tick that starts after that run ended must request nothing more.
+        sensed_end = max(r.end_time for r in sensed)
+        later = wait_for(lambda: [t for t in _sensor_ticks(instance, SENSOR, after=sensed_end)
+                                  if t.status.value != "STARTED"],
+                         timeout=SENSOR_INTERVAL * 6, interval=0.5,
+                         what=lambda: f"a {SENSOR} tick after the sensed run\n{daemon_log()}")
+        assert all(t.status.value == "SKIPPED" and not t.run_ids for t in later), \
+            [(t.status, t.run_ids, t.skip_reason) for t in later]
         assert len(_runs(instance, **{"imgtune/trigger": "new_images"})) == 1
     finally:
-        dagster_cli(["sensor", "stop", "new_images", *CODE], env)
-    assert sensed[0].dagster_run.status == DagsterRunStatus.SUCCESS, _errors(instance, sensed)
+        dagster_cli(["sensor", "stop", SENSOR, *CODE], env)
+    assert sensed[0].dagster_run.status == DagsterRunStatus.SUCCESS, run_failures(instance, sensed)
+    assert sensed[0].dagster_run.job_name == SWEEP_JOB
     print(f"sensor: image added → run success after {sensed[0].end_time - added_at:.1f}s")
-    manifest = instance.get_latest_materialization_event(AssetKey("image_manifest")).asset_materialization
+    manifest = instance.get_latest_materialization_event(key("image_manifest")).asset_materialization
     assert manifest.metadata["usable_images"].value == 7
     assert sensed[0].dagster_run.tags["imgtune/images_content_hash"] == manifest.metadata["content_hash"].value
     assert not before & {r.dagster_run.run_id for r in _runs(instance, **{"imgtune/trigger": "new_images"})}
@@ -124,13 +145,16 @@ def test_nightly_schedule_then_new_images_sensor_then_cli_backfill(deployment):
     # 3. A multi-run backfill from the CLI, run by the daemon: one run per trial partition.
     counts = _trial_materializations(instance)
     started = time.time()
-    dagster_cli(["job", "backfill", "-j", "imgtune_trials", "--partitions", "trial-000,trial-002", "--noprompt",
-                 *CODE], env)
-    backfill_runs = wait_for(
-        lambda: (lambda rs: rs if len(rs) == 2 and all(r.dagster_run.status in FINISHED for r in rs) else None)(
-            [r for r in _runs(instance) if r.dagster_run.job_name == "imgtune_trials"]),
-        timeout=150, interval=2, what=f"two backfill runs\n{daemon.tail()}")
-    assert all(r.dagster_run.status == DagsterRunStatus.SUCCESS for r in backfill_runs), _errors(instance, backfill_runs)
+    dagster_cli(["job", "backfill", "-j", TRIALS_JOB, "--partitions", "trial-000,trial-002", "--noprompt", *CODE], env)
+
+    def two_backfill_runs_done():
+        records = instance.get_run_records(filters=RunsFilter(job_name=TRIALS_JOB))
+        return records if len(records) == 2 and all(r.dagster_run.status in FINISHED_STATUSES for r in records) \
+            else None
+    backfill_runs = wait_for(two_backfill_runs_done, timeout=150, interval=1,
+                             what=lambda: f"two {TRIALS_JOB} backfill runs\n{daemon_log()}")
+    assert all(r.dagster_run.status == DagsterRunStatus.SUCCESS for r in backfill_runs), \
+        run_failures(instance, backfill_runs)
     assert sorted(r.dagster_run.tags["dagster/partition"] for r in backfill_runs) == ["trial-000", "trial-002"]
     print(f"backfill: 2 runs done {max(r.end_time for r in backfill_runs) - started:.1f}s after the command")
     after = _trial_materializations(instance)

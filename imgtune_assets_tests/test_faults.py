@@ -2,60 +2,27 @@
 once on one instance, and a data folder with bad files mixed in."""
 
 import json
-import os
-import signal
-import subprocess
-import time
+import shlex
 
 import cv2
 import numpy as np
-import psutil
 import pytest
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetCheckKey, DagsterInstance
 
+from imgtune_assets.cli import sweep_commands
 from imgtune_assets.core.evaluate import evaluate_chunk
-from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.manifest import load_images, scan_folder
-from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, write_sweep
+from imgtune_assets.core.metrics import Objective
+from imgtune_assets.defs.keys import asset_key
+from imgtune_assets_tests.support import Service, cli_env, run_checked, sweeps_dir_env, wait_for, write_sweep
 
-MODULE = ["-m", "imgtune_assets.definitions"]
 SLOW_PIPELINE = [{"op": "nl_means", "h": {"type": "float", "low": 3, "high": 20}, "template_window_size": 7,
                   "search_window_size": {"type": "odd", "low": 21, "high": 35}}]
 
 
-def dagster_cmd(*args):
-    return [str(VENV_BIN / "dagster"), *args]
-
-
-def run(env, *args, timeout=300):
-    result = subprocess.run(dagster_cmd(*args), cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{args}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def instance_for(env):
-    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
-    try:
-        return DagsterInstance.get()
-    finally:
-        del os.environ["DAGSTER_HOME"]
-
-
-def kill_run_process(proc: subprocess.Popen) -> list[psutil.Process]:
-    """SIGKILL the run's process alone, as a user (or the OOM killer) would; return what it had started
-    (its embedded Ray), for the test to clean up after the resumed sweep."""
-    children = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    return children
-
-
-def reap(processes: list[psutil.Process]) -> None:
-    for child in processes:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+def sweep_steps(name: str, trials: int) -> list[list[str]]:
+    """A sweep's three command lines (manifest + settings, every trial as one ranged run, report)."""
+    return sweep_commands(name, [f"trial-{i:03d}" for i in range(trials)])
 
 
 def expected_scores(sweep_file, data_dir, settings_file):
@@ -70,30 +37,32 @@ def expected_scores(sweep_file, data_dir, settings_file):
 def test_run_killed_mid_sweep_then_resumed(tmp_path, denoise_data):
     sweep = write_sweep(tmp_path / "slow.yaml", denoise_data, name="slow", trials=10, pipeline=SLOW_PIPELINE)
     env = cli_env(tmp_path, sweep)
-    run(env, "asset", "materialize", *MODULE, "--select", "image_manifest,run_settings")
+    inputs, trials_cmd, report_cmd = sweep_steps("slow", 10)
+    run_checked(inputs, env)
     trials_dir = tmp_path / "outputs" / "slow" / "trials"
-    proc = subprocess.Popen(dagster_cmd("asset", "materialize", *MODULE, "--select", "experiment_results",
-                                        "--partition-range", "trial-000...trial-009"),
-                            cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(trials_dir.glob("trial-*.json"))) < 2:
-        time.sleep(0.05)
-    orphans = kill_run_process(proc)
-    finished = sorted(p.stem for p in trials_dir.glob("trial-*.json"))
-    assert 2 <= len(finished) < 10, f"kill came too late or too early: {finished}"
-    assert not list(trials_dir.glob(".*.tmp")), "a half-written result file was left behind"
-
-    config = tmp_path / "resume.yaml"
-    config.write_text("ops:\n  experiment_results:\n    config:\n      skip_finished: true\n")
+    # The trials run in a session of their own: after the run process is killed, what it started (its
+    # embedded Ray) is still known to the service, and ended by its stop().
+    run = Service("trials", trials_cmd, env, tmp_path / "killed-run.log")
     try:
-        run(env, "asset", "materialize", *MODULE, "--select", "experiment_results",
-            "--partition-range", "trial-000...trial-009", "-c", str(config))
-        run(env, "asset", "materialize", *MODULE, "--select", "sweep_report")
-    finally:
-        reap(orphans)
+        def two_trials_saved():
+            assert run.alive(), f"the trials run ended before it could be killed:\n{run.tail()}"
+            return len(list(trials_dir.glob("trial-*.json"))) >= 2
+        wait_for(two_trials_saved, 120, interval=0.05, what="two saved trial results")
+        run.kill_leader()  # SIGKILL the run's process alone, as a user (or the OOM killer) would
+        finished = sorted(p.stem for p in trials_dir.glob("trial-*.json"))
+        assert 2 <= len(finished) < 10, f"kill came too late or too early: {finished}"
+        assert not list(trials_dir.glob(".*.tmp")), "a half-written result file was left behind"
 
-    instance = instance_for(env)
-    records = instance.fetch_materializations(AssetKey("experiment_results"), limit=100).records
+        config = tmp_path / "resume.yaml"
+        op_name = asset_key("slow", "experiment_results").to_python_identifier()
+        config.write_text(f"ops:\n  {op_name}:\n    config:\n      skip_finished: true\n")
+        run_checked([*trials_cmd, "-c", str(config)], env)
+        run_checked(report_cmd, env)
+    finally:
+        run.stop(grace=2)  # what the killed run left running (Ray workers busy on a trial): no clean exit to wait for
+
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        records = instance.fetch_materializations(asset_key("slow", "experiment_results"), limit=100).records
     partitions = [r.asset_materialization.partition for r in records]
     assert sorted(partitions) == [f"trial-{k:03d}" for k in range(10)]  # none lost, none twice
     reused = {r.asset_materialization.partition for r in records if r.asset_materialization.metadata["reused"].value}
@@ -110,23 +79,20 @@ def test_run_killed_mid_sweep_then_resumed(tmp_path, denoise_data):
 
 
 def test_two_sweeps_at_once_keep_to_their_own_outputs(tmp_path, denoise_data):
-    home_env = None
-    procs = []
+    sweeps = tmp_path / "sweeps"
     for name in ("alpha", "beta"):
-        sweep = write_sweep(tmp_path / f"{name}.yaml", denoise_data, name=name, trials=3)
-        env = cli_env(tmp_path, sweep)  # same DAGSTER_HOME and output folder for both
-        if home_env is None:
-            instance_for(env).dispose()  # the instance exists before the sweeps start, as in real use
-        home_env = env
-        script = (f"{VENV_BIN / 'dagster'} asset materialize -m imgtune_assets.definitions --select image_manifest,run_settings && "
-                  f"{VENV_BIN / 'dagster'} asset materialize -m imgtune_assets.definitions --select experiment_results "
-                  f"--partition-range trial-000...trial-002 && "
-                  f"{VENV_BIN / 'dagster'} asset materialize -m imgtune_assets.definitions --select sweep_report")
-        procs.append(subprocess.Popen(["bash", "-c", script], cwd=PROJECT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    for proc in procs:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-4000:]
+        write_sweep(sweeps / f"{name}.yaml", denoise_data, name=name, trials=3)
+    env = sweeps_dir_env(tmp_path, sweeps)  # one code location serving both; one DAGSTER_HOME and output folder
+    DagsterInstance.from_config(env["DAGSTER_HOME"]).dispose()  # the instance exists before, as in real use
+    services = [Service(name, ["bash", "-c", " && ".join(shlex.join(c) for c in sweep_steps(name, 3))], env,
+                        tmp_path / f"{name}.log") for name in ("alpha", "beta")]
+    try:
+        for service in services:
+            service.proc.wait(timeout=300)
+            assert service.proc.returncode == 0, service.tail()
+    finally:
+        for service in services:
+            service.stop()
     for name in ("alpha", "beta"):
         folder = tmp_path / "outputs" / name
         report = json.loads((folder / "report.json").read_text())
@@ -136,8 +102,12 @@ def test_two_sweeps_at_once_keep_to_their_own_outputs(tmp_path, denoise_data):
         settings = json.loads((folder / "run_settings.json").read_text())
         assert settings["sweep"] == name
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["alpha", "beta"]
-    instance = instance_for(home_env)
-    assert len(instance.fetch_materializations(AssetKey("sweep_report"), limit=10).records) == 2
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        for name in ("alpha", "beta"):
+            [report] = instance.fetch_materializations(asset_key(name, "sweep_report"), limit=10).records
+            trials = instance.fetch_materializations(asset_key(name, "experiment_results"), limit=10).records
+            assert sorted(r.asset_materialization.partition for r in trials) == ["trial-000", "trial-001", "trial-002"]
+            assert report.asset_materialization.metadata["completed_trials"].value == 3
 
 
 def test_bad_files_are_skipped_and_the_sweep_goes_on(tmp_path, denoise_data):
@@ -153,17 +123,18 @@ def test_bad_files_are_skipped_and_the_sweep_goes_on(tmp_path, denoise_data):
     cv2.imwrite(str(data / "images" / "lonely.png"), np.zeros((96, 96), np.uint8))
     sweep = write_sweep(tmp_path / "messy.yaml", data, name="messy", trials=2)
     env = cli_env(tmp_path, sweep)
-    result = run(env, "asset", "materialize", *MODULE, "--select", "image_manifest,run_settings")
-    run(env, "asset", "materialize", *MODULE, "--select", "experiment_results", "--partition-range", "trial-000...trial-001")
-    run(env, "asset", "materialize", *MODULE, "--select", "sweep_report")
+    inputs, trials_cmd, report_cmd = sweep_steps("messy", 2)
+    result = run_checked(inputs, env)
+    run_checked(trials_cmd, env)
+    run_checked(report_cmd, env)
     log = result.stdout + result.stderr
     for name, reason in (("zero.png", "empty file"), ("text.png", "not a decodable image"),
                          ("truncated.png", "not a decodable image"), ("lonely.png", "no target")):
         assert f"skipped images/{name}" in log and reason in log, name
-    instance = instance_for(env)
-    check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [__import__("dagster").AssetCheckKey(AssetKey("image_manifest"), "manifest_all_files_usable")])
-    evaluation = next(iter(check.values())).event.dagster_event.event_specific_data
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [AssetCheckKey(asset_key("messy", "image_manifest"), "manifest_all_files_usable")])
+        evaluation = next(iter(check.values())).event.dagster_event.event_specific_data
     assert evaluation.passed is False and evaluation.severity.value == "WARN"
     report = json.loads((tmp_path / "outputs" / "messy" / "report.json").read_text())
     assert report["completed_trials"] == 2

@@ -1,10 +1,10 @@
 """The Postgres-backed instance (deploy/postgres/dagster.yaml) against a real PostgreSQL server on
-127.0.0.1 (imgtune_assets_tests/pgserver.py), a real ``dagster-daemon run`` and one shared two-node
+127.0.0.1 (imgtune_assets_tests/support/pgserver.py), a real ``dagster-daemon run`` and one shared two-node
 Ray cluster on loopback:
 
 * the config file holds no credentials, every connection field comes from DAGSTER_PG_*, and Dagster
   1.13 accepts ``{env: DAGSTER_PG_PORT}`` for the port (IntSource) — checked on a real instance;
-* ``dagster job backfill -j imgtune_trials`` queues one run per trial; the daemon launches them up to
+* ``dagster job backfill -j pgsweep_trials`` (the sweep's trials job) queues one run per trial; the daemon launches them up to
   ``max_concurrent_runs`` (4) with ``IMGTUNE_EXECUTOR=ray``: four runs write to the one Postgres
   instance at the same time, from the run processes and from the Ray workers running their steps.
 
@@ -22,19 +22,31 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
+from imgtune_assets.cli import sweep_commands
+from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.executor import STEP_WORKER_MESSAGE
-from imgtune_assets.defs.jobs import TRIALS_JOB_NAME
-from imgtune_assets_tests.conftest import PROJECT, cli_env, write_sweep
-from imgtune_assets_tests.pgserver import PgServer, PostgresMissing, find_pg_bin, start_postgres
-from imgtune_assets_tests.raycluster import start_ray_cluster
-from imgtune_assets_tests.uitools import CODE, MODULE, dagster_cli, start_daemon, wait_for
+from imgtune_assets.defs.jobs import trials_job_name
+from imgtune_assets.defs.keys import asset_key
+from imgtune_assets_tests.support import (
+    CODE,
+    FINISHED_STATUSES,
+    PROJECT,
+    cli_env,
+    dagster_cli,
+    run_checked,
+    run_failures,
+    start_daemon,
+    wait_for,
+    write_sweep,
+)
+from imgtune_assets_tests.support.pgserver import PgServer, PostgresMissing, find_pg_bin, start_postgres
+from imgtune_assets_tests.support.raycluster import start_ray_cluster
 
 PG_CONFIG = PROJECT / "deploy" / "postgres" / "dagster.yaml"
 PG_VARS = ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB")
 TRIALS = [f"trial-{i:03d}" for i in range(4)]
-FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
 
 def test_postgresql_server_programs_are_installed():
@@ -120,18 +132,6 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     return best
 
 
-def _errors(instance: DagsterInstance, records) -> str:
-    out = []
-    for record in records:
-        if record.dagster_run.status != DagsterRunStatus.SUCCESS:
-            for event in instance.all_logs(record.dagster_run.run_id):
-                if event.is_dagster_event and event.dagster_event.event_type_value in (
-                        "STEP_FAILURE", "RUN_FAILURE", "ENGINE_EVENT"):
-                    out.append(f"{record.dagster_run.run_id[:8]}: {event.dagster_event.message}\n"
-                               f"{getattr(event.dagster_event.event_specific_data, 'error', '') or ''}")
-    return "\n".join(out)[-8000:]
-
-
 TIMELINE_EVENTS = ("RUN_DEQUEUED", "RUN_STARTING", "RUN_START", "STEP_WORKER_STARTING", "STEP_START", "STEP_SUCCESS",
                    "RUN_SUCCESS")
 
@@ -152,10 +152,7 @@ class ConnectionSampler:
     """Samples the server's client connections (pg_stat_activity) in a thread, for the peak."""
 
     def __init__(self, pg: PgServer, interval: float = 0.1):
-        import psycopg2
-
-        self._conn = psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password,
-                                      dbname=pg.db_name)
+        self._conn = pg.connect()
         self._conn.autocommit = True
         self._stop = threading.Event()
         self.peak = 0
@@ -182,9 +179,11 @@ def test_four_backfill_runs_at_once_on_postgres_with_the_ray_executor(tmp_path, 
     sweep = write_sweep(tmp_path / "pg.yaml", denoise_data, name="pgsweep", trials=len(TRIALS))
     env = cli_env(tmp_path, sweep, **pg.env)
     postgres_home(Path(env["DAGSTER_HOME"]))  # replaces the SQLite dagster.yaml cli_env put there
+    job_name = trials_job_name(load_sweep(sweep))
+    results_key = asset_key("pgsweep", "experiment_results")
 
-    # 1. The trials' inputs, in this process's CLI (default executor), into the Postgres instance.
-    dagster_cli(["asset", "materialize", "-m", MODULE, "--select", "image_manifest,run_settings"], env)
+    # 1. The trials' inputs, in the CLI's own process (default executor), into the Postgres instance.
+    run_checked(sweep_commands("pgsweep", TRIALS)[0], env)
     phases["inputs"] = time.monotonic() - began
 
     # 2. One shared Ray cluster for all runs (2 nodes × 2 logical CPUs: four step tasks at once). Its
@@ -203,9 +202,9 @@ def test_four_backfill_runs_at_once_on_postgres_with_the_ray_executor(tmp_path, 
             instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
         # 3. One run per partition, queued. The daemon starts only after all four are queued, so its
         #    first dequeue sees them all and launches them together (max_concurrent_runs: 4, threads).
-        dagster_cli(["job", "backfill", "-j", TRIALS_JOB_NAME, "--partitions", ",".join(TRIALS), "--noprompt",
+        dagster_cli(["job", "backfill", "-j", job_name, "--partitions", ",".join(TRIALS), "--noprompt",
                      *CODE], run_env)
-        queued = instance.get_run_records(filters=RunsFilter(job_name=TRIALS_JOB_NAME))
+        queued = instance.get_run_records(filters=RunsFilter(job_name=job_name))
         assert sorted(r.dagster_run.status.value for r in queued) == ["QUEUED"] * len(TRIALS)
         phases["backfill queued"] = time.monotonic() - began
         sampler = ConnectionSampler(pg)
@@ -213,19 +212,20 @@ def test_four_backfill_runs_at_once_on_postgres_with_the_ray_executor(tmp_path, 
         daemon_started = time.time()
 
         def all_finished():
-            records = instance.get_run_records(filters=RunsFilter(job_name=TRIALS_JOB_NAME))
-            if len(records) == len(TRIALS) and all(r.dagster_run.status in FINISHED for r in records):
+            records = instance.get_run_records(filters=RunsFilter(job_name=job_name))
+            if len(records) == len(TRIALS) and all(r.dagster_run.status in FINISHED_STATUSES for r in records):
                 return records
             if not daemon.alive():
                 raise AssertionError(f"dagster-daemon exited:\n{daemon.tail()}")
             return None
 
-        records = wait_for(all_finished, timeout=240, interval=1,
-                           what=f"{len(TRIALS)} backfill runs to finish\n{daemon.tail()}")
+        records = wait_for(all_finished, timeout=240, interval=0.5,
+                           what=lambda: f"{len(TRIALS)} backfill runs to finish\n{daemon.tail()}")
         phases["runs done"] = time.monotonic() - began
         peak_connections = sampler.stop()
         sampler = None
-        assert all(r.dagster_run.status == DagsterRunStatus.SUCCESS for r in records), _errors(instance, records)
+        assert all(r.dagster_run.status == DagsterRunStatus.SUCCESS for r in records), run_failures(
+            instance, records, events=("STEP_FAILURE", "RUN_FAILURE", "ENGINE_EVENT"))
 
         # At least four runs in flight at once: RUN_START .. RUN_SUCCESS intervals from the instance.
         intervals = [(r.start_time, r.end_time) for r in records]
@@ -237,10 +237,10 @@ def test_four_backfill_runs_at_once_on_postgres_with_the_ray_executor(tmp_path, 
         # Every partition recorded exactly once, by its own run.
         by_run = {r.dagster_run.run_id: r.dagster_run.tags["dagster/partition"] for r in records}
         assert sorted(by_run.values()) == TRIALS
-        mats = instance.fetch_materializations(AssetKey("experiment_results"), limit=100).records
+        mats = instance.fetch_materializations(results_key, limit=100).records
         recorded = sorted((m.run_id, m.asset_materialization.partition) for m in mats)
         assert recorded == sorted(by_run.items()), recorded
-        assert instance.get_materialized_partitions(AssetKey("experiment_results")) == set(TRIALS)
+        assert instance.get_materialized_partitions(results_key) == set(TRIALS)
         for m in mats:
             assert m.asset_materialization.metadata["status"].value == "ok"
             assert m.asset_materialization.metadata["images_scored"].value == 6

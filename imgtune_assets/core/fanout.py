@@ -100,8 +100,9 @@ def run_trials(
         chunks_left[t] = len(chunk_refs)
         stages = [(op, params) for op, params in trial["stages"]]
         for c, ref in enumerate(chunk_refs):
-            # SPREAD: on a cluster, every node gets work from the start instead of the driver's node
-            # filling up first; on one node it changes nothing.
+            # SPREAD: on a cluster, nodes get work from the start instead of the driver's node filling up
+            # first (a preference: tasks of a few milliseconds may all finish on the first workers
+            # Ray starts); on one node it changes nothing.
             task = remote.options(name=f"imgtune:{trial['trial']}", max_retries=max_retries,
                                   retry_exceptions=False, num_cpus=1, scheduling_strategy="SPREAD")
             pending[task.remote(stages, ref, objective)] = (t, c)

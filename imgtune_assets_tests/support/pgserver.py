@@ -1,8 +1,9 @@
-"""A real, throwaway PostgreSQL server for tests: ``initdb`` + ``pg_ctl`` in a fresh temp dir, listening
-on 127.0.0.1 only (a free port) and on a unix socket inside that dir, password authentication (a
-random password made for this server), one database for Dagster.
+"""A real, throwaway PostgreSQL server for tests: ``initdb`` in a fresh temp dir, then the ``postgres``
+server itself as a :class:`Service` (its own session), listening on 127.0.0.1 only (a free port) and on
+a unix socket inside that dir, password authentication (a random password made for this server), one
+database for Dagster.
 
-    server = start_postgres()           # raises PostgresMissing when initdb/pg_ctl are not installed
+    server = start_postgres()           # raises PostgresMissing when initdb/postgres are not installed
     env = {**os.environ, **server.env}  # DAGSTER_PG_HOST, _PORT, _USER, _PASSWORD, _DB
     ...
     server.stop()
@@ -12,9 +13,8 @@ PostgreSQL refuses to run as root: when this process is root, the cluster is cre
 ``subprocess`` (what ``runuser -u postgres --`` does). The data dir lives in its own ``/tmp/pg-*``
 folder (pytest's ``/tmp/pytest-of-root`` is mode 0700, which that user cannot enter).
 
-``stop()`` ends only this server: ``pg_ctl stop`` on its own data dir, then, if the postmaster is still
-there, that pid (read from its ``postmaster.pid``), and removes the temp dir. It never touches any
-other PostgreSQL on the machine.
+``stop()`` ends only this server: SIGINT (PostgreSQL's fast shutdown) to its process group, SIGKILL
+after a grace period, then removes the temp dir. It never touches any other PostgreSQL on the machine.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,12 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-HOST = "127.0.0.1"
-PG_TOOLS = ("initdb", "pg_ctl", "createdb")
+from imgtune_assets_tests.support.processes import LOOPBACK, Service, free_port
+from imgtune_assets_tests.support.waiting import wait_for
+
+HOST = LOOPBACK
+PG_TOOLS = ("initdb", "postgres")
 MISSING_HELP = (
     "PostgreSQL is missing: imgtune's Postgres tests start a real PostgreSQL server and need its "
-    "server programs (initdb, pg_ctl), looked for under /usr/lib/postgresql/*/bin and on PATH. "
-    "Install Debian's package: `apt-get update && apt-get install -y postgresql` (.ci/run does this)."
+    "server programs (initdb, postgres), looked for under /usr/lib/postgresql/*/bin and on PATH. "
+    "Install Debian's package: `apt-get update && apt-get install -y postgresql` (`make system-deps` does)."
 )
 # Test-only speed settings: nothing here must survive a crash.
 FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "200"}
@@ -55,7 +57,7 @@ def _version_key(path: str) -> tuple:
 
 
 def find_pg_bin() -> Path:
-    """The newest ``/usr/lib/postgresql/<version>/bin`` with initdb and pg_ctl, else the folder of
+    """The newest ``/usr/lib/postgresql/<version>/bin`` with initdb and postgres, else the folder of
     ``initdb`` on PATH; raises :class:`PostgresMissing` (with install instructions) if there is none."""
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True)
     on_path = shutil.which("initdb")
@@ -65,12 +67,6 @@ def find_pg_bin() -> Path:
         if all(os.access(Path(folder) / tool, os.X_OK) for tool in PG_TOOLS):
             return Path(folder)
     raise PostgresMissing(MISSING_HELP)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -83,6 +79,7 @@ class PgServer:
     bin_dir: Path
     base_dir: Path  # /tmp/pg-XXXX: data/, the socket, server.log; removed by stop()
     run_as: str | None = None  # the system user the server runs as (None: this process's user)
+    service: Service | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -109,31 +106,24 @@ class PgServer:
         return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.db_name}"
 
     def pid(self) -> int | None:
-        """The postmaster's pid, from this server's own ``postmaster.pid``."""
-        try:
-            return int((self.data_dir / "postmaster.pid").read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        """The postmaster's pid (the service's leader), while it runs."""
+        return self.service.pid if self.service is not None and self.service.alive() else None
 
     def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return self.service.tail(chars) if self.service is not None else ""
 
-    def stop(self, timeout: float = 30) -> None:
+    def connect(self, dbname: str | None = None, timeout: int = 5):
+        import psycopg2
+
+        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                                dbname=dbname or self.db_name, connect_timeout=timeout)
+
+    def stop(self, grace: float = 30) -> None:
         if self._stopped:
             return
         self._stopped = True
-        pid = self.pid()
-        if pid is not None:
-            _run_pg([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w",
-                     "-t", str(int(timeout)), "stop"], self.run_as, self.base_dir, check=False, timeout=timeout + 10)
-            if _is_our_postmaster(pid, self.data_dir):
-                os.kill(pid, signal.SIGKILL)  # by pid, and only after checking it is this server's postmaster
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and _is_our_postmaster(pid, self.data_dir):
-                    time.sleep(0.1)
+        if self.service is not None:
+            self.service.stop(grace, sig=signal.SIGINT)  # SIGINT: fast shutdown (SIGTERM would wait for clients)
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
@@ -143,30 +133,13 @@ class PgServer:
         self.stop()
 
 
-def _is_our_postmaster(pid: int, data_dir: Path) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    if "State:\tZ" in status:
-        return False
-    return any(part.decode(errors="replace") == str(data_dir) for part in cmdline)
-
-
-def _run_pg(command: list[str], run_as: str | None, cwd: Path, *, env: dict[str, str] | None = None,
-            check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    kwargs = {}
-    if run_as:
-        account = pwd.getpwnam(run_as)
-        kwargs = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-        env = {**(env or os.environ), "HOME": str(cwd), "USER": run_as, "LOGNAME": run_as}
-    result = subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-2000:]}\n"
-                           f"{result.stderr[-3000:]}")
-    return result
+def _as_user(run_as: str | None, cwd: Path, env: dict[str, str] | None = None) -> dict:
+    """``subprocess`` arguments that run a command as ``run_as`` (None: as this process's user)."""
+    if not run_as:
+        return {"env": env}
+    account = pwd.getpwnam(run_as)
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": [],
+            "env": {**(env or os.environ), "HOME": str(cwd), "USER": run_as, "LOGNAME": run_as}}
 
 
 def _server_account() -> str | None:
@@ -181,6 +154,16 @@ def _server_account() -> str | None:
             continue
     raise PostgresMissing("running as root and there is no 'postgres' user to run PostgreSQL as "
                           "(initdb refuses root); " + MISSING_HELP)
+
+
+def _accepts_connections(server: PgServer) -> bool:
+    if not server.service.alive():
+        raise RuntimeError(f"postgres exited ({server.service.proc.returncode}):\n{server.tail()}")
+    try:
+        server.connect("postgres", timeout=2).close()
+        return True
+    except Exception:  # noqa: BLE001 - not accepting connections yet
+        return False
 
 
 def start_postgres(db_name: str = "dagster", user: str = "dagster", timeout: float = 60,
@@ -201,33 +184,43 @@ def start_postgres(db_name: str = "dagster", user: str = "dagster", timeout: flo
         if run_as:
             os.chown(pwfile, account.pw_uid, account.pw_gid)
         os.chmod(pwfile, 0o600)
-        _run_pg([str(bin_dir / "initdb"), "-D", str(server.data_dir), f"--username={user}", f"--pwfile={pwfile}",
-                 "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-sync"],
-                run_as, base, timeout=timeout)
+        initdb = subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(server.data_dir), f"--username={user}", f"--pwfile={pwfile}",
+             "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-sync"],
+            cwd=base, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            **_as_user(run_as, base))
+        if initdb.returncode != 0:
+            raise RuntimeError(f"initdb failed ({initdb.returncode}):\n{initdb.stdout[-2000:]}\n{initdb.stderr[-3000:]}")
         pwfile.unlink()
         options = {"listen_addresses": HOST, "unix_socket_directories": str(base), **FAST_SETTINGS,
                    **(settings or {})}
         for attempt in range(3):  # the free port may be taken between choosing and binding it
-            server.port = _free_port()
-            opts = " ".join(f"-c {k}={v}" for k, v in {**options, "port": str(server.port)}.items())
-            started = _run_pg([str(bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-l", str(server.log_file),
-                               "-o", opts, "-w", "-t", str(int(timeout)), "start"],
-                              run_as, base, check=False, timeout=timeout + 10)
-            if started.returncode == 0:
+            server.port = free_port(HOST)
+            opts = [arg for k, v in {**options, "port": str(server.port)}.items() for arg in ("-c", f"{k}={v}")]
+            server.service = Service("postgres", [str(bin_dir / "postgres"), "-D", str(server.data_dir), *opts],
+                                     log=server.log_file, cwd=base, **_as_user(run_as, base))
+            try:
+                wait_for(lambda: _accepts_connections(server), timeout, interval=0.1,
+                         what=lambda: f"PostgreSQL on {HOST}:{server.port}\n{server.tail()}")
                 break
-            if attempt == 2 or "already in use" not in server.tail():
-                raise RuntimeError(f"pg_ctl start failed ({started.returncode}):\n{started.stdout}\n"
-                                   f"{started.stderr}\n{server.tail()}")
-        client_env = {**os.environ, "PGPASSWORD": password}
-        _run_pg([str(bin_dir / "createdb"), "-h", HOST, "-p", str(server.port), "-U", user, db_name],
-                None, base, env=client_env, timeout=timeout)
+            except RuntimeError:
+                if attempt == 2 or "already in use" not in server.tail():
+                    raise
+                server.service.stop()
+        conn = server.connect("postgres")
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{db_name}" OWNER "{user}"')
+        finally:
+            conn.close()
         return server
     except BaseException:
         server.stop()
         raise
 
 
-if __name__ == "__main__":  # manual check: python -m imgtune_assets_tests.pgserver
+if __name__ == "__main__":  # manual check: python -m imgtune_assets_tests.support.pgserver
     began = time.monotonic()
     with start_postgres() as pg:
         print(f"PostgreSQL up in {time.monotonic() - began:.1f}s: {pg.host}:{pg.port} db {pg.db_name} "
