@@ -303,7 +303,7 @@ def test_terminating_a_launched_run_cancels_its_ray_step_tasks(tmp_path, cluster
     from dagster._core.workspace.load_target import GrpcServerTarget
     from dagster._grpc.client import DagsterGrpcClient
 
-    from imgtune_assets_tests.uitools import Service, free_port, wait_for
+    from imgtune_assets_tests.support import Service, free_port, wait_for
 
     hold = 15.0
     pid_file = tmp_path / "sleeper.pid"
