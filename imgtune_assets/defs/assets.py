@@ -269,7 +269,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             if snapshot is not None:
                 context.log.info(f"{sweep.name}: {progress.line()}")
                 atomic_write_json(sweep_dir / "progress.json",
-                                  {**snapshot, "sweep": sweep.name, "run_id": context.run_id})
+                                  {**snapshot, "sweep": sweep.name, "run_id": context.run.run_id})
 
         def save(record: dict, reused: bool) -> None:
             result_file = store.path(record["trial"]) if reused else store.save(record)
@@ -287,7 +287,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             context.log.info(f"reusing {len(reused)} finished trial(s) (skip_finished)")
 
         started = time.perf_counter()
-        stats: dict[str, Any] = {"run_id": context.run_id, "trials": len(keys), "computed": len(todo),
+        stats: dict[str, Any] = {"run_id": context.run.run_id, "trials": len(keys), "computed": len(todo),
                                  "ray_start_seconds": round(ray_cluster.connect_seconds, 3)}
         if todo:
             decodes_before = decode_count()
