@@ -47,6 +47,15 @@ def test_good_sweep_parses(tmp_path):
     assert sweep.higher_is_better
 
 
+def assert_message(tmp_path, old, new, message):
+    """GOOD with ``old`` replaced by ``new`` is refused with exactly ``<file>: <message>``."""
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
 @pytest.mark.parametrize("path", sorted(BUNDLED_SWEEPS.glob("*.yaml")), ids=lambda p: p.name)
 def test_bundled_sweeps_are_valid(path):
     assert load_sweep(path).trials >= 1
@@ -217,11 +226,7 @@ def test_direction_overrides_the_metric_and_is_validated(tmp_path):
     ],
 )
 def test_messages_are_unchanged(tmp_path, old, new, message):
-    assert old in GOOD
-    path = write(tmp_path, GOOD.replace(old, new, 1))
-    with pytest.raises(SweepFileError) as err:
-        load_sweep(path)
-    assert str(err.value) == f"{path}: {message}"
+    assert_message(tmp_path, old, new, message)
 
 
 def test_not_a_mapping(tmp_path):
@@ -303,11 +308,7 @@ def test_demo_kinds_and_metric_options_come_from_their_registries():
     ],
 )
 def test_more_messages(tmp_path, old, new, message):
-    assert old in GOOD
-    path = write(tmp_path, GOOD.replace(old, new, 1))
-    with pytest.raises(SweepFileError) as err:
-        load_sweep(path)
-    assert str(err.value) == f"{path}: {message}"
+    assert_message(tmp_path, old, new, message)
 
 
 def test_fixed_sweep_document_round_trips(tmp_path):
