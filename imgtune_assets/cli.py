@@ -234,8 +234,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     params = report.get("best_params") or {}
     shown = ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) if params else "none"
     out_dir = report.get("output_dir", "")
-    return [first, f"best parameters: {shown}",
-            f"report: {out_dir} (leaderboard.csv, best_pipeline.yaml, plots/)"]
+    files = "leaderboard.csv, best_pipeline.yaml, plots/" if report.get("best_pipeline") else "leaderboard.csv, plots/"
+    return [first, f"best parameters: {shown}", f"report: {out_dir} ({files})"]
 
 
 # ----------------------------------------------------------------------------- the sweep command
@@ -323,13 +323,18 @@ def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool 
         print(f"(no dagster.yaml in DAGSTER_HOME: installed the project's, {installed})", flush=True)
     tty = sys.stdout.isatty()
     columns = shutil.get_terminal_size((100, 24)).columns
-    for i, sweep in enumerate(sweeps):
+    # Every selected sweep runs, whatever happened to the one before: one team's broken data folder
+    # must not stop the others' sweeps; the exit code says whether any failed.
+    failed: list[tuple[str, int]] = []
+    for sweep in sweeps:
         code = run_one_sweep(sweep, home, out=sys.stdout, err=sys.stderr, tty=tty, columns=columns, quiet=quiet)
         if code != 0:
-            rest = [s.name for s in sweeps[i + 1:]]
-            if rest:
-                print(f"not run: {', '.join(rest)}", file=sys.stderr, flush=True)
-            return code
+            failed.append((sweep.name, code))
+    if failed:
+        ok = [s.name for s in sweeps if s.name not in dict(failed)]
+        print(f"failed: {', '.join(f'{name} (exit {code})' for name, code in failed)}"
+              + (f"; completed: {', '.join(ok)}" if ok else ""), file=sys.stderr, flush=True)
+        return failed[0][1]
     return 0
 
 

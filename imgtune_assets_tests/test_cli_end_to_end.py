@@ -149,6 +149,22 @@ def test_cli_all_sweeps_of_a_folder(tmp_path, denoise_data, segment_data):
         assert partitions == set(KEYS)
 
 
+def test_cli_all_runs_every_sweep_when_one_fails(tmp_path, denoise_data):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_sweep(sweeps / "a.yaml", empty, name="broken", trials=2)  # nothing to sweep: its manifest fails
+    write_sweep(sweeps / "b.yaml", denoise_data, name="fine", trials=2)
+    env = sweeps_dir_env(tmp_path, sweeps)
+    result = run_cli(env, "--all")
+    assert result.returncode != 0
+    assert "failed: broken (exit " in result.stderr and "completed: fine" in result.stderr, result.stderr
+    report = json.loads((tmp_path / "outputs" / "fine" / "report.json").read_text())
+    assert report["completed_trials"] == 2 and f"report: {tmp_path / 'outputs' / 'fine'}" in result.stdout
+    assert not (tmp_path / "outputs" / "broken" / "report.json").exists()
+
+
 def test_cli_unknown_sweep_name_fails_naming_the_known_ones(tmp_path, denoise_data, segment_data):
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()

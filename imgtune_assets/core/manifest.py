@@ -35,6 +35,15 @@ class ManifestRow:
     status: str  # "ok" | "skipped"
     reason: str | None = None
 
+    @classmethod
+    def from_record(cls, record: dict) -> "ManifestRow":
+        """A row from a plain record: run_settings' pinned images, or a manifest DataFrame's row (where
+        pandas writes NaN for a missing value)."""
+        return cls(**{k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()})
+
+    def to_record(self) -> dict:
+        return dict(vars(self))
+
 
 def _read_and_hash(path: Path) -> tuple[bytes, str]:
     """Read a file once: its content hash and its bytes for decoding come from the same read."""

@@ -236,9 +236,13 @@ def write_report(
                   "file (IMGTUNE_SWEEP) or read the stages.\n")
         best_path = atomic_write_text(out_dir / "best_pipeline.yaml",
                                       header + yaml.safe_dump(doc, sort_keys=False))
+    else:  # no winner this time: an earlier report's best pipeline must not be read as this one's
+        (out_dir / "best_pipeline.yaml").unlink(missing_ok=True)
     png = {"score_vs_params": plot_score_vs_params(sweep, board), "best_so_far": plot_best_so_far(sweep, records)}
     if before_after:
         png["best_trial_images"] = plot_before_after(before_after)
+    else:
+        (out_dir / "plots" / "best_trial_images.png").unlink(missing_ok=True)
     plots = {name: atomic_write_bytes(out_dir / "plots" / f"{name}.png", data) for name, data in png.items()}
     return board, ReportFiles(leaderboard=leaderboard_path, per_image=per_image_path, best_pipeline=best_path,
                               plots=plots, plot_png=png)

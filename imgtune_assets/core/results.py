@@ -94,7 +94,10 @@ class IdentityBaseline:
     def cached(self) -> float | None:
         if not self.file.exists():
             return None
-        saved = json.loads(self.file.read_text())
+        try:
+            saved = json.loads(self.file.read_text())
+        except json.JSONDecodeError:  # a cache: a damaged one is recomputed (and rewritten whole)
+            return None
         if {k: saved.get(k) for k in ("manifest_digest", "objective")} != self._key() or saved.get("score") is None:
             return None
         return float(saved["score"])

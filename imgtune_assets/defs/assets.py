@@ -73,9 +73,7 @@ ImageManifestFrame = DagsterType(
 
 
 def manifest_rows(records: list[dict]) -> list[ManifestRow]:
-    """Manifest rows from records (pandas writes NaN where a value is missing)."""
-    return [ManifestRow(**{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
-            for rec in records]
+    return [ManifestRow.from_record(rec) for rec in records]
 
 
 def _table(frame, limit: int | None = None) -> MetadataValue:
@@ -192,7 +190,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         for row in skipped:
             context.log.warning(f"skipped {row.image_path}: {row.reason}")
         digest = manifest_digest(rows)
-        frame = pd.DataFrame([vars(r) for r in rows])
+        frame = pd.DataFrame([r.to_record() for r in rows])
         metadata: dict[str, Any] = {
             "data_dir": MetadataValue.path(str(sweep.data_dir)),
             "files": len(rows),
@@ -220,7 +218,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         rows = manifest_rows(image_manifest.to_dict("records"))
         trials = [trial_settings(sweep, k) for k in range(sweep.trials)]
         settings = {"sweep": sweep.name, "fingerprint": sweep.fingerprint(), "objective": objective.to_dict(),
-                    "trials": trials, "manifest_digest": manifest_digest(rows), "images": [vars(r) for r in rows]}
+                    "trials": trials, "manifest_digest": manifest_digest(rows), "images": [r.to_record() for r in rows]}
         atomic_write_json(imgtune.sweep_dir(sweep.name) / "run_settings.json", settings)
         preview = pd.DataFrame([{"trial": t["trial"], **t["params"]} for t in trials])
         return Output(settings, metadata={
@@ -280,7 +278,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             progress.trial_done(record, reused=reused)
             report_progress()
 
-        reused, todo = store.split_finished(keys, config.skip_finished)
+        try:
+            reused, todo = store.split_finished(keys, config.skip_finished)
+        except ValueError as exc:  # a file in trials/ that is not a trial result: named, nothing overwritten
+            raise Failure(description=str(exc)) from None
         for record in reused:
             save(record, reused=True)
         if reused:
@@ -338,7 +339,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         rows = manifest_rows(run_settings["images"])
         digest = run_settings["manifest_digest"]
         keys = trial_keys(sweep)
-        records, stale = TrialStore(out_dir, sweep.fingerprint(), digest).load_all(keys)
+        try:
+            records, stale = TrialStore(out_dir, sweep.fingerprint(), digest).load_all(keys)
+        except ValueError as exc:  # a file in trials/ that is not a trial result
+            raise Failure(description=str(exc)) from None
         if not records:
             raise Failure(description=f"no trial results for sweep {sweep.name!r} in {out_dir / 'trials'}: "
                                       f"materialize {results_key.to_user_string()} first")

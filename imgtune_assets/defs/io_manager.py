@@ -1,6 +1,6 @@
 """Asset values (manifest, settings, report summary) under each sweep's own output folder.
 
-Dagster's ``UPathIOManager`` does the path work (partitions, local or fsspec paths); imgtune only
+Dagster's ``UPathIOManager`` does the path work (partitions, path joining); imgtune only
 maps the asset key ``<sweep name>/<asset>`` to ``<output dir>/<sweep name>/storage/<asset>``, so a
 sweep writes nowhere but its own folder, and writes each value whole (a temporary file, then a
 rename) so a killed run never leaves half a value. The output folder comes from ``SweepResource``:
@@ -26,6 +26,9 @@ class PickledSweepStorage(UPathIOManager):
         from upath import UPath
 
         sweep_name, *asset = context.asset_key.path
+        if not asset:  # only the sweep factory's `<sweep name>/<asset>` keys have a sweep folder
+            raise ValueError(f"{context.asset_key.to_user_string()}: not a sweep asset (expected a key "
+                             "<sweep name>/<asset>); give this asset an IO manager of its own")
         return UPath(sweep_name, "storage", *asset)
 
     def dump_to_path(self, context: OutputContext, obj: Any, path) -> None:

@@ -24,8 +24,8 @@ class SweepResource(ConfigurableResource):
     the stored asset values). The sweep itself is bound to its assets by the sweep factory."""
 
     output_dir: str = Field(
-        description="Folder for reports, trial results and stored asset values (one sub-folder per sweep "
-        "name). Defaults to $IMGTUNE_OUTPUT_DIR, else outputs/ in the project.",
+        description="Local folder for reports, trial results and stored asset values (one sub-folder per "
+        "sweep name). The definitions set it to $IMGTUNE_OUTPUT_DIR, else outputs/ in the project.",
     )
 
     @classmethod
@@ -33,6 +33,11 @@ class SweepResource(ConfigurableResource):
         return cls(output_dir=str(default_output_dir()))
 
     def sweep_dir(self, sweep_name: str) -> Path:
+        if "://" in self.output_dir:
+            # Trial results and reports are written with local atomic renames; an object-store URL here
+            # would split a sweep's outputs between the store and a local folder named like the URL.
+            raise ValueError(f"output_dir {self.output_dir!r}: a local folder is required (object-store URLs "
+                             "are not supported for outputs)")
         return sweep_output_dir(Path(self.output_dir), sweep_name)
 
 

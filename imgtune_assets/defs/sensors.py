@@ -136,7 +136,7 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
         if _sweep_in_progress(context, job_name):
             return SkipReason(f"images changed (content hash {baseline} -> {content}) but a {job_name} run "
                               "is queued or running; will look again on the next tick")
-        request = sweep_run_request(job_name, keys, trigger="new_images", run_key=f"images:{baseline}->{content}",
+        request = sweep_run_request(job_name, keys, trigger="new_images", run_key=f"images:{baseline}->{content}@{stat}",
                                     tags={"imgtune/images_content_hash": content})
         context.log.info(f"images in {data_dir} changed (content hash {baseline} -> {content}): requesting a sweep")
         return SensorResult(run_requests=[request], cursor=json.dumps({"stat": stat, "content": content}))

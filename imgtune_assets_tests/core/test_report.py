@@ -66,3 +66,16 @@ def test_best_record_follows_the_direction_and_breaks_ties_by_trial_key(sweep):
     assert best_record([records[1]], higher_is_better=True) is None
     board = leaderboard(sweep, records)
     assert board.iloc[0]["trial"] == best_record(records, sweep.higher_is_better)["trial"]
+
+
+def test_a_report_without_a_winner_leaves_no_earlier_best_pipeline(tmp_path, sweep):
+    s = [trial_settings(sweep, k) for k in range(2)]
+    image = np.zeros((32, 32), np.uint8)
+    good = [record(s[0], 20.0), record(s[1], 26.0)]
+    _, files = write_report(sweep, good, tmp_path / "out", best=best_record(good, True),
+                            before_after=[("best", image, image, image)])
+    assert files.best_pipeline.exists() and "best_trial_images" in files.plots
+    failed = [record(s[0], None, "failed", "boom"), record(s[1], None, "failed", "boom")]
+    _, files = write_report(sweep, failed, tmp_path / "out", best=best_record(failed, True), before_after=None)
+    assert files.best_pipeline is None and not (tmp_path / "out" / "best_pipeline.yaml").exists()
+    assert not (tmp_path / "out" / "plots" / "best_trial_images.png").exists()

@@ -144,3 +144,13 @@ def test_an_identity_that_scores_nothing_is_nan_and_not_cached(tmp_path, decoded
     baseline = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST)
     assert math.isnan(baseline.compute(images, [None] * len(images)))  # psnr without targets fails per image
     assert baseline.cached() is None
+
+
+def test_a_damaged_identity_cache_is_recomputed_and_rewritten(tmp_path, decoded):
+    load = Loader(decoded)
+    first = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST).score(load)
+    (tmp_path / "identity.json").write_text('{"manifest_digest": ')  # e.g. edited by hand
+    again = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST)
+    assert again.cached() is None
+    assert again.score(load) == pytest.approx(first) and load.calls == 2
+    assert json.loads((tmp_path / "identity.json").read_text())["score"] == pytest.approx(first)

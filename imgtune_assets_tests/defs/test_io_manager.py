@@ -69,3 +69,15 @@ def test_a_missing_value_is_named(tmp_path, manager):
     with pytest.raises(FileNotFoundError) as err:
         load(manager, AssetKey(["tiny", "image_manifest"]))
     assert str(err.value) == f"{path}: no stored value of tiny/image_manifest; materialize it first"
+
+
+def test_a_key_without_a_sweep_prefix_is_refused_naming_it(tmp_path):
+    manager = SweepStorageIOManager(imgtune=SweepResource(output_dir=str(tmp_path))).create_io_manager(None)
+    with pytest.raises(ValueError, match="lonely: not a sweep asset"):
+        manager.handle_output(build_output_context(asset_key=AssetKey("lonely")), {"x": 1})
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_object_store_output_folder_is_refused_naming_it():
+    with pytest.raises(ValueError, match="output_dir 's3://bucket/x': a local folder is required"):
+        SweepResource(output_dir="s3://bucket/x").sweep_dir("tiny")

@@ -65,7 +65,7 @@ def test_first_tick_on_never_swept_images_requests_the_whole_sweep(instance, sen
     cursor = json.loads(data.cursor)
     assert cursor == {"stat": stat_digest(folder), "content": content_hash(folder)}
     assert request.tags["imgtune/images_content_hash"] == cursor["content"]
-    assert request.run_key == f"images:None->{cursor['content']}"
+    assert request.run_key == f"images:None->{cursor['content']}@{cursor['stat']}"
 
 
 def test_unchanged_folder_requests_nothing(instance, sensor):
@@ -104,7 +104,7 @@ def test_new_changed_or_removed_images_request_a_sweep(instance, sensor, folder,
     [request] = data.run_requests
     old, new = json.loads(cursor)["content"], json.loads(data.cursor)["content"]
     assert old != new == content_hash(folder)
-    assert request.run_key == f"images:{old}->{new}"
+    assert request.run_key == f"images:{old}->{new}@{json.loads(data.cursor)['stat']}"
     assert request.job_name == "tiny_sweep"
 
 
@@ -123,7 +123,7 @@ def test_another_sweeps_manifest_is_not_this_sweeps_baseline(instance, sensor, f
         AssetMaterialization(AssetKey(["other", "image_manifest"]), metadata={"content_hash": content_hash(folder)}))
     data = tick(instance, sensor)
     [request] = data.run_requests
-    assert request.run_key == f"images:None->{content_hash(folder)}"
+    assert request.run_key == f"images:None->{content_hash(folder)}@{stat_digest(folder)}"
 
 
 def test_waits_while_a_sweep_is_running(instance, sensor, folder):
@@ -164,3 +164,21 @@ def test_interval_comes_from_the_environment(monkeypatch, sweep):
     monkeypatch.setenv(INTERVAL_ENV, "0")
     with pytest.raises(ValueError, match=f"{INTERVAL_ENV}: expected a whole number of seconds >= 1, got '0'"):
         new_images_sensor(sweep)
+
+
+def test_images_changing_back_and_forth_request_a_sweep_each_time(instance, sensor, folder):
+    # A -> B -> A -> B: the same content pair twice must not reuse a run key (Dagster drops a repeated key)
+    image = sorted((folder / "images").iterdir())[0]
+    original = image.read_bytes()
+    altered = sorted((folder / "images").iterdir())[1].read_bytes()
+    first = tick(instance, sensor)
+    keys, cursor = [first.run_requests[0].run_key], first.cursor
+    for content in (altered, original, altered):
+        image.write_bytes(content)
+        stamp = os.stat(image).st_mtime_ns + len(keys) * 1_000_000_000  # a later mtime, as a real edit has
+        os.utime(image, ns=(stamp, stamp))
+        data = tick(instance, sensor, cursor)
+        [request] = data.run_requests
+        keys.append(request.run_key)
+        cursor = data.cursor
+    assert len(set(keys)) == len(keys) == 4
