@@ -252,15 +252,17 @@ def test_read_progress_ignores_a_file_from_before_the_command(tmp_path):
 def test_summary_lines():
     report = {"sweep": "s", "metric": "dice", "total_trials": 32, "completed_trials": 31, "failed_trials": ["trial-009"],
               "best_trial": "trial-017", "best_score": 0.912345, "identity_score": 0.5,
-              "best_params": {"gaussian_blur.ksize": 5, "threshold.c": -2.345678}, "output_dir": "/o/s"}
+              "best_params": {"gaussian_blur.ksize": 5, "threshold.c": -2.345678}, "output_dir": "/o/s",
+              "best_pipeline": "/o/s/best_pipeline.yaml"}
     assert summary_lines(report) == [
         "31/32 trials completed (1 failed); best dice: 0.9123 (trial-017); identity pipeline: 0.5000",
         "best parameters: gaussian_blur.ksize=5, threshold.c=-2.346",
         "report: /o/s (leaderboard.csv, best_pipeline.yaml, plots/)",
     ]
     none = summary_lines({**report, "completed_trials": 0, "best_trial": None, "best_score": float("nan"),
-                          "best_params": None})
+                          "best_params": None, "best_pipeline": None})
     assert "no trial completed" in none[0] and none[1] == "best parameters: none"
+    assert none[2] == "report: /o/s (leaderboard.csv, plots/)"  # no best pipeline written this time
 
 
 def test_log_file_path_is_per_sweep_and_utc(tmp_path):
