@@ -15,6 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets.core.imageio import read_image
 from imgtune_assets.core.ops import apply_pipeline
+from imgtune_assets_tests.support.dagster_services import run_checked
 from imgtune_assets_tests.support.processes import Service, free_port
 from imgtune_assets_tests.support.sweeps import PROJECT, VENV_BIN, sweeps_dir_env, write_sweep
 from imgtune_assets_tests.support.waiting import wait_for
@@ -33,10 +34,8 @@ def two_sweeps(tmp_path, denoise_data, segment_data):
     return folder, sweeps_dir_env(tmp_path, folder)
 
 
-def dg(env, *args, timeout=300) -> subprocess.CompletedProcess:
-    result = subprocess.run([DG, *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"dg {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+def dg(env, *args) -> subprocess.CompletedProcess:
+    return run_checked([DG, *args], env)
 
 
 def test_dg_check_and_list_defs_show_every_sweep(two_sweeps):

@@ -68,17 +68,23 @@ def load_catalog(files: list[Path]) -> list[Sweep]:
     return sweeps
 
 
-def sweeps_from_environment(env: Mapping[str, str] | None = None) -> list[Sweep]:
-    """The sweeps to serve: ``$IMGTUNE_SWEEP`` alone, else every file of ``$IMGTUNE_SWEEPS_DIR`` (or ``sweeps/``)."""
+def served_sweep_files(env: Mapping[str, str] | None = None) -> list[Path]:
+    """The files to serve: ``$IMGTUNE_SWEEP`` alone, else every sweep file of ``$IMGTUNE_SWEEPS_DIR``
+    (or ``sweeps/``). Raises SweepCatalogError when there are none."""
     env = os.environ if env is None else env
     single = env.get(SWEEP_ENV, "").strip()
     if single:
-        return load_catalog([Path(single).expanduser().resolve()])
+        return [Path(single).expanduser().resolve()]
     folder = Path(env.get(SWEEPS_DIR_ENV, "").strip() or BUNDLED_SWEEPS).expanduser().resolve()
     files = sweep_files(folder)
     if not files:
         raise SweepCatalogError(f"{folder}: no sweep files (*.yaml, *.yml) in the sweeps folder")
-    return load_catalog(files)
+    return files
+
+
+def sweeps_from_environment(env: Mapping[str, str] | None = None) -> list[Sweep]:
+    """The sweeps to serve, validated: see :func:`served_sweep_files`."""
+    return load_catalog(served_sweep_files(env))
 
 
 def find_sweep(sweeps: list[Sweep], name: str) -> Sweep:

@@ -305,8 +305,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             stats["decodes_per_image"] = (decode_count() - decodes_before) / max(1, files)  # image and target files
             context.log.info(f"{len(todo)} trial(s) × {len(ids)} image(s); decoded in {stats['decode_seconds']:.2f}s, "
                              f"Ray ready in {stats['ray_start_seconds']:.2f}s (overlapping)")
-            # The identity baseline, computed here where the images are already decoded.
-            IdentityBaseline(sweep_dir, objective, digest).compute(images, targets)
+            # The identity baseline, computed here where the images are already decoded (once per images).
+            baseline = IdentityBaseline(sweep_dir, objective, digest)
+            if baseline.cached() is None:
+                baseline.compute(images, targets)
             fanout_started = time.perf_counter()
             stats["startup_seconds"] = round(process_age_seconds(), 3)
             stats["fanout_started_at"] = time.time()

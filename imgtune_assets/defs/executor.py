@@ -78,18 +78,17 @@ from dagster._core.executor.step_delegating import (  # the pattern of dagster-k
 from dagster._grpc.types import ExecuteStepArgs  # what the executor hands each step
 # --- end of Dagster's private API
 
+from imgtune_assets.core.catalog import SWEEP_ENV, SWEEPS_DIR_ENV, SweepCatalogError, served_sweep_files
+
 EXECUTOR_ENV = "IMGTUNE_EXECUTOR"
 NUM_CPUS_TAG = "imgtune/ray_num_cpus"
 # Environment variables that must reach the step's worker (through the task's runtime_env): the
 # instance (DAGSTER_HOME; the Postgres instance's connection, read from the environment of every
 # process that opens it), and imgtune's own settings.
 # The sweep variables (core/catalog.py) and IMGTUNE_OUTPUT_DIR are passed as absolute paths.
-SWEEP_ENV = "IMGTUNE_SWEEP"
-SWEEPS_DIR_ENV = "IMGTUNE_SWEEPS_DIR"
 PASSTHROUGH_ENV = ("DAGSTER_HOME", "IMGTUNE_EXECUTOR", "IMGTUNE_RAY_LEAN", SWEEP_ENV, SWEEPS_DIR_ENV,
                    "IMGTUNE_OUTPUT_DIR",
                    "DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB")
-SWEEP_SUFFIXES = (".yaml", ".yml")
 STEP_WORKER_MESSAGE = "imgtune step worker"
 
 
@@ -156,15 +155,10 @@ def execute_step_in_ray_worker(serialized_args: str) -> dict[str, Any]:
 
 
 def _served_sweep_files(env: dict[str, str]) -> list[Path]:
-    """The sweep files the step's code location will read: ``IMGTUNE_SWEEP`` alone, else the sweep
-    files of ``IMGTUNE_SWEEPS_DIR`` (as core/catalog.py picks them; none if the folder is missing)."""
-    if env.get(SWEEP_ENV):
-        return [Path(env[SWEEP_ENV])]
-    folder = Path(env[SWEEPS_DIR_ENV])
+    """The sweep files the step's code location will read (none if there are none: loading says so)."""
     try:
-        return sorted(p for p in folder.iterdir()
-                      if p.is_file() and p.suffix.lower() in SWEEP_SUFFIXES and not p.name.startswith("."))
-    except OSError:
+        return served_sweep_files(env)
+    except SweepCatalogError:
         return []
 
 
