@@ -143,8 +143,8 @@ _IN_MEMORY_FANOUT = textwrap.dedent("""
     trials = [{"trial": f"t{i}", "params": {},
                "stages": [["nl_means", {"h": 5.0 + 5 * i, "template_window_size": 7, "search_window_size": 21}]]}
               for i in range(4)]
-    outcomes = fanout.run_trials(trials, [f"img{i}" for i in range(6)], noisy, clean, Objective("psnr"), chunk_size=2,
-                                 max_retries=0)
+    outcomes = fanout.run_trials(trials, fanout.InMemoryImages([f"img{i}" for i in range(6)], noisy, clean),
+                                 Objective("psnr"), chunk_size=2, max_retries=0).outcomes
     print(json.dumps({"puts": puts,
                       "nodes": sorted({w["node_id"] for o in outcomes for w in o.workers}),
                       "errors": [o.error for o in outcomes if o.error],

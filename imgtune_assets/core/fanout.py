@@ -1,29 +1,60 @@
-"""Fanning trials out over Ray: (trial × image-chunk) tasks over images put in the object store once.
+"""Fanning trials out over Ray: images decoded by Ray tasks on the nodes that use them, then
+(trial × image-chunk) tasks over the decoded chunks, a bounded number of chunks at a time.
 
 Plain module (no Dagster). ``ray`` is imported where it is used so that loading the Dagster
 definitions never pays for it. The caller owns the Ray connection (``ray.init``); this module only
 submits tasks.
+
+The data path (file names in, scores out; the caller's process never holds pixels):
+
+- The usable images are cut into chunks (``plan_chunks``: enough chunks to keep every CPU busy, and
+  no chunk larger than a share of the object store).
+- A chunk is decoded by one Ray task (``_decode_task``), which reads its files itself (a local path
+  or an object-store URL), checks each against the manifest's content key and returns the decoded
+  arrays as a Ray object — created in the object store of the node that decoded it. Each file is
+  decoded once per run.
+- The trial tasks of that chunk take the object as an argument. Ray's default scheduling prefers the
+  node that holds a task's (large) arguments, so they run where the pixels already are and read them
+  as zero-copy views.
+- Chunks are admitted while their estimated decoded size fits in ``memory_budget`` (by default half
+  the cluster's object store); a chunk's object is released as soon as its last trial task is back,
+  which admits the next. A data set larger than the object store streams through it instead of
+  spilling. With few images everything is admitted at once and trials complete one after another.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from imgtune_assets.core.evaluate import TrialOutcome, evaluate_chunk
+from imgtune_assets.core.manifest import ManifestRow, decoded_bytes, load_images, usable
 from imgtune_assets.core.metrics import Objective
+from imgtune_assets.core.storage import Location
 
 DEFAULT_MAX_RETRIES = 3
+# Share of the cluster's object store the decoded chunks of one run may hold at once.
+OBJECT_STORE_SHARE = 0.5
+# No chunk larger than this (bytes decoded): tasks stay short enough to balance and to retry cheaply.
+MAX_CHUNK_BYTES = 512 * 1024 * 1024
+
+IDENTITY_STAGES = [("identity", {})]
+
+
+class ImageDataError(ValueError):
+    """An image (or target) could not be used by the run: changed, vanished or undecodable. The
+    message names the file or URL."""
 
 
 def _evaluate_task(stages, chunk, objective):
     """Ray task body: the chunk arrives as zero-copy read-only views from the object store."""
-    import cv2
     import os
 
+    import cv2
     import ray
 
     # Ray gives each task one CPU: OpenCV's own thread pool would only oversubscribe it.
@@ -40,20 +71,126 @@ def _evaluate_task(stages, chunk, objective):
     }
 
 
-def plan_chunks(n_images: int, n_trials: int, total_cpus: int, chunk_size: int | None = None) -> int:
-    """Images per task: whole image sets when there are enough trials to fill every CPU,
-    smaller chunks when few trials must still spread over the cluster."""
+def _decode_task(data_dir, rows, verify, identity):
+    """Ray task body: decode a chunk's files (read here, on this node) and, when asked, score the
+    identity pipeline on them. Returns (arrays for the object store, a small report for the caller)."""
+    import os
+
+    import cv2
+    import ray
+
+    cv2.setNumThreads(1)
+    start = time.perf_counter()
+    from imgtune_assets.core.imageio import ImageReadError, decode_count
+    from imgtune_assets.core.manifest import ManifestError
+
+    before = decode_count()
+    try:
+        ids, images, targets = load_images(data_dir, rows, verify=verify)
+    except (ManifestError, ImageReadError) as exc:
+        # A plain error type crosses the task boundary; the message names the file.
+        raise ImageDataError(str(exc)) from None
+    report = {
+        "ids": ids,
+        "decodes": decode_count() - before,
+        "bytes": int(sum(a.nbytes for a in images) + sum(t.nbytes for t in targets if t is not None)),
+        "identity": evaluate_chunk(IDENTITY_STAGES, images, targets, identity) if identity is not None else None,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "seconds": time.perf_counter() - start,
+    }
+    return (images, targets), report
+
+
+@dataclass
+class ImageFiles:
+    """Images as files (local or object store), decoded by Ray tasks: what a run uses."""
+
+    data_dir: Location
+    rows: Sequence[ManifestRow]
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        self.rows = usable(list(self.rows))
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.rows]
+
+    def sizes(self) -> list[int]:
+        return [decoded_bytes(r) for r in self.rows]
+
+    def submit(self, a: int, b: int, identity: Objective | None, max_retries: int):
+        import ray
+
+        # SPREAD: on a cluster, decoding (and so the trial tasks that follow the decoded chunks) is
+        # shared between nodes from the start; on one node it changes nothing.
+        task = ray.remote(_decode_task).options(
+            name="imgtune:decode", num_returns=2, max_retries=max_retries, retry_exceptions=False,
+            num_cpus=1, scheduling_strategy="SPREAD")
+        return task.remote(self.data_dir, list(self.rows[a:b]), self.verify, identity)
+
+
+@dataclass
+class InMemoryImages:
+    """Images already decoded in this process (tests, the benchmark's fan-out mode): each chunk is put
+    in the object store once."""
+
+    ids: list[str]
+    images: Sequence[np.ndarray]
+    targets: Sequence[np.ndarray | None]
+
+    def sizes(self) -> list[int]:
+        return [int(i.nbytes + (t.nbytes if t is not None else 0)) for i, t in zip(self.images, self.targets)]
+
+    def submit(self, a: int, b: int, identity: Objective | None, max_retries: int):
+        import ray
+
+        images, targets = list(self.images[a:b]), list(self.targets[a:b])
+        report = {"ids": self.ids[a:b], "decodes": 0, "bytes": sum(self.sizes()[a:b]), "seconds": 0.0,
+                  "identity": evaluate_chunk(IDENTITY_STAGES, images, targets, identity) if identity else None}
+        return ray.put((images, targets)), ray.put(report)
+
+
+@dataclass
+class FanoutResult:
+    outcomes: list[TrialOutcome]
+    identity: dict[str, dict[str, Any]] = field(default_factory=dict)  # image id -> identity result
+    decodes: int = 0        # files decoded by this run's tasks (images and targets)
+    chunks: int = 0         # chunks of images
+    chunks_decoded: int = 0  # chunks decoded (the others were known from earlier progress)
+    chunk_size: int = 0
+    window: int = 0         # most chunks held in the object store at once
+    decode_seconds: float = 0.0
+
+
+def _raise_data_error(exc: BaseException) -> None:
+    """Re-raise a decode task's ``ImageDataError`` (also as it reaches the trial tasks of its chunk)."""
+    cause = getattr(exc, "cause", None)
+    while cause is not None and not isinstance(cause, ImageDataError):
+        cause = getattr(cause, "cause", None)
+    if cause is not None:
+        raise ImageDataError(str(cause)) from None
+
+
+def plan_chunks(n_images: int, n_trials: int, total_cpus: int, chunk_size: int | None = None,
+                image_bytes: int = 0, memory_budget: int | None = None) -> int:
+    """Images per chunk: whole image sets when there are enough trials to fill every CPU, smaller
+    chunks when few trials must still spread over the cluster, and never more than a share of the
+    memory budget (so that several chunks are in flight on every CPU) or ``MAX_CHUNK_BYTES``."""
     if chunk_size:
         return max(1, min(chunk_size, n_images))
     chunks_per_trial = max(1, math.ceil(2 * max(1, total_cpus) / max(1, n_trials)))
-    return max(1, math.ceil(n_images / min(chunks_per_trial, n_images)))
+    size = max(1, math.ceil(n_images / min(chunks_per_trial, max(1, n_images))))
+    if image_bytes > 0:
+        cap = MAX_CHUNK_BYTES if memory_budget is None else min(MAX_CHUNK_BYTES, memory_budget // (4 * max(1, total_cpus)))
+        size = min(size, max(1, cap // image_bytes))
+    return size
 
 
 def run_trials(
     trials: Sequence[dict[str, Any]],
-    image_ids: Sequence[str],
-    images: Sequence[np.ndarray],
-    targets: Sequence[np.ndarray | None],
+    images: ImageFiles | InMemoryImages,
     objective: Objective,
     *,
     chunk_size: int | None = None,
@@ -61,52 +198,130 @@ def run_trials(
     on_trial_done: Callable[[TrialOutcome], None] | None = None,
     on_tick: Callable[[], None] | None = None,
     tick_seconds: float = 1.0,
-) -> list[TrialOutcome]:
+    memory_budget: int | None = None,
+    identity: bool = False,
+    known: dict[str, dict[str, dict[str, Any]]] | None = None,
+    known_identity: dict[str, dict[str, Any]] | None = None,
+    on_chunk_done: Callable[[list[str], dict[str, list[dict[str, Any]]], list | None], None] | None = None,
+) -> FanoutResult:
     """Evaluate each trial (``{"trial", "params", "stages", "error"?}``) on every image.
 
     An exception in a trial (OpenCV refusing its parameters, or a worker lost beyond Ray's retries)
     fails that trial only; the others complete. ``on_trial_done`` is called as soon as each trial's
     last chunk is back, so its result can be saved before the rest of the sweep finishes.
+    ``on_chunk_done(ids, results by trial, identity results)`` is called when a chunk's last task is
+    back, so that progress within trials can be saved too; ``known`` (trial -> image id -> result,
+    such saved progress) and ``known_identity`` are not computed again, and a chunk known for every
+    trial is not decoded. With ``identity``, the identity pipeline's result per image comes back in
+    ``FanoutResult.identity`` (scored by the decode tasks).
+
+    An image that cannot be used (changed since the manifest, vanished, undecodable) raises
+    ``ImageDataError`` naming it; what completed before was already handed to the callbacks.
 
     ``on_tick`` is called at least every ``tick_seconds`` while results are awaited — also when no
     trial completes for a long time — and once more at the end, so the caller can report progress
-    on time. Results are still taken as soon as they are ready. An exception from a callback
-    propagates (the submitted tasks are left to Ray).
+    on time. An exception from a callback propagates (the submitted tasks are left to Ray).
     """
     if tick_seconds <= 0:
         raise ValueError(f"tick_seconds must be > 0, got {tick_seconds}")
     import ray
 
-    total_cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = plan_chunks(len(images), len(trials), total_cpus, chunk_size)
-    spans = [(s, min(s + size, len(images))) for s in range(0, len(images), size)]
-    # Each decoded image enters the object store once per run; tasks receive references.
-    chunk_refs = [ray.put((list(images[a:b]), list(targets[a:b]))) for a, b in spans]
+    known = known or {}
+    known_identity = known_identity or {}
+    ids = list(images.ids)
+    n = len(ids)
+    sizes = images.sizes()
+    resources = ray.cluster_resources()
+    total_cpus = int(resources.get("CPU", 1))
+    if memory_budget is None:
+        memory_budget = int(resources.get("object_store_memory", 2 * MAX_CHUNK_BYTES) * OBJECT_STORE_SHARE)
+    size = plan_chunks(n, len(trials), total_cpus, chunk_size, image_bytes=max(sizes, default=0),
+                       memory_budget=memory_budget)
+    spans = [(s, min(s + size, n)) for s in range(0, n, size)]
     remote = ray.remote(_evaluate_task)
+    result = FanoutResult(outcomes=[], chunks=len(spans), chunk_size=size)
 
-    outcomes: list[TrialOutcome] = []
-    pending: dict[Any, tuple[int, int]] = {}
-    chunks_left: dict[int, int] = {}
+    outcomes = result.outcomes
+    images_left: dict[int, int] = {}
     for t, trial in enumerate(trials):
         outcome = TrialOutcome(trial=trial["trial"], params=trial["params"], stages=trial["stages"],
-                               image_ids=list(image_ids), per_image=[None] * len(images))
+                               image_ids=ids, per_image=[None] * n)
         outcomes.append(outcome)
         if trial.get("error"):
             outcome.error = trial["error"]
             outcome.per_image = []
-            if on_trial_done:
-                on_trial_done(outcome)
             continue
-        chunks_left[t] = len(chunk_refs)
-        stages = [(op, params) for op, params in trial["stages"]]
-        for c, ref in enumerate(chunk_refs):
-            # SPREAD: on a cluster, nodes get work from the start instead of the driver's node filling up
-            # first (a preference: tasks of a few milliseconds may all finish on the first workers
-            # Ray starts); on one node it changes nothing.
-            task = remote.options(name=f"imgtune:{trial['trial']}", max_retries=max_retries,
-                                  retry_exceptions=False, num_cpus=1, scheduling_strategy="SPREAD")
-            pending[task.remote(stages, ref, objective)] = (t, c)
+        done_before = known.get(trial["trial"], {})
+        for i, image_id in enumerate(ids):
+            if image_id in done_before:
+                outcome.per_image[i] = done_before[image_id]
+        images_left[t] = sum(1 for r in outcome.per_image if r is None)
+    for image_id, res in known_identity.items():
+        result.identity[image_id] = res
 
+    def finish(t: int) -> None:
+        outcome = outcomes[t]
+        outcome.workers.sort(key=lambda w: w["chunk"])
+        if on_trial_done:
+            on_trial_done(outcome)
+
+    # Trials already complete (errors, or every image known from earlier progress).
+    for t, outcome in enumerate(outcomes):
+        if t not in images_left or images_left[t] == 0:
+            finish(t)
+
+    # Per chunk: the trials still missing some of its images. A chunk that no trial (and not the
+    # identity baseline) needs is not decoded.
+    chunk_trials = [[t for t in images_left if any(outcomes[t].per_image[i] is None for i in range(a, b))]
+                    for a, b in spans]
+    to_decode = [c for c, (a, b) in enumerate(spans)
+                 if chunk_trials[c] or (identity and any(ids[i] not in result.identity for i in range(a, b)))]
+
+    pending: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, chunk, trial)
+    tasks_left: dict[int, int] = {}
+    chunk_results: dict[int, dict[str, list]] = {}
+    chunk_identity: dict[int, list | None] = {}
+    data_refs: dict[int, Any] = {}
+    chunk_bytes = {c: sum(sizes[a:b]) for c, (a, b) in enumerate(spans)}
+    in_flight = 0
+    queue = list(to_decode)
+    decode_started: dict[int, float] = {}
+
+    def admit() -> None:
+        nonlocal in_flight
+        admitted = []
+        while queue and (not data_refs or in_flight + chunk_bytes[queue[0]] <= memory_budget):
+            c = queue.pop(0)
+            a, b = spans[c]
+            data_ref, report_ref = images.submit(a, b, objective if identity else None, max_retries)
+            data_refs[c] = data_ref
+            in_flight += chunk_bytes[c]
+            pending[report_ref] = ("decode", c, -1)
+            tasks_left[c] = 1 + len(chunk_trials[c])
+            chunk_results[c] = {}
+            decode_started[c] = time.perf_counter()
+            admitted.append(c)
+            result.chunks_decoded += 1
+        result.window = max(result.window, len(data_refs))
+        # Trial-major over the admitted chunks: with everything admitted, trials complete one by one.
+        for t in sorted({t for c in admitted for t in chunk_trials[c]}):
+            stages = [(op, params) for op, params in trials[t]["stages"]]
+            for c in admitted:
+                if t in chunk_trials[c]:
+                    task = remote.options(name=f"imgtune:{trials[t]['trial']}", max_retries=max_retries,
+                                          retry_exceptions=False, num_cpus=1)
+                    pending[task.remote(stages, data_refs[c], objective)] = ("trial", c, t)
+
+    def retire(c: int) -> None:
+        nonlocal in_flight
+        del data_refs[c]  # the chunk's pixels leave the object store once no task holds them
+        in_flight -= chunk_bytes[c]
+        if on_chunk_done:
+            a, b = spans[c]
+            on_chunk_done(ids[a:b], chunk_results.pop(c), chunk_identity.pop(c, None))
+        admit()
+
+    admit()
     remaining = list(pending)
     last_tick = time.monotonic()
     while remaining:
@@ -120,24 +335,46 @@ def run_trials(
         if done and remaining:
             more, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0)
             done += more
+        before = set(pending)
         for ref in done:
-            t, c = pending[ref]
-            outcome = outcomes[t]
+            kind, c, t = pending.pop(ref)
             a, b = spans[c]
-            try:
-                payload = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - recorded on the trial: a lost chunk fails its trial
-                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                outcome.per_image[a:b] = [{"score": float("nan"), "seconds": 0.0, "error": message}] * (b - a)
+            if kind == "decode":
+                try:
+                    report = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    _raise_data_error(exc)
+                    raise
+                result.decodes += report["decodes"]
+                result.decode_seconds += report["seconds"]
+                if report["identity"] is not None:
+                    chunk_identity[c] = report["identity"]
+                    result.identity.update(zip(report["ids"], report["identity"]))
             else:
-                outcome.per_image[a:b] = payload["results"]
-                outcome.seconds += payload["seconds"]
-                outcome.workers.append({"chunk": c, "node_id": payload["node_id"], "pid": payload["pid"]})
-            chunks_left[t] -= 1
-            if chunks_left[t] == 0:
-                outcome.workers.sort(key=lambda w: w["chunk"])
-                if on_trial_done:
-                    on_trial_done(outcome)
+                outcome = outcomes[t]
+                try:
+                    payload = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - recorded on the trial: a lost chunk fails its trial
+                    _raise_data_error(exc)  # the chunk's images, not the trial, failed: nothing is recorded
+                    message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    chunk_out = [{"score": float("nan"), "seconds": 0.0, "error": message}] * (b - a)
+                else:
+                    chunk_out = payload["results"]
+                    outcome.seconds += payload["seconds"]
+                    outcome.workers.append({"chunk": c, "node_id": payload["node_id"], "pid": payload["pid"]})
+                filled = 0
+                for i, res in zip(range(a, b), chunk_out):
+                    if outcome.per_image[i] is None:
+                        outcome.per_image[i] = res
+                        filled += 1
+                chunk_results[c][outcome.trial] = list(chunk_out)
+                images_left[t] -= filled
+                if images_left[t] == 0:
+                    finish(t)
+            tasks_left[c] -= 1
+            if tasks_left[c] == 0:
+                retire(c)
+        remaining += [ref for ref in pending if ref not in before]  # tasks of newly admitted chunks
         if on_tick is not None and time.monotonic() - last_tick >= tick_seconds:
             last_tick = time.monotonic()
             on_tick()
@@ -146,4 +383,4 @@ def run_trials(
     for outcome in outcomes:
         if outcome.per_image and any(r is None for r in outcome.per_image):
             raise RuntimeError(f"{outcome.trial}: internal error, some images were never evaluated")
-    return outcomes
+    return result

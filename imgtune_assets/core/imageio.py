@@ -26,23 +26,63 @@ class ImageReadError(ValueError):
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """A file's bytes, with a clear error naming it."""
-    file = Path(path)
+    """A file's (or object's) bytes, with a clear error naming it."""
+    from imgtune_assets.core import storage
+
     try:
-        return file.read_bytes()
-    except OSError as exc:
-        raise ImageReadError(f"{file}: cannot read file ({exc.strerror or exc})") from exc
+        return storage.read_bytes(path)
+    except storage.StorageError as exc:
+        raise ImageReadError(str(exc)) from None
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image as stored: grey stays 2-D, colour is BGR (alpha dropped), 8 or 16 bit.
 
-    Reads bytes in Python and decodes in memory so that any file name works.
+    Reads bytes in Python and decodes in memory so that any file name (and any URL) works.
     """
-    return decode_image(read_bytes(path), Path(path))
+    return decode_image(read_bytes(path), path)
 
 
-def decode_image(data: bytes, file: Path) -> np.ndarray:
+def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> tuple[int, int, int, str]:
+    """(width, height, channels, dtype) of an encoded image from its header, without decoding pixels.
+
+    The channels and dtype are those ``decode_image`` gives (grey stays 1 channel, alpha is dropped).
+    With ``whole`` (``data`` is the whole file), its structure is checked too: a PNG's chunks and their
+    checksums up to the end chunk (Pillow's ``verify``), a JPEG's end-of-image marker — what catches
+    truncated and damaged files. Raises ``ImageReadError`` naming ``file``.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ImageReadError(f"{file}: empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind, mode, (width, height) = image.format, image.mode, image.size
+            bits = image.tag_v2.get(258) if kind == "TIFF" else None
+            if whole and kind == "PNG":
+                image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image: {exc})") from None
+    if whole and kind == "JPEG" and b"\xff\xd9" not in data[-64:]:
+        raise ImageReadError(f"{file}: not a decodable image (truncated JPEG: no end-of-image marker)")
+    if whole and kind == "BMP" and len(data) < int.from_bytes(data[2:6], "little"):
+        raise ImageReadError(f"{file}: not a decodable image (truncated BMP)")
+    grey = mode in ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F", "La")
+    depth = 8
+    if kind == "PNG" and len(data) > 24:
+        depth = data[24]  # IHDR bit depth: Pillow shows a 16-bit colour PNG as 8-bit RGB
+    elif bits is not None:
+        depth = max(bits) if isinstance(bits, tuple) else int(bits)
+    elif mode.startswith("I;16"):
+        depth = 16
+    if depth > 16 or mode in ("I", "F"):
+        raise ImageReadError(f"{file}: unsupported pixel type ({mode}, {depth} bit; need 8-bit or 16-bit)")
+    return int(width), int(height), 1 if grey else 3, "uint16" if depth == 16 else "uint8"
+
+
+def decode_image(data: bytes, file: str | os.PathLike) -> np.ndarray:
     """Decode already-read file bytes (``file`` names them in errors); see ``read_image``."""
     raw = np.frombuffer(data, dtype=np.uint8)
     if raw.size == 0:

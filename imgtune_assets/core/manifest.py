@@ -1,6 +1,7 @@
 """Scanning a data folder into an image manifest.
 
-Layout: ``DATA/images/<stem>.<ext>`` with optional ground truth in ``DATA/targets/<stem>.<ext>``.
+Layout: ``DATA/images/<stem>.<ext>`` with optional ground truth in ``DATA/targets/<stem>.<ext>``;
+``DATA`` is a local folder or an fsspec URL (``s3://bucket/prefix``).
 A folder without an ``images/`` sub-folder is read as a flat folder of images (targets, if any, in
 ``DATA/targets/``). Unusable files become rows with ``status: skipped`` and a ``reason``; the sweep
 goes on with the rest. A folder with nothing usable is an error.
@@ -9,12 +10,16 @@ goes on with the rest. A folder with nothing usable is an error.
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, decode_image, read_bytes, read_image
+from imgtune_assets.core import storage
+from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, decode_image, probe_image
+from imgtune_assets.core.storage import Location
 
 
 class ManifestError(ValueError):
@@ -45,79 +50,109 @@ class ManifestRow:
         return dict(vars(self))
 
 
-def _read_and_hash(path: Path) -> tuple[bytes, str]:
-    """Read a file once: its content hash and its bytes for decoding come from the same read."""
-    data = read_bytes(path)
-    return data, hashlib.sha256(data).hexdigest()
+# An object store's header probe reads this much of each object (a JPEG's size can follow its EXIF block).
+HEAD_BYTES = 256 * 1024
 
 
-def _candidate_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def image_folders(data_dir: Path) -> tuple[Path, Path]:
+def image_folders(data_dir: Location) -> tuple[Location, Location]:
     images = data_dir / "images"
-    return (images if images.is_dir() else data_dir), data_dir / "targets"
+    return (images if storage.is_folder(images) else data_dir), data_dir / "targets"
 
 
-def scan_folder(data_dir: str | Path, *, needs_target: bool) -> list[ManifestRow]:
-    """One row per file in the images folder; decodes each file once to check it."""
-    data_dir = Path(data_dir)
-    if not data_dir.exists():
+def _relative(file: Location, data_dir: Location) -> str:
+    return str(file)[len(str(data_dir)):].lstrip("/")
+
+
+def _probe(file: Location, info: dict) -> tuple[str, tuple[int, int, int, str]]:
+    """A file's content key and header: a local file is read once, hashed and checked whole; an
+    object is keyed by its listing's tag and only its head is read (see ``storage``)."""
+    if storage.is_remote(file):
+        key = storage.content_key_of_info(info)
+        head = storage.read_head(file, HEAD_BYTES)
+        try:
+            return key, probe_image(head, file, whole=False)
+        except ImageReadError:
+            data = storage.read_bytes(file)  # a header beyond the head: read it all, once more at most
+            return key, probe_image(data, file)
+    data, key = storage.read_with_key(file)
+    return key, probe_image(data, file)
+
+
+def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_name: str) -> ManifestRow:
+    (image, image_info), target = files
+    try:
+        row.image_sha256, (row.width, row.height, row.channels, row.dtype) = _probe(image, image_info)
+    except (ImageReadError, storage.StorageError) as exc:
+        row.reason = str(exc)
+        return row
+    if target is not None:
+        target_file, target_info = target
+        try:
+            row.target_sha256, (width, height, _, _) = _probe(target_file, target_info)
+        except (ImageReadError, storage.StorageError) as exc:
+            row.reason = f"target unusable: {exc}"
+            return row
+        if (width, height) != (row.width, row.height):
+            row.reason = f"target {target_file.name} is {width}x{height}, image is {row.width}x{row.height}"
+            return row
+    elif needs_target:
+        row.reason = f"no target: expected {target_dir_name}/{row.id}.<png|jpg|tif|bmp>"
+        return row
+    row.status = "ok"
+    return row
+
+
+def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | None = None) -> list[ManifestRow]:
+    """One row per file in the images folder (a local folder or an fsspec URL).
+
+    Files are probed on a pool of ``threads`` (default: this machine's CPUs), streaming through the
+    listing: each local file is read once — its SHA-256 and its header and structure check come from
+    that read (see ``imageio.probe_image``); pixels are not decoded here but by the run's Ray tasks.
+    Threads suffice because the work is reading and hashing, which release the GIL.
+    """
+    data_dir = storage.location(data_dir) if isinstance(data_dir, str) else data_dir
+    if not storage.exists(data_dir):
         raise ManifestError(f"{data_dir}: data folder does not exist")
-    if not data_dir.is_dir():
+    if not storage.is_folder(data_dir):
         raise ManifestError(f"{data_dir}: data_dir is not a folder")
-    image_dir, target_dir = image_folders(data_dir)
-    files = _candidate_files(image_dir)
+    try:
+        image_dir, target_dir = image_folders(data_dir)
+        files = storage.list_files(image_dir)
+        target_files = storage.list_files(target_dir) if storage.is_folder(target_dir) else []
+    except storage.StorageError as exc:
+        raise ManifestError(str(exc)) from None
     if not files:
         raise ManifestError(f"{image_dir}: no image files in the data folder")
-    targets: dict[str, Path] = {}
-    if target_dir.is_dir():
-        for file in _candidate_files(target_dir):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                targets.setdefault(file.stem, file)
+    targets: dict[str, tuple] = {}
+    for file, info in target_files:
+        if file.suffix.lower() in IMAGE_SUFFIXES:
+            targets.setdefault(Path(file.name).stem, (file, info))
 
     rows: list[ManifestRow] = []
+    work: list[tuple[ManifestRow, tuple]] = []
     seen: set[str] = set()
-    for file in files:
-        rel = str(file.relative_to(data_dir))
-        row = ManifestRow(id=file.stem, image_path=rel, target_path=None, image_sha256=None,
+    for file, info in files:
+        stem = Path(file.name).stem
+        row = ManifestRow(id=stem, image_path=_relative(file, data_dir), target_path=None, image_sha256=None,
                           target_sha256=None, width=None, height=None, channels=None, dtype=None,
                           status="skipped")
         rows.append(row)
         if file.suffix.lower() not in IMAGE_SUFFIXES:
             row.reason = f"not an image file type ({file.suffix or 'no suffix'}; expected one of {', '.join(IMAGE_SUFFIXES)})"
             continue
-        if file.stem in seen:
-            row.reason = f"duplicate id {file.stem!r} (another file with the same stem comes first)"
+        if stem in seen:
+            row.reason = f"duplicate id {stem!r} (another file with the same stem comes first)"
             continue
-        seen.add(file.stem)
-        try:
-            data, row.image_sha256 = _read_and_hash(file)
-            image = decode_image(data, file)
-        except ImageReadError as exc:
-            row.reason = str(exc)
-            continue
-        row.height, row.width = image.shape[:2]
-        row.channels = 1 if image.ndim == 2 else image.shape[2]
-        row.dtype = str(image.dtype)
-        target = targets.get(file.stem)
+        seen.add(stem)
+        target = targets.get(stem)
         if target is not None:
-            row.target_path = str(target.relative_to(data_dir))
-            try:
-                data, row.target_sha256 = _read_and_hash(target)
-                target_image = decode_image(data, target)
-            except ImageReadError as exc:
-                row.reason = f"target unusable: {exc}"
-                continue
-            if target_image.shape[:2] != image.shape[:2]:
-                row.reason = (f"target {target.name} is {target_image.shape[1]}x{target_image.shape[0]}, "
-                              f"image is {image.shape[1]}x{image.shape[0]}")
-                continue
-        elif needs_target:
-            row.reason = f"no target: expected {target_dir.name}/{file.stem}.<png|jpg|tif|bmp>"
-            continue
-        row.status = "ok"
+            row.target_path = _relative(target[0], data_dir)
+        work.append((row, ((file, info), target)))
+    workers = max(1, min(threads or os.cpu_count() or 1, len(work) or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgtune-manifest") as pool:
+        # map keeps at most the pool's files in flight: memory stays a few files however many there are.
+        for _ in pool.map(lambda item: _probe_row(item[0], item[1], needs_target, target_dir.name), work):
+            pass
     return rows
 
 
@@ -142,24 +177,27 @@ def manifest_digest(rows: list[ManifestRow]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_images(data_dir: str | Path, rows: list[ManifestRow], *, verify: bool = False
+def load_images(data_dir: str | Location, rows: list[ManifestRow], *, verify: bool = False
                 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None]]:
     """Decode usable images (and targets) once; returns ids, images, targets (None when absent).
 
-    With ``verify``, each file's content must still hash to what the manifest recorded (hashed from the
-    same read that is decoded): results are saved under the manifest's content hash, so images changed
-    since must not be scored as the old ones. A changed file raises ``ManifestError`` naming it.
+    With ``verify``, each file's content must still have the key the manifest recorded (from the same
+    read that is decoded): results are saved under the manifest's content hash, so images changed
+    since must not be scored as the old ones. A changed or vanished file raises ``ManifestError``
+    naming it. This is what each Ray decode task runs on its chunk of rows.
     """
-    data_dir = Path(data_dir)
+    data_dir = storage.location(data_dir) if isinstance(data_dir, str) else data_dir
 
     def load(relative: str, expected: str | None) -> np.ndarray:
         file = data_dir / relative
-        if not verify:
-            return read_image(file)
-        data, digest = _read_and_hash(file)
-        if digest != expected:
-            raise ManifestError(f"{file}: changed since the image manifest was made (content hash {digest[:12]}, "
-                                f"manifest {str(expected)[:12]}): materialize image_manifest,run_settings again")
+        try:
+            data, key = storage.read_with_key(file)
+        except storage.StorageError as exc:
+            raise ManifestError(f"{exc}: it was in the image manifest; materialize image_manifest,run_settings "
+                                "again") from None
+        if verify and key != expected:
+            raise ManifestError(f"{file}: changed since the image manifest was made (content key {key[:16]}, "
+                                f"manifest {str(expected)[:16]}): materialize image_manifest,run_settings again")
         return decode_image(data, file)
 
     ids, images, targets = [], [], []
@@ -168,3 +206,11 @@ def load_images(data_dir: str | Path, rows: list[ManifestRow], *, verify: bool =
         images.append(load(row.image_path, row.image_sha256))
         targets.append(load(row.target_path, row.target_sha256) if row.target_path else None)
     return ids, images, targets
+
+
+def decoded_bytes(row: ManifestRow) -> int:
+    """The decoded size of a row's image and target (the target assumed the image's size)."""
+    if row.status != "ok" or not row.width:
+        return 0
+    each = int(row.width) * int(row.height) * int(row.channels or 1) * (2 if row.dtype == "uint16" else 1)
+    return each * (2 if row.target_path else 1)

@@ -67,9 +67,25 @@ def best_record(records: list[dict[str, Any]], higher_is_better: bool) -> dict[s
     return min(ok, key=lambda r: (sign * r["score"], r["trial"]))
 
 
-def before_after_panels(best: dict[str, Any], rows: list, data_dir: Path, higher_is_better: bool
+# Long side of the before/after pictures: a 12 MP photo is shown, not stored, at full size.
+PANEL_PIXELS = 1024
+
+
+def _shown(image: np.ndarray | None) -> np.ndarray | None:
+    import cv2
+
+    if image is None or max(image.shape[:2]) <= PANEL_PIXELS:
+        return image
+    scale = PANEL_PIXELS / max(image.shape[:2])
+    return cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
+                      interpolation=cv2.INTER_AREA)
+
+
+def before_after_panels(best: dict[str, Any], rows: list, data_dir, higher_is_better: bool
                         ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
-    """The best trial's best- and worst-scored images: (label, before, after, target), decoding only those."""
+    """The best trial's best- and worst-scored images: (label, before, after, target), decoding only
+    those two (``data_dir`` a local folder or an object-store location); the pipeline runs on the
+    full image, the pictures are scaled down to ``PANEL_PIXELS``."""
     from imgtune_assets.core.imageio import read_image
     from imgtune_assets.core.ops import apply_pipeline
 
@@ -85,9 +101,9 @@ def before_after_panels(best: dict[str, Any], rows: list, data_dir: Path, higher
     panels = []
     for label, image_id in picks:
         row = by_id[image_id]
-        image = read_image(Path(data_dir) / row.image_path)
-        target = read_image(Path(data_dir) / row.target_path) if row.target_path else None
-        panels.append((label, image, apply_pipeline(image, stages), target))
+        image = read_image(data_dir / row.image_path)
+        target = read_image(data_dir / row.target_path) if row.target_path else None
+        panels.append((label, _shown(image), _shown(apply_pipeline(image, stages)), _shown(target)))
     return panels
 
 

@@ -9,9 +9,10 @@ baseline the report compares against, is cached beside them under the same rule.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -66,6 +67,52 @@ class TrialStore:
                 stale += 1
         return records, stale
 
+    # ------------------------------------------------------------------ progress within trials
+    @property
+    def partial_folder(self) -> Path:
+        return self.folder / "partial"
+
+    def save_chunk(self, ids: Sequence[str], results: dict[str, list[dict[str, Any]]],
+                   identity: list[dict[str, Any]] | None) -> Path | None:
+        """Save one chunk's per-image results of unfinished trials (a run over more images than the
+        object store holds completes its trials only at the end): a killed run resumed with
+        ``skip_finished`` then recomputes only the chunks it had not finished."""
+        if not results and identity is None:
+            return None
+        name = hashlib.sha256("\0".join(ids).encode()).hexdigest()[:16]
+        return atomic_write_json(self.partial_folder / f"{name}.json", {
+            "fingerprint": self.fingerprint, "manifest_digest": self.manifest_digest, "ids": list(ids),
+            "results": {trial: [dict(r, id=i) for i, r in zip(ids, rows)] for trial, rows in results.items()},
+            "identity": [dict(r, id=i) for i, r in zip(ids, identity)] if identity is not None else None,
+        })
+
+    def load_chunks(self) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+        """Current saved chunk progress: (trial -> image id -> result, image id -> identity result).
+        Files from other settings or images, or damaged ones, are ignored (progress is a cache)."""
+        known: dict[str, dict[str, dict[str, Any]]] = {}
+        identity: dict[str, dict[str, Any]] = {}
+        if not self.partial_folder.is_dir():
+            return known, identity
+        for file in sorted(self.partial_folder.glob("*.json")):
+            try:
+                saved = json.loads(file.read_text())
+            except (json.JSONDecodeError, OSError):
+                continue
+            if not isinstance(saved, dict) or not self.is_current(saved):
+                continue
+            for trial, rows in saved.get("results", {}).items():
+                for row in rows:
+                    known.setdefault(trial, {})[row["id"]] = _result(row)
+            for row in saved.get("identity") or []:
+                identity[row["id"]] = _result(row)
+        return known, identity
+
+    def clear_chunks(self) -> None:
+        """Forget chunk progress once every trial it served is saved whole."""
+        if self.partial_folder.is_dir():
+            for file in self.partial_folder.glob("*.json"):
+                file.unlink(missing_ok=True)
+
     def split_finished(self, keys: Sequence[str], skip_finished: bool) -> tuple[list[dict[str, Any]], list[str]]:
         """(current results to reuse, keys to compute): with ``skip_finished`` off, everything is computed."""
         if not skip_finished:
@@ -78,6 +125,12 @@ class TrialStore:
             else:
                 reused.append(record)
         return reused, todo
+
+
+def _result(row: dict[str, Any]) -> dict[str, Any]:
+    score = row.get("score")
+    return {"score": float("nan") if score is None else float(score), "seconds": row.get("seconds", 0.0),
+            "error": row.get("error")}
 
 
 class IdentityBaseline:
@@ -102,18 +155,22 @@ class IdentityBaseline:
             return None
         return float(saved["score"])
 
-    def compute(self, images: Sequence[np.ndarray], targets: Sequence[np.ndarray | None]) -> float:
-        """Score the identity pipeline on decoded images and cache it."""
-        results = evaluate_chunk(IDENTITY_STAGES, images, targets, self.objective)
-        scores = [r["score"] for r in results if not r["error"]]
+    def save(self, results: Iterable[dict[str, Any]]) -> float:
+        """Cache the mean of per-image identity results (as the fan-out's decode tasks score them)."""
+        scores = [r["score"] for r in results if not r.get("error") and r["score"] == r["score"]]
         score = float(np.mean(scores)) if scores else None
         atomic_write_json(self.file, {**self._key(), "score": score})
         return float("nan") if score is None else score
 
-    def score(self, load_images: Callable[[], tuple[Sequence[np.ndarray], Sequence[np.ndarray | None]]]) -> float:
-        """The cached score, or computed from ``load_images()`` when there is none for these images."""
+    def compute(self, images: Iterable[tuple[np.ndarray, np.ndarray | None]]) -> float:
+        """Score the identity pipeline over (image, target) pairs taken one at a time (so a generator
+        keeps one decoded image in memory), and cache it."""
+        results = [evaluate_chunk(IDENTITY_STAGES, [image], [target], self.objective)[0] for image, target in images]
+        return self.save(results)
+
+    def score(self, pairs: Callable[[], Iterable[tuple[np.ndarray, np.ndarray | None]]]) -> float:
+        """The cached score, or computed from ``pairs()`` when there is none for these images."""
         cached = self.cached()
         if cached is not None:
             return cached
-        images, targets = load_images()
-        return self.compute(images, targets)
+        return self.compute(pairs())

@@ -44,6 +44,7 @@ from imgtune_assets.core.demo_data import DEMO_KINDS
 from imgtune_assets.core.metrics import METRICS, Objective, metric_options
 from imgtune_assets.core.ops import OPS, OpParamError, ParamSpec, validate_stage
 from imgtune_assets.core.sampling import SAMPLERS
+from imgtune_assets.core.storage import Location, location
 
 RANGE_TYPES = ("int", "float", "odd", "choice")
 MAX_TRIALS = 10_000
@@ -87,7 +88,7 @@ class Stage:
 class Sweep:
     path: Path
     name: str
-    data_dir: Path
+    data_dir: Location  # a local folder (Path) or an object-store URL (UPath)
     objective: Objective
     trials: int
     seed: int
@@ -96,6 +97,9 @@ class Sweep:
     schedule_cron: str | None = None
     chunk_size: int | None = None
     demo_data: str | None = None  # generate this demo set into data_dir when the folder is missing
+    endpoint_url: str | None = None  # for s3:// URLs of an S3-compatible store
+    apply_input: Location | None = None  # the folder the winning pipeline is applied to, and where to
+    apply_output: Location | None = None  # write the results (``apply:`` in the file)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -416,6 +420,52 @@ class _Schedule(_Model):
         return raw
 
 
+def _endpoint(url: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+        raise _problem(f"expected an http(s) URL like http://127.0.0.1:9000, got {url!r}")
+    return url
+
+
+class _Storage(_Model):
+    """Options for object-store URLs (``data_dir``, ``apply``): no credentials, ever."""
+
+    _ORDER = ("+", "endpoint_url")
+    endpoint_url: Optional[Annotated[StrictStr, AfterValidator(_endpoint), _says("expected a URL, got {!r}")]] = None
+
+    @classmethod
+    def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
+        return (f".{sorted(keys, key=str)[0]}",
+                "unknown field (allowed: endpoint_url); credentials are never read from the sweep file: they "
+                "come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or the "
+                "standard credential chain")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise _problem("expected a mapping like {endpoint_url: 'http://127.0.0.1:9000'}")
+        return raw
+
+
+class _Apply(_Model):
+    """Where the winning pipeline is applied: every image of ``input_dir`` to ``output_dir``."""
+
+    _ORDER = ("+", "!", "input_dir", "output_dir")
+    input_dir: Annotated[StrictStr, AfterValidator(_not_blank), _says("expected a folder path or URL, got {!r}")]
+    output_dir: Annotated[StrictStr, AfterValidator(_not_blank), _says("expected a folder path or URL, got {!r}")]
+
+    @classmethod
+    def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
+        return f".{sorted(keys, key=str)[0]}", "unknown field (allowed: input_dir, output_dir)"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise _problem("expected a mapping like {input_dir: photos/, output_dir: tuned/}")
+        return raw
+
+
 def _plain_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise _problem(f"{name!r} is not a plain name (letters, digits, '_', '-', '.'; "
@@ -450,11 +500,12 @@ def _stage_list(value: Any) -> Any:
 class _SweepDoc(_Model):
     """The whole file. Fields are declared in the order they are checked."""
 
-    _ORDER = ("+", "!", "name", "data_dir", "objective", "trials", "seed", "sampler", "pipeline", "schedule",
-              "chunk_size", "demo_data", "description")
-    _NESTED = {"objective": _Objective, "schedule": _Schedule}
+    _ORDER = ("+", "!", "name", "data_dir", "storage", "objective", "trials", "seed", "sampler", "pipeline",
+              "schedule", "chunk_size", "demo_data", "apply", "description")
+    _NESTED = {"objective": _Objective, "schedule": _Schedule, "storage": _Storage, "apply": _Apply}
     name: Annotated[Any, AfterValidator(_plain_name)]
     data_dir: Annotated[StrictStr, AfterValidator(_not_blank), _says("expected a folder path, got {!r}")]
+    storage: Optional[_Storage] = None
     objective: _Objective
     trials: Annotated[StrictInt, _says("expected a whole number, got {!r}"), AfterValidator(_trials_range)]
     seed: Annotated[StrictInt, Field(ge=0), _says("expected a whole number >= 0, got {!r}")] = 0
@@ -464,6 +515,7 @@ class _SweepDoc(_Model):
     chunk_size: Optional[Annotated[StrictInt, Field(ge=1), _says("expected a whole number >= 1, got {!r}")]] = None
     # Generated into data_dir when that folder is missing.
     demo_data: Annotated[Any, AfterValidator(_known_demo)] = None
+    apply: Optional[_Apply] = None
     description: Any = None
 
     @classmethod
@@ -479,8 +531,15 @@ class _SweepDoc(_Model):
         return raw
 
     def to_sweep(self, path: Path, raw: dict[str, Any]) -> Sweep:
+        endpoint = self.storage.endpoint_url if self.storage else None
+
+        def where(spec: str):
+            return location(spec, base_dir=path.parent, endpoint_url=endpoint)
+
         return Sweep(
-            path=path, name=self.name, data_dir=(path.parent / self.data_dir).resolve(),
+            path=path, name=self.name, data_dir=where(self.data_dir), endpoint_url=endpoint,
+            apply_input=where(self.apply.input_dir) if self.apply else None,
+            apply_output=where(self.apply.output_dir) if self.apply else None,
             objective=self.objective.to_objective(), trials=self.trials, seed=self.seed, sampler=self.sampler,
             pipeline=tuple(stage.to_stage() for stage in self.pipeline),
             schedule_cron=self.schedule.cron if self.schedule else None,
@@ -572,7 +631,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def fixed_sweep_document(sweep: Sweep, stages: list[tuple[str, dict[str, Any]]], *, name: str) -> dict[str, Any]:
     """A sweep file with every parameter fixed: the tuned pipeline, reusable as-is (trials: 1)."""
-    return {
+    document = {
         "name": name,
         "data_dir": str(sweep.data_dir),
         "objective": sweep.objective.to_dict(),
@@ -581,3 +640,6 @@ def fixed_sweep_document(sweep: Sweep, stages: list[tuple[str, dict[str, Any]]],
         "sampler": "grid",
         "pipeline": [{"op": op, **params} for op, params in stages],
     }
+    if sweep.endpoint_url:
+        document["storage"] = {"endpoint_url": sweep.endpoint_url}
+    return document

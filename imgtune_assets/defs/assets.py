@@ -10,9 +10,7 @@ import base64
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from dagster import (
@@ -36,21 +34,22 @@ from dagster import (
 )
 from pydantic import Field
 
+from imgtune_assets.core import storage
 from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.clock import process_age_seconds
 from imgtune_assets.core.demo_data import ensure_demo_data
 from imgtune_assets.core.evaluate import NAN_SCORE
 from imgtune_assets.core.files import atomic_write_json
-from imgtune_assets.core.imageio import ImageReadError, decode_count
+from imgtune_assets.core.imageio import ImageReadError, read_image
 from imgtune_assets.core.manifest import (
     ManifestError,
     ManifestRow,
     image_folders,
-    load_images,
     manifest_digest,
     require_usable,
     scan_folder,
 )
+from imgtune_assets.core.manifest import usable as usable_rows
 from imgtune_assets.core.report import before_after_panels, best_record, leaderboard, write_report
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, trial_keys, trial_settings
@@ -127,12 +126,6 @@ def _partition_metadata(record: dict, result_file, reused: bool) -> dict[str, An
     }
 
 
-def _timed(fn, *args):
-    started = time.perf_counter()
-    result = fn(*args)
-    return result, round(time.perf_counter() - started, 3)
-
-
 def _embed_png(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
 
@@ -198,6 +191,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "skipped_files": len(skipped),
             "with_targets": sum(1 for r in usable if r.target_path),
             "content_hash": digest,
+            # What identifies each file's content (see core/storage.py).
+            "content_key": "object store tag (ETag) and size" if storage.is_remote(sweep.data_dir)
+            else "SHA-256 of the file",
         }
         if skipped:
             metadata["skipped"] = _table(frame[frame["status"] != "ok"][["image_path", "reason"]], limit=50)
@@ -244,7 +240,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         its error; the other trials complete. Progress goes to the run log (at least every 5 s or every
         10 % of the trials) and to ``progress.json`` in the sweep's output folder.
         """
-        from imgtune_assets.core.fanout import run_trials
+        from imgtune_assets.core.fanout import ImageDataError, ImageFiles, run_trials
         from imgtune_assets.core.progress import SweepProgress
 
         check_settings(run_settings)
@@ -290,39 +286,56 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         started = time.perf_counter()
         stats: dict[str, Any] = {"run_id": context.run.run_id, "trials": len(keys), "computed": len(todo),
                                  "ray_start_seconds": round(ray_cluster.connect_seconds, 3)}
-        if todo:
-            decodes_before = decode_count()
-            # Decode in a thread (OpenCV releases the GIL) while Ray connects or starts: the two overlap.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-decode") as pool:
-                decoded = pool.submit(_timed, partial(load_images, verify=True), sweep.data_dir, rows)
-                ray_cluster.connect(context.log)
-                try:
-                    (ids, images, targets), stats["decode_seconds"] = decoded.result()
-                except (ManifestError, ImageReadError) as exc:  # a pinned image changed or vanished since
-                    raise Failure(description=str(exc)) from None
+        baseline = IdentityBaseline(sweep_dir, objective, digest)
+        need_identity = baseline.cached() is None
+        if todo or need_identity:
+            ray_cluster.connect(context.log)
             stats["ray_start_seconds"] = round(ray_cluster.connect_seconds, 3)
-            files = len(ids) + sum(t is not None for t in targets)
-            stats["decodes_per_image"] = (decode_count() - decodes_before) / max(1, files)  # image and target files
-            context.log.info(f"{len(todo)} trial(s) × {len(ids)} image(s); decoded in {stats['decode_seconds']:.2f}s, "
-                             f"Ray ready in {stats['ray_start_seconds']:.2f}s (overlapping)")
-            # The identity baseline, computed here where the images are already decoded (once per images).
-            baseline = IdentityBaseline(sweep_dir, objective, digest)
-            if baseline.cached() is None:
-                baseline.compute(images, targets)
+            images = ImageFiles(sweep.data_dir, rows)
+            # Progress within trials from a killed run (chunks of images it had finished), when resuming.
+            known, known_identity = store.load_chunks() if config.skip_finished else ({}, {})
+            finished: set[str] = set()
+
+            def trial_done(outcome) -> None:
+                finished.add(outcome.trial)
+                save(outcome.to_record(sweep_name=sweep.name, fingerprint=store.fingerprint,
+                                       metric=objective.metric, manifest_digest=digest), reused=False)
+
+            def chunk_done(ids, results, identity) -> None:
+                store.save_chunk(ids, {t: r for t, r in results.items() if t not in finished},
+                                 identity if need_identity else None)
+
             fanout_started = time.perf_counter()
             stats["startup_seconds"] = round(process_age_seconds(), 3)
             stats["fanout_started_at"] = time.time()
-            progress.start_computing()  # rate and time left from here, not from decoding and Ray start-up
-            run_trials(
-                [by_key[k] for k in todo], ids, images, targets, objective,
-                chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries,
-                on_trial_done=lambda outcome: save(outcome.to_record(
-                    sweep_name=sweep.name, fingerprint=store.fingerprint, metric=objective.metric,
-                    manifest_digest=digest), reused=False),
-                on_tick=report_progress,
-            )
-            stats["fanout_seconds"] = round(time.perf_counter() - fanout_started, 3)
-            stats["evaluations"] = len(todo) * len(ids)
+            progress.start_computing()  # rate and time left from here, not from Ray's start-up
+            try:
+                fan = run_trials(
+                    [by_key[k] for k in todo], images, objective,
+                    chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries,
+                    memory_budget=ray_cluster.memory_budget_bytes(),
+                    on_trial_done=trial_done, on_tick=report_progress, on_chunk_done=chunk_done,
+                    identity=need_identity, known={k: known[k] for k in todo if k in known},
+                    known_identity=known_identity if need_identity else None,
+                )
+            except ImageDataError as exc:  # a pinned image changed, vanished or does not decode
+                raise Failure(description=str(exc)) from None
+            if need_identity:
+                baseline.save(fan.identity[i] for i in images.ids if i in fan.identity)
+            store.clear_chunks()  # every trial of this run is saved whole now
+            files = len(images.rows) + sum(1 for r in images.rows if r.target_path)
+            stats.update({
+                "fanout_seconds": round(time.perf_counter() - fanout_started, 3),
+                "evaluations": len(todo) * len(images.rows),
+                "chunks": fan.chunks, "chunk_size": fan.chunk_size, "chunks_decoded": fan.chunks_decoded,
+                "chunks_in_object_store_at_most": fan.window,
+                "decode_task_seconds": round(fan.decode_seconds, 3),
+                # image and target files decoded by this run's tasks, per file (1.0: each file once)
+                "decodes_per_image": round(fan.decodes / max(1, files), 4) if fan.chunks_decoded else 0.0,
+            })
+            context.log.info(f"{len(todo)} trial(s) × {len(images.rows)} image(s) in {fan.chunks} chunk(s) of "
+                             f"{fan.chunk_size} decoded on Ray ({fan.chunks_decoded} decoded, at most "
+                             f"{fan.window} held at once); Ray ready in {stats['ray_start_seconds']:.2f}s")
         stats["failed"] = len(failed)
         atomic_write_json(sweep_dir / "last_experiment_run.json", stats)
         context.log.info(f"{len(keys) - len(failed)} trial(s) completed, {len(failed)} failed "
@@ -349,11 +362,16 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             raise Failure(description=f"no trial results for sweep {sweep.name!r} in {out_dir / 'trials'}: "
                                       f"materialize {results_key.to_user_string()} first")
 
-        def decode_all():
-            _, images, targets = load_images(sweep.data_dir, rows)
-            return images, targets
+        def image_pairs():
+            # Only when the run did not leave the baseline (e.g. its cache was deleted): one image at a time.
+            for row in usable_rows(rows):
+                yield (read_image(sweep.data_dir / row.image_path),
+                       read_image(sweep.data_dir / row.target_path) if row.target_path else None)
 
-        identity_score = IdentityBaseline(out_dir, objective, digest).score(decode_all)
+        try:
+            identity_score = IdentityBaseline(out_dir, objective, digest).score(image_pairs)
+        except ImageReadError as exc:
+            raise Failure(description=str(exc)) from None
         best = best_record(records, sweep.higher_is_better)
         completed = [r for r in records if r["status"] == "ok"]
         failed = [r for r in records if r["status"] != "ok"]

@@ -75,6 +75,12 @@ class RayResource(ConfigurableResource):
     max_retries: int = Field(
         default=3, description="Times Ray re-runs an experiment task whose worker died (tasks are idempotent)."
     )
+    object_store_budget_mb: Optional[int] = Field(
+        default=None,
+        description="MB of decoded images one run may hold in Ray's object store at once; chunks of images "
+        "beyond it wait until earlier ones are done (a data set larger than the store streams through "
+        "it). Default: half the cluster's object store.",
+    )
     lean_embedded: bool = Field(
         default=True,
         description="Start and stop the embedded local Ray with imgtune's shortcuts (no dashboard API "
@@ -91,6 +97,10 @@ class RayResource(ConfigurableResource):
     def connect_seconds(self) -> float:
         """How long connecting (or starting the embedded Ray) took in this process; 0 if reused."""
         return self._connect_seconds
+
+    def memory_budget_bytes(self) -> Optional[int]:
+        """``object_store_budget_mb`` in bytes (None: the fan-out's default, half the object store)."""
+        return self.object_store_budget_mb * 1024 * 1024 if self.object_store_budget_mb else None
 
     def resolved_address(self) -> Optional[str]:
         return self.address or os.environ.get(RAY_ADDRESS_ENV) or None

@@ -12,7 +12,7 @@ import pytest
 
 from imgtune_assets.core.demo_data import make_denoise_set
 from imgtune_assets.core.evaluate import evaluate_chunk
-from imgtune_assets.core.fanout import plan_chunks, run_trials
+from imgtune_assets.core.fanout import InMemoryImages, plan_chunks, run_trials
 from imgtune_assets.core.manifest import load_images, scan_folder
 from imgtune_assets.core.metrics import Objective
 
@@ -53,7 +53,7 @@ def test_plan_chunks():
 
 def test_ray_results_equal_a_plain_loop(local_ray, images):
     ids, imgs, tgts = images
-    outcomes = run_trials(trials(5), ids, imgs, tgts, PSNR, chunk_size=3)
+    outcomes = run_trials(trials(5), InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=3).outcomes
     for outcome, trial in zip(outcomes, trials(5)):
         expected = evaluate_chunk([tuple(s) for s in trial["stages"]], imgs, tgts, PSNR)
         assert [r["score"] for r in outcome.per_image] == [r["score"] for r in expected]
@@ -66,7 +66,7 @@ def test_one_failing_trial_does_not_fail_the_others(local_ray, images):
     ids, imgs, tgts = images
     bad = {"trial": "trial-bad", "params": {}, "stages": [["sobel", {"ksize": 3, "scale": 1.0, "dx": 0, "dy": 0}]]}
     invalid = {"trial": "trial-invalid", "params": {}, "stages": [], "error": "parameters refused"}
-    outcomes = {o.trial: o for o in run_trials(trials(3, [bad, invalid]), ids, imgs, tgts, PSNR)}
+    outcomes = {o.trial: o for o in run_trials(trials(3, [bad, invalid]), InMemoryImages(ids, imgs, tgts), PSNR).outcomes}
     assert outcomes["trial-bad"].status == "failed" and "dx+dy > 0" in outcomes["trial-bad"].first_error
     assert np.isnan(outcomes["trial-bad"].score)
     assert outcomes["trial-invalid"].status == "failed" and outcomes["trial-invalid"].first_error == "parameters refused"
@@ -88,7 +88,7 @@ def test_worker_killed_mid_sweep_changes_nothing(local_ray, images):
     slow = [{"trial": f"trial-{k:03d}", "params": {},
              "stages": [["nl_means", {"h": 8.0 + k, "template_window_size": 7, "search_window_size": 21}]]}
             for k in range(6)]
-    undisturbed = run_trials(slow, ids, imgs, tgts, PSNR, chunk_size=2)
+    undisturbed = run_trials(slow, InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=2).outcomes
 
     killed = []
 
@@ -103,7 +103,7 @@ def test_worker_killed_mid_sweep_changes_nothing(local_ray, images):
 
     killer = threading.Thread(target=kill_one)
     killer.start()
-    disturbed = run_trials(slow, ids, imgs, tgts, PSNR, chunk_size=2)
+    disturbed = run_trials(slow, InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=2).outcomes
     killer.join()
     assert killed, "no busy Ray worker was found to kill"
     assert [o.status for o in disturbed] == ["ok"] * 6
@@ -126,9 +126,9 @@ def test_ticks_come_while_no_trial_completes(local_ray, slow_images):
             for k in range(4)]
     events = []
     start = time.monotonic()
-    outcomes = run_trials(slow, ids, imgs, tgts, PSNR, chunk_size=4,  # one task per trial
+    outcomes = run_trials(slow, InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=4,  # one task per trial
                           on_trial_done=lambda o: events.append(("done", time.monotonic())),
-                          on_tick=lambda: events.append(("tick", time.monotonic())), tick_seconds=0.2)
+                          on_tick=lambda: events.append(("tick", time.monotonic())), tick_seconds=0.2).outcomes
     assert [o.status for o in outcomes] == ["ok"] * 4
     ticks = [t for kind, t in events if kind == "tick"]
     dones = [t for kind, t in events if kind == "done"]
@@ -147,12 +147,12 @@ def test_a_long_tick_does_not_hold_results_back(local_ray, images):
     ticks = []
     done_at = []
     start = time.monotonic()
-    outcomes = run_trials(trials(4), ids, imgs, tgts, PSNR, on_tick=lambda: ticks.append(time.monotonic()),
-                          on_trial_done=lambda o: done_at.append(time.monotonic()), tick_seconds=120.0)
+    outcomes = run_trials(trials(4), InMemoryImages(ids, imgs, tgts), PSNR, on_tick=lambda: ticks.append(time.monotonic()),
+                          on_trial_done=lambda o: done_at.append(time.monotonic()), tick_seconds=120.0).outcomes
     elapsed = time.monotonic() - start
     assert elapsed < 60, "the loop waited for the tick instead of taking results as they came"
     assert len(done_at) == 4 and len(ticks) == 1 and ticks[0] >= max(done_at)  # only the final tick
-    plain = run_trials(trials(4), ids, imgs, tgts, PSNR)
+    plain = run_trials(trials(4), InMemoryImages(ids, imgs, tgts), PSNR).outcomes
     assert [o.score for o in outcomes] == [o.score for o in plain]
 
 
@@ -163,6 +163,6 @@ def test_an_error_in_on_tick_propagates(local_ray, images):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        run_trials(trials(2), ids, imgs, tgts, PSNR, on_tick=boom, tick_seconds=0.01)
+        run_trials(trials(2), InMemoryImages(ids, imgs, tgts), PSNR, on_tick=boom, tick_seconds=0.01)
     with pytest.raises(ValueError, match="tick_seconds"):
-        run_trials(trials(1), ids, imgs, tgts, PSNR, on_tick=lambda: None, tick_seconds=0)
+        run_trials(trials(1), InMemoryImages(ids, imgs, tgts), PSNR, on_tick=lambda: None, tick_seconds=0)

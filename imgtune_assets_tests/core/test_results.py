@@ -98,14 +98,14 @@ class Loader:
 
     def __call__(self):
         self.calls += 1
-        return self.decoded
+        return zip(*self.decoded)  # (image, target) pairs, as the report streams them
 
 
 def test_identity_psnr_matches_an_independent_computation(tmp_path, decoded):
     images, targets = decoded
     expected = float(np.mean([peak_signal_noise_ratio(t, i, data_range=255) for i, t in zip(images, targets)]))
     assert 10 < expected < 60  # noisy images: a real, finite PSNR
-    score = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST).compute(images, targets)
+    score = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST).compute(zip(images, targets))
     assert math.isclose(score, expected, rel_tol=1e-9)
     saved = json.loads((tmp_path / "identity.json").read_text())
     assert saved == {"manifest_digest": DIGEST, "objective": {"metric": "psnr"}, "score": pytest.approx(expected)}
@@ -142,7 +142,7 @@ def test_identity_is_recomputed_when_the_objective_or_the_images_change(tmp_path
 def test_an_identity_that_scores_nothing_is_nan_and_not_cached(tmp_path, decoded):
     images, _ = decoded
     baseline = IdentityBaseline(tmp_path, Objective("psnr"), DIGEST)
-    assert math.isnan(baseline.compute(images, [None] * len(images)))  # psnr without targets fails per image
+    assert math.isnan(baseline.compute(zip(images, [None] * len(images))))  # psnr without targets fails per image
     assert baseline.cached() is None
 
 

@@ -204,7 +204,7 @@ def test_direction_overrides_the_metric_and_is_validated(tmp_path):
         ('sampler: random', 'sampler: null',
          'sampler: unknown sampler None (known: random, grid, halton, sobol)'),
         ('pipeline:', 'zz: 1\naa: 2\npipeline:',
-         'aa: unknown field (allowed: chunk_size, data_dir, demo_data, description, name, objective, pipeline, sampler, schedule, seed, trials)'),
+         'aa: unknown field (allowed: apply, chunk_size, data_dir, demo_data, description, name, objective, pipeline, sampler, schedule, seed, storage, trials)'),
         ('trials: 8', "trials: 8\nschedule: {cron: '0 2 * *'}",
          "schedule.cron: expected a 5-field cron string, got '0 2 * *'"),
         ('trials: 8', 'trials: 8\nschedule: {cron: 5}',

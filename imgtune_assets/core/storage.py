@@ -1,0 +1,179 @@
+"""Where images live: a local folder, or an fsspec URL (``s3://bucket/prefix``, ``gs://...``) through
+universal-pathlib. Plain module (no Dagster).
+
+Credentials never pass through imgtune: fsspec's back-ends take them from the environment and the
+standard credential chains (for S3: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
+instance roles). The only option a sweep file may give is ``endpoint_url``, for S3-compatible stores.
+On a Ray cluster each node reads with its own environment's credentials.
+
+Content keys: a local file's key is the SHA-256 of its bytes (read once, by the same read that is
+decoded). An object's key is its store's own content tag (S3's ``ETag``, GCS's ``md5Hash``/``crc32c``)
+with its size — reading every object just to hash it would double what a sweep downloads, and the store
+changes the tag whenever the object is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Union
+
+from imgtune_assets.core.files import atomic_write_bytes
+
+try:  # a type for annotations only; universal-pathlib is imported when a URL is opened
+    from upath import UPath
+except ImportError:  # pragma: no cover - a dependency
+    UPath = Path  # type: ignore[misc,assignment]
+
+Location = Union[Path, "UPath"]
+
+
+class StorageError(ValueError):
+    """A file or object that cannot be read or written; the message names its path or URL."""
+
+
+def is_url(text: str | os.PathLike) -> bool:
+    return "://" in str(text)
+
+
+def location(spec: str | os.PathLike, *, base_dir: Path | None = None, endpoint_url: str | None = None) -> Location:
+    """A local folder (relative to ``base_dir``) as a ``Path``, or a URL as a universal-pathlib ``UPath``."""
+    if isinstance(spec, Path) and not is_url(spec):
+        return spec
+    if not is_url(spec):
+        path = Path(spec).expanduser()
+        return (base_dir / path).resolve() if base_dir is not None and not path.is_absolute() else path.resolve()
+    from upath import UPath
+
+    options: dict[str, Any] = {}
+    if endpoint_url and str(spec).startswith(("s3://", "s3a://")):
+        options["endpoint_url"] = endpoint_url
+    return UPath(str(spec), **options)
+
+
+def is_remote(path: Location | str) -> bool:
+    return is_url(str(path))
+
+
+def describe(path: Location) -> str:
+    """How a path is named in messages: the local path or the URL (never the storage options)."""
+    return str(path)
+
+
+def _explain(exc: BaseException, path: Location, doing: str) -> StorageError:
+    name = describe(path)
+    if isinstance(exc, FileNotFoundError):
+        text = str(exc)
+        if "bucket" in text.lower():
+            return StorageError(f"{name}: {text.rstrip('.')} (cannot {doing})")
+        return StorageError(f"{name}: not found (cannot {doing})")
+    if isinstance(exc, PermissionError):
+        hint = (" - credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE) or the standard credential chain") if is_remote(path) else ""
+        return StorageError(f"{name}: access denied (cannot {doing}){hint}")
+    if isinstance(exc, OSError) and not is_remote(path):
+        return StorageError(f"{name}: cannot {doing} ({exc.strerror or exc})")
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return StorageError(f"{name}: cannot {doing} ({type(exc).__name__}: {first})")
+
+
+def _remote_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a remote store raises beyond OSError (botocore's, for S3), when installed."""
+    kinds: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kinds += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def content_key_of_info(info: dict[str, Any]) -> str:
+    """An object's content key from its listing entry: the store's content tag and its size."""
+    for field in ("ETag", "etag", "md5Hash", "crc32c", "checksum"):
+        if info.get(field):
+            return f"{field.lower()}:{str(info[field]).strip(chr(34))}:{info.get('size')}"
+    mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    return f"size-mtime:{info.get('size')}:{mtime}"
+
+
+def read_bytes(path: Location) -> bytes:
+    """All of a file's bytes, with a clear error naming it."""
+    try:
+        return (path if is_remote(path) else Path(path)).read_bytes()
+    except _remote_errors() as exc:
+        raise _explain(exc, path, "read it") from None
+
+
+def read_with_key(path: Location) -> tuple[bytes, str]:
+    """A file's bytes and its content key, from one read (an object's tag comes with the same request)."""
+    if not is_remote(path):
+        data = read_bytes(path)
+        return data, hashlib.sha256(data).hexdigest()
+    try:
+        with path.fs.open(path.path, "rb") as handle:
+            details = dict(getattr(handle, "details", None) or path.fs.info(path.path))
+            data = handle.read()
+    except _remote_errors() as exc:
+        raise _explain(exc, path, "read it") from None
+    details.setdefault("size", len(data))
+    return data, content_key_of_info(details)
+
+
+def read_head(path: Location, size: int) -> bytes:
+    """The first ``size`` bytes (a ranged request on an object store)."""
+    try:
+        if is_remote(path):
+            return path.fs.cat_file(path.path, start=0, end=size)
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except _remote_errors() as exc:
+        raise _explain(exc, path, "read it") from None
+
+
+def list_files(folder: Location) -> list[tuple[Location, dict[str, Any]]]:
+    """The visible files directly in ``folder``, sorted by name, each with its listing entry (for an
+    object store: size and content tag from the one listing request)."""
+    try:
+        if not is_remote(folder):
+            return [(p, {}) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        entries = folder.fs.ls(folder.path, detail=True)
+    except _remote_errors() as exc:
+        raise _explain(exc, folder, "list it") from None
+    files = []
+    for entry in entries:
+        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") == "file" and name and not name.startswith("."):
+            files.append((folder / name, entry))
+    return sorted(files, key=lambda item: item[0].name)
+
+
+def is_folder(path: Location) -> bool:
+    try:
+        return path.is_dir()
+    except _remote_errors() as exc:
+        raise _explain(exc, path, "look it up") from None
+
+
+def exists(path: Location) -> bool:
+    try:
+        return path.exists()
+    except _remote_errors() as exc:
+        raise _explain(exc, path, "look it up") from None
+
+
+def write_bytes_atomic(path: Location, data: bytes) -> Location:
+    """Write a whole file: locally through a temporary file and a rename; to an object store with one
+    PUT (an object appears whole or not at all)."""
+    if not is_remote(path):
+        try:
+            return atomic_write_bytes(path, data)
+        except OSError as exc:
+            raise _explain(exc, path, "write it") from None
+    try:
+        path.write_bytes(data)
+    except _remote_errors() as exc:
+        raise _explain(exc, path, "write it") from None
+    return path
