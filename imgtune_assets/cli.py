@@ -9,6 +9,7 @@ from its ``report.json``.
     python -m imgtune_assets.cli sweep                            # the one sweep served ($IMGTUNE_SWEEP)
     python -m imgtune_assets.cli sweep denoise-demo segment-demo  # sweeps by name
     python -m imgtune_assets.cli sweep --all                      # every sweep served
+    python -m imgtune_assets.cli apply outputs/NAME/best_pipeline.yaml photos/ tuned/   # apply a winner
 
 Uses $DAGSTER_HOME (required, so the history is kept).
 """
@@ -40,7 +41,7 @@ MODULE = "imgtune_assets.definitions"
 # The project's instance configuration (beside the package in a checkout or an editable install).
 PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
 # What each of the three commands of a sweep does, as shown on the terminal.
-STEP_LABELS = ("image_manifest + run_settings", "experiment_results", "sweep_report")
+STEP_LABELS = ("image_manifest + run_settings", "experiment_results", "sweep_report", "tuned_images")
 PROGRESS_FILE = "progress.json"
 REPORT_FILE = "report.json"
 LOG_TAIL_LINES = 30
@@ -59,10 +60,11 @@ def asset_selection(sweep_name: str, *assets: str) -> str:
     return ",".join(f"{sweep_name}/{asset}" for asset in assets)
 
 
-def sweep_commands(sweep_name: str, trial_keys: Sequence[str]) -> list[list[str]]:
-    """The three ``dagster asset materialize`` command lines (argv lists) that run a whole sweep:
-    manifest + run settings, every trial as one ranged run, the report. The one place they are spelled
-    out: the CLI, the benchmark and the tests use them."""
+def sweep_commands(sweep_name: str, trial_keys: Sequence[str], *, apply: bool = False) -> list[list[str]]:
+    """The ``dagster asset materialize`` command lines (argv lists) that run a whole sweep: manifest +
+    run settings, every trial as one ranged run, the report — and, for a sweep file with ``apply:``
+    (``apply=True``), the winning pipeline applied to its folder. The one place they are spelled out:
+    the CLI, the benchmark and the tests use them."""
     if not trial_keys:
         raise ValueError(f"sweep {sweep_name!r} has no trials")
     base = [dagster_executable(), "asset", "materialize", "-m", MODULE]
@@ -71,6 +73,7 @@ def sweep_commands(sweep_name: str, trial_keys: Sequence[str]) -> list[list[str]
         [*base, "--select", asset_selection(sweep_name, "experiment_results"),
          "--partition-range", f"{trial_keys[0]}...{trial_keys[-1]}"],
         [*base, "--select", asset_selection(sweep_name, "sweep_report")],
+        *([[*base, "--select", asset_selection(sweep_name, "tuned_images")]] if apply else []),
     ]
 
 
@@ -260,8 +263,9 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
     sweep_dir = sweep_output_dir(default_output_dir(), sweep.name)
     log = log_file_path(home, sweep.name)
     print(f"{sweep.name}: {len(keys)} trials; Dagster's log: {log}", file=out, flush=True)
-    for step, command in enumerate(sweep_commands(sweep.name, keys)):
-        display = StepDisplay(f"  [{step + 1}/3] {STEP_LABELS[step]}", out, tty=tty, columns=columns, quiet=quiet)
+    commands = sweep_commands(sweep.name, keys, apply=sweep.apply_input is not None)
+    for step, command in enumerate(commands):
+        display = StepDisplay(f"  [{step + 1}/{len(commands)}] {STEP_LABELS[step]}", out, tty=tty, columns=columns, quiet=quiet)
         started = time.time()
         clock = time.perf_counter()
         is_trials = step == 1
@@ -303,7 +307,54 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         return 1
     for line in summary_lines(report):
         print(f"  {line}", file=out)
+    tuned = sweep_dir / "tuned_images.json"
+    if sweep.apply_input is not None and tuned.exists():
+        applied = json.loads(tuned.read_text())
+        print(f"  tuned images: {applied['written']} written, {applied['unchanged']} unchanged, "
+              f"{applied['skipped']} skipped -> {applied['output_dir']}", file=out)
     out.flush()
+    return 0
+
+
+def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: str | None,
+              ray_address: str | None) -> int:
+    """Apply a fixed pipeline (a ``best_pipeline.yaml``) to every image of a folder, on Ray."""
+    from imgtune_assets.core import storage
+    from imgtune_assets.core.apply import ApplyError, apply_to_folder, fixed_stages
+    from imgtune_assets.core.sweepfile import load_sweep
+    from imgtune_assets.defs.resources import RayResource
+
+    try:
+        fixed = load_sweep(pipeline)
+        stages = fixed_stages(fixed)
+        endpoint = endpoint_url or fixed.endpoint_url
+        source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
+        target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
+        if not storage.exists(source) or not storage.is_folder(source):  # before paying for Ray's start
+            raise ApplyError(f"{source}: input folder does not exist or is not a folder")
+    except (SweepFileError, ApplyError, storage.StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ray_resource = RayResource(address=ray_address)
+    ray_resource.connect()
+    started = time.perf_counter()
+    try:
+        tty = sys.stdout.isatty()
+        result = apply_to_folder(stages, source, target, max_retries=ray_resource.max_retries,
+                                 on_progress=lambda done, total: tty and print(
+                                     f"\r  {progress_bar(done, total)} {done}/{total}", end="", flush=True))
+    except (ApplyError, storage.StorageError) as exc:
+        print(f"{chr(10) if tty else ''}error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ray_resource.teardown_after_execution(None)
+    if tty:
+        print()
+    for entry in result.entries:
+        if entry["status"] == "skipped":
+            print(f"  skipped: {entry['reason']}", file=sys.stderr)
+    print(f"{result.count('written')} written, {result.count('unchanged')} unchanged, {result.count('skipped')} "
+          f"skipped in {time.perf_counter() - started:.1f}s -> {target} (ledger {result.ledger})", flush=True)
     return 0
 
 
@@ -349,9 +400,25 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("names", nargs="*", metavar="NAME", help="sweep names (the `name` of sweep files)")
     sweep.add_argument("--all", action="store_true", dest="all_sweeps", help="every sweep served")
     sweep.add_argument("--quiet", action="store_true", help="no step lines or progress bar, only the summaries")
+    apply = sub.add_parser(
+        "apply", help="apply a tuned pipeline (a best_pipeline.yaml) to every image of a folder, on Ray",
+        description="Apply PIPELINE (a sweep file with fixed values, such as the best_pipeline.yaml a sweep report "
+                    "writes) to every image directly in INPUT, writing OUTPUT/<same name> in the same format and "
+                    "bit depth. Folders may be local or URLs (s3://bucket/prefix); a re-run skips images whose "
+                    "input and pipeline did not change. Runs on an embedded local Ray unless --ray-address or "
+                    "$IMGTUNE_RAY_ADDRESS names a cluster.")
+    apply.add_argument("pipeline", metavar="PIPELINE", help="best_pipeline.yaml (or any sweep file with fixed values)")
+    apply.add_argument("input_dir", metavar="INPUT", help="folder or URL of the images")
+    apply.add_argument("output_dir", metavar="OUTPUT", help="folder or URL for the results")
+    apply.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URLs (default: the pipeline "
+                       "file's storage.endpoint_url, else AWS's)")
+    apply.add_argument("--ray-address", help="Ray cluster address (default: $IMGTUNE_RAY_ADDRESS, else embedded)")
     args = parser.parse_args(argv)
     if args.command == "sweep":
         return run_sweeps(args.names, args.all_sweeps, quiet=args.quiet)
+    if args.command == "apply":
+        return run_apply(args.pipeline, args.input_dir, args.output_dir, endpoint_url=args.endpoint_url,
+                         ray_address=args.ray_address)
     return 2
 
 

@@ -160,8 +160,8 @@ def test_fanout_ships_pixels_through_the_object_store(tmp_path, cluster):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["errors"] == []
     assert report["scored"] == [6, 6, 6, 6]
-    # One put per image chunk (3 chunks of 2), each holding arrays, not paths: 12 tasks got refs.
-    assert report["puts"] == ["tuple"] * 3
+    # One put per image chunk (3 chunks of 2) holding arrays, not paths, and its report: 12 tasks got refs.
+    assert report["puts"] == ["tuple", "dict"] * 3  # each chunk's arrays, and its small report
     assert len(report["nodes"]) == 2
 
 

@@ -140,3 +140,44 @@ def test_bad_files_are_skipped_and_the_sweep_goes_on(tmp_path, denoise_data):
     assert report["completed_trials"] == 2
     scored = json.loads((tmp_path / "outputs" / "messy" / "trials" / "trial-000.json").read_text())["images_scored"]
     assert scored == 3
+
+
+def test_run_streaming_chunks_killed_then_resumed_keeps_its_chunk_progress(tmp_path, denoise_data):
+    # A budget of one chunk: images stream through the object store one at a time, so no trial is complete
+    # before the last chunk; what a killed run keeps is its finished chunks (trials/partial/).
+    sweep = write_sweep(tmp_path / "stream.yaml", denoise_data, name="stream", trials=3, pipeline=SLOW_PIPELINE,
+                        chunk_size=1)
+    env = cli_env(tmp_path, sweep)
+    inputs, trials_cmd, report_cmd = sweep_steps("stream", 3)
+    run_checked(inputs, env)
+    op_name = asset_key("stream", "experiment_results").to_python_identifier()
+    budget = tmp_path / "budget.yaml"
+    budget.write_text("resources:\n  ray_cluster:\n    config:\n      object_store_budget_mb: 0.001\n")
+    partial = tmp_path / "outputs" / "stream" / "trials" / "partial"
+    run = Service("trials", [*trials_cmd, "-c", str(budget)], env, tmp_path / "killed-run.log")
+    try:
+        def two_chunks_saved():
+            assert run.alive(), f"the trials run ended before it could be killed:\n{run.tail()}"
+            return len(list(partial.glob("*.json"))) >= 2
+        wait_for(two_chunks_saved, 120, interval=0.05, what="two saved chunks")
+        run.kill_leader()
+        kept = len(list(partial.glob("*.json")))
+        assert not list((tmp_path / "outputs" / "stream" / "trials").glob("trial-*.json")), \
+            "with one chunk at a time no trial can be complete before the last chunk"
+        resume = tmp_path / "resume.yaml"
+        resume.write_text(budget.read_text() + f"ops:\n  {op_name}:\n    config:\n      skip_finished: true\n")
+        run_checked([*trials_cmd, "-c", str(resume)], env)
+        run_checked(report_cmd, env)
+    finally:
+        run.stop(grace=2)
+
+    stats = json.loads((tmp_path / "outputs" / "stream" / "last_experiment_run.json").read_text())
+    assert stats["chunks"] == 6 and stats["chunks_in_object_store_at_most"] == 1
+    assert stats["chunks_decoded"] == 6 - kept  # the saved chunks were neither decoded nor scored again
+    assert not list(partial.glob("*.json"))  # progress files go once their trials are saved whole
+    expected = expected_scores(sweep, denoise_data, tmp_path / "outputs" / "stream" / "run_settings.json")
+    report = json.loads((tmp_path / "outputs" / "stream" / "report.json").read_text())
+    assert report["completed_trials"] == 3
+    board = {line.split(",")[1]: float(line.split(",")[3])
+             for line in (tmp_path / "outputs" / "stream" / "leaderboard.csv").read_text().splitlines()[1:]}
+    assert board == pytest.approx(expected, abs=1e-9)

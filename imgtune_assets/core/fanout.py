@@ -15,7 +15,8 @@ The data path (file names in, scores out; the caller's process never holds pixel
   decoded once per run.
 - The trial tasks of that chunk take the object as an argument. Ray's default scheduling prefers the
   node that holds a task's (large) arguments, so they run where the pixels already are and read them
-  as zero-copy views.
+  as zero-copy views. (A chunk under ``INLINE_BYTES`` is passed inline by Ray, through the caller;
+  such tiny chunks have no node to stay on, so their tasks are spread.)
 - Chunks are admitted while their estimated decoded size fits in ``memory_budget`` (by default half
   the cluster's object store); a chunk's object is released as soon as its last trial task is back,
   which admits the next. A data set larger than the object store streams through it instead of
@@ -43,6 +44,8 @@ OBJECT_STORE_SHARE = 0.5
 MAX_CHUNK_BYTES = 512 * 1024 * 1024
 
 IDENTITY_STAGES = [("identity", {})]
+# Ray passes objects below this size inline (its max_direct_call_object_size), not through a node's store.
+INLINE_BYTES = 100 * 1024
 
 
 class ImageDataError(ValueError):
@@ -308,8 +311,11 @@ def run_trials(
             stages = [(op, params) for op, params in trials[t]["stages"]]
             for c in admitted:
                 if t in chunk_trials[c]:
+                    # A chunk in the object store draws its tasks to its node (Ray's default, locality-
+                    # aware); a chunk small enough for Ray to pass inline has no node, so its tasks SPREAD.
+                    strategy = "SPREAD" if chunk_bytes[c] < INLINE_BYTES else "DEFAULT"
                     task = remote.options(name=f"imgtune:{trials[t]['trial']}", max_retries=max_retries,
-                                          retry_exceptions=False, num_cpus=1)
+                                          retry_exceptions=False, num_cpus=1, scheduling_strategy=strategy)
                     pending[task.remote(stages, data_refs[c], objective)] = ("trial", c, t)
 
     def retire(c: int) -> None:
@@ -362,12 +368,13 @@ def run_trials(
                     chunk_out = payload["results"]
                     outcome.seconds += payload["seconds"]
                     outcome.workers.append({"chunk": c, "node_id": payload["node_id"], "pid": payload["pid"]})
+                    # Saved as progress only when computed: a lost task is not remembered as the trial's result.
+                    chunk_results[c][outcome.trial] = list(chunk_out)
                 filled = 0
                 for i, res in zip(range(a, b), chunk_out):
                     if outcome.per_image[i] is None:
                         outcome.per_image[i] = res
                         filled += 1
-                chunk_results[c][outcome.trial] = list(chunk_out)
                 images_left[t] -= filled
                 if images_left[t] == 0:
                     finish(t)

@@ -9,6 +9,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which is not safe beside other threads.
+_UMASK = _umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
@@ -22,6 +32,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file private (0600); give it the mode an ordinary write would.
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, target)
     except BaseException:
         # Leave no temporary file behind; the original (if any) is untouched.

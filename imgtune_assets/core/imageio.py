@@ -84,6 +84,12 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
 
 def decode_image(data: bytes, file: str | os.PathLike) -> np.ndarray:
     """Decode already-read file bytes (``file`` names them in errors); see ``read_image``."""
+    return decode_with_alpha(data, file)[0]
+
+
+def decode_with_alpha(data: bytes, file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """``decode_image``'s image, and the alpha channel it drops (None when the file has none): for
+    writing a processed image back with its transparency."""
     raw = np.frombuffer(data, dtype=np.uint8)
     if raw.size == 0:
         raise ImageReadError(f"{file}: empty file (0 bytes)")
@@ -94,10 +100,12 @@ def decode_image(data: bytes, file: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image)")
     if image.dtype not in (np.uint8, np.uint16):
         raise ImageReadError(f"{file}: unsupported pixel type {image.dtype} (need 8-bit or 16-bit)")
+    alpha = None
     if image.ndim == 3:
         if image.shape[2] == 1:
             image = image[:, :, 0]
         elif image.shape[2] == 4:
+            alpha = np.ascontiguousarray(image[:, :, 3])
             image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
             # OpenCV decodes a grey + alpha PNG as BGRA with B = G = R: it was stored grey, keep it grey.
             if np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(image[:, :, 1], image[:, :, 2]):
@@ -106,7 +114,7 @@ def decode_image(data: bytes, file: str | os.PathLike) -> np.ndarray:
             raise ImageReadError(f"{file}: unsupported channel count {image.shape[2]}")
     elif image.ndim != 2:
         raise ImageReadError(f"{file}: unsupported image shape {image.shape}")
-    return np.ascontiguousarray(image)
+    return np.ascontiguousarray(image), alpha
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:

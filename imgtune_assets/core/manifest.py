@@ -70,8 +70,10 @@ def _probe(file: Location, info: dict) -> tuple[str, tuple[int, int, int, str]]:
         key = storage.content_key_of_info(info)
         head = storage.read_head(file, HEAD_BYTES)
         try:
-            return key, probe_image(head, file, whole=False)
+            return key, probe_image(head, file, whole=len(head) < HEAD_BYTES)
         except ImageReadError:
+            if len(head) < HEAD_BYTES:
+                raise  # that was the whole object
             data = storage.read_bytes(file)  # a header beyond the head: read it all, once more at most
             return key, probe_image(data, file)
     data, key = storage.read_with_key(file)
@@ -110,12 +112,12 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
     that read (see ``imageio.probe_image``); pixels are not decoded here but by the run's Ray tasks.
     Threads suffice because the work is reading and hashing, which release the GIL.
     """
-    data_dir = storage.location(data_dir) if isinstance(data_dir, str) else data_dir
-    if not storage.exists(data_dir):
-        raise ManifestError(f"{data_dir}: data folder does not exist")
-    if not storage.is_folder(data_dir):
-        raise ManifestError(f"{data_dir}: data_dir is not a folder")
     try:
+        data_dir = storage.location(data_dir) if isinstance(data_dir, str) else data_dir
+        if not storage.exists(data_dir):
+            raise ManifestError(f"{data_dir}: data folder does not exist")
+        if not storage.is_folder(data_dir):
+            raise ManifestError(f"{data_dir}: data_dir is not a folder")
         image_dir, target_dir = image_folders(data_dir)
         files = storage.list_files(image_dir)
         target_files = storage.list_files(target_dir) if storage.is_folder(target_dir) else []

@@ -49,7 +49,10 @@ def location(spec: str | os.PathLike, *, base_dir: Path | None = None, endpoint_
     options: dict[str, Any] = {}
     if endpoint_url and str(spec).startswith(("s3://", "s3a://")):
         options["endpoint_url"] = endpoint_url
-    return UPath(str(spec), **options)
+    try:
+        return UPath(str(spec), **options)
+    except (ValueError, ImportError) as exc:  # an unknown scheme, or its fsspec package not installed
+        raise StorageError(f"{spec}: {exc}") from None
 
 
 def is_remote(path: Location | str) -> bool:
@@ -113,6 +116,7 @@ def read_with_key(path: Location) -> tuple[bytes, str]:
         data = read_bytes(path)
         return data, hashlib.sha256(data).hexdigest()
     try:
+        path.fs.invalidate_cache(path.path)  # the tag must be the object's now, not a cached listing's
         with path.fs.open(path.path, "rb") as handle:
             details = dict(getattr(handle, "details", None) or path.fs.info(path.path))
             data = handle.read()
@@ -139,6 +143,9 @@ def list_files(folder: Location) -> list[tuple[Location, dict[str, Any]]]:
     try:
         if not is_remote(folder):
             return [(p, {}) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        # fsspec file systems are cached per process with their listings: a long-lived process (the
+        # sensor's code server) must see objects added since, so every listing asks the store.
+        folder.fs.invalidate_cache(folder.path)
         entries = folder.fs.ls(folder.path, detail=True)
     except _remote_errors() as exc:
         raise _explain(exc, folder, "list it") from None
@@ -152,14 +159,27 @@ def list_files(folder: Location) -> list[tuple[Location, dict[str, Any]]]:
 
 def is_folder(path: Location) -> bool:
     try:
+        if is_remote(path):
+            path.fs.invalidate_cache(path.path)  # see list_files
         return path.is_dir()
     except _remote_errors() as exc:
         raise _explain(exc, path, "look it up") from None
 
 
 def exists(path: Location) -> bool:
+    """Whether a file or folder is there; a store that refuses (access denied, no such bucket) raises
+    ``StorageError`` rather than answering False (s3fs's own ``exists`` hides a missing bucket)."""
     try:
-        return path.exists()
+        if not is_remote(path):
+            return path.exists()
+        try:
+            path.fs.invalidate_cache(path.path)
+            path.fs.info(path.path)
+            return True
+        except FileNotFoundError as exc:
+            if "bucket" in str(exc).lower():
+                raise
+            return False
     except _remote_errors() as exc:
         raise _explain(exc, path, "look it up") from None
 

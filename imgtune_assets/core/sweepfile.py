@@ -44,7 +44,7 @@ from imgtune_assets.core.demo_data import DEMO_KINDS
 from imgtune_assets.core.metrics import METRICS, Objective, metric_options
 from imgtune_assets.core.ops import OPS, OpParamError, ParamSpec, validate_stage
 from imgtune_assets.core.sampling import SAMPLERS
-from imgtune_assets.core.storage import Location, location
+from imgtune_assets.core.storage import Location, StorageError, location
 
 RANGE_TYPES = ("int", "float", "odd", "choice")
 MAX_TRIALS = 10_000
@@ -533,13 +533,16 @@ class _SweepDoc(_Model):
     def to_sweep(self, path: Path, raw: dict[str, Any]) -> Sweep:
         endpoint = self.storage.endpoint_url if self.storage else None
 
-        def where(spec: str):
-            return location(spec, base_dir=path.parent, endpoint_url=endpoint)
+        def where(spec: str, field: str):
+            try:
+                return location(spec, base_dir=path.parent, endpoint_url=endpoint)
+            except StorageError as exc:
+                raise _fail(path, field, str(exc)) from None
 
         return Sweep(
-            path=path, name=self.name, data_dir=where(self.data_dir), endpoint_url=endpoint,
-            apply_input=where(self.apply.input_dir) if self.apply else None,
-            apply_output=where(self.apply.output_dir) if self.apply else None,
+            path=path, name=self.name, data_dir=where(self.data_dir, "data_dir"), endpoint_url=endpoint,
+            apply_input=where(self.apply.input_dir, "apply.input_dir") if self.apply else None,
+            apply_output=where(self.apply.output_dir, "apply.output_dir") if self.apply else None,
             objective=self.objective.to_objective(), trials=self.trials, seed=self.seed, sampler=self.sampler,
             pipeline=tuple(stage.to_stage() for stage in self.pipeline),
             schedule_cron=self.schedule.cron if self.schedule else None,

@@ -136,9 +136,11 @@ class SweepAssets:
     run_settings: AssetsDefinition
     experiment_results: AssetsDefinition
     sweep_report: AssetsDefinition
+    tuned_images: AssetsDefinition | None = None  # only for sweep files with ``apply:``
 
     def all(self) -> list[AssetsDefinition]:
-        return [self.image_manifest, self.run_settings, self.experiment_results, self.sweep_report]
+        return [a for a in (self.image_manifest, self.run_settings, self.experiment_results, self.sweep_report,
+                            self.tuned_images) if a is not None]
 
 
 def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepAssets:
@@ -167,7 +169,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         """
         import pandas as pd
 
-        if sweep.demo_data and not (sweep.data_dir / "images").is_dir():
+        if sweep.demo_data and not storage.is_remote(sweep.data_dir) and not (sweep.data_dir / "images").is_dir():
             context.log.info(f"Generating the {sweep.demo_data} demo data set in {sweep.data_dir}")
             ensure_demo_data(sweep.data_dir, sweep.demo_data)
         try:
@@ -177,7 +179,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                 raise ManifestError(f"{sweep.path}: objective.metric: {objective.metric} needs ground-truth "
                                     f"targets, but {target_dir} holds none (expected targets/<image stem>.png)")
             usable = require_usable(rows, sweep.data_dir)
-        except ManifestError as exc:
+        except (ManifestError, storage.StorageError) as exc:
             raise Failure(description=str(exc)) from None
         skipped = [r for r in rows if r.status != "ok"]
         for row in skipped:
@@ -423,4 +425,64 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "output_dir": MetadataValue.path(str(out_dir)),
         })
 
-    return SweepAssets(image_manifest, run_settings, experiment_results, sweep_report)
+    if sweep.apply_input is None:
+        return SweepAssets(image_manifest, run_settings, experiment_results, sweep_report)
+
+    @asset(name="tuned_images", key_prefix=prefix, group_name=group, kinds={"ray", "opencv"},
+           ins={"sweep_report": AssetIn(key=asset_key(sweep, "sweep_report"))})
+    def tuned_images(context: AssetExecutionContext, imgtune: SweepResource, ray_cluster: RayResource,
+                     sweep_report: dict) -> Output[dict]:
+        """The winning pipeline applied to every image of ``apply.input_dir``, written to ``apply.output_dir``
+        (local folders or object-store URLs) on Ray, each output in its input's format and bit depth.
+
+        A re-run skips images whose input and pipeline did not change; unreadable inputs are skipped with
+        their reason. The metadata lists every output (input key, output path, output SHA-256).
+        """
+        from imgtune_assets.core.apply import ApplyError, apply_to_folder, fixed_stages
+        from imgtune_assets.core.sweepfile import SweepFileError, load_sweep
+
+        if not sweep_report.get("best_pipeline"):
+            raise Failure(description=f"sweep {sweep.name!r} has no winning trial to apply (no completed trial): "
+                                      f"see {asset_key(sweep, 'sweep_report').to_user_string()}")
+        try:
+            stages = fixed_stages(load_sweep(sweep_report["best_pipeline"]))
+        except (SweepFileError, ApplyError) as exc:
+            raise Failure(description=str(exc)) from None
+        ray_cluster.connect(context.log)
+        started = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % max(1, total // 10) == 0:
+                context.log.info(f"applied {done}/{total}")
+
+        try:
+            result = apply_to_folder(stages, sweep.apply_input, sweep.apply_output,
+                                     max_retries=ray_cluster.max_retries, on_progress=progress)
+        except (ApplyError, storage.StorageError) as exc:
+            raise Failure(description=str(exc)) from None
+        for entry in result.entries:
+            if entry["status"] == "skipped":
+                context.log.warning(f"skipped: {entry['reason']}")
+        summary = {"best_trial": sweep_report.get("best_trial"), "stages": [[op, p] for op, p in stages],
+                   "input_dir": str(sweep.apply_input), "output_dir": str(sweep.apply_output),
+                   "ledger": str(result.ledger), "written": result.count("written"),
+                   "unchanged": result.count("unchanged"), "skipped": result.count("skipped"),
+                   "outputs": result.entries}
+        atomic_write_json(imgtune.sweep_dir(sweep.name) / "tuned_images.json", summary)
+        import pandas as pd
+
+        listing = pd.DataFrame([{"input": e["input"], "input_key": e.get("input_key"), "output": e["output"],
+                                 "output_sha256": e.get("output_sha256"), "status": e["status"],
+                                 "reason": e.get("reason")} for e in result.entries],
+                               columns=["input", "input_key", "output", "output_sha256", "status", "reason"])
+        return Output({k: v for k, v in summary.items() if k != "outputs"}, metadata={
+            "best_trial": summary["best_trial"] or "",
+            "written": summary["written"], "unchanged": summary["unchanged"], "skipped": summary["skipped"],
+            "seconds": MetadataValue.float(round(time.perf_counter() - started, 3)),
+            "input_dir": MetadataValue.path(summary["input_dir"]),
+            "output_dir": MetadataValue.path(summary["output_dir"]),
+            "outputs": _table(listing, limit=1000),  # the whole list is in outputs_file
+            "outputs_file": MetadataValue.path(str(imgtune.sweep_dir(sweep.name) / "tuned_images.json")),
+        })
+
+    return SweepAssets(image_manifest, run_settings, experiment_results, sweep_report, tuned_images)

@@ -75,7 +75,7 @@ class RayResource(ConfigurableResource):
     max_retries: int = Field(
         default=3, description="Times Ray re-runs an experiment task whose worker died (tasks are idempotent)."
     )
-    object_store_budget_mb: Optional[int] = Field(
+    object_store_budget_mb: Optional[float] = Field(
         default=None,
         description="MB of decoded images one run may hold in Ray's object store at once; chunks of images "
         "beyond it wait until earlier ones are done (a data set larger than the store streams through "
@@ -100,7 +100,7 @@ class RayResource(ConfigurableResource):
 
     def memory_budget_bytes(self) -> Optional[int]:
         """``object_store_budget_mb`` in bytes (None: the fan-out's default, half the object store)."""
-        return self.object_store_budget_mb * 1024 * 1024 if self.object_store_budget_mb else None
+        return max(1, int(self.object_store_budget_mb * 1024 * 1024)) if self.object_store_budget_mb else None
 
     def resolved_address(self) -> Optional[str]:
         return self.address or os.environ.get(RAY_ADDRESS_ENV) or None

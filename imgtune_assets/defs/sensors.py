@@ -26,7 +26,6 @@ Cursor: JSON ``{"stat": <stat digest>, "content": <content hash>}``. Interval:
 import hashlib
 import json
 import os
-from pathlib import Path
 
 from dagster import (
     DagsterRunStatus,
@@ -38,9 +37,11 @@ from dagster import (
     sensor,
 )
 
+from imgtune_assets.core import storage
 from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.manifest import ManifestError, image_folders, manifest_digest, scan_folder
 from imgtune_assets.core.sampling import trial_keys
+from imgtune_assets.core.storage import Location
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.jobs import SweepJobs, sweep_run_request
 from imgtune_assets.defs.keys import asset_key
@@ -59,12 +60,17 @@ def _interval() -> int:
     return int(value)
 
 
-def stat_digest(data_dir: Path) -> str:
-    """Hash of (folder, name, size, mtime) of every visible file in the images and targets folders."""
-    image_dir, target_dir = image_folders(Path(data_dir))
+def stat_digest(data_dir: Location) -> str:
+    """Hash of (folder, name, size, mtime) of every visible file in the images and targets folders; for
+    an object store, of (folder, name, content tag, size) from one listing per folder."""
+    image_dir, target_dir = image_folders(data_dir)
     digest = hashlib.sha256()
     for folder in (image_dir, target_dir):
-        if not folder.is_dir():
+        if not storage.is_folder(folder):
+            continue
+        if storage.is_remote(folder):
+            for file, info in storage.list_files(folder):
+                digest.update(f"{folder.name}/{file.name}\0{storage.content_key_of_info(info)}\n".encode())
             continue
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.name.startswith(".") or not entry.is_file():
@@ -117,11 +123,14 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
     )
     def new_images(context: SensorEvaluationContext) -> SensorResult | SkipReason:
         data_dir = sweep.data_dir
-        if not data_dir.is_dir():
-            return SkipReason(f"{data_dir}: data folder does not exist yet"
-                              + (" (the first sweep generates the demo set)" if sweep.demo_data else ""))
+        try:
+            if not storage.is_folder(data_dir):
+                return SkipReason(f"{data_dir}: data folder does not exist yet"
+                                  + (" (the first sweep generates the demo set)" if sweep.demo_data else ""))
+            stat = stat_digest(data_dir)
+        except storage.StorageError as exc:  # an unreachable store, missing bucket or refused credentials
+            return SkipReason(str(exc))
         cursor = _parse_cursor(context.cursor)
-        stat = stat_digest(data_dir)
         if cursor.get("stat") == stat:
             return SkipReason(f"no change in {data_dir} (content hash {cursor.get('content')})")
         try:

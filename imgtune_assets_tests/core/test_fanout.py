@@ -12,7 +12,7 @@ import pytest
 
 from imgtune_assets.core.demo_data import make_denoise_set
 from imgtune_assets.core.evaluate import evaluate_chunk
-from imgtune_assets.core.fanout import InMemoryImages, plan_chunks, run_trials
+from imgtune_assets.core.fanout import ImageDataError, ImageFiles, InMemoryImages, plan_chunks, run_trials
 from imgtune_assets.core.manifest import load_images, scan_folder
 from imgtune_assets.core.metrics import Objective
 
@@ -166,3 +166,71 @@ def test_an_error_in_on_tick_propagates(local_ray, images):
         run_trials(trials(2), InMemoryImages(ids, imgs, tgts), PSNR, on_tick=boom, tick_seconds=0.01)
     with pytest.raises(ValueError, match="tick_seconds"):
         run_trials(trials(1), InMemoryImages(ids, imgs, tgts), PSNR, on_tick=lambda: None, tick_seconds=0)
+
+
+# ------------------------------------------------------------------ images as files, decoded by Ray tasks
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("files")
+    make_denoise_set(folder, count=8, size=96)
+    return folder, scan_folder(folder, needs_target=True)
+
+
+def test_files_are_decoded_once_by_ray_tasks_and_score_like_a_plain_loop(local_ray, image_files, monkeypatch):
+    folder, rows = image_files
+    puts = []
+    real_put = local_ray.put
+    monkeypatch.setattr(local_ray, "put", lambda value, *a, **k: puts.append(value) or real_put(value, *a, **k))
+    result = run_trials(trials(3), ImageFiles(folder, rows), PSNR, chunk_size=3, identity=True)
+    ids, imgs, tgts = load_images(folder, rows)
+    assert puts == []  # the pixels never passed through this process: the decode tasks made them
+    assert result.chunks == 3 and result.chunks_decoded == 3 and result.chunk_size == 3
+    assert result.decodes == 16  # 8 images and 8 targets, each decoded once
+    for outcome, trial in zip(result.outcomes, trials(3)):
+        expected = evaluate_chunk([tuple(s) for s in trial["stages"]], imgs, tgts, PSNR)
+        assert outcome.image_ids == ids
+        assert [r["score"] for r in outcome.per_image] == [r["score"] for r in expected]
+    identity = evaluate_chunk([("identity", {})], imgs, tgts, PSNR)
+    assert [result.identity[i]["score"] for i in ids] == [r["score"] for r in identity]
+
+
+def test_a_small_budget_streams_chunks_through_the_object_store(local_ray, image_files):
+    folder, rows = image_files
+    whole = run_trials(trials(2), ImageFiles(folder, rows), PSNR, chunk_size=2)
+    one_chunk = 2 * 2 * 96 * 96  # two images and their targets, 8-bit grey
+    retired = []
+    streamed = run_trials(trials(2), ImageFiles(folder, rows), PSNR, chunk_size=2, memory_budget=one_chunk,
+                          on_chunk_done=lambda ids, results, identity: retired.append((ids, sorted(results))))
+    assert whole.window == 4 and streamed.window == 1  # one chunk in the object store at a time
+    assert [o.score for o in streamed.outcomes] == [o.score for o in whole.outcomes]
+    assert [ids for ids, _ in retired] == [[r.id for r in rows][i:i + 2] for i in (0, 2, 4, 6)]
+    assert all(trial_keys == ["trial-000", "trial-001"] for _, trial_keys in retired)
+
+
+def test_known_progress_is_not_decoded_or_computed_again(local_ray, image_files):
+    folder, rows = image_files
+    saved = {}
+    first = run_trials(trials(2), ImageFiles(folder, rows), PSNR, chunk_size=2, identity=True,
+                       on_chunk_done=lambda ids, results, identity: saved.update({tuple(ids): (results, identity)}))
+    # Keep the progress of every chunk but the last, as a run killed before it finished would have.
+    known, known_identity = {}, {}
+    for ids, (results, identity) in list(saved.items())[:-1]:
+        for trial, per_image in results.items():
+            known.setdefault(trial, {}).update(zip(ids, per_image))
+        known_identity.update(zip(ids, identity))
+    resumed = run_trials(trials(2), ImageFiles(folder, rows), PSNR, chunk_size=2, identity=True, known=known,
+                         known_identity=known_identity)
+    assert resumed.chunks == 4 and resumed.chunks_decoded == 1 and resumed.decodes == 4
+    assert [o.score for o in resumed.outcomes] == [o.score for o in first.outcomes]
+    assert {i: r["score"] for i, r in resumed.identity.items()} == {i: r["score"] for i, r in first.identity.items()}
+
+
+def test_an_image_changed_since_the_manifest_fails_the_run_naming_it(local_ray, tmp_path):
+    make_denoise_set(tmp_path, count=4, size=64)
+    rows = scan_folder(tmp_path, needs_target=True)
+    victim = tmp_path / rows[2].image_path
+    victim.write_bytes(victim.read_bytes() + b"\0")  # same pixels, other bytes: not the image the manifest saw
+    done = []
+    with pytest.raises(ImageDataError, match=rf"{victim.name}: changed since the image manifest"):
+        run_trials(trials(2), ImageFiles(tmp_path, rows), PSNR, chunk_size=4, on_trial_done=done.append)
+    assert done == []  # no trial is recorded as failed because of the data

@@ -154,3 +154,22 @@ def test_a_damaged_identity_cache_is_recomputed_and_rewritten(tmp_path, decoded)
     assert again.cached() is None
     assert again.score(load) == pytest.approx(first) and load.calls == 2
     assert json.loads((tmp_path / "identity.json").read_text())["score"] == pytest.approx(first)
+
+
+def test_chunk_progress_round_trips_and_ignores_other_settings(tmp_path):
+    store = TrialStore(tmp_path, "f" * 16, DIGEST)
+    ok = {"score": 31.5, "seconds": 0.1, "error": None}
+    bad = {"score": float("nan"), "seconds": 0.0, "error": "boom"}
+    store.save_chunk(["a", "b"], {"trial-000": [ok, bad]}, [ok, ok])
+    store.save_chunk(["c"], {"trial-000": [ok], "trial-001": [ok]}, None)
+    TrialStore(tmp_path, "0" * 16, DIGEST).save_chunk(["d"], {"trial-000": [ok]}, None)  # other settings
+    (store.partial_folder / "damaged.json").write_text("{")
+    known, identity = store.load_chunks()
+    assert sorted(known) == ["trial-000", "trial-001"]
+    assert sorted(known["trial-000"]) == ["a", "b", "c"] and list(known["trial-001"]) == ["c"]
+    assert known["trial-000"]["a"] == ok
+    assert known["trial-000"]["b"]["error"] == "boom" and math.isnan(known["trial-000"]["b"]["score"])
+    assert identity == {"a": ok, "b": ok}
+    assert store.save_chunk(["e"], {}, None) is None  # nothing to keep: no file
+    store.clear_chunks()
+    assert store.load_chunks() == ({}, {})

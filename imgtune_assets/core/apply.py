@@ -1,0 +1,203 @@
+"""Applying a tuned pipeline to every image of a folder, on Ray, through the same data path as a sweep:
+Ray tasks read their own files (a local folder or an object-store URL), run the pipeline and write
+each output whole, in its input's format and bit depth. Plain module (no Dagster).
+
+A ledger in the output folder (``.imgtune-applied.json``, written whole) records, per output, the
+input's content key, the pipeline's key and the output's SHA-256: a re-run skips an image whose input
+and pipeline did not change and whose output is still there. An input that cannot be read or decoded
+is skipped with its reason; the others are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from imgtune_assets.core import storage
+from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, decode_with_alpha
+from imgtune_assets.core.storage import Location
+
+LEDGER_NAME = ".imgtune-applied.json"
+# JPEG outputs: high quality (the input was lossy already; a second lossy step should lose little).
+JPEG_QUALITY = 95
+# Files per task: enough to amortise a task, few enough to spread a folder over every CPU.
+MAX_FILES_PER_TASK = 8
+
+Stages = Sequence[tuple[str, dict[str, Any]]]
+
+
+class ApplyError(ValueError):
+    """The folder as a whole cannot be used (missing, not a folder, unreachable); the message names it."""
+
+
+def pipeline_key(stages: Stages) -> str:
+    """Identifies a pipeline: its ops and parameter values, in order."""
+    payload = json.dumps([[op, params] for op, params in stages], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def fixed_stages(sweep) -> list[tuple[str, dict[str, Any]]]:
+    """The stages of a sweep whose every parameter is fixed (a ``best_pipeline.yaml``)."""
+    stages = []
+    for index, stage in enumerate(sweep.pipeline):
+        if stage.searched:
+            raise ApplyError(f"{sweep.path}: pipeline[{index}] ({stage.op}) still searches "
+                             f"{', '.join(sorted(stage.searched))}: apply needs a pipeline with fixed values, "
+                             "such as the best_pipeline.yaml a sweep report writes")
+        stages.append((stage.op, dict(stage.fixed)))
+    return stages
+
+
+def to_depth(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The pipeline's output in the input's bit depth: 8-bit results of a 16-bit input are scaled
+    (255 → 65535), 16-bit results of an 8-bit input scaled down, anything else rounded and clipped."""
+    dtype = np.dtype(dtype)
+    if image.dtype == dtype:
+        return image
+    if image.dtype == np.uint8 and dtype == np.uint16:
+        return image.astype(np.uint16) * 257
+    if image.dtype == np.uint16 and dtype == np.uint8:
+        return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded, as ops' 8-bit conversion
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(image), info.min, info.max).astype(dtype)
+
+
+def encode_like(image: np.ndarray, suffix: str, file: Location) -> bytes:
+    import cv2
+
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if suffix.lower() in (".jpg", ".jpeg") else []
+    ok, buffer = cv2.imencode(suffix.lower(), image, params)
+    if not ok:
+        raise ImageReadError(f"{file}: OpenCV could not encode {image.shape} {image.dtype} as {suffix}")
+    return buffer.tobytes()
+
+
+def apply_one(stages: Stages, source: Location, target: Location, previous: dict[str, Any] | None,
+              key_of_pipeline: str) -> dict[str, Any]:
+    """Apply the pipeline to one file; never raises for a bad input (it is skipped with a reason)."""
+    from imgtune_assets.core.ops import apply_pipeline
+
+    entry: dict[str, Any] = {"input": str(source), "output": str(target), "pipeline": key_of_pipeline}
+    start = time.perf_counter()
+    try:
+        data, entry["input_key"] = storage.read_with_key(source)
+        if (previous and previous.get("status") in ("written", "unchanged")
+                and previous.get("input_key") == entry["input_key"]
+                and previous.get("pipeline") == key_of_pipeline and _output_intact(target, previous)):
+            return {**previous, "status": "unchanged", "seconds": time.perf_counter() - start}
+        image, alpha = decode_with_alpha(data, source)
+        output = to_depth(apply_pipeline(image, stages), image.dtype)
+        if alpha is not None:  # the input's transparency goes back on unchanged
+            import cv2
+
+            colour = output if output.ndim == 3 else cv2.cvtColor(output, cv2.COLOR_GRAY2BGR)
+            output = np.dstack([colour[:, :, :3], alpha])
+        encoded = encode_like(output, Path(source.name).suffix, source)
+        storage.write_bytes_atomic(target, encoded)
+        entry.update(status="written", output_sha256=hashlib.sha256(encoded).hexdigest(), reason=None)
+    except (ImageReadError, storage.StorageError) as exc:
+        entry.update(status="skipped", reason=str(exc), output_sha256=None)
+    except Exception as exc:  # noqa: BLE001 - a pipeline refusing this image: reported with the image, not raised
+        entry.update(status="skipped", reason=f"{source}: {type(exc).__name__}: {exc}", output_sha256=None)
+    entry["seconds"] = time.perf_counter() - start
+    return entry
+
+
+def _output_intact(target: Location, previous: dict[str, Any]) -> bool:
+    """The output a previous run wrote is still there, unchanged (an edited or damaged one is rewritten)."""
+    try:
+        return (storage.exists(target)
+                and hashlib.sha256(storage.read_bytes(target)).hexdigest() == previous.get("output_sha256"))
+    except storage.StorageError:
+        return False
+
+
+def _apply_task(stages, items, key_of_pipeline):
+    import cv2
+
+    cv2.setNumThreads(1)  # one CPU per Ray task
+    return [apply_one(stages, source, target, previous, key_of_pipeline) for source, target, previous in items]
+
+
+@dataclass
+class ApplyResult:
+    entries: list[dict[str, Any]] = field(default_factory=list)  # one per file of the input folder
+    ledger: Location | None = None
+
+    def count(self, status: str) -> int:
+        return sum(1 for e in self.entries if e["status"] == status)
+
+
+def read_ledger(output_dir: Location) -> dict[str, dict[str, Any]]:
+    """The previous run's entries by output path; a missing or damaged ledger means none (a cache)."""
+    file = output_dir / LEDGER_NAME
+    try:
+        if not storage.exists(file):
+            return {}
+        saved = json.loads(storage.read_bytes(file))
+    except (storage.StorageError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return {e["output"]: e for e in saved.get("entries", []) if isinstance(e, dict) and "output" in e}
+
+
+def _same_folder(a: Location, b: Location) -> bool:
+    if storage.is_remote(a) or storage.is_remote(b):
+        def norm(x):
+            head, _, tail = str(x).partition("://")
+            return head, "/".join(part for part in tail.split("/") if part and part != ".")
+        return norm(a) == norm(b)
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *, max_retries: int = 3,
+                    on_progress: Callable[[int, int], None] | None = None) -> ApplyResult:
+    """Apply ``stages`` to every file directly in ``input_dir``, writing ``output_dir/<same name>``,
+    on Ray (the caller connects). Files that are not images are skipped with a reason."""
+    import ray
+
+    if not storage.exists(input_dir) or not storage.is_folder(input_dir):
+        raise ApplyError(f"{input_dir}: input folder does not exist or is not a folder")
+    if _same_folder(input_dir, output_dir):
+        raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
+    try:
+        files = storage.list_files(input_dir)
+    except storage.StorageError as exc:
+        raise ApplyError(str(exc)) from None
+    key = pipeline_key(stages)
+    previous = read_ledger(output_dir)
+    result = ApplyResult()
+    items = []
+    for file, _ in files:
+        target = output_dir / file.name
+        if Path(file.name).suffix.lower() not in IMAGE_SUFFIXES:
+            result.entries.append({"input": str(file), "output": None, "status": "skipped", "input_key": None,
+                                   "output_sha256": None, "pipeline": key,
+                                   "reason": f"{file}: not an image file type (expected one of {', '.join(IMAGE_SUFFIXES)})"})
+            continue
+        items.append((file, target, previous.get(str(target))))
+    total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_task = max(1, min(MAX_FILES_PER_TASK, -(-len(items) // (2 * total_cpus))))
+    remote = ray.remote(_apply_task).options(name="imgtune:apply", num_cpus=1, max_retries=max_retries,
+                                              retry_exceptions=False, scheduling_strategy="SPREAD")
+    pending = [remote.remote(list(stages), items[i:i + per_task], key) for i in range(0, len(items), per_task)]
+    done_files = 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            entries = ray.get(ref)
+            result.entries.extend(entries)
+            done_files += len(entries)
+        if on_progress:
+            on_progress(done_files, len(items))
+    result.entries.sort(key=lambda e: e["input"])
+    ledger = {"pipeline": key, "stages": [[op, params] for op, params in stages],
+              "entries": [e for e in result.entries if e["output"]]}
+    result.ledger = storage.write_bytes_atomic(
+        output_dir / LEDGER_NAME, (json.dumps(ledger, indent=2, sort_keys=True, default=str) + "\n").encode())
+    return result

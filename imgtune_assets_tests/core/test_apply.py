@@ -1,0 +1,316 @@
+"""Applying a fixed pipeline to a folder (imgtune_assets.core.apply): the pure pieces directly, and
+``apply_to_folder`` on a real local Ray — outputs in each input's format, bit depth and channels,
+bad inputs skipped with reasons, and the ledger that lets a re-run skip what did not change."""
+
+import hashlib
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from imgtune_assets.core.apply import (
+    LEDGER_NAME,
+    ApplyError,
+    apply_to_folder,
+    fixed_stages,
+    pipeline_key,
+    to_depth,
+)
+from imgtune_assets.core.ops import apply_pipeline
+from imgtune_assets.core.sweepfile import fixed_sweep_document, load_sweep
+from imgtune_assets_tests.conftest import write_sweep
+
+STAGES = [("gaussian_blur", {"ksize": 5, "sigma": 1.2}), ("median_blur", {"ksize": 3})]
+OTHER_STAGES = [("gaussian_blur", {"ksize": 3, "sigma": 0.8})]
+IMAGES = ("Scan.JPEG", "colour16.tif", "colour8.png", "grey16.png", "grey8.png", "photo.jpg")
+SKIPPED = ("broken.png", "notes.txt")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def test_to_depth_scales_8_and_16_bit_both_ways():
+    eight = np.array([[0, 1, 128, 255]], dtype=np.uint8)
+    sixteen = to_depth(eight, np.uint16)
+    assert sixteen.dtype == np.uint16
+    assert sixteen.tolist() == [[0, 257, 32896, 65535]]
+    back = to_depth(np.array([[0, 257, 32896, 65535]], dtype=np.uint16), np.uint8)
+    assert back.dtype == np.uint8 and back.tolist() == [[0, 1, 128, 255]]
+    # the same depth: the very same array, untouched
+    assert to_depth(eight, np.uint8) is eight
+    # a colour image keeps its shape
+    colour = np.full((2, 3, 3), 200, dtype=np.uint8)
+    assert to_depth(colour, np.dtype("uint16")).shape == (2, 3, 3)
+    assert (to_depth(colour, np.dtype("uint16")) == 200 * 257).all()
+
+
+def test_to_depth_rounds_and_clips_other_types():
+    floats = np.array([-3.7, 0.4, 1.6, 254.6, 255.4, 300.0, 1e9], dtype=np.float32)
+    assert to_depth(floats, np.uint8).tolist() == [0, 0, 2, 255, 255, 255, 255]
+    assert to_depth(floats, np.uint8).dtype == np.uint8
+    assert to_depth(np.array([-1.2, 1000.6, 70000.0]), np.uint16).tolist() == [0, 1001, 65535]
+    wide = np.array([-5, 12, 70000], dtype=np.int32)
+    assert to_depth(wide, np.uint16).tolist() == [0, 12, 65535]
+    assert to_depth(wide, np.uint8).tolist() == [0, 12, 255]
+
+
+def test_pipeline_key_is_stable_and_order_sensitive():
+    a = ("gaussian_blur", {"ksize": 5, "sigma": 1.2})
+    b = ("median_blur", {"ksize": 3})
+    key = pipeline_key([a, b])
+    assert key == pipeline_key([a, b]) == pipeline_key([tuple(a), tuple(b)])
+    assert len(key) == 16 and int(key, 16) >= 0
+    # the order of a stage's parameters does not matter; the order of stages does
+    assert key == pipeline_key([("gaussian_blur", {"sigma": 1.2, "ksize": 5}), b])
+    assert key != pipeline_key([b, a])
+    assert key != pipeline_key([("gaussian_blur", {"ksize": 5, "sigma": 1.3}), b])
+    assert key != pipeline_key([a])
+    # the same pipeline in a fresh interpreter-independent form: a literal hash of its JSON
+    expected = hashlib.sha256(json.dumps([[op, p] for op, p in [a, b]], sort_keys=True).encode()).hexdigest()[:16]
+    assert key == expected
+
+
+def test_fixed_stages_of_a_best_pipeline_file(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", tmp_path / "data", trials=2, pipeline=[
+        {"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 7}, "sigma": 1.0}]))
+    document = fixed_sweep_document(sweep, [(op, dict(p)) for op, p in STAGES], name="s-best")
+    import yaml
+
+    best = tmp_path / "best_pipeline.yaml"
+    best.write_text(yaml.safe_dump(document, sort_keys=False))
+    stages = fixed_stages(load_sweep(best))
+    assert stages == [("gaussian_blur", {"ksize": 5, "sigma": 1.2}), ("median_blur", {"ksize": 3})]
+    assert pipeline_key(stages) == pipeline_key(STAGES)
+
+
+def test_fixed_stages_refuses_searched_parameters(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path / "searching.yaml", tmp_path / "data", trials=2, pipeline=[
+        {"op": "median_blur", "ksize": 3},
+        {"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 7},
+         "sigma": {"type": "float", "low": 0.5, "high": 2.0}}]))
+    with pytest.raises(ApplyError) as err:
+        fixed_stages(sweep)
+    message = str(err.value)
+    assert str(tmp_path / "searching.yaml") in message
+    assert "pipeline[1] (gaussian_blur)" in message and "ksize, sigma" in message
+    assert "pipeline[0]" not in message
+
+
+# ----------------------------------------------------------------------------- a folder, on Ray
+def _encode(image, suffix, params=()):
+    ok, buffer = cv2.imencode(suffix, image, list(params))
+    assert ok
+    return buffer.tobytes()
+
+
+def _decode_file(path):
+    return cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def _scene(shape, dtype, seed):
+    """A smooth scene with noise: blurring changes it, so a wrong output cannot pass as right."""
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(dtype).max
+    h, w = shape[:2]
+    ramp = np.add.outer(np.linspace(0, 0.6, h), np.linspace(0, 0.3, w))
+    if len(shape) == 3:
+        ramp = np.stack([ramp, ramp[::-1], ramp[:, ::-1]], axis=2)
+    noisy = ramp * top + rng.normal(0, 0.08 * top, size=shape)
+    return np.clip(noisy, 0, top).astype(dtype)
+
+
+def make_folder(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "grey8.png").write_bytes(_encode(_scene((40, 52), np.uint8, 1), ".png"))
+    (folder / "grey16.png").write_bytes(_encode(_scene((36, 44), np.uint16, 2), ".png"))
+    (folder / "colour8.png").write_bytes(_encode(_scene((32, 48, 3), np.uint8, 3), ".png"))
+    (folder / "colour16.tif").write_bytes(_encode(_scene((30, 34, 3), np.uint16, 4), ".tif"))
+    (folder / "photo.jpg").write_bytes(_encode(_scene((48, 64, 3), np.uint8, 5), ".jpg",
+                                               [cv2.IMWRITE_JPEG_QUALITY, 92]))
+    (folder / "Scan.JPEG").write_bytes(_encode(_scene((24, 40, 3), np.uint8, 7), ".jpg"))
+    (folder / "notes.txt").write_text("not an image\n")
+    whole = _encode(_scene((40, 40), np.uint8, 6), ".png")
+    (folder / "broken.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    return folder
+
+
+def stamps(folder, names):
+    return {n: ((folder / n).stat().st_mtime_ns, (folder / n).stat().st_ino) for n in names}
+
+
+def by_name(result):
+    return {e["input"].rsplit("/", 1)[-1]: e for e in result.entries}
+
+
+def check_outputs(src, out, stages):
+    """Every output: same name, dtype and channels as its input, and the pipeline's result."""
+    for name in IMAGES:
+        original = _decode_file(src / name)
+        written = _decode_file(out / name)
+        assert written is not None, name
+        expected = apply_pipeline(original, stages)
+        assert written.dtype == original.dtype, name
+        assert written.shape == original.shape, name
+        if name.lower().endswith((".jpg", ".jpeg")):  # lossy: within JPEG's error at quality 95 ...
+            diff = np.abs(written.astype(np.int32) - expected.astype(np.int32))
+            assert diff.mean() < 2.5 and diff.max() <= 24, (name, diff.mean(), diff.max())
+            # ... and far from the unprocessed input (about 9-11 levels away on average)
+            assert np.abs(written.astype(np.int32) - original).mean() > 2 * diff.mean() + 3, name
+        else:
+            assert np.array_equal(written, expected), name
+    for name in SKIPPED:
+        assert not (out / name).exists(), name
+
+
+def test_a_folder_of_mixed_files(local_ray, tmp_path):
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    progress = []
+    result = apply_to_folder(STAGES, src, out, on_progress=lambda done, total: progress.append((done, total)))
+
+    entries = by_name(result)
+    assert sorted(entries) == sorted(IMAGES + SKIPPED)
+    assert [e["input"] for e in result.entries] == sorted(e["input"] for e in result.entries)
+    assert result.count("written") == len(IMAGES) and result.count("skipped") == 2 and result.count("unchanged") == 0
+    for name in IMAGES:
+        assert entries[name]["status"] == "written", entries[name]
+        assert entries[name]["reason"] is None
+    for name in SKIPPED:
+        assert entries[name]["status"] == "skipped"
+        assert str(src / name) in entries[name]["reason"], entries[name]["reason"]
+    assert "not an image file type" in entries["notes.txt"]["reason"]
+    assert "not a decodable image" in entries["broken.png"]["reason"]
+    assert progress and progress[-1] == (len(IMAGES) + 1, len(IMAGES) + 1)  # the image-typed files
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+
+    assert sorted(p.name for p in out.iterdir()) == sorted([*IMAGES, LEDGER_NAME])  # no temporary files left
+    check_outputs(src, out, STAGES)
+
+    assert result.ledger == out / LEDGER_NAME
+    ledger = json.loads((out / LEDGER_NAME).read_text())
+    assert ledger["pipeline"] == pipeline_key(STAGES)
+    assert ledger["stages"] == [[op, params] for op, params in STAGES]
+    saved = {e["input"].rsplit("/", 1)[-1]: e for e in ledger["entries"]}
+    assert "notes.txt" not in saved  # no output path: not in the ledger
+    for name in IMAGES:
+        entry = saved[name]
+        assert entry["status"] == "written" and entry["pipeline"] == pipeline_key(STAGES)
+        assert entry["input"] == str(src / name) and entry["output"] == str(out / name)
+        assert entry["input_key"] == hashlib.sha256((src / name).read_bytes()).hexdigest()
+        assert entry["output_sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+        assert entry == {**entries[name], "seconds": entry["seconds"]}
+    assert saved["broken.png"]["status"] == "skipped" and saved["broken.png"]["output_sha256"] is None
+
+
+def test_re_runs_skip_what_did_not_change(local_ray, tmp_path):
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    first = by_name(apply_to_folder(STAGES, src, out))
+    before = stamps(out, IMAGES)
+
+    # 1. nothing changed: every image unchanged, no output touched, the ledger still right
+    again = apply_to_folder(STAGES, src, out)
+    entries = by_name(again)
+    assert {n: entries[n]["status"] for n in IMAGES} == {n: "unchanged" for n in IMAGES}
+    assert {n: entries[n]["status"] for n in SKIPPED} == {n: "skipped" for n in SKIPPED}
+    assert again.count("written") == 0 and again.count("unchanged") == len(IMAGES)
+    assert stamps(out, IMAGES) == before
+    for name in IMAGES:
+        assert entries[name]["output_sha256"] == first[name]["output_sha256"]
+        assert entries[name]["input_key"] == first[name]["input_key"]
+    ledger = {e["output"]: e for e in json.loads((out / LEDGER_NAME).read_text())["entries"]}
+    assert all(ledger[str(out / n)]["status"] == "unchanged" for n in IMAGES)
+
+    # 2. one input's content changed: only that one written
+    (src / "grey8.png").write_bytes(_encode(_scene((40, 52), np.uint8, 99), ".png"))
+    changed = by_name(apply_to_folder(STAGES, src, out))
+    assert {n: changed[n]["status"] for n in IMAGES} == {n: "written" if n == "grey8.png" else "unchanged"
+                                                         for n in IMAGES}
+    after = stamps(out, IMAGES)
+    assert {n for n in IMAGES if after[n] != before[n]} == {"grey8.png"}
+    assert changed["grey8.png"]["input_key"] == hashlib.sha256((src / "grey8.png").read_bytes()).hexdigest()
+    assert changed["grey8.png"]["output_sha256"] == hashlib.sha256((out / "grey8.png").read_bytes()).hexdigest()
+    check_outputs(src, out, STAGES)
+
+    # 3. another pipeline: every image written again, with its result
+    before = stamps(out, IMAGES)
+    other = apply_to_folder(OTHER_STAGES, src, out)
+    assert other.count("written") == len(IMAGES) and other.count("unchanged") == 0
+    after = stamps(out, IMAGES)
+    assert all(after[n] != before[n] for n in IMAGES)
+    check_outputs(src, out, OTHER_STAGES)
+    assert json.loads((out / LEDGER_NAME).read_text())["pipeline"] == pipeline_key(OTHER_STAGES)
+
+    # 4. an output deleted: that one written again, the others left alone
+    before = stamps(out, IMAGES)
+    (out / "colour16.tif").unlink()
+    restored = by_name(apply_to_folder(OTHER_STAGES, src, out))
+    assert {n: restored[n]["status"] for n in IMAGES} == {n: "written" if n == "colour16.tif" else "unchanged"
+                                                          for n in IMAGES}
+    after = stamps(out, IMAGES)
+    assert {n for n in IMAGES if after[n] != before[n]} == {"colour16.tif"}
+    check_outputs(src, out, OTHER_STAGES)
+
+    # 5. a damaged ledger is a lost cache, not an error: everything written again
+    (out / LEDGER_NAME).write_text("{not json")
+    assert apply_to_folder(OTHER_STAGES, src, out).count("written") == len(IMAGES)
+
+
+def test_folders_that_cannot_be_used(local_ray, tmp_path):
+    src = make_folder(tmp_path / "in")
+    with pytest.raises(ApplyError) as err:
+        apply_to_folder(STAGES, src, src)
+    assert str(src) in str(err.value) and "must differ" in str(err.value)
+    assert sorted(p.name for p in src.iterdir()) == sorted(IMAGES + SKIPPED)  # nothing written in it
+
+    missing = tmp_path / "no such folder"
+    with pytest.raises(ApplyError) as err:
+        apply_to_folder(STAGES, missing, tmp_path / "out")
+    assert str(missing) in str(err.value) and "does not exist" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+    with pytest.raises(ApplyError) as err:  # a file, not a folder
+        apply_to_folder(STAGES, src / "grey8.png", tmp_path / "out")
+    assert str(src / "grey8.png") in str(err.value)
+
+
+def test_an_empty_folder_writes_an_empty_ledger(local_ray, tmp_path):
+    (tmp_path / "in").mkdir()
+    result = apply_to_folder(STAGES, tmp_path / "in", tmp_path / "out")
+    assert result.entries == []
+    assert json.loads((tmp_path / "out" / LEDGER_NAME).read_text())["entries"] == []
+
+
+def test_transparency_is_kept_and_a_damaged_output_is_rewritten(local_ray, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    (src / "logo.png").write_bytes(_encode(rgba, ".png"))
+    first = apply_to_folder(STAGES, src, out)
+    assert [e["status"] for e in first.entries] == ["written"]
+    written = _decode_file(out / "logo.png")
+    assert written.shape == (24, 32, 4)
+    assert np.array_equal(written[:, :, 3], rgba[:, :, 3])  # the alpha channel, untouched
+    assert np.array_equal(written[:, :, :3], apply_pipeline(np.ascontiguousarray(rgba[:, :, :3]), STAGES))
+    (out / "logo.png").write_bytes(b"garbage")  # edited or damaged since
+    again = apply_to_folder(STAGES, src, out)
+    assert [e["status"] for e in again.entries] == ["written"]
+    assert np.array_equal(_decode_file(out / "logo.png"), written)
+
+
+def test_the_input_folder_spelled_another_way_is_still_refused(local_ray, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(_encode(np.zeros((8, 8), np.uint8), ".png"))
+    with pytest.raises(ApplyError, match="must differ from the input folder"):
+        apply_to_folder(STAGES, src, src / ".." / "in")
+    assert sorted(p.name for p in src.iterdir()) == ["a.png"]

@@ -1,0 +1,95 @@
+"""Local folders and URLs behind one interface; header probes agree with full decodes."""
+
+import hashlib
+
+import cv2
+import numpy as np
+import pytest
+
+from imgtune_assets.core import storage
+from imgtune_assets.core.imageio import ImageReadError, decode_image, probe_image
+
+FORMATS = [
+    ("grey8.png", np.uint8, None), ("grey16.png", np.uint16, None), ("colour8.png", np.uint8, 3),
+    ("colour16.png", np.uint16, 3), ("grey.jpg", np.uint8, None), ("colour.jpg", np.uint8, 3),
+    ("grey16.tif", np.uint16, None), ("colour16.tif", np.uint16, 3), ("colour.bmp", np.uint8, 3),
+    ("grey.bmp", np.uint8, None),
+]
+
+
+def encoded(name, dtype, channels):
+    rng = np.random.default_rng(len(name))
+    shape = (37, 53) if channels is None else (37, 53, channels)
+    image = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+    ok, buffer = cv2.imencode("." + name.rsplit(".", 1)[1], image)
+    assert ok
+    return buffer.tobytes()
+
+
+@pytest.mark.parametrize("name,dtype,channels", FORMATS)
+def test_probe_agrees_with_a_full_decode(name, dtype, channels):
+    data = encoded(name, dtype, channels)
+    width, height, probed_channels, probed_dtype = probe_image(data, name)
+    image = decode_image(data, name)
+    assert (height, width) == image.shape[:2] == (37, 53)
+    assert probed_channels == (1 if image.ndim == 2 else image.shape[2])
+    assert probed_dtype == str(image.dtype)
+
+
+@pytest.mark.parametrize("name", ["grey8.png", "colour16.png", "colour.jpg", "colour.bmp"])
+def test_probe_catches_truncated_files(name):
+    spec = next(f for f in FORMATS if f[0] == name)
+    data = encoded(*spec)
+    with pytest.raises(ImageReadError, match=name):
+        probe_image(data[: len(data) * 2 // 3], name)
+
+
+def test_probe_refuses_empty_and_foreign_bytes():
+    with pytest.raises(ImageReadError, match="x.png: empty file"):
+        probe_image(b"", "x.png")
+    with pytest.raises(ImageReadError, match="notes.png: not a decodable image"):
+        probe_image(b"just some text\n" * 10, "notes.png")
+
+
+def test_local_locations_resolve_against_the_base_folder(tmp_path):
+    assert storage.location("data", base_dir=tmp_path) == (tmp_path / "data").resolve()
+    assert storage.location(tmp_path / "x") == tmp_path / "x"
+    assert not storage.is_remote(tmp_path) and storage.is_remote("s3://bucket/prefix")
+
+
+def test_a_url_keeps_only_the_endpoint_option():
+    where = storage.location("s3://bucket/data", endpoint_url="http://127.0.0.1:9")
+    assert str(where) == "s3://bucket/data"
+    assert where.storage_options == {"endpoint_url": "http://127.0.0.1:9"}
+    assert storage.location("memory://x/y", endpoint_url="http://127.0.0.1:9").storage_options == {}
+
+
+def test_read_with_key_hashes_local_files_and_names_missing_ones(tmp_path):
+    file = tmp_path / "a b.png"
+    file.write_bytes(b"abc")
+    data, key = storage.read_with_key(file)
+    assert data == b"abc" and key == hashlib.sha256(b"abc").hexdigest()
+    with pytest.raises(storage.StorageError, match=r"missing\.png: not found"):
+        storage.read_with_key(tmp_path / "missing.png")
+
+
+def test_objects_are_keyed_by_their_tag_and_size():
+    assert storage.content_key_of_info({"ETag": '"abc"', "size": 5}) == "etag:abc:5"
+    assert storage.content_key_of_info({"md5Hash": "xyz", "size": 7}) == "md5hash:xyz:7"
+    # Another tag or size is another key: a rewritten object is seen as changed.
+    assert storage.content_key_of_info({"ETag": '"abd"', "size": 5}) != storage.content_key_of_info(
+        {"ETag": '"abc"', "size": 5})
+
+
+def test_memory_filesystem_urls_list_read_and_write():
+    # fsspec's in-memory store: the remote code path without a server.
+    root = storage.location("memory://imgtune-test/data")
+    storage.write_bytes_atomic(root / "images" / "b.png", b"2")
+    storage.write_bytes_atomic(root / "images" / "a.png", b"1")
+    storage.write_bytes_atomic(root / "images" / ".hidden", b"0")
+    listed = storage.list_files(root / "images")
+    assert [f.name for f, _ in listed] == ["a.png", "b.png"]
+    assert storage.read_bytes(root / "images" / "b.png") == b"2"
+    assert storage.read_head(root / "images" / "a.png", 10) == b"1"
+    with pytest.raises(storage.StorageError, match="memory://imgtune-test/data/images/zzz.png"):
+        storage.read_bytes(root / "images" / "zzz.png")

@@ -1,0 +1,112 @@
+"""``python -m imgtune_assets.cli apply PIPELINE INPUT OUTPUT``, the real command in a subprocess with an
+embedded Ray on loopback: a folder tuned (and a re-run that writes nothing), a pipeline that still
+searches, and a missing input folder."""
+
+import hashlib
+import json
+import re
+import subprocess
+
+import cv2
+import numpy as np
+import yaml
+
+from imgtune_assets.core.apply import LEDGER_NAME
+from imgtune_assets.core.ops import apply_pipeline
+from imgtune_assets_tests.conftest import VENV_BIN, cli_env, write_sweep
+
+STAGES = [("gaussian_blur", {"ksize": 5, "sigma": 1.5}), ("median_blur", {"ksize": 3})]
+LOSSLESS = ("grey8.png", "scan16.tif")
+IMAGES = (*LOSSLESS, "photo.jpg")
+
+
+def apply_cli(env, cwd, *args, timeout=240):
+    return subprocess.run([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def environment(tmp_path, pipeline):
+    env = cli_env(tmp_path, pipeline)
+    env.pop("IMGTUNE_RAY_ADDRESS", None)  # the embedded Ray, on 127.0.0.1
+    return env
+
+
+def best_pipeline(tmp_path, stages=STAGES, name="best"):
+    """A best_pipeline.yaml as a sweep report writes it: every parameter fixed, one trial."""
+    return write_sweep(tmp_path / f"{name}.yaml", tmp_path / "data", name=name, trials=1,
+                       pipeline=[{"op": op, **params} for op, params in stages])
+
+
+def photos(folder):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    grey = np.clip(np.add.outer(np.arange(40), np.arange(50)) * 2 + rng.normal(0, 20, (40, 50)), 0, 255)
+    cv2.imwrite(str(folder / "grey8.png"), grey.astype(np.uint8))
+    cv2.imwrite(str(folder / "scan16.tif"), rng.integers(0, 65535, (30, 36, 3), dtype=np.uint16))
+    cv2.imwrite(str(folder / "photo.jpg"), rng.integers(0, 255, (32, 40, 3), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image\n")
+    return folder
+
+
+def decode(path):
+    return cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_apply_a_pipeline_to_a_folder_then_again(tmp_path):
+    pipeline = best_pipeline(tmp_path)
+    source, target = photos(tmp_path / "in put"), tmp_path / "out"
+    env = environment(tmp_path, pipeline)
+    result = apply_cli(env, tmp_path, pipeline, source, target)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    summary = re.compile(rf"^3 written, 0 unchanged, 1 skipped in [0-9.]+s -> {re.escape(str(target))} "
+                         rf"\(ledger {re.escape(str(target / LEDGER_NAME))}\)$", re.M)
+    assert summary.search(result.stdout), result.stdout
+    assert f"skipped: {source / 'notes.txt'}: not an image file type" in result.stderr, result.stderr
+
+    assert sorted(p.name for p in target.iterdir()) == sorted([*IMAGES, LEDGER_NAME])
+    for name in IMAGES:
+        original, written = decode(source / name), decode(target / name)
+        assert written.dtype == original.dtype and written.shape == original.shape, name
+        if name in LOSSLESS:
+            assert np.array_equal(written, apply_pipeline(original, STAGES)), name
+    photo = decode(target / "photo.jpg").astype(int) - apply_pipeline(decode(source / "photo.jpg"), STAGES)
+    assert np.abs(photo).mean() < 3.0
+    ledger = json.loads((target / LEDGER_NAME).read_text())
+    assert {e["output"]: e["output_sha256"] for e in ledger["entries"]} == {
+        str(target / n): hashlib.sha256((target / n).read_bytes()).hexdigest() for n in IMAGES}
+    stamps = {n: (target / n).stat().st_mtime_ns for n in IMAGES}
+
+    # Again, naming the same folders relative to the working folder: nothing to write.
+    again = apply_cli(env, tmp_path, pipeline.name, "in put", "./out")
+    assert again.returncode == 0, f"{again.stdout[-3000:]}\n{again.stderr[-6000:]}"
+    assert re.search(r"^0 written, 3 unchanged, 1 skipped in ", again.stdout, re.M), again.stdout
+    assert {n: (target / n).stat().st_mtime_ns for n in IMAGES} == stamps
+
+
+def test_a_pipeline_that_still_searches_is_refused(tmp_path):
+    searching = write_sweep(tmp_path / "sweep.yaml", tmp_path / "data", trials=4)  # the default search space
+    source = photos(tmp_path / "in")
+    result = apply_cli(environment(tmp_path, searching), tmp_path, searching, source, tmp_path / "out")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: {searching}: pipeline[0] (bilateral_filter) still searches d, sigma_color" in result.stderr
+    assert "best_pipeline.yaml" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+    # an invalid pipeline file: the sweep file's own error, exit 2 too
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump({**yaml.safe_load(best_pipeline(tmp_path).read_text()),
+                                      "pipeline": [{"op": "gaussian_blur", "ksize": 4}]}))
+    result = apply_cli(environment(tmp_path, broken), tmp_path, broken, source, tmp_path / "out")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: {broken}: pipeline[0].ksize" in result.stderr and "odd" in result.stderr
+
+
+def test_a_missing_input_folder(tmp_path):
+    pipeline = best_pipeline(tmp_path)
+    missing = tmp_path / "no such photos"
+    result = apply_cli(environment(tmp_path, pipeline), tmp_path, pipeline, missing, tmp_path / "out")
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert f"error: {missing}: input folder does not exist" in result.stderr, result.stderr
+    assert " written, " not in result.stdout
+    assert not (tmp_path / "out").exists()
