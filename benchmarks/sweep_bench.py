@@ -22,9 +22,11 @@ for the next run. 120 are 8.6 GB decoded with their targets, 240 more than twice
 store (30 % of memory: 7 GB on a 23 GB machine; the table prints its size). A Gaussian-blur sweep
 (ksize, sigma; PSNR; random sampler), two modes in turn, every round:
 
-1. ``cli``   — the three ``dagster asset materialize`` commands of ``sweep_commands`` (manifest and
-               settings, every trial as one ranged run, the report), on the embedded Ray, a new
-               ``DAGSTER_HOME`` and output folder per round.
+1. ``cli``   — ``python -m imgtune_assets.cli sweep``'s way: one run of the sweep's job
+               (``sweep_run_command``: ``dagster job execute`` with the trials' range), on the embedded
+               Ray, a new ``DAGSTER_HOME`` and output folder per round. ``--modes cli,steps,floor``
+               adds ``steps``: the three ``dagster asset materialize`` commands of ``sweep_commands``
+               (manifest and settings, every trial as one ranged run, the report), timed one by one.
 2. ``floor`` — ``python benchmarks/photos.py floor``: a ``multiprocessing`` pool, each worker reading,
                hashing (sha256) and decoding a photo and its target once and scoring every trial on it.
 
@@ -84,7 +86,14 @@ from pathlib import Path
 import psutil
 import yaml
 
-from imgtune_assets.cli import STEP_LABELS, ensure_instance_config, launch_logged, log_tail, sweep_commands
+from imgtune_assets.cli import (
+    STEP_LABELS,
+    ensure_instance_config,
+    launch_logged,
+    log_tail,
+    sweep_commands,
+    sweep_run_command,
+)
 from imgtune_assets.core.demo_data import make_denoise_set
 from imgtune_assets.core.evaluate import evaluate_image
 from imgtune_assets.core.manifest import load_images, scan_folder
@@ -334,11 +343,13 @@ def table(summary: dict, modes: list[str]) -> str:
         lines.append(f"{mode:8s} {wall:8.2f} {evals / wall:9.1f} {ratio} {peak_rss:8.0f} {peak:8.0f} {decodes:12g}")
     if res.get("cli"):
         stats = [r["stats"] for r in res["cli"]]
-        parts = {k: statistics.median(s[k] for s in stats) for k in ("ray_start_seconds", "decode_seconds", "fanout_seconds")}
+        # The images are decoded by Ray tasks inside the fan-out (decode_task_seconds: their CPU time).
+        parts = {k: statistics.median(s.get(k, 0.0) for s in stats)
+                 for k in ("ray_start_seconds", "decode_task_seconds", "fanout_seconds")}
         walls = [r["wall"] for r in res["cli"]]
-        startup = statistics.median(w - s["fanout_seconds"] - s["decode_seconds"] for w, s in zip(walls, stats))
-        lines.append(f"cli breakdown (median): ray start {parts['ray_start_seconds']:.2f} s, decode "
-                     f"{parts['decode_seconds']:.2f} s, fan-out {parts['fanout_seconds']:.2f} s, "
+        startup = statistics.median(w - s["fanout_seconds"] for w, s in zip(walls, stats))
+        lines.append(f"cli breakdown (median): ray start {parts['ray_start_seconds']:.2f} s, fan-out "
+                     f"{parts['fanout_seconds']:.2f} s (decode tasks {parts['decode_task_seconds']:.2f} CPU-s), "
                      f"everything else (process + run start/finish, Ray start/stop) {startup:.2f} s")
         lines.append(f"fixed start-up (command launched → first trial submitted, median): "
                      f"{statistics.median(s['startup_seconds'] for s in stats):.2f} s")
@@ -500,15 +511,19 @@ def command_failed(command: list[str], log: Path) -> RuntimeError:
     return RuntimeError(f"command failed: {' '.join(command)}\n{tail}\n(log: {log})")
 
 
-def run_cli_large(work: Path, sweep_file: Path, keys: list[str], round_no: int) -> dict:
-    """imgtune end to end as a user runs it: the three commands of ``sweep_commands``, timed together
-    (manifest to report) and one by one; each command's own process, its tree and its Ray watched."""
+def run_cli_large(work: Path, sweep_file: Path, keys: list[str], round_no: int, one_run: bool = True) -> dict:
+    """imgtune end to end as a user runs it: ``python -m imgtune_assets.cli sweep``'s one run of the
+    sweep's job (``sweep_run_command``), or (``one_run=False``, mode ``steps``) the three commands of
+    ``sweep_commands``, timed together (manifest to report) and one by one; each command's own process,
+    its tree and its Ray watched."""
     env, out_dir, log = cli_environment(work, sweep_file, round_no)
     name = load_sweep(sweep_file).name
     res: dict = {"steps": {}, "peak": 0, "peak_rss": 0, "peak_own": 0, "spilled": 0, "fallback": 0,
                  "object_store": None}
     start = time.perf_counter()
-    for label, command in zip(STEP_LABELS, sweep_commands(name, keys)):
+    commands = ([("whole sweep, one run", sweep_run_command(name, keys))] if one_run
+                else list(zip(STEP_LABELS, sweep_commands(name, keys))))
+    for label, command in commands:
         step_start = time.perf_counter()
         proc = launch_logged(command, log, env=env, cwd=ROOT)
         with TreeMemory(proc.pid) as mem, RaySpill(proc.pid) as spill:
@@ -573,12 +588,12 @@ def step_line(step: dict) -> str:
 
 def measure_large(args, work: Path, sweep_file: Path) -> dict:
     keys = trial_keys(load_sweep(sweep_file))
-    modes = [m for m in args.modes if m in ("cli", "floor")]
+    modes = [m for m in args.modes if m in ("cli", "steps", "floor")]
     results: dict[str, list[dict]] = {m: [] for m in modes}
     for round_no in range(args.rounds):
         for mode in modes:  # in turn, the floor last, every round
-            if mode == "cli":
-                res = run_cli_large(work, sweep_file, keys, round_no)
+            if mode in ("cli", "steps"):
+                res = run_cli_large(work, sweep_file, keys, round_no, one_run=mode == "cli")
                 detail = "".join(f"\n      {label:30s} {step_line(step)}" for label, step in res["steps"].items())
             else:
                 res = run_floor_large(work, sweep_file, args.workers, round_no)
@@ -604,16 +619,20 @@ def large_table(summary: dict) -> str:
         decodes = _median(r["decodes_per_image"] for r in res[mode])
         disk = (f"{_median(r['spilled'] for r in res[mode]) / MiB:11.0f} "
                 f"{_median(r['fallback'] for r in res[mode]) / MiB:12.0f}"
-                if mode == "cli" else f"{'-':>11s} {'-':>12s}")  # no object store in the floor
+                if mode != "floor" else f"{'-':>11s} {'-':>12s}")  # no object store in the floor
         lines.append(f"{mode:6s} {wall:8.2f} {ratio} {_median(r['peak_own'] for r in res[mode]) / MiB:11.0f} "
                      f"{_median(r['peak'] for r in res[mode]) / MiB:12.0f} {disk} "
                      f"{'n/a' if decodes is None else format(decodes, 'g'):>12s}")
-    if res.get("cli"):
-        cli = res["cli"]
-        lines.append("cli per command (median over rounds):")
+    for mode in ("cli", "steps"):
+        if not res.get(mode):
+            continue
+        cli = res[mode]
+        lines.append(f"{mode} per command (median over rounds):")
         for label in cli[0]["steps"]:
             step = {k: _median(r["steps"][label][k] for r in cli) for k in cli[0]["steps"][label]}
             lines.append(f"  {label:30s} {step_line(step)}")
+    if res.get("cli") or res.get("steps"):
+        cli = res.get("cli") or res["steps"]
         store = _median(r["object_store"] for r in cli)
         session = cli[-1].get("ray_session")
         lines.append("Ray object store: " + (f"{store / MiB:.0f} MB" if store else "not seen (no raylet found)")
@@ -796,7 +815,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--data", help="a folder of images (images/ + targets/) instead of generated ones")
-    parser.add_argument("--modes", default="cli,fanout,floor", help="comma-separated subset of cli,fanout,floor")
+    parser.add_argument("--modes", default="cli,fanout,floor", help="comma-separated subset of cli,fanout,floor (with --large: cli,steps,floor)")
     parser.add_argument("--scaling", action="store_true", help="trials {16,64,256} × images {16,64}, one round each")
     photos = parser.add_argument_group("large photos and apply (issue 11)")
     photos.add_argument("--large", action="store_true", help="imgtune end to end against the floor on large photos")

@@ -1,10 +1,12 @@
 """``python -m imgtune_assets.cli sweep``: materialize sweeps with the real ``dagster`` CLI.
 
-For each sweep, three ``dagster asset materialize`` calls, exactly what a user would type (see
-:func:`sweep_commands`): the manifest and run settings, every trial partition as one ranged run, then
-the report. Dagster's own output goes to a log file under ``$DAGSTER_HOME/logs/``; the terminal shows
-the steps, a progress bar of the trials (read from the sweep's ``progress.json``) and a short summary
-from its ``report.json``.
+For each sweep, one ``dagster job execute`` of its ``<group>_sweep`` job tagged with the range of its
+trials, exactly what a user would type (see :func:`sweep_run_command`; the schedule and the sensor
+request the same run): manifest, run settings, every trial partition, the report (and the tuned
+images) in one process. Dagster's own output goes to a log file under ``$DAGSTER_HOME/logs/``; the
+terminal shows a progress bar of the trials (read from the sweep's ``progress.json``) and a short
+summary from its ``report.json``. :func:`sweep_commands` are the same steps as separate
+``dagster asset materialize`` commands (the README's step-by-step route).
 
     python -m imgtune_assets.cli sweep                            # the one sweep served ($IMGTUNE_SWEEP)
     python -m imgtune_assets.cli sweep denoise-demo segment-demo  # sweeps by name
@@ -31,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
-from imgtune_assets.core.catalog import SweepCatalogError, find_sweep, sweeps_from_environment
+from imgtune_assets.core.catalog import SweepCatalogError, find_sweep, group_name, sweeps_from_environment
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
 from imgtune_assets.core.progress import describe, format_score
 from imgtune_assets.core.sampling import trial_keys
@@ -40,7 +42,9 @@ from imgtune_assets.core.sweepfile import Sweep, SweepFileError
 MODULE = "imgtune_assets.definitions"
 # The project's instance configuration (beside the package in a checkout or an editable install).
 PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
-# What each of the three commands of a sweep does, as shown on the terminal.
+# How the one-run sweep is shown on the terminal.
+SWEEP_LABEL = "manifest, trials, report"
+# What each of the step-by-step commands of ``sweep_commands`` does (the benchmark prints them).
 STEP_LABELS = ("image_manifest + run_settings", "experiment_results", "sweep_report", "tuned_images")
 PROGRESS_FILE = "progress.json"
 REPORT_FILE = "report.json"
@@ -89,6 +93,19 @@ def ensure_instance_config(home: Path) -> Path | None:
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return target
+
+
+def sweep_run_command(sweep_name: str, trial_keys: Sequence[str]) -> list[str]:
+    """The whole sweep as ONE run of its ``<group>_sweep`` job (what the schedule and the sensor
+    request): manifest, settings, every trial as one partition range, the report (and ``tuned_images``
+    when the sweep applies its winner), with their checks, in one process with one Ray start.
+    ``python -m imgtune_assets.cli sweep`` runs this; ``sweep_commands`` are the same steps one by one."""
+    if not trial_keys:
+        raise ValueError(f"sweep {sweep_name!r} has no trials")
+    tags = {"dagster/asset_partition_range_start": trial_keys[0],
+            "dagster/asset_partition_range_end": trial_keys[-1], "imgtune/trigger": "cli"}
+    return [dagster_executable(), "job", "execute", "-m", MODULE, "-j", f"{group_name(sweep_name)}_sweep",
+            "--tags", json.dumps(tags)]
 
 
 # ----------------------------------------------------------------------------- running a command, logged
@@ -263,12 +280,14 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
     sweep_dir = sweep_output_dir(default_output_dir(), sweep.name)
     log = log_file_path(home, sweep.name)
     print(f"{sweep.name}: {len(keys)} trials; Dagster's log: {log}", file=out, flush=True)
-    commands = sweep_commands(sweep.name, keys, apply=sweep.apply_input is not None)
-    for step, command in enumerate(commands):
-        display = StepDisplay(f"  [{step + 1}/{len(commands)}] {STEP_LABELS[step]}", out, tty=tty, columns=columns, quiet=quiet)
+    # One run of the sweep's job: one process, one Dagster start, one Ray start for all its steps.
+    steps = [(SWEEP_LABEL + (" + tuned images" if sweep.apply_input is not None else ""),
+              sweep_run_command(sweep.name, keys))]
+    for label, command in steps:
+        display = StepDisplay(f"  {label}", out, tty=tty, columns=columns, quiet=quiet)
         started = time.time()
         clock = time.perf_counter()
-        is_trials = step == 1
+        is_trials = True
         state: dict[str, Any] = {"snap": None}
 
         def poll() -> None:
@@ -293,7 +312,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
         display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
         if code != 0:
-            print(f"error: {sweep.name}: {STEP_LABELS[step]} failed (exit {code}): {shlex.join(command)}", file=err)
+            print(f"error: {sweep.name}: {label} failed (exit {code}): {shlex.join(command)}", file=err)
             print("the last lines of Dagster's log:", file=err)
             for line in log_tail(log):
                 print(f"    {line}", file=err)

@@ -19,7 +19,14 @@ from dagster import AssetKey, DagsterInstance
 from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets import cli
-from imgtune_assets.cli import StepDisplay, ensure_instance_config, read_progress, summary_lines, sweep_commands
+from imgtune_assets.cli import (
+    StepDisplay,
+    ensure_instance_config,
+    read_progress,
+    summary_lines,
+    sweep_commands,
+    sweep_run_command,
+)
 from imgtune_assets.core.imageio import read_image
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, sweeps_dir_env, write_sweep
@@ -142,7 +149,7 @@ def test_cli_all_sweeps_of_a_folder(tmp_path, denoise_data, segment_data):
         text = _plain(log)
         assert " - DEBUG - " in text and "RUN_SUCCESS" in text
     # A progress line of the trials, from progress.json (the last one at least: 4/4).
-    assert re.search(r"\[2/3\] experiment_results \d/4 trials \(\d+%\)", result.stdout), result.stdout
+    assert re.search(r"manifest, trials, report \d/4 trials \(\d+%\)", result.stdout), result.stdout
     for name in ("den-1", "seg.2"):
         with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
             partitions = instance.get_materialized_partitions(AssetKey([name, "experiment_results"]))
@@ -194,6 +201,18 @@ def test_sweep_commands_are_the_prefixed_dagster_commands():
     ]
     with pytest.raises(ValueError):
         sweep_commands("empty", [])
+    tuned = sweep_commands("denoise-demo", ["trial-000"], apply=True)
+    assert tuned[-1] == [*base, "--select", "denoise-demo/tuned_images"] and len(tuned) == 4
+
+
+def test_the_cli_runs_a_sweep_as_one_run_of_its_job():
+    command = sweep_run_command("denoise-demo", [f"trial-{k:03d}" for k in range(32)])
+    assert command[1:7] == ["job", "execute", "-m", "imgtune_assets.definitions", "-j", "denoise_demo_sweep"]
+    assert command[7] == "--tags" and json.loads(command[8]) == {
+        "dagster/asset_partition_range_start": "trial-000", "dagster/asset_partition_range_end": "trial-031",
+        "imgtune/trigger": "cli"}
+    with pytest.raises(ValueError):
+        sweep_run_command("empty", [])
 
 
 def _snap(done, total=32, **extra):

@@ -63,7 +63,7 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
             bits = image.tag_v2.get(258) if kind == "TIFF" else None
             if whole and kind == "PNG":
                 image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image: {exc})") from None
     if whole and kind == "JPEG" and b"\xff\xd9" not in data[-64:]:
         raise ImageReadError(f"{file}: not a decodable image (truncated JPEG: no end-of-image marker)")

@@ -237,7 +237,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                            ray_cluster: RayResource, run_settings: dict) -> None:
         """Each trial evaluated on every usable image, on Ray; one partition per trial.
 
-        Each trial's result is written (``trials/<key>.json``, atomically) as soon as it is complete, so a
+        Ray tasks read and decode the images (``core/fanout.py``): this process holds file names and
+        scores, never pixels. Each trial's result is written (``trials/<key>.json``, atomically) as soon as it is complete, so a
         killed run loses only unfinished trials. A trial whose pipeline raises is recorded as failed with
         its error; the other trials complete. Progress goes to the run log (at least every 5 s or every
         10 % of the trials) and to ``progress.json`` in the sweep's output folder.
