@@ -129,7 +129,38 @@ def own_peak_rss(pid: int) -> int:
     return 0
 
 
-class TreeMemory:
+class Sampler:
+    """A background thread that calls ``tick()`` every ``interval`` seconds while in a ``with`` block,
+    and ``finish()`` once at its end."""
+
+    interval: float
+
+    def _start_thread(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        self.tick()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.finish()
+
+
+class TreeMemory(Sampler):
     """Samples the memory of a process and all its descendants: the summed RSS (as asked for; it counts
     shared pages, such as Ray's object store, once per process that maps them) and the summed PSS
     (shared pages split between their processes: closer to what the tree really uses).
@@ -143,8 +174,7 @@ class TreeMemory:
         self.root_pid, self.interval, self.pss_every = root_pid, interval, pss_every
         self.peak, self.peak_rss, self._samples = 0, 0, 0
         self.peak_own = 0  # the root process's own peak RSS, children not counted (see own_peak_rss)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start_thread()
 
     def _sample(self, with_pss: bool) -> tuple[int, int]:
         try:
@@ -172,19 +202,11 @@ class TreeMemory:
         pss, rss = self._sample(with_pss)
         self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
 
-    def _run(self):
-        while not self._stop.is_set():
-            self._update(with_pss=self._samples % self.pss_every == 0)
-            self._samples += 1
-            self._stop.wait(self.interval)
+    def tick(self) -> None:
+        self._update(with_pss=self._samples % self.pss_every == 0)
+        self._samples += 1
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def finish(self) -> None:
         self._update()
 
 
@@ -366,7 +388,7 @@ FIXED_BLUR = [("gaussian_blur", {"ksize": 5, "sigma": 1.5})]
 MiB = 2**20
 
 
-class RaySpill:
+class RaySpill(Sampler):
     """What the object store of the embedded Ray that ``root_pid`` starts puts on disk while ``root_pid``
     runs (see the module's docstring): bytes spilled — its spill folder listed every ``interval`` (the
     largest size of every file, summed) and, at the end, the raylet's cumulative ``Spilled N MiB`` log
@@ -385,8 +407,7 @@ class RaySpill:
         self.logged_bytes = 0
         self._files: dict[str, int] = {}
         self._fallback: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start_thread()
 
     @property
     def listed_bytes(self) -> int:
@@ -472,18 +493,10 @@ class RaySpill:
             for match in self.LOG_LINE.finditer(text):
                 self.logged_bytes = max(self.logged_bytes, int(match.group(1)) * MiB)
 
-    def _run(self):
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
+    def tick(self) -> None:
+        self._sample()
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def finish(self) -> None:
         self._sample()
         self._read_log()
         # Nothing reads these files once the command's Ray is gone, and a round can leave gigabytes.

@@ -35,6 +35,16 @@ def segment_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def local_ray():
+    """One real local Ray per test module (2 CPUs); ``RayResource`` reuses an existing connection."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A real two-node Ray cluster on loopback (127.0.0.2 and .3), one per test module that asks."""
     from imgtune_assets_tests.support.raycluster import start_ray_cluster

@@ -27,15 +27,6 @@ IMAGES = ("Scan.JPEG", "colour16.tif", "colour8.png", "grey16.png", "grey8.png",
 SKIPPED = ("broken.png", "notes.txt")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 # ----------------------------------------------------------------------------- pure pieces
 def test_to_depth_scales_8_and_16_bit_both_ways():
     eight = np.array([[0, 1, 128, 255]], dtype=np.uint8)

@@ -21,24 +21,10 @@ from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.partitions import trial_partitions
 from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets_tests.conftest import write_sweep
+from imgtune_assets_tests.support.sweeps import range_tags
 
 REPORT_FILES = ("leaderboard.csv", "per_image_scores.csv", "best_pipeline.yaml", "report.json",
                 "plots/score_vs_params.png", "plots/best_so_far.png", "plots/best_trial_images.png")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One real embedded Ray for the module; RayResource reuses an existing connection."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def range_tags(sweep):
-    keys = trial_partitions(sweep).get_partition_keys()
-    return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
 
 
 def resources(out_dir):

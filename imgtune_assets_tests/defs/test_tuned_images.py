@@ -17,27 +17,12 @@ from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.factory import build_definitions
 from imgtune_assets.defs.keys import asset_key
-from imgtune_assets.defs.partitions import trial_partitions
 from imgtune_assets_tests.conftest import write_sweep
+from imgtune_assets_tests.support.sweeps import range_tags
 
 BLUR_SPACE = [{"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 9},
                "sigma": {"type": "float", "low": 0.5, "high": 3.0}}]
 SWEEP_ASSETS = ("image_manifest", "run_settings", "experiment_results", "sweep_report")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One real embedded Ray for the module; RayResource reuses an existing connection."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def range_tags(sweep):
-    keys = trial_partitions(sweep).get_partition_keys()
-    return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
 
 
 def decode(path):

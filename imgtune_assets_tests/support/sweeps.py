@@ -65,3 +65,11 @@ def sweeps_dir_env(tmp_path: Path, folder: Path, **extra: str) -> dict[str, str]
     del env["IMGTUNE_SWEEP"]
     env["IMGTUNE_SWEEPS_DIR"] = str(folder)
     return env
+
+
+def range_tags(sweep) -> dict[str, str]:
+    """The tags of one ranged run over every trial of ``sweep`` (what the schedule and the CLI request)."""
+    from imgtune_assets.core.sampling import trial_keys
+
+    keys = trial_keys(sweep)
+    return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
