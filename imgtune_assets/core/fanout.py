@@ -165,6 +165,7 @@ class FanoutResult:
     chunk_size: int = 0
     window: int = 0         # most chunks held in the object store at once
     decode_seconds: float = 0.0
+    decode_nodes: dict[int, str] = field(default_factory=dict)  # chunk -> node that decoded (and holds) it
 
 
 def _raise_data_error(exc: BaseException) -> None:
@@ -353,6 +354,8 @@ def run_trials(
                     raise
                 result.decodes += report["decodes"]
                 result.decode_seconds += report["seconds"]
+                if report.get("node_id"):
+                    result.decode_nodes[c] = report["node_id"]
                 if report["identity"] is not None:
                     chunk_identity[c] = report["identity"]
                     result.identity.update(zip(report["ids"], report["identity"]))
