@@ -289,7 +289,6 @@ def run_trials(
     chunk_bytes = {c: sum(sizes[a:b]) for c, (a, b) in enumerate(spans)}
     in_flight = 0
     queue = list(to_decode)
-    decode_started: dict[int, float] = {}
 
     def admit() -> None:
         nonlocal in_flight
@@ -303,7 +302,6 @@ def run_trials(
             pending[report_ref] = ("decode", c, -1)
             tasks_left[c] = 1 + len(chunk_trials[c])
             chunk_results[c] = {}
-            decode_started[c] = time.perf_counter()
             admitted.append(c)
             result.chunks_decoded += 1
         result.window = max(result.window, len(data_refs))
