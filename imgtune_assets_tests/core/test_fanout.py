@@ -73,6 +73,17 @@ def _busy_workers():
     return found
 
 
+def _kill_a_busy_worker(killed: list, seconds: float = 30) -> None:
+    """SIGKILL the first Ray worker seen running an imgtune task (its pid goes to ``killed``)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and not killed:
+        for pid in _busy_workers():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            break
+        time.sleep(0.01)
+
+
 def test_worker_killed_mid_sweep_changes_nothing(local_ray, images):
     ids, imgs, tgts = images
     # nl_means is slow enough (tens of ms an image) to catch a worker in the middle of a task.
@@ -82,17 +93,7 @@ def test_worker_killed_mid_sweep_changes_nothing(local_ray, images):
     undisturbed = run_trials(slow, InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=2).outcomes
 
     killed = []
-
-    def kill_one():
-        deadline = time.time() + 30
-        while time.time() < deadline and not killed:
-            for pid in _busy_workers():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                break
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_one)
+    killer = threading.Thread(target=_kill_a_busy_worker, args=(killed,))
     killer.start()
     disturbed = run_trials(slow, InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=2).outcomes
     killer.join()
@@ -225,3 +226,23 @@ def test_an_image_changed_since_the_manifest_fails_the_run_naming_it(local_ray, 
     with pytest.raises(ImageDataError, match=rf"{victim.name}: changed since the image manifest"):
         run_trials(trials(2), ImageFiles(tmp_path, rows), PSNR, chunk_size=4, on_trial_done=done.append)
     assert done == []  # no trial is recorded as failed because of the data
+
+
+def test_worker_killed_while_chunks_live_in_the_object_store_changes_nothing(local_ray, tmp_path):
+    # 256² images: a chunk of two with targets is 256 KB, so it lives in the object store (not inline), made
+    # by a decode task whose worker may be the one killed; the chunk outlives it (its owner is this process).
+    make_denoise_set(tmp_path, count=4, size=256)
+    rows = scan_folder(tmp_path, needs_target=True)
+    slow = [{"trial": f"trial-{k:03d}", "params": {},
+             "stages": [["nl_means", {"h": 8.0 + k, "template_window_size": 7, "search_window_size": 21}]]}
+            for k in range(4)]
+    undisturbed = run_trials(slow, ImageFiles(tmp_path, rows), PSNR, chunk_size=2).outcomes
+    killed = []
+    killer = threading.Thread(target=_kill_a_busy_worker, args=(killed,))
+    killer.start()
+    disturbed = run_trials(slow, ImageFiles(tmp_path, rows), PSNR, chunk_size=2)
+    killer.join()
+    assert killed, "no busy Ray worker was found to kill"
+    assert [o.status for o in disturbed.outcomes] == ["ok"] * 4
+    assert [o.score for o in disturbed.outcomes] == [o.score for o in undisturbed]
+    assert disturbed.chunks == 2 and disturbed.decodes >= 8  # every file decoded (again, if a decode was killed)
