@@ -65,7 +65,10 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
                 image.verify()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image: {exc})") from None
-    if whole and kind == "JPEG" and b"\xff\xd9" not in data[-64:]:
+    # A JPEG's end-of-image marker cannot occur inside its entropy-coded data (0xFF is stuffed there), so
+    # one after the start of scan means the scan is whole, whatever a camera appends after it (some
+    # phones append a video to the photo).
+    if whole and kind == "JPEG" and data.find(b"\xff\xd9", max(0, data.find(b"\xff\xda"))) < 0:
         raise ImageReadError(f"{file}: not a decodable image (truncated JPEG: no end-of-image marker)")
     if whole and kind == "BMP" and len(data) < int.from_bytes(data[2:6], "little"):
         raise ImageReadError(f"{file}: not a decodable image (truncated BMP)")

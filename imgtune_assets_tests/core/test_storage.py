@@ -93,3 +93,10 @@ def test_memory_filesystem_urls_list_read_and_write():
     assert storage.read_head(root / "images" / "a.png", 10) == b"1"
     with pytest.raises(storage.StorageError, match="memory://imgtune-test/data/images/zzz.png"):
         storage.read_bytes(root / "images" / "zzz.png")
+
+
+def test_a_jpeg_with_data_after_its_end_marker_is_whole():
+    # Phones append a video (or other data) after a photo's end-of-image marker: still a usable JPEG.
+    data = encoded("colour.jpg", np.uint8, 3) + b"\0\1\2ftypmp42" * 1000
+    assert probe_image(data, "motion.jpg")[:2] == (53, 37)
+    assert decode_image(data, "motion.jpg").shape == (37, 53, 3)
