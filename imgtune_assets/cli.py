@@ -339,7 +339,7 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
               ray_address: str | None) -> int:
     """Apply a fixed pipeline (a ``best_pipeline.yaml``) to every image of a folder, on Ray."""
     from imgtune_assets.core import storage
-    from imgtune_assets.core.apply import ApplyError, apply_to_folder, fixed_stages
+    from imgtune_assets.core.apply import ApplyError, apply_to_folder, fixed_stages, require_input_folder
     from imgtune_assets.core.sweepfile import load_sweep
     from imgtune_assets.defs.resources import RayResource
 
@@ -349,8 +349,7 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
         endpoint = endpoint_url or fixed.endpoint_url
         source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
         target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
-        if not storage.exists(source) or not storage.is_folder(source):  # before paying for Ray's start
-            raise ApplyError(f"{source}: input folder does not exist or is not a folder")
+        require_input_folder(source)  # before paying for Ray's start
     except (SweepFileError, ApplyError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

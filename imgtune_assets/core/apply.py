@@ -155,14 +155,19 @@ def _same_folder(a: Location, b: Location) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
+def require_input_folder(input_dir: Location) -> None:
+    """``ApplyError`` naming ``input_dir`` unless it is an existing folder (or prefix)."""
+    if not storage.exists(input_dir) or not storage.is_folder(input_dir):
+        raise ApplyError(f"{input_dir}: input folder does not exist or is not a folder")
+
+
 def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *, max_retries: int = 3,
                     on_progress: Callable[[int, int], None] | None = None) -> ApplyResult:
     """Apply ``stages`` to every file directly in ``input_dir``, writing ``output_dir/<same name>``,
     on Ray (the caller connects). Files that are not images are skipped with a reason."""
     import ray
 
-    if not storage.exists(input_dir) or not storage.is_folder(input_dir):
-        raise ApplyError(f"{input_dir}: input folder does not exist or is not a folder")
+    require_input_folder(input_dir)
     if _same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
     try:

@@ -15,6 +15,8 @@ from imgtune_assets.core.ops import apply_pipeline
 
 Stages = Sequence[tuple[str, dict[str, Any]]]
 NAN_SCORE = "metric returned NaN"
+# No processing: the baseline every sweep's report compares against.
+IDENTITY_STAGES = [("identity", {})]
 
 
 def evaluate_image(stages: Stages, image: np.ndarray, target: np.ndarray | None,

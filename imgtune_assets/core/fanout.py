@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from imgtune_assets.core.evaluate import TrialOutcome, evaluate_chunk
+from imgtune_assets.core.evaluate import IDENTITY_STAGES, TrialOutcome, evaluate_chunk
 from imgtune_assets.core.manifest import ManifestRow, decoded_bytes, load_images, usable
 from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.storage import Location
@@ -43,7 +43,6 @@ OBJECT_STORE_SHARE = 0.5
 # No chunk larger than this (bytes decoded): tasks stay short enough to balance and to retry cheaply.
 MAX_CHUNK_BYTES = 512 * 1024 * 1024
 
-IDENTITY_STAGES = [("identity", {})]
 # Ray passes objects below this size inline (its max_direct_call_object_size), not through a node's store.
 INLINE_BYTES = 100 * 1024
 

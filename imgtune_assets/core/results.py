@@ -16,11 +16,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from imgtune_assets.core.evaluate import evaluate_chunk
+from imgtune_assets.core.evaluate import IDENTITY_STAGES, evaluate_chunk
 from imgtune_assets.core.files import atomic_write_json
 from imgtune_assets.core.metrics import Objective
 
-IDENTITY_STAGES = [("identity", {})]
 
 
 class TrialStore:
