@@ -51,6 +51,12 @@ class TrialOutcome:
     seconds: float = 0.0
     workers: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    # Staged searches (core/search.py): the round that proposed it, by what, the last rung it reached
+    # and whether successive halving stopped it there.
+    round: int | None = None
+    source: str | None = None
+    rung: int | None = None
+    pruned: bool = False
 
     @property
     def images_failed(self) -> int:
@@ -63,7 +69,9 @@ class TrialOutcome:
     @property
     def status(self) -> str:
         # A trial with any failed image is not comparable with the others: it is failed, not ranked.
-        return "failed" if self.error or self.images_failed or not self.per_image else "ok"
+        if self.error or self.images_failed or not self.per_image:
+            return "failed"
+        return "pruned" if self.pruned else "ok"
 
     @property
     def score(self) -> float:
@@ -79,7 +87,17 @@ class TrialOutcome:
                 return f"image {image_id}: {r['error']}"
         return None
 
+    @property
+    def partial_score(self) -> float:
+        """Mean over the images scored (a pruned trial's only score)."""
+        values = [r["score"] for r in self.per_image if not r.get("error")]
+        return float(np.mean(values)) if values else float("nan")
+
     def to_record(self, *, sweep_name: str, fingerprint: str, metric: str, manifest_digest: str) -> dict[str, Any]:
+        staged = {} if self.round is None else {
+            "round": self.round, "source": self.source, "rung": self.rung,
+            "partial_score": None if math.isnan(self.partial_score) else self.partial_score,
+            "finished_at": time.time()}
         return {
             "sweep": sweep_name,
             "fingerprint": fingerprint,
@@ -100,4 +118,5 @@ class TrialOutcome:
                 for i, r in zip(self.image_ids, self.per_image)
             ],
             "workers": self.workers,
+            **staged,
         }

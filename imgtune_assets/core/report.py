@@ -36,25 +36,48 @@ def leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
     dims = [d.name for d in search_space(sweep)]
+    staged = STAGED_COLUMNS if any(rec.get("round") is not None for rec in records) else []
     rows = []
     for rec in records:
         row = {"trial": rec["trial"], "status": rec["status"], "score": rec["score"]}
+        row.update({c: rec.get(c) for c in staged})
         for name in dims:
             row[name] = rec["params"].get(name)
         row.update({"seconds": rec["seconds"], "images_scored": rec["images_scored"],
                     "images_failed": rec["images_failed"], "error": rec.get("error")})
         rows.append(row)
-    columns = ["rank", "trial", "status", "score", *dims, "seconds", "images_scored", "images_failed", "error"]
+    columns = ["rank", "trial", "status", "score", *staged, *dims, "seconds", "images_scored", "images_failed",
+               "error"]
     if not rows:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
     ok = frame["status"].eq("ok") & frame["score"].notna()
     ranked = frame[ok].sort_values(["score", "trial"], ascending=[not sweep.higher_is_better, True])
     ranked.insert(0, "rank", range(1, len(ranked) + 1))
-    rest = frame[~ok].sort_values("trial")
+    # Below the complete trials: pruned ones, furthest rung first, then by partial mean; then the failed.
+    pruned = frame["status"].eq("pruned") & ~ok
+    stopped = frame[pruned].sort_values(["rung", "partial_score", "trial"],
+                                        ascending=[False, not sweep.higher_is_better, True]) if staged else frame[pruned]
+    rest = pd.concat([stopped, frame[~ok & ~pruned].sort_values("trial")])
     rest.insert(0, "rank", pd.NA)
     board = pd.concat([ranked, rest], ignore_index=True) if len(rest) else ranked.reset_index(drop=True)
     return board[columns]
+
+
+# Leaderboard columns of a staged search (core/search.py).
+STAGED_COLUMNS = ["round", "source", "rung", "partial_score"]
+
+
+def evaluations(records: list[dict[str, Any]]) -> int:
+    """Image evaluations the recorded trials cost (a pruned trial's images scored, not all)."""
+    return sum(len(rec.get("per_image", [])) for rec in records)
+
+
+def top_params(records: list[dict[str, Any]], higher_is_better: bool, k: int) -> list[dict[str, Any]]:
+    """The parameters of the best ``k`` complete trials, best first (the next sweep's warm starts)."""
+    ok = [r for r in records if r["status"] == "ok" and r["score"] is not None]
+    sign = -1.0 if higher_is_better else 1.0
+    return [r["params"] for r in sorted(ok, key=lambda r: (sign * r["score"], r["trial"]))[:k]]
 
 
 def best_record(records: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any] | None:
@@ -194,6 +217,52 @@ def plot_best_so_far(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     return data
 
 
+def plot_search_progress(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
+    """A staged search: best complete score so far against image evaluations and against wall time,
+    each trial shown where it settled, coloured by what proposed it, hollow when pruned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(records, key=lambda r: (r.get("finished_at") or 0.0, r["trial"]))
+    start = min((r["finished_at"] - r["seconds"] for r in ordered if r.get("finished_at")), default=0.0)
+    evals, spent = 0, []
+    for rec in ordered:
+        evals += len(rec.get("per_image", []))
+        spent.append((evals, (rec.get("finished_at") or start) - start))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained", sharey=True)
+    sources = sorted({rec.get("source") or "?" for rec in ordered})
+    colours = dict(zip(sources, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    for ax, axis, label in ((axes[0], 0, "image evaluations"), (axes[1], 1, "wall time (s)")):
+        best, xs, ys = None, [], []
+        for rec, point in zip(ordered, spent):
+            value = rec["score"] if rec["status"] == "ok" else rec.get("partial_score")
+            if value is None:
+                continue
+            pruned = rec["status"] != "ok"
+            ax.scatter([point[axis]], [value], s=16, alpha=0.7, marker="o",
+                       facecolors="none" if pruned else colours[rec.get("source") or "?"],
+                       edgecolors=colours[rec.get("source") or "?"])
+            if not pruned and (best is None or (value > best if sweep.higher_is_better else value < best)):
+                best = value
+            if best is not None:
+                xs.append(point[axis])
+                ys.append(best)
+        ax.step(xs, ys, where="post", color="#e8590c", label="best so far (complete trials)")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    for source, colour in colours.items():
+        axes[1].scatter([], [], color=colour, s=16, label=f"proposed by {source}")
+    axes[1].scatter([], [], facecolors="none", edgecolors="grey", s=16, label="pruned (partial mean)")
+    axes[0].set_ylabel(sweep.objective.metric)
+    axes[1].legend(loc="lower right" if sweep.higher_is_better else "upper right", fontsize=7)
+    fig.suptitle(f"{sweep.name}: how the search went")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
 def plot_before_after(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> bytes:
     """Rows of (label, before, after, target) images."""
     import matplotlib
@@ -255,6 +324,10 @@ def write_report(
     else:  # no winner this time: an earlier report's best pipeline must not be read as this one's
         (out_dir / "best_pipeline.yaml").unlink(missing_ok=True)
     png = {"score_vs_params": plot_score_vs_params(sweep, board), "best_so_far": plot_best_so_far(sweep, records)}
+    if any(rec.get("round") is not None for rec in records):
+        png["search_progress"] = plot_search_progress(sweep, records)
+    else:
+        (out_dir / "plots" / "search_progress.png").unlink(missing_ok=True)
     if before_after:
         png["best_trial_images"] = plot_before_after(before_after)
     else:

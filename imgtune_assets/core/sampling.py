@@ -159,6 +159,14 @@ def _grid(dims: list[Dimension], seed: int, k: int, n_trials: int) -> Point:
 
 # The order is the one listed in error messages.
 SAMPLERS: dict[str, Sampler] = {"random": _random, "grid": _grid, "halton": _halton, "sobol": _sobol}
+# Samplers that learn from earlier results (core/search.py, through Optuna): a trial's parameters are
+# proposed in rounds and frozen in the sweep's ledger, not a function of its index.
+ADAPTIVE_SAMPLERS = ("tpe", "cmaes")
+
+
+def sampler_names() -> tuple[str, ...]:
+    """Every name ``sampler:`` accepts (read when a file is checked: the registry may grow)."""
+    return (*SAMPLERS, *ADAPTIVE_SAMPLERS)
 
 
 def sample_point(dims: list[Dimension], sampler: str, seed: int, k: int, n_trials: int) -> Point:

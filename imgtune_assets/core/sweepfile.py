@@ -43,7 +43,8 @@ from imgtune_assets.core.cron import validate_cron
 from imgtune_assets.core.demo_data import DEMO_KINDS
 from imgtune_assets.core.metrics import METRICS, Objective, metric_options
 from imgtune_assets.core.ops import OPS, OpParamError, ParamSpec, validate_stage
-from imgtune_assets.core.sampling import SAMPLERS
+from imgtune_assets.core.sampling import ADAPTIVE_SAMPLERS, sampler_names
+from imgtune_assets.core.search import INITIAL_DESIGNS, Halving, SearchOptions
 from imgtune_assets.core.storage import Location, StorageError, location
 
 RANGE_TYPES = ("int", "float", "odd", "choice")
@@ -100,6 +101,8 @@ class Sweep:
     endpoint_url: str | None = None  # for s3:// URLs of an S3-compatible store
     apply_input: Location | None = None  # the folder the winning pipeline is applied to, and where to
     apply_output: Location | None = None  # write the results (``apply:`` in the file)
+    search: SearchOptions = SearchOptions()  # rounds of a staged search (core/search.py)
+    early_stopping: Halving | None = None  # successive halving over images
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -124,6 +127,13 @@ class Sweep:
                 for s in self.pipeline
             ],
         }
+        # A staged search is extended by raising ``trials`` (its rounds and their results stay, see
+        # core/search.py); for the other samplers the count stays in, as it always was, so results
+        # saved under earlier fingerprints are still found.
+        if self.sampler in ADAPTIVE_SAMPLERS or self.early_stopping is not None:
+            payload["search"] = self.search.to_dict()
+            payload["early_stopping"] = self.early_stopping.to_dict() if self.early_stopping else None
+            del payload["trials"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -466,6 +476,55 @@ class _Apply(_Model):
         return raw
 
 
+class _Search(_Model):
+    """How a staged search (adaptive sampler or early stopping) forms its rounds (core/search.py)."""
+
+    _ORDER = ("+", "batch_size", "n_startup", "initial_design", "warm_start")
+    batch_size: Optional[Annotated[StrictInt, Field(ge=1), _says("expected a whole number >= 1, got {!r}")]] = None
+    n_startup: Optional[Annotated[StrictInt, Field(ge=1), _says("expected a whole number >= 1, got {!r}")]] = None
+    initial_design: Annotated[Literal[INITIAL_DESIGNS],  # type: ignore[valid-type]
+                              _says(f"expected one of {', '.join(INITIAL_DESIGNS)}, got {{!r}}")] = "sobol"
+    warm_start: Annotated[StrictInt, Field(ge=0), _says("expected a whole number >= 0, got {!r}")] = 3
+
+    @classmethod
+    def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
+        return (f".{sorted(keys, key=str)[0]}",
+                "unknown field (allowed: batch_size, n_startup, initial_design, warm_start)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise _problem("expected a mapping like {batch_size: 8, n_startup: 16}")
+        return raw
+
+    def to_options(self) -> SearchOptions:
+        return SearchOptions(batch_size=self.batch_size, n_startup=self.n_startup,
+                             initial_design=self.initial_design, warm_start=self.warm_start)
+
+
+class _EarlyStopping(_Model):
+    _ORDER = ("+", "!", "method", "eta", "min_images")
+    method: Annotated[Literal["successive_halving"],
+                      _says("unknown method {!r} (allowed: successive_halving)")]
+    eta: Annotated[StrictInt, Field(ge=2), _says("expected a whole number >= 2, got {!r}")] = 3
+    min_images: Optional[Annotated[StrictInt, Field(ge=1), _says("expected a whole number >= 1, got {!r}")]] = None
+
+    @classmethod
+    def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
+        return f".{sorted(keys, key=str)[0]}", "unknown field (allowed: method, eta, min_images)"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise _problem("expected a mapping like {method: successive_halving, eta: 3}")
+        return raw
+
+    def to_halving(self) -> Halving:
+        return Halving(eta=self.eta, min_images=self.min_images)
+
+
 def _plain_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise _problem(f"{name!r} is not a plain name (letters, digits, '_', '-', '.'; "
@@ -480,8 +539,8 @@ def _trials_range(trials: int) -> int:
 
 
 def _known_sampler(sampler: Any) -> str:
-    if not isinstance(sampler, str) or sampler not in SAMPLERS:
-        raise _problem(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+    if not isinstance(sampler, str) or sampler not in sampler_names():
+        raise _problem(f"unknown sampler {sampler!r} (known: {', '.join(sampler_names())})")
     return sampler
 
 
@@ -500,9 +559,10 @@ def _stage_list(value: Any) -> Any:
 class _SweepDoc(_Model):
     """The whole file. Fields are declared in the order they are checked."""
 
-    _ORDER = ("+", "!", "name", "data_dir", "storage", "objective", "trials", "seed", "sampler", "pipeline",
-              "schedule", "chunk_size", "demo_data", "apply", "description")
-    _NESTED = {"objective": _Objective, "schedule": _Schedule, "storage": _Storage, "apply": _Apply}
+    _ORDER = ("+", "!", "name", "data_dir", "storage", "objective", "trials", "seed", "sampler", "search",
+              "early_stopping", "pipeline", "schedule", "chunk_size", "demo_data", "apply", "description")
+    _NESTED = {"objective": _Objective, "schedule": _Schedule, "storage": _Storage, "apply": _Apply,
+               "search": _Search, "early_stopping": _EarlyStopping}
     name: Annotated[Any, AfterValidator(_plain_name)]
     data_dir: Annotated[StrictStr, AfterValidator(_not_blank), _says("expected a folder path, got {!r}")]
     storage: Optional[_Storage] = None
@@ -510,6 +570,8 @@ class _SweepDoc(_Model):
     trials: Annotated[StrictInt, _says("expected a whole number, got {!r}"), AfterValidator(_trials_range)]
     seed: Annotated[StrictInt, Field(ge=0), _says("expected a whole number >= 0, got {!r}")] = 0
     sampler: Annotated[Any, AfterValidator(_known_sampler)] = "random"
+    search: Optional[_Search] = None
+    early_stopping: Optional[_EarlyStopping] = None
     pipeline: Annotated[list[_Stage], BeforeValidator(_stage_list)]
     schedule: Optional[_Schedule] = None
     chunk_size: Optional[Annotated[StrictInt, Field(ge=1), _says("expected a whole number >= 1, got {!r}")]] = None
@@ -530,6 +592,13 @@ class _SweepDoc(_Model):
             raise _problem("the sweep file must be a YAML mapping (name, data_dir, objective, trials, ...)")
         return raw
 
+    @model_validator(mode="after")
+    def _search_needs_rounds(self) -> _SweepDoc:
+        if self.search is not None and self.sampler not in ADAPTIVE_SAMPLERS and self.early_stopping is None:
+            raise _problem(f"only used by a sampler that learns ({', '.join(ADAPTIVE_SAMPLERS)}) or with "
+                           f"early_stopping; sampler is {self.sampler!r}", sub=".search")
+        return self
+
     def to_sweep(self, path: Path, raw: dict[str, Any]) -> Sweep:
         endpoint = self.storage.endpoint_url if self.storage else None
 
@@ -547,6 +616,8 @@ class _SweepDoc(_Model):
             pipeline=tuple(stage.to_stage() for stage in self.pipeline),
             schedule_cron=self.schedule.cron if self.schedule else None,
             chunk_size=self.chunk_size, demo_data=self.demo_data, raw=raw,
+            search=self.search.to_options() if self.search else SearchOptions(),
+            early_stopping=self.early_stopping.to_halving() if self.early_stopping else None,
         )
 
 

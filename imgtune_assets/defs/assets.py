@@ -50,12 +50,22 @@ from imgtune_assets.core.manifest import (
     scan_folder,
 )
 from imgtune_assets.core.manifest import usable as usable_rows
-from imgtune_assets.core.report import before_after_panels, best_record, leaderboard, write_report
+from imgtune_assets.core.report import (
+    STAGED_COLUMNS,
+    before_after_panels,
+    best_record,
+    evaluations,
+    leaderboard,
+    top_params,
+    write_report,
+)
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
-from imgtune_assets.core.sampling import search_space, trial_keys, trial_settings
+from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
+from imgtune_assets.core.search import is_staged
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
+from imgtune_assets.defs.search_run import run_staged_search, staged_trials
 
 MANIFEST_COLUMNS = {"id", "image_path", "status"}
 
@@ -123,6 +133,11 @@ def _partition_metadata(record: dict, result_file, reused: bool) -> dict[str, An
         "error": record["error"] or "",
         "reused": reused,
         "result_file": MetadataValue.path(str(result_file)),
+        # Staged searches: the round that proposed the trial, by what, and the rung it reached.
+        **({} if record.get("round") is None else {
+            "round": record["round"], "source": record["source"], "rung": record["rung"],
+            "partial_score": MetadataValue.float(float("nan") if record["partial_score"] is None
+                                                 else float(record["partial_score"]))}),
     }
 
 
@@ -214,14 +229,16 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         import pandas as pd
 
         rows = manifest_rows(image_manifest.to_dict("records"))
-        trials = [trial_settings(sweep, k) for k in range(sweep.trials)]
+        trials = staged_trials(sweep, imgtune.sweep_dir(sweep.name), manifest_digest(rows)) if is_staged(sweep) \
+            else [trial_settings(sweep, k) for k in range(sweep.trials)]
         settings = {"sweep": sweep.name, "fingerprint": sweep.fingerprint(), "objective": objective.to_dict(),
                     "trials": trials, "manifest_digest": manifest_digest(rows), "images": [r.to_record() for r in rows]}
         atomic_write_json(imgtune.sweep_dir(sweep.name) / "run_settings.json", settings)
-        preview = pd.DataFrame([{"trial": t["trial"], **t["params"]} for t in trials])
+        preview = pd.DataFrame([{"trial": t["trial"], **(t["params"] or {})} for t in trials])
         return Output(settings, metadata={
             "trials": sweep.trials,
             "sampler": sweep.sampler,
+            "early_stopping": MetadataValue.json(sweep.early_stopping.to_dict() if sweep.early_stopping else {}),
             "seed": sweep.seed,
             "metric": objective.metric,
             "fingerprint": settings["fingerprint"],
@@ -270,12 +287,20 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
 
         def save(record: dict, reused: bool) -> None:
             result_file = store.path(record["trial"]) if reused else store.save(record)
-            if record["status"] != "ok":
+            if record["status"] == "failed":
                 failed.append(record["trial"])
                 context.log.warning(f"{record['trial']} failed: {record['error']}")
             context.add_asset_metadata(_partition_metadata(record, result_file, reused), partition_key=record["trial"])
             progress.trial_done(record, reused=reused)
             report_progress()
+
+        if is_staged(sweep):
+            stats = run_staged_search(context, sweep, sweep_dir, store, rows, keys, config.skip_finished,
+                                      ray_cluster, save)
+            stats["failed"] = len(failed)
+            atomic_write_json(sweep_dir / "last_experiment_run.json", stats)
+            context.log.info(f"{len(keys) - len(failed)} trial(s) settled, {len(failed)} failed ({json.dumps(stats)})")
+            return
 
         try:
             reused, todo = store.split_finished(keys, config.skip_finished)
@@ -377,18 +402,23 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             raise Failure(description=str(exc)) from None
         best = best_record(records, sweep.higher_is_better)
         completed = [r for r in records if r["status"] == "ok"]
-        failed = [r for r in records if r["status"] != "ok"]
+        failed = [r for r in records if r["status"] == "failed"]
+        pruned = [r for r in records if r["status"] == "pruned"]
+        n_images = len(usable_rows(rows))
         panels = before_after_panels(best, rows, sweep.data_dir, sweep.higher_is_better) if best else None
         board, files = write_report(sweep, records, out_dir, best=best, before_after=panels,
                                     board=leaderboard(sweep, records))
-        top = board[board["status"].eq("ok")].head(10).drop(columns=["error", "status"])
+        top = board[board["status"].eq("ok")].head(10).drop(
+            columns=["error", "status", *(c for c in STAGED_COLUMNS if c in board.columns and c != "source")])
         best_score = float(best["score"]) if best else float("nan")
         summary = {
             "sweep": sweep.name,
             "metric": objective.metric,
             "higher_is_better": sweep.higher_is_better,
             "total_trials": sweep.trials,
+            "sampler": sweep.sampler,
             "completed_trials": len(completed),
+            "pruned_trials": len(pruned),
             "failed_trials": [r["trial"] for r in failed],
             "missing_trials": sorted(set(keys) - {r["trial"] for r in records}),
             "stale_trials": stale,
@@ -398,6 +428,14 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "identity_score": identity_score,
             # Images whose metric came out NaN (such a trial is failed, not ranked): the scores_are_numbers check.
             "nan_scores": sum(1 for r in records for p in r["per_image"] if p["error"] == NAN_SCORE),
+            # Image evaluations done (successive halving scores pruned trials on some images only),
+            # and what scoring every recorded trial on every image would have cost.
+            "evaluations": evaluations(records),
+            "evaluations_full": len(records) * n_images,
+            # For the next sweep after the images change: warm starts (core/search.py).
+            "manifest_digest": digest,
+            "space_digest": space_digest(search_space(sweep)),
+            "top_params": top_params(records, sweep.higher_is_better, k=max(10, sweep.search.warm_start)),
             "output_dir": str(out_dir),
             "leaderboard": str(files.leaderboard),
             "best_pipeline": str(files.best_pipeline) if files.best_pipeline else None,
@@ -415,7 +453,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "identity_score": MetadataValue.float(identity_score),
             "improvement": MetadataValue.float(best_score - identity_score if best else float("nan")),
             "completed_trials": len(completed),
+            "pruned_trials": len(pruned),
             "failed_trials": len(failed),
+            "evaluations": summary["evaluations"],
+            "evaluations_full": summary["evaluations_full"],
             "missing_trials": len(summary["missing_trials"]),
             "total_trials": sweep.trials,
             "top_10": _table(top),

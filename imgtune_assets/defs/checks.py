@@ -43,13 +43,16 @@ def build_sweep_checks(assets: SweepAssets) -> list[AssetChecksDefinition]:
                                 metadata={"best_score": float(best), "identity_score": float(identity)})
 
     @asset_check(asset=assets.sweep_report,
-                 description="Every trial of the sweep completed; failed and missing trials are listed.")
+                 description="Every trial of the sweep completed or was stopped by early stopping; failed and "
+                             "missing trials are listed.")
     def report_complete(sweep_report: dict) -> AssetCheckResult:
         failed, missing = sweep_report["failed_trials"], sweep_report["missing_trials"]
+        settled = sweep_report["completed_trials"] + sweep_report.get("pruned_trials", 0)
         return AssetCheckResult(
-            passed=not failed and not missing and sweep_report["completed_trials"] == sweep_report["total_trials"],
+            passed=not failed and not missing and settled == sweep_report["total_trials"],
             severity=AssetCheckSeverity.WARN,
             metadata={"completed_trials": sweep_report["completed_trials"],
+                      "pruned_trials": sweep_report.get("pruned_trials", 0),
                       "total_trials": sweep_report["total_trials"],
                       "failed_trials": ", ".join(failed) or "none", "missing_trials": ", ".join(missing[:50]) or "none"},
         )

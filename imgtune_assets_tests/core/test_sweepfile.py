@@ -78,7 +78,7 @@ def test_fingerprint_changes_with_search_space(tmp_path):
         (("trials: 8", "trials: 0"), "trials", "between 1"),
         (("trials: 8", "trials: many"), "trials", "'many'"),
         (("name: t", "name: ../x"), "name", "'../x'"),
-        (("sampler: random", "sampler: tpe"), "sampler", "unknown sampler 'tpe'"),
+        (("sampler: random", "sampler: bayes"), "sampler", "unknown sampler 'bayes' (known: random, grid, halton, sobol, tpe, cmaes)"),
         (("{type: float, low: 10, high: 150}", "{type: float, low: ten, high: 150}"), "pipeline[0].sigma_color.low", "'ten'"),
         (("ksize: {type: odd", "ksize: {type: float"), "pipeline[1].ksize.type", "odd"),
         (("values: [otsu, mean, gaussian]", "values: [otsu, median]"), "pipeline[2].method", "median"),
@@ -202,9 +202,9 @@ def test_direction_overrides_the_metric_and_is_validated(tmp_path):
         ('seed: 3', "seed: '3'",
          "seed: expected a whole number >= 0, got '3'"),
         ('sampler: random', 'sampler: null',
-         'sampler: unknown sampler None (known: random, grid, halton, sobol)'),
+         'sampler: unknown sampler None (known: random, grid, halton, sobol, tpe, cmaes)'),
         ('pipeline:', 'zz: 1\naa: 2\npipeline:',
-         'aa: unknown field (allowed: apply, chunk_size, data_dir, demo_data, description, name, objective, pipeline, sampler, schedule, seed, storage, trials)'),
+         'aa: unknown field (allowed: apply, chunk_size, data_dir, demo_data, description, early_stopping, name, objective, pipeline, sampler, schedule, search, seed, storage, trials)'),
         ('trials: 8', "trials: 8\nschedule: {cron: '0 2 * *'}",
          "schedule.cron: expected a 5-field cron string, got '0 2 * *'"),
         ('trials: 8', 'trials: 8\nschedule: {cron: 5}',
@@ -282,7 +282,7 @@ def test_schedule_cron_is_checked_by_core_cron(tmp_path):
 
 def test_sampler_names_come_from_the_sampler_registry(tmp_path, monkeypatch):
     path = write(tmp_path, GOOD.replace("sampler: random", "sampler: lattice"))
-    with pytest.raises(SweepFileError, match=r"sampler: unknown sampler 'lattice' \(known: random, grid, halton, sobol\)"):
+    with pytest.raises(SweepFileError, match=r"sampler: unknown sampler 'lattice' \(known: random, grid, halton, sobol, tpe, cmaes\)"):
         load_sweep(path)
     monkeypatch.setitem(SAMPLERS, "lattice", SAMPLERS["random"])
     assert load_sweep(path).sampler == "lattice"

@@ -1,0 +1,584 @@
+"""A search that learns: trials proposed in rounds from earlier results (Optuna's TPE or CMA-ES through
+ask-and-tell), successive halving over images, warm starts from the previous report, and the ledger
+that freezes every proposal.
+
+Plain module (no Dagster, no Ray): the caller supplies ``evaluate`` (the Ray fan-out in the asset, a
+process pool in ``benchmarks/search_bench.py``). ``optuna`` is imported where a proposal is made.
+
+Decisions (also in the README):
+
+- **Rounds.** A *staged* sweep (``sampler: tpe|cmaes``, or any sampler with ``early_stopping``) runs its
+  trials in rounds: round 0 holds the first ``n_startup`` trials (warm starts, then an initial design
+  of Sobol' or Halton points; for ``random``/``grid``/``halton``/``sobol`` simply the sampler's points),
+  every later round ``batch_size`` trials. Round boundaries depend only on ``n_startup`` and
+  ``batch_size``, never on ``trials``: raising ``trials`` adds rounds (or fills the last one) and
+  leaves every earlier proposal as it was. The default ``batch_size`` is the cluster's CPU count when
+  the sweep's ledger is started (it is recorded there and kept after).
+- **The ledger** (``<sweep dir>/search/ledger-<fingerprint>-<manifest digest>.json``, written
+  atomically) records each round's proposals when they are made: a round is proposed whole, from the
+  sweep file, the seed, the manifest and the results of all earlier rounds, and never again. A re-run
+  of ``trial-017`` evaluates its recorded parameters; a killed run resumed with ``skip_finished``
+  evaluates the recorded proposals and proposes later rounds from the same results, so it ends with
+  the same ledger as an undisturbed run. The samplers keep no state: each proposal rebuilds an Optuna
+  study from the ledger and the results (TPE from the finished trials; CMA-ES by replaying its earlier
+  generations with their recorded parameters, ``enqueue_trial`` + ``ask`` + ``tell``).
+- **A trial requested before it can be proposed** (its earlier rounds have trials without a result)
+  is an error that names those trials: proposing from partial results would make the proposal depend
+  on which partitions happened to run first. Run the sweep's whole range (the CLI, the schedule, the
+  sensor and a backfill do) or the earlier trials first.
+- **Successive halving** (``early_stopping: {method: successive_halving, eta, min_images}``) is
+  synchronous within a round: every candidate scores the same first ``min_images`` images of one
+  seeded order of the images (the same order in every round), the best ``ceil(n / eta)`` go on to
+  ``eta`` times as many, and so on; the last rung is every image. The ranking uses only per-image
+  scores, so the outcome never depends on timing, and a resumed round recomputes nothing it had
+  (per-image scores of settled trials are in their records). A stopped trial is ``pruned``: its rung,
+  the images it scored and its partial mean are recorded, and it ranks below complete trials. TPE
+  learns from pruned trials as Optuna's own pruners teach it (state ``PRUNED`` with the partial mean as
+  an intermediate value at the number of images); CMA-ES, which needs a value for every member of a
+  generation, is told the partial mean shifted by how much the complete trials' means moved between
+  that rung's images and all images.
+- **Warm starts** (adaptive samplers): when a ledger is started for images that differ from the ones
+  the sweep's last report was made for, that report's top ``warm_start`` parameter sets (default 3)
+  are the first trials of round 0, recorded with ``source: warm-start``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from imgtune_assets.core.evaluate import TrialOutcome
+from imgtune_assets.core.files import atomic_write_json
+from imgtune_assets.core.sampling import (
+    ADAPTIVE_SAMPLERS,
+    Dimension,
+    Point,
+    _tidy,
+    sample_point,
+    search_space,
+    space_digest,
+    trial_key,
+    trial_stages,
+)
+
+INITIAL_DESIGNS = ("sobol", "halton")
+DEFAULT_WARM_START = 3
+DEFAULT_ETA = 3
+LEDGER_FORMAT = 1
+
+# (trials, image ids, known results: trial -> image id -> result) -> trial -> image id -> result
+Evaluate = Callable[[list[dict[str, Any]], list[str], dict[str, dict[str, dict[str, Any]]]],
+                    dict[str, dict[str, dict[str, Any]]]]
+
+
+class SearchError(ValueError):
+    """A staged search that cannot go on as asked (e.g. a trial requested before its round can be
+    proposed). The message names the trials."""
+
+
+# ---------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Halving:
+    """Successive halving over images."""
+
+    eta: int = DEFAULT_ETA
+    min_images: int | None = None  # default: max(3, ceil(n_images / eta²)) — three rungs for a few dozen
+
+    def rung_sizes(self, n_images: int) -> list[int]:
+        """Images scored at each rung, ending with all of them."""
+        if n_images <= 0:
+            return [0]
+        first = self.min_images if self.min_images is not None else max(3, math.ceil(n_images / self.eta ** 2))
+        sizes, size = [], max(1, first)
+        while size < n_images:
+            sizes.append(size)
+            size *= self.eta
+        return sizes + [n_images]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "successive_halving", "eta": self.eta, "min_images": self.min_images}
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """The sweep file's ``search:`` mapping."""
+
+    batch_size: int | None = None
+    n_startup: int | None = None
+    initial_design: str = "sobol"
+    warm_start: int = DEFAULT_WARM_START
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "n_startup": self.n_startup,
+                "initial_design": self.initial_design, "warm_start": self.warm_start}
+
+
+def is_staged(sweep) -> bool:
+    """Whether the sweep runs in rounds (an adaptive sampler or early stopping)."""
+    return sweep.sampler in ADAPTIVE_SAMPLERS or sweep.early_stopping is not None
+
+
+def default_n_startup(n_dims: int, batch_size: int) -> int:
+    """The initial design: at least 10 points and two per dimension, a whole number of batches."""
+    wanted = max(10, 2 * n_dims, batch_size)
+    return batch_size * math.ceil(wanted / batch_size)
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Which trials form which round: ``[0, n_startup)``, then ``batch_size`` at a time."""
+
+    batch_size: int
+    n_startup: int
+
+    def of(self, index: int) -> int:
+        if index < self.n_startup:
+            return 0
+        return 1 + (index - self.n_startup) // self.batch_size
+
+    def slots(self, r: int) -> range:
+        if r == 0:
+            return range(0, self.n_startup)
+        start = self.n_startup + (r - 1) * self.batch_size
+        return range(start, start + self.batch_size)
+
+
+# ---------------------------------------------------------------------------------------- records
+
+
+def image_order(ids: Sequence[str], seed: int, manifest_digest: str) -> list[str]:
+    """The images in the seeded order successive halving takes them in (the same in every round)."""
+    ordered = sorted(ids)
+    salt = int(hashlib.sha256(manifest_digest.encode()).hexdigest()[:15], 16)
+    perm = np.random.default_rng(np.random.SeedSequence([seed, salt])).permutation(len(ordered))
+    return [ordered[i] for i in perm]
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def partial_score(record: dict[str, Any]) -> float:
+    """A record's mean over the images it scored (a pruned trial's partial mean)."""
+    return _mean(p["score"] for p in record.get("per_image", []) if not p.get("error") and p["score"] is not None)
+
+
+# ---------------------------------------------------------------------------------------- ledger
+
+
+class Ledger:
+    """The frozen proposals of one sweep for one (fingerprint, manifest digest)."""
+
+    def __init__(self, folder: Path, fingerprint: str, manifest_digest: str):
+        self.file = Path(folder) / f"ledger-{fingerprint}-{manifest_digest[:16]}.json"
+        self.fingerprint = fingerprint
+        self.manifest_digest = manifest_digest
+        self.data: dict[str, Any] | None = None
+        if self.file.exists():
+            try:
+                data = json.loads(self.file.read_text())
+            except json.JSONDecodeError as exc:  # written atomically: a damaged file is foreign or hand-edited
+                raise SearchError(f"{self.file}: not a search ledger ({exc}); move it away to start the "
+                                  f"search again") from None
+            if (data.get("format"), data.get("fingerprint"), data.get("manifest_digest")) != (
+                    LEDGER_FORMAT, fingerprint, manifest_digest):
+                raise SearchError(f"{self.file}: a ledger for other settings or images; move it away")
+            self.data = data
+
+    @property
+    def started(self) -> bool:
+        return self.data is not None
+
+    def start(self, header: dict[str, Any]) -> None:
+        self.data = {"format": LEDGER_FORMAT, "fingerprint": self.fingerprint,
+                     "manifest_digest": self.manifest_digest, **header, "rounds": []}
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.file, self.data)
+
+    @property
+    def rounds(self) -> Rounds:
+        return Rounds(batch_size=self.data["batch_size"], n_startup=self.data["n_startup"])
+
+    def round(self, r: int) -> dict[str, Any] | None:
+        for entry in self.data["rounds"]:
+            if entry["round"] == r:
+                return entry
+        return None
+
+    def add_round(self, entry: dict[str, Any]) -> None:
+        self.data["rounds"] = sorted([*self.data["rounds"], entry], key=lambda e: e["round"])
+        self.save()
+
+    def proposals(self) -> dict[int, dict[str, Any]]:
+        """Every recorded proposal by trial index."""
+        return {p["index"]: {**p, "round": e["round"]} for e in self.data["rounds"] for p in e["trials"]}
+
+
+# ------------------------------------------------------------------------------------- proposals
+
+
+def _distributions(dims: list[Dimension]) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for d in dims:
+        r = d.range
+        if r.type == "choice":
+            out[d.name] = CategoricalDistribution(list(r.values))
+        elif r.type == "odd":
+            values = d.candidates(levels=10**9)
+            out[d.name] = IntDistribution(values[0], values[-1], step=2)
+        elif r.type == "int":
+            out[d.name] = IntDistribution(int(r.low), int(r.high), log=r.log)
+        else:
+            out[d.name] = FloatDistribution(float(r.low), float(r.high), log=r.log)
+    return out
+
+
+def _clean(dims: list[Dimension], params: dict[str, Any]) -> Point:
+    """A proposal as the sweep's trials record values: floats to six significant digits, in range."""
+    out = {}
+    for d in dims:
+        value = params[d.name]
+        if d.range.type == "float":
+            value = min(max(_tidy(value), float(d.range.low)), float(d.range.high))
+        elif d.range.type in ("int", "odd"):
+            value = int(value)
+        out[d.name] = value
+    return out
+
+
+def fits(dims: list[Dimension], params: dict[str, Any]) -> bool:
+    """Whether ``params`` is a point of this search space (a warm start from an older report may not be)."""
+    if set(params) != {d.name for d in dims}:
+        return False
+    for d in dims:
+        value, r = params[d.name], d.range
+        if r.type == "choice":
+            if value not in r.values:
+                return False
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not r.low <= value <= r.high:
+            return False
+        elif r.type in ("int", "odd") and (int(value) != value or (r.type == "odd" and int(value) % 2 == 0)):
+            return False
+    return True
+
+
+def _seed(*parts: Any) -> int:
+    return int(np.random.SeedSequence([abs(hash_int(p)) for p in parts]).generate_state(1)[0])
+
+
+def hash_int(part: Any) -> int:
+    return int(hashlib.sha256(str(part).encode()).hexdigest()[:15], 16)
+
+
+@dataclass
+class HistoryTrial:
+    """What a proposal learns from an earlier trial."""
+
+    index: int
+    params: Point
+    status: str  # ok | failed | pruned
+    score: float  # full mean (ok), partial mean (pruned), NaN (failed)
+    images_scored: int
+    per_image: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, index: int, record: dict[str, Any]) -> HistoryTrial:
+        per = {p["id"]: p["score"] for p in record.get("per_image", []) if not p.get("error") and p["score"] is not None}
+        status = record["status"]
+        score = record["score"] if status == "ok" else partial_score(record) if status == "pruned" else float("nan")
+        return cls(index=index, params=record["params"], status=status,
+                   score=float("nan") if score is None else float(score), images_scored=len(per), per_image=per)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """Everything a proposal depends on besides the results."""
+
+    dims: list[Dimension]
+    sampler: str
+    seed: int
+    maximize: bool
+    rounds: Rounds
+    initial_design: str = "sobol"
+
+    @property
+    def adaptive(self) -> bool:
+        return self.sampler in ADAPTIVE_SAMPLERS
+
+
+def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequence[Point] = (),
+            replay: dict[int, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """The proposals of round ``r`` (every slot of the round): ``[{index, params, source}]``.
+
+    ``history``: the results of every trial of rounds < r. ``replay``: earlier rounds' recorded
+    proposals (CMA-ES replays its generations with them).
+    """
+    slots = spec.rounds.slots(r)
+    if not spec.dims:
+        return [{"index": k, "params": {}, "source": spec.sampler} for k in slots]
+    if not spec.adaptive:
+        n = slots.stop
+        return [{"index": k, "params": sample_point(spec.dims, spec.sampler, spec.seed, k, n), "source": spec.sampler}
+                for k in slots]
+    if r == 0:
+        out = []
+        seen: list[Point] = []
+        for params in warm:
+            if len(out) < len(slots) and fits(spec.dims, params) and params not in seen:
+                seen.append(params)
+                out.append({"index": slots[len(out)], "params": dict(params), "source": "warm-start"})
+        for j in range(len(slots) - len(out)):
+            out.append({"index": slots[len(out)],
+                        "params": sample_point(spec.dims, spec.initial_design, spec.seed, j, len(slots)),
+                        "source": spec.initial_design})
+        return out
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = _distributions(spec.dims)
+    direction = "maximize" if spec.maximize else "minimize"
+    if spec.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=_seed(spec.seed, "tpe", r), n_startup_trials=0, multivariate=True,
+                                             constant_liar=True)
+        study = optuna.create_study(direction=direction, sampler=sampler)
+        study.add_trials([_frozen(t, dists) for t in history])
+    else:
+        study = _cmaes_study(spec, r, history, dists, direction, replay or {})
+    asked = [study.ask(dists) for _ in slots]
+    return [{"index": k, "params": _clean(spec.dims, t.params), "source": spec.sampler} for k, t in zip(slots, asked)]
+
+
+def _frozen(t: HistoryTrial, dists: dict[str, Any]):
+    from optuna.trial import TrialState, create_trial
+
+    if t.status == "ok" and not math.isnan(t.score):
+        return create_trial(params=t.params, distributions=dists, value=t.score, state=TrialState.COMPLETE)
+    if t.status == "pruned" and not math.isnan(t.score):
+        return create_trial(params=t.params, distributions=dists, state=TrialState.PRUNED,
+                            intermediate_values={t.images_scored: t.score})
+    return create_trial(params=t.params, distributions=dists, state=TrialState.FAIL)
+
+
+def _cmaes_values(history: list[HistoryTrial], maximize: bool) -> dict[int, float]:
+    """A value for every trial (CMA-ES needs one per member of a generation): complete trials their
+    mean; pruned ones their partial mean shifted by the mean gap, on complete trials, between that
+    many images and all; failed ones the worst value seen."""
+    complete = [t for t in history if t.status == "ok" and not math.isnan(t.score)]
+    values: dict[int, float] = {}
+    for t in history:
+        if t in complete:
+            values[t.index] = t.score
+        elif t.status == "pruned" and not math.isnan(t.score):
+            ids = set(t.per_image)
+            gaps = [c.score - _mean(v for i, v in c.per_image.items() if i in ids) for c in complete
+                    if ids <= set(c.per_image)]
+            values[t.index] = t.score + (_mean(gaps) if gaps else 0.0)
+    known = list(values.values())
+    worst = (min(known) if maximize else max(known)) if known else 0.0
+    for t in history:
+        values.setdefault(t.index, worst)
+    return values
+
+
+def _cmaes_study(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, direction, replay):
+    import optuna
+
+    by_index = {t.index: t for t in history}
+    values = _cmaes_values(history, spec.maximize)
+    startup = [by_index[k] for k in spec.rounds.slots(0) if k in by_index]
+    # CMA-ES starts from the best point of the initial design (not the middle of the space). ``x0`` is
+    # deprecated in Optuna 4.9 (to go in 6.0; pinned 5.0 here) for warm starts from ``source_trials``,
+    # which need ten or more good points — more than an initial design of a batch or two has.
+    ranked = sorted((t for t in startup if t.index in values and t.status != "failed"),
+                    key=lambda t: (-values[t.index] if spec.maximize else values[t.index], t.index))
+    x0 = {d.name: ranked[0].params[d.name] for d in spec.dims if d.range.type != "choice"} if ranked else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        sampler = optuna.samplers.CmaEsSampler(
+            x0=x0, seed=_seed(spec.seed, "cmaes"), n_startup_trials=0, popsize=max(spec.rounds.batch_size, 4),
+            warn_independent_sampling=False,
+            independent_sampler=optuna.samplers.RandomSampler(seed=_seed(spec.seed, "cmaes-independent")))
+    study = optuna.create_study(direction=direction, sampler=sampler)
+    study.add_trials([_frozen(t, dists) for t in startup])
+    # Earlier generations replayed as they happened: the round's proposals asked together, then told.
+    for rr in range(1, r):
+        asked = []
+        for proposal in replay.get(rr, []):
+            study.enqueue_trial(proposal["params"])
+            asked.append((proposal["index"], study.ask(dists)))
+        for index, trial in asked:
+            study.tell(trial, values[index])
+    return study
+
+
+# ------------------------------------------------------------------------------------ halving
+
+
+def _rank_key(maximize: bool):
+    def key(item: tuple[str, int, float]):
+        _, index, value = item
+        return (-value if maximize else value, index)
+    return key
+
+
+def run_round(candidates: list[dict[str, Any]], order: list[str], halving: Halving | None, evaluate: Evaluate,
+              known: dict[str, dict[str, dict[str, Any]]], maximize: bool,
+              on_settled: Callable[[TrialOutcome], None]) -> list[TrialOutcome]:
+    """Evaluate one round's candidates (trial settings with ``trial``, ``index``, ``params``, ``stages``),
+    rung by rung when ``halving`` is set. ``known`` per-image results are used, not recomputed.
+    ``on_settled`` gets each trial's outcome as soon as it is decided (pruned, failed or complete)."""
+    sizes = halving.rung_sizes(len(order)) if halving else [len(order)]
+    eta = halving.eta if halving else 1
+    results = {c["trial"]: dict(known.get(c["trial"], {})) for c in candidates}
+    active = list(candidates)
+    outcomes: list[TrialOutcome] = []
+    for rung, size in enumerate(sizes):
+        ids = order[:size]
+        need = [c for c in active if any(i not in results[c["trial"]] for i in ids)]
+        if need:
+            fresh = evaluate(need, ids, {c["trial"]: results[c["trial"]] for c in need})
+            for c in need:
+                results[c["trial"]].update(fresh[c["trial"]])
+        last = rung == len(sizes) - 1
+        scored = []
+        for c in active:
+            per = [results[c["trial"]][i] for i in ids]
+            if last or any(p.get("error") for p in per):
+                outcomes.append(_settle(c, ids, per, rung, pruned=False, on_settled=on_settled))
+            else:
+                scored.append((c, per))
+        if last:
+            break
+        keep = max(1, math.ceil(len(scored) / eta))
+        ranked = sorted(((c["trial"], c["index"], _mean(p["score"] for p in per)) for c, per in scored),
+                        key=_rank_key(maximize))
+        kept = {t for t, _, _ in ranked[:keep]}
+        active = []
+        for c, per in scored:
+            if c["trial"] in kept:
+                active.append(c)
+            else:
+                outcomes.append(_settle(c, ids, per, rung, pruned=True, on_settled=on_settled))
+    return sorted(outcomes, key=lambda o: o.trial)
+
+
+def _settle(c: dict[str, Any], ids: list[str], per: list[dict[str, Any]], rung: int, pruned: bool,
+            on_settled: Callable[[TrialOutcome], None]) -> TrialOutcome:
+    outcome = TrialOutcome(trial=c["trial"], params=c["params"], stages=c["stages"], image_ids=list(ids),
+                           per_image=[dict(p) for p in per], seconds=sum(p.get("seconds", 0.0) for p in per),
+                           workers=[], round=c.get("round"), source=c.get("source"), rung=rung, pruned=pruned)
+    on_settled(outcome)
+    return outcome
+
+
+# ------------------------------------------------------------------------------------ the search
+
+
+class Search:
+    """A staged sweep's rounds: their proposals (from the ledger, or made and recorded) and their runs."""
+
+    def __init__(self, sweep, sweep_dir: Path, manifest_digest: str, image_ids: Sequence[str], *,
+                 default_batch_size: int, warm: Sequence[Point] = ()):
+        self.sweep = sweep
+        self.dims = search_space(sweep)
+        self.ledger = Ledger(Path(sweep_dir) / "search", sweep.fingerprint(), manifest_digest)
+        options: SearchOptions = sweep.search
+        if not self.ledger.started:
+            batch = options.batch_size or max(1, int(default_batch_size))
+            if not (sweep.sampler in ADAPTIVE_SAMPLERS):
+                n_startup = batch
+            else:
+                n_startup = options.n_startup or default_n_startup(len(self.dims), batch)
+            self.ledger.start({
+                "sweep": sweep.name, "sampler": sweep.sampler, "seed": sweep.seed, "batch_size": batch,
+                "n_startup": n_startup, "initial_design": options.initial_design,
+                "early_stopping": sweep.early_stopping.to_dict() if sweep.early_stopping else None,
+                "space_digest": space_digest(self.dims), "started_at": time.time(),
+                "warm_start": [dict(p) for p in warm][: options.warm_start] if sweep.sampler in ADAPTIVE_SAMPLERS else [],
+            })
+        self.rounds = self.ledger.rounds
+        self.spec = SearchSpec(dims=self.dims, sampler=sweep.sampler, seed=sweep.seed,
+                               maximize=sweep.higher_is_better, rounds=self.rounds,
+                               initial_design=self.ledger.data["initial_design"])
+        self.order = image_order(image_ids, sweep.seed, manifest_digest)
+
+    def key(self, index: int) -> str:
+        return trial_key(index, self.sweep.trials)
+
+    def round_keys(self, r: int) -> list[str]:
+        return [self.key(k) for k in self.rounds.slots(r) if k < self.sweep.trials]
+
+    def rounds_of(self, keys: Iterable[str]) -> list[int]:
+        from imgtune_assets.core.sampling import trial_index
+
+        return sorted({self.rounds.of(trial_index(k)) for k in keys})
+
+    def candidates(self, r: int, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Round ``r``'s trials (within ``trials``) as trial settings, proposing the round first when the
+        ledger does not have it yet. ``records``: current results by trial key."""
+        entry = self.ledger.round(r)
+        if entry is None:
+            earlier = [k for rr in range(r) for k in self.rounds.slots(rr)]
+            missing = [self.key(k) for k in earlier if self.key(k) not in records]
+            if missing:
+                shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+                raise SearchError(
+                    f"round {r} of sweep {self.sweep.name!r} (trials {self.key(self.rounds.slots(r)[0])}…) is proposed "
+                    f"from the results of every earlier trial; {len(missing)} have none yet ({shown}): run the "
+                    f"sweep's whole range, or those trials first")
+            history = [HistoryTrial.from_record(k, records[self.key(k)]) for k in earlier]
+            replay = {rr: self.ledger.round(rr)["trials"] for rr in range(1, r)}
+            proposals = propose(self.spec, r, history, warm=self.ledger.data.get("warm_start", ()), replay=replay)
+            entry = {"round": r, "proposed_at": time.time(), "from_trials": len(history), "trials": proposals}
+            self.ledger.add_round(entry)
+        out = []
+        for p in entry["trials"]:
+            if p["index"] < self.sweep.trials:
+                out.append({"trial": self.key(p["index"]), "index": p["index"], "params": p["params"],
+                            "source": p["source"], "round": r,
+                            "stages": [[op, params] for op, params in trial_stages(self.sweep, p["params"])]})
+        return out
+
+    def run(self, r: int, records: dict[str, dict[str, Any]], evaluate: Evaluate,
+            known: dict[str, dict[str, dict[str, Any]]], on_settled: Callable[[TrialOutcome], None],
+            requested: set[str] | None = None, recompute: set[str] = frozenset()) -> list[TrialOutcome]:
+        """Evaluate round ``r``'s trials in ``requested`` (default: all of them). A trial with a current
+        record that is not in ``recompute`` is settled from it (its per-image scores are known); with
+        halving, the round's other trials take part through their records, and must have one."""
+        candidates = self.candidates(r, records)
+        known = {t: dict(v) for t, v in known.items() if t not in recompute}
+        for c in candidates:
+            rec = records.get(c["trial"])
+            if rec is not None and c["trial"] not in recompute:
+                known.setdefault(c["trial"], {}).update(
+                    {p["id"]: _result(p) for p in rec.get("per_image", [])})
+        if requested is not None:
+            others = [c["trial"] for c in candidates if c["trial"] not in requested and c["trial"] not in records]
+            if others and self.sweep.early_stopping is not None:
+                raise SearchError(f"successive halving compares the trials of a round with each other: "
+                                  f"{', '.join(others)} (round {r}) have no result; run the round together")
+            candidates = [c for c in candidates if c["trial"] in requested
+                          or (self.sweep.early_stopping is not None and c["trial"] in records)]
+        halving = self.sweep.early_stopping
+        return run_round(candidates, self.order, halving, evaluate, known, self.spec.maximize, on_settled)
+
+
+def _result(p: dict[str, Any]) -> dict[str, Any]:
+    score = p.get("score")
+    return {"score": float("nan") if score is None else float(score), "seconds": p.get("seconds", 0.0),
+            "error": p.get("error")}

@@ -1,0 +1,149 @@
+"""The experiment step of a staged sweep (adaptive sampler or early stopping): its rounds run on the
+Ray fan-out inside the one ranged run that evaluates the sweep. The search itself (proposals, ledger,
+successive halving) is ``core/search.py``; this module wires it to the asset's store, Ray and logs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dagster import AssetExecutionContext, Failure
+
+from imgtune_assets.core.manifest import ManifestRow, usable
+from imgtune_assets.core.results import IdentityBaseline, TrialStore
+from imgtune_assets.core.sampling import search_space, space_digest, trial_key
+from imgtune_assets.core.search import Ledger, Search, SearchError
+from imgtune_assets.core.sweepfile import Sweep
+from imgtune_assets.defs.resources import RayResource
+
+
+def staged_trials(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[dict[str, Any]]:
+    """``run_settings``' trial list for a staged sweep: the recorded proposals where the ledger has them;
+    the others are proposed by the experiment step, from the results of the rounds before theirs."""
+    try:
+        ledger = Ledger(Path(sweep_dir) / "search", sweep.fingerprint(), manifest_digest)
+    except SearchError:  # a damaged ledger is reported by the experiment step, which needs it
+        ledger = None
+    recorded = ledger.proposals() if ledger is not None and ledger.started else {}
+    out = []
+    for k in range(sweep.trials):
+        p = recorded.get(k)
+        out.append({"trial": trial_key(k, sweep.trials), "index": k, "params": p["params"] if p else None,
+                    "round": p["round"] if p else None, "source": p["source"] if p else None})
+    return out
+
+
+def warm_start_params(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[dict[str, Any]]:
+    """The top parameter sets of the sweep's last report, when it was made for other images and the
+    same search space (a sweep run again after its images changed starts from them)."""
+    file = Path(sweep_dir) / "report.json"
+    if not file.exists():
+        return []
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError:
+        return []
+    if report.get("manifest_digest") in (None, manifest_digest):
+        return []
+    if report.get("space_digest") != space_digest(search_space(sweep)):
+        return []
+    return [p for p in report.get("top_params") or [] if isinstance(p, dict)]
+
+
+def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: Path, store: TrialStore,
+                      rows: list[ManifestRow], keys: list[str], skip_finished: bool, ray_cluster: RayResource,
+                      save: Callable[[dict, bool], None]) -> dict[str, Any]:
+    """Run the rounds that hold ``keys``; each settled trial goes to ``save(record, reused)``. Returns the
+    step's statistics (also written to ``last_experiment_run.json``)."""
+    from imgtune_assets.core.fanout import ImageDataError, ImageFiles, run_trials
+
+    objective = sweep.objective
+    digest = store.manifest_digest
+    images = usable(rows)
+    by_id = {r.id: r for r in images}
+    try:
+        records, _ = store.load_all([trial_key(k, sweep.trials) for k in range(sweep.trials)])
+    except ValueError as exc:
+        raise Failure(description=str(exc)) from None
+    records_by_key = {r["trial"]: r for r in records}
+    requested = set(keys)
+    recompute = set() if skip_finished else requested
+    ray_cluster.connect(context.log)
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    try:
+        search = Search(sweep, sweep_dir, digest, [r.id for r in images], default_batch_size=cpus,
+                        warm=warm_start_params(sweep, sweep_dir, digest))
+    except SearchError as exc:
+        raise Failure(description=str(exc)) from None
+    known, known_identity = store.load_chunks() if skip_finished else ({}, {})
+    baseline = IdentityBaseline(sweep_dir, objective, digest)
+    identity: dict[str, dict[str, Any]] = dict(known_identity) if baseline.cached() is None else {}
+    need_identity = baseline.cached() is None
+    workers: dict[str, list] = {}
+    stats: dict[str, Any] = {"run_id": context.run.run_id, "trials": len(keys), "staged": True,
+                             "batch_size": search.rounds.batch_size, "n_startup": search.rounds.n_startup,
+                             "evaluations": 0, "rounds": [], "decodes": 0,
+                             "ray_start_seconds": round(ray_cluster.connect_seconds, 3)}
+
+    def evaluate(trials, ids, known_now):
+        needed = [i for i in ids if any(i not in known_now.get(t["trial"], {}) for t in trials)
+                  or (need_identity and i not in identity)]
+        files = ImageFiles(sweep.data_dir, [by_id[i] for i in needed])
+
+        def chunk_done(chunk_ids, results, chunk_identity):
+            store.save_chunk(chunk_ids, results, chunk_identity if need_identity else None)
+
+        fan = run_trials(trials, files, objective, chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries,
+                         memory_budget=ray_cluster.memory_budget_bytes(), on_chunk_done=chunk_done,
+                         identity=need_identity, known={t["trial"]: known_now.get(t["trial"], {}) for t in trials},
+                         known_identity={i: identity[i] for i in needed if i in identity})
+        identity.update(fan.identity)
+        stats["decodes"] += fan.decodes
+        out = {}
+        for o in fan.outcomes:
+            workers.setdefault(o.trial, []).extend(o.workers)
+            res = dict(known_now.get(o.trial, {}))
+            res.update(zip(o.image_ids, o.per_image))
+            out[o.trial] = res
+            stats["evaluations"] += sum(1 for i in o.image_ids if i not in known_now.get(o.trial, {}))
+        return out
+
+    def settled(outcome) -> None:
+        if outcome.trial not in requested:
+            return  # a trial of another partition, taking part in its round's halving through its record
+        before = records_by_key.get(outcome.trial)
+        reused = before is not None and outcome.trial not in recompute
+        if reused:
+            record = before
+        else:
+            outcome.workers = sorted(workers.pop(outcome.trial, []), key=lambda w: w["chunk"])
+            record = outcome.to_record(sweep_name=sweep.name, fingerprint=store.fingerprint, metric=objective.metric,
+                                       manifest_digest=digest)
+            records_by_key[outcome.trial] = record
+        save(record, reused)
+
+    try:
+        for r in search.rounds_of(keys):
+            started = time.perf_counter()
+            outcomes = search.run(r, records_by_key, evaluate, known, settled, requested=requested,
+                                  recompute=recompute)
+            kept = [o for o in outcomes if o.status == "ok"]
+            stats["rounds"].append({"round": r, "trials": len(outcomes), "complete": len(kept),
+                                    "pruned": sum(1 for o in outcomes if o.status == "pruned"),
+                                    "seconds": round(time.perf_counter() - started, 3)})
+            context.log.info(f"round {r}: {len(outcomes)} trial(s), {len(kept)} complete, "
+                             f"{stats['rounds'][-1]['pruned']} pruned in {stats['rounds'][-1]['seconds']:.2f}s")
+    except SearchError as exc:
+        raise Failure(description=str(exc)) from None
+    except ImageDataError as exc:
+        raise Failure(description=str(exc)) from None
+    if need_identity and all(r.id in identity for r in images):
+        baseline.save(identity[r.id] for r in images)
+    store.clear_chunks()
+    files = len(images) + sum(1 for r in images if r.target_path)
+    stats["decodes_per_image"] = round(stats["decodes"] / max(1, files), 4)
+    return stats

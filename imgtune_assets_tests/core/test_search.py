@@ -1,0 +1,287 @@
+"""The staged search (core/search.py) as pure logic: rounds, successive halving, proposals, the ledger,
+and whole searches over a synthetic objective (no Dagster, no Ray)."""
+
+import json
+import math
+
+import pytest
+
+from imgtune_assets.core.sampling import sample_point, search_space, trial_keys
+from imgtune_assets.core.search import (
+    Halving,
+    HistoryTrial,
+    Ledger,
+    Rounds,
+    Search,
+    SearchError,
+    SearchSpec,
+    _cmaes_values,
+    fits,
+    image_order,
+    propose,
+    run_round,
+)
+from imgtune_assets.core.sweepfile import parse_sweep
+
+PIPELINE = [
+    {"op": "bilateral_filter", "d": {"type": "int", "low": 3, "high": 11},
+     "sigma_color": {"type": "float", "low": 10, "high": 150}, "sigma_space": 5},
+    {"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 9},
+     "sigma": {"type": "float", "low": 0.3, "high": 3.0, "log": True}},
+    {"op": "threshold", "method": {"type": "choice", "values": ["otsu", "mean"]}, "block_size": 31},
+]
+IDS = [f"img{i:02d}" for i in range(12)]
+
+
+def sweep_of(tmp_path, **fields):
+    doc = {"name": "s", "data_dir": str(tmp_path / "data"), "objective": {"metric": "psnr"}, "trials": 24,
+           "seed": 3, "sampler": "tpe", "pipeline": PIPELINE, **fields}
+    return parse_sweep(doc, tmp_path / "s.yaml")
+
+
+def true_score(params, image_id):
+    """A smooth bowl with a per-image offset: the best is near sigma_color 60, sigma 1, d 7, mean."""
+    x = (params["bilateral_filter.sigma_color"] - 60) / 140
+    y = math.log(params["gaussian_blur.sigma"])
+    z = (params["bilateral_filter.d"] - 7) / 8
+    bonus = 0.3 if params["threshold.method"] == "mean" else 0.0
+    return 30 - 3 * x * x - y * y - z * z + bonus + 0.05 * int(image_id[3:])
+
+
+class Counter:
+    """``evaluate`` over the synthetic objective, counting the (trial, image) pairs it computes."""
+
+    def __init__(self):
+        self.pairs = []
+
+    def __call__(self, trials, ids, known):
+        out = {}
+        for t in trials:
+            res = dict(known.get(t["trial"], {}))
+            for i in ids:
+                if i not in res:
+                    self.pairs.append((t["trial"], i))
+                    res[i] = {"score": true_score(t["params"], i), "seconds": 0.0, "error": None}
+            out[t["trial"]] = res
+        return out
+
+
+def run_search(sweep, folder, rounds=None, evaluate=None, records=None, warm=()):
+    evaluate = evaluate or Counter()
+    records = {} if records is None else records
+    search = Search(sweep, folder, "d" * 64, IDS, default_batch_size=4, warm=warm)
+    for r in rounds if rounds is not None else search.rounds_of(trial_keys(sweep)):
+        for o in search.run(r, records, evaluate, {}, lambda o: None):
+            records[o.trial] = o.to_record(sweep_name="s", fingerprint="f", metric="psnr", manifest_digest="d")
+    return search, records, evaluate
+
+
+def proposals(ledger_file):
+    """A ledger's rounds without the time they were proposed at."""
+    return [(e["round"], e["trials"]) for e in json.loads(ledger_file.read_text())["rounds"]]
+
+
+def best_of(records):
+    return max(r["score"] for r in records.values() if r["status"] == "ok")
+
+
+def comparable(records):
+    return {k: (r["status"], r["params"], r["score"], r["rung"], r["partial_score"], r["source"])
+            for k, r in records.items()}
+
+
+# --------------------------------------------------------------------------------- rounds and rungs
+
+def test_rung_sizes_grow_by_eta_and_end_with_every_image():
+    assert Halving(eta=3).rung_sizes(17) == [3, 9, 17]
+    assert Halving(eta=2, min_images=2).rung_sizes(6) == [2, 4, 6]
+    assert Halving(eta=3, min_images=20).rung_sizes(17) == [17]
+    assert Halving(eta=3).rung_sizes(60) == [7, 21, 60]
+
+
+def test_rounds_start_with_the_initial_design_then_batches():
+    rounds = Rounds(batch_size=4, n_startup=8)
+    assert list(rounds.slots(0)) == list(range(8))
+    assert list(rounds.slots(2)) == [12, 13, 14, 15]
+    assert [rounds.of(k) for k in (0, 7, 8, 11, 12)] == [0, 0, 1, 1, 2]
+
+
+def test_image_order_is_seeded_and_a_permutation():
+    a = image_order(IDS, 1, "abc")
+    assert sorted(a) == IDS and a == image_order(list(reversed(IDS)), 1, "abc")
+    assert a != image_order(IDS, 2, "abc")
+
+
+def test_successive_halving_keeps_the_best_of_each_rung_and_reuses_known_scores():
+    candidates = [{"trial": f"t{k}", "index": k, "params": {"v": v}, "stages": []}
+                  for k, v in enumerate([5.0, 1.0, 4.0, 2.0, 3.0, 0.5])]
+    calls = []
+
+    def evaluate(trials, ids, known):
+        calls.append(([t["trial"] for t in trials], list(ids)))
+        return {t["trial"]: {i: known.get(t["trial"], {}).get(i) or
+                             {"score": t["params"]["v"] + 0.01 * n, "seconds": 0.0, "error": None}
+                             for n, i in enumerate(ids)} for t in trials}
+
+    settled = []
+    known = {"t0": {"a": {"score": 5.0, "seconds": 0.0, "error": None}}}
+    out = run_round(candidates, ["a", "b", "c", "d", "e", "f", "g", "h"], Halving(eta=2, min_images=2), evaluate,
+                    known, maximize=True, on_settled=settled.append)
+    by = {o.trial: o for o in out}
+    # rung 0 (2 images): the best 3 of 6 go on; rung 1 (4 images): the best 2 of 3; rung 2: everything.
+    assert {t for t, o in by.items() if o.rung == 0} == {"t1", "t3", "t5"}
+    assert {t for t, o in by.items() if o.rung == 1} == {"t4"}
+    assert {t for t, o in by.items() if o.status == "ok"} == {"t0", "t2"}
+    assert all(by[t].status == "pruned" for t in ("t1", "t3", "t5", "t4"))
+    assert len(by["t0"].per_image) == 8 and len(by["t1"].per_image) == 2
+    assert math.isnan(by["t1"].score) and by["t1"].partial_score == pytest.approx(1.005)
+    # each rung asks only for what it lacks: t0's known first image is not computed again
+    assert calls[0] == (["t0", "t1", "t2", "t3", "t4", "t5"], ["a", "b"])
+    assert calls[1][0] == ["t0", "t2", "t4"]
+    assert [o.trial for o in settled][:3] == ["t1", "t3", "t5"]  # settled as soon as they are pruned
+
+
+def test_a_failing_image_fails_the_trial_at_its_rung():
+    candidates = [{"trial": f"t{k}", "index": k, "params": {}, "stages": []} for k in range(3)]
+
+    def evaluate(trials, ids, known):
+        return {t["trial"]: {i: {"score": float("nan") if t["trial"] == "t1" else 1.0 + t["index"], "seconds": 0.0,
+                                 "error": "boom" if t["trial"] == "t1" else None} for i in ids} for t in trials}
+
+    out = {o.trial: o for o in run_round(candidates, ["a", "b", "c", "d"], Halving(eta=2, min_images=2), evaluate,
+                                         {}, maximize=True, on_settled=lambda o: None)}
+    assert out["t1"].status == "failed" and out["t1"].rung == 0
+    assert out["t2"].status == "ok" and out["t0"].status == "pruned"
+
+
+# ------------------------------------------------------------------------------------- proposals
+
+@pytest.mark.parametrize("sampler", ["random", "grid", "halton", "sobol"])
+def test_plain_samplers_propose_exactly_their_points(tmp_path, sampler):
+    sweep = sweep_of(tmp_path, sampler=sampler, early_stopping={"method": "successive_halving"},
+                     search={"batch_size": 4})
+    dims = search_space(sweep)
+    search, records, _ = run_search(sweep, tmp_path / "out")
+    for k, key in enumerate(trial_keys(sweep)):
+        assert records[key]["params"] == sample_point(dims, sampler, sweep.seed, k, search.rounds.slots(
+            search.rounds.of(k)).stop), key
+
+
+def test_round_zero_is_warm_starts_then_the_initial_design(tmp_path):
+    sweep = sweep_of(tmp_path, search={"batch_size": 4, "n_startup": 8, "initial_design": "halton"})
+    dims = search_space(sweep)
+    spec = SearchSpec(dims=dims, sampler="tpe", seed=3, maximize=True, rounds=Rounds(4, 8), initial_design="halton")
+    good = {"bilateral_filter.d": 7, "bilateral_filter.sigma_color": 60.0, "gaussian_blur.ksize": 5,
+            "gaussian_blur.sigma": 1.0, "threshold.method": "mean"}
+    stale = {**good, "gaussian_blur.ksize": 4}  # not a point of this space (ksize must be odd)
+    out = propose(spec, 0, [], warm=[good, stale, good])
+    assert [p["source"] for p in out] == ["warm-start"] + ["halton"] * 7
+    assert out[0]["params"] == good
+    assert [p["params"] for p in out[1:]] == [sample_point(dims, "halton", 3, j, 8) for j in range(7)]
+    assert not fits(dims, stale) and fits(dims, good)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes"])
+def test_adaptive_proposals_are_a_function_of_the_results(tmp_path, sampler):
+    sweep = sweep_of(tmp_path, sampler=sampler, search={"batch_size": 4, "n_startup": 8})
+    dims = search_space(sweep)
+    spec = SearchSpec(dims=dims, sampler=sampler, seed=3, maximize=True, rounds=Rounds(4, 8))
+    first = propose(spec, 0, [])
+    history = [HistoryTrial(index=p["index"], params=p["params"], status="ok",
+                            score=sum(true_score(p["params"], i) for i in IDS) / len(IDS), images_scored=12)
+               for p in first]
+    second = propose(spec, 1, history)
+    assert second == propose(spec, 1, history)  # no hidden state
+    assert [p["index"] for p in second] == [8, 9, 10, 11] and {p["source"] for p in second} == {sampler}
+    assert all(fits(dims, p["params"]) for p in second)
+    assert len({json.dumps(p["params"], sort_keys=True) for p in second}) == 4  # a batch does not repeat itself
+    worse = [HistoryTrial(t.index, t.params, t.status, -t.score, t.images_scored) for t in history]
+    assert propose(spec, 1, worse) != second
+
+
+def test_cmaes_values_shift_partial_means_by_the_complete_trials_gap():
+    complete = HistoryTrial(0, {}, "ok", 10.0, 4, {"a": 8.0, "b": 9.0, "c": 11.0, "d": 12.0})
+    pruned = HistoryTrial(1, {}, "pruned", 7.0, 2, {"a": 6.0, "b": 8.0})
+    failed = HistoryTrial(2, {}, "failed", float("nan"), 0)
+    values = _cmaes_values([complete, pruned, failed], maximize=True)
+    # the complete trial scored 8.5 on the pruned trial's two images and 10 on all: +1.5
+    assert values == {0: 10.0, 1: 8.5, 2: 8.5}
+
+
+# ------------------------------------------------------------------------------ ledger and search
+
+def test_a_search_learns_and_halving_saves_evaluations(tmp_path):
+    full = sweep_of(tmp_path, trials=24, search={"batch_size": 4, "n_startup": 8})
+    halved = sweep_of(tmp_path, trials=24, search={"batch_size": 4, "n_startup": 8},
+                      early_stopping={"method": "successive_halving", "eta": 2, "min_images": 3})
+    _, tpe, tpe_cost = run_search(full, tmp_path / "tpe")
+    _, sh, sh_cost = run_search(halved, tmp_path / "sh")
+    # the rounds proposed from results score better than the space-filling design they learnt from
+    design = [r["score"] for r in tpe.values() if r["round"] == 0]
+    learnt = [r["score"] for r in tpe.values() if r["round"] >= 2]
+    assert sum(learnt) / len(learnt) > sum(design) / len(design) + 0.2
+    assert len(tpe_cost.pairs) == 24 * 12
+    assert len(sh_cost.pairs) < 0.6 * 24 * 12
+    assert {r["status"] for r in sh.values()} == {"ok", "pruned"}
+    assert all(r["images_scored"] == 12 for r in sh.values() if r["status"] == "ok")
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes"])
+def test_a_resumed_search_proposes_what_an_undisturbed_one_did(tmp_path, sampler):
+    fields = {"sampler": sampler, "trials": 20, "search": {"batch_size": 4, "n_startup": 8},
+              "early_stopping": {"method": "successive_halving", "eta": 2, "min_images": 3}}
+    sweep = sweep_of(tmp_path, **fields)
+    whole, records, _ = run_search(sweep, tmp_path / "a")
+    # "killed" after round 1 with half of round 2 settled: a new process takes it up from disk
+    _, part, _ = run_search(sweep, tmp_path / "b", rounds=[0, 1])
+    keys = whole.round_keys(2)
+    part.update({k: records[k] for k in keys[:2]})
+    counter = Counter()
+    _, resumed, _ = run_search(sweep, tmp_path / "b", rounds=[2, 3], records=part, evaluate=counter)
+    assert comparable(resumed) == comparable(records)
+    assert proposals(whole.ledger.file) == proposals(tmp_path / "b" / "search" / whole.ledger.file.name)
+    assert all(t not in keys[:2] for t, _ in counter.pairs)  # the settled trials were not computed again
+
+
+def test_raising_trials_extends_the_search_and_keeps_its_proposals(tmp_path):
+    fields = {"search": {"batch_size": 4, "n_startup": 8}}
+    small, records, _ = run_search(sweep_of(tmp_path, trials=12, **fields), tmp_path / "out")
+    before = proposals(small.ledger.file)
+    bigger = sweep_of(tmp_path, trials=20, **fields)
+    assert bigger.fingerprint() == small.sweep.fingerprint()
+    counter = Counter()
+    search, grown, _ = run_search(bigger, tmp_path / "out", records=records, evaluate=counter,
+                                  rounds=[2, 3])
+    assert proposals(search.ledger.file)[:2] == before and len(proposals(search.ledger.file)) == 4
+    assert {t for t, _ in counter.pairs} == set(trial_keys(bigger)[12:])
+
+
+def test_a_round_asked_before_its_history_exists_names_the_missing_trials(tmp_path):
+    sweep = sweep_of(tmp_path, search={"batch_size": 4, "n_startup": 8})
+    search = Search(sweep, tmp_path / "out", "d" * 64, IDS, default_batch_size=4)
+    records = {}
+    for o in search.run(0, records, Counter(), {}, lambda o: None, requested=set(trial_keys(sweep)[:4])):
+        records[o.trial] = o.to_record(sweep_name="s", fingerprint="f", metric="psnr", manifest_digest="d")
+    assert sorted(records) == trial_keys(sweep)[:4]
+    with pytest.raises(SearchError, match=r"round 2 .*8 have none yet \(trial-004, trial-005"):
+        search.candidates(2, records)
+
+
+def test_the_ledger_refuses_a_foreign_or_damaged_file(tmp_path):
+    ledger = Ledger(tmp_path, "f" * 16, "d" * 64)
+    ledger.start({"batch_size": 2, "n_startup": 2})
+    assert Ledger(tmp_path, "f" * 16, "d" * 64).rounds == Rounds(2, 2)
+    ledger.file.write_text(ledger.file.read_text().replace('"f', '"g', 1))
+    with pytest.raises(SearchError, match="other settings or images"):
+        Ledger(tmp_path, "f" * 16, "d" * 64)
+    ledger.file.write_text("{not json")
+    with pytest.raises(SearchError, match=r"not a search ledger"):
+        Ledger(tmp_path, "f" * 16, "d" * 64)
+
+
+def test_sweep_file_options_reach_the_search(tmp_path):
+    sweep = sweep_of(tmp_path, sampler="cmaes", search={"batch_size": 6, "warm_start": 0},
+                     early_stopping={"method": "successive_halving", "eta": 4, "min_images": 2})
+    assert sweep.search.batch_size == 6 and sweep.search.warm_start == 0
+    assert sweep.early_stopping == Halving(eta=4, min_images=2)
+    assert sweep.fingerprint() != sweep_of(tmp_path, sampler="cmaes", search={"batch_size": 6}).fingerprint()
