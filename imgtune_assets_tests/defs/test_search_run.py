@@ -1,0 +1,141 @@
+"""Staged sweeps (adaptive sampler, successive halving) through the asset group with `materialize` on a
+temporary instance and a real embedded Ray: rounds in one ranged run, pruned trials in the metadata and
+the leaderboard, the ledger, re-running a trial, warm starts after the images change."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from dagster import DagsterInstance, materialize
+
+from imgtune_assets.core.search import image_order
+from imgtune_assets.defs.checks import build_sweep_checks
+from imgtune_assets.defs.keys import asset_key
+from imgtune_assets_tests.conftest import write_sweep
+from imgtune_assets_tests.defs.test_assets import built, independent_denoise_psnr, node, resources
+from imgtune_assets_tests.support.sweeps import range_tags
+
+STAGED = {"sampler": "tpe", "search": {"batch_size": 4, "n_startup": 4},
+          "early_stopping": {"method": "successive_halving", "eta": 2, "min_images": 2}}
+
+
+def run_sweep(sweep_file, out_dir, instance=None, tags=None, report=True):
+    sweep, assets = built(sweep_file)
+    instance = instance or DagsterInstance.ephemeral()
+    res = resources(out_dir)
+    assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
+    ranged = materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
+                         tags=tags or range_tags(sweep), raise_on_error=False)
+    if not report or not ranged.success:
+        return sweep, assets, instance, ranged, None
+    result = materialize([*assets.all(), *build_sweep_checks(assets)], selection=[assets.sweep_report],
+                         instance=instance, resources=res)
+    return sweep, assets, instance, ranged, result
+
+
+def ledger_of(out_dir, name="tiny"):
+    (file,) = (out_dir / name / "search").glob("ledger-*.json")
+    return json.loads(file.read_text())
+
+
+def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local_ray):
+    sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=12, **STAGED)
+    out = tmp_path / "outputs"
+    sweep, assets, instance, ranged, report = run_sweep(sweep_file, out)
+    assert ranged.success
+    summary = report.output_for_node(node(assets.sweep_report))
+
+    # three rounds of four (rungs of 2, 4 and 6 images): one finalist per round, the rest pruned
+    ledger = ledger_of(out)
+    assert [e["round"] for e in ledger["rounds"]] == [0, 1, 2]
+    assert [p["source"] for e in ledger["rounds"] for p in e["trials"]] == ["sobol"] * 4 + ["tpe"] * 8
+    trials = {p: json.loads((out / "tiny" / "trials" / f"{p}.json").read_text()) for p in
+              (f"trial-{k:03d}" for k in range(12))}
+    assert sorted(r["status"] for r in trials.values()) == ["ok"] * 3 + ["pruned"] * 9
+    assert summary["completed_trials"] == 3 and summary["pruned_trials"] == 9 and not summary["failed_trials"]
+    # each round: 4 × 2 images, then 2 × 2 more, then 1 × 2 more
+    assert summary["evaluations"] == 3 * (4 * 2 + 2 * 2 + 1 * 2) and summary["evaluations_full"] == 12 * 6
+    order = image_order([p.stem for p in (denoise_data / "images").iterdir()], sweep.seed,
+                        json.loads((out / "tiny" / "run_settings.json").read_text())["manifest_digest"])
+    for rec in trials.values():
+        if rec["status"] == "pruned":  # scored on the first images of the seeded order, rung by rung
+            assert [p["id"] for p in rec["per_image"]] == order[:len(rec["per_image"])]
+            assert rec["partial_score"] == pytest.approx(sum(p["score"] for p in rec["per_image"]) / len(rec["per_image"]))
+        else:  # a finalist's score is its pipeline's mean PSNR over every image, computed independently
+            assert rec["score"] == pytest.approx(independent_denoise_psnr(sweep, rec["stages"]), rel=1e-9)
+        proposal = next(p for e in ledger["rounds"] for p in e["trials"] if p["index"] == int(rec["trial"][6:]))
+        assert rec["params"] == proposal["params"] and rec["source"] == proposal["source"]
+
+    # pruned trials carry their rung and partial mean as metadata, and rank below complete trials
+    mats = {m.asset_materialization.partition: m.asset_materialization.metadata for m in
+            instance.fetch_materializations(asset_key(sweep, "experiment_results"), limit=50).records}
+    pruned_key = next(k for k, r in trials.items() if r["status"] == "pruned")
+    assert mats[pruned_key]["status"].value == "pruned"
+    assert mats[pruned_key]["rung"].value == trials[pruned_key]["rung"]
+    assert mats[pruned_key]["partial_score"].value == pytest.approx(trials[pruned_key]["partial_score"])
+    with open(out / "tiny" / "leaderboard.csv") as f:
+        board = list(csv.DictReader(f))
+    assert [row["status"] for row in board] == ["ok"] * 3 + ["pruned"] * 9
+    assert [int(row["rung"]) for row in board[3:]] == sorted((int(row["rung"]) for row in board[3:]), reverse=True)
+    assert (out / "tiny" / "plots" / "search_progress.png").stat().st_size > 0
+
+    checks = {e.check_name: e.passed for e in report.get_asset_check_evaluations()}
+    assert checks["report_complete"] is True
+    metadata = instance.fetch_materializations(asset_key(sweep, "sweep_report"), limit=1).records[0] \
+        .asset_materialization.metadata
+    assert metadata["evaluations"].value == summary["evaluations"]
+    assert metadata["evaluations_full"].value == 72
+
+
+def test_rerunning_a_trial_evaluates_its_recorded_parameters(tmp_path, denoise_data, local_ray):
+    sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=8, sampler="tpe",
+                             search={"batch_size": 4, "n_startup": 4})
+    out = tmp_path / "outputs"
+    sweep, assets, instance, ranged, _ = run_sweep(sweep_file, out, report=False)
+    assert ranged.success
+    before = json.loads((out / "tiny" / "trials" / "trial-006.json").read_text())
+    ledger = ledger_of(out)
+    again = materialize(assets.all(), selection=[assets.experiment_results], instance=instance,
+                        resources=resources(out), partition_key="trial-006")
+    assert again.success
+    after = json.loads((out / "tiny" / "trials" / "trial-006.json").read_text())
+    assert after["params"] == before["params"] == ledger["rounds"][1]["trials"][2]["params"]
+    assert after["score"] == pytest.approx(before["score"], rel=1e-12)
+    assert ledger_of(out) == ledger  # nothing proposed again
+
+
+def test_a_trial_asked_before_its_round_can_be_proposed_fails_naming_the_missing_ones(tmp_path, denoise_data,
+                                                                                        local_ray):
+    sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=12, **STAGED)
+    _, _, _, ranged, _ = run_sweep(sweep_file, tmp_path / "outputs", report=False,
+                                   tags={"dagster/asset_partition_range_start": "trial-008",
+                                         "dagster/asset_partition_range_end": "trial-011"})
+    assert not ranged.success
+    failure = next(e for e in ranged.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.step_failure_data.error.message if failure.step_failure_data.error else ""
+    description = failure.step_failure_data.user_failure_data.description
+    assert "round 2" in description and "trial-000" in description and "whole range" in description, \
+        description or message
+    assert not list((tmp_path / "outputs" / "tiny" / "trials").glob("trial-*.json"))  # nothing half-done
+
+
+def test_new_images_start_from_the_last_reports_best_parameters(tmp_path, denoise_data, local_ray):
+    data = tmp_path / "data"
+    shutil.copytree(denoise_data, data)
+    sweep_file = write_sweep(tmp_path / "tiny.yaml", data, trials=8, sampler="tpe",
+                             search={"batch_size": 4, "n_startup": 4, "warm_start": 2})
+    out = tmp_path / "outputs"
+    _, _, instance, _, report = run_sweep(sweep_file, out)
+    first = json.loads((out / "tiny" / "report.json").read_text())
+    assert first["top_params"][0] == first["best_params"]
+    # the images change (one more); the next sweep's first trials are the last report's two best
+    image = next((data / "images").iterdir())
+    shutil.copy(image, data / "images" / f"zz-{image.name}")
+    shutil.copy(data / "targets" / image.name, data / "targets" / f"zz-{image.name}")
+    run_sweep(sweep_file, out, instance=instance, report=False)
+    ledgers = sorted((out / "tiny" / "search").glob("ledger-*.json"), key=lambda p: p.stat().st_mtime)
+    assert len(ledgers) == 2
+    round0 = json.loads(ledgers[-1].read_text())["rounds"][0]["trials"]
+    assert [p["source"] for p in round0] == ["warm-start", "warm-start", "sobol", "sobol"]
+    assert [p["params"] for p in round0[:2]] == first["top_params"][:2]
