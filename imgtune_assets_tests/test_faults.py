@@ -181,3 +181,63 @@ def test_run_streaming_chunks_killed_then_resumed_keeps_its_chunk_progress(tmp_p
     board = {line.split(",")[1]: float(line.split(",")[3])
              for line in (tmp_path / "outputs" / "stream" / "leaderboard.csv").read_text().splitlines()[1:]}
     assert board == pytest.approx(expected, abs=1e-9)
+
+
+def leaderboard_rows(out_dir):
+    import csv
+
+    with open(out_dir / "leaderboard.csv") as f:
+        return [{k: row[k] for k in ("trial", "status", "score", "round", "source", "rung", "partial_score")}
+                for row in csv.DictReader(f)]
+
+
+def ledger_proposals(out_dir):
+    (file,) = (out_dir / "search").glob("ledger-*.json")
+    return [(e["round"], e["trials"]) for e in json.loads(file.read_text())["rounds"]]
+
+
+def test_adaptive_sweep_killed_then_resumed_ends_as_an_undisturbed_one(tmp_path, denoise_data):
+    # TPE with successive halving, through the real CLI: one run left alone, one killed after a few trials
+    # settled and resumed with skip_finished. Same ledger (every proposal), same leaderboard.
+    def sweep_in(folder):
+        return write_sweep(folder / "adaptive.yaml", denoise_data, name="adaptive", trials=12, pipeline=SLOW_PIPELINE,
+                           sampler="tpe", search={"batch_size": 4, "n_startup": 4},
+                           early_stopping={"method": "successive_halving", "eta": 2, "min_images": 2})
+
+    inputs, trials_cmd, report_cmd = sweep_steps("adaptive", 12)
+    calm = tmp_path / "calm"
+    calm_env = cli_env(calm, sweep_in(calm))
+    for command in (inputs, trials_cmd, report_cmd):
+        run_checked(command, calm_env)
+
+    killed = tmp_path / "killed"
+    env = cli_env(killed, sweep_in(killed))
+    run_checked(inputs, env)
+    trials_dir = killed / "outputs" / "adaptive" / "trials"
+    run = Service("trials", trials_cmd, env, killed / "killed-run.log")
+    try:
+        def some_trials_settled():
+            assert run.alive(), f"the trials run ended before it could be killed:\n{run.tail()}"
+            return len(list(trials_dir.glob("trial-*.json"))) >= 5  # round 0 and part of round 1
+        wait_for(some_trials_settled, 120, interval=0.05, what="five settled trials")
+        run.kill_leader()
+        settled = sorted(p.stem for p in trials_dir.glob("trial-*.json"))
+        assert 5 <= len(settled) < 12, f"kill came too late: {settled}"
+        config = killed / "resume.yaml"
+        op_name = asset_key("adaptive", "experiment_results").to_python_identifier()
+        config.write_text(f"ops:\n  {op_name}:\n    config:\n      skip_finished: true\n")
+        run_checked([*trials_cmd, "-c", str(config)], env)
+        run_checked(report_cmd, env)
+    finally:
+        run.stop(grace=2)
+
+    calm_out, killed_out = calm / "outputs" / "adaptive", killed / "outputs" / "adaptive"
+    assert ledger_proposals(killed_out) == ledger_proposals(calm_out)
+    assert leaderboard_rows(killed_out) == leaderboard_rows(calm_out)
+    calm_report, report = (json.loads((o / "report.json").read_text()) for o in (calm_out, killed_out))
+    assert {k: report[k] for k in ("best_trial", "best_score", "evaluations", "pruned_trials")} == \
+        {k: calm_report[k] for k in ("best_trial", "best_score", "evaluations", "pruned_trials")}
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        records = instance.fetch_materializations(asset_key("adaptive", "experiment_results"), limit=100).records
+    reused = {r.asset_materialization.partition for r in records if r.asset_materialization.metadata["reused"].value}
+    assert reused == set(settled)  # what the killed run had settled was not computed again
