@@ -54,6 +54,7 @@ class SweepProgress:
         self._computing_since = self._started
         self.done = 0
         self.failed = 0
+        self.pruned = 0
         self.reused = 0
         self.computed = 0
         self.best: float | None = None
@@ -68,14 +69,17 @@ class SweepProgress:
         self._computing_since = self._clock()
 
     def trial_done(self, record: Mapping[str, Any], reused: bool = False) -> None:
-        """One trial finished: ``record`` has ``trial``, ``status`` ("ok" | "failed") and ``score``."""
+        """One trial finished: ``record`` has ``trial``, ``status`` ("ok" | "failed" | "pruned": stopped
+        early by successive halving) and ``score``."""
         self.done += 1
         if reused:
             self.reused += 1
         else:
             self.computed += 1
         score = record.get("score")
-        if record.get("status") != "ok":
+        if record.get("status") == "pruned":
+            self.pruned += 1
+        elif record.get("status") != "ok":
             self.failed += 1
         elif score is not None and math.isfinite(float(score)) and self.objective.better(float(score), self.best):
             self.best = float(score)
@@ -109,6 +113,7 @@ class SweepProgress:
             "done": self.done,
             "total": self.total,
             "failed": self.failed,
+            "pruned": self.pruned,
             "reused": self.reused,
             "images": self.images,
             "metric": self.objective.metric,
@@ -174,6 +179,8 @@ def describe(snap: Mapping[str, Any], *, with_counts: bool = True) -> str:
     parts = [f"{done}/{total} trials ({percent(done, total)}%)"] if with_counts else []
     if snap.get("failed"):
         parts.append(f"{snap['failed']} failed")
+    if snap.get("pruned"):
+        parts.append(f"{snap['pruned']} pruned")
     metric = snap.get("metric") or "score"
     if snap.get("best") is not None:
         parts.append(f"best {metric} {format_score(float(snap['best']))} ({snap.get('best_trial')})")

@@ -295,8 +295,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             report_progress()
 
         if is_staged(sweep):
+            progress.start_computing()
             stats = run_staged_search(context, sweep, sweep_dir, store, rows, keys, config.skip_finished,
-                                      ray_cluster, save)
+                                      ray_cluster, save, on_tick=report_progress)
             stats["failed"] = len(failed)
             atomic_write_json(sweep_dir / "last_experiment_run.json", stats)
             context.log.info(f"{len(keys) - len(failed)} trial(s) settled, {len(failed)} failed ({json.dumps(stats)})")

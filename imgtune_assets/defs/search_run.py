@@ -54,9 +54,10 @@ def warm_start_params(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> li
 
 def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: Path, store: TrialStore,
                       rows: list[ManifestRow], keys: list[str], skip_finished: bool, ray_cluster: RayResource,
-                      save: Callable[[dict, bool], None]) -> dict[str, Any]:
-    """Run the rounds that hold ``keys``; each settled trial goes to ``save(record, reused)``. Returns the
-    step's statistics (also written to ``last_experiment_run.json``)."""
+                      save: Callable[[dict, bool], None], on_tick: Callable[[], None]) -> dict[str, Any]:
+    """Run the rounds that hold ``keys``; each settled trial goes to ``save(record, reused)``, and
+    ``on_tick`` is called at least every second while Ray works. Returns the step's statistics (also
+    written to ``last_experiment_run.json``)."""
     from imgtune_assets.core.fanout import ImageDataError, ImageFiles, run_trials
 
     objective = sweep.objective
@@ -98,7 +99,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
             store.save_chunk(chunk_ids, results, chunk_identity if need_identity else None)
 
         fan = run_trials(trials, files, objective, chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries,
-                         memory_budget=ray_cluster.memory_budget_bytes(), on_chunk_done=chunk_done,
+                         memory_budget=ray_cluster.memory_budget_bytes(), on_chunk_done=chunk_done, on_tick=on_tick,
                          identity=need_identity, known={t["trial"]: known_now.get(t["trial"], {}) for t in trials},
                          known_identity={i: identity[i] for i in needed if i in identity})
         identity.update(fan.identity)

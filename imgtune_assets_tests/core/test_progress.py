@@ -93,6 +93,16 @@ def test_best_follows_the_objective_direction_and_skips_failures():
     assert up.snapshot()["failed"] == 1
 
 
+def test_pruned_trials_are_counted_apart_and_never_best():
+    progress, _ = make(total=4)
+    progress.trial_done(ok(0, 20.0))
+    progress.trial_done({"trial": "trial-001", "status": "pruned", "score": None, "partial_score": 35.0})
+    progress.trial_done(failed(2))
+    snap = progress.snapshot()
+    assert (snap["pruned"], snap["failed"], snap["best"]) == (1, 1, 20.0)
+    assert "1 failed, 1 pruned" in describe(snap)
+
+
 def test_rate_and_eta_count_computed_trials_only():
     progress, clock = make(total=10, images=20)
     for k in range(4):  # reused from an earlier run: instant, not in the rate
