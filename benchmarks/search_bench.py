@@ -17,9 +17,8 @@ photographs (``SOURCES``, read from the package's own ``data`` folder: nothing i
 centre-cropped to a square and resized to 512×512 (``INTER_AREA`` down, ``INTER_CUBIC`` up).
 
 * ``denoise``: image = clean + Gaussian noise σ = 20 (seeded per photo, rounded, clipped to uint8);
-  target = clean. Space: bilateral filter (d 3..15, sigma_color 5..200, sigma_space 1..30) then
-  Gaussian blur (ksize odd 3..11, sigma 0.3..4 log), the pipeline of ``sweeps/denoise.yaml`` with
-  wider ranges; objective PSNR.
+  target = clean. Space: the README's example sweep file, bilateral filter (d 3..11, sigma_color
+  10..150, sigma_space 2..20) then Gaussian blur (ksize odd 3..15, sigma 0.3..3 log); objective PSNR.
 * ``segment``: target = Otsu mask (0/255) of the clean photo after a Gaussian blur (σ = 2); image =
   the clean photo + Gaussian noise σ = 30 + a smooth illumination gradient (a linear ramp in a random
   direction reaching ±60..100 grey levels at the far corners, seeded per photo), clipped to uint8. A
@@ -80,7 +79,8 @@ from imgtune_assets.core.search import Search, is_staged
 from imgtune_assets.core.sweepfile import Sweep, load_sweep
 
 BEST_KNOWN_FILE = Path(__file__).resolve().with_name("search_best_known.json")
-# Bumped when the generated pixels change: a cache (or a best-known value) of another version is not used.
+# Bumped when the generated pixels change: a cache of another version is generated again (best-known
+# values are tied to the images themselves, through their manifest digest).
 GENERATOR_VERSION = 1
 GENERATOR_SEED = 2024
 SIZE = 512
@@ -129,12 +129,12 @@ class Space:
 
 
 SPACES = {
-    "denoise": Space("denoise", "psnr", [
-        {"op": "bilateral_filter", "d": {"type": "int", "low": 3, "high": 15},
-         "sigma_color": {"type": "float", "low": 5, "high": 200},
-         "sigma_space": {"type": "float", "low": 1, "high": 30}},
-        {"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 11},
-         "sigma": {"type": "float", "low": 0.3, "high": 4.0, "log": True}},
+    "denoise": Space("denoise", "psnr", [  # the README's example sweep file
+        {"op": "bilateral_filter", "d": {"type": "int", "low": 3, "high": 11},
+         "sigma_color": {"type": "float", "low": 10, "high": 150},
+         "sigma_space": {"type": "float", "low": 2, "high": 20}},
+        {"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 15},
+         "sigma": {"type": "float", "low": 0.3, "high": 3.0, "log": True}},
     ], unit="dB", scale=1.0),
     "segment": Space("segment", "dice", [  # as in sweeps/segment.yaml
         {"op": "gaussian_blur", "ksize": {"type": "odd", "low": 1, "high": 11}, "sigma": 0},
@@ -346,7 +346,7 @@ def find_best_known(pool, cache: Path, space: Space, trials: int, seeds: int, ba
             run = run_search(pool, cache, space, sampler, seed, trials, batch, halving=False)
             print(f"  best known: {describe(run, space)}", flush=True)
             runs.append(run)
-    best = min(runs, key=lambda run: space.gap(0.0, run["best"]))
+    best = min(runs, key=lambda run: space.gap(0.0, run["best"]))  # the smallest gap to anything: the best score
     return {
         **best_known_key(cache, space), "value": best["best"], "params": best["best_params"],
         "found_by": f"{best['sampler']} seed {best['seed']} ({best['best_trial']} of {trials} trials, batch {batch}, "

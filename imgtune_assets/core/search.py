@@ -420,7 +420,12 @@ def _cmaes_study(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, d
         asked = []
         for proposal in replay.get(rr, []):
             study.enqueue_trial(proposal["params"])
-            asked.append((proposal["index"], study.ask(dists)))
+            trial = study.ask(dists)
+            # Every parameter is fixed, so Optuna would not ask the sampler (relative parameters are
+            # computed lazily): asking for them makes CMA-ES tag the trial with its generation, so
+            # the generation is told its scores and the next one learns from them.
+            _ = trial.relative_params
+            asked.append((proposal["index"], trial))
         for index, trial in asked:
             study.tell(trial, values[index])
     return study

@@ -199,6 +199,25 @@ def test_adaptive_proposals_are_a_function_of_the_results(tmp_path, sampler):
     assert propose(spec, 1, worse) != second
 
 
+def test_cmaes_learns_from_every_generation_not_only_the_initial_design(tmp_path):
+    sweep = sweep_of(tmp_path, sampler="cmaes", search={"batch_size": 4, "n_startup": 8})
+    spec = SearchSpec(dims=search_space(sweep), sampler="cmaes", seed=3, maximize=True, rounds=Rounds(4, 8))
+
+    def last_round(flip_after_design: bool):
+        proposals, replay = propose(spec, 0, []), {}
+        for r in range(1, 5):
+            history = [HistoryTrial(p["index"], p["params"], "ok",
+                                    (-1 if flip_after_design and p["index"] >= 8 else 1) *
+                                    sum(true_score(p["params"], i) for i in IDS) / len(IDS), len(IDS))
+                       for p in proposals]
+            replay[r] = propose(spec, r, history, replay=replay)
+            proposals += replay[r]
+        return replay[4]
+
+    # the same initial design and its scores; only the later generations' scores differ
+    assert last_round(False) != last_round(True)
+
+
 def test_cmaes_values_shift_partial_means_by_the_complete_trials_gap():
     complete = HistoryTrial(0, {}, "ok", 10.0, 4, {"a": 8.0, "b": 9.0, "c": 11.0, "d": 12.0})
     pruned = HistoryTrial(1, {}, "pruned", 7.0, 2, {"a": 6.0, "b": 8.0})
