@@ -352,6 +352,8 @@ def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequenc
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = _distributions(spec.dims)
     direction = "maximize" if spec.maximize else "minimize"
+    if spec.sampler == "tpe" and any(d.range.type == "choice" for d in spec.dims):
+        return _branch_tpe(spec, r, history, dists, direction)
     if spec.sampler == "tpe":
         sampler = optuna.samplers.TPESampler(seed=_seed(spec.seed, "tpe", r), n_startup_trials=0, multivariate=True,
                                              constant_liar=True)
@@ -361,6 +363,55 @@ def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequenc
         study = _cmaes_study(spec, r, history, dists, direction, replay or {})
     asked = [study.ask(dists) for _ in slots]
     return [{"index": k, "params": _clean(spec.dims, t.params), "source": spec.sampler} for k, t in zip(slots, asked)]
+
+
+def _branch_tpe(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, direction) -> list[dict[str, Any]]:
+    """TPE over a space with choices, one branch (combination of choice values) at a time.
+
+    One model over every branch lets a branch that scores well whatever its other parameters (a
+    global Otsu threshold beside adaptive ones) fill TPE's "good" group and starve a better branch that
+    needs tuning. Here every branch seen fewer than twice gets a trial (up to half the batch), the rest
+    of the batch goes by rank of each branch's best complete score — half to the best branch, half of
+    what is left to the next, and so on — and each branch's trials are proposed by a TPE fitted on that
+    branch's trials alone, with its choices fixed."""
+    import itertools
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    slots = spec.rounds.slots(r)
+    choice = [d.name for d in spec.dims if d.range.type == "choice"]
+    branches = list(itertools.product(*(d.range.values for d in spec.dims if d.range.type == "choice")))
+    sign = -1.0 if spec.maximize else 1.0
+    members = {b: [t for t in history if tuple(t.params[n] for n in choice) == b] for b in branches}
+    best = {b: min((sign * t.score for t in ts if t.status == "ok" and not math.isnan(t.score)), default=math.inf)
+            for b, ts in members.items()}
+    order = sorted(branches, key=lambda b: (best[b], branches.index(b)))
+    counts = dict.fromkeys(branches, 0)
+    left = len(slots)
+    for b in order:
+        if len(members[b]) < 2 and left > len(slots) // 2:
+            counts[b] += 1
+            left -= 1
+    ranked = [b for b in order if best[b] < math.inf] or order
+    for i, b in enumerate(ranked):
+        give = left if i == len(ranked) - 1 else math.ceil(left / 2)
+        counts[b] += give
+        left -= give
+        if not left:
+            break
+    out = []
+    for b in branches:
+        if not counts[b]:
+            continue
+        fixed = dict(zip(choice, b))
+        local = {n: CategoricalDistribution([fixed[n]]) if n in fixed else d for n, d in dists.items()}
+        sampler = optuna.samplers.TPESampler(seed=_seed(spec.seed, "tpe", r, b), n_startup_trials=0,
+                                             multivariate=True, constant_liar=True)
+        study = optuna.create_study(direction=direction, sampler=sampler)
+        study.add_trials([_frozen(t, local) for t in members[b]])
+        out += [_clean(spec.dims, study.ask(local).params) for _ in range(counts[b])]
+    return [{"index": k, "params": p, "source": "tpe"} for k, p in zip(slots, out)]
 
 
 def _frozen(t: HistoryTrial, dists: dict[str, Any]):
