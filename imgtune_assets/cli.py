@@ -243,7 +243,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     metric = report.get("metric") or "score"
     completed, total = report.get("completed_trials", 0), report.get("total_trials", 0)
     failed = report.get("failed_trials") or []
-    first = f"{completed}/{total} trials completed" + (f" ({len(failed)} failed)" if failed else "")
+    stopped = [f"{len(failed)} failed"] if failed else []
+    if report.get("pruned_trials"):  # stopped early by successive halving
+        stopped.append(f"{report['pruned_trials']} pruned")
+    first = f"{completed}/{total} trials completed" + (f" ({', '.join(stopped)})" if stopped else "")
     best, identity = report.get("best_score"), report.get("identity_score")
     if report.get("best_trial") and best is not None and math.isfinite(float(best)):
         first += f"; best {metric}: {float(best):.4f} ({report['best_trial']})"

@@ -282,6 +282,8 @@ def test_summary_lines():
                           "best_params": None, "best_pipeline": None})
     assert "no trial completed" in none[0] and none[1] == "best parameters: none"
     assert none[2] == "report: /o/s (leaderboard.csv, plots/)"  # no best pipeline written this time
+    halved = summary_lines({**report, "completed_trials": 7, "pruned_trials": 24})
+    assert halved[0].startswith("7/32 trials completed (1 failed, 24 pruned); best dice")
 
 
 def test_log_file_path_is_per_sweep_and_utc(tmp_path):
