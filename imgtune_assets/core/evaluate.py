@@ -57,6 +57,7 @@ class TrialOutcome:
     source: str | None = None
     rung: int | None = None
     pruned: bool = False
+    round_started_at: float | None = None  # wall clock (epoch seconds) when its round started
 
     @property
     def images_failed(self) -> int:
@@ -97,7 +98,7 @@ class TrialOutcome:
         staged = {} if self.round is None else {
             "round": self.round, "source": self.source, "rung": self.rung,
             "partial_score": None if math.isnan(self.partial_score) else self.partial_score,
-            "finished_at": time.time()}
+            "round_started_at": self.round_started_at, "finished_at": time.time()}
         return {
             "sweep": sweep_name,
             "fingerprint": fingerprint,

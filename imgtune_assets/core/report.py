@@ -226,7 +226,8 @@ def plot_search_progress(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     ordered = sorted(records, key=lambda r: (r.get("finished_at") or 0.0, r["trial"]))
-    start = min((r["finished_at"] - r["seconds"] for r in ordered if r.get("finished_at")), default=0.0)
+    # From the start of the first round on record (a resumed search includes the time it was stopped).
+    start = min((r.get("round_started_at") or r["finished_at"] for r in ordered if r.get("finished_at")), default=0.0)
     evals, spent = 0, []
     for rec in ordered:
         evals += len(rec.get("per_image", []))

@@ -537,7 +537,8 @@ def _settle(c: dict[str, Any], ids: list[str], per: list[dict[str, Any]], rung: 
             on_settled: Callable[[TrialOutcome], None]) -> TrialOutcome:
     outcome = TrialOutcome(trial=c["trial"], params=c["params"], stages=c["stages"], image_ids=list(ids),
                            per_image=[dict(p) for p in per], seconds=sum(p.get("seconds", 0.0) for p in per),
-                           workers=[], round=c.get("round"), source=c.get("source"), rung=rung, pruned=pruned)
+                           workers=[], round=c.get("round"), source=c.get("source"), rung=rung, pruned=pruned,
+                           round_started_at=c.get("round_started_at"))
     on_settled(outcome)
     return outcome
 
@@ -616,7 +617,8 @@ class Search:
         """Evaluate round ``r``'s trials in ``requested`` (default: all of them). A trial with a current
         record that is not in ``recompute`` is settled from it (its per-image scores are known); with
         halving, the round's other trials take part through their records, and must have one."""
-        candidates = self.candidates(r, records)
+        started = time.time()
+        candidates = [{**c, "round_started_at": started} for c in self.candidates(r, records)]
         known = {t: dict(v) for t, v in known.items() if t not in recompute}
         for c in candidates:
             rec = records.get(c["trial"])

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgtune_assets.core.report import best_record, leaderboard, write_report
+from imgtune_assets.core.report import best_record, evaluations, leaderboard, top_params, write_report
 from imgtune_assets.core.sampling import trial_settings
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets_tests.conftest import write_sweep
@@ -79,3 +79,30 @@ def test_a_report_without_a_winner_leaves_no_earlier_best_pipeline(tmp_path, swe
     _, files = write_report(sweep, failed, tmp_path / "out", best=best_record(failed, True), before_after=None)
     assert files.best_pipeline is None and not (tmp_path / "out" / "best_pipeline.yaml").exists()
     assert not (tmp_path / "out" / "plots" / "best_trial_images.png").exists()
+
+
+def staged(rec, *, round_, rung, status="ok", source="tpe", partial=None, images=2):
+    return {**rec, "status": status, "round": round_, "rung": rung, "source": source,
+            "score": rec["score"] if status == "ok" else None,
+            "partial_score": rec["score"] if partial is None else partial, "per_image": rec["per_image"][:images],
+            "round_started_at": 1000.0 + round_, "finished_at": 1001.0 + round_ + rung}
+
+
+def test_a_staged_leaderboard_ranks_pruned_trials_below_complete_ones(tmp_path, sweep):
+    s = [trial_settings(sweep, k) for k in range(4)]
+    records = [staged(record(s[0], 20.0), round_=0, rung=1, source="sobol"),
+               staged(record(s[1], 26.0), round_=0, rung=0, status="pruned", partial=26.0, images=1),
+               staged(record(s[2], 24.0), round_=1, rung=0, status="pruned", partial=24.0, images=1),
+               staged(record(s[3], 30.0), round_=1, rung=0, status="failed")]
+    board = leaderboard(sweep, records)
+    # the complete trial first; pruned ones (a higher partial mean on fewer images is no better) next
+    assert list(board["trial"]) == ["trial-000", "trial-001", "trial-002", "trial-003"]
+    assert list(board["status"]) == ["ok", "pruned", "pruned", "failed"]
+    assert list(board.columns[4:8]) == ["round", "source", "rung", "partial_score"]
+    assert evaluations(records) == 2 + 1 + 1 + 2
+    assert top_params(records, True, k=5) == [s[0]["params"]]
+    _, files = write_report(sweep, records, tmp_path / "out", best=best_record(records, True))
+    assert files.plot_png["search_progress"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "out" / "plots" / "search_progress.png").exists()
+    write_report(sweep, [record(x, 20.0 + k) for k, x in enumerate(s)], tmp_path / "out", best=None)
+    assert not (tmp_path / "out" / "plots" / "search_progress.png").exists()  # not a staged sweep any more
