@@ -315,6 +315,7 @@ class SearchSpec:
     maximize: bool
     rounds: Rounds
     initial_design: str = "sobol"
+    n_trials: int = 0  # the sweep's trials: the grid's resolution depends on it
 
     @property
     def adaptive(self) -> bool:
@@ -331,8 +332,8 @@ def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequenc
     slots = spec.rounds.slots(r)
     if not spec.dims:
         return [{"index": k, "params": {}, "source": spec.sampler} for k in slots]
-    if not spec.adaptive:
-        n = slots.stop
+    if not spec.adaptive:  # the sampler's own points, exactly as without rounds
+        n = max(spec.n_trials, slots.stop)
         return [{"index": k, "params": sample_point(spec.dims, spec.sampler, spec.seed, k, n), "source": spec.sampler}
                 for k in slots]
     if r == 0:
@@ -571,7 +572,7 @@ class Search:
         self.rounds = self.ledger.rounds
         self.spec = SearchSpec(dims=self.dims, sampler=sweep.sampler, seed=sweep.seed,
                                maximize=sweep.higher_is_better, rounds=self.rounds,
-                               initial_design=self.ledger.data["initial_design"])
+                               initial_design=self.ledger.data["initial_design"], n_trials=sweep.trials)
         self.order = image_order(image_ids, sweep.seed, manifest_digest)
 
     def key(self, index: int) -> str:

@@ -133,7 +133,8 @@ class Sweep:
         if self.sampler in ADAPTIVE_SAMPLERS or self.early_stopping is not None:
             payload["search"] = self.search.to_dict()
             payload["early_stopping"] = self.early_stopping.to_dict() if self.early_stopping else None
-            del payload["trials"]
+            if self.sampler != "grid":  # the grid's points depend on the number of trials
+                del payload["trials"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

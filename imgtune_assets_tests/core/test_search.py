@@ -163,8 +163,8 @@ def test_plain_samplers_propose_exactly_their_points(tmp_path, sampler):
     dims = search_space(sweep)
     search, records, _ = run_search(sweep, tmp_path / "out")
     for k, key in enumerate(trial_keys(sweep)):
-        assert records[key]["params"] == sample_point(dims, sampler, sweep.seed, k, search.rounds.slots(
-            search.rounds.of(k)).stop), key
+        assert records[key]["params"] == sample_point(dims, sampler, sweep.seed, k, sweep.trials), key
+    assert search.ledger.data["batch_size"] == 4
 
 
 def test_round_zero_is_warm_starts_then_the_initial_design(tmp_path):
@@ -323,3 +323,8 @@ def test_sweep_file_options_reach_the_search(tmp_path):
     assert sweep.search.batch_size == 6 and sweep.search.warm_start == 0
     assert sweep.early_stopping == Halving(eta=4, min_images=2)
     assert sweep.fingerprint() != sweep_of(tmp_path, sampler="cmaes", search={"batch_size": 6}).fingerprint()
+    # raising trials extends a staged search; only the grid's points depend on their number
+    assert sweep_of(tmp_path, trials=8).fingerprint() == sweep_of(tmp_path, trials=9).fingerprint()
+    halved_grid = {"sampler": "grid", "early_stopping": {"method": "successive_halving"}}
+    assert sweep_of(tmp_path, trials=8, **halved_grid).fingerprint() != \
+        sweep_of(tmp_path, trials=9, **halved_grid).fingerprint()
