@@ -44,6 +44,8 @@ Decisions (also in the README):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -211,6 +213,21 @@ class Ledger:
     @property
     def rounds(self) -> Rounds:
         return Rounds(batch_size=self.data["batch_size"], n_startup=self.data["n_startup"])
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the ledger's lock and re-read it: two runs of one sweep at once (a schedule and a sensor)
+        agree on every round, whichever proposes it first."""
+        lock_file = self.file.with_suffix(".lock")
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_file, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                if self.file.exists():
+                    self.data = json.loads(self.file.read_text())
+                yield self
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def round(self, r: int) -> dict[str, Any] | None:
         for entry in self.data["rounds"]:
@@ -557,23 +574,26 @@ class Search:
         self.ledger = Ledger(Path(sweep_dir) / "search", sweep.fingerprint(), manifest_digest)
         options: SearchOptions = sweep.search
         if not self.ledger.started:
-            batch = options.batch_size or max(1, int(default_batch_size))
-            if not (sweep.sampler in ADAPTIVE_SAMPLERS):
-                n_startup = batch
-            else:
-                n_startup = options.n_startup or default_n_startup(len(self.dims), batch)
-            self.ledger.start({
-                "sweep": sweep.name, "sampler": sweep.sampler, "seed": sweep.seed, "batch_size": batch,
-                "n_startup": n_startup, "initial_design": options.initial_design,
-                "early_stopping": sweep.early_stopping.to_dict() if sweep.early_stopping else None,
-                "space_digest": space_digest(self.dims), "started_at": time.time(),
-                "warm_start": [dict(p) for p in warm][: options.warm_start] if sweep.sampler in ADAPTIVE_SAMPLERS else [],
-            })
+            with self.ledger.locked():
+                if not self.ledger.started:
+                    self._start(sweep, options, default_batch_size, warm)
         self.rounds = self.ledger.rounds
         self.spec = SearchSpec(dims=self.dims, sampler=sweep.sampler, seed=sweep.seed,
                                maximize=sweep.higher_is_better, rounds=self.rounds,
                                initial_design=self.ledger.data["initial_design"], n_trials=sweep.trials)
         self.order = image_order(image_ids, sweep.seed, manifest_digest)
+
+    def _start(self, sweep, options: SearchOptions, default_batch_size: int, warm: Sequence[Point]) -> None:
+        batch = options.batch_size or max(1, int(default_batch_size))
+        adaptive = sweep.sampler in ADAPTIVE_SAMPLERS
+        n_startup = (options.n_startup or default_n_startup(len(self.dims), batch)) if adaptive else batch
+        self.ledger.start({
+            "sweep": sweep.name, "sampler": sweep.sampler, "seed": sweep.seed, "batch_size": batch,
+            "n_startup": n_startup, "initial_design": options.initial_design,
+            "early_stopping": sweep.early_stopping.to_dict() if sweep.early_stopping else None,
+            "space_digest": space_digest(self.dims), "started_at": time.time(),
+            "warm_start": [dict(p) for p in warm][: options.warm_start] if adaptive else [],
+        })
 
     def key(self, index: int) -> str:
         return trial_key(index, self.sweep.trials)
@@ -591,19 +611,8 @@ class Search:
         ledger does not have it yet. ``records``: current results by trial key."""
         entry = self.ledger.round(r)
         if entry is None:
-            earlier = [k for rr in range(r) for k in self.rounds.slots(rr)]
-            missing = [self.key(k) for k in earlier if self.key(k) not in records]
-            if missing:
-                shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-                raise SearchError(
-                    f"round {r} of sweep {self.sweep.name!r} (trials {self.key(self.rounds.slots(r)[0])}…) is proposed "
-                    f"from the results of every earlier trial; {len(missing)} have none yet ({shown}): run the "
-                    f"sweep's whole range, or those trials first")
-            history = [HistoryTrial.from_record(k, records[self.key(k)]) for k in earlier]
-            replay = {rr: self.ledger.round(rr)["trials"] for rr in range(1, r)}
-            proposals = propose(self.spec, r, history, warm=self.ledger.data.get("warm_start", ()), replay=replay)
-            entry = {"round": r, "proposed_at": time.time(), "from_trials": len(history), "trials": proposals}
-            self.ledger.add_round(entry)
+            with self.ledger.locked():
+                entry = self.ledger.round(r) or self._propose(r, records)
         out = []
         for p in entry["trials"]:
             if p["index"] < self.sweep.trials:
@@ -611,6 +620,23 @@ class Search:
                             "source": p["source"], "round": r,
                             "stages": [[op, params] for op, params in trial_stages(self.sweep, p["params"])]})
         return out
+
+    def _propose(self, r: int, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Propose round ``r`` from the results of every earlier round, and record it (under the lock)."""
+        earlier = [k for rr in range(r) for k in self.rounds.slots(rr)]
+        missing = [self.key(k) for k in earlier if self.key(k) not in records]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise SearchError(
+                f"round {r} of sweep {self.sweep.name!r} (trials {self.key(self.rounds.slots(r)[0])}…) is proposed "
+                f"from the results of every earlier trial; {len(missing)} have none yet ({shown}): run the "
+                f"sweep's whole range, or those trials first")
+        history = [HistoryTrial.from_record(k, records[self.key(k)]) for k in earlier]
+        replay = {rr: self.ledger.round(rr)["trials"] for rr in range(1, r)}
+        proposals = propose(self.spec, r, history, warm=self.ledger.data.get("warm_start", ()), replay=replay)
+        entry = {"round": r, "proposed_at": time.time(), "from_trials": len(history), "trials": proposals}
+        self.ledger.add_round(entry)
+        return entry
 
     def run(self, r: int, records: dict[str, dict[str, Any]], evaluate: Evaluate,
             known: dict[str, dict[str, dict[str, Any]]], on_settled: Callable[[TrialOutcome], None],

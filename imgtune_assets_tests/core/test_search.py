@@ -305,6 +305,20 @@ def test_a_round_asked_before_its_history_exists_names_the_missing_trials(tmp_pa
         search.candidates(2, records)
 
 
+def test_two_runs_at_once_agree_on_every_round(tmp_path):
+    sweep = sweep_of(tmp_path, trials=16, search={"batch_size": 4, "n_startup": 8})
+    first = Search(sweep, tmp_path / "out", "d" * 64, IDS, default_batch_size=4)
+    second = Search(sweep, tmp_path / "out", "d" * 64, IDS, default_batch_size=2)  # started before round 1
+    assert second.rounds == first.rounds  # the ledger the first run started
+    records, evaluate = {}, Counter()
+    for o in first.run(0, records, evaluate, {}, lambda o: None):
+        records[o.trial] = o.to_record(sweep_name="s", fingerprint="f", metric="psnr", manifest_digest="d")
+    mine = first.candidates(1, records)
+    # the second run saw other results (say, its own re-run of round 0): it still evaluates what was recorded
+    theirs = {k: {**r, "score": -r["score"]} for k, r in records.items()}
+    assert second.candidates(1, theirs) == mine
+
+
 def test_the_ledger_refuses_a_foreign_or_damaged_file(tmp_path):
     ledger = Ledger(tmp_path, "f" * 16, "d" * 64)
     ledger.start({"batch_size": 2, "n_startup": 2})
