@@ -34,6 +34,26 @@ def expected_scores(sweep_file, data_dir, settings_file):
             for t in settings["trials"]}
 
 
+def kill_once_saved(run: Service, folder, pattern: str, at_least: int) -> list[str]:
+    """SIGKILL the run's process alone (as a user, or the OOM killer, would) once ``at_least`` files
+    matching ``pattern`` are saved in ``folder``; the stems of those saved by then."""
+    def saved():
+        assert run.alive(), f"the run ended before it could be killed:\n{run.tail()}"
+        return len(list(folder.glob(pattern))) >= at_least
+    wait_for(saved, 120, interval=0.05, what=f"{at_least} saved {pattern}")
+    run.kill_leader()
+    return sorted(p.stem for p in folder.glob(pattern))
+
+
+def resume(folder, name: str, trials_cmd: list[str], report_cmd: list[str], env: dict, config: str = "") -> None:
+    """Run the sweep's trials again with ``skip_finished`` (plus ``config``), then its report."""
+    file = folder / "resume.yaml"
+    op_name = asset_key(name, "experiment_results").to_python_identifier()
+    file.write_text(config + f"ops:\n  {op_name}:\n    config:\n      skip_finished: true\n")
+    run_checked([*trials_cmd, "-c", str(file)], env)
+    run_checked(report_cmd, env)
+
+
 def test_run_killed_mid_sweep_then_resumed(tmp_path, denoise_data):
     sweep = write_sweep(tmp_path / "slow.yaml", denoise_data, name="slow", trials=10, pipeline=SLOW_PIPELINE)
     env = cli_env(tmp_path, sweep)
@@ -44,20 +64,10 @@ def test_run_killed_mid_sweep_then_resumed(tmp_path, denoise_data):
     # embedded Ray) is still known to the service, and ended by its stop().
     run = Service("trials", trials_cmd, env, tmp_path / "killed-run.log")
     try:
-        def two_trials_saved():
-            assert run.alive(), f"the trials run ended before it could be killed:\n{run.tail()}"
-            return len(list(trials_dir.glob("trial-*.json"))) >= 2
-        wait_for(two_trials_saved, 120, interval=0.05, what="two saved trial results")
-        run.kill_leader()  # SIGKILL the run's process alone, as a user (or the OOM killer) would
-        finished = sorted(p.stem for p in trials_dir.glob("trial-*.json"))
+        finished = kill_once_saved(run, trials_dir, "trial-*.json", 2)
         assert 2 <= len(finished) < 10, f"kill came too late or too early: {finished}"
         assert not list(trials_dir.glob(".*.tmp")), "a half-written result file was left behind"
-
-        config = tmp_path / "resume.yaml"
-        op_name = asset_key("slow", "experiment_results").to_python_identifier()
-        config.write_text(f"ops:\n  {op_name}:\n    config:\n      skip_finished: true\n")
-        run_checked([*trials_cmd, "-c", str(config)], env)
-        run_checked(report_cmd, env)
+        resume(tmp_path, "slow", trials_cmd, report_cmd, env)
     finally:
         run.stop(grace=2)  # what the killed run left running (Ray workers busy on a trial): no clean exit to wait for
 
@@ -150,24 +160,15 @@ def test_run_streaming_chunks_killed_then_resumed_keeps_its_chunk_progress(tmp_p
     env = cli_env(tmp_path, sweep)
     inputs, trials_cmd, report_cmd = sweep_steps("stream", 3)
     run_checked(inputs, env)
-    op_name = asset_key("stream", "experiment_results").to_python_identifier()
     budget = tmp_path / "budget.yaml"
     budget.write_text("resources:\n  ray_cluster:\n    config:\n      object_store_budget_mb: 0.001\n")
     partial = tmp_path / "outputs" / "stream" / "trials" / "partial"
     run = Service("trials", [*trials_cmd, "-c", str(budget)], env, tmp_path / "killed-run.log")
     try:
-        def two_chunks_saved():
-            assert run.alive(), f"the trials run ended before it could be killed:\n{run.tail()}"
-            return len(list(partial.glob("*.json"))) >= 2
-        wait_for(two_chunks_saved, 120, interval=0.05, what="two saved chunks")
-        run.kill_leader()
-        kept = len(list(partial.glob("*.json")))
+        kept = len(kill_once_saved(run, partial, "*.json", 2))
         assert not list((tmp_path / "outputs" / "stream" / "trials").glob("trial-*.json")), \
             "with one chunk at a time no trial can be complete before the last chunk"
-        resume = tmp_path / "resume.yaml"
-        resume.write_text(budget.read_text() + f"ops:\n  {op_name}:\n    config:\n      skip_finished: true\n")
-        run_checked([*trials_cmd, "-c", str(resume)], env)
-        run_checked(report_cmd, env)
+        resume(tmp_path, "stream", trials_cmd, report_cmd, env, config=budget.read_text())
     finally:
         run.stop(grace=2)
 
@@ -216,18 +217,9 @@ def test_adaptive_sweep_killed_then_resumed_ends_as_an_undisturbed_one(tmp_path,
     trials_dir = killed / "outputs" / "adaptive" / "trials"
     run = Service("trials", trials_cmd, env, killed / "killed-run.log")
     try:
-        def some_trials_settled():
-            assert run.alive(), f"the trials run ended before it could be killed:\n{run.tail()}"
-            return len(list(trials_dir.glob("trial-*.json"))) >= 5  # round 0 and part of round 1
-        wait_for(some_trials_settled, 120, interval=0.05, what="five settled trials")
-        run.kill_leader()
-        settled = sorted(p.stem for p in trials_dir.glob("trial-*.json"))
+        settled = kill_once_saved(run, trials_dir, "trial-*.json", 5)  # round 0 and part of round 1
         assert 5 <= len(settled) < 12, f"kill came too late: {settled}"
-        config = killed / "resume.yaml"
-        op_name = asset_key("adaptive", "experiment_results").to_python_identifier()
-        config.write_text(f"ops:\n  {op_name}:\n    config:\n      skip_finished: true\n")
-        run_checked([*trials_cmd, "-c", str(config)], env)
-        run_checked(report_cmd, env)
+        resume(killed, "adaptive", trials_cmd, report_cmd, env)
     finally:
         run.stop(grace=2)
 
