@@ -21,7 +21,11 @@ Decisions (also in the README):
   evaluates the recorded proposals and proposes later rounds from the same results, so it ends with
   the same ledger as an undisturbed run. The samplers keep no state: each proposal rebuilds an Optuna
   study from the ledger and the results (TPE from the finished trials; CMA-ES by replaying its earlier
-  generations with their recorded parameters, ``enqueue_trial`` + ``ask`` + ``tell``).
+  generations with their recorded parameters, ``enqueue_trial`` + ``ask`` + ``tell``). The ledger is
+  started and extended under a file lock, re-read first: two runs of one sweep at once agree.
+- **Choices.** With ``choice`` parameters TPE models each branch (combination of choice values) apart,
+  every branch gets a try and the batch is shared by rank (``_branch_tpe``): one model over all
+  branches lets a branch that scores well whatever its other parameters starve a better one.
 - **A trial requested before it can be proposed** (its earlier rounds have trials without a result)
   is an error that names those trials: proposing from partial results would make the proposal depend
   on which partitions happened to run first. Run the sweep's whole range (the CLI, the schedule, the

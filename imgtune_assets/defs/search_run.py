@@ -138,9 +138,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                                     "seconds": round(time.perf_counter() - started, 3)})
             context.log.info(f"round {r}: {len(outcomes)} trial(s), {len(kept)} complete, "
                              f"{stats['rounds'][-1]['pruned']} pruned in {stats['rounds'][-1]['seconds']:.2f}s")
-    except SearchError as exc:
-        raise Failure(description=str(exc)) from None
-    except ImageDataError as exc:
+    except (SearchError, ImageDataError) as exc:  # named trials or files; what settled is saved
         raise Failure(description=str(exc)) from None
     if need_identity and all(r.id in identity for r in images):
         baseline.save(identity[r.id] for r in images)
