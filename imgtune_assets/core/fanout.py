@@ -155,6 +155,34 @@ class InMemoryImages:
 
 
 @dataclass
+class DecodedChunks:
+    """Decoded chunks kept in the object store between calls of ``run_trials`` on the same images (the
+    rounds of a staged search), up to ``capacity`` bytes; the caller releases them with ``clear()``.
+    A chunk is known by its image ids; each was checked against the manifest when it was decoded."""
+
+    capacity: int
+    refs: dict[tuple[str, ...], tuple[Any, int]] = field(default_factory=dict)  # ids -> (object ref, bytes)
+
+    @property
+    def held(self) -> int:
+        return sum(size for _, size in self.refs.values())
+
+    def get(self, ids: tuple[str, ...]):
+        entry = self.refs.get(ids)
+        return entry[0] if entry else None
+
+    def offer(self, ids: tuple[str, ...], ref, size: int) -> bool:
+        """Keep ``ref`` if it fits; True when kept."""
+        if ids in self.refs or self.held + size > self.capacity:
+            return ids in self.refs
+        self.refs[ids] = (ref, size)
+        return True
+
+    def clear(self) -> None:
+        self.refs.clear()  # dropping the references frees the objects
+
+
+@dataclass
 class FanoutResult:
     outcomes: list[TrialOutcome]
     identity: dict[str, dict[str, Any]] = field(default_factory=dict)  # image id -> identity result
@@ -206,6 +234,7 @@ def run_trials(
     known: dict[str, dict[str, dict[str, Any]]] | None = None,
     known_identity: dict[str, dict[str, Any]] | None = None,
     on_chunk_done: Callable[[list[str], dict[str, list[dict[str, Any]]], list | None], None] | None = None,
+    keep: DecodedChunks | None = None,
 ) -> FanoutResult:
     """Evaluate each trial (``{"trial", "params", "stages", "error"?}``) on every image.
 
@@ -220,6 +249,9 @@ def run_trials(
 
     An image that cannot be used (changed since the manifest, vanished, undecodable) raises
     ``ImageDataError`` naming it; what completed before was already handed to the callbacks.
+
+    ``keep``: decoded chunks found there are used without decoding, and chunks decoded here are left
+    there (while they fit) instead of being released, for the next call on the same images.
 
     ``on_tick`` is called at least every ``tick_seconds`` while results are awaited — also when no
     trial completes for a long time — and once more at the end, so the caller can report progress
@@ -295,14 +327,19 @@ def run_trials(
         while queue and (not data_refs or in_flight + chunk_bytes[queue[0]] <= memory_budget):
             c = queue.pop(0)
             a, b = spans[c]
-            data_ref, report_ref = images.submit(a, b, objective if identity else None, max_retries)
-            data_refs[c] = data_ref
-            in_flight += chunk_bytes[c]
-            pending[report_ref] = ("decode", c, -1)
-            tasks_left[c] = 1 + len(chunk_trials[c])
+            kept = keep.get(tuple(ids[a:b])) if keep is not None else None
+            if kept is not None and (not identity or all(ids[i] in result.identity for i in range(a, b))):
+                data_refs[c] = kept  # decoded by an earlier call: already in the object store
+                tasks_left[c] = len(chunk_trials[c])  # (>= 1: a chunk no trial needs is not queued)
+            else:
+                data_ref, report_ref = images.submit(a, b, objective if identity else None, max_retries)
+                data_refs[c] = data_ref
+                in_flight += chunk_bytes[c]
+                pending[report_ref] = ("decode", c, -1)
+                tasks_left[c] = 1 + len(chunk_trials[c])
+                result.chunks_decoded += 1
             chunk_results[c] = {}
             admitted.append(c)
-            result.chunks_decoded += 1
         result.window = max(result.window, len(data_refs))
         # Trial-major over the admitted chunks: with everything admitted, trials complete one by one.
         for t in sorted({t for c in admitted for t in chunk_trials[c]}):
@@ -318,10 +355,13 @@ def run_trials(
 
     def retire(c: int) -> None:
         nonlocal in_flight
-        del data_refs[c]  # the chunk's pixels leave the object store once no task holds them
-        in_flight -= chunk_bytes[c]
+        a, b = spans[c]
+        ref = data_refs.pop(c)  # the chunk's pixels leave the object store once no task holds them,
+        if keep is None or keep.get(tuple(ids[a:b])) is not ref:  # (a chunk kept earlier stays)
+            in_flight -= chunk_bytes[c]
+            if keep is not None:
+                keep.offer(tuple(ids[a:b]), ref, chunk_bytes[c])  # unless kept for the next call
         if on_chunk_done:
-            a, b = spans[c]
             on_chunk_done(ids[a:b], chunk_results.pop(c), chunk_identity.pop(c, None))
         admit()
 

@@ -58,7 +58,9 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     """Run the rounds that hold ``keys``; each settled trial goes to ``save(record, reused)``, and
     ``on_tick`` is called at least every second while Ray works. Returns the step's statistics (also
     written to ``last_experiment_run.json``)."""
-    from imgtune_assets.core.fanout import ImageDataError, ImageFiles, run_trials
+    from imgtune_assets.core.fanout import OBJECT_STORE_SHARE, DecodedChunks, ImageDataError, ImageFiles, plan_chunks, \
+        run_trials
+    from imgtune_assets.core.manifest import decoded_bytes
 
     objective = sweep.objective
     digest = store.manifest_digest
@@ -74,7 +76,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     ray_cluster.connect(context.log)
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", 1))
     try:
         search = Search(sweep, sweep_dir, digest, [r.id for r in images], default_batch_size=cpus,
                         warm=warm_start_params(sweep, sweep_dir, digest))
@@ -85,6 +88,13 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     identity: dict[str, dict[str, Any]] = dict(known_identity) if baseline.cached() is None else {}
     need_identity = baseline.cached() is None
     workers: dict[str, list] = {}
+    # Every round scores the same images: their decoded chunks stay in the object store from one round
+    # to the next (up to half the decode budget; the rest is decoded again), on chunk boundaries that
+    # do not change with the number of trials in a call.
+    budget = ray_cluster.memory_budget_bytes() or int(resources.get("object_store_memory", 0) * OBJECT_STORE_SHARE)
+    keep = DecodedChunks(capacity=budget // 2)
+    chunk_size = plan_chunks(len(images), search.rounds.batch_size, cpus, sweep.chunk_size,
+                             image_bytes=max((decoded_bytes(r) for r in images), default=0), memory_budget=budget)
     stats: dict[str, Any] = {"run_id": context.run.run_id, "trials": len(keys), "staged": True,
                              "batch_size": search.rounds.batch_size, "n_startup": search.rounds.n_startup,
                              "evaluations": 0, "rounds": [], "decodes": 0,
@@ -98,7 +108,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
         def chunk_done(chunk_ids, results, chunk_identity):
             store.save_chunk(chunk_ids, results, chunk_identity if need_identity else None)
 
-        fan = run_trials(trials, files, objective, chunk_size=sweep.chunk_size, max_retries=ray_cluster.max_retries,
+        fan = run_trials(trials, files, objective, chunk_size=chunk_size, max_retries=ray_cluster.max_retries, keep=keep,
                          memory_budget=ray_cluster.memory_budget_bytes(), on_chunk_done=chunk_done, on_tick=on_tick,
                          identity=need_identity, known={t["trial"]: known_now.get(t["trial"], {}) for t in trials},
                          known_identity={i: identity[i] for i in needed if i in identity})
@@ -140,6 +150,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                              f"{stats['rounds'][-1]['pruned']} pruned in {stats['rounds'][-1]['seconds']:.2f}s")
     except (SearchError, ImageDataError) as exc:  # named trials or files; what settled is saved
         raise Failure(description=str(exc)) from None
+    finally:
+        keep.clear()
     if need_identity and all(r.id in identity for r in images):
         baseline.save(identity[r.id] for r in images)
     store.clear_chunks()

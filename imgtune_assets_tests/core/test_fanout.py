@@ -12,7 +12,7 @@ import pytest
 
 from imgtune_assets.core.demo_data import make_denoise_set
 from imgtune_assets.core.evaluate import evaluate_chunk
-from imgtune_assets.core.fanout import ImageDataError, ImageFiles, InMemoryImages, plan_chunks, run_trials
+from imgtune_assets.core.fanout import DecodedChunks, ImageDataError, ImageFiles, InMemoryImages, plan_chunks, run_trials
 from imgtune_assets.core.manifest import load_images, scan_folder
 from imgtune_assets.core.metrics import Objective
 
@@ -215,6 +215,29 @@ def test_known_progress_is_not_decoded_or_computed_again(local_ray, image_files)
     assert resumed.chunks == 4 and resumed.chunks_decoded == 1 and resumed.decodes == 4
     assert [o.score for o in resumed.outcomes] == [o.score for o in first.outcomes]
     assert {i: r["score"] for i, r in resumed.identity.items()} == {i: r["score"] for i, r in first.identity.items()}
+
+
+def test_kept_chunks_serve_the_next_call_without_decoding(local_ray, image_files):
+    folder, rows = image_files
+    one_chunk = 2 * 2 * 96 * 96
+    keep = DecodedChunks(capacity=3 * one_chunk)  # room for three of the four chunks
+    first = run_trials(trials(2), ImageFiles(folder, rows), PSNR, chunk_size=2, keep=keep)
+    assert first.chunks_decoded == 4 and len(keep.refs) == 3 and keep.held == 3 * one_chunk
+    # the next call (other trials, same images): only the chunk that did not fit is decoded again
+    second = run_trials(trials(4)[2:], ImageFiles(folder, rows), PSNR, chunk_size=2, keep=keep)
+    assert second.chunks_decoded == 1 and second.decodes == 4
+    assert [o.score for o in second.outcomes] == [o.score for o in run_trials(
+        trials(4)[2:], ImageFiles(folder, rows), PSNR, chunk_size=2).outcomes]
+    # a call on the images of a kept chunk (a later rung of successive halving) decodes nothing
+    kept_ids = next(iter(keep.refs))
+    subset = [r for r in rows if r.id in kept_ids]
+    third = run_trials(trials(1), ImageFiles(folder, subset), PSNR, chunk_size=2, keep=keep)
+    assert third.chunks_decoded == 0 and third.outcomes[0].image_ids == list(kept_ids)
+    by_id = dict(zip(first.outcomes[0].image_ids, first.outcomes[0].per_image))
+    assert [r["score"] for r in third.outcomes[0].per_image] == [by_id[i]["score"] for i in kept_ids]
+    keep.clear()
+    assert keep.held == 0 and run_trials(trials(1), ImageFiles(folder, subset), PSNR, chunk_size=2,
+                                         keep=keep).chunks_decoded == 1
 
 
 def test_an_image_changed_since_the_manifest_fails_the_run_naming_it(local_ray, tmp_path):

@@ -79,6 +79,8 @@ def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local
     assert [row["status"] for row in board] == ["ok"] * 3 + ["pruned"] * 9
     assert [int(row["rung"]) for row in board[3:]] == sorted((int(row["rung"]) for row in board[3:]), reverse=True)
     assert (out / "tiny" / "plots" / "search_progress.png").stat().st_size > 0
+    # every round scores the same images: their decoded chunks stayed in the object store
+    assert json.loads((out / "tiny" / "last_experiment_run.json").read_text())["decodes_per_image"] == 1.0
 
     checks = {e.check_name: e.passed for e in report.get_asset_check_evaluations()}
     assert checks["report_complete"] is True
