@@ -191,16 +191,20 @@ class Ledger:
         self.fingerprint = fingerprint
         self.manifest_digest = manifest_digest
         self.data: dict[str, Any] | None = None
-        if self.file.exists():
-            try:
-                data = json.loads(self.file.read_text())
-            except json.JSONDecodeError as exc:  # written atomically: a damaged file is foreign or hand-edited
-                raise SearchError(f"{self.file}: not a search ledger ({exc}); move it away to start the "
-                                  f"search again") from None
-            if (data.get("format"), data.get("fingerprint"), data.get("manifest_digest")) != (
-                    LEDGER_FORMAT, fingerprint, manifest_digest):
-                raise SearchError(f"{self.file}: a ledger for other settings or images; move it away")
-            self.data = data
+        self._read()
+
+    def _read(self) -> None:
+        if not self.file.exists():
+            return
+        try:
+            data = json.loads(self.file.read_text())
+        except json.JSONDecodeError as exc:  # written atomically: a damaged file is foreign or hand-edited
+            raise SearchError(f"{self.file}: not a search ledger ({exc}); move it away to start the "
+                              f"search again") from None
+        if not isinstance(data, dict) or (data.get("format"), data.get("fingerprint"), data.get("manifest_digest")) \
+                != (LEDGER_FORMAT, self.fingerprint, self.manifest_digest):
+            raise SearchError(f"{self.file}: a ledger for other settings or images; move it away")
+        self.data = data
 
     @property
     def started(self) -> bool:
@@ -227,8 +231,7 @@ class Ledger:
         with open(lock_file, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                if self.file.exists():
-                    self.data = json.loads(self.file.read_text())
+                self._read()
                 yield self
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
