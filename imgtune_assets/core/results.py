@@ -101,9 +101,9 @@ class TrialStore:
                 continue
             for trial, rows in saved.get("results", {}).items():
                 for row in rows:
-                    known.setdefault(trial, {})[row["id"]] = _result(row)
+                    known.setdefault(trial, {})[row["id"]] = per_image_result(row)
             for row in saved.get("identity") or []:
-                identity[row["id"]] = _result(row)
+                identity[row["id"]] = per_image_result(row)
         return known, identity
 
     def clear_chunks(self) -> None:
@@ -126,7 +126,8 @@ class TrialStore:
         return reused, todo
 
 
-def _result(row: dict[str, Any]) -> dict[str, Any]:
+def per_image_result(row: dict[str, Any]) -> dict[str, Any]:
+    """A saved per-image row as the fan-out's result (a missing score is NaN)."""
     score = row.get("score")
     return {"score": float("nan") if score is None else float(score), "seconds": row.get("seconds", 0.0),
             "error": row.get("error")}

@@ -63,6 +63,7 @@ import numpy as np
 
 from imgtune_assets.core.evaluate import TrialOutcome
 from imgtune_assets.core.files import atomic_write_json
+from imgtune_assets.core.results import per_image_result
 from imgtune_assets.core.sampling import (
     ADAPTIVE_SAMPLERS,
     Dimension,
@@ -173,11 +174,6 @@ def image_order(ids: Sequence[str], seed: int, manifest_digest: str) -> list[str
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return float(np.mean(values)) if values else float("nan")
-
-
-def partial_score(record: dict[str, Any]) -> float:
-    """A record's mean over the images it scored (a pruned trial's partial mean)."""
-    return _mean(p["score"] for p in record.get("per_image", []) if not p.get("error") and p["score"] is not None)
 
 
 # ---------------------------------------------------------------------------------------- ledger
@@ -324,7 +320,7 @@ class HistoryTrial:
     def from_record(cls, index: int, record: dict[str, Any]) -> HistoryTrial:
         per = {p["id"]: p["score"] for p in record.get("per_image", []) if not p.get("error") and p["score"] is not None}
         status = record["status"]
-        score = record["score"] if status == "ok" else partial_score(record) if status == "pruned" else float("nan")
+        score = record["score"] if status == "ok" else record.get("partial_score") if status == "pruned" else None
         return cls(index=index, params=record["params"], status=status,
                    score=float("nan") if score is None else float(score), images_scored=len(per), per_image=per)
 
@@ -658,7 +654,7 @@ class Search:
             rec = records.get(c["trial"])
             if rec is not None and c["trial"] not in recompute:
                 known.setdefault(c["trial"], {}).update(
-                    {p["id"]: _result(p) for p in rec.get("per_image", [])})
+                    {p["id"]: per_image_result(p) for p in rec.get("per_image", [])})
         if requested is not None:
             others = [c["trial"] for c in candidates if c["trial"] not in requested and c["trial"] not in records]
             if others and self.sweep.early_stopping is not None:
@@ -669,8 +665,3 @@ class Search:
         halving = self.sweep.early_stopping
         return run_round(candidates, self.order, halving, evaluate, known, self.spec.maximize, on_settled)
 
-
-def _result(p: dict[str, Any]) -> dict[str, Any]:
-    score = p.get("score")
-    return {"score": float("nan") if score is None else float(score), "seconds": p.get("seconds", 0.0),
-            "error": p.get("error")}

@@ -13,7 +13,7 @@ from dagster import AssetExecutionContext, Failure
 
 from imgtune_assets.core.manifest import ManifestRow, usable
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
-from imgtune_assets.core.sampling import search_space, space_digest, trial_key
+from imgtune_assets.core.sampling import search_space, space_digest, trial_key, trial_keys
 from imgtune_assets.core.search import Ledger, Search, SearchError
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.resources import RayResource
@@ -67,7 +67,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     images = usable(rows)
     by_id = {r.id: r for r in images}
     try:
-        records, _ = store.load_all([trial_key(k, sweep.trials) for k in range(sweep.trials)])
+        records, _ = store.load_all(trial_keys(sweep))
     except ValueError as exc:
         raise Failure(description=str(exc)) from None
     records_by_key = {r["trial"]: r for r in records}
@@ -85,8 +85,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
         raise Failure(description=str(exc)) from None
     known, known_identity = store.load_chunks() if skip_finished else ({}, {})
     baseline = IdentityBaseline(sweep_dir, objective, digest)
-    identity: dict[str, dict[str, Any]] = dict(known_identity) if baseline.cached() is None else {}
     need_identity = baseline.cached() is None
+    identity: dict[str, dict[str, Any]] = dict(known_identity) if need_identity else {}
     workers: dict[str, list] = {}
     # Every round scores the same images: their decoded chunks stay in the object store from one round
     # to the next (up to half the decode budget; the rest is decoded again), on chunk boundaries that
