@@ -353,7 +353,7 @@ def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequenc
     if not spec.dims:
         return [{"index": k, "params": {}, "source": spec.sampler} for k in slots]
     if not spec.adaptive:  # the sampler's own points, exactly as without rounds
-        n = max(spec.n_trials, slots.stop)
+        n = spec.n_trials or slots.stop
         return [{"index": k, "params": sample_point(spec.dims, spec.sampler, spec.seed, k, n), "source": spec.sampler}
                 for k in slots]
     if r == 0:

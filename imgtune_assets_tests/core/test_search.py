@@ -167,6 +167,22 @@ def test_plain_samplers_propose_exactly_their_points(tmp_path, sampler):
     assert search.ledger.data["batch_size"] == 4
 
 
+def test_a_grid_whose_last_round_is_cut_short_keeps_the_sweeps_resolution(tmp_path):
+    # 10 trials in rounds of 4: the last round has slots 8..11, two beyond the sweep
+    one_dim = [{"op": "gaussian_blur", "ksize": 5, "sigma": {"type": "float", "low": 0.3, "high": 3.0}}]
+    sweep = sweep_of(tmp_path, sampler="grid", trials=10, early_stopping={"method": "successive_halving"},
+                     search={"batch_size": 4}, pipeline=one_dim)  # a grid of 10 values, not 12
+
+    def evaluate(trials, ids, known):
+        return {t["trial"]: {i: {"score": t["params"]["gaussian_blur.sigma"], "seconds": 0.0, "error": None}
+                             for i in ids} for t in trials}
+
+    _, records, _ = run_search(sweep, tmp_path / "out", evaluate=evaluate)
+    dims = search_space(sweep)
+    assert [records[key]["params"] for key in trial_keys(sweep)] == \
+        [sample_point(dims, "grid", sweep.seed, k, 10) for k in range(10)]
+
+
 def test_round_zero_is_warm_starts_then_the_initial_design(tmp_path):
     sweep = sweep_of(tmp_path, search={"batch_size": 4, "n_startup": 8, "initial_design": "halton"})
     dims = search_space(sweep)
