@@ -340,11 +340,30 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
 
 def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: str | None,
               ray_address: str | None) -> int:
-    """Apply a fixed pipeline (a ``best_pipeline.yaml``) to every image of a folder, on Ray."""
+    """Apply a fixed pipeline (a ``best_pipeline.yaml``) to every image of a folder, on Ray.
+
+    On the embedded Ray (no ``--ray-address``, no ``$IMGTUNE_RAY_ADDRESS``), Ray starts in the
+    background as soon as the pipeline file and a local input folder are seen to exist, while the
+    modules load and the pipeline is read and checked; Dagster is not loaded at all.
+    """
+    from imgtune_assets.core import embedded_ray
+
+    address = ray_address or os.environ.get(embedded_ray.RAY_ADDRESS_ENV) or None
+    plausible = Path(pipeline).is_file() and ("://" in input_dir or Path(input_dir).is_dir())
+    early = embedded_ray.EmbeddedRayStart() if address is None and plausible else None
+    try:
+        return _apply_with_ray(pipeline, input_dir, output_dir, endpoint_url, address, early)
+    finally:
+        if early is not None:
+            early.stop()
+            embedded_ray.skip_final_collection_at_exit()
+
+
+def _apply_with_ray(pipeline: str, input_dir: str, output_dir: str, endpoint_url: str | None,
+                    address: str | None, early) -> int:
     from imgtune_assets.core import storage
     from imgtune_assets.core.apply import ApplyError, apply_to_folder, fixed_stages, require_input_folder
     from imgtune_assets.core.sweepfile import load_sweep
-    from imgtune_assets.defs.resources import RayResource
 
     try:
         fixed = load_sweep(pipeline)
@@ -352,23 +371,31 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
         endpoint = endpoint_url or fixed.endpoint_url
         source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
         target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
-        require_input_folder(source)  # before paying for Ray's start
+        require_input_folder(source)  # before waiting for Ray
     except (SweepFileError, ApplyError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ray_resource = RayResource(address=ray_address)
-    ray_resource.connect()
+    cluster = None
+    if early is not None:
+        early.wait()
+    else:  # a cluster (or an input whose folder could not be seen before): the resource connects
+        from imgtune_assets.defs.resources import RayResource
+
+        cluster = RayResource(address=address)
+        cluster.connect()
     started = time.perf_counter()
+    tty = sys.stdout.isatty()
     try:
-        tty = sys.stdout.isatty()
-        result = apply_to_folder(stages, source, target, max_retries=ray_resource.max_retries,
+        retries = {"max_retries": cluster.max_retries} if cluster is not None else {}
+        result = apply_to_folder(stages, source, target, **retries,
                                  on_progress=lambda done, total: tty and print(
                                      f"\r  {progress_bar(done, total)} {done}/{total}", end="", flush=True))
     except (ApplyError, storage.StorageError) as exc:
         print(f"{chr(10) if tty else ''}error: {exc}", file=sys.stderr)
         return 1
     finally:
-        ray_resource.teardown_after_execution(None)
+        if cluster is not None:
+            cluster.teardown_after_execution(None)
     if tty:
         print()
     for entry in result.entries:

@@ -6,6 +6,7 @@ Public surface:
 * ``prepare_environment(lean)``: put them (and, lean, the start-up/shut-down tuning below) into
   ``os.environ``; must run before the process's first ``import ray``.
 * ``start_embedded_ray(num_cpus, namespace, runtime_env, lean)``: start it and connect this process.
+* ``EmbeddedRayStart``: ``start_embedded_ray`` in a background thread, waited for when Ray is needed.
 * ``stop_embedded_ray(lean)``: disconnect and stop it.
 * ``skip_final_collection_at_exit()``: let the process exit without a last full garbage collection.
 * ``lean_from_environment()``: the ``IMGTUNE_RAY_LEAN`` switch.
@@ -43,6 +44,8 @@ import atexit
 import gc
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -50,6 +53,8 @@ from typing import Any, Optional
 import psutil
 
 LEAN_ENV = "IMGTUNE_RAY_LEAN"
+# A Ray cluster to use instead of the embedded Ray (RayResource.address and the apply command's default).
+RAY_ADDRESS_ENV = "IMGTUNE_RAY_ADDRESS"
 # Set before an embedded Ray starts: Ray then listens on and advertises 127.0.0.1 only
 # (by default Ray 2.60 listens on every interface).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -108,6 +113,79 @@ def start_embedded_ray(num_cpus: Optional[int] = None, namespace: Optional[str] 
             log_to_driver=False,
             runtime_env=runtime_env,
         )
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+class EmbeddedRayStart:
+    """``start_embedded_ray`` in a background thread, so that Ray's start-up (its processes and the
+    driver's connection) overlaps what the run does before it needs Ray; ``wait()`` blocks until it is
+    up, ``stop()`` stops it and ends the thread.
+
+    The thread lives as long as the embedded Ray: Ray ties its head processes (GCS, raylet) to the
+    *thread* that started them (``PR_SET_PDEATHSIG``, which Linux fires when that thread ends), so a
+    starting thread that returned would take the node down with it. Should the process die, they die
+    with it, as they do when the main thread starts them.
+
+    ``ray.init`` outside the main thread leaves the process's SIGTERM handler alone (from the main
+    thread Ray would replace it with one that exits at once): a run process keeps Dagster's own, which
+    turns SIGTERM into an interruption that fails the run cleanly. Ray's warning about that is dropped.
+    """
+
+    def __init__(self, num_cpus: Optional[int] = None, namespace: Optional[str] = None,
+                 runtime_env: Optional[dict[str, Any]] = None, lean: bool = True) -> None:
+        self._kwargs = {"num_cpus": num_cpus, "namespace": namespace, "runtime_env": runtime_env, "lean": lean}
+        self._error: Optional[BaseException] = None
+        self._ready = threading.Event()
+        self._released = threading.Event()
+        self.seconds = 0.0  # how long the start took, in its thread
+        # Before the thread imports Ray: Ray reads some of these variables when first imported.
+        prepare_environment(lean and lean_from_environment())
+        self._thread = threading.Thread(target=self._run, name="imgtune-embedded-ray-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        worker_log = logging.getLogger("ray._private.worker")
+        quiet = _DropMessage("SIGTERM handler is not set")
+        worker_log.addFilter(quiet)
+        try:
+            start_embedded_ray(**self._kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits, and raised there
+            self._error = exc
+        finally:
+            worker_log.removeFilter(quiet)
+            self.seconds = time.perf_counter() - started
+            self._ready.set()
+        if self._error is None:
+            self._released.wait()  # see the class docstring: Ray's head processes live while this thread does
+
+    def wait(self) -> None:
+        """Block until Ray is up; re-raise here whatever the start raised."""
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """What the start raised (None while it runs, or when it succeeded)."""
+        return self._error
+
+    def stop(self) -> None:
+        """Stop the Ray this started (after its start has ended) and end the thread; a start that
+        failed left nothing to stop."""
+        self._ready.wait()
+        if self._error is None:
+            stop_embedded_ray(self._kwargs["lean"])
+        self._released.set()
+        self._thread.join()
 
 
 def stop_embedded_ray(lean: bool = True) -> None:
@@ -245,8 +323,10 @@ def _descendants(pids: Iterable[int]) -> list[psutil.Process]:
 
 __all__ = [
     "EMBEDDED_RAY_ENV",
+    "EmbeddedRayStart",
     "LEAN_ENV",
     "LOOPBACK_ENV",
+    "RAY_ADDRESS_ENV",
     "final_collection_skipped",
     "lean_from_environment",
     "prepare_environment",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -14,9 +15,8 @@ from pydantic import Field, PrivateAttr
 from imgtune_assets.core import embedded_ray
 # Re-exported: LOOPBACK_ENV is imported from here (benchmarks/sweep_bench.py).
 from imgtune_assets.core.embedded_ray import EMBEDDED_RAY_ENV, LEAN_ENV, LOOPBACK_ENV  # noqa: F401
+from imgtune_assets.core.embedded_ray import RAY_ADDRESS_ENV
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
-
-RAY_ADDRESS_ENV = "IMGTUNE_RAY_ADDRESS"
 
 
 class SweepResource(ConfigurableResource):
@@ -47,8 +47,9 @@ class RayResource(ConfigurableResource):
     Inside a Ray worker (a step run by ``ray_executor``) the worker's own connection is reused.
 
     The embedded Ray (no ``address``, no ``$IMGTUNE_RAY_ADDRESS``) is one node on 127.0.0.1 only, with
-    no dashboard, started when a step first calls ``connect()`` and stopped when the run ends
-    (``imgtune_assets.core.embedded_ray``). By default it is *lean*: it starts without the dashboard's
+    no dashboard, started in the background as soon as a run that uses this resource begins (its
+    start-up overlaps the steps before the fan-out; a step's ``connect()`` waits for it) and stopped
+    when the run ends (``imgtune_assets.core.embedded_ray``). By default it is *lean*: it starts without the dashboard's
     API server, the autoscaler's monitor and the log monitor, with Ray's connect/flush timeouts
     shortened, and stops by killing its processes at once (about 1.5 s less at start and 1.4 s less at
     stop on 2 cores). Two of those shortcuts use Ray's private API (pinned ``ray==2.60.0``).
@@ -92,10 +93,13 @@ class RayResource(ConfigurableResource):
     _started_here: bool = PrivateAttr(default=False)
     _lean_here: bool = PrivateAttr(default=True)
     _connect_seconds: float = PrivateAttr(default=0.0)
+    _early_start: Optional[embedded_ray.EmbeddedRayStart] = PrivateAttr(default=None)
+    _early_waited: bool = PrivateAttr(default=False)
 
     @property
     def connect_seconds(self) -> float:
-        """How long connecting (or starting the embedded Ray) took in this process; 0 if reused."""
+        """How long ``connect()`` waited for the connection (or for the embedded Ray's start, begun in
+        the background when the run began) in this process; 0 if reused."""
         return self._connect_seconds
 
     def memory_budget_bytes(self) -> Optional[int]:
@@ -110,14 +114,32 @@ class RayResource(ConfigurableResource):
         return self.lean_embedded and embedded_ray.lean_from_environment()
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        # Connecting is left to the step (``connect()``), so that it can decode the images while the
-        # embedded Ray starts: the two overlap instead of adding up.
-        pass
+        # The embedded Ray starts in the background as soon as a run that uses it begins: its start-up
+        # overlaps the steps before the fan-out (the manifest's hashing, the settings) instead of
+        # following them; ``connect()`` waits for it. A cluster is connected to by ``connect()`` only.
+        if self.resolved_address() or _ray_initialized():
+            return
+        lean = self.lean()
+        self._early_start = embedded_ray.EmbeddedRayStart(num_cpus=self.num_cpus, namespace=self.namespace,
+                                                          runtime_env=self.runtime_env, lean=lean)
+        self._started_here = True
+        self._lean_here = lean
 
     def connect(self, log: Optional[logging.Logger] = None) -> None:
         """Connect to the cluster, or start the embedded local Ray; a no-op when already connected."""
         address = self.resolved_address()
         started = time.perf_counter()  # Ray's start-up includes importing it (~0.3 s)
+        if self._early_start is not None and not self._early_waited:
+            self._early_waited = True
+            try:
+                self._early_start.wait()  # the start begun by setup_for_execution
+            except BaseException:
+                self._started_here = False
+                raise
+            self._connect_seconds = time.perf_counter() - started
+            if log:
+                self._log_connected(log, address, self._lean_here)
+            return
         lean = self.lean()
         if not address:
             # Before the first `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when imported.
@@ -141,20 +163,41 @@ class RayResource(ConfigurableResource):
         self._lean_here = lean
         self._connect_seconds = time.perf_counter() - started
         if log:
-            resources = ray.cluster_resources()
-            log.info(f"Ray connected ({address or 'embedded local'}{'' if address or lean else ', not lean'}): "
-                     f"{int(resources.get('CPU', 0))} CPUs, {len(ray.nodes())} node(s)")
+            self._log_connected(log, address, lean)
+
+    @staticmethod
+    def _log_connected(log: logging.Logger, address: Optional[str], lean: bool) -> None:
+        import ray
+
+        resources = ray.cluster_resources()
+        log.info(f"Ray connected ({address or 'embedded local'}{'' if address or lean else ', not lean'}): "
+                 f"{int(resources.get('CPU', 0))} CPUs, {len(ray.nodes())} node(s)")
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
-        if self._started_here:
+        early, self._early_start = self._early_start, None
+        if early is not None:
+            early.stop()  # (waits for the start to end first)
+            if early.error is not None and not self._early_waited and context is not None:
+                # Started for a run that never needed it: nothing failed for want of it, but say why.
+                context.log.warning(f"the embedded Ray, started in the background, failed to start: {early.error}")
+            self._early_waited = False
+        elif self._started_here:
             if self.resolved_address():
                 import ray
 
                 ray.shutdown()
             else:
                 embedded_ray.stop_embedded_ray(lean=self._lean_here)
+        if self._started_here:
             self._started_here = False
             embedded_ray.skip_final_collection_at_exit()
+
+
+def _ray_initialized() -> bool:
+    """Whether this process is connected to Ray (inside a Ray worker, or connected by the caller),
+    without importing Ray when it is not loaded."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
 
 def default_runtime_env() -> dict[str, Any]:

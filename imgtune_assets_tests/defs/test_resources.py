@@ -4,9 +4,12 @@ started and stopped as Ray ships it when the lean switch is off (``lean_embedded
 
 import ipaddress
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import psutil
 import pytest
@@ -115,6 +118,86 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
     bystander.wait()
     assert stops_at_once == [True]  # the lean stop: every process killed at once
     assert embedded_ray.final_collection_skipped()  # the run's process exits without a last full GC
+
+
+def _starter_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "imgtune-embedded-ray-start"]
+
+
+def test_a_run_starts_the_embedded_ray_in_the_background_and_connect_waits_for_it(monkeypatch):
+    """setup_for_execution (a run that uses the resource begins) starts Ray in a thread; the step's
+    connect() waits for it; the head processes outlive the start (they are tied to the starting
+    thread, which stays until the teardown); Dagster's SIGTERM handler is left in place."""
+    import ray
+
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    resource = RayResource(num_cpus=1)
+    resource.setup_for_execution(None)
+    try:
+        assert len(_starter_threads()) == 1
+        resource.connect()
+        assert ray.is_initialized()
+        time.sleep(1.0)  # the starting thread's work is done: the node must not go down with it
+
+        @ray.remote
+        def square(x):
+            return x * x
+
+        assert ray.get([square.remote(i) for i in range(3)], timeout=60) == [0, 1, 4]
+        commands = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+        assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
+        assert signal.getsignal(signal.SIGTERM) is sigterm_before
+        resource.connect()  # connected: a no-op
+        children = psutil.Process().children(recursive=True)
+    finally:
+        resource.teardown_after_execution(None)
+    assert not ray.is_initialized()
+    assert _starter_threads() == []
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+def test_a_background_start_that_fails_is_raised_by_connect(monkeypatch):
+    import ray
+
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    resource = RayResource(num_cpus=-1)
+    resource.setup_for_execution(None)
+    try:
+        with pytest.raises(ValueError, match="nonnegative"):
+            resource.connect()
+        assert not ray.is_initialized()
+    finally:
+        resource.teardown_after_execution(None)
+    assert _starter_threads() == []
+
+
+def test_a_run_that_never_connects_still_stops_the_ray_it_started(monkeypatch):
+    import ray
+
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    resource = RayResource(num_cpus=1)
+    resource.setup_for_execution(None)
+    resource.teardown_after_execution(None)  # waits for the start, then stops it
+    assert not ray.is_initialized()
+    assert _starter_threads() == []
+    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+def test_a_cluster_address_is_not_connected_to_before_a_step_asks(monkeypatch):
+    monkeypatch.setenv("IMGTUNE_RAY_ADDRESS", "127.0.0.1:1")  # nothing listens there: never dialled here
+    resource = RayResource()
+    resource.setup_for_execution(None)
+    assert _starter_threads() == []
+    resource.teardown_after_execution(None)
 
 
 def _record_calls(monkeypatch, name: str) -> list[bool]:
