@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ class ManifestRow:
     dtype: str | None
     status: str  # "ok" | "skipped"
     reason: str | None = None
+    # A local file's "size:mtime_ns" when it was hashed: a run re-hashes only a file whose stat changed.
+    image_stat: str | None = None
+    target_stat: str | None = None
 
     @classmethod
     def from_record(cls, record: dict) -> "ManifestRow":
@@ -63,34 +67,61 @@ def _relative(file: Location, data_dir: Location) -> str:
     return str(file)[len(str(data_dir)):].lstrip("/")
 
 
-def _probe(file: Location, info: dict) -> tuple[str, tuple[int, int, int, str]]:
-    """A file's content key and header: a local file is read once, hashed and checked whole; an
-    object is keyed by its listing's tag and only its head is read (see ``storage``)."""
+# A file modified this recently when it is hashed may be modified again within the same tick of the
+# file system's clock (coarse on many: a few ms, 1-2 s on some), keeping its size and mtime: its stat
+# is not trusted later and the run hashes it again (git's "racy" index entries, the same rule).
+RACY_NS = 2_000_000_000
+
+
+def local_stat(file: Location) -> str | None:
+    """``size:mtime_ns`` of a local file (None for an object, or a file that cannot be stat'ed)."""
+    if storage.is_remote(file):
+        return None
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _trusted_stat(before: str | None, after: str | None, read_at_ns: int) -> str | None:
+    """The stat to record for a file hashed between ``before`` and ``after``: none if it changed while
+    it was read, or was modified less than ``RACY_NS`` before it was read."""
+    if before is None or before != after:
+        return None
+    mtime_ns = int(before.split(":")[1])
+    return before if read_at_ns - mtime_ns >= RACY_NS else None
+
+
+def _probe(file: Location, info: dict) -> tuple[str, str | None, tuple[int, int, int, str]]:
+    """A file's content key, its stat and its header: a local file is read once, hashed and checked
+    whole; an object is keyed by its listing's tag and only its head is read (see ``storage``)."""
     if storage.is_remote(file):
         key = storage.content_key_of_info(info)
         head = storage.read_head(file, HEAD_BYTES)
         try:
-            return key, probe_image(head, file, whole=len(head) < HEAD_BYTES)
+            return key, None, probe_image(head, file, whole=len(head) < HEAD_BYTES)
         except ImageReadError:
             if len(head) < HEAD_BYTES:
                 raise  # that was the whole object
             data = storage.read_bytes(file)  # a header beyond the head: read it all, once more at most
-            return key, probe_image(data, file)
+            return key, None, probe_image(data, file)
+    read_at_ns, before = time.time_ns(), local_stat(file)
     data, key = storage.read_with_key(file)
-    return key, probe_image(data, file)
+    return key, _trusted_stat(before, local_stat(file), read_at_ns), probe_image(data, file)
 
 
 def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_name: str) -> ManifestRow:
     (image, image_info), target = files
     try:
-        row.image_sha256, (row.width, row.height, row.channels, row.dtype) = _probe(image, image_info)
+        row.image_sha256, row.image_stat, (row.width, row.height, row.channels, row.dtype) = _probe(image, image_info)
     except (ImageReadError, storage.StorageError) as exc:
         row.reason = str(exc)
         return row
     if target is not None:
         target_file, target_info = target
         try:
-            row.target_sha256, (width, height, _, _) = _probe(target_file, target_info)
+            row.target_sha256, row.target_stat, (width, height, _, _) = _probe(target_file, target_info)
         except (ImageReadError, storage.StorageError) as exc:
             row.reason = f"target unusable: {exc}"
             return row
@@ -185,14 +216,19 @@ def load_images(data_dir: str | Location, rows: list[ManifestRow], *, verify: bo
 
     With ``verify``, each file's content must still have the key the manifest recorded (from the same
     read that is decoded): results are saved under the manifest's content hash, so images changed
-    since must not be scored as the old ones. A changed or vanished file raises ``ManifestError``
-    naming it. This is what each Ray decode task runs on its chunk of rows.
+    since must not be scored as the old ones. A local file whose size and modification time (to the
+    nanosecond) are still those it had when the manifest hashed it is not hashed again — rsync's
+    quick check; any other file is, and so is one modified less than ``RACY_NS`` before the manifest
+    read it (its stat was not recorded). A changed or vanished file raises ``ManifestError`` naming
+    it. This is what each Ray decode task runs on its chunk of rows.
     """
     data_dir = storage.location(data_dir) if isinstance(data_dir, str) else data_dir
 
-    def load(relative: str, expected: str | None) -> np.ndarray:
+    def load(relative: str, expected: str | None, stat: str | None) -> np.ndarray:
         file = data_dir / relative
         try:
+            if verify and stat is not None and local_stat(file) == stat:
+                return decode_image(storage.read_bytes(file), file)
             data, key = storage.read_with_key(file)
         except storage.StorageError as exc:
             raise ManifestError(f"{exc}: it was in the image manifest; materialize image_manifest,run_settings "
@@ -205,8 +241,8 @@ def load_images(data_dir: str | Location, rows: list[ManifestRow], *, verify: bo
     ids, images, targets = [], [], []
     for row in usable(rows):
         ids.append(row.id)
-        images.append(load(row.image_path, row.image_sha256))
-        targets.append(load(row.target_path, row.target_sha256) if row.target_path else None)
+        images.append(load(row.image_path, row.image_sha256, row.image_stat))
+        targets.append(load(row.target_path, row.target_sha256, row.target_stat) if row.target_path else None)
     return ids, images, targets
 
 

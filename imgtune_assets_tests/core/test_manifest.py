@@ -1,5 +1,7 @@
 """Manifest scanning over real-looking folders with bad files mixed in."""
 
+import os
+
 import numpy as np
 import pytest
 import cv2
@@ -79,6 +81,38 @@ def test_verified_load_refuses_a_file_changed_since_the_manifest(messy):
     with pytest.raises(ManifestError, match=r"good\.png: changed since the image manifest was made"):
         load_images(messy, rows, verify=True)
     assert len(load_images(messy, rows)[0]) == 3  # unverified, the changed file is simply decoded
+
+
+def _age(path, seconds: float) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def test_a_file_whose_size_and_mtime_are_unchanged_is_not_hashed_again(messy):
+    """rsync's quick check: a run trusts a local file's size and mtime as they were when the manifest
+    hashed it, and hashes it again only when they differ."""
+    for path in (messy / "images").iterdir():
+        _age(path, 60)
+    rows = scan_folder(messy, needs_target=True)
+    good = next(r for r in rows if r.id == "good")
+    assert good.image_stat == f"{(messy / 'images' / 'good.png').stat().st_size}:" \
+                              f"{(messy / 'images' / 'good.png').stat().st_mtime_ns}"
+    good.image_sha256 = "0" * 64  # a key the file does not have: only hashing it again would notice
+    ids, images, _ = load_images(messy, rows, verify=True)
+    assert "good" in ids
+    _age(messy / "images" / "good.png", 1)  # same bytes, another mtime: hashed again, and refused
+    with pytest.raises(ManifestError, match=r"good\.png: changed since the image manifest was made"):
+        load_images(messy, rows, verify=True)
+
+
+def test_a_file_modified_just_before_it_was_hashed_has_no_trusted_stat(messy):
+    """A file written less than RACY_NS before the manifest read it may be written again within the
+    same clock tick, size and mtime unchanged: it is hashed again by every run."""
+    rows = {r.id: r for r in scan_folder(messy, needs_target=True)}
+    assert rows["good"].image_stat is None and rows["good"].target_stat is None  # the fixture just wrote them
+    rows["good"].image_sha256 = "0" * 64
+    with pytest.raises(ManifestError, match=r"good\.png: changed since the image manifest was made"):
+        load_images(messy, list(rows.values()), verify=True)
 
 
 def test_digest_changes_when_an_image_changes(messy):
