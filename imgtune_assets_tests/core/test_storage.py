@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from imgtune_assets.core import storage
-from imgtune_assets.core.imageio import ImageReadError, decode_image, probe_image
+from imgtune_assets.core.imageio import ImageReadError, check_png_chunks, decode_image, probe_image
 
 FORMATS = [
     ("grey8.png", np.uint8, None), ("grey16.png", np.uint16, None), ("colour8.png", np.uint8, 3),
@@ -42,6 +42,55 @@ def test_probe_catches_truncated_files(name):
     data = encoded(*spec)
     with pytest.raises(ImageReadError, match=name):
         probe_image(data[: len(data) * 2 // 3], name)
+
+
+def _pillow_verifies(data: bytes) -> bool:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (SyntaxError, OSError, ValueError, EOFError):
+        return False
+    return True
+
+
+def test_png_chunk_check_agrees_with_pillows_verify():
+    """check_png_chunks (the manifest's fast PNG structure check) against Pillow's verify, the
+    independent reference: whole files, truncations at every chunk boundary and inside chunks, and
+    a flipped bit in each chunk, in several PNGs (many IDAT chunks in the large one)."""
+    rng = np.random.default_rng(3)
+    pngs = [encoded(name, dtype, channels) for name, dtype, channels in FORMATS if name.endswith(".png")]
+    big = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    pngs.append(cv2.imencode(".png", big, [cv2.IMWRITE_PNG_COMPRESSION, 0])[1].tobytes())
+    cases = 0
+    for data in pngs:
+        assert _pillow_verifies(data)
+        check_png_chunks(data)
+        variants = [data[:cut] for cut in (9, 20, 33, 34, 100, len(data) // 2, len(data) - 13, len(data) - 10)]
+        for pos in (20, 40, len(data) // 2, len(data) - 6):  # IHDR, early data, the middle, IEND's name
+            flipped = bytearray(data)
+            flipped[pos] ^= 0x10
+            variants.append(bytes(flipped))
+        for variant in variants:
+            ours = True
+            try:
+                check_png_chunks(variant)
+            except SyntaxError:
+                ours = False
+            assert ours == _pillow_verifies(variant) == False, len(variant)  # noqa: E712 - both must refuse
+            cases += 1
+    assert cases == 12 * len(pngs)
+
+
+def test_jpeg_without_end_marker_after_its_scan_is_truncated():
+    data = encoded("colour.jpg", np.uint8, 3)
+    assert data.endswith(b"\xff\xd9")
+    probe_image(data + b"appended video" * 100, "photo.jpg")  # trailing data after the end marker is fine
+    with pytest.raises(ImageReadError, match="truncated JPEG"):
+        probe_image(data[:-2], "photo.jpg")
 
 
 def test_probe_refuses_empty_and_foreign_bytes():
