@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -295,11 +296,12 @@ def write_report(
     out_dir: Path,
     *,
     best: dict[str, Any] | None,
-    before_after: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] | None = None,
+    before_after: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] | Future | None = None,
     board: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, ReportFiles]:
     """Write the report files; ``best`` is ``best_record(...)``, ``board`` is ``leaderboard(sweep, records)``
-    when the caller has it."""
+    when the caller has it. ``before_after`` (``before_after_panels``) may still be being computed, as a
+    ``Future``: it is waited for last, after the other plots."""
     import pandas as pd
 
     out_dir = Path(out_dir)
@@ -329,6 +331,8 @@ def write_report(
         png["search_progress"] = plot_search_progress(sweep, records)
     else:
         (out_dir / "plots" / "search_progress.png").unlink(missing_ok=True)
+    if isinstance(before_after, Future):
+        before_after = before_after.result()
     if before_after:
         png["best_trial_images"] = plot_before_after(before_after)
     else:

@@ -10,6 +10,7 @@ import base64
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -406,9 +407,14 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         failed = [r for r in records if r["status"] == "failed"]
         pruned = [r for r in records if r["status"] == "pruned"]
         n_images = len(usable_rows(rows))
-        panels = before_after_panels(best, rows, sweep.data_dir, sweep.higher_is_better) if best else None
-        board, files = write_report(sweep, records, out_dir, best=best, before_after=panels,
-                                    board=leaderboard(sweep, records))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-before-after") as pool:
+            # Decoding the two pictured photos (OpenCV, outside the GIL) overlaps drawing the other plots.
+            panels = pool.submit(before_after_panels, best, rows, sweep.data_dir, sweep.higher_is_better) if best else None
+            try:
+                board, files = write_report(sweep, records, out_dir, best=best, before_after=panels,
+                                            board=leaderboard(sweep, records))
+            except ImageReadError as exc:  # a pictured photo changed or vanished since the run
+                raise Failure(description=str(exc)) from None
         top = board[board["status"].eq("ok")].head(10).drop(
             columns=["error", "status", *(c for c in STAGED_COLUMNS if c in board.columns and c != "source")])
         best_score = float(best["score"]) if best else float("nan")
