@@ -26,8 +26,10 @@ from imgtune_assets.core.storage import Location
 LEDGER_NAME = ".imgtune-applied.json"
 # JPEG outputs: high quality (the input was lossy already; a second lossy step should lose little).
 JPEG_QUALITY = 95
-# Files per task: enough to amortise a task, few enough to spread a folder over every CPU.
+# Files per task: up to this many to amortise a task over small images, and at least
+# TASKS_PER_CPU tasks per CPU, so that the last tasks leave little idle at the end of a folder.
 MAX_FILES_PER_TASK = 8
+TASKS_PER_CPU = 16
 
 Stages = Sequence[tuple[str, dict[str, Any]]]
 
@@ -187,7 +189,7 @@ def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *
             continue
         items.append((file, target, previous.get(str(target))))
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    per_task = max(1, min(MAX_FILES_PER_TASK, -(-len(items) // (2 * total_cpus))))
+    per_task = max(1, min(MAX_FILES_PER_TASK, len(items) // (TASKS_PER_CPU * total_cpus)))
     remote = ray.remote(_apply_task).options(name="imgtune:apply", num_cpus=1, max_retries=max_retries,
                                               retry_exceptions=False, scheduling_strategy="SPREAD")
     pending = [remote.remote(list(stages), items[i:i + per_task], key) for i in range(0, len(items), per_task)]
