@@ -104,12 +104,25 @@ def _plain(path: Path) -> str:
     return ANSI.sub("", path.read_text())
 
 
+def _ray_sessions() -> set[str]:
+    """Ray's session folders on this machine (``<temp dir>/ray/session_<date>_<time>_<usec>_<pid>``)."""
+    import tempfile
+
+    root = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
+    return {p.name for p in root.glob("session_2*")}
+
+
 def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep):
     env = cli_env(tmp_path, tiny_sweep)
     home_config = Path(env["DAGSTER_HOME"]) / "dagster.yaml"
     home_config.unlink()  # a DAGSTER_HOME the user just made: the command installs the project's dagster.yaml
+    sessions_before = _ray_sessions()
     result = run_cli(env)  # IMGTUNE_SWEEP names one sweep: no name needed
     assert result.returncode == 0, result.stdout + result.stderr
+    # One embedded Ray per run process (Ray names a session folder after its driver's pid): the run
+    # starts it in the background, and Dagster's resource initialization after the run must not.
+    started = [name.rsplit("_", 1)[1] for name in _ray_sessions() - sessions_before]
+    assert len(started) == 1, started
     assert f"installed the project's, {home_config}" in result.stdout
     assert home_config.read_text() == (PROJECT / "dagster.yaml").read_text()
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:

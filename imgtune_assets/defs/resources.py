@@ -117,7 +117,7 @@ class RayResource(ConfigurableResource):
         # The embedded Ray starts in the background as soon as a run that uses it begins: its start-up
         # overlaps the steps before the fan-out (the manifest's hashing, the settings) instead of
         # following them; ``connect()`` waits for it. A cluster is connected to by ``connect()`` only.
-        if self.resolved_address() or _ray_initialized():
+        if self.resolved_address() or _ray_initialized() or _run_already_finished(context):
             return
         lean = self.lean()
         self._early_start = embedded_ray.EmbeddedRayStart(num_cpus=self.num_cpus, namespace=self.namespace,
@@ -191,6 +191,18 @@ class RayResource(ConfigurableResource):
         if self._started_here:
             self._started_here = False
             embedded_ray.skip_final_collection_at_exit()
+
+
+def _run_already_finished(context: Optional[InitResourceContext]) -> bool:
+    """Whether resources are being initialized for a run that has already finished: ``dagster job
+    execute`` and ``dagster asset materialize`` initialize every resource once more after the run's
+    success, to read outputs back, and no Ray must be started for that."""
+    run = getattr(context, "run", None) if context is not None else None
+    instance = getattr(context, "instance", None) if context is not None else None
+    if run is None or instance is None:
+        return False
+    stored = instance.get_run_by_id(run.run_id)
+    return bool(stored is not None and stored.is_finished)
 
 
 def _ray_initialized() -> bool:

@@ -192,6 +192,32 @@ def test_a_run_that_never_connects_still_stops_the_ray_it_started(monkeypatch):
     assert not alive, [p.cmdline() for p in alive]
 
 
+def test_resources_initialized_again_after_the_run_start_no_ray(monkeypatch):
+    """``dagster job execute`` initializes every resource once more after the run succeeded (to read
+    outputs back): no Ray for that. While the run is going, the background start happens."""
+    from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, InitResourceContext
+
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    with DagsterInstance.ephemeral() as instance:
+        run = instance.add_run(DagsterRun(job_name="sweep", run_id="finished-run", status=DagsterRunStatus.SUCCESS))
+        context = InitResourceContext(resource_config=None, resources=None, resource_def=None, all_resource_defs={},
+                                      instance=instance, dagster_run=run)
+        resource = RayResource(num_cpus=1)
+        resource.setup_for_execution(context)
+        assert _starter_threads() == []
+        resource.teardown_after_execution(context)
+
+        going = instance.add_run(DagsterRun(job_name="sweep", run_id="running-run", status=DagsterRunStatus.STARTED))
+        resource = RayResource(num_cpus=1)
+        resource.setup_for_execution(InitResourceContext(resource_config=None, resources=None, resource_def=None,
+                                                         all_resource_defs={}, instance=instance, dagster_run=going))
+        try:
+            assert len(_starter_threads()) == 1
+        finally:
+            resource.teardown_after_execution(None)
+        assert _starter_threads() == []
+
+
 def test_a_cluster_address_is_not_connected_to_before_a_step_asks(monkeypatch):
     monkeypatch.setenv("IMGTUNE_RAY_ADDRESS", "127.0.0.1:1")  # nothing listens there: never dialled here
     resource = RayResource()
