@@ -31,13 +31,16 @@ import time
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
 
 from imgtune_assets.core.catalog import SweepCatalogError, find_sweep, group_name, sweeps_from_environment
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
 from imgtune_assets.core.progress import describe, format_score
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep, SweepFileError
+
+if TYPE_CHECKING:  # (the apply command imports it only when it runs)
+    from imgtune_assets.core.embedded_ray import EmbeddedRayStart
 
 MODULE = "imgtune_assets.definitions"
 # The project's instance configuration (beside the package in a checkout or an editable install).
@@ -360,7 +363,7 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
 
 
 def _apply_with_ray(pipeline: str, input_dir: str, output_dir: str, endpoint_url: str | None,
-                    address: str | None, early) -> int:
+                    address: str | None, early: EmbeddedRayStart | None) -> int:
     from imgtune_assets.core import storage
     from imgtune_assets.core.apply import ApplyError, apply_to_folder, fixed_stages, require_input_folder
     from imgtune_assets.core.sweepfile import load_sweep

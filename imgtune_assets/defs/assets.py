@@ -409,7 +409,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         n_images = len(usable_rows(rows))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-before-after") as pool:
             # Decoding the two pictured photos (OpenCV, outside the GIL) overlaps drawing the other plots.
-            panels = pool.submit(before_after_panels, best, rows, sweep.data_dir, sweep.higher_is_better) if best else None
+            panels = (pool.submit(before_after_panels, best, rows, sweep.data_dir, sweep.higher_is_better)
+                      if best else None)
             try:
                 board, files = write_report(sweep, records, out_dir, best=best, before_after=panels,
                                             board=leaderboard(sweep, records))
