@@ -71,6 +71,22 @@ class Dimension:
             return _tidy(math.exp(math.log(r.low) + u * (math.log(r.high) - math.log(r.low))))
         return _tidy(r.low + u * (r.high - r.low))
 
+    def to_unit(self, value: Any) -> float:
+        """The inverse of ``from_unit``: where ``value`` lies in [0, 1) (a discrete value: the middle of
+        its cell)."""
+        r = self.range
+        if r.type == "choice":
+            return (list(r.values).index(value) + 0.5) / len(r.values)
+        if r.type in ("int", "odd"):
+            values = self.candidates(levels=10**9)
+            if r.log:
+                lo, hi = math.log(values[0]), math.log(values[-1] + 1)
+                return (math.log(value) - lo) / (hi - lo)
+            return (values.index(int(value)) + 0.5) / len(values)
+        if r.log:
+            return (math.log(value) - math.log(r.low)) / (math.log(r.high) - math.log(r.low))
+        return (float(value) - r.low) / (r.high - r.low)
+
 
 def _tidy(x: float) -> float:
     # Six significant digits: readable in tables and sweep files, and exactly reproducible.

@@ -152,3 +152,16 @@ def test_halton_point_does_not_depend_on_the_trial_count_or_order():
     late = sample_point(dims, "halton", 5, 300, 1000)
     assert sample_point(dims, "halton", 5, 300, 40) == late  # k beyond n_trials still works
     assert [sample_point(dims, "halton", 5, k, 1000) for k in (0, 300)][1] == late
+
+
+def test_to_unit_inverts_from_unit(tmp_path):
+    raw = {**RAW, "pipeline": RAW["pipeline"] + [
+        {"op": "median_blur", "ksize": {"type": "odd", "low": 3, "high": 31, "log": True}}]}
+    for d in search_space(parse_sweep(raw, tmp_path / "s.yaml")):
+        if d.range.type == "float":
+            for value in (d.range.low, 37.5, d.range.high * 0.999):
+                assert d.from_unit(d.to_unit(value)) == pytest.approx(value, rel=1e-5)
+        else:  # every value of a discrete range maps to a point of its own cell, and back
+            values = d.candidates(levels=10**9)
+            assert [d.from_unit(d.to_unit(v)) for v in values] == values
+            assert all(0.0 <= d.to_unit(v) < 1.0 for v in values)
