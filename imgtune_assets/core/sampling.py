@@ -61,15 +61,25 @@ class Dimension:
         if r.type == "choice":
             return r.values[int(u * len(r.values))]
         if r.type in ("int", "odd"):
-            values = self.candidates(levels=10**9)
+            start, step, count = self.integer_grid()
             if r.log:
-                lo, hi = math.log(values[0]), math.log(values[-1] + 1)
+                lo, hi = math.log(start), math.log(start + step * (count - 1) + 1)
                 target = math.exp(lo + u * (hi - lo))
-                return min(values, key=lambda v: (abs(v - target), v))
-            return values[int(u * len(values))]
+                # the nearest value of the grid (the smaller one on a tie), without listing the grid
+                near = {min(max(k, 0), count - 1) for k in (math.floor((target - start) / step),
+                                                             math.ceil((target - start) / step))}
+                return min((start + step * k for k in near), key=lambda v: (abs(v - target), v))
+            return start + step * int(u * count)
         if r.log:
             return _tidy(math.exp(math.log(r.low) + u * (math.log(r.high) - math.log(r.low))))
         return _tidy(r.low + u * (r.high - r.low))
+
+    def integer_grid(self) -> tuple[int, int, int]:
+        """An integer range's values as ``start + step * k`` for ``k < count``."""
+        r = self.range
+        step = 2 if r.type == "odd" else 1
+        start = int(r.low) + (1 if r.type == "odd" and int(r.low) % 2 == 0 else 0)
+        return start, step, max(0, (int(r.high) - start) // step + 1)
 
     def to_unit(self, value: Any) -> float:
         """The inverse of ``from_unit``: where ``value`` lies in [0, 1) (a discrete value: the middle of
@@ -78,11 +88,11 @@ class Dimension:
         if r.type == "choice":
             return (list(r.values).index(value) + 0.5) / len(r.values)
         if r.type in ("int", "odd"):
-            values = self.candidates(levels=10**9)
+            start, step, count = self.integer_grid()
             if r.log:
-                lo, hi = math.log(values[0]), math.log(values[-1] + 1)
+                lo, hi = math.log(start), math.log(start + step * (count - 1) + 1)
                 return (math.log(value) - lo) / (hi - lo)
-            return (values.index(int(value)) + 0.5) / len(values)
+            return ((int(value) - start) // step + 0.5) / count
         if r.log:
             return (math.log(value) - math.log(r.low)) / (math.log(r.high) - math.log(r.low))
         return (float(value) - r.low) / (r.high - r.low)

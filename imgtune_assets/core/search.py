@@ -402,6 +402,9 @@ def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequenc
     return [{"index": k, "params": _clean(spec.dims, t.params), "source": spec.sampler} for k, t in zip(slots, asked)]
 
 
+GP_MAX_POINTS = 256  # the most trials a Gaussian process is fitted on (its best ones)
+
+
 def gp_count(batch: int, r: int, n_rounds: int, n_history: int, n_dims: int) -> int:
     """How many of round ``r``'s ``batch`` trials the Gaussian process proposes, of ``n_rounds`` adaptive
     rounds: a share that grows from round to round, ``r / (n_rounds + 1)`` of the batch (rounded; half of
@@ -454,8 +457,11 @@ def gp_proposals(dims: list[Dimension], fixed: dict[str, Any], history: list[His
     def point_at(row: np.ndarray) -> Point:
         return _clean(dims, {**fixed, **{d.name: d.from_unit(u) for d, u in zip(numeric, row)}})
 
-    x = np.array([unit(t.params) for t in history], dtype=float).reshape(len(history), len(numeric))
-    y = np.array([sign * values[t.index] for t in history], dtype=float)
+    # an exact GP costs the cube of its points: a long sweep's model is fitted on its best trials
+    kept = {t.index for t in sorted(history, key=lambda t: (-sign * values[t.index], t.index))[:GP_MAX_POINTS]}
+    fit_on = [t for t in history if t.index in kept]
+    x = np.array([unit(t.params) for t in fit_on], dtype=float).reshape(len(fit_on), len(numeric))
+    y = np.array([sign * values[t.index] for t in fit_on], dtype=float)
     y = np.maximum(y, np.median(y))
     rng = np.random.default_rng(seed)
     kernel = (ConstantKernel(1.0, (1e-3, 1e3))
@@ -476,7 +482,7 @@ def gp_proposals(dims: list[Dimension], fixed: dict[str, Any], history: list[His
     if pending:
         believe(np.array([unit(p) for p in pending], dtype=float))
     seen = {json.dumps(t.params, sort_keys=True) for t in history} | {json.dumps(p, sort_keys=True) for p in pending}
-    best = x[np.argsort(-y[: len(history)], kind="stable")[:5]]
+    best = x[np.argsort(-y[: len(fit_on)], kind="stable")[:5]]
     out: list[Point] = []
     for _ in range(n):
         pool = [rng.random((1000, len(numeric)))]
@@ -516,7 +522,7 @@ def _snap_units(d: Dimension, u: np.ndarray) -> np.ndarray:
     if d.range.type not in ("int", "odd"):
         return u
     if not d.range.log:
-        cells = len(d.candidates(levels=10**9))
+        cells = d.integer_grid()[2]
         return (np.minimum(np.floor(u * cells), cells - 1) + 0.5) / cells
     return np.array([d.to_unit(d.from_unit(v)) for v in u])
 

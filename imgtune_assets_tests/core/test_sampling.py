@@ -2,6 +2,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from imgtune_assets.core.ops import validate_stage
@@ -165,3 +166,24 @@ def test_to_unit_inverts_from_unit(tmp_path):
             values = d.candidates(levels=10**9)
             assert [d.from_unit(d.to_unit(v)) for v in values] == values
             assert all(0.0 <= d.to_unit(v) < 1.0 for v in values)
+
+
+@pytest.mark.parametrize("kind,low,high,log", [("int", 3, 11, False), ("odd", 2, 15, False), ("int", 1, 300, True),
+                                               ("odd", 3, 301, True), ("int", 0, 0, False)])
+def test_integer_values_come_from_the_grid_without_listing_it(kind, low, high, log):
+    # the reference: the nearest of every listed value (the smaller on a tie), as the samplers always did
+    from imgtune_assets.core.sampling import Dimension
+    from imgtune_assets.core.sweepfile import SearchRange
+
+    d = Dimension("op.p", 0, "p", SearchRange(kind, low, high, log))
+    every = d.candidates(levels=10**9)
+    for u in np.linspace(0.0, 1.0, 997):
+        if log:
+            lo, hi = math.log(every[0]), math.log(every[-1] + 1)
+            target = math.exp(lo + min(u, np.nextafter(1.0, 0.0)) * (hi - lo))
+            expected = min(every, key=lambda v: (abs(v - target), v))
+        else:
+            expected = every[int(min(u, np.nextafter(1.0, 0.0)) * len(every))]
+        assert d.from_unit(u) == expected
+    huge = Dimension("op.q", 0, "q", SearchRange("int", 1, 10**12, log))  # too many values to list
+    assert 1 <= huge.from_unit(0.5) <= 10**12 and huge.from_unit(huge.to_unit(123456)) == 123456

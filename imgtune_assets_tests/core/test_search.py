@@ -7,6 +7,7 @@ import math
 import pytest
 
 from imgtune_assets.core.sampling import sample_point, search_space, trial_keys
+import imgtune_assets.core.search as search_module
 from imgtune_assets.core.search import (
     Halving,
     HistoryTrial,
@@ -299,6 +300,17 @@ def test_the_gaussian_process_improves_on_the_points_it_learnt_from(tmp_path, ma
     assert [p["params"] for p in batch[4:]] == gp_proposals(dims, {}, history, maximize, 4,
                                                             pending=[p["params"] for p in batch[:4]],
                                                             seed=_seed(3, "gp", 2))
+
+
+def test_a_long_sweeps_gaussian_process_is_fitted_on_its_best_trials(tmp_path, monkeypatch):
+    sweep = sweep_of(tmp_path)
+    dims = [d for d in search_space(sweep) if d.range.type != "choice"]
+    history = _design(dims, 40)
+    monkeypatch.setattr(search_module, "GP_MAX_POINTS", 10)
+    capped = gp_proposals(dims, {}, history, True, 2, seed=4)
+    best = sorted(history, key=lambda t: -t.score)[:10]
+    # the worse 30 trials do not change the model: the same points as from the best 10 alone
+    assert capped == gp_proposals(dims, {}, sorted(best, key=lambda t: t.index), True, 2, seed=4)
 
 
 def test_the_gaussian_process_keeps_choices_and_spreads_around_pending_points(tmp_path):
