@@ -13,7 +13,8 @@ Decisions (also in the README):
   every later round ``batch_size`` trials. Round boundaries depend only on ``n_startup`` and
   ``batch_size``, never on ``trials``: raising ``trials`` adds rounds (or fills the last one) and
   leaves every earlier proposal as it was. The default ``batch_size`` is the cluster's CPU count when
-  the sweep's ledger is started (it is recorded there and kept after).
+  the sweep's ledger is started (with early stopping at least ``eta²``: ``default_batch``; it is
+  recorded in the ledger and kept after).
 - **The ledger** (``<sweep dir>/search/ledger-<fingerprint>-<manifest digest>.json``, written
   atomically) records each round's proposals when they are made: a round is proposed whole, from the
   sweep file, the seed, the manifest and the results of all earlier rounds, and never again. A re-run
@@ -144,6 +145,13 @@ class SearchOptions:
 def is_staged(sweep) -> bool:
     """Whether the sweep runs in rounds (an adaptive sampler or early stopping)."""
     return sweep.sampler in ADAPTIVE_SAMPLERS or sweep.early_stopping is not None
+
+
+def default_batch(cpus: int, halving: Halving | None) -> int:
+    """``batch_size`` when the sweep file has none: the cluster's CPUs, so that a round fills it; with
+    early stopping at least ``eta²``, so that a round has candidates to prune through its rungs (a round
+    of 2 keeps 1 of 2 at every rung, and scores over half of what the sweep would without stopping)."""
+    return max(1, cpus, halving.eta ** 2 if halving else 1)
 
 
 def default_n_startup(n_dims: int, batch_size: int) -> int:
@@ -735,7 +743,7 @@ class Search:
         self.order = image_order(image_ids, sweep.seed, manifest_digest)
 
     def _start(self, sweep, options: SearchOptions, default_batch_size: int, warm: Sequence[Point]) -> None:
-        batch = options.batch_size or max(1, int(default_batch_size))
+        batch = options.batch_size or default_batch(int(default_batch_size), sweep.early_stopping)
         adaptive = sweep.sampler in ADAPTIVE_SAMPLERS
         n_startup = (options.n_startup or default_n_startup(len(self.dims), batch)) if adaptive else batch
         self.ledger.start({

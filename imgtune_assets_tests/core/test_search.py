@@ -17,6 +17,7 @@ from imgtune_assets.core.search import (
     SearchError,
     SearchSpec,
     adaptive_rounds,
+    default_batch,
     fits,
     gp_count,
     gp_proposals,
@@ -257,6 +258,15 @@ def test_tpe_over_choices_tries_every_branch_and_favours_the_best(tmp_path):
     spec2 = SearchSpec(dims=spec.dims, sampler="tpe", seed=3, maximize=True, rounds=Rounds(8, 4))
     methods = [p["params"]["threshold.method"] for p in propose(spec2, 2, history)]
     assert methods.count("mean") > methods.count("otsu")
+
+
+def test_the_default_batch_fills_the_cluster_and_leaves_halving_something_to_prune(tmp_path):
+    assert default_batch(2, None) == 2 and default_batch(0, None) == 1
+    assert default_batch(2, Halving(eta=3)) == 9 and default_batch(2, Halving(eta=2)) == 4
+    assert default_batch(16, Halving(eta=3)) == 16
+    halved = sweep_of(tmp_path, sampler="tpe", early_stopping={"method": "successive_halving"})
+    search = Search(halved, tmp_path / "out", "d" * 64, IDS, default_batch_size=2)
+    assert search.rounds.batch_size == 9 and search.ledger.data["batch_size"] == 9
 
 
 def test_the_gaussian_process_share_grows_over_the_rounds():
