@@ -437,7 +437,7 @@ def gp_proposals(dims: list[Dimension], fixed: dict[str, Any], history: list[His
     Gaussian blur's ``ksize`` (3 is a step better than the plateau 5..15) and two sharp parameters
     (``sigma_color``, ``sigma``). A GP with one length scale per parameter (scikit-learn's, Matérn 5/2 +
     white noise, on the unit cube of each parameter's range — log where the range is log) models such a
-    step and such ridges; half of each batch from it and half from TPE keeps TPE's robustness.
+    step and such ridges; the rest of each batch from TPE (``gp_count``) keeps TPE's robustness.
 
     - The scores below their median are raised to it before the fit: the model is for the good region,
       and a few very bad trials would otherwise set its scale (a narrow optimum then looks flat).
@@ -489,19 +489,22 @@ def gp_proposals(dims: list[Dimension], fixed: dict[str, Any], history: list[His
 
     if pending:
         believe(np.array([unit(p) for p in pending], dtype=float))
-    seen = {json.dumps(t.params, sort_keys=True) for t in history} | {json.dumps(p, sort_keys=True) for p in pending}
+    def key(point: Point) -> str:
+        return json.dumps(point, sort_keys=True)
+
+    seen = {key(t.params) for t in history} | {key(p) for p in pending}
     best = x[np.argsort(-y[: len(fit_on)], kind="stable")[:5]]
+    levels = {j: [d.to_unit(v) for v in d.candidates(levels=16)] for j, d in enumerate(numeric)
+              if d.range.type in ("int", "odd")}
     out: list[Point] = []
     for _ in range(n):
         pool = [rng.random((1000, len(numeric)))]
         for centre in best:
             pool += [centre + rng.normal(0.0, step, (64, len(numeric))) for step in (0.01, 0.03, 0.1)]
-            for j, d in enumerate(numeric):
-                if d.range.type in ("int", "odd"):
-                    levels = [d.to_unit(v) for v in d.candidates(levels=16)]
-                    rows = np.repeat(centre[None, :], len(levels), axis=0)
-                    rows[:, j] = levels
-                    pool.append(rows)
+            for j, units in levels.items():
+                rows = np.repeat(centre[None, :], len(units), axis=0)
+                rows[:, j] = units
+                pool.append(rows)
         grid = np.clip(np.vstack(pool), 0.0, np.nextafter(1.0, 0.0))
         for j, d in enumerate(numeric):
             grid[:, j] = _snap_units(d, grid[:, j])
@@ -513,13 +516,13 @@ def gp_proposals(dims: list[Dimension], fixed: dict[str, Any], history: list[His
         chosen = None
         for i in np.argsort(-gain, kind="stable"):
             point = point_at(grid[i])
-            if json.dumps(point, sort_keys=True) not in seen:
+            if key(point) not in seen:
                 chosen = i
                 break
         if chosen is None:  # a space this small has been tried whole: the best candidate again
             chosen = int(np.argmax(gain))
             point = point_at(grid[chosen])
-        seen.add(json.dumps(point, sort_keys=True))
+        seen.add(key(point))
         out.append(point)
         believe(grid[chosen][None, :])
     return out
