@@ -47,12 +47,15 @@ Decisions (also in the README):
   seeds, but it decodes every round's subsets again), the best ``ceil(n / eta)`` go on to
   ``eta`` times as many, and so on; the last rung is every image. The ranking uses only per-image
   scores, so the outcome never depends on timing, and a resumed round recomputes nothing it had
-  (per-image scores of settled trials are in their records). A stopped trial is ``pruned``: its rung,
-  the images it scored and its partial mean are recorded, and it ranks below complete trials. TPE
-  learns from pruned trials as Optuna's own pruners teach it (state ``PRUNED`` with the partial mean as
-  an intermediate value at the number of images); CMA-ES, which needs a value for every member of a
-  generation, is told the partial mean shifted by how much the complete trials' means moved between
-  that rung's images and all images.
+  (per-image scores of settled trials are in their records). A rung ranks its candidates by an
+  estimate of their mean over every image: the mean over the rung's images plus the gap to the full
+  mean that ``RungGaps`` predicts at the candidate's parameters, learnt from the earlier rounds' trials
+  that went on (a few images are not a fair sample; how far their mean is from the full one depends on
+  the parameters). A stopped trial is ``pruned``: its rung, the images it scored and its partial mean
+  are recorded, and it ranks below complete trials. TPE learns from pruned trials as Optuna's own
+  pruners teach it (state ``PRUNED`` with the partial mean as an intermediate value at the number of
+  images); CMA-ES, which needs a value for every member of a generation, and the Gaussian process are
+  told the same estimate of the full mean that ranked the trial (``trial_values``).
 - **Warm starts** (adaptive samplers): when a ledger is started for images that differ from the ones
   the sweep's last report was made for, that report's top ``warm_start`` parameter sets (default 3)
   are the first trials of round 0, recorded with ``source: warm-start``.
@@ -362,7 +365,7 @@ class SearchSpec:
 
 
 def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequence[Point] = (),
-            replay: dict[int, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+            replay: dict[int, list[dict[str, Any]]] | None = None, gaps: RungGaps | None = None) -> list[dict[str, Any]]:
     """The proposals of round ``r`` (every slot of the round): ``[{index, params, source}]``.
 
     ``history``: the results of every trial of rounds < r. ``replay``: earlier rounds' recorded
@@ -393,7 +396,7 @@ def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequenc
     dists = _distributions(spec.dims)
     direction = "maximize" if spec.maximize else "minimize"
     if spec.sampler == "tpe" and any(d.range.type == "choice" for d in spec.dims):
-        return _branch_tpe(spec, r, history, dists, direction)
+        return _branch_tpe(spec, r, history, dists, direction, gaps)
     if spec.sampler == "tpe":
         sampler = optuna.samplers.TPESampler(seed=_seed(spec.seed, "tpe", r), n_startup_trials=0, multivariate=True,
                                              constant_liar=True)
@@ -402,10 +405,10 @@ def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequenc
         n_gp = gp_count(len(slots), r, adaptive_rounds(spec), len(history), len(spec.dims))
         asked = [_clean(spec.dims, study.ask(dists).params) for _ in range(len(slots) - n_gp)]
         refined = gp_proposals(spec.dims, {}, history, spec.maximize, n_gp, pending=asked,
-                               seed=_seed(spec.seed, "gp", r))
+                               seed=_seed(spec.seed, "gp", r), gaps=gaps)
         sources = ["tpe"] * len(asked) + ["gp"] * len(refined)
         return [{"index": k, "params": p, "source": src} for k, p, src in zip(slots, asked + refined, sources)]
-    study = _cmaes_study(spec, r, history, dists, direction, replay or {})
+    study = _cmaes_study(spec, r, history, dists, direction, replay or {}, gaps)
     asked = [study.ask(dists) for _ in slots]
     return [{"index": k, "params": _clean(spec.dims, t.params), "source": spec.sampler} for k, t in zip(slots, asked)]
 
@@ -429,7 +432,7 @@ def adaptive_rounds(spec: SearchSpec) -> int:
 
 
 def gp_proposals(dims: list[Dimension], fixed: dict[str, Any], history: list[HistoryTrial], maximize: bool,
-                 n: int, pending: Sequence[Point] = (), seed: int = 0) -> list[Point]:
+                 n: int, pending: Sequence[Point] = (), seed: int = 0, gaps: RungGaps | None = None) -> list[Point]:
     """``n`` points chosen by expected improvement under a Gaussian process fitted to ``history``.
 
     Why, beside TPE: TPE's Parzen densities find the right region fast and do not get stuck, but they do
@@ -451,12 +454,10 @@ def gp_proposals(dims: list[Dimension], fixed: dict[str, Any], history: list[His
     if n <= 0:
         return []
     from scipy.stats import norm
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
-    from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
     numeric = [d for d in dims if d.range.type != "choice"]
-    values = trial_values(history, maximize)
+    values = trial_values(history, maximize, gaps)
     sign = 1.0 if maximize else -1.0
 
     def unit(point: Point) -> list[float]:
@@ -472,14 +473,7 @@ def gp_proposals(dims: list[Dimension], fixed: dict[str, Any], history: list[His
     y = np.array([sign * values[t.index] for t in fit_on], dtype=float)
     y = np.maximum(y, np.median(y))
     rng = np.random.default_rng(seed)
-    kernel = (ConstantKernel(1.0, (1e-3, 1e3))
-              * Matern(length_scale=np.full(len(numeric), 0.3), length_scale_bounds=(1e-2, 1e2), nu=2.5)
-              + WhiteKernel(1e-4, (1e-9, 1e-1)))
-    model = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=2,
-                                     random_state=int(rng.integers(2**31)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(x, y)
+    model = _fit_gp(x, y, len(numeric), int(rng.integers(2**31)))
     fitted = model.kernel_
 
     def believe(rows: np.ndarray) -> None:
@@ -538,7 +532,8 @@ def _snap_units(d: Dimension, u: np.ndarray) -> np.ndarray:
     return np.array([d.to_unit(d.from_unit(v)) for v in u])
 
 
-def _branch_tpe(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, direction) -> list[dict[str, Any]]:
+def _branch_tpe(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, direction,
+                gaps: RungGaps | None = None) -> list[dict[str, Any]]:
     """TPE over a space with choices, one branch (combination of choice values) at a time.
 
     One model over every branch lets a branch that scores well whatever its other parameters (a
@@ -588,7 +583,7 @@ def _branch_tpe(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, di
         n_gp = gp_count(counts[b], r, adaptive_rounds(spec), len(members[b]), n_numeric) if n_numeric and b == ranked[0] else 0
         asked = [_clean(spec.dims, study.ask(local).params) for _ in range(counts[b] - n_gp)]
         refined = gp_proposals(spec.dims, fixed, members[b], spec.maximize, n_gp, pending=asked,
-                               seed=_seed(spec.seed, "gp", r, b))
+                               seed=_seed(spec.seed, "gp", r, b), gaps=gaps)
         out += [(p, "tpe") for p in asked] + [(p, "gp") for p in refined]
     return [{"index": k, "params": p, "source": src} for k, (p, src) in zip(slots, out)]
 
@@ -604,21 +599,25 @@ def _frozen(t: HistoryTrial, dists: dict[str, Any]):
     return create_trial(params=t.params, distributions=dists, state=TrialState.FAIL)
 
 
-def trial_values(history: list[HistoryTrial], maximize: bool) -> dict[int, float]:
+def trial_values(history: list[HistoryTrial], maximize: bool, gaps: RungGaps | None = None) -> dict[int, float]:
     """A value for every trial (CMA-ES needs one per member of a generation; the Gaussian process
-    learns from pruned and failed trials through it): complete trials their
-    mean; pruned ones their partial mean shifted by the mean gap, on complete trials, between that
-    many images and all; failed ones the worst value seen."""
+    learns from pruned and failed trials through it): complete trials their mean; pruned ones the
+    estimate of their full mean that ``gaps`` (``RungGaps``) gives, or without it their partial mean
+    shifted by the mean gap, on complete trials, between those images and all; failed ones the worst
+    value seen."""
     complete = [t for t in history if t.status == "ok" and not math.isnan(t.score)]
     values: dict[int, float] = {}
     for t in history:
         if t in complete:
             values[t.index] = t.score
+        elif t.status == "pruned" and not math.isnan(t.score) and gaps is not None \
+                and (estimate := gaps.estimate(t)) is not None:
+            values[t.index] = estimate
         elif t.status == "pruned" and not math.isnan(t.score):
             ids = set(t.per_image)
-            gaps = [c.score - _mean(v for i, v in c.per_image.items() if i in ids) for c in complete
-                    if ids <= set(c.per_image)]
-            values[t.index] = t.score + (_mean(gaps) if gaps else 0.0)
+            shifts = [c.score - _mean(v for i, v in c.per_image.items() if i in ids) for c in complete
+                      if ids <= set(c.per_image)]
+            values[t.index] = t.score + (_mean(shifts) if shifts else 0.0)
     known = list(values.values())
     worst = (min(known) if maximize else max(known)) if known else 0.0
     for t in history:
@@ -626,11 +625,12 @@ def trial_values(history: list[HistoryTrial], maximize: bool) -> dict[int, float
     return values
 
 
-def _cmaes_study(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, direction, replay):
+def _cmaes_study(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, direction, replay,
+                 gaps: RungGaps | None = None):
     import optuna
 
     by_index = {t.index: t for t in history}
-    values = trial_values(history, spec.maximize)
+    values = trial_values(history, spec.maximize, gaps)
     startup = [by_index[k] for k in spec.rounds.slots(0) if k in by_index]
     # CMA-ES starts from the best point of the initial design (not the middle of the space). ``x0`` is
     # deprecated in Optuna 4.9 (to go in 6.0; pinned 5.0 here) for warm starts from ``source_trials``,
@@ -664,6 +664,74 @@ def _cmaes_study(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, d
 
 # ------------------------------------------------------------------------------------ halving
 
+RUNG_MODEL_MIN_TRIALS = 4  # fewer trials past a rung than this: that rung's gap is the plain mean gap
+
+
+class RungGaps:
+    """How a trial's mean moves from one rung's images to the next rung's, as a function of its
+    parameters, learnt from the earlier rounds' trials that went on (a Gaussian process per rung,
+    Matérn 5/2 with one length scale per parameter + white noise, on the unit cube of the space).
+
+    Why: the first rung is a few images, and a few images are not a fair sample of the set — a
+    smooth photograph gains several dB from strong smoothing that costs every textured one a little, so
+    a first rung holding it promotes over-smoothing round after round (the benchmark's worst seeds
+    ended 0.3–0.8 dB short that way, while better trials had been pruned). The gap between the
+    rung's mean and the next rung's is not a constant but depends on the parameters (smoothing more
+    moves it), so ranking by the partial mean plus the gap predicted at the candidate's parameters
+    ranks by an estimate of the full mean; with too few trials past a rung the gap is the plain mean
+    gap, which ranks as the partial mean does."""
+
+    def __init__(self, dims: list[Dimension], history: list[HistoryTrial], order: Sequence[str],
+                 sizes: Sequence[int], seed: int = 0):
+        self.dims, self.order, self.sizes = dims, list(order), list(sizes)
+        self.models: list[tuple[Any, float]] = []  # per rung j < last: (GP or None, mean gap to rung j+1)
+        for j in range(len(sizes) - 1):
+            near, far = list(order[: sizes[j]]), list(order[: sizes[j + 1]])
+            past = [t for t in history if all(i in t.per_image for i in far)][-GP_MAX_POINTS:]
+            gaps = np.array([_mean(t.per_image[i] for i in far) - _mean(t.per_image[i] for i in near) for t in past])
+            mean_gap = float(gaps.mean()) if len(gaps) else 0.0
+            model = None
+            if dims and len(past) >= RUNG_MODEL_MIN_TRIALS and np.ptp(gaps) > 0:
+                model = _fit_gp(np.array([self._unit(t.params) for t in past]), gaps, len(dims), _seed(seed, "rung", j))
+            self.models.append((model, mean_gap))
+
+    def estimate(self, t: HistoryTrial) -> float | None:
+        """A pruned trial's expected mean over every image: its partial mean plus the gap predicted at its
+        parameters (None when its images are not a rung of this order)."""
+        for rung, size in enumerate(self.sizes[:-1]):
+            if len(t.per_image) == size and all(i in t.per_image for i in self.order[:size]):
+                return float(t.score + self.ahead([t.params], rung)[0])
+        return None
+
+    def _unit(self, params: Point) -> list[float]:
+        return [d.to_unit(params[d.name]) for d in self.dims]
+
+    def ahead(self, params: Sequence[Point], rung: int) -> np.ndarray:
+        """For trials scored up to ``rung``: how much their mean over every image is expected to differ
+        from their mean over the rung's images."""
+        out = np.zeros(len(params))
+        if not params:
+            return out
+        x = np.array([self._unit(p) for p in params]) if self.dims else None
+        for model, mean_gap in self.models[rung:]:
+            out += model.predict(x) if model is not None else mean_gap
+        return out
+
+
+def _fit_gp(x: np.ndarray, y: np.ndarray, n_dims: int, seed: int):
+    """A Gaussian process (Matérn 5/2, one length scale per parameter, + white noise) fitted to
+    ``y`` at unit-cube points ``x``; its restarts seeded, so the fit is a function of its data."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+    kernel = (ConstantKernel(1.0, (1e-3, 1e3))
+              * Matern(length_scale=np.full(n_dims, 0.3), length_scale_bounds=(1e-2, 1e2), nu=2.5)
+              + WhiteKernel(1e-4, (1e-9, 1e-1)))
+    model = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=2, random_state=seed % 2**31)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(x, y)
 
 def _rank_key(maximize: bool):
     def key(item: tuple[str, int, float]):
@@ -674,10 +742,12 @@ def _rank_key(maximize: bool):
 
 def run_round(candidates: list[dict[str, Any]], order: list[str], halving: Halving | None, evaluate: Evaluate,
               known: dict[str, dict[str, dict[str, Any]]], maximize: bool,
-              on_settled: Callable[[TrialOutcome], None]) -> list[TrialOutcome]:
+              on_settled: Callable[[TrialOutcome], None], gaps: RungGaps | None = None) -> list[TrialOutcome]:
     """Evaluate one round's candidates (trial settings with ``trial``, ``index``, ``params``, ``stages``),
     rung by rung when ``halving`` is set. ``known`` per-image results are used, not recomputed.
-    ``on_settled`` gets each trial's outcome as soon as it is decided (pruned, failed or complete)."""
+    ``on_settled`` gets each trial's outcome as soon as it is decided (pruned, failed or complete).
+    At each rung the candidates are ranked by their mean over the rung's images plus, with ``gaps``,
+    the gap to the full mean predicted at their parameters (``RungGaps``)."""
     sizes = halving.rung_sizes(len(order)) if halving else [len(order)]
     eta = halving.eta if halving else 1
     results = {c["trial"]: dict(known.get(c["trial"], {})) for c in candidates}
@@ -701,8 +771,9 @@ def run_round(candidates: list[dict[str, Any]], order: list[str], halving: Halvi
         if last:
             break
         keep = max(1, math.ceil(len(scored) / eta))
-        ranked = sorted(((c["trial"], c["index"], _mean(p["score"] for p in per)) for c, per in scored),
-                        key=_rank_key(maximize))
+        ahead = gaps.ahead([c["params"] for c, _ in scored], rung) if gaps else np.zeros(len(scored))
+        ranked = sorted(((c["trial"], c["index"], _mean(p["score"] for p in per) + gap)
+                         for (c, per), gap in zip(scored, ahead)), key=_rank_key(maximize))
         kept = {t for t, _, _ in ranked[:keep]}
         active = []
         for c, per in scored:
@@ -744,6 +815,7 @@ class Search:
                                maximize=sweep.higher_is_better, rounds=self.rounds,
                                initial_design=self.ledger.data["initial_design"], n_trials=sweep.trials)
         self.order = image_order(image_ids, sweep.seed, manifest_digest)
+        self._gaps: tuple[tuple, RungGaps] | None = None  # the last round's, by what it was learnt from
 
     def _start(self, sweep, options: SearchOptions, default_batch_size: int, warm: Sequence[Point]) -> None:
         batch = options.batch_size or default_batch(int(default_batch_size), sweep.early_stopping)
@@ -795,7 +867,8 @@ class Search:
                 f"sweep's whole range, or those trials first")
         history = [HistoryTrial.from_record(k, records[self.key(k)]) for k in earlier]
         replay = {rr: self.ledger.round(rr)["trials"] for rr in range(1, r)}
-        proposals = propose(self.spec, r, history, warm=self.ledger.data.get("warm_start", ()), replay=replay)
+        proposals = propose(self.spec, r, history, warm=self.ledger.data.get("warm_start", ()), replay=replay,
+                            gaps=self.rung_gaps(r, records))
         entry = {"round": r, "proposed_at": time.time(), "from_trials": len(history), "trials": proposals}
         self.ledger.add_round(entry)
         return entry
@@ -822,5 +895,20 @@ class Search:
             candidates = [c for c in candidates if c["trial"] in requested
                           or (self.sweep.early_stopping is not None and c["trial"] in records)]
         halving = self.sweep.early_stopping
-        return run_round(candidates, self.order, halving, evaluate, known, self.spec.maximize, on_settled)
+        return run_round(candidates, self.order, halving, evaluate, known, self.spec.maximize, on_settled,
+                         self.rung_gaps(r, records))
+
+    def rung_gaps(self, r: int, records: dict[str, dict[str, Any]]) -> RungGaps | None:
+        """The rung gaps learnt from the rounds before ``r`` (None without early stopping); fitted once
+        for a round's proposal and its run while those rounds' results stay the same."""
+        halving = self.sweep.early_stopping
+        if halving is None:
+            return None
+        earlier = [HistoryTrial.from_record(k, records[self.key(k)]) for rr in range(r)
+                   for k in self.rounds.slots(rr) if self.key(k) in records]
+        key = (r, json.dumps([(t.index, t.status, sorted(t.per_image.items())) for t in earlier]))
+        if self._gaps is None or self._gaps[0] != key:
+            self._gaps = (key, RungGaps(self.dims, earlier, self.order, halving.rung_sizes(len(self.order)),
+                                        _seed(self.sweep.seed, r)))
+        return self._gaps[1]
 

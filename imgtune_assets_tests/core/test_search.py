@@ -13,6 +13,7 @@ from imgtune_assets.core.search import (
     HistoryTrial,
     Ledger,
     Rounds,
+    RungGaps,
     Search,
     SearchError,
     SearchSpec,
@@ -158,6 +159,55 @@ def test_a_failing_image_fails_the_trial_at_its_rung():
                                          {}, maximize=True, on_settled=lambda o: None)}
     assert out["t1"].status == "failed" and out["t1"].rung == 0
     assert out["t2"].status == "ok" and out["t0"].status == "pruned"
+
+
+def _sloped(sigma, image_id):
+    """The first two images gain from a large sigma, the other six lose from it: the full mean is best
+    at a small sigma, the first two images' mean at a large one."""
+    v = (sigma - 0.3) / 2.7
+    return 10 + 2 * v if image_id in ("a", "b") else 10 - v
+
+
+def test_rung_gaps_learn_how_a_parameter_moves_the_full_mean_away_from_a_rungs(tmp_path):
+    sweep = sweep_of(tmp_path, pipeline=[
+        {"op": "gaussian_blur", "ksize": 3, "sigma": {"type": "float", "low": 0.3, "high": 3.0}}])
+    dims = search_space(sweep)
+    order = list("abcdefgh")
+    sizes = Halving(eta=3, min_images=2).rung_sizes(len(order))
+    assert sizes == [2, 6, 8]
+    history = [HistoryTrial(k, {"gaussian_blur.sigma": s}, "ok", _mean8(s), 8, {i: _sloped(s, i) for i in order})
+               for k, s in enumerate([0.3 + 2.7 * k / 7 for k in range(8)])]
+    gaps = RungGaps(dims, history, order, sizes, seed=1)
+    for sigma in (0.8, 1.65, 2.5):
+        partial = (_sloped(sigma, "a") + _sloped(sigma, "b")) / 2
+        assert partial + gaps.ahead([{"gaussian_blur.sigma": sigma}], 0)[0] == pytest.approx(_mean8(sigma), abs=0.05)
+    # too few trials past the rungs: the plain mean gap, the same for every candidate
+    flat = RungGaps(dims, history[:2], order, sizes)
+    assert len(set(flat.ahead([{"gaussian_blur.sigma": s} for s in (0.5, 2.5)], 0).round(9))) == 1
+
+    # a round ranked with the gaps promotes the candidate that is best on all images, not on the first two
+    candidates = [{"trial": f"t{k}", "index": k, "params": {"gaussian_blur.sigma": s}, "stages": []}
+                  for k, s in enumerate([2.7, 0.6, 1.6])]
+
+    def evaluate(trials, ids, known):
+        return {t["trial"]: {i: {"score": _sloped(t["params"]["gaussian_blur.sigma"], i), "seconds": 0.0,
+                                 "error": None} for i in ids} for t in trials}
+
+    def finalist(with_gaps):
+        out = run_round(candidates, order, Halving(eta=3, min_images=2), evaluate, {}, maximize=True,
+                        on_settled=lambda o: None, gaps=gaps if with_gaps else None)
+        return [o.trial for o in out if o.status == "ok"]
+
+    assert finalist(False) == ["t0"]  # the first two images alone favour the largest sigma
+    assert finalist(True) == ["t1"]
+    # a pruned trial's value for the models is the same estimate of its full mean
+    pruned = HistoryTrial(9, {"gaussian_blur.sigma": 1.6}, "pruned", (_sloped(1.6, "a") + _sloped(1.6, "b")) / 2, 2,
+                          {i: _sloped(1.6, i) for i in "ab"})
+    assert trial_values(history + [pruned], True, gaps)[9] == pytest.approx(_mean8(1.6), abs=0.05)
+
+
+def _mean8(sigma):
+    return sum(_sloped(sigma, i) for i in "abcdefgh") / 8
 
 
 # ------------------------------------------------------------------------------------- proposals
