@@ -687,7 +687,8 @@ class RungGaps:
         self.models: list[tuple[Any, float]] = []  # per rung j < last: (GP or None, mean gap to rung j+1)
         for j in range(len(sizes) - 1):
             near, far = list(order[: sizes[j]]), list(order[: sizes[j + 1]])
-            past = [t for t in history if all(i in t.per_image for i in far)][-GP_MAX_POINTS:]
+            past = [t for t in history if all(i in t.per_image and math.isfinite(t.per_image[i]) for i in far)]
+            past = past[-GP_MAX_POINTS:]
             gaps = np.array([_mean(t.per_image[i] for i in far) - _mean(t.per_image[i] for i in near) for t in past])
             mean_gap = float(gaps.mean()) if len(gaps) else 0.0
             model = None
