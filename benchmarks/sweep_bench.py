@@ -566,6 +566,7 @@ def run_cli_large(work: Path, sweep_file: Path, keys: list[str], round_no: int, 
     stats_file = sweep_dir / "last_experiment_run.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     res["decodes_per_image"] = stats.get("decodes_per_image")
+    res["stats"] = stats
     res["best_trial"], res["best_score"] = report.get("best_trial"), report.get("best_score")
     res["scores"] = {k: json.loads((sweep_dir / "trials" / f"{k}.json").read_text())["score"] for k in keys}
     res["best_pipeline"] = sweep_dir / "best_pipeline.yaml"
@@ -616,6 +617,14 @@ def measure_large(args, work: Path, sweep_file: Path) -> dict:
             if mode in ("cli", "steps"):
                 res = run_cli_large(work, sweep_file, keys, round_no, one_run=mode == "cli")
                 detail = "".join(f"\n      {label:30s} {step_line(step)}" for label, step in res["steps"].items())
+                st = res["stats"]
+                if "fanout_seconds" in st:
+                    # the experiment step's process: from its launch to the first task, the tasks, the rest
+                    step_wall = list(res["steps"].values())[-1 if mode == "cli" else 1]["wall"]
+                    detail += (f"\n      experiment step: start-up {st['startup_seconds']:.2f} s (Ray ready after "
+                               f"{st['ray_start_seconds']:.2f} s), fan-out {st['fanout_seconds']:.2f} s "
+                               f"({st.get('chunks')} chunks{', fused' if st.get('fused') else ''}), the rest "
+                               f"{step_wall - st['startup_seconds'] - st['fanout_seconds']:.2f} s")
             else:
                 res = run_floor_large(work, sweep_file, args.workers, round_no)
                 detail = f"  (run RSS {res['peak_own'] / MiB:.0f} MB, tree PSS {res['peak'] / MiB:.0f} MB)"

@@ -153,15 +153,15 @@ def test_bad_files_are_skipped_and_the_sweep_goes_on(tmp_path, denoise_data):
 
 
 def test_run_streaming_chunks_killed_then_resumed_keeps_its_chunk_progress(tmp_path, denoise_data):
-    # A budget of one chunk: images stream through the object store one at a time, so no trial is complete
-    # before the last chunk; what a killed run keeps is its finished chunks (trials/partial/).
+    # A budget of one chunk: images stream (each chunk decoded and scored by one task, 2 CPUs), so no trial
+    # is complete before the last chunk; what a killed run keeps is its finished chunks (trials/partial/).
     sweep = write_sweep(tmp_path / "stream.yaml", denoise_data, name="stream", trials=3, pipeline=SLOW_PIPELINE,
                         chunk_size=1)
     env = cli_env(tmp_path, sweep)
     inputs, trials_cmd, report_cmd = sweep_steps("stream", 3)
     run_checked(inputs, env)
     budget = tmp_path / "budget.yaml"
-    budget.write_text("resources:\n  ray_cluster:\n    config:\n      object_store_budget_mb: 0.001\n")
+    budget.write_text("resources:\n  ray_cluster:\n    config:\n      object_store_budget_mb: 0.001\n      num_cpus: 2\n")
     partial = tmp_path / "outputs" / "stream" / "trials" / "partial"
     run = Service("trials", [*trials_cmd, "-c", str(budget)], env, tmp_path / "killed-run.log")
     try:
@@ -173,7 +173,7 @@ def test_run_streaming_chunks_killed_then_resumed_keeps_its_chunk_progress(tmp_p
         run.stop(grace=2)
 
     stats = json.loads((tmp_path / "outputs" / "stream" / "last_experiment_run.json").read_text())
-    assert stats["chunks"] == 6 and stats["chunks_in_object_store_at_most"] == 1
+    assert stats["chunks"] == 6 and stats["fused"] and stats["chunks_in_object_store_at_most"] == 0
     assert stats["chunks_decoded"] == 6 - kept  # the saved chunks were neither decoded nor scored again
     assert not list(partial.glob("*.json"))  # progress files go once their trials are saved whole
     expected = expected_scores(sweep, denoise_data, tmp_path / "outputs" / "stream" / "run_settings.json")

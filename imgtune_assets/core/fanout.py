@@ -21,6 +21,11 @@ The data path (file names in, scores out; the caller's process never holds pixel
   the cluster's object store); a chunk's object is released as soon as its last trial task is back,
   which admits the next. A data set larger than the object store streams through it instead of
   spilling. With few images everything is admitted at once and trials complete one after another.
+- When the images stream (they do not fit the budget at once) in at least two chunks per CPU, each
+  chunk is instead decoded and scored by all its trials in one task (``_decode_evaluate_task``): the
+  trials finish near the end either way, and the pixels then never enter the object store — no copy
+  into it, no page faults on its memory, nothing to schedule by locality. Progress is still handed
+  over chunk by chunk.
 """
 
 from __future__ import annotations
@@ -104,6 +109,15 @@ def _decode_task(data_dir, rows, verify, identity):
     return (images, targets), report
 
 
+def _decode_evaluate_task(data_dir, rows, verify, identity, trials, objective):
+    """Ray task body: decode a chunk and score every given trial (``[(index, stages)]``) on it in the
+    same task, so the pixels never leave the worker. Returns the decode report and, per trial, what
+    ``_evaluate_task`` returns."""
+    (images, targets), report = _decode_task(data_dir, rows, verify, identity)
+    return {"report": report, "trials": {t: _evaluate_task(stages, (images, targets), objective)
+                                         for t, stages in trials}}
+
+
 @dataclass
 class ImageFiles:
     """Images as files (local or object store), decoded by Ray tasks: what a run uses."""
@@ -131,6 +145,16 @@ class ImageFiles:
             name="imgtune:decode", num_returns=2, max_retries=max_retries, retry_exceptions=False,
             num_cpus=1, scheduling_strategy="SPREAD")
         return task.remote(self.data_dir, list(self.rows[a:b]), self.verify, identity)
+
+    def submit_fused(self, a: int, b: int, identity: Objective | None, trials: list[tuple[int, Any]],
+                     objective: Objective, max_retries: int):
+        """One task that decodes images ``a:b`` and scores ``trials`` on them (one object ref back)."""
+        import ray
+
+        task = ray.remote(_decode_evaluate_task).options(
+            name="imgtune:decode+trials", max_retries=max_retries, retry_exceptions=False, num_cpus=1,
+            scheduling_strategy="SPREAD")
+        return task.remote(self.data_dir, list(self.rows[a:b]), self.verify, identity, trials, objective)
 
 
 @dataclass
@@ -190,7 +214,8 @@ class FanoutResult:
     chunks: int = 0         # chunks of images
     chunks_decoded: int = 0  # chunks decoded (the others were known from earlier progress)
     chunk_size: int = 0
-    window: int = 0         # most chunks held in the object store at once
+    window: int = 0         # most chunks held in the object store at once (0: fused)
+    fused: bool = False     # each chunk decoded and scored by one task (see run_trials)
     decode_seconds: float = 0.0
     decode_nodes: dict[int, str] = field(default_factory=dict)  # chunk -> node that decoded (and holds) it
 
@@ -235,6 +260,7 @@ def run_trials(
     known_identity: dict[str, dict[str, Any]] | None = None,
     on_chunk_done: Callable[[list[str], dict[str, list[dict[str, Any]]], list | None], None] | None = None,
     keep: DecodedChunks | None = None,
+    fuse: bool | None = None,
 ) -> FanoutResult:
     """Evaluate each trial (``{"trial", "params", "stages", "error"?}``) on every image.
 
@@ -252,6 +278,13 @@ def run_trials(
 
     ``keep``: decoded chunks found there are used without decoding, and chunks decoded here are left
     there (while they fit) instead of being released, for the next call on the same images.
+
+    ``fuse``: decode a chunk and score all its trials in one task, so that its pixels never enter the
+    object store. By default (None) chunks are fused when they stream through the object store anyway
+    (the images do not fit in ``memory_budget`` at once, so every trial finishes near the end whatever
+    the order of tasks) and there are at least two chunks per CPU to spread; otherwise each chunk is
+    decoded once into the object store and every trial of it is a task of its own, so that trials
+    complete one after another. Only for ``ImageFiles``, and not with ``keep``.
 
     ``on_tick`` is called at least every ``tick_seconds`` while results are awaited — also when no
     trial completes for a long time — and once more at the end, so the caller can report progress
@@ -311,26 +344,44 @@ def run_trials(
                     for a, b in spans]
     to_decode = [c for c, (a, b) in enumerate(spans)
                  if chunk_trials[c] or (identity and any(ids[i] not in result.identity for i in range(a, b)))]
+    chunk_bytes = {c: sum(sizes[a:b]) for c, (a, b) in enumerate(spans)}
+    if fuse is None:
+        fuse = (keep is None and isinstance(images, ImageFiles) and len(to_decode) >= 2 * total_cpus
+                and sum(chunk_bytes[c] for c in to_decode) > memory_budget)
+    elif fuse and (keep is not None or not isinstance(images, ImageFiles)):
+        raise ValueError("fuse=True needs ImageFiles and no keep")
+    result.fused = bool(fuse)
 
     pending: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, chunk, trial)
     tasks_left: dict[int, int] = {}
     chunk_results: dict[int, dict[str, list]] = {}
     chunk_identity: dict[int, list | None] = {}
-    data_refs: dict[int, Any] = {}
-    chunk_bytes = {c: sum(sizes[a:b]) for c, (a, b) in enumerate(spans)}
+    data_refs: dict[int, Any] = {}  # chunk -> its decoded object (None: fused, held by its task only)
     in_flight = 0
     queue = list(to_decode)
 
     def admit() -> None:
         nonlocal in_flight
         admitted = []
-        while queue and (not data_refs or in_flight + chunk_bytes[queue[0]] <= memory_budget):
+        while queue and (not data_refs or (
+                # A fused chunk's pixels live in its task's worker only: enough queued to keep every CPU busy.
+                len(data_refs) < 2 * total_cpus if fuse else in_flight + chunk_bytes[queue[0]] <= memory_budget)):
             c = queue.pop(0)
             a, b = spans[c]
             kept = keep.get(tuple(ids[a:b])) if keep is not None else None
             if kept is not None and (not identity or all(ids[i] in result.identity for i in range(a, b))):
                 data_refs[c] = kept  # decoded by an earlier call: already in the object store
                 tasks_left[c] = len(chunk_trials[c])  # (>= 1: a chunk no trial needs is not queued)
+            elif fuse:
+                fused = [(t, [(op, params) for op, params in trials[t]["stages"]]) for t in chunk_trials[c]]
+                ref = images.submit_fused(a, b, objective if identity else None, fused, objective, max_retries)
+                data_refs[c] = None
+                in_flight += chunk_bytes[c]
+                pending[ref] = ("fused", c, -1)
+                tasks_left[c] = 1
+                result.chunks_decoded += 1
+                chunk_results[c] = {}
+                continue
             else:
                 data_ref, report_ref = images.submit(a, b, objective if identity else None, max_retries)
                 data_refs[c] = data_ref
@@ -340,7 +391,7 @@ def run_trials(
                 result.chunks_decoded += 1
             chunk_results[c] = {}
             admitted.append(c)
-        result.window = max(result.window, len(data_refs))
+        result.window = max(result.window, sum(1 for ref in data_refs.values() if ref is not None))
         # Trial-major over the admitted chunks: with everything admitted, trials complete one by one.
         for t in sorted({t for c in admitted for t in chunk_trials[c]}):
             stages = [(op, params) for op, params in trials[t]["stages"]]
@@ -365,6 +416,36 @@ def run_trials(
             on_chunk_done(ids[a:b], chunk_results.pop(c), chunk_identity.pop(c, None))
         admit()
 
+    def take_report(c: int, report: dict[str, Any]) -> None:
+        result.decodes += report["decodes"]
+        result.decode_seconds += report["seconds"]
+        if report.get("node_id"):
+            result.decode_nodes[c] = report["node_id"]
+        if report["identity"] is not None:
+            chunk_identity[c] = report["identity"]
+            result.identity.update(zip(report["ids"], report["identity"]))
+
+    def take_trial(c: int, t: int, payload: dict[str, Any] | None, exc: BaseException | None) -> None:
+        a, b = spans[c]
+        outcome = outcomes[t]
+        if payload is None:
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            chunk_out = [{"score": float("nan"), "seconds": 0.0, "error": message}] * (b - a)
+        else:
+            chunk_out = payload["results"]
+            outcome.seconds += payload["seconds"]
+            outcome.workers.append({"chunk": c, "node_id": payload["node_id"], "pid": payload["pid"]})
+            # Saved as progress only when computed: a lost task is not remembered as the trial's result.
+            chunk_results[c][outcome.trial] = list(chunk_out)
+        filled = 0
+        for i, res in zip(range(a, b), chunk_out):
+            if outcome.per_image[i] is None:
+                outcome.per_image[i] = res
+                filled += 1
+        images_left[t] -= filled
+        if images_left[t] == 0:
+            finish(t)
+
     admit()
     remaining = list(pending)
     last_tick = time.monotonic()
@@ -382,42 +463,34 @@ def run_trials(
         before = set(pending)
         for ref in done:
             kind, c, t = pending.pop(ref)
-            a, b = spans[c]
             if kind == "decode":
                 try:
                     report = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     _raise_data_error(exc)
                     raise
-                result.decodes += report["decodes"]
-                result.decode_seconds += report["seconds"]
-                if report.get("node_id"):
-                    result.decode_nodes[c] = report["node_id"]
-                if report["identity"] is not None:
-                    chunk_identity[c] = report["identity"]
-                    result.identity.update(zip(report["ids"], report["identity"]))
+                take_report(c, report)
+            elif kind == "fused":
+                try:
+                    payload = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - as for a trial task: the chunk's trials fail
+                    _raise_data_error(exc)
+                    if identity:  # the chunk's baseline is lost with it, as with a failed decode
+                        raise
+                    for t in chunk_trials[c]:
+                        take_trial(c, t, None, exc)
+                else:
+                    take_report(c, payload["report"])
+                    for t, trial_payload in payload["trials"].items():
+                        take_trial(c, t, trial_payload, None)
             else:
-                outcome = outcomes[t]
                 try:
                     payload = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - recorded on the trial: a lost chunk fails its trial
                     _raise_data_error(exc)  # the chunk's images, not the trial, failed: nothing is recorded
-                    message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    chunk_out = [{"score": float("nan"), "seconds": 0.0, "error": message}] * (b - a)
+                    take_trial(c, t, None, exc)
                 else:
-                    chunk_out = payload["results"]
-                    outcome.seconds += payload["seconds"]
-                    outcome.workers.append({"chunk": c, "node_id": payload["node_id"], "pid": payload["pid"]})
-                    # Saved as progress only when computed: a lost task is not remembered as the trial's result.
-                    chunk_results[c][outcome.trial] = list(chunk_out)
-                filled = 0
-                for i, res in zip(range(a, b), chunk_out):
-                    if outcome.per_image[i] is None:
-                        outcome.per_image[i] = res
-                        filled += 1
-                images_left[t] -= filled
-                if images_left[t] == 0:
-                    finish(t)
+                    take_trial(c, t, payload, None)
             tasks_left[c] -= 1
             if tasks_left[c] == 0:
                 retire(c)

@@ -358,7 +358,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                 "fanout_seconds": round(time.perf_counter() - fanout_started, 3),
                 "evaluations": len(todo) * len(images.rows),
                 "chunks": fan.chunks, "chunk_size": fan.chunk_size, "chunks_decoded": fan.chunks_decoded,
-                "chunks_in_object_store_at_most": fan.window,
+                "chunks_in_object_store_at_most": fan.window, "fused": fan.fused,
                 "decode_task_seconds": round(fan.decode_seconds, 3),
                 # image and target files decoded by this run's tasks, per file (1.0: each file once)
                 "decodes_per_image": round(fan.decodes / max(1, files), 4) if fan.chunks_decoded else 0.0,

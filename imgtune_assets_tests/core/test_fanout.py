@@ -192,11 +192,51 @@ def test_a_small_budget_streams_chunks_through_the_object_store(local_ray, image
     one_chunk = 2 * 2 * 96 * 96  # two images and their targets, 8-bit grey
     retired = []
     streamed = run_trials(trials(2), ImageFiles(folder, rows), PSNR, chunk_size=2, memory_budget=one_chunk,
+                          fuse=False,
                           on_chunk_done=lambda ids, results, identity: retired.append((ids, sorted(results))))
+    assert not whole.fused and not streamed.fused
     assert whole.window == 4 and streamed.window == 1  # one chunk in the object store at a time
     assert [o.score for o in streamed.outcomes] == [o.score for o in whole.outcomes]
     assert [ids for ids, _ in retired] == [[r.id for r in rows][i:i + 2] for i in (0, 2, 4, 6)]
     assert all(trial_keys == ["trial-000", "trial-001"] for _, trial_keys in retired)
+
+
+def test_streaming_chunks_are_decoded_and_scored_by_one_task_each(local_ray, image_files, monkeypatch):
+    # Images that do not fit the budget at once, in at least two chunks per CPU (local_ray has 2): each chunk
+    # is decoded and scored by all its trials in one task, so no pixels enter the object store.
+    folder, rows = image_files
+    puts, retired = [], []
+    real_put = local_ray.put
+    monkeypatch.setattr(local_ray, "put", lambda value, *a, **k: puts.append(value) or real_put(value, *a, **k))
+    one_chunk = 2 * 2 * 96 * 96
+    fused = run_trials(trials(3), ImageFiles(folder, rows), PSNR, chunk_size=2, memory_budget=one_chunk,
+                       identity=True,
+                       on_chunk_done=lambda ids, results, identity: retired.append((ids, sorted(results), identity)))
+    assert fused.fused and fused.window == 0 and fused.chunks_decoded == 4 and puts == []
+    assert fused.decodes == 16  # 8 images and 8 targets, each decoded once
+    ids, imgs, tgts = load_images(folder, rows)
+    for outcome, trial in zip(fused.outcomes, trials(3)):
+        expected = evaluate_chunk([tuple(s) for s in trial["stages"]], imgs, tgts, PSNR)
+        assert [r["score"] for r in outcome.per_image] == [r["score"] for r in expected]
+        assert sorted(w["chunk"] for w in outcome.workers) == [0, 1, 2, 3]
+    identity = evaluate_chunk([("identity", {})], imgs, tgts, PSNR)
+    assert [fused.identity[i]["score"] for i in ids] == [r["score"] for r in identity]
+    # progress is still handed over chunk by chunk, with the chunk's identity results
+    assert sorted(tuple(i) for i, _, _ in retired) == [tuple(ids[i:i + 2]) for i in (0, 2, 4, 6)]
+    assert all(keys == ["trial-000", "trial-001", "trial-002"] and len(ident) == 2 for _, keys, ident in retired)
+    # images that fit at once keep a task per (trial, chunk), so that trials complete one after another
+    assert not run_trials(trials(3), ImageFiles(folder, rows), PSNR, chunk_size=2).fused
+    with pytest.raises(ValueError, match="fuse=True"):
+        run_trials(trials(1), ImageFiles(folder, rows), PSNR, fuse=True, keep=DecodedChunks(capacity=1))
+
+
+def test_a_fused_chunk_with_a_failing_trial_fails_that_trial_only(local_ray, image_files):
+    folder, rows = image_files
+    bad = {"trial": "trial-bad", "params": {}, "stages": [["sobel", {"ksize": 3, "scale": 1.0, "dx": 0, "dy": 0}]]}
+    outcomes = {o.trial: o for o in run_trials(trials(2, [bad]), ImageFiles(folder, rows), PSNR, chunk_size=2,
+                                               fuse=True).outcomes}
+    assert outcomes["trial-bad"].status == "failed" and "dx" in outcomes["trial-bad"].first_error
+    assert [outcomes[k].status for k in ("trial-000", "trial-001")] == ["ok", "ok"]
 
 
 def test_known_progress_is_not_decoded_or_computed_again(local_ray, image_files):
@@ -251,7 +291,8 @@ def test_an_image_changed_since_the_manifest_fails_the_run_naming_it(local_ray, 
     assert done == []  # no trial is recorded as failed because of the data
 
 
-def test_worker_killed_while_chunks_live_in_the_object_store_changes_nothing(local_ray, tmp_path):
+@pytest.mark.parametrize("fuse", [False, True], ids=["chunks in the object store", "fused"])
+def test_worker_killed_while_chunks_live_in_the_object_store_changes_nothing(local_ray, tmp_path, fuse):
     # 256² images: a chunk of two with targets is 256 KB, so it lives in the object store (not inline), made
     # by a decode task whose worker may be the one killed; the chunk outlives it (its owner is this process).
     make_denoise_set(tmp_path, count=4, size=256)
@@ -259,12 +300,14 @@ def test_worker_killed_while_chunks_live_in_the_object_store_changes_nothing(loc
     slow = [{"trial": f"trial-{k:03d}", "params": {},
              "stages": [["nl_means", {"h": 8.0 + k, "template_window_size": 7, "search_window_size": 21}]]}
             for k in range(4)]
+    # (fused: the killed worker may be one decoding and scoring a chunk; Ray runs its task again)
     undisturbed = run_trials(slow, ImageFiles(tmp_path, rows), PSNR, chunk_size=2).outcomes
     killed = []
     killer = threading.Thread(target=_kill_a_busy_worker, args=(killed,))
     killer.start()
-    disturbed = run_trials(slow, ImageFiles(tmp_path, rows), PSNR, chunk_size=2)
+    disturbed = run_trials(slow, ImageFiles(tmp_path, rows), PSNR, chunk_size=2, fuse=fuse)
     killer.join()
+    assert disturbed.fused is fuse
     assert killed, "no busy Ray worker was found to kill"
     assert [o.status for o in disturbed.outcomes] == ["ok"] * 4
     assert [o.score for o in disturbed.outcomes] == [o.score for o in undisturbed]
