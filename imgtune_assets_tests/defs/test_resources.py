@@ -24,8 +24,17 @@ def _is_loopback(ip: str) -> bool:
     return (mapped or address).is_loopback
 
 
+def _is_zombie(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _ray_processes(root: psutil.Process) -> list[psutil.Process]:
-    return [root, *root.children(recursive=True)]
+    """``root`` and its running descendants (a zombie, e.g. another test's process not reaped yet, has
+    no command line and runs nothing)."""
+    return [root, *(p for p in root.children(recursive=True) if p.is_running() and not _is_zombie(p))]
 
 
 def test_embedded_ray_listens_on_loopback_only_and_requires_a_token(monkeypatch, tmp_path):
@@ -91,31 +100,37 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
     originals = {name: Node.__dict__[name] for name in ("start_api_server", "start_monitor", "start_log_monitor")}
     # A process of this test's own, started before Ray: stopping the embedded Ray must leave it alone.
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    resource = RayResource(num_cpus=1)
-    resource.connect()
     try:
-        # Ray's own start methods are back in place for any later node; only this start skipped them.
-        assert {name: Node.__dict__[name] for name in originals} == originals
-        commands = [" ".join(p.cmdline()) for p in _ray_processes(psutil.Process())[1:]]
-        assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
-        for skipped in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "_private/log_monitor.py"):
-            assert not any(skipped in c for c in commands), (skipped, commands)
+        resource = RayResource(num_cpus=1)
+        resource.connect()
+        try:
+            # Ray's own start methods are back in place for any later node; only this start skipped them.
+            assert {name: Node.__dict__[name] for name in originals} == originals
+            commands = [" ".join(p.cmdline()) for p in _ray_processes(psutil.Process())[1:]]
+            assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
+            for skipped in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "_private/log_monitor.py"):
+                assert not any(skipped in c for c in commands), (skipped, commands)
 
-        @ray.remote
-        def square(x):
-            return x * x
+            @ray.remote
+            def square(x):
+                return x * x
 
-        assert ray.get([square.remote(i) for i in range(4)]) == [0, 1, 4, 9]
-        children = psutil.Process().children(recursive=True)
+            assert ray.get([square.remote(i) for i in range(4)]) == [0, 1, 4, 9]
+            children = _ray_processes(psutil.Process())[1:]
+            direct = [p for p in children if p.ppid() == os.getpid() and p.pid != bystander.pid]
+        finally:
+            resource.teardown_after_execution(None)
+        assert not ray.is_initialized()
+        ray_children = [p for p in children if p.pid != bystander.pid]
+        # Ray's processes started by this one (GCS, raylet) are reaped by the stop, not left as its zombies
+        # (Ray waits for a process it killed; this checks that the lean stop keeps that)
+        assert direct and not [p.pid for p in direct if _is_zombie(p)]
+        _, alive = psutil.wait_procs(ray_children, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+        assert bystander.poll() is None, "stopping the embedded Ray killed a process that was not Ray's"
     finally:
-        resource.teardown_after_execution(None)
-    assert not ray.is_initialized()
-    ray_children = [p for p in children if p.pid != bystander.pid]
-    _, alive = psutil.wait_procs(ray_children, timeout=10)
-    assert not alive, [p.cmdline() for p in alive]
-    assert bystander.poll() is None, "stopping the embedded Ray killed a process that was not Ray's"
-    bystander.kill()
-    bystander.wait()
+        bystander.kill()  # also when an assertion failed: later tests count this process's children
+        bystander.wait()
     assert stops_at_once == [True]  # the lean stop: every process killed at once
     assert embedded_ray.final_collection_skipped()  # the run's process exits without a last full GC
 
@@ -147,11 +162,11 @@ def test_a_run_starts_the_embedded_ray_in_the_background_and_connect_waits_for_i
             return x * x
 
         assert ray.get([square.remote(i) for i in range(3)], timeout=60) == [0, 1, 4]
-        commands = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+        commands = [" ".join(p.cmdline()) for p in _ray_processes(psutil.Process())[1:]]
         assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
         assert signal.getsignal(signal.SIGTERM) is sigterm_before
         resource.connect()  # connected: a no-op
-        children = psutil.Process().children(recursive=True)
+        children = _ray_processes(psutil.Process())[1:]
     finally:
         resource.teardown_after_execution(None)
     assert not ray.is_initialized()
@@ -188,7 +203,7 @@ def test_a_run_that_never_connects_still_stops_the_ray_it_started(monkeypatch):
     resource.teardown_after_execution(None)  # waits for the start, then stops it
     assert not ray.is_initialized()
     assert _starter_threads() == []
-    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)
+    _, alive = psutil.wait_procs(_ray_processes(psutil.Process())[1:], timeout=10)
     assert not alive, [p.cmdline() for p in alive]
 
 
@@ -277,7 +292,7 @@ def test_the_lean_switch_off_starts_and_stops_ray_as_shipped(monkeypatch, switch
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
         assert "kill_all_processes" not in vars(worker._global_node)  # Ray's own stop, unwrapped
         assert ray.get(ray.remote(lambda: 7).remote()) == 7
-        children = psutil.Process().children(recursive=True)
+        children = _ray_processes(psutil.Process())[1:]
     finally:
         resource.teardown_after_execution(None)
     assert not ray.is_initialized()
