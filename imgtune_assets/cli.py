@@ -175,6 +175,14 @@ def progress_bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
+def _done_of(snap: dict[str, Any]) -> tuple[int, int]:
+    """How far a progress snapshot is: image evaluations when it counts them (trials streamed through
+    the cluster chunk by chunk all finish at the end), else trials."""
+    if snap.get("evaluations_total"):
+        return int(snap.get("evaluations_done") or 0), int(snap["evaluations_total"])
+    return int(snap["done"]), int(snap["total"])
+
+
 def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 90 else f"{value / 60:.1f} min"
 
@@ -211,11 +219,12 @@ class StepDisplay:
             if snap is None:
                 self._draw(f"{self.label} ... {elapsed:.0f} s")
             else:
-                self._draw(f"{self.label} {progress_bar(int(snap['done']), int(snap['total']))} {describe(snap)}")
+                self._draw(f"{self.label} {progress_bar(*_done_of(snap))} {describe(snap)}")
             return
         if snap is None or not snap.get("total"):
             return
-        tenth = min(10, int(10 * int(snap["done"]) / int(snap["total"])))
+        done, total = _done_of(snap)
+        tenth = min(10, int(10 * done / total))
         if tenth > self._tenth:
             self._tenth = tenth
             self._printed_finished = bool(snap.get("finished"))

@@ -268,6 +268,18 @@ def test_progress_display_on_a_tty_redraws_one_line():
     assert final.startswith("  [2/3] experiment_results 32/32 trials (100%)") and final.endswith("done in 32 s\n")
 
 
+def test_progress_display_of_trials_that_finish_together_follows_the_image_evaluations():
+    # A data set streamed chunk by chunk: no trial is done before the end, the images are half done.
+    out = io.StringIO()
+    display = StepDisplay("  [2/3] experiment_results", out, tty=True, columns=100)
+    display.update(10.0, _snap(0, total=4, images=120, evaluations_done=240, evaluations_total=480))
+    assert "[##########----------] 0/4 trials, 50% of image evaluations" in out.getvalue()
+    printed = io.StringIO()
+    display = StepDisplay("  [2/3] experiment_results", printed, tty=False)
+    display.update(10.0, _snap(0, total=4, images=120, evaluations_done=240, evaluations_total=480))
+    assert printed.getvalue().startswith("  [2/3] experiment_results 0/4 trials, 50% of image evaluations")
+
+
 def test_read_progress_ignores_a_file_from_before_the_command(tmp_path):
     file = tmp_path / "progress.json"
     assert read_progress(file, since=0) is None

@@ -153,21 +153,25 @@ def test_bad_files_are_skipped_and_the_sweep_goes_on(tmp_path, denoise_data):
 
 
 def test_run_streaming_chunks_killed_then_resumed_keeps_its_chunk_progress(tmp_path, denoise_data):
-    # A budget of one chunk: images stream (each chunk decoded and scored by one task, 2 CPUs), so no trial
-    # is complete before the last chunk; what a killed run keeps is its finished chunks (trials/partial/).
+    # A budget of one chunk: images stream (each chunk decoded and scored by one task: one CPU, so at least
+    # two chunks left suffice), so no trial is complete before the last chunk; what a killed run keeps is
+    # its finished chunks (trials/partial/).
     sweep = write_sweep(tmp_path / "stream.yaml", denoise_data, name="stream", trials=3, pipeline=SLOW_PIPELINE,
                         chunk_size=1)
     env = cli_env(tmp_path, sweep)
     inputs, trials_cmd, report_cmd = sweep_steps("stream", 3)
     run_checked(inputs, env)
     budget = tmp_path / "budget.yaml"
-    budget.write_text("resources:\n  ray_cluster:\n    config:\n      object_store_budget_mb: 0.001\n      num_cpus: 2\n")
+    budget.write_text("resources:\n  ray_cluster:\n    config:\n      object_store_budget_mb: 0.001\n      num_cpus: 1\n")
     partial = tmp_path / "outputs" / "stream" / "trials" / "partial"
     run = Service("trials", [*trials_cmd, "-c", str(budget)], env, tmp_path / "killed-run.log")
     try:
         kept = len(kill_once_saved(run, partial, "*.json", 2))
         assert not list((tmp_path / "outputs" / "stream" / "trials").glob("trial-*.json")), \
             "with one chunk at a time no trial can be complete before the last chunk"
+        # progress shows in image evaluations meanwhile: a chunk is a sixth of them, so each one reports
+        shown = json.loads((tmp_path / "outputs" / "stream" / "progress.json").read_text())
+        assert shown["done"] == 0 and shown["evaluations_done"] >= 3 and shown["evaluations_total"] == 18
         resume(tmp_path, "stream", trials_cmd, report_cmd, env, config=budget.read_text())
     finally:
         run.stop(grace=2)

@@ -10,9 +10,13 @@ written to ``<sweep dir>/progress.json``) and a one-line summary for the run log
     if snap:
         context.log.info(progress.line())
 
+Trials that finish together at the end (a data set streamed through the cluster chunk by chunk, every
+trial scored on each chunk) show their progress in image evaluations: the caller feeds each chunk
+of images done (``chunk_done``), and the line says how many of all image evaluations are done.
+
 A report is due when ``min_interval_seconds`` have passed since the last one (even if no trial
-finished: long trials still show signs of life), when ``step_fraction`` of all trials finished since
-it, or, once, when every trial is done.
+finished: long trials still show signs of life), when ``step_fraction`` of all trials (or of all image
+evaluations) finished since it, or, once, when every trial is done.
 
 The rate counts computed trials only: trials reused from an earlier run (``reused=True``) cost
 nothing, would inflate it and make the time left too optimistic. The rate is measured from
@@ -61,16 +65,24 @@ class SweepProgress:
         self.best_trial: str | None = None
         self._last_report_at = self._started
         self._done_at_last_report = 0
+        self._evaluations_at_last_report = 0
         self._reported_finished = False
+        self._partial: dict[str, int] = {}  # unfinished trial -> image evaluations computed so far
 
     # ------------------------------------------------------------------ feeding
     def start_computing(self) -> None:
         """Mark when the trials start being computed: the rate is measured from here (optional)."""
         self._computing_since = self._clock()
 
+    def chunk_done(self, evaluations: Mapping[str, int]) -> None:
+        """Image evaluations computed for trials not finished yet (trial -> images of a chunk)."""
+        for trial, count in evaluations.items():
+            self._partial[trial] = self._partial.get(trial, 0) + int(count)
+
     def trial_done(self, record: Mapping[str, Any], reused: bool = False) -> None:
         """One trial finished: ``record`` has ``trial``, ``status`` ("ok" | "failed" | "pruned": stopped
         early by successive halving) and ``score``."""
+        self._partial.pop(record.get("trial"), None)  # its images count as a finished trial's now
         self.done += 1
         if reused:
             self.reused += 1
@@ -90,12 +102,17 @@ class SweepProgress:
     def finished(self) -> bool:
         return self.done >= self.total
 
+    @property
+    def partial_evaluations(self) -> int:
+        return sum(self._partial.values())
+
     def evaluations_per_second(self) -> float | None:
         """Computed (trial × image) evaluations per second since computing started; None before any."""
         seconds = self._clock() - self._computing_since
-        if self.computed == 0 or seconds <= 0:
+        computed = self.computed * max(1, self.images) + self.partial_evaluations
+        if computed == 0 or seconds <= 0:
             return None
-        return self.computed * max(1, self.images) / seconds
+        return computed / seconds
 
     def eta_seconds(self) -> float | None:
         if self.finished:
@@ -103,7 +120,7 @@ class SweepProgress:
         rate = self.evaluations_per_second()
         if not rate:
             return None
-        return (self.total - self.done) * max(1, self.images) / rate
+        return max(0, (self.total - self.done) * max(1, self.images) - self.partial_evaluations) / rate
 
     def snapshot(self) -> dict[str, Any]:
         """The current state (does not count as a report)."""
@@ -116,6 +133,9 @@ class SweepProgress:
             "pruned": self.pruned,
             "reused": self.reused,
             "images": self.images,
+            # image evaluations done (finished trials' and unfinished trials' chunks) out of all
+            "evaluations_done": self.done * self.images + self.partial_evaluations,
+            "evaluations_total": self.total * self.images,
             "metric": self.objective.metric,
             "best": self.best,
             "best_trial": self.best_trial,
@@ -134,7 +154,10 @@ class SweepProgress:
         if self._clock() - self._last_report_at >= self.min_interval_seconds:
             return True
         since = self.done - self._done_at_last_report
-        return since > 0 and since >= self.step_fraction * self.total
+        if since > 0 and since >= self.step_fraction * self.total:
+            return True
+        evaluations = self.done * self.images + self.partial_evaluations - self._evaluations_at_last_report
+        return evaluations > 0 and evaluations >= self.step_fraction * self.total * self.images
 
     def report_if_due(self) -> dict[str, Any] | None:
         """A snapshot when a report is due (and count it as reported), else None."""
@@ -142,6 +165,7 @@ class SweepProgress:
             return None
         self._last_report_at = self._clock()
         self._done_at_last_report = self.done
+        self._evaluations_at_last_report = self.done * self.images + self.partial_evaluations
         self._reported_finished = self.finished
         return self.snapshot()
 
@@ -177,6 +201,10 @@ def describe(snap: Mapping[str, Any], *, with_counts: bool = True) -> str:
     """A progress snapshot (``SweepProgress.snapshot()`` or a ``progress.json``) as one line."""
     done, total = int(snap.get("done", 0)), int(snap.get("total", 0))
     parts = [f"{done}/{total} trials ({percent(done, total)}%)"] if with_counts else []
+    evals, all_evals = int(snap.get("evaluations_done") or 0), int(snap.get("evaluations_total") or 0)
+    if with_counts and not snap.get("finished") and all_evals and evals > done * int(snap.get("images") or 0):
+        # trials that finish together at the end: how far the images are
+        parts[0] = f"{done}/{total} trials, {percent(evals, all_evals)}% of image evaluations"
     if snap.get("failed"):
         parts.append(f"{snap['failed']} failed")
     if snap.get("pruned"):

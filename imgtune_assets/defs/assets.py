@@ -332,8 +332,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                                        metric=objective.metric, manifest_digest=digest), reused=False)
 
             def chunk_done(ids, results, identity) -> None:
-                store.save_chunk(ids, {t: r for t, r in results.items() if t not in finished},
-                                 identity if need_identity else None)
+                unfinished = {t: r for t, r in results.items() if t not in finished}
+                store.save_chunk(ids, unfinished, identity if need_identity else None)
+                progress.chunk_done({t: len(r) for t, r in unfinished.items()})
+                report_progress()
 
             fanout_started = time.perf_counter()
             stats["startup_seconds"] = round(process_age_seconds(), 3)

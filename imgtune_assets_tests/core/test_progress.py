@@ -124,6 +124,30 @@ def test_rate_and_eta_count_computed_trials_only():
     assert snap["updated_at"] == pytest.approx(1.7e9 + clock.now)
 
 
+def test_chunks_of_unfinished_trials_count_as_image_evaluations():
+    # 4 trials that finish together at the end (a streamed data set): their chunks show the progress.
+    progress, clock = make(total=4, images=30)
+    progress.start_computing()
+    clock.advance(1.0)
+    progress.chunk_done({f"trial-{k:03d}": 2 for k in range(4)})
+    assert progress.report_if_due() is None  # 8 of 120 evaluations: less than a tenth
+    progress.chunk_done({f"trial-{k:03d}": 4 for k in range(4)})
+    assert progress.report_if_due()["evaluations_done"] == 24  # a tenth and more since the last report
+    clock.advance(5.0)
+    progress.chunk_done({f"trial-{k:03d}": 6 for k in range(4)})
+    snap = progress.snapshot()
+    assert snap["done"] == 0 and snap["evaluations_done"] == 48 and snap["evaluations_total"] == 120
+    assert snap["evaluations_per_second"] == pytest.approx(8.0)  # 48 evaluations in 6 s
+    assert snap["eta_seconds"] == pytest.approx(9.0)  # 72 left at 8/s
+    assert progress.line() == "0/4 trials, 40% of image evaluations, 8.0 evaluations/s, about 9 s left"
+    # a finished trial's images are counted once, as the trial's
+    progress.trial_done(ok(0, 30.0))
+    assert progress.snapshot()["evaluations_done"] == 30 + 36
+    for k in range(1, 4):
+        progress.trial_done(ok(k, 29.0))
+    assert progress.snapshot()["evaluations_done"] == 120 and progress.line().startswith("4/4 trials (100%)")
+
+
 def test_rate_from_construction_without_start_computing():
     progress, clock = make(total=4, images=5)
     clock.advance(10.0)
