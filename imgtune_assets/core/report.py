@@ -133,7 +133,9 @@ def before_after_panels(best: dict[str, Any], rows: list, data_dir, higher_is_be
 
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    # Every figure is laid out by matplotlib's constrained layout: bbox_inches="tight" would only draw
+    # it a second time to find the same box.
+    fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
 
 
@@ -272,7 +274,7 @@ def plot_before_after(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(panels), 3, figsize=(10, 3.4 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 3, figsize=(10, 3.4 * len(panels)), squeeze=False, layout="constrained")
     for row, (label, before, after, target) in zip(axes, panels):
         for ax, title, image in zip(row, ("before", "after", "target"), (before, after, target)):
             ax.axis("off")
