@@ -48,9 +48,6 @@ OBJECT_STORE_SHARE = 0.5
 # No chunk larger than this (bytes decoded): tasks stay short enough to balance and to retry cheaply.
 MAX_CHUNK_BYTES = 512 * 1024 * 1024
 
-# A streamed data set's fused tasks (decode + every trial) per CPU, at least: the last ones are short.
-FUSED_TASKS_PER_CPU = 16
-
 # Ray passes objects below this size inline (its max_direct_call_object_size), not through a node's store.
 INLINE_BYTES = 100 * 1024
 
@@ -285,8 +282,7 @@ def run_trials(
     ``fuse``: decode a chunk and score all its trials in one task, so that its pixels never enter the
     object store. By default (None) chunks are fused when they stream through the object store anyway
     (the images do not fit in ``memory_budget`` at once, so every trial finishes near the end whatever
-    the order of tasks) and there are at least two chunks per CPU to spread — then, unless ``chunk_size``
-    is given, in chunks small enough for ``FUSED_TASKS_PER_CPU`` tasks per CPU; otherwise each chunk is
+    the order of tasks) and there are at least two chunks per CPU to spread; otherwise each chunk is
     decoded once into the object store and every trial of it is a task of its own, so that trials
     complete one after another. Only for ``ImageFiles``, and not with ``keep``.
 
@@ -309,8 +305,9 @@ def run_trials(
         memory_budget = int(resources.get("object_store_memory", 2 * MAX_CHUNK_BYTES) * OBJECT_STORE_SHARE)
     size = plan_chunks(n, len(trials), total_cpus, chunk_size, image_bytes=max(sizes, default=0),
                        memory_budget=memory_budget)
+    spans = [(s, min(s + size, n)) for s in range(0, n, size)]
     remote = ray.remote(_evaluate_task)
-    result = FanoutResult(outcomes=[])
+    result = FanoutResult(outcomes=[], chunks=len(spans), chunk_size=size)
 
     outcomes = result.outcomes
     images_left: dict[int, int] = {}
@@ -341,30 +338,19 @@ def run_trials(
         if t not in images_left or images_left[t] == 0:
             finish(t)
 
-    def layout(size: int):
-        spans = [(s, min(s + size, n)) for s in range(0, n, size)]
-        # Per chunk: the trials still missing some of its images. A chunk that no trial (and not the
-        # identity baseline) needs is not decoded.
-        chunk_trials = [[t for t in images_left if any(outcomes[t].per_image[i] is None for i in range(a, b))]
-                        for a, b in spans]
-        to_decode = [c for c, (a, b) in enumerate(spans)
-                     if chunk_trials[c] or (identity and any(ids[i] not in result.identity for i in range(a, b)))]
-        return spans, chunk_trials, to_decode, {c: sum(sizes[a:b]) for c, (a, b) in enumerate(spans)}
-
-    spans, chunk_trials, to_decode, chunk_bytes = layout(size)
+    # Per chunk: the trials still missing some of its images. A chunk that no trial (and not the
+    # identity baseline) needs is not decoded.
+    chunk_trials = [[t for t in images_left if any(outcomes[t].per_image[i] is None for i in range(a, b))]
+                    for a, b in spans]
+    to_decode = [c for c, (a, b) in enumerate(spans)
+                 if chunk_trials[c] or (identity and any(ids[i] not in result.identity for i in range(a, b)))]
+    chunk_bytes = {c: sum(sizes[a:b]) for c, (a, b) in enumerate(spans)}
     if fuse is None:
         fuse = (keep is None and isinstance(images, ImageFiles) and len(to_decode) >= 2 * total_cpus
                 and sum(chunk_bytes[c] for c in to_decode) > memory_budget)
     elif fuse and (keep is not None or not isinstance(images, ImageFiles)):
         raise ValueError("fuse=True needs ImageFiles and no keep")
-    if fuse and not chunk_size:
-        # A fused chunk lives in its task's worker only: smaller chunks than the object store's share
-        # leave less idle time on the other CPUs while the last tasks run.
-        finer = max(1, math.ceil(n / (FUSED_TASKS_PER_CPU * max(1, total_cpus))))
-        if finer < size:
-            size = finer
-            spans, chunk_trials, to_decode, chunk_bytes = layout(size)
-    result.fused, result.chunks, result.chunk_size = bool(fuse), len(spans), size
+    result.fused = bool(fuse)
 
     pending: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, chunk, trial)
     tasks_left: dict[int, int] = {}

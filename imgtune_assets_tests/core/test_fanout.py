@@ -230,19 +230,6 @@ def test_streaming_chunks_are_decoded_and_scored_by_one_task_each(local_ray, ima
         run_trials(trials(1), ImageFiles(folder, rows), PSNR, fuse=True, keep=DecodedChunks(capacity=1))
 
 
-def test_a_streamed_data_set_is_cut_into_at_least_16_fused_tasks_per_cpu(local_ray, tmp_path):
-    make_denoise_set(tmp_path, count=64, size=64)
-    rows = scan_folder(tmp_path, needs_target=True)
-    total = 64 * 2 * 64 * 64
-    # budget: just under the data set, so the object store's share would cut it into chunks of 7
-    streamed = run_trials(trials(2), ImageFiles(tmp_path, rows), PSNR, memory_budget=total - 1)
-    assert plan_chunks(64, 2, 2, image_bytes=2 * 64 * 64, memory_budget=total - 1) == 7
-    assert streamed.fused and streamed.chunk_size == 2 and streamed.chunks == 32  # 64 images / (16 × 2 CPUs)
-    assert streamed.decodes == 128 and all(o.status == "ok" for o in streamed.outcomes)
-    whole = run_trials(trials(2), ImageFiles(tmp_path, rows), PSNR)
-    assert not whole.fused and [o.score for o in streamed.outcomes] == [o.score for o in whole.outcomes]
-
-
 def test_a_fused_chunk_with_a_failing_trial_fails_that_trial_only(local_ray, image_files):
     folder, rows = image_files
     bad = {"trial": "trial-bad", "params": {}, "stages": [["sobel", {"ksize": 3, "scale": 1.0, "dx": 0, "dy": 0}]]}
