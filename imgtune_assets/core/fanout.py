@@ -111,11 +111,32 @@ def _decode_task(data_dir, rows, verify, identity):
 
 def _decode_evaluate_task(data_dir, rows, verify, identity, trials, objective):
     """Ray task body: decode a chunk and score every given trial (``[(index, stages)]``) on it in the
-    same task, so the pixels never leave the worker. Returns the decode report and, per trial, what
-    ``_evaluate_task`` returns."""
-    (images, targets), report = _decode_task(data_dir, rows, verify, identity)
-    return {"report": report, "trials": {t: _evaluate_task(stages, (images, targets), objective)
-                                         for t, stages in trials}}
+    same task, so the pixels never leave the worker. One image (and its target) at a time, every trial
+    on it before the next is decoded: the worker holds one image's pixels, not the chunk's. Returns
+    the decode report and, per trial, what ``_evaluate_task`` returns."""
+    import os
+
+    import ray
+
+    report: dict[str, Any] = {"ids": [], "decodes": 0, "bytes": 0, "seconds": 0.0,
+                              "identity": [] if identity is not None else None}
+    results: dict[int, list] = {t: [] for t, _ in trials}
+    seconds = dict.fromkeys(results, 0.0)
+    for row in rows:
+        (images, targets), part = _decode_task(data_dir, [row], verify, identity)
+        for key in ("ids", "decodes", "bytes", "seconds"):
+            report[key] += part[key]
+        if identity is not None:
+            report["identity"] += part["identity"]
+        for t, stages in trials:
+            start = time.perf_counter()
+            results[t] += evaluate_chunk(stages, images, targets, objective)
+            seconds[t] += time.perf_counter() - start
+        del images, targets
+    node_id = ray.get_runtime_context().get_node_id()
+    report.update(node_id=node_id, pid=os.getpid())
+    return {"report": report, "trials": {t: {"results": results[t], "node_id": node_id, "pid": os.getpid(),
+                                             "seconds": seconds[t]} for t in results}}
 
 
 @dataclass
