@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -36,6 +37,7 @@ from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.factory import build_definitions
 from imgtune_assets.defs.keys import asset_key
+from imgtune_assets.defs.resources import RayResource
 from imgtune_assets_tests.support.dagster_services import run_checked
 from imgtune_assets_tests.support.s3server import (
     DUMMY_KEY_ID,
@@ -303,21 +305,30 @@ def test_missing_bucket_fails_the_manifest_saying_so(tmp_path, s3_server):
     assert "bucket does not exist" in message.lower(), message
 
 
-def test_object_deleted_between_manifest_and_run(tmp_path, s3_server, local_data):
-    url = uploaded(s3_server, "vanish", local_data)
+@pytest.mark.parametrize("budget_mb", [None, 0.001], ids=["chunks in the object store", "streamed, fused tasks"])
+def test_object_deleted_between_manifest_and_run(tmp_path, s3_server, local_data, budget_mb):
+    # (a budget smaller than one image on 2 CPUs: the images stream, 6 chunks of one, each read, decoded and
+    # scored by one task)
+    bucket = "vanish" if budget_mb is None else "vanish-fused"
+    url = uploaded(s3_server, bucket, local_data)
     sweep, defs, instance = in_process(tmp_path, write_s3_sweep(tmp_path / "van.yaml", s3_server, url,
                                                                 name="vanish", trials=4))
+    if budget_mb is not None:
+        defs = SimpleNamespace(assets=defs.assets, resources={
+            **defs.resources, "ray_cluster": RayResource(object_store_budget_mb=budget_mb, num_cpus=2)})
     keys = trial_keys(sweep)
     first = run_assets(sweep, defs, instance, ["image_manifest", "run_settings"])
     assert first.success, step_failures(first)
     early = run_assets(sweep, defs, instance, ["experiment_results"], tags=trial_range(keys[0], keys[1]))
     assert early.success, step_failures(early)
+    stats = json.loads((tmp_path / "outputs" / "vanish" / "last_experiment_run.json").read_text())
+    assert stats["fused"] is (budget_mb is not None)
     trials_dir = tmp_path / "outputs" / "vanish" / "trials"
     before = {k: ((trials_dir / f"{k}.json").read_bytes(), (trials_dir / f"{k}.json").stat().st_mtime_ns)
               for k in keys[:2]}
     assert all(json.loads(data)["status"] == "ok" for data, _ in before.values())
 
-    s3_server.filesystem().rm_file("vanish/data/images/scene_003.png")
+    s3_server.filesystem().rm_file(f"{bucket}/data/images/scene_003.png")
     late = run_assets(sweep, defs, instance, ["experiment_results"], tags=trial_range(keys[2], keys[3]))
     assert not late.success
     message = step_failures(late)

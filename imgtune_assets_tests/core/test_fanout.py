@@ -280,14 +280,15 @@ def test_kept_chunks_serve_the_next_call_without_decoding(local_ray, image_files
                                          keep=keep).chunks_decoded == 1
 
 
-def test_an_image_changed_since_the_manifest_fails_the_run_naming_it(local_ray, tmp_path):
+@pytest.mark.parametrize("fuse", [False, True], ids=["chunks in the object store", "fused"])
+def test_an_image_changed_since_the_manifest_fails_the_run_naming_it(local_ray, tmp_path, fuse):
     make_denoise_set(tmp_path, count=4, size=64)
     rows = scan_folder(tmp_path, needs_target=True)
     victim = tmp_path / rows[2].image_path
     victim.write_bytes(victim.read_bytes() + b"\0")  # same pixels, other bytes: not the image the manifest saw
     done = []
     with pytest.raises(ImageDataError, match=rf"{victim.name}: changed since the image manifest"):
-        run_trials(trials(2), ImageFiles(tmp_path, rows), PSNR, chunk_size=4, on_trial_done=done.append)
+        run_trials(trials(2), ImageFiles(tmp_path, rows), PSNR, chunk_size=4, on_trial_done=done.append, fuse=fuse)
     assert done == []  # no trial is recorded as failed because of the data
 
 
