@@ -182,9 +182,14 @@ _FILE_FANOUT = textwrap.dedent("""
               for i in range(4)]
     result = fanout.run_trials(trials, fanout.ImageFiles(sys.argv[2], rows), Objective("psnr"), chunk_size=2,
                                max_retries=0)
+    fused = fanout.run_trials(trials, fanout.ImageFiles(sys.argv[2], rows), Objective("psnr"), chunk_size=2,
+                              max_retries=0, fuse=True)
     print(json.dumps({"decode_nodes": {str(c): n for c, n in result.decode_nodes.items()},
                       "tasks": [[w["chunk"], w["node_id"]] for o in result.outcomes for w in o.workers],
-                      "decodes": result.decodes, "errors": [o.error for o in result.outcomes if o.error]}))
+                      "decodes": result.decodes, "errors": [o.error for o in result.outcomes if o.error],
+                      "scores": [o.score for o in result.outcomes],
+                      "fused": {"decode_nodes": sorted(set(fused.decode_nodes.values())), "decodes": fused.decodes,
+                                "scores": [o.score for o in fused.outcomes]}}))
 """)
 
 
@@ -203,6 +208,9 @@ def test_trial_tasks_run_where_their_chunk_was_decoded(tmp_path, cluster):
     # A preference, not a rule: a busy node's task may spill back to the idle one (which then pulls the
     # chunk). Chance alone would give 8 of 16; three runs here gave 16, 16 and 13.
     assert len(report["tasks"]) == 16 and local >= 10, report
+    # Fused (each chunk read, decoded and scored by one task): spread over both nodes, the same scores.
+    fused = report["fused"]
+    assert fused["decodes"] == 16 and len(fused["decode_nodes"]) == 2 and fused["scores"] == report["scores"]
 
 
 def test_embedded_ray_never_joins_a_cluster_found_in_the_environment(tmp_path, cluster):
