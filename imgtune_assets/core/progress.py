@@ -106,6 +106,11 @@ class SweepProgress:
     def partial_evaluations(self) -> int:
         return sum(self._partial.values())
 
+    @property
+    def evaluations_done(self) -> int:
+        """Image evaluations done: finished trials' (reused ones included) and unfinished trials' chunks."""
+        return self.done * self.images + self.partial_evaluations
+
     def evaluations_per_second(self) -> float | None:
         """Computed (trial × image) evaluations per second since computing started; None before any."""
         seconds = self._clock() - self._computing_since
@@ -134,7 +139,7 @@ class SweepProgress:
             "reused": self.reused,
             "images": self.images,
             # image evaluations done (finished trials' and unfinished trials' chunks) out of all
-            "evaluations_done": self.done * self.images + self.partial_evaluations,
+            "evaluations_done": self.evaluations_done,
             "evaluations_total": self.total * self.images,
             "metric": self.objective.metric,
             "best": self.best,
@@ -156,7 +161,7 @@ class SweepProgress:
         since = self.done - self._done_at_last_report
         if since > 0 and since >= self.step_fraction * self.total:
             return True
-        evaluations = self.done * self.images + self.partial_evaluations - self._evaluations_at_last_report
+        evaluations = self.evaluations_done - self._evaluations_at_last_report
         return evaluations > 0 and evaluations >= self.step_fraction * self.total * self.images
 
     def report_if_due(self) -> dict[str, Any] | None:
@@ -165,7 +170,7 @@ class SweepProgress:
             return None
         self._last_report_at = self._clock()
         self._done_at_last_report = self.done
-        self._evaluations_at_last_report = self.done * self.images + self.partial_evaluations
+        self._evaluations_at_last_report = self.evaluations_done
         self._reported_finished = self.finished
         return self.snapshot()
 
