@@ -5,8 +5,9 @@ Where public APIs fall short, imgtune reaches into private ones, each imported i
 * ``imgtune_assets/defs/executor.py``: the step-delegating executor classes (``ray_executor``) and the
   body of ``dagster api execute_step`` (run in a Ray worker);
 * ``imgtune_assets/defs/storage.py``: Dagster's SQLite storages, subclassed to write event batches;
-* ``imgtune_assets/core/embedded_ray.py`` (``_ray_private``): Ray's ``Node`` and ``_global_node``, for the
-  lean start and the at-once stop of the embedded Ray.
+* ``imgtune_assets/core/embedded_ray.py`` (``_ray_private``): Ray's ``Node``, ``_global_node``,
+  ``services.get_node`` and ``ray._raylet.GcsClient``, for the lean start and the at-once stop of the
+  embedded Ray.
 
 This module fails, saying what to re-check, when a pinned version changes or when a name, method or
 signature used there is gone or changed. After an upgrade: read the upstream changes for the listed
@@ -29,7 +30,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "imgtune_assets"
 
 EXECUTOR = "imgtune_assets/defs/executor.py (ray_executor: step-delegating executor, step worker body)"
 STORAGE = "imgtune_assets/defs/storage.py (BatchedSqliteEventLogStorage, BatchedSqliteStorage, ImgtuneInstance)"
-EMBEDDED = "imgtune_assets/core/embedded_ray.py (lean start: _lean_head_node; at-once stop: _stop_at_once)"
+EMBEDDED = ("imgtune_assets/core/embedded_ray.py (lean start: _lean_head_node, _after_registration; "
+            "at-once stop: _stop_at_once)")
 
 
 def _recheck(where: str, what: str) -> str:
@@ -79,8 +81,28 @@ def test_ray_private_modules_are_where_embedded_ray_imports_them():
 
     private = embedded_ray._ray_private()
     assert private is not None, _recheck(EMBEDDED, "ray._private.node.Node or ray._private.worker cannot be imported")
-    _, worker = private
+    _, worker, _, _ = private
     assert hasattr(worker, "_global_node"), _recheck(EMBEDDED, "ray._private.worker._global_node is gone")
+
+
+def test_ray_node_lookup_that_the_lean_start_polls_before():
+    from ray._private import services
+    from ray._private.node import Node
+    from ray._raylet import GcsClient, InnerGcsClient
+
+    _has_params(services.get_node, ["gcs_address", "node_id"], EMBEDDED, "ray._private.services.get_node")
+    # The head node's start looks its record up through the module attribute that the lean start wraps.
+    assert "ray._private.services.get_node(" in _source(Node.__init__), _recheck(
+        EMBEDDED, "Node.__init__ no longer calls ray._private.services.get_node")
+    # (Cython: no signatures to inspect.) Ray builds its own client the way the lean start does...
+    assert "GcsClient(address=" in _source(services), _recheck(
+        EMBEDDED, "ray._private.services no longer builds ray._raylet.GcsClient(address=...)")
+    assert GcsClient.__doc__ and "InnerGcsClient" in GcsClient.__doc__, _recheck(
+        EMBEDDED, "ray._raylet.GcsClient no longer wraps InnerGcsClient")
+    # ...and reads the node table with a timeout, keyed by NodeID (which has .hex()).
+    doc = InnerGcsClient.get_all_node_info.__doc__ or ""
+    assert doc.startswith("InnerGcsClient.get_all_node_info(self, timeout") and "Dict[NodeID" in doc, _recheck(
+        EMBEDDED, f"ray._raylet's GCS client get_all_node_info changed: {doc.splitlines()[:1]}")
 
 
 def test_ray_node_start_methods_skipped_by_the_lean_start():
@@ -268,7 +290,7 @@ ELSEWHERE: set[tuple[str, str]] = set()
 ALLOWED_FILES = {
     "defs/executor.py": "dagster._",
     "defs/storage.py": "dagster._",
-    "core/embedded_ray.py": "ray._private",
+    "core/embedded_ray.py": ("ray._private", "ray._raylet"),
 }
 
 
@@ -309,7 +331,7 @@ def test_ray_private_modules_are_imported_in_one_function():
     for func in ast.walk(tree):
         if isinstance(func, ast.FunctionDef):
             for node in ast.walk(func):
-                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ray._private"):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("ray._private", "ray._raylet")):
                     owners.add(func.name)
     assert owners == {"_ray_private"}, owners
 

@@ -11,8 +11,8 @@ Public surface:
 * ``skip_final_collection_at_exit()``: let the process exit without a last full garbage collection.
 * ``lean_from_environment()``: the ``IMGTUNE_RAY_LEAN`` switch.
 
-**The lean switch.** By default (``lean=True``) the embedded Ray is started and stopped with three
-shortcuts measured on 2 cores (benchmarks/sweep_bench.py), two of which reach into Ray's *private*
+**The lean switch.** By default (``lean=True``) the embedded Ray is started and stopped with four
+shortcuts measured on 2 cores (benchmarks/sweep_bench.py), three of which reach into Ray's *private*
 ``ray._private`` modules (pinned ``ray==2.60.0``; imgtune_assets_tests/test_pinned_private_apis.py
 fails when they move):
 
@@ -21,9 +21,13 @@ fails when they move):
 2. the head node starts without the dashboard's API server, the autoscaler's monitor and the log
    monitor (their start methods on the private ``Node`` are skipped during ``ray.init``);
 3. the stop kills the node's processes at once instead of SIGTERM and up to 1 s of waiting each
-   (the private node's ``kill_all_processes`` is wrapped for the coming ``ray.shutdown``).
+   (the private node's ``kill_all_processes`` is wrapped for the coming ``ray.shutdown``);
+4. the driver sees its raylet register with GCS within ~20 ms instead of at Ray's next 1 s retry
+   (``ray._private.services.get_node``, which ``ray.init`` calls while the node starts, is preceded by
+   a poll of GCS's node table; the raylet registers only once its agents are up, so Ray's first try
+   almost always misses it and the second comes up to a second after it).
 
-``lean=False`` turns all three off together: a plain ``ray.init(address="local", ...)`` and
+``lean=False`` turns all four off together: a plain ``ray.init(address="local", ...)`` and
 ``ray.shutdown()`` with only ``LOOPBACK_ENV``, i.e. Ray exactly as shipped, slower by ~1.5 s at start
 and ~1.4 s at stop. Use it when a Ray upgrade is being checked or the embedded Ray misbehaves.
 ``IMGTUNE_RAY_LEAN=0`` (or ``false``/``no``/``off``) turns it off for every embedded Ray of the
@@ -72,6 +76,10 @@ LEAN_TUNING_ENV = {
 EMBEDDED_RAY_ENV = {**LOOPBACK_ENV, **LEAN_TUNING_ENV}
 # The head processes the lean start skips, by the name of their start method on Ray's private Node.
 SKIPPED_HEAD_PROCESSES = ("start_api_server", "start_monitor", "start_log_monitor")
+# The lean start's poll for the raylet's registration: every 20 ms, for as long as Ray itself would
+# wait (its raylet_start_wait_time_s); then Ray's own lookup runs, and raises as it would.
+REGISTRATION_POLL_SECONDS = 0.02
+REGISTRATION_WAIT_SECONDS = 30.0
 
 _OFF = ("0", "false", "no", "off")
 
@@ -229,17 +237,19 @@ def final_collection_skipped() -> bool:
 
 
 def _ray_private():
-    """The one place imgtune imports Ray's private modules: ``(Node class, ray._private.worker)``.
+    """The one place imgtune imports Ray's private modules: ``(Node class, ray._private.worker,
+    ray._private.services, ray._raylet.GcsClient)``.
 
     ``None`` when a Ray release has moved them: the lean shortcuts are then skipped and the embedded
     Ray starts and stops as shipped. Pinned: ray==2.60.0 (imgtune_assets_tests/test_pinned_private_apis.py).
     """
     try:
-        from ray._private import worker
+        from ray._private import services, worker
         from ray._private.node import Node
+        from ray._raylet import GcsClient
     except ImportError:  # pragma: no cover - Ray moved its private modules
         return None
-    return Node, worker
+    return Node, worker, services, GcsClient
 
 
 @contextmanager
@@ -260,7 +270,7 @@ def _lean_head_node(enabled: bool = True) -> Iterator[None]:
     if private is None:
         yield
         return
-    node_class = private[0]
+    node_class, _, services, gcs_client = private
     originals = {name: node_class.__dict__.get(name) for name in SKIPPED_HEAD_PROCESSES}
     if any(method is None for method in originals.values()):
         yield
@@ -271,11 +281,43 @@ def _lean_head_node(enabled: bool = True) -> Iterator[None]:
 
     for name in SKIPPED_HEAD_PROCESSES:
         setattr(node_class, name, skipped)
+    get_node = getattr(services, "get_node", None)
+    if get_node is not None:
+        services.get_node = _after_registration(get_node, gcs_client)
     try:
         yield
     finally:
         for name, method in originals.items():
             setattr(node_class, name, method)
+        if get_node is not None:
+            services.get_node = get_node
+
+
+def _after_registration(get_node, gcs_client):
+    """Ray's ``services.get_node(gcs_address, node_id)``, called once GCS's node table lists the node.
+
+    ``ray.init`` asks GCS for the new node's record while the raylet is still starting; GCS's lookup
+    retries once a second, so the driver would go on up to a second after the raylet registered. Here
+    the table is polled every ``REGISTRATION_POLL_SECONDS`` first; Ray's lookup then finds the node at
+    once. Any trouble polling leaves the wait to Ray's own lookup, as shipped.
+    """
+
+    def polled_first(gcs_address, node_id, *args, **kwargs):
+        log = logging.getLogger(__name__)
+        try:
+            client = gcs_client(address=gcs_address)
+            deadline, looks = time.monotonic() + REGISTRATION_WAIT_SECONDS, 0
+            while time.monotonic() < deadline:
+                looks += 1
+                if any(key.hex() == node_id for key in client.get_all_node_info(timeout=5)):
+                    log.debug(f"node {node_id} registered with GCS (seen on look {looks})")
+                    break
+                time.sleep(REGISTRATION_POLL_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - Ray's own lookup below waits (and raises) as shipped
+            log.debug(f"polling GCS for node {node_id} failed ({exc}); Ray's lookup waits")
+        return get_node(gcs_address, node_id, *args, **kwargs)
+
+    return polled_first
 
 
 def _stop_at_once() -> None:

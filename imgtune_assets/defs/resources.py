@@ -51,8 +51,9 @@ class RayResource(ConfigurableResource):
     start-up overlaps the steps before the fan-out; a step's ``connect()`` waits for it) and stopped
     when the run ends (``imgtune_assets.core.embedded_ray``). By default it is *lean*: it starts without the dashboard's
     API server, the autoscaler's monitor and the log monitor, with Ray's connect/flush timeouts
-    shortened, and stops by killing its processes at once (about 1.5 s less at start and 1.4 s less at
-    stop on 2 cores). Two of those shortcuts use Ray's private API (pinned ``ray==2.60.0``).
+    shortened and the raylet's registration polled for, and stops by killing its processes at once
+    (about 2 s less at start and 1.4 s less at stop on 2 cores). Three of those shortcuts use Ray's
+    private API (pinned ``ray==2.60.0``).
     ``lean_embedded=False``, or ``IMGTUNE_RAY_LEAN=0`` in the environment (which also reaches the
     embedded Ray of ``ray_executor``), turns every shortcut off together: Ray then starts and stops
     exactly as shipped. Either one turning it off wins. A cluster connection is never affected.

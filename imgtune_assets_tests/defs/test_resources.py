@@ -3,6 +3,7 @@ started and stopped as Ray ships it when the lean switch is off (``lean_embedded
 ``IMGTUNE_RAY_LEAN=0``)."""
 
 import ipaddress
+import logging
 import os
 import signal
 import subprocess
@@ -88,7 +89,7 @@ def test_address_comes_from_the_environment_when_unset(monkeypatch):
     assert RayResource().resolved_address() is None
 
 
-def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monkeypatch):
+def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monkeypatch, caplog):
     import ray
     from ray._private.node import Node
 
@@ -96,16 +97,25 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
     monkeypatch.delenv(embedded_ray.LEAN_ENV, raising=False)
     if ray.is_initialized():
         ray.shutdown()
+    from ray._private import services
+
     stops_at_once = _record_calls(monkeypatch, "_stop_at_once")
+    polled_lookups = _record_calls(monkeypatch, "_after_registration")
     originals = {name: Node.__dict__[name] for name in ("start_api_server", "start_monitor", "start_log_monitor")}
+    get_node = services.get_node
     # A process of this test's own, started before Ray: stopping the embedded Ray must leave it alone.
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    caplog.set_level(logging.DEBUG, logger=embedded_ray.__name__)
     try:
         resource = RayResource(num_cpus=1)
         resource.connect()
         try:
             # Ray's own start methods are back in place for any later node; only this start skipped them.
             assert {name: Node.__dict__[name] for name in originals} == originals
+            # The node's record was looked up after polling for its registration; Ray's lookup is back.
+            assert polled_lookups == [True] and services.get_node is get_node
+            assert [r.message for r in caplog.records if "registered with GCS (seen on look" in r.message], \
+                [r.message for r in caplog.records]
             commands = [" ".join(p.cmdline()) for p in _ray_processes(psutil.Process())[1:]]
             assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
             for skipped in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "_private/log_monitor.py"):
@@ -311,6 +321,41 @@ def test_lean_switch_from_the_environment(monkeypatch):
         monkeypatch.setenv(embedded_ray.LEAN_ENV, value)
         assert embedded_ray.lean_from_environment()
         assert RayResource().lean() and not RayResource(lean_embedded=False).lean()
+
+
+class _NodeTable:
+    """GCS's node table as the lean start's poll sees it: the node registers on the ``registers_at``-th look."""
+
+    def __init__(self, node_id: str, registers_at: int, fails: bool = False):
+        self.node_id, self.registers_at, self.fails, self.looks = node_id, registers_at, fails, 0
+
+    def client(self, address: str):
+        assert address == "127.0.0.1:6379"
+        return self
+
+    def get_all_node_info(self, timeout=None):
+        self.looks += 1
+        if self.fails:
+            raise ConnectionError("GCS not reachable")
+        key = type("NodeID", (), {"hex": lambda _self: self.node_id})()
+        return {key: "record"} if self.looks >= self.registers_at else {}
+
+
+@pytest.mark.parametrize("registers_at, fails", [(4, False), (1, False), (1, True)])
+def test_the_lean_start_looks_the_node_up_once_it_has_registered(monkeypatch, registers_at, fails):
+    """Ray's lookup of the new node (which retries once a second) runs only once the poll sees the node
+    in GCS's table; if polling fails, Ray's lookup waits as shipped."""
+    monkeypatch.setattr(embedded_ray, "REGISTRATION_POLL_SECONDS", 0.001)
+    table = _NodeTable("ab12", registers_at, fails)
+    lookups = []
+
+    def ray_lookup(gcs_address, node_id):
+        lookups.append((gcs_address, node_id, table.looks))
+        return {"node_id": node_id}
+
+    lookup = embedded_ray._after_registration(ray_lookup, table.client)
+    assert lookup("127.0.0.1:6379", "ab12") == {"node_id": "ab12"}
+    assert lookups == [("127.0.0.1:6379", "ab12", 1 if fails else registers_at)]
 
 
 def test_every_ray_resource_field_is_described():
