@@ -183,6 +183,9 @@ def test_scanning_a_bucket_matches_the_local_copy_keyed_by_etag(tmp_path, s3_ser
             assert key == f"etag:{hashlib.md5(data).hexdigest()}:{len(data)}", relative
     local_keys = {r.id: r.image_sha256 for r in local_rows}
     assert local_keys["scene_000"] == hashlib.sha256((local / "images" / "scene_000.png").read_bytes()).hexdigest()
+    # the image's size (for its detail, which successive halving stratifies by): the listing's, as the file's
+    for remote, here in zip(remote_rows[1:], local_rows[1:]):
+        assert remote.image_bytes == here.image_bytes == (local / here.image_path).stat().st_size
 
     broken = remote_rows[0]
     assert broken.reason.startswith(f"{url}/images/broken.png: "), broken.reason

@@ -43,6 +43,9 @@ class ManifestRow:
     # A local file's "size:mtime_ns" when it was hashed: a run re-hashes only a file whose stat changed.
     image_stat: str | None = None
     target_stat: str | None = None
+    # The image file's size in bytes (its listing's, for an object): with its pixel count, how much detail
+    # it holds (bits per pixel), which successive halving spreads its first rungs over (core/search.py).
+    image_bytes: int | None = None
 
     @classmethod
     def from_record(cls, record: dict) -> "ManifestRow":
@@ -93,35 +96,37 @@ def _trusted_stat(before: str | None, after: str | None, read_at_ns: int) -> str
     return before if read_at_ns - mtime_ns >= RACY_NS else None
 
 
-def _probe(file: Location, info: dict) -> tuple[str, str | None, tuple[int, int, int, str]]:
-    """A file's content key, its stat and its header: a local file is read once, hashed and checked
-    whole; an object is keyed by its listing's tag and only its head is read (see ``storage``)."""
+def _probe(file: Location, info: dict) -> tuple[str, str | None, int | None, tuple[int, int, int, str]]:
+    """A file's content key, its stat, its size and its header: a local file is read once, hashed and
+    checked whole; an object is keyed by its listing's tag and only its head is read (see ``storage``)."""
     if storage.is_remote(file):
         key = storage.content_key_of_info(info)
+        size = info.get("size")
         head = storage.read_head(file, HEAD_BYTES)
         try:
-            return key, None, probe_image(head, file, whole=len(head) < HEAD_BYTES)
+            return key, None, size, probe_image(head, file, whole=len(head) < HEAD_BYTES)
         except ImageReadError:
             if len(head) < HEAD_BYTES:
                 raise  # that was the whole object
             data = storage.read_bytes(file)  # a header beyond the head: read it all, once more at most
-            return key, None, probe_image(data, file)
+            return key, None, len(data), probe_image(data, file)
     read_at_ns, before = time.time_ns(), local_stat(file)
     data, key = storage.read_with_key(file)
-    return key, _trusted_stat(before, local_stat(file), read_at_ns), probe_image(data, file)
+    return key, _trusted_stat(before, local_stat(file), read_at_ns), len(data), probe_image(data, file)
 
 
 def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_name: str) -> ManifestRow:
     (image, image_info), target = files
     try:
-        row.image_sha256, row.image_stat, (row.width, row.height, row.channels, row.dtype) = _probe(image, image_info)
+        row.image_sha256, row.image_stat, row.image_bytes, (row.width, row.height, row.channels, row.dtype) = \
+            _probe(image, image_info)
     except (ImageReadError, storage.StorageError) as exc:
         row.reason = str(exc)
         return row
     if target is not None:
         target_file, target_info = target
         try:
-            row.target_sha256, row.target_stat, (width, height, _, _) = _probe(target_file, target_info)
+            row.target_sha256, row.target_stat, _, (width, height, _, _) = _probe(target_file, target_info)
         except (ImageReadError, storage.StorageError) as exc:
             row.reason = f"target unusable: {exc}"
             return row

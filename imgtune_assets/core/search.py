@@ -72,7 +72,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -185,12 +185,47 @@ class Rounds:
 # ---------------------------------------------------------------------------------------- records
 
 
-def image_order(ids: Sequence[str], seed: int, manifest_digest: str) -> list[str]:
-    """The images in the seeded order successive halving takes them in (the same in every round)."""
+def image_order(ids: Sequence[str], seed: int, manifest_digest: str, detail: Mapping[str, float] | None = None,
+                rung_sizes: Sequence[int] = ()) -> list[str]:
+    """The images in the order successive halving takes them in (the same in every round): seeded, and,
+    given each image's ``detail`` and the ``rung_sizes``, stratified so that every rung but the last
+    spans the set's range of detail.
+
+    Why: the first rung is a few images, and a few images drawn at random are often not a fair sample
+    — two smooth photographs in a first rung of three favour strong smoothing, and the trial that
+    would have won is pruned there (the benchmark's worst seeds). So each rung's new images are drawn
+    one from each of as many equal strata of the remaining images, sorted by detail (compressed bits
+    per pixel: ``detail_of``); within a stratum, the seeded order picks. Without ``detail`` for every
+    image (or without rungs) the order is the seeded permutation alone.
+    """
     ordered = sorted(ids)
     salt = int(hashlib.sha256(manifest_digest.encode()).hexdigest()[:15], 16)
     perm = np.random.default_rng(np.random.SeedSequence([seed, salt])).permutation(len(ordered))
-    return [ordered[i] for i in perm]
+    seeded = [ordered[i] for i in perm]
+    if not detail or not rung_sizes or any(detail.get(i) is None or not math.isfinite(detail[i]) for i in ids):
+        return seeded
+    rank = {image: k for k, image in enumerate(seeded)}
+    remaining = sorted(ordered, key=lambda i: (detail[i], i))
+    out: list[str] = []
+    for size in rung_sizes[:-1]:
+        draw = min(size, len(ordered)) - len(out)
+        if draw <= 0:
+            continue
+        picks = [min(stratum, key=rank.__getitem__) for stratum in np.array_split(np.array(remaining, dtype=object), draw)]
+        out += picks
+        taken = set(picks)
+        remaining = [i for i in remaining if i not in taken]
+    taken = set(out)
+    return out + [i for i in seeded if i not in taken]
+
+
+def detail_of(file_bytes: int | None, width: int | None, height: int | None) -> float | None:
+    """How much detail an image holds, for ``image_order``: its file's compressed bits per pixel (a
+    smooth picture compresses well; with the same format and noise, this ranks images as their
+    gradient energy does). None when the size or the dimensions are unknown."""
+    if not file_bytes or not width or not height:
+        return None
+    return 8.0 * float(file_bytes) / (float(width) * float(height))
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -802,7 +837,7 @@ class Search:
     """A staged sweep's rounds: their proposals (from the ledger, or made and recorded) and their runs."""
 
     def __init__(self, sweep, sweep_dir: Path, manifest_digest: str, image_ids: Sequence[str], *,
-                 default_batch_size: int, warm: Sequence[Point] = ()):
+                 default_batch_size: int, warm: Sequence[Point] = (), image_detail: Mapping[str, float] | None = None):
         self.sweep = sweep
         self.dims = search_space(sweep)
         self.ledger = Ledger(Path(sweep_dir) / "search", sweep.fingerprint(), manifest_digest)
@@ -815,7 +850,9 @@ class Search:
         self.spec = SearchSpec(dims=self.dims, sampler=sweep.sampler, seed=sweep.seed,
                                maximize=sweep.higher_is_better, rounds=self.rounds,
                                initial_design=self.ledger.data["initial_design"], n_trials=sweep.trials)
-        self.order = image_order(image_ids, sweep.seed, manifest_digest)
+        halving = sweep.early_stopping
+        self.order = image_order(image_ids, sweep.seed, manifest_digest, image_detail,
+                                 halving.rung_sizes(len(image_ids)) if halving else ())
         self._gaps: tuple[tuple, RungGaps] | None = None  # the last round's, by what it was learnt from
 
     def _start(self, sweep, options: SearchOptions, default_batch_size: int, warm: Sequence[Point]) -> None:

@@ -22,6 +22,7 @@ from imgtune_assets.core.search import (
     fits,
     gp_count,
     gp_proposals,
+    detail_of,
     image_order,
     propose,
     run_round,
@@ -117,6 +118,38 @@ def test_image_order_is_seeded_and_a_permutation():
     a = image_order(IDS, 1, "abc")
     assert sorted(a) == IDS and a == image_order(list(reversed(IDS)), 1, "abc")
     assert a != image_order(IDS, 2, "abc")
+
+
+def test_image_order_spreads_each_rung_over_the_images_detail():
+    ids = [f"photo-{k:02d}" for k in range(17)]
+    detail = {i: float((7 * k) % 17) for k, i in enumerate(ids)}  # detail unrelated to the names' order
+    by_detail = sorted(ids, key=detail.__getitem__)
+    sizes = Halving(eta=3).rung_sizes(17)  # [3, 9, 17]
+    firsts = set()
+    for seed in range(6):
+        order = image_order(ids, seed, "abc", detail, sizes)
+        assert sorted(order) == sorted(ids) and order == image_order(list(reversed(ids)), seed, "abc", detail, sizes)
+        # the first rung: one image from each third of the images sorted by detail (6, 6 and 5 of them)
+        assert sorted(by_detail.index(i) // 6 for i in order[:3]) == [0, 1, 2], (seed, order[:3])
+        # the second rung's six new images: one from each of six strata of the fourteen left (3, 3, 2, 2, 2, 2)
+        left = [i for i in by_detail if i not in order[:3]]
+        stratum = [0] * 3 + [1] * 3 + [2] * 2 + [3] * 2 + [4] * 2 + [5] * 2
+        assert sorted(stratum[left.index(i)] for i in order[3:9]) == [0, 1, 2, 3, 4, 5]
+        # within a stratum the seeded order picks, and the rest follow in the seeded order
+        seeded = image_order(ids, seed, "abc")
+        assert [i for i in seeded if i not in order[:9]] == order[9:]
+        firsts.add(tuple(order[:3]))
+    assert len(firsts) > 1  # seeds still vary the sample
+    # without detail for every image, or without rungs: the seeded order alone
+    assert image_order(ids, 1, "abc", {**detail, ids[4]: None}, sizes) == image_order(ids, 1, "abc")
+    assert image_order(ids, 1, "abc", detail, ()) == image_order(ids, 1, "abc")
+    # fewer images than the first rung: every image, once
+    assert sorted(image_order(ids[:2], 0, "abc", detail, [3, 9])) == sorted(ids[:2])
+
+
+def test_detail_is_compressed_bits_per_pixel():
+    assert detail_of(1000, 100, 10) == pytest.approx(8.0)
+    assert detail_of(None, 100, 10) is None and detail_of(1000, None, 10) is None and detail_of(0, 100, 10) is None
 
 
 def test_successive_halving_keeps_the_best_of_each_rung_and_reuses_known_scores():

@@ -9,7 +9,8 @@ import shutil
 import pytest
 from dagster import DagsterInstance, materialize
 
-from imgtune_assets.core.search import image_order
+from imgtune_assets.core.manifest import ManifestRow
+from imgtune_assets.core.search import detail_of, image_order
 from imgtune_assets.defs.checks import build_sweep_checks
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets_tests.conftest import write_sweep
@@ -59,8 +60,17 @@ def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local
     assert summary["completed_trials"] == 3 and summary["pruned_trials"] == 9 and not summary["failed_trials"]
     # each round: 4 × 2 images, then 2 × 2 more, then 1 × 2 more
     assert summary["evaluations"] == 3 * (4 * 2 + 2 * 2 + 1 * 2) and summary["evaluations_full"] == 12 * 6
+    settings = json.loads((out / "tiny" / "run_settings.json").read_text())
+    rows = [ManifestRow.from_record(r) for r in settings["images"]]
+    detail = {r.id: detail_of(r.image_bytes, r.width, r.height) for r in rows}
+    # each image's detail: its file's compressed bits per pixel, from the manifest's size and dimensions
+    for r in rows:
+        assert r.image_bytes == (denoise_data / r.image_path).stat().st_size
     order = image_order([p.stem for p in (denoise_data / "images").iterdir()], sweep.seed,
-                        json.loads((out / "tiny" / "run_settings.json").read_text())["manifest_digest"])
+                        settings["manifest_digest"], detail, sweep.early_stopping.rung_sizes(len(rows)))
+    # the first rung (2 images) spans the set's detail: one from the smoother half, one from the other
+    by_detail = sorted(detail, key=lambda i: (detail[i], i))
+    assert sorted(by_detail.index(i) for i in order[:2])[0] < 3 <= sorted(by_detail.index(i) for i in order[:2])[1]
     for rec in trials.values():
         if rec["status"] == "pruned":  # scored on the first images of the seeded order, rung by rung
             assert [p["id"] for p in rec["per_image"]] == order[:len(rec["per_image"])]
