@@ -28,7 +28,7 @@ fails when they move):
    almost always misses it and the second comes up to a second after it).
 
 ``lean=False`` turns all four off together: a plain ``ray.init(address="local", ...)`` and
-``ray.shutdown()`` with only ``LOOPBACK_ENV``, i.e. Ray exactly as shipped, slower by ~1.5 s at start
+``ray.shutdown()`` with only ``LOOPBACK_ENV``, i.e. Ray exactly as shipped, slower by ~2 s at start
 and ~1.4 s at stop. Use it when a Ray upgrade is being checked or the embedded Ray misbehaves.
 ``IMGTUNE_RAY_LEAN=0`` (or ``false``/``no``/``off``) turns it off for every embedded Ray of the
 process, whatever the caller asked for; ``RayResource.lean_embedded=False`` turns it off for one
