@@ -354,37 +354,43 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
               ray_address: str | None) -> int:
     """Apply a fixed pipeline (a ``best_pipeline.yaml``) to every image of a folder, on Ray.
 
-    On the embedded Ray (no ``--ray-address``, no ``$IMGTUNE_RAY_ADDRESS``), Ray starts in the
-    background as soon as the pipeline file and a local input folder are seen to exist, while the
-    modules load and the pipeline is read and checked; Dagster is not loaded at all.
+    The pipeline file is read and checked first (a millisecond: its modules are loaded with this
+    one), so that a bad one is refused at once. Then, on the embedded Ray (no ``--ray-address``, no
+    ``$IMGTUNE_RAY_ADDRESS``), Ray starts in the background if the input folder is a URL or a local
+    folder that exists, while the input folder is checked (a listing, for a URL); Dagster is not loaded
+    at all.
     """
     from imgtune_assets.core import embedded_ray
+    from imgtune_assets.core.apply import ApplyError, fixed_stages
+    from imgtune_assets.core.sweepfile import load_sweep
 
+    try:
+        fixed = load_sweep(pipeline)
+        stages = fixed_stages(fixed)
+    except (SweepFileError, ApplyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     address = ray_address or os.environ.get(embedded_ray.RAY_ADDRESS_ENV) or None
-    plausible = Path(pipeline).is_file() and ("://" in input_dir or Path(input_dir).is_dir())
+    plausible = "://" in input_dir or Path(input_dir).is_dir()
     early = embedded_ray.EmbeddedRayStart() if address is None and plausible else None
     try:
-        return _apply_with_ray(pipeline, input_dir, output_dir, endpoint_url, address, early)
+        return _apply_with_ray(stages, endpoint_url or fixed.endpoint_url, input_dir, output_dir, address, early)
     finally:
         if early is not None:
             early.stop()
             embedded_ray.skip_final_collection_at_exit()
 
 
-def _apply_with_ray(pipeline: str, input_dir: str, output_dir: str, endpoint_url: str | None,
+def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_dir: str,
                     address: str | None, early: EmbeddedRayStart | None) -> int:
     from imgtune_assets.core import storage
-    from imgtune_assets.core.apply import ApplyError, apply_to_folder, fixed_stages, require_input_folder
-    from imgtune_assets.core.sweepfile import load_sweep
+    from imgtune_assets.core.apply import ApplyError, apply_to_folder, require_input_folder
 
     try:
-        fixed = load_sweep(pipeline)
-        stages = fixed_stages(fixed)
-        endpoint = endpoint_url or fixed.endpoint_url
         source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
         target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
         require_input_folder(source)  # before waiting for Ray
-    except (SweepFileError, ApplyError, storage.StorageError) as exc:
+    except (ApplyError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cluster = None

@@ -5,7 +5,10 @@ searches, and a missing input folder."""
 import hashlib
 import json
 import re
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -87,7 +90,14 @@ def test_apply_a_pipeline_to_a_folder_then_again(tmp_path):
 def test_a_pipeline_that_still_searches_is_refused(tmp_path):
     searching = write_sweep(tmp_path / "sweep.yaml", tmp_path / "data", trials=4)  # the default search space
     source = photos(tmp_path / "in")
-    result = apply_cli(environment(tmp_path, searching), tmp_path, searching, source, tmp_path / "out")
+    # Where an embedded Ray would make its session folder: a refused pipeline starts no Ray at all.
+    ray_root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    env = {**environment(tmp_path, searching), "RAY_TMPDIR": str(ray_root)}
+    try:
+        result = apply_cli(env, tmp_path, searching, source, tmp_path / "out")
+        assert list(ray_root.iterdir()) == []
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"error: {searching}: pipeline[0] (bilateral_filter) still searches d, sigma_color" in result.stderr
     assert "best_pipeline.yaml" in result.stderr
