@@ -75,7 +75,7 @@ from imgtune_assets.core.imageio import read_image, write_png
 from imgtune_assets.core.manifest import manifest_digest, require_usable, scan_folder
 from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.sampling import trial_keys, trial_settings
-from imgtune_assets.core.search import Search, detail_of, is_staged
+from imgtune_assets.core.search import Search, image_detail, is_staged
 from imgtune_assets.core.sweepfile import Sweep, load_sweep
 
 BEST_KNOWN_FILE = Path(__file__).resolve().with_name("search_best_known.json")
@@ -292,7 +292,7 @@ def run_search(pool, cache: Path, space: Space, sampler: str, seed: int, trials:
     if is_staged(sweep):
         with tempfile.TemporaryDirectory(prefix="imgtune-search-bench-") as sweep_dir:
             search = Search(sweep, Path(sweep_dir), digest, ids, default_batch_size=batch,
-                            image_detail={r.id: detail_of(r.image_bytes, r.width, r.height) for r in rows})
+                            image_detail=image_detail(rows))
             for r in search.rounds_of(trial_keys(sweep)):
                 round_start, evaluated = time.perf_counter(), evaluate.seconds
                 keep(search.run(r, records, evaluate, {}, settled))

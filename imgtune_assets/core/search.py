@@ -228,6 +228,11 @@ def detail_of(file_bytes: int | None, width: int | None, height: int | None) -> 
     return 8.0 * float(file_bytes) / (float(width) * float(height))
 
 
+def image_detail(rows: Iterable[Any]) -> dict[str, float | None]:
+    """``detail_of`` for each manifest row (``ManifestRow``: its image file's size and dimensions), by id."""
+    return {r.id: detail_of(r.image_bytes, r.width, r.height) for r in rows}
+
+
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return float(np.mean(values)) if values else float("nan")

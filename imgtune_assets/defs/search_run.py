@@ -14,7 +14,7 @@ from dagster import AssetExecutionContext, Failure
 from imgtune_assets.core.manifest import ManifestRow, usable
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_key, trial_keys
-from imgtune_assets.core.search import Ledger, Search, SearchError, detail_of
+from imgtune_assets.core.search import Ledger, Search, SearchError, image_detail
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.resources import RayResource
 
@@ -81,7 +81,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     try:
         search = Search(sweep, sweep_dir, digest, [r.id for r in images], default_batch_size=cpus,
                         warm=warm_start_params(sweep, sweep_dir, digest),
-                        image_detail={r.id: detail_of(r.image_bytes, r.width, r.height) for r in images})
+                        image_detail=image_detail(images))
     except SearchError as exc:
         raise Failure(description=str(exc)) from None
     known, known_identity = store.load_chunks() if skip_finished else ({}, {})

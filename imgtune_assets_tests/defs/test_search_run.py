@@ -10,7 +10,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from imgtune_assets.core.manifest import ManifestRow
-from imgtune_assets.core.search import detail_of, image_order
+from imgtune_assets.core.search import image_detail, image_order
 from imgtune_assets.defs.checks import build_sweep_checks
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets_tests.conftest import write_sweep
@@ -62,7 +62,7 @@ def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local
     assert summary["evaluations"] == 3 * (4 * 2 + 2 * 2 + 1 * 2) and summary["evaluations_full"] == 12 * 6
     settings = json.loads((out / "tiny" / "run_settings.json").read_text())
     rows = [ManifestRow.from_record(r) for r in settings["images"]]
-    detail = {r.id: detail_of(r.image_bytes, r.width, r.height) for r in rows}
+    detail = image_detail(rows)
     # each image's detail: its file's compressed bits per pixel, from the manifest's size and dimensions
     for r in rows:
         assert r.image_bytes == (denoise_data / r.image_path).stat().st_size
