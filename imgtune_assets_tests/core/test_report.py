@@ -106,3 +106,34 @@ def test_a_staged_leaderboard_ranks_pruned_trials_below_complete_ones(tmp_path, 
     assert (tmp_path / "out" / "plots" / "search_progress.png").exists()
     write_report(sweep, [record(x, 20.0 + k) for k, x in enumerate(s)], tmp_path / "out", best=None)
     assert not (tmp_path / "out" / "plots" / "search_progress.png").exists()  # not a staged sweep any more
+
+
+def test_before_after_panels_picture_the_best_and_worst_image_scaled_down(tmp_path):
+    import cv2
+
+    from imgtune_assets.core.manifest import scan_folder
+    from imgtune_assets.core.ops import apply_pipeline
+    from imgtune_assets.core.report import PANEL_PIXELS, before_after_panels
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "targets").mkdir()
+    pictures = {}
+    for name, shape in (("big", (PANEL_PIXELS * 2, PANEL_PIXELS + 80, 3)), ("small", (40, 30, 3))):
+        pictures[name] = rng.integers(0, 256, shape, dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / "images" / f"{name}.png"), pictures[name])
+        cv2.imwrite(str(tmp_path / "targets" / f"{name}.png"), 255 - pictures[name])
+    rows = scan_folder(tmp_path, needs_target=True)
+    stages = [("gaussian_blur", {"ksize": 5, "sigma": 1.5})]
+    best = {"stages": stages, "per_image": [{"id": "small", "score": 30.0}, {"id": "big", "score": 20.0}]}
+
+    panels = before_after_panels(best, rows, tmp_path, higher_is_better=True)
+
+    assert [label for label, *_ in panels] == ["best image small", "worst image big"]
+    _, before, after, target = panels[0]  # small enough to be shown as it is
+    assert np.array_equal(before, pictures["small"]) and np.array_equal(target, 255 - pictures["small"])
+    assert np.array_equal(after, apply_pipeline(pictures["small"], stages))
+    _, before, after, target = panels[1]  # the pipeline runs on the whole photo; the picture is scaled
+    assert before.shape == after.shape == target.shape == (PANEL_PIXELS, (PANEL_PIXELS + 80) // 2, 3)
+    expected = cv2.resize(apply_pipeline(pictures["big"], stages), before.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert np.array_equal(after, expected)
