@@ -22,9 +22,10 @@ for the next run. 120 are 8.6 GB decoded with their targets, 240 more than twice
 store (30 % of memory: 7 GB on a 23 GB machine; the table prints its size). A Gaussian-blur sweep
 (ksize, sigma; PSNR; random sampler), two modes in turn, every round:
 
-1. ``cli``   — ``python -m imgtune_assets.cli sweep``'s way: one run of the sweep's job
-               (``sweep_run_command``: ``dagster job execute`` with the trials' range), on the embedded
-               Ray, a new ``DAGSTER_HOME`` and output folder per round. ``--modes cli,steps,floor``
+1. ``cli``   — ``python -m imgtune_assets.cli sweep`` itself: the command starts the embedded Ray and
+               launches one run of the sweep's job (``sweep_run_command``: ``dagster job execute`` with
+               the trials' range), which uses that Ray; a new ``DAGSTER_HOME`` and output folder per
+               round. ``--modes cli,steps,floor``
                adds ``steps``: the three ``dagster asset materialize`` commands of ``sweep_commands``
                (manifest and settings, every trial as one ranged run, the report), timed one by one.
 2. ``floor`` — ``python benchmarks/photos.py floor``: a ``multiprocessing`` pool, each worker reading,
@@ -33,7 +34,8 @@ store (30 % of memory: 7 GB on a 23 GB machine; the table prints its size). A Ga
 Printed per mode: wall (manifest to report; the floor's from launch to exit), ratio to the floor, the
 run process's own peak RSS (the kernel's ``VmHWM`` of the ``dagster`` process — or of the floor's
 parent — read while it runs; the largest of the three commands), the peak summed PSS of its process
-tree (Ray's GCS, raylet and workers are descendants of the ``dagster`` process), what Ray's object
+tree (the command's: Ray's GCS, raylet and workers are descendants of the imgtune command that hosts
+the Ray, or of the ``dagster`` process of a step-by-step command), what Ray's object
 store put on disk (spilled, fallback-allocated), and decodes per image (``decodes_per_image`` of
 ``last_experiment_run.json``; ``n/a`` if absent); each command's own figures; and imgtune's best trial
 (``report.json``) against the floor's score for the same trial.
@@ -82,6 +84,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import yaml
@@ -177,11 +180,22 @@ class TreeMemory(Sampler):
     ``pss_every`` RSS samples, so that measuring does not slow the measured: at 10 Hz PSS sampling alone
     took ~8 % of a 2-core machine from the mode with the most processes."""
 
-    def __init__(self, root_pid: int, interval: float = 0.1, pss_every: int = 10):
+    def __init__(self, root_pid: int, interval: float = 0.1, pss_every: int = 10,
+                 own: Callable[[list[str]], bool] | None = None):
         self.root_pid, self.interval, self.pss_every = root_pid, interval, pss_every
         self.peak, self.peak_rss, self._samples = 0, 0, 0
-        self.peak_own = 0  # the root process's own peak RSS, children not counted (see own_peak_rss)
+        # The run process's own peak RSS, children not counted (see own_peak_rss): the root's, or that
+        # of the processes of the tree whose command line ``own`` accepts (the imgtune command's run).
+        self.peak_own, self.own = 0, own
         self._start_thread()
+
+    def _is_own(self, proc: psutil.Process, root: psutil.Process) -> bool:
+        if self.own is None:
+            return proc is root
+        try:
+            return self.own(proc.cmdline())
+        except psutil.Error:
+            return False
 
     def _sample(self, with_pss: bool) -> tuple[int, int]:
         try:
@@ -189,7 +203,6 @@ class TreeMemory(Sampler):
             procs = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return 0, 0
-        self.peak_own = max(self.peak_own, own_peak_rss(self.root_pid))
         pss = rss = 0
         for proc in procs:
             try:
@@ -199,8 +212,8 @@ class TreeMemory(Sampler):
                 else:
                     info = proc.memory_info()
                 rss += info.rss
-                if proc is root:  # where VmHWM is not available
-                    self.peak_own = max(self.peak_own, info.rss)
+                if self._is_own(proc, root):  # (its RSS where VmHWM is not available)
+                    self.peak_own = max(self.peak_own, own_peak_rss(proc.pid), info.rss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         return pss, rss
@@ -532,22 +545,32 @@ def command_failed(command: list[str], log: Path) -> RuntimeError:
     return RuntimeError(f"command failed: {' '.join(command)}\n{tail}\n(log: {log})")
 
 
+# What a user types (IMGTUNE_SWEEP names the one sweep served).
+IMGTUNE_SWEEP_COMMAND = [sys.executable, "-m", "imgtune_assets.cli", "sweep", "--quiet"]
+
+
+def is_dagster_command(cmdline: list[str]) -> bool:
+    """The ``dagster`` CLI's process (``.../bin/dagster job execute ...``): a run's process."""
+    return any(Path(part).name == "dagster" for part in cmdline[:2])
+
+
 def run_cli_large(work: Path, sweep_file: Path, keys: list[str], round_no: int, one_run: bool = True) -> dict:
-    """imgtune end to end as a user runs it: ``python -m imgtune_assets.cli sweep``'s one run of the
-    sweep's job (``sweep_run_command``), or (``one_run=False``, mode ``steps``) the three commands of
-    ``sweep_commands``, timed together (manifest to report) and one by one; each command's own process,
-    its tree and its Ray watched."""
+    """imgtune end to end as a user runs it: ``python -m imgtune_assets.cli sweep`` (the command, which
+    hosts the embedded Ray, and its one run of the sweep's job, ``sweep_run_command``), or
+    (``one_run=False``, mode ``steps``) the three commands of ``sweep_commands``, timed together
+    (manifest to report) and one by one; each command's process tree and its Ray watched, and the run
+    process's own memory (the ``dagster`` process the command launches)."""
     env, out_dir, log = cli_environment(work, sweep_file, round_no)
     name = load_sweep(sweep_file).name
     res: dict = {"steps": {}, "peak": 0, "peak_rss": 0, "peak_own": 0, "spilled": 0, "fallback": 0,
                  "object_store": None}
     start = time.perf_counter()
-    commands = ([("whole sweep, one run", sweep_run_command(name, keys))] if one_run
+    commands = ([("the imgtune sweep command", IMGTUNE_SWEEP_COMMAND)] if one_run
                 else list(zip(STEP_LABELS, sweep_commands(name, keys))))
     for label, command in commands:
         step_start = time.perf_counter()
         proc = launch_logged(command, log, env=env, cwd=ROOT)
-        with TreeMemory(proc.pid, **LARGE_SAMPLING) as mem, RaySpill(proc.pid) as spill:
+        with TreeMemory(proc.pid, **LARGE_SAMPLING, own=is_dagster_command) as mem, RaySpill(proc.pid) as spill:
             code = proc.wait()
         res["steps"][label] = {"wall": time.perf_counter() - step_start, "peak_own": mem.peak_own, "peak": mem.peak,
                                "spilled": spill.spilled_bytes, "fallback": spill.fallback_bytes}

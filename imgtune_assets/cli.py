@@ -19,6 +19,7 @@ Uses $DAGSTER_HOME (required, so the history is kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,20 +28,25 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Sequence
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
-from imgtune_assets.core.catalog import SweepCatalogError, find_sweep, group_name, sweeps_from_environment
+from imgtune_assets.core.catalog import (
+    EXECUTOR_ENV,
+    SweepCatalogError,
+    find_sweep,
+    group_name,
+    sweeps_from_environment,
+)
+from imgtune_assets.core import embedded_ray
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
 from imgtune_assets.core.progress import describe, format_score
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep, SweepFileError
-
-if TYPE_CHECKING:  # (the apply command imports it only when it runs)
-    from imgtune_assets.core.embedded_ray import EmbeddedRayStart
 
 MODULE = "imgtune_assets.definitions"
 # The project's instance configuration (beside the package in a checkout or an editable install).
@@ -290,7 +296,7 @@ def select_sweeps(served: list[Sweep], names: Sequence[str], all_sweeps: bool) -
 
 
 def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: bool, columns: int,
-                  quiet: bool = False) -> int:
+                  quiet: bool = False, env: dict[str, str] | None = None) -> int:
     keys = trial_keys(sweep)
     sweep_dir = sweep_output_dir(default_output_dir(), sweep.name)
     log = log_file_path(home, sweep.name)
@@ -310,7 +316,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                 state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
             display.update(time.perf_counter() - clock, state["snap"])
 
-        proc = launch_logged(command, log)
+        proc = launch_logged(command, log, env=env)
         try:
             code = wait_polling(proc, poll)
         except KeyboardInterrupt:
@@ -360,7 +366,6 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
     folder that exists, while the input folder is checked (a listing, for a URL); Dagster is not loaded
     at all.
     """
-    from imgtune_assets.core import embedded_ray
     from imgtune_assets.core.apply import ApplyError, fixed_stages
     from imgtune_assets.core.sweepfile import load_sweep
 
@@ -382,7 +387,7 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
 
 
 def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_dir: str,
-                    address: str | None, early: EmbeddedRayStart | None) -> int:
+                    address: str | None, early: embedded_ray.EmbeddedRayStart | None) -> int:
     from imgtune_assets.core import storage
     from imgtune_assets.core.apply import ApplyError, apply_to_folder, require_input_folder
 
@@ -424,6 +429,32 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
     return 0
 
 
+def hosts_ray(environ: Mapping[str, str]) -> bool:
+    """Whether the sweep command starts the embedded Ray for its runs (``ray_for_runs``): not when they
+    are to use a cluster (``$IMGTUNE_RAY_ADDRESS``), nor with ``IMGTUNE_EXECUTOR=ray``, whose steps
+    start or find their own Ray."""
+    executor = environ.get(EXECUTOR_ENV, "").strip().lower()
+    return not environ.get(embedded_ray.RAY_ADDRESS_ENV) and executor != "ray"
+
+
+@contextlib.contextmanager
+def ray_for_runs() -> Iterator[dict[str, str] | None]:
+    """The environment for the runs the sweep command launches: with the embedded Ray that this command
+    starts at once and stops at the end (``embedded_ray.RayHost``), so that its start-up overlaps
+    Dagster's in each run's process, and one Ray serves every sweep of ``--all``; None (the runs start
+    or find their own) when ``hosts_ray`` says no."""
+    if not hosts_ray(os.environ):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="imgtune-ray-host-") as folder:
+        host = embedded_ray.RayHost(folder)
+        try:
+            yield dict(os.environ, **host.env())
+        finally:
+            host.stop()
+            embedded_ray.skip_final_collection_at_exit()
+
+
 def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool = False) -> int:
     try:
         sweeps = select_sweeps(sweeps_from_environment(), names, all_sweeps)
@@ -443,10 +474,12 @@ def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool 
     # Every selected sweep runs, whatever happened to the one before: one team's broken data folder
     # must not stop the others' sweeps; the exit code says whether any failed.
     failed: list[tuple[str, int]] = []
-    for sweep in sweeps:
-        code = run_one_sweep(sweep, home, out=sys.stdout, err=sys.stderr, tty=tty, columns=columns, quiet=quiet)
-        if code != 0:
-            failed.append((sweep.name, code))
+    with ray_for_runs() as env:
+        for sweep in sweeps:
+            code = run_one_sweep(sweep, home, out=sys.stdout, err=sys.stderr, tty=tty, columns=columns, quiet=quiet,
+                                 env=env)
+            if code != 0:
+                failed.append((sweep.name, code))
     if failed:
         ok = [s.name for s in sweeps if s.name not in dict(failed)]
         print(f"failed: {', '.join(f'{name} (exit {code})' for name, code in failed)}"

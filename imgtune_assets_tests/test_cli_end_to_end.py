@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance
@@ -119,10 +120,13 @@ def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep):
     sessions_before = _ray_sessions()
     result = run_cli(env)  # IMGTUNE_SWEEP names one sweep: no name needed
     assert result.returncode == 0, result.stdout + result.stderr
-    # One embedded Ray per run process (Ray names a session folder after its driver's pid): the run
-    # starts it in the background, and Dagster's resource initialization after the run must not.
+    # One embedded Ray, started by the command itself (Ray names a session folder after the pid of the
+    # process that started it) and connected to by the run; Dagster's resource initialization after
+    # the run must not start another.
     started = [name.rsplit("_", 1)[1] for name in _ray_sessions() - sessions_before]
     assert len(started) == 1, started
+    [log] = _log_files(result.stdout)
+    assert "Ray connected (embedded local, hosted by the imgtune command)" in _plain(log)
     assert f"installed the project's, {home_config}" in result.stdout
     assert home_config.read_text() == (PROJECT / "dagster.yaml").read_text()
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
@@ -144,9 +148,13 @@ def test_cli_all_sweeps_of_a_folder(tmp_path, denoise_data, segment_data):
     write_sweep(sweeps / "b-segment.yaml", segment_data, name="seg.2", trials=4, metric="dice",
                 pipeline=SEGMENT_PIPELINE)
     env = sweeps_dir_env(tmp_path, sweeps)
+    sessions_before = _ray_sessions()
     result = run_cli(env, "--all")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
+    # One Ray for the command's two runs, gone when the command has ended.
+    [session] = _ray_sessions() - sessions_before
+    assert not [p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])]
     lines = output.splitlines()
     assert len(lines) < 40, output
     for name, metric in (("den-1", "psnr"), ("seg.2", "dice")):
@@ -161,6 +169,7 @@ def test_cli_all_sweeps_of_a_folder(tmp_path, denoise_data, segment_data):
     for log in logs:
         text = _plain(log)
         assert " - DEBUG - " in text and "RUN_SUCCESS" in text
+        assert "Ray connected (embedded local, hosted by the imgtune command)" in text
     # A progress line of the trials, from progress.json (the last one at least: 4/4).
     assert re.search(r"manifest, trials, report \d/4 trials \(\d+%\)", result.stdout), result.stdout
     for name in ("den-1", "seg.2"):

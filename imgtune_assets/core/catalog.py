@@ -25,6 +25,8 @@ from imgtune_assets.core.sweepfile import Sweep, SweepFileError, load_sweep
 
 SWEEP_ENV = "IMGTUNE_SWEEP"
 SWEEPS_DIR_ENV = "IMGTUNE_SWEEPS_DIR"
+# Which Dagster executor the runs use (defs/executor.py reads it; the sweep command looks at it too).
+EXECUTOR_ENV = "IMGTUNE_EXECUTOR"
 SWEEP_SUFFIXES = (".yaml", ".yml")
 
 

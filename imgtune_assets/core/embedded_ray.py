@@ -8,6 +8,8 @@ Public surface:
 * ``start_embedded_ray(num_cpus, namespace, runtime_env, lean)``: start it and connect this process.
 * ``EmbeddedRayStart``: ``start_embedded_ray`` in a background thread, waited for when Ray is needed.
 * ``stop_embedded_ray(lean)``: disconnect and stop it.
+* ``RayHost``: an ``EmbeddedRayStart`` in a command that launches runs (``python -m imgtune_assets.cli
+  sweep``), shared by them; ``HostedRayConnect`` connects a run to it (``$IMGTUNE_HOSTED_RAY_FILE``).
 * ``skip_final_collection_at_exit()``: let the process exit without a last full garbage collection.
 * ``lean_from_environment()``: the ``IMGTUNE_RAY_LEAN`` switch.
 
@@ -46,12 +48,14 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Optional
 
 import psutil
@@ -80,6 +84,12 @@ SKIPPED_HEAD_PROCESSES = ("start_api_server", "start_monitor", "start_log_monito
 # wait (its raylet_start_wait_time_s); then Ray's own lookup runs, and raises as it would.
 REGISTRATION_POLL_SECONDS = 0.02
 REGISTRATION_WAIT_SECONDS = 30.0
+# The file in which a command that launches runs (``RayHost``) writes its embedded Ray's address.
+HOSTED_RAY_ENV = "IMGTUNE_HOSTED_RAY_FILE"
+HOSTED_RAY_FILE_NAME = "ray-address.json"
+HOSTED_POLL_SECONDS = 0.02
+HOSTED_WAIT_SECONDS = 120.0
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 _OFF = ("0", "false", "no", "off")
 
@@ -132,7 +142,70 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-class EmbeddedRayStart:
+class _RayInBackground:
+    """Ray started or connected to in a background thread: ``wait()`` blocks until it is up (and re-raises
+    what the start raised), ``stop()`` stops it and ends the thread. Subclasses say how (``_start``,
+    ``_stop``) and whether the thread must live as long as Ray does (``_hold_thread``)."""
+
+    _hold_thread = False
+    _thread_name = "imgtune-ray-start"
+
+    def __init__(self) -> None:
+        self._error: Optional[BaseException] = None
+        self._ready = threading.Event()
+        self._released = threading.Event()
+        self.seconds = 0.0  # how long the start took, in its thread
+        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    def _started(self, error: Optional[BaseException]) -> None:
+        """Called in the thread once the start has ended (``error``: what it raised, or None)."""
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        worker_log = logging.getLogger("ray._private.worker")
+        quiet = _DropMessage("SIGTERM handler is not set")
+        worker_log.addFilter(quiet)
+        try:
+            self._start()
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits, and raised there
+            self._error = exc
+        finally:
+            worker_log.removeFilter(quiet)
+            self.seconds = time.perf_counter() - started
+            self._started(self._error)
+            self._ready.set()
+        if self._error is None and self._hold_thread:
+            self._released.wait()  # see EmbeddedRayStart: Ray's head processes live while this thread does
+
+    def wait(self) -> None:
+        """Block until Ray is up; re-raise here whatever the start raised."""
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """What the start raised (None while it runs, or when it succeeded)."""
+        return self._error
+
+    def stop(self) -> None:
+        """Stop what this started (after its start has ended) and end the thread; a start that failed
+        left nothing to stop."""
+        self._ready.wait()
+        if self._error is None:
+            self._stop()
+        self._released.set()
+        self._thread.join()
+
+
+class EmbeddedRayStart(_RayInBackground):
     """``start_embedded_ray`` in a background thread, so that Ray's start-up (its processes and the
     driver's connection) overlaps what the run does before it needs Ray; ``wait()`` blocks until it is
     up, ``stop()`` stops it and ends the thread.
@@ -147,53 +220,110 @@ class EmbeddedRayStart:
     turns SIGTERM into an interruption that fails the run cleanly. Ray's warning about that is dropped.
     """
 
+    _hold_thread = True
+    _thread_name = "imgtune-embedded-ray-start"
+
     def __init__(self, num_cpus: Optional[int] = None, namespace: Optional[str] = None,
                  runtime_env: Optional[dict[str, Any]] = None, lean: bool = True) -> None:
         self._kwargs = {"num_cpus": num_cpus, "namespace": namespace, "runtime_env": runtime_env, "lean": lean}
-        self._error: Optional[BaseException] = None
-        self._ready = threading.Event()
-        self._released = threading.Event()
-        self.seconds = 0.0  # how long the start took, in its thread
         # Before the thread imports Ray: Ray reads some of these variables when first imported.
         prepare_environment(lean and lean_from_environment())
-        self._thread = threading.Thread(target=self._run, name="imgtune-embedded-ray-start", daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        started = time.perf_counter()
-        worker_log = logging.getLogger("ray._private.worker")
-        quiet = _DropMessage("SIGTERM handler is not set")
-        worker_log.addFilter(quiet)
+    def _start(self) -> None:
+        start_embedded_ray(**self._kwargs)
+
+    def _stop(self) -> None:
+        stop_embedded_ray(self._kwargs["lean"])
+
+
+# ------------------------------------------------------------------ one embedded Ray for a command's runs
+
+
+class RayHost(EmbeddedRayStart):
+    """The embedded Ray of a command that launches runs as subprocesses (``python -m imgtune_assets.cli
+    sweep``): started in the command's own process as soon as it begins, so that Ray's start-up overlaps
+    Dagster's in the run process (one core does little else while Dagster loads); every run it
+    launches connects to it, and the command stops it at the end.
+
+    The runs learn its address from a file (``HOSTED_RAY_ENV`` in their environment: ``env()``),
+    written once Ray is up — or with the error if it failed to start, which each run then raises. The
+    file is in ``folder``, which the command owns. Ray's workers are not tied to the command: the first
+    run's connection takes over the workers Ray prestarts (measured: its first tasks start at once).
+    """
+
+    def __init__(self, folder: str | os.PathLike, lean: bool = True) -> None:
+        self.file = Path(folder) / HOSTED_RAY_FILE_NAME
+        # Ray's local start turns token authentication on unless RAY_AUTH_MODE says otherwise; said
+        # here first, so that the runs, launched before Ray is up, are told how to connect (Ray reads
+        # the mode once per process). The token stays where Ray keeps it (~/.ray/auth_token).
+        os.environ.setdefault(RAY_AUTH_MODE_ENV, "token")
+        super().__init__(lean=lean)
+
+    def _started(self, error: Optional[BaseException]) -> None:
+        from imgtune_assets.core.files import atomic_write_json
+
+        if error is not None:
+            atomic_write_json(self.file, {"error": f"{type(error).__name__}: {error}"})
+            return
+        import ray
+
+        atomic_write_json(self.file, {"address": ray.get_runtime_context().gcs_address})
+
+    def env(self) -> dict[str, str]:
+        """What a run's environment needs to connect to this Ray."""
+        return {HOSTED_RAY_ENV: str(self.file), RAY_AUTH_MODE_ENV: os.environ[RAY_AUTH_MODE_ENV]}
+
+
+def hosted_address(file: str | os.PathLike, timeout: float = HOSTED_WAIT_SECONDS) -> str:
+    """The address of the embedded Ray that the command which launched this process hosts
+    (``RayHost``), once it is up: raises ``RuntimeError`` naming the file if the command's Ray failed
+    to start, if nothing is written within ``timeout`` seconds, or if the command has gone."""
+    path, parent = Path(file), os.getppid()
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            start_embedded_ray(**self._kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits, and raised there
-            self._error = exc
-        finally:
-            worker_log.removeFilter(quiet)
-            self.seconds = time.perf_counter() - started
-            self._ready.set()
-        if self._error is None:
-            self._released.wait()  # see the class docstring: Ray's head processes live while this thread does
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            doc = None
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"{path}: unreadable address of the imgtune command's embedded Ray ({exc})") from None
+        if doc is not None:
+            if doc.get("error"):
+                raise RuntimeError(f"the embedded Ray of the imgtune command that launched this run failed to start: "
+                                   f"{doc['error']} ({path})")
+            return str(doc["address"])
+        if os.getppid() != parent:
+            raise RuntimeError(f"{path}: the imgtune command that was to start the embedded Ray has exited")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path}: the imgtune command's embedded Ray was not up after {timeout:.0f} s")
+        time.sleep(HOSTED_POLL_SECONDS)
 
-    def wait(self) -> None:
-        """Block until Ray is up; re-raise here whatever the start raised."""
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
 
-    @property
-    def error(self) -> Optional[BaseException]:
-        """What the start raised (None while it runs, or when it succeeded)."""
-        return self._error
+class HostedRayConnect(_RayInBackground):
+    """Connect this process, in a background thread, to the embedded Ray of the command that launched
+    it (``RayHost``; ``file`` is ``$IMGTUNE_HOSTED_RAY_FILE``); ``stop()`` disconnects (the command
+    stops that Ray). Same machine and Python environment: nothing is shipped to its workers."""
 
-    def stop(self) -> None:
-        """Stop the Ray this started (after its start has ended) and end the thread; a start that
-        failed left nothing to stop."""
-        self._ready.wait()
-        if self._error is None:
-            stop_embedded_ray(self._kwargs["lean"])
-        self._released.set()
-        self._thread.join()
+    _thread_name = "imgtune-hosted-ray-connect"
+
+    def __init__(self, file: str | os.PathLike, namespace: Optional[str] = None,
+                 runtime_env: Optional[dict[str, Any]] = None, lean: bool = True) -> None:
+        self.file = file
+        self._kwargs = {"namespace": namespace, "runtime_env": runtime_env}
+        prepare_environment(lean and lean_from_environment())
+        super().__init__()
+
+    def _start(self) -> None:
+        address = hosted_address(self.file)
+        import ray
+
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **self._kwargs)
+
+    def _stop(self) -> None:
+        import ray
+
+        ray.shutdown()
 
 
 def stop_embedded_ray(lean: bool = True) -> None:
@@ -366,10 +496,14 @@ def _descendants(pids: Iterable[int]) -> list[psutil.Process]:
 __all__ = [
     "EMBEDDED_RAY_ENV",
     "EmbeddedRayStart",
+    "HOSTED_RAY_ENV",
+    "HostedRayConnect",
     "LEAN_ENV",
     "LOOPBACK_ENV",
     "RAY_ADDRESS_ENV",
+    "RayHost",
     "final_collection_skipped",
+    "hosted_address",
     "lean_from_environment",
     "prepare_environment",
     "skip_final_collection_at_exit",

@@ -78,9 +78,8 @@ from dagster._core.executor.step_delegating import (  # the pattern of dagster-k
 from dagster._grpc.types import ExecuteStepArgs  # what the executor hands each step
 # --- end of Dagster's private API
 
-from imgtune_assets.core.catalog import SWEEP_ENV, SWEEPS_DIR_ENV, SweepCatalogError, served_sweep_files
+from imgtune_assets.core.catalog import EXECUTOR_ENV, SWEEP_ENV, SWEEPS_DIR_ENV, SweepCatalogError, served_sweep_files
 
-EXECUTOR_ENV = "IMGTUNE_EXECUTOR"
 NUM_CPUS_TAG = "imgtune/ray_num_cpus"
 # Environment variables that must reach the step's worker (through the task's runtime_env): the
 # instance (DAGSTER_HOME; the Postgres instance's connection, read from the environment of every

@@ -57,6 +57,12 @@ class RayResource(ConfigurableResource):
     ``lean_embedded=False``, or ``IMGTUNE_RAY_LEAN=0`` in the environment (which also reaches the
     embedded Ray of ``ray_executor``), turns every shortcut off together: Ray then starts and stops
     exactly as shipped. Either one turning it off wins. A cluster connection is never affected.
+
+    A run launched by ``python -m imgtune_assets.cli sweep`` uses that command's embedded Ray instead
+    (``$IMGTUNE_HOSTED_RAY_FILE``, ``embedded_ray.RayHost``): the command starts it as it begins, so
+    that its start-up overlaps Dagster's in the run process, and stops it when its runs are done; the
+    run connects to it in the background and disconnects at its end. ``num_cpus`` is the command's
+    then (its default: every CPU). A cluster address, if set, wins.
     """
 
     address: Optional[str] = Field(
@@ -94,7 +100,7 @@ class RayResource(ConfigurableResource):
     _started_here: bool = PrivateAttr(default=False)
     _lean_here: bool = PrivateAttr(default=True)
     _connect_seconds: float = PrivateAttr(default=0.0)
-    _early_start: Optional[embedded_ray.EmbeddedRayStart] = PrivateAttr(default=None)
+    _early_start: Optional[embedded_ray.EmbeddedRayStart | embedded_ray.HostedRayConnect] = PrivateAttr(default=None)
     _early_waited: bool = PrivateAttr(default=False)
 
     @property
@@ -110,6 +116,12 @@ class RayResource(ConfigurableResource):
     def resolved_address(self) -> Optional[str]:
         return self.address or os.environ.get(RAY_ADDRESS_ENV) or None
 
+    def hosted_file(self) -> Optional[str]:
+        """Where the imgtune command that launched this run (``python -m imgtune_assets.cli sweep``)
+        writes the address of the embedded Ray it hosts for its runs (``$IMGTUNE_HOSTED_RAY_FILE``);
+        None when a cluster address is set or no such command launched the run."""
+        return None if self.resolved_address() else (os.environ.get(embedded_ray.HOSTED_RAY_ENV) or None)
+
     def lean(self) -> bool:
         """Whether the embedded Ray uses the lean shortcuts (``lean_embedded`` and ``$IMGTUNE_RAY_LEAN``)."""
         return self.lean_embedded and embedded_ray.lean_from_environment()
@@ -120,11 +132,19 @@ class RayResource(ConfigurableResource):
         # following them; ``connect()`` waits for it. A cluster is connected to by ``connect()`` only.
         if self.resolved_address() or _ray_initialized() or _run_already_finished(context):
             return
-        lean = self.lean()
-        self._early_start = embedded_ray.EmbeddedRayStart(num_cpus=self.num_cpus, namespace=self.namespace,
-                                                          runtime_env=self.runtime_env, lean=lean)
+        self._early_start = self._background_start()
         self._started_here = True
-        self._lean_here = lean
+        self._lean_here = self.lean()
+
+    def _background_start(self) -> embedded_ray.EmbeddedRayStart | embedded_ray.HostedRayConnect:
+        """The embedded Ray's start — or, in a run launched by an imgtune command that hosts one, the
+        connection to that command's Ray — begun in a background thread."""
+        hosted = self.hosted_file()
+        if hosted:
+            return embedded_ray.HostedRayConnect(hosted, namespace=self.namespace, runtime_env=self.runtime_env,
+                                                 lean=self.lean())
+        return embedded_ray.EmbeddedRayStart(num_cpus=self.num_cpus, namespace=self.namespace,
+                                             runtime_env=self.runtime_env, lean=self.lean())
 
     def connect(self, log: Optional[logging.Logger] = None) -> None:
         """Connect to the cluster, or start the embedded local Ray; a no-op when already connected."""
@@ -142,6 +162,18 @@ class RayResource(ConfigurableResource):
                 self._log_connected(log, address, self._lean_here)
             return
         lean = self.lean()
+        if self.hosted_file() and not _ray_initialized():
+            # The launching command's Ray: connected to as the run's background start would have.
+            self._early_start, self._early_waited = self._background_start(), True
+            try:
+                self._early_start.wait()
+            except BaseException:
+                self._early_start = None
+                raise
+            self._connect_seconds = time.perf_counter() - started
+            if log:
+                self._log_connected(log, address, lean)
+            return
         if not address:
             # Before the first `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when imported.
             embedded_ray.prepare_environment(lean)
@@ -166,12 +198,12 @@ class RayResource(ConfigurableResource):
         if log:
             self._log_connected(log, address, lean)
 
-    @staticmethod
-    def _log_connected(log: logging.Logger, address: Optional[str], lean: bool) -> None:
+    def _log_connected(self, log: logging.Logger, address: Optional[str], lean: bool) -> None:
         import ray
 
         resources = ray.cluster_resources()
-        log.info(f"Ray connected ({address or 'embedded local'}{'' if address or lean else ', not lean'}): "
+        where = address or ("embedded local, hosted by the imgtune command" if self.hosted_file() else "embedded local")
+        log.info(f"Ray connected ({where}{'' if address or lean else ', not lean'}): "
                  f"{int(resources.get('CPU', 0))} CPUs, {len(ray.nodes())} node(s)")
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:

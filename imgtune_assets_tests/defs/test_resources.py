@@ -3,6 +3,7 @@ started and stopped as Ray ships it when the lean switch is off (``lean_embedded
 ``IMGTUNE_RAY_LEAN=0``)."""
 
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -200,6 +201,100 @@ def test_a_background_start_that_fails_is_raised_by_connect(monkeypatch):
     finally:
         resource.teardown_after_execution(None)
     assert _starter_threads() == []
+
+
+def test_hosted_address_waits_for_the_commands_file_and_names_it_when_it_cannot_be_used(tmp_path):
+    file = tmp_path / embedded_ray.HOSTED_RAY_FILE_NAME
+    writer = threading.Timer(0.2, lambda: file.write_text('{"address": "127.0.0.1:6380"}'))
+    writer.start()
+    try:
+        assert embedded_ray.hosted_address(file, timeout=30) == "127.0.0.1:6380"
+    finally:
+        writer.cancel()
+    file.write_text('{"error": "ValueError: num_cpus must be nonnegative"}')
+    with pytest.raises(RuntimeError, match=f"failed to start: ValueError: num_cpus must be nonnegative.*{file}"):
+        embedded_ray.hosted_address(file)
+    with pytest.raises(RuntimeError, match=f"{tmp_path / 'none.json'}: .* not up after 0 s"):
+        embedded_ray.hosted_address(tmp_path / "none.json", timeout=0.1)
+
+
+def test_a_run_launched_by_the_sweep_command_connects_to_the_commands_ray(tmp_path):
+    """``RayHost`` in one process (as ``python -m imgtune_assets.cli sweep`` has it) publishes its Ray's
+    address; a run's resource, in another (both fresh processes, as they are), connects to that Ray in
+    the background, runs tasks on it and, at its end, only disconnects: the command's Ray lives on
+    until the command stops it."""
+    file = tmp_path / embedded_ray.HOSTED_RAY_FILE_NAME
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "IMGTUNE_RAY_ADDRESS"}
+    env.update(LOOPBACK_ENV)
+    host_code = textwrap.dedent(f"""
+        import sys
+        from imgtune_assets.core.embedded_ray import RayHost
+        import json
+        host = RayHost({str(tmp_path)!r})
+        print(json.dumps(host.env()), flush=True)  # what the sweep command gives its runs
+        host.wait()
+        print("up", flush=True)
+        sys.stdin.readline()
+        host.stop()
+    """)
+    run_code = textwrap.dedent("""
+        import json, os, threading
+        import ray
+        from imgtune_assets.defs.resources import RayResource
+        resource = RayResource(num_cpus=1)
+        resource.setup_for_execution(None)  # the connection starts at once, and waits for the file
+        own_start = any(t.name == "imgtune-embedded-ray-start" for t in threading.enumerate())
+        resource.connect()
+
+        @ray.remote
+        def parent() -> int:
+            return os.getppid()
+
+        parents = sorted(set(ray.get([parent.remote() for _ in range(4)], timeout=60)))
+        address = ray.get_runtime_context().gcs_address
+        resource.teardown_after_execution(None)
+        print(json.dumps({"own_start": own_start, "parents": parents, "address": address,
+                          "connected_after": ray.is_initialized()}))
+    """)
+    host = subprocess.Popen([sys.executable, "-c", host_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        run_env = json.loads(host.stdout.readline())
+        assert run_env == {embedded_ray.HOSTED_RAY_ENV: str(file), "RAY_AUTH_MODE": "token"}
+        run = subprocess.run([sys.executable, "-c", run_code], capture_output=True, text=True, timeout=120,
+                             env=dict(env, **run_env))
+        assert run.returncode == 0, run.stderr[-3000:]
+        seen = json.loads(run.stdout.strip().splitlines()[-1])
+        assert host.stdout.readline().strip() == "up"
+        ray_processes = _ray_processes(psutil.Process(host.pid))[1:]
+        raylets = {p.pid for p in ray_processes if "raylet" in p.name()}
+        assert not seen["own_start"] and not seen["connected_after"]
+        assert raylets and set(seen["parents"]) <= raylets  # the tasks ran on the command's Ray
+        assert seen["address"] == embedded_ray.hosted_address(file)
+        assert all(p.is_running() for p in ray_processes)  # the run disconnected; it stopped nothing
+    finally:
+        host.communicate("\n", timeout=60)
+    assert host.returncode == 0
+    _, alive = psutil.wait_procs(ray_processes, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+def test_a_run_whose_commands_ray_failed_raises_the_commands_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    file = tmp_path / embedded_ray.HOSTED_RAY_FILE_NAME
+    file.write_text('{"error": "RuntimeError: the raylet died"}')
+    monkeypatch.setenv(embedded_ray.HOSTED_RAY_ENV, str(file))
+    resource = RayResource()
+    resource.setup_for_execution(None)
+    try:
+        with pytest.raises(RuntimeError, match="imgtune command that launched this run failed to start: "
+                                               "RuntimeError: the raylet died"):
+            resource.connect()
+    finally:
+        resource.teardown_after_execution(None)
+    # An address set for the run wins over the command's Ray.
+    monkeypatch.setenv("IMGTUNE_RAY_ADDRESS", "127.0.0.1:6379")
+    assert RayResource().hosted_file() is None
 
 
 def test_a_run_that_never_connects_still_stops_the_ray_it_started(monkeypatch):
