@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
+from imgtune_assets.core import embedded_ray
 from imgtune_assets.core.catalog import (
     EXECUTOR_ENV,
     SweepCatalogError,
@@ -42,7 +43,6 @@ from imgtune_assets.core.catalog import (
     group_name,
     sweeps_from_environment,
 )
-from imgtune_assets.core import embedded_ray
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
 from imgtune_assets.core.progress import describe, format_score
 from imgtune_assets.core.sampling import trial_keys
