@@ -58,6 +58,7 @@ STEP_LABELS = ("image_manifest + run_settings", "experiment_results", "sweep_rep
 PROGRESS_FILE = "progress.json"
 REPORT_FILE = "report.json"
 LOG_TAIL_LINES = 30
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT)
 POLL_SECONDS = 0.25
 BAR_WIDTH = 20
 
@@ -320,7 +321,8 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         try:
             code = wait_polling(proc, poll)
         except KeyboardInterrupt:
-            # Ctrl-C on a terminal reached dagster too: let it stop its run, then give up.
+            # Ctrl-C on a terminal reached dagster too (SIGTERM only this command: it is passed on): let it
+            # stop its run, then give up.
             try:
                 proc.send_signal(signal.SIGINT)
                 proc.wait(timeout=30)
@@ -328,7 +330,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                 proc.kill()
             display.finish(time.perf_counter() - clock, ok=False)
             print(f"interrupted; Dagster's log: {log}", file=err, flush=True)
-            return 130
+            return INTERRUPTED
         if is_trials:
             state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
         display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
@@ -429,6 +431,10 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
     return 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def hosts_ray(environ: Mapping[str, str]) -> bool:
     """Whether the sweep command starts the embedded Ray for its runs (``ray_for_runs``): not when they
     are to use a cluster (``$IMGTUNE_RAY_ADDRESS``), nor with ``IMGTUNE_EXECUTOR=ray``, whose steps
@@ -474,12 +480,23 @@ def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool 
     # Every selected sweep runs, whatever happened to the one before: one team's broken data folder
     # must not stop the others' sweeps; the exit code says whether any failed.
     failed: list[tuple[str, int]] = []
-    with ray_for_runs() as env:
-        for sweep in sweeps:
-            code = run_one_sweep(sweep, home, out=sys.stdout, err=sys.stderr, tty=tty, columns=columns, quiet=quiet,
-                                 env=env)
-            if code != 0:
-                failed.append((sweep.name, code))
+    # SIGTERM (a job scheduler, `kill`) stops the command as Ctrl-C does: its run is interrupted and
+    # fails cleanly, Ray is stopped, the sweeps after it are not started.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with ray_for_runs() as env:
+            for sweep in sweeps:
+                code = run_one_sweep(sweep, home, out=sys.stdout, err=sys.stderr, tty=tty, columns=columns,
+                                     quiet=quiet, env=env)
+                if code != 0:
+                    failed.append((sweep.name, code))
+                if code == INTERRUPTED:
+                    break
+    except KeyboardInterrupt:  # between runs
+        print("interrupted", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if failed:
         ok = [s.name for s in sweeps if s.name not in dict(failed)]
         print(f"failed: {', '.join(f'{name} (exit {code})' for name, code in failed)}"
@@ -493,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sweep = sub.add_parser(
         "sweep", help="materialize sweeps: by name, --all, or the one served ($IMGTUNE_SWEEP)",
-        description="Run each sweep's three `dagster asset materialize` commands (manifest and settings, "
-                    "every trial as one run, report) and print a summary. Dagster's output goes to "
+        description="Run each sweep as one run of its job (`dagster job execute`: manifest, settings, every "
+                    "trial, report), on an embedded Ray that this command starts for its runs (unless "
+                    "$IMGTUNE_RAY_ADDRESS names a cluster), and print a summary. Dagster's output goes to "
                     "$DAGSTER_HOME/logs/.")
     sweep.add_argument("names", nargs="*", metavar="NAME", help="sweep names (the `name` of sweep files)")
     sweep.add_argument("--all", action="store_true", dest="all_sweeps", help="every sweep served")

@@ -343,3 +343,49 @@ def test_an_existing_instance_config_is_left_alone(tmp_path):
     assert ensure_instance_config(tmp_path) is None
     assert (tmp_path / "dagster.yaml").read_text() == "telemetry:\n  enabled: true\n"
     assert ensure_instance_config(tmp_path / "fresh") == tmp_path / "fresh" / "dagster.yaml"
+
+
+def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
+    """A job scheduler's SIGTERM (or `kill`) to the command alone: the command passes the interruption
+    on to its run, which fails cleanly with the trials it had finished saved, stops its Ray, and exits
+    with 130; nothing of either is left running."""
+    import signal
+    import time
+
+    from imgtune_assets.core.demo_data import make_denoise_set
+
+    data = tmp_path / "data"
+    make_denoise_set(data, count=8, size=384)
+    sweep = write_sweep(tmp_path / "slow.yaml", data, name="slow", trials=400, pipeline=[
+        {"op": "bilateral_filter", "d": {"type": "int", "low": 15, "high": 25}, "sigma_color": 75, "sigma_space": 75}])
+    env = cli_env(tmp_path, sweep)
+    sessions_before = _ray_sessions()
+    progress = tmp_path / "outputs" / "slow" / "progress.json"
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "--quiet"], cwd=PROJECT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if progress.exists() and json.loads(progress.read_text()).get("done", 0) >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        command = psutil.Process(proc.pid)
+        started = [p for p in command.children(recursive=True) if p.is_running()]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err and "failed: slow (exit 130)" in err, err
+    _, alive = psutil.wait_procs(started, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]  # the run, Ray's processes
+    [session] = _ray_sessions() - sessions_before
+    assert not [p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])]
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        [run] = instance.get_runs()
+        assert run.is_finished and not run.is_success, run.status
+        done = instance.get_materialized_partitions(AssetKey(["slow", "experiment_results"]))
+    saved = {p.stem for p in (tmp_path / "outputs" / "slow" / "trials").glob("trial-*.json")}
+    assert saved and len(saved) < 400 and done <= saved  # finished trials kept for skip_finished
