@@ -179,8 +179,10 @@ class _RayInBackground:
         finally:
             worker_log.removeFilter(quiet)
             self.seconds = time.perf_counter() - started
-            self._started(self._error)
-            self._ready.set()
+            try:
+                self._started(self._error)
+            finally:
+                self._ready.set()  # whatever happens, nobody waits for ever
         if self._error is None and self._hold_thread:
             self._released.wait()  # see EmbeddedRayStart: Ray's head processes live while this thread does
 

@@ -252,9 +252,11 @@ def test_a_run_launched_by_the_sweep_command_connects_to_the_commands_ray(tmp_pa
 
         parents = sorted(set(ray.get([parent.remote() for _ in range(4)], timeout=60)))
         address = ray.get_runtime_context().gcs_address
+        import psutil
+        listening = [c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == "LISTEN"]
         resource.teardown_after_execution(None)
         print(json.dumps({"own_start": own_start, "parents": parents, "address": address,
-                          "connected_after": ray.is_initialized()}))
+                          "connected_after": ray.is_initialized(), "listening": listening}))
     """)
     host = subprocess.Popen([sys.executable, "-c", host_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=env)
@@ -269,6 +271,7 @@ def test_a_run_launched_by_the_sweep_command_connects_to_the_commands_ray(tmp_pa
         ray_processes = _ray_processes(psutil.Process(host.pid))[1:]
         raylets = {p.pid for p in ray_processes if "raylet" in p.name()}
         assert not seen["own_start"] and not seen["connected_after"]
+        assert seen["listening"] and all(_is_loopback(ip) for ip in seen["listening"])  # the run's driver too
         assert raylets and set(seen["parents"]) <= raylets  # the tasks ran on the command's Ray
         assert seen["address"] == embedded_ray.hosted_address(file)
         assert all(p.is_running() for p in ray_processes)  # the run disconnected; it stopped nothing
