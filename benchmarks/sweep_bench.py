@@ -187,15 +187,18 @@ class TreeMemory(Sampler):
         # The run process's own peak RSS, children not counted (see own_peak_rss): the root's, or that
         # of the processes of the tree whose command line ``own`` accepts (the imgtune command's run).
         self.peak_own, self.own = 0, own
+        self._own_pids: dict[int, bool] = {}  # a process's command line is read once, not every sample
         self._start_thread()
 
     def _is_own(self, proc: psutil.Process, root: psutil.Process) -> bool:
         if self.own is None:
             return proc is root
-        try:
-            return self.own(proc.cmdline())
-        except psutil.Error:
-            return False
+        if proc.pid not in self._own_pids:
+            try:
+                self._own_pids[proc.pid] = self.own(proc.cmdline())
+            except psutil.Error:
+                return False
+        return self._own_pids[proc.pid]
 
     def _sample(self, with_pss: bool) -> tuple[int, int]:
         try:

@@ -150,6 +150,10 @@ class RayResource(ConfigurableResource):
         """Connect to the cluster, or start the embedded local Ray; a no-op when already connected."""
         address = self.resolved_address()
         started = time.perf_counter()  # Ray's start-up includes importing it (~0.3 s)
+        if self._early_start is None and self.hosted_file() and not _ray_initialized():
+            # No run began this resource (e.g. it is used on its own): the launching command's Ray is
+            # connected to as the run's background start would have been, and waited for below.
+            self._early_start, self._started_here, self._lean_here = self._background_start(), True, self.lean()
         if self._early_start is not None and not self._early_waited:
             self._early_waited = True
             try:
@@ -162,18 +166,6 @@ class RayResource(ConfigurableResource):
                 self._log_connected(log, address, self._lean_here)
             return
         lean = self.lean()
-        if self.hosted_file() and not _ray_initialized():
-            # The launching command's Ray: connected to as the run's background start would have.
-            self._early_start, self._early_waited = self._background_start(), True
-            try:
-                self._early_start.wait()
-            except BaseException:
-                self._early_start = None
-                raise
-            self._connect_seconds = time.perf_counter() - started
-            if log:
-                self._log_connected(log, address, lean)
-            return
         if not address:
             # Before the first `import ray`: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when imported.
             embedded_ray.prepare_environment(lean)
