@@ -6,8 +6,8 @@ Where public APIs fall short, imgtune reaches into private ones, each imported i
   body of ``dagster api execute_step`` (run in a Ray worker);
 * ``imgtune_assets/defs/storage.py``: Dagster's SQLite storages, subclassed to write event batches;
 * ``imgtune_assets/core/embedded_ray.py`` (``_ray_private``): Ray's ``Node``, ``_global_node``,
-  ``services.get_node`` and ``ray._raylet.GcsClient``, for the lean start and the at-once stop of the
-  embedded Ray.
+  ``services.get_node``, ``ray._raylet.GcsClient`` and the dashboard agent's command line and module
+  search (``ray_lean_agent.py``), for the lean start and the at-once stop of the embedded Ray.
 
 This module fails, saying what to re-check, when a pinned version changes or when a name, method or
 signature used there is gone or changed. After an upgrade: read the upstream changes for the listed
@@ -30,8 +30,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "imgtune_assets"
 
 EXECUTOR = "imgtune_assets/defs/executor.py (ray_executor: step-delegating executor, step worker body)"
 STORAGE = "imgtune_assets/defs/storage.py (BatchedSqliteEventLogStorage, BatchedSqliteStorage, ImgtuneInstance)"
-EMBEDDED = ("imgtune_assets/core/embedded_ray.py (lean start: _lean_head_node, _after_registration; "
-            "at-once stop: _stop_at_once)")
+EMBEDDED = ("imgtune_assets/core/embedded_ray.py (lean start: _lean_head_node, _after_registration, "
+            "_lean_agent_command and ray_lean_agent.py; at-once stop: _stop_at_once)")
 
 
 def _recheck(where: str, what: str) -> str:
@@ -120,6 +120,35 @@ def test_ray_node_start_methods_skipped_by_the_lean_start():
     assert "self.start_log_monitor(" in _source(Node.start_ray_processes), _recheck(
         EMBEDDED, "Node.start_ray_processes no longer calls self.start_log_monitor")
     _has_params(Node.start_api_server, ["include_dashboard", "raise_on_failure"], EMBEDDED, "Node.start_api_server")
+
+
+def test_ray_dashboard_agent_that_the_lean_agent_runs():
+    from ray._private import ray_constants, services
+    from ray._private.utils import get_dashboard_dependency_error
+    from ray.dashboard import utils as dashboard_utils
+    from ray.dashboard.agent import DashboardAgent
+
+    # The raylet's agent command line starts with the Python command built for the agent's process type,
+    # followed by the path of Ray's agent script (which ray_lean_agent.py runs in its place).
+    _has_params(services._build_python_executable_command_memory_profileable, ["component", "session_dir"],
+                EMBEDDED, "ray._private.services._build_python_executable_command_memory_profileable")
+    raylet = _source(services.start_raylet)
+    assert ("_build_python_executable_command_memory_profileable(\n            "
+            "ray_constants.PROCESS_TYPE_DASHBOARD_AGENT") in raylet \
+        and 'os.path.join(RAY_PATH, "dashboard", "agent.py")' in raylet, _recheck(
+        EMBEDDED, "services.start_raylet builds the dashboard agent's command line differently")
+    from imgtune_assets.core.embedded_ray import DASHBOARD_AGENT_PROCESS_TYPE
+
+    assert ray_constants.PROCESS_TYPE_DASHBOARD_AGENT == DASHBOARD_AGENT_PROCESS_TYPE, _recheck(
+        EMBEDDED, f"Ray names the agent's process type {ray_constants.PROCESS_TYPE_DASHBOARD_AGENT!r}")
+    # The agent finds its modules through the function the lean agent replaces, by module attribute...
+    assert "dashboard_utils.get_all_modules(" in _source(DashboardAgent._load_modules), _recheck(
+        EMBEDDED, "DashboardAgent._load_modules no longer calls dashboard_utils.get_all_modules")
+    # ...and, in this (minimal) install, that search finds none: skipping it changes nothing.
+    assert get_dashboard_dependency_error() is not None, _recheck(
+        EMBEDDED, "Ray's dashboard dependencies are installed (ray[default]); the lean agent then searches as shipped")
+    assert dashboard_utils.get_all_modules(dashboard_utils.DashboardAgentModule) == [], _recheck(
+        EMBEDDED, "the minimal install's dashboard agent now loads modules; the lean agent would skip them")
 
 
 def test_ray_node_stop_used_by_the_at_once_stop():
@@ -291,6 +320,7 @@ ALLOWED_FILES = {
     "defs/executor.py": "dagster._",
     "defs/storage.py": "dagster._",
     "core/embedded_ray.py": ("ray._private", "ray._raylet"),
+    "core/ray_lean_agent.py": ("ray._private",),  # the agent process's own script, run by the raylet
 }
 
 

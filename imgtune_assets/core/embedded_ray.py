@@ -13,8 +13,8 @@ Public surface:
 * ``skip_final_collection_at_exit()``: let the process exit without a last full garbage collection.
 * ``lean_from_environment()``: the ``IMGTUNE_RAY_LEAN`` switch.
 
-**The lean switch.** By default (``lean=True``) the embedded Ray is started and stopped with four
-shortcuts measured on 2 cores (benchmarks/sweep_bench.py), three of which reach into Ray's *private*
+**The lean switch.** By default (``lean=True``) the embedded Ray is started and stopped with five
+shortcuts measured on 2 cores (benchmarks/sweep_bench.py), four of which reach into Ray's *private*
 ``ray._private`` modules (pinned ``ray==2.60.0``; imgtune_assets_tests/test_pinned_private_apis.py
 fails when they move):
 
@@ -27,9 +27,14 @@ fails when they move):
 4. the driver sees its raylet register with GCS within ~20 ms instead of at Ray's next 1 s retry
    (``ray._private.services.get_node``, which ``ray.init`` calls while the node starts, is preceded by
    a poll of GCS's node table; the raylet registers only once its agents are up, so Ray's first try
-   almost always misses it and the second comes up to a second after it).
+   almost always misses it and the second comes up to a second after it);
+5. the raylet, which registers only once its dashboard agent is up, starts that agent through
+   ``ray_lean_agent.py``: Ray's own agent, minus its search of every dashboard module for those it can
+   load — none, in Ray's minimal install (without ``ray[default]``'s dependencies it searches as shipped)
+   (``ray._private.services._build_python_executable_command_memory_profileable``, which builds the
+   agent's command line, is wrapped during ``ray.init``).
 
-``lean=False`` turns all four off together: a plain ``ray.init(address="local", ...)`` and
+``lean=False`` turns all five off together: a plain ``ray.init(address="local", ...)`` and
 ``ray.shutdown()`` with only ``LOOPBACK_ENV``, i.e. Ray exactly as shipped, slower by ~2 s at start
 and ~1.4 s at stop. Use it when a Ray upgrade is being checked or the embedded Ray misbehaves.
 ``IMGTUNE_RAY_LEAN=0`` (or ``false``/``no``/``off``) turns it off for every embedded Ray of the
@@ -92,6 +97,9 @@ HOSTED_WAIT_SECONDS = 120.0
 RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 _OFF = ("0", "false", "no", "off")
+# The lean start runs Ray's dashboard agent through this script (Ray's name for the agent's process type).
+LEAN_AGENT_SCRIPT = str(Path(__file__).with_name("ray_lean_agent.py"))
+DASHBOARD_AGENT_PROCESS_TYPE = "dashboard_agent"
 
 
 def lean_from_environment() -> bool:
@@ -416,6 +424,9 @@ def _lean_head_node(enabled: bool = True) -> Iterator[None]:
     get_node = getattr(services, "get_node", None)
     if get_node is not None:
         services.get_node = _after_registration(get_node, gcs_client)
+    python_command = getattr(services, "_build_python_executable_command_memory_profileable", None)
+    if python_command is not None:
+        services._build_python_executable_command_memory_profileable = _lean_agent_command(python_command)
     try:
         yield
     finally:
@@ -423,6 +434,20 @@ def _lean_head_node(enabled: bool = True) -> Iterator[None]:
             setattr(node_class, name, method)
         if get_node is not None:
             services.get_node = get_node
+        if python_command is not None:
+            services._build_python_executable_command_memory_profileable = python_command
+
+
+def _lean_agent_command(python_command):
+    """Ray's builder of its Python processes' command lines, with the dashboard agent's run through
+    ``ray_lean_agent.py`` (which then runs Ray's agent script, the next word of the command)."""
+    def command(component, *args, **kwargs):
+        words = python_command(component, *args, **kwargs)
+        if component == DASHBOARD_AGENT_PROCESS_TYPE:
+            return [*words, LEAN_AGENT_SCRIPT]
+        return words
+
+    return command
 
 
 def _after_registration(get_node, gcs_client):

@@ -12,12 +12,14 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from imgtune_assets.core import embedded_ray
 from imgtune_assets.defs.resources import LOOPBACK_ENV, RayResource
+from imgtune_assets_tests.support.waiting import wait_for
 
 
 def _is_loopback(ip: str) -> bool:
@@ -121,6 +123,10 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
             assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
             for skipped in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "_private/log_monitor.py"):
                 assert not any(skipped in c for c in commands), (skipped, commands)
+            # The dashboard agent ran through the lean agent script, and did not search for modules.
+            agent, searched = _dashboard_agent(commands)
+            assert agent.endswith(f"-u {embedded_ray.LEAN_AGENT_SCRIPT} {Path(ray.__file__).parent}/dashboard/agent.py")
+            assert not searched
 
             @ray.remote
             def square(x):
@@ -362,6 +368,19 @@ def _record_calls(monkeypatch, name: str) -> list[bool]:
     return calls
 
 
+def _dashboard_agent(commands: list[str]) -> tuple[str, bool]:
+    """(how the raylet among ``commands`` starts its dashboard agent — up to the agent's own arguments —,
+    whether that agent searched for dashboard modules, from its log once it has started)."""
+    raylets = [c for c in commands if "/raylet/raylet " in c]
+    assert len(raylets) == 1, commands
+    options = raylets[0].split(" --")
+    agent = next(o for o in options if o.startswith("dashboard_agent_command="))
+    log = Path(next(o.split("=", 1)[1] for o in options if o.startswith("log_dir="))) / "dashboard_agent.log"
+    wait_for(lambda: log.exists() and "Loaded 0 modules" in log.read_text(), timeout=10,
+             what=f"the dashboard agent's start in {log}")
+    return agent, "Get all modules by type" in log.read_text()
+
+
 def _head_processes(commands: list[str]) -> list[str]:
     return [skipped for skipped in ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "_private/log_monitor.py")
             if any(skipped in c for c in commands)]
@@ -399,6 +418,8 @@ def test_the_lean_switch_off_starts_and_stops_ray_as_shipped(monkeypatch, switch
                                              "_private/log_monitor.py"], commands
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
         assert "kill_all_processes" not in vars(worker._global_node)  # Ray's own stop, unwrapped
+        agent, searched = _dashboard_agent(commands)  # Ray's agent as shipped: it searched for its modules
+        assert embedded_ray.LEAN_AGENT_SCRIPT not in agent and agent.endswith("/dashboard/agent.py") and searched
         assert ray.get(ray.remote(lambda: 7).remote()) == 7
         children = _ray_processes(psutil.Process())[1:]
     finally:
