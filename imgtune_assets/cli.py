@@ -297,7 +297,8 @@ def select_sweeps(served: list[Sweep], names: Sequence[str], all_sweeps: bool) -
 
 
 def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: bool, columns: int,
-                  quiet: bool = False, env: dict[str, str] | None = None) -> int:
+                  quiet: bool = False, env: dict[str, str] | None = None,
+                  on_poll: Callable[[], object] | None = None) -> int:
     keys = trial_keys(sweep)
     sweep_dir = sweep_output_dir(default_output_dir(), sweep.name)
     log = log_file_path(home, sweep.name)
@@ -316,6 +317,8 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             if is_trials:
                 state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
             display.update(time.perf_counter() - clock, state["snap"])
+            if on_poll is not None:
+                on_poll()
 
         proc = launch_logged(command, log, env=env)
         try:
@@ -444,18 +447,18 @@ def hosts_ray(environ: Mapping[str, str]) -> bool:
 
 
 @contextlib.contextmanager
-def ray_for_runs() -> Iterator[dict[str, str] | None]:
-    """The environment for the runs the sweep command launches: with the embedded Ray that this command
-    starts at once and stops at the end (``embedded_ray.RayHost``), so that its start-up overlaps
-    Dagster's in each run's process, and one Ray serves every sweep of ``--all``; None (the runs start
-    or find their own) when ``hosts_ray`` says no."""
+def ray_for_runs() -> Iterator[tuple[dict[str, str] | None, embedded_ray.RayHost | None]]:
+    """(the environment for the runs the sweep command launches, the command's Ray): with the embedded
+    Ray that this command starts at once and stops at the end (``embedded_ray.RayHost``), so that its
+    start-up overlaps Dagster's in each run's process, and one Ray serves every sweep of ``--all``;
+    (None, None) — the runs start or find their own — when ``hosts_ray`` says no."""
     if not hosts_ray(os.environ):
-        yield None
+        yield None, None
         return
     with tempfile.TemporaryDirectory(prefix="imgtune-ray-host-") as folder:
         host = embedded_ray.RayHost(folder)
         try:
-            yield dict(os.environ, **host.env())
+            yield dict(os.environ, **host.env()), host
         finally:
             host.stop()
             embedded_ray.skip_final_collection_at_exit()
@@ -484,10 +487,11 @@ def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool 
     # fails cleanly, Ray is stopped, the sweeps after it are not started.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with ray_for_runs() as env:
+        with ray_for_runs() as (env, host):
             for sweep in sweeps:
+                # Once the command's Ray is up, SIGTERM is this command's again (not Ray's crash handler's).
                 code = run_one_sweep(sweep, home, out=sys.stdout, err=sys.stderr, tty=tty, columns=columns,
-                                     quiet=quiet, env=env)
+                                     quiet=quiet, env=env, on_poll=host.restore_sigterm if host else None)
                 if code != 0:
                     failed.append((sweep.name, code))
                 if code == INTERRUPTED:

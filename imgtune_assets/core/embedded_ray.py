@@ -56,6 +56,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -162,6 +163,7 @@ class _RayInBackground:
         self._error: Optional[BaseException] = None
         self._ready = threading.Event()
         self._released = threading.Event()
+        self._sigterm_restored = False
         self.seconds = 0.0  # how long the start took, in its thread
         self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
         self._thread.start()
@@ -199,6 +201,25 @@ class _RayInBackground:
         self._ready.wait()
         if self._error is not None:
             raise self._error
+
+    def restore_sigterm(self) -> bool:
+        """Put this process's own SIGTERM handler back in front of Ray's, once Ray is up; from the
+        main thread (elsewhere, and before Ray is up, it does nothing). True once done.
+
+        Ray's driver installs its crash handler for the fatal signals — SIGTERM among them — in front
+        of the process's handlers: on SIGTERM it prints a stack dump ("*** SIGTERM received ...", as if
+        the process had crashed) and then calls the handler it displaced. Re-installing the process's
+        handler (Python's) takes Ray's out of the way for SIGTERM only; the other signals keep it.
+        """
+        if self._sigterm_restored:
+            return True
+        if not self._ready.is_set() or threading.current_thread() is not threading.main_thread():
+            return False
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not None:  # (None: a handler not installed from Python, left alone)
+            signal.signal(signal.SIGTERM, handler)
+        self._sigterm_restored = True
+        return True
 
     @property
     def error(self) -> Optional[BaseException]:

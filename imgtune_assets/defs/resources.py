@@ -162,6 +162,8 @@ class RayResource(ConfigurableResource):
                 self._started_here = False
                 raise
             self._connect_seconds = time.perf_counter() - started
+            # A SIGTERM to the run is Dagster's again (an interruption), not preceded by Ray's stack dump.
+            self._early_start.restore_sigterm()
             if log:
                 self._log_connected(log, address, self._lean_here)
             return

@@ -192,6 +192,45 @@ def test_a_run_starts_the_embedded_ray_in_the_background_and_connect_waits_for_i
     assert not alive, [p.cmdline() for p in alive]
 
 
+def test_after_connect_sigterm_reaches_the_process_handler_without_rays_crash_dump(tmp_path):
+    """Ray's driver puts its crash handler (a stack dump, then the displaced handler) in front of the
+    process's SIGTERM handler; connect() puts the process's own back, so a SIGTERM to a run is only
+    Dagster's interruption. In a process of its own: a real background start, then a real SIGTERM."""
+    script = tmp_path / "sigterm.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys, time
+        from imgtune_assets.defs.resources import RayResource
+
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
+        resource = RayResource(num_cpus=1)
+        resource.setup_for_execution(None)
+        try:
+            resource.connect()
+            print("connected", flush=True)
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:
+                print("interrupted by the process's own handler", flush=True)
+        finally:
+            resource.teardown_after_execution(None)
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("IMGTUNE_RAY_ADDRESS", embedded_ray.HOSTED_RAY_ENV)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "connected", proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "interrupted by the process's own handler" in out, (out, err)
+    assert "SIGTERM received" not in err, err
+
+
 def test_a_background_start_that_fails_is_raised_by_connect(monkeypatch):
     import ray
 
