@@ -258,7 +258,8 @@ def _format_value(value: Any) -> str:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """A sweep's ``report.json`` in three lines: trials and scores, best parameters, where the report is."""
+    """A sweep's ``report.json`` in three lines — trials and scores, best parameters, where the report is —
+    and a line per note (e.g. early stopping that stopped nothing)."""
     metric = report.get("metric") or "score"
     completed, total = report.get("completed_trials", 0), report.get("total_trials", 0)
     failed = report.get("failed_trials") or []
@@ -277,7 +278,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     shown = ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) if params else "none"
     out_dir = report.get("output_dir", "")
     files = "leaderboard.csv, best_pipeline.yaml, plots/" if report.get("best_pipeline") else "leaderboard.csv, plots/"
-    return [first, f"best parameters: {shown}", f"report: {out_dir} ({files})"]
+    notes = [f"note: {note}" for note in report.get("notes") or []]
+    return [first, f"best parameters: {shown}", f"report: {out_dir} ({files})", *notes]
 
 
 # ----------------------------------------------------------------------------- the sweep command

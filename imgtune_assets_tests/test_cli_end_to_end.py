@@ -318,6 +318,8 @@ def test_summary_lines():
     assert none[2] == "report: /o/s (leaderboard.csv, plots/)"  # no best pipeline written this time
     halved = summary_lines({**report, "completed_trials": 7, "pruned_trials": 24})
     assert halved[0].startswith("7/32 trials completed (1 failed, 24 pruned); best dice")
+    noted = summary_lines({**report, "notes": ["early_stopping.min_images 50 is not below the 14 usable images"]})
+    assert noted[3:] == ["note: early_stopping.min_images 50 is not below the 14 usable images"]
 
 
 def test_log_file_path_is_per_sweep_and_utc(tmp_path):

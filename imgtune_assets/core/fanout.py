@@ -282,6 +282,7 @@ def run_trials(
     on_chunk_done: Callable[[list[str], dict[str, list[dict[str, Any]]], list | None], None] | None = None,
     keep: DecodedChunks | None = None,
     fuse: bool | None = None,
+    on_tail: Callable[[], None] | None = None,
 ) -> FanoutResult:
     """Evaluate each trial (``{"trial", "params", "stages", "error"?}``) on every image.
 
@@ -310,6 +311,10 @@ def run_trials(
     ``on_tick`` is called at least every ``tick_seconds`` while results are awaited — also when no
     trial completes for a long time — and once more at the end, so the caller can report progress
     on time. An exception from a callback propagates (the submitted tasks are left to Ray).
+
+    ``on_tail`` is called once, as soon as every task has been submitted and fewer are left than the
+    cluster has CPUs — from then on a CPU is idle — for the caller to begin what it does next (or at
+    the end, if the last results came back together).
     """
     if tick_seconds <= 0:
         raise ValueError(f"tick_seconds must be > 0, got {tick_seconds}")
@@ -471,6 +476,9 @@ def run_trials(
     remaining = list(pending)
     last_tick = time.monotonic()
     while remaining:
+        if on_tail is not None and not queue and len(remaining) < total_cpus:
+            on_tail()
+            on_tail = None
         # Block for one result, then take whatever else is ready: trials are saved as they finish.
         # With a tick, block no longer than until the next tick is due.
         if on_tick is None:
@@ -519,6 +527,8 @@ def run_trials(
         if on_tick is not None and time.monotonic() - last_tick >= tick_seconds:
             last_tick = time.monotonic()
             on_tick()
+    if on_tail is not None:  # (the last results came back together)
+        on_tail()
     if on_tick is not None:
         on_tick()
     for outcome in outcomes:

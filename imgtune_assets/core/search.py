@@ -127,6 +127,19 @@ class Halving:
             size *= self.eta
         return sizes + [n_images]
 
+    def inactive_reason(self, n_images: int) -> str | None:
+        """Why early stopping stops nothing with ``n_images`` images (``min_images`` not below their
+        number: one rung, every trial scores every image), or None when it works. Not an error: a
+        nightly sweep's folder may hold fewer images one night; the run says so instead."""
+        if n_images <= 0 or len(self.rung_sizes(n_images)) > 1:
+            return None
+        if self.min_images is None:
+            return (f"early_stopping: the first rung (at least 3 images) holds all {n_images} usable images: every "
+                    f"trial scores every image, nothing is stopped early")
+        return (f"early_stopping.min_images {self.min_images} is not below the {n_images} usable images: every "
+                f"trial scores every image, nothing is stopped early (lower min_images, or leave it out: "
+                f"by default {max(3, math.ceil(n_images / self.eta ** 2))} here)")
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": "successive_halving", "eta": self.eta, "min_images": self.min_images}
 

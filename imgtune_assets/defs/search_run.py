@@ -84,6 +84,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                         image_detail=image_detail(images))
     except SearchError as exc:
         raise Failure(description=str(exc)) from None
+    if sweep.early_stopping and (reason := sweep.early_stopping.inactive_reason(len(images))):
+        context.log.warning(f"{sweep.path}: {reason}")
     known, known_identity = store.load_chunks() if skip_finished else ({}, {})
     baseline = IdentityBaseline(sweep_dir, objective, digest)
     need_identity = baseline.cached() is None

@@ -134,6 +134,23 @@ def test_ticks_come_while_no_trial_completes(local_ray, slow_images):
     assert events[-1][0] == "tick" and ticks[-1] >= dones[-1]
 
 
+def test_on_tail_comes_once_when_a_cpu_has_nothing_left_to_do(local_ray, slow_images):
+    ids, imgs, tgts = slow_images
+    slow = [{"trial": f"trial-{k:03d}", "params": {},
+             "stages": [["nl_means", {"h": 8.0 + k, "template_window_size": 7, "search_window_size": 35}]]}
+            for k in range(4)]
+    done, tail = [], []
+    # Four tasks (one per trial) on 2 CPUs: not before three are back (one left for two CPUs).
+    run_trials(slow, InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=4,
+               on_trial_done=lambda o: done.append(o.trial), on_tail=lambda: tail.append(len(done)))
+    assert len(done) == 4 and len(tail) == 1 and tail[0] >= 3, tail
+    # One task for 2 CPUs: at once, before its result.
+    done, tail = [], []
+    run_trials(slow[:1], InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=4,
+               on_trial_done=lambda o: done.append(o.trial), on_tail=lambda: tail.append(len(done)))
+    assert tail == [0] and done == ["trial-000"]
+
+
 def test_a_long_tick_does_not_hold_results_back(local_ray, images):
     ids, imgs, tgts = images
     ticks = []

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -137,3 +141,22 @@ def test_before_after_panels_picture_the_best_and_worst_image_scaled_down(tmp_pa
     assert before.shape == after.shape == target.shape == (PANEL_PIXELS, (PANEL_PIXELS + 80) // 2, 3)
     expected = cv2.resize(apply_pipeline(pictures["big"], stages), before.shape[1::-1], interpolation=cv2.INTER_AREA)
     assert np.array_equal(after, expected)
+
+
+def test_the_reports_imports_are_prepared_once_in_a_background_thread():
+    """In a fresh process (this one has matplotlib loaded already): the thread imports pandas and
+    matplotlib with the Agg backend, and a second call returns the same thread."""
+    code = textwrap.dedent("""
+        import sys
+        from imgtune_assets.core import report
+        assert "matplotlib" not in sys.modules and "pandas" not in sys.modules
+        thread = report.prepare_in_background()
+        assert thread.daemon and report.prepare_in_background() is thread
+        thread.join(timeout=60)
+        import matplotlib
+        print(not thread.is_alive(), "matplotlib.pyplot" in sys.modules, "pandas" in sys.modules,
+              matplotlib.get_backend().lower())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True", "agg"], out.stdout

@@ -107,6 +107,15 @@ def test_rung_sizes_grow_by_eta_and_end_with_every_image():
     assert Halving(eta=3).rung_sizes(60) == [7, 21, 60]
 
 
+def test_early_stopping_that_stops_nothing_says_why():
+    assert Halving(eta=3).inactive_reason(17) is None and Halving(eta=3, min_images=16).inactive_reason(17) is None
+    reason = Halving(eta=3, min_images=50).inactive_reason(14)
+    assert reason.startswith("early_stopping.min_images 50 is not below the 14 usable images") and "by default 3" in reason
+    assert "min_images 14 is not below the 14" in Halving(min_images=14).inactive_reason(14)
+    assert "holds all 3 usable images" in Halving().inactive_reason(3)  # the default's first rung: 3 images
+    assert Halving().inactive_reason(0) is None
+
+
 def test_rounds_start_with_the_initial_design_then_batches():
     rounds = Rounds(batch_size=4, n_startup=8)
     assert list(rounds.slots(0)) == list(range(8))

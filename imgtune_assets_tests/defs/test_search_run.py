@@ -4,6 +4,7 @@ the leaderboard, the ledger, re-running a trial, warm starts after the images ch
 
 import csv
 import json
+import logging
 import shutil
 
 import pytest
@@ -101,6 +102,29 @@ def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local
         .asset_materialization.metadata
     assert metadata["evaluations"].value == summary["evaluations"]
     assert metadata["evaluations_full"].value == 72
+    assert summary["notes"] == [] and "notes" not in metadata  # early stopping did stop trials
+
+
+def test_early_stopping_that_stops_nothing_is_said_in_the_logs_the_report_and_its_metadata(tmp_path, denoise_data,
+                                                                                           local_ray):
+    """``min_images`` not below the number of images: the sweep runs (a nightly folder may shrink), every
+    trial scores every image, and the run says so where a user looks."""
+    staged = {**STAGED, "early_stopping": {"method": "successive_halving", "min_images": 50}}
+    sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=4, **staged)
+    out = tmp_path / "outputs"
+    sweep, assets, instance, ranged, report = run_sweep(sweep_file, out)
+    assert ranged.success
+    summary = report.output_for_node(node(assets.sweep_report))
+    assert summary["completed_trials"] == 4 and summary["pruned_trials"] == 0
+    assert summary["evaluations"] == summary["evaluations_full"] == 4 * 6
+    [note] = summary["notes"]
+    assert note.startswith("early_stopping.min_images 50 is not below the 6 usable images")
+    assert json.loads((out / "tiny" / "report.json").read_text())["notes"] == [note]
+    for key in ("run_settings", "sweep_report"):
+        metadata = instance.fetch_materializations(asset_key(sweep, key), limit=1).records[0].asset_materialization.metadata
+        assert note in metadata["notes"].value, key
+    warnings = [e.message for e in instance.all_logs(ranged.run_id) if e.level == logging.WARNING]
+    assert any(note in w for w in warnings), warnings  # the experiment step's log
 
 
 def test_rerunning_a_trial_evaluates_its_recorded_parameters(tmp_path, denoise_data, local_ray):
