@@ -370,7 +370,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             files = len(images.rows) + sum(1 for r in images.rows if r.target_path)
             stats.update({
                 "fanout_seconds": round(time.perf_counter() - fanout_started, 3),
-                "evaluations": len(todo) * len(images.rows),
+                # image evaluations computed by this run (progress saved by an interrupted run is not redone)
+                "evaluations": sum(1 for k in todo for i in images.ids if i not in known.get(k, {})),
                 "chunks": fan.chunks, "chunk_size": fan.chunk_size, "chunks_decoded": fan.chunks_decoded,
                 "chunks_in_object_store_at_most": fan.window, "fused": fan.fused,
                 "decode_task_seconds": round(fan.decode_seconds, 3),
