@@ -32,6 +32,7 @@ def apply_cli(env, cwd, *args, timeout=240):
 def environment(tmp_path, pipeline):
     env = cli_env(tmp_path, pipeline)
     env.pop("IMGTUNE_RAY_ADDRESS", None)  # the embedded Ray, on 127.0.0.1
+    env.pop("RAY_AUTH_MODE", None)  # Ray's default: token authentication
     return env
 
 
@@ -66,6 +67,7 @@ def test_apply_a_pipeline_to_a_folder_then_again(tmp_path):
                          rf"\(ledger {re.escape(str(target / LEDGER_NAME))}\)$", re.M)
     assert summary.search(result.stdout), result.stdout
     assert f"skipped: {source / 'notes.txt'}: not an image file type" in result.stderr, result.stderr
+    assert "Token authentication is enabled" not in result.stderr, result.stderr  # (Ray's default, not news)
 
     assert sorted(p.name for p in target.iterdir()) == sorted([*IMAGES, LEDGER_NAME])
     for name in IMAGES:

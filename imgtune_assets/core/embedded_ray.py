@@ -96,6 +96,7 @@ HOSTED_RAY_FILE_NAME = "ray-address.json"
 HOSTED_POLL_SECONDS = 0.02
 HOSTED_WAIT_SECONDS = 120.0
 RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # the logger of Ray's auth notices
 
 _OFF = ("0", "false", "no", "off")
 # The lean start runs Ray's dashboard agent through this script (Ray's name for the agent's process type).
@@ -130,16 +131,25 @@ def start_embedded_ray(num_cpus: Optional[int] = None, namespace: Optional[str] 
     prepare_environment(lean)
     import ray
 
-    with _lean_head_node(enabled=lean):
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            namespace=namespace,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            runtime_env=runtime_env,
-        )
+    # Ray's default for a new local cluster is token authentication, and it says so at every start
+    # (unless RAY_AUTH_MODE is set): not news for the embedded Ray. (Setting RAY_AUTH_MODE here instead
+    # would break a process that imported Ray before: Ray reads the mode once, when first imported.)
+    auth_log = logging.getLogger(RAY_AUTH_LOGGER)
+    quiet = _DropMessage("Token authentication is enabled for this Ray cluster")
+    auth_log.addFilter(quiet)
+    try:
+        with _lean_head_node(enabled=lean):
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                namespace=namespace,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                runtime_env=runtime_env,
+            )
+    finally:
+        auth_log.removeFilter(quiet)
 
 
 class _DropMessage(logging.Filter):

@@ -209,8 +209,8 @@ def test_after_connect_sigterm_reaches_the_process_handler_without_rays_crash_du
         resource.setup_for_execution(None)
         try:
             resource.connect()
-            print("connected", flush=True)
             try:
+                print("connected", flush=True)
                 time.sleep(60)
             except KeyboardInterrupt:
                 print("interrupted by the process's own handler", flush=True)
