@@ -12,6 +12,7 @@ from typing import Any, Callable
 from dagster import AssetExecutionContext, Failure
 
 from imgtune_assets.core.manifest import ManifestRow, usable
+from imgtune_assets.core.report import prepare_in_background
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_key, trial_keys
 from imgtune_assets.core.search import Ledger, Search, SearchError, image_detail
@@ -114,7 +115,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
         fan = run_trials(trials, files, objective, chunk_size=chunk_size, max_retries=ray_cluster.max_retries, keep=keep,
                          memory_budget=ray_cluster.memory_budget_bytes(), on_chunk_done=chunk_done, on_tick=on_tick,
                          identity=need_identity, known={t["trial"]: known_now.get(t["trial"], {}) for t in trials},
-                         known_identity={i: identity[i] for i in needed if i in identity})
+                         known_identity={i: identity[i] for i in needed if i in identity},
+                         on_tail=prepare_in_background)  # the report step's imports (once per process)
         identity.update(fan.identity)
         stats["decodes"] += fan.decodes
         out = {}
