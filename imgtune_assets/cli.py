@@ -148,6 +148,41 @@ def wait_polling(proc: subprocess.Popen, on_poll: Callable[[], None] | None = No
                 on_poll()
 
 
+def run_failure_reasons(home: Path, job_name: str, since: float) -> list[str]:
+    """Why the latest run of ``job_name`` started at or after ``since`` (a time stamp) failed, one line
+    per failed step (``<step>: <message>``: the ``Failure``'s description, or the innermost exception),
+    else the run's own failure; [] when no such run is recorded. Loads Dagster: for failures only."""
+    from dagster import DagsterEventType, DagsterInstance, RunsFilter
+
+    def innermost(error) -> str:
+        while error.cause is not None:
+            error = error.cause
+        return error.message.strip()
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs(filters=RunsFilter(job_name=job_name,
+                                                    created_after=datetime.fromtimestamp(since - 1, timezone.utc)),
+                                 limit=1)
+        if not runs:
+            return []
+        lines = []
+        for kind in (DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE):
+            for record in instance.get_records_for_run(runs[0].run_id, of_type=kind).records:
+                entry = record.event_log_entry
+                data = entry.dagster_event.event_specific_data
+                user = getattr(data, "user_failure_data", None)
+                if user is not None and user.description:
+                    reason = user.description
+                elif getattr(data, "error", None) is not None:
+                    reason = innermost(data.error)
+                else:
+                    reason = entry.dagster_event.message or "failed"
+                lines.append(f"{entry.step_key.replace('__', '/')}: {reason}" if entry.step_key else reason)
+            if lines:
+                return lines
+    return []
+
+
 def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     try:
         with open(log, encoding="utf-8", errors="replace") as handle:
@@ -341,9 +376,14 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
         if code != 0:
             print(f"error: {sweep.name}: {label} failed (exit {code}): {shlex.join(command)}", file=err)
-            print("the last lines of Dagster's log:", file=err)
-            for line in log_tail(log):
-                print(f"    {line}", file=err)
+            reasons = run_failure_reasons(home, command[command.index("-j") + 1], started)
+            if reasons:  # what failed and why, from the run's events (the stack traces are in the log)
+                for line in reasons:
+                    print(f"    {line}", file=err)
+            else:  # no run recorded (Dagster itself failed): its own last words
+                print("the last lines of Dagster's log:", file=err)
+                for line in log_tail(log):
+                    print(f"    {line}", file=err)
             print(f"log: {log}", file=err, flush=True)
             return code
     report_file = sweep_dir / REPORT_FILE

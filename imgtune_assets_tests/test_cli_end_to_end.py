@@ -189,6 +189,10 @@ def test_cli_all_runs_every_sweep_when_one_fails(tmp_path, denoise_data):
     result = run_cli(env, "--all")
     assert result.returncode != 0
     assert "failed: broken (exit " in result.stderr and "completed: fine" in result.stderr, result.stderr
+    # Why, from the run's events: the failed step and its message, not Dagster's stack trace (in the log).
+    assert re.search(rf"^    broken/image_manifest: {re.escape(str(empty))}: no image files", result.stderr,
+                     re.M), result.stderr
+    assert "Stack Trace" not in result.stderr and "Traceback" not in result.stderr, result.stderr
     report = json.loads((tmp_path / "outputs" / "fine" / "report.json").read_text())
     assert report["completed_trials"] == 2 and f"report: {tmp_path / 'outputs' / 'fine'}" in result.stdout
     assert not (tmp_path / "outputs" / "broken" / "report.json").exists()
