@@ -376,7 +376,11 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
         if code != 0:
             print(f"error: {sweep.name}: {label} failed (exit {code}): {shlex.join(command)}", file=err)
-            reasons = run_failure_reasons(home, command[command.index("-j") + 1], started)
+            try:
+                reasons = run_failure_reasons(home, command[command.index("-j") + 1], started)
+            except Exception as exc:  # noqa: BLE001 - an instance that cannot be read: said, then the log's tail
+                print(f"    (the run's events could not be read: {type(exc).__name__}: {exc})", file=err)
+                reasons = []
             if reasons:  # what failed and why, from the run's events (the stack traces are in the log)
                 for line in reasons:
                     print(f"    {line}", file=err)
