@@ -375,7 +375,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                 "chunks": fan.chunks, "chunk_size": fan.chunk_size, "chunks_decoded": fan.chunks_decoded,
                 "chunks_in_object_store_at_most": fan.window, "fused": fan.fused,
                 "decode_task_seconds": round(fan.decode_seconds, 3),
-                # image and target files decoded by this run's tasks, per file (1.0: each file once)
+                # image and target files decoded by this run's tasks, per file (1.0: each file once), as
+                # the tasks that returned report them: a task lost with its worker and retried by Ray decoded
+                # its files once more, uncounted
                 "decodes_per_image": round(fan.decodes / max(1, files), 4) if fan.chunks_decoded else 0.0,
             })
             context.log.info(f"{len(todo)} trial(s) × {len(images.rows)} image(s) in {fan.chunks} chunk(s) of "
