@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +60,8 @@ STEP_LABELS = ("image_manifest + run_settings", "experiment_results", "sweep_rep
 PROGRESS_FILE = "progress.json"
 REPORT_FILE = "report.json"
 LOG_TAIL_LINES = 30
+# Tags the run the sweep command launches, so that the command reads that run's failure and no other's.
+INVOCATION_TAG = "imgtune/cli_invocation"
 INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT)
 POLL_SECONDS = 0.25
 BAR_WIDTH = 20
@@ -105,15 +109,17 @@ def ensure_instance_config(home: Path) -> Path | None:
     return target
 
 
-def sweep_run_command(sweep_name: str, trial_keys: Sequence[str]) -> list[str]:
+def sweep_run_command(sweep_name: str, trial_keys: Sequence[str], invocation: str | None = None) -> list[str]:
     """The whole sweep as ONE run of its ``<group>_sweep`` job (what the schedule and the sensor
     request): manifest, settings, every trial as one partition range, the report (and ``tuned_images``
     when the sweep applies its winner), with their checks, in one process with one Ray start.
-    ``python -m imgtune_assets.cli sweep`` runs this; ``sweep_commands`` are the same steps one by one."""
+    ``python -m imgtune_assets.cli sweep`` runs this; ``sweep_commands`` are the same steps one by one.
+    ``invocation``: a tag (``INVOCATION_TAG``) by which the command finds its own run afterwards."""
     if not trial_keys:
         raise ValueError(f"sweep {sweep_name!r} has no trials")
     tags = {"dagster/asset_partition_range_start": trial_keys[0],
-            "dagster/asset_partition_range_end": trial_keys[-1], "imgtune/trigger": "cli"}
+            "dagster/asset_partition_range_end": trial_keys[-1], "imgtune/trigger": "cli",
+            **({INVOCATION_TAG: invocation} if invocation else {})}
     return [dagster_executable(), "job", "execute", "-m", MODULE, "-j", f"{group_name(sweep_name)}_sweep",
             "--tags", json.dumps(tags)]
 
@@ -148,21 +154,14 @@ def wait_polling(proc: subprocess.Popen, on_poll: Callable[[], None] | None = No
                 on_poll()
 
 
-def run_failure_reasons(home: Path, job_name: str, since: float) -> list[str]:
-    """Why the latest run of ``job_name`` started at or after ``since`` (a time stamp) failed, one line
-    per failed step (``<step>: <message>``: the ``Failure``'s description, or the innermost exception),
-    else the run's own failure; [] when no such run is recorded. Loads Dagster: for failures only."""
+def run_failure_reasons(home: Path, invocation: str) -> list[str]:
+    """Why the run tagged ``INVOCATION_TAG=invocation`` failed: one line per failed step (``<step>:
+    <message>``: the ``Failure``'s description, or the innermost exception), else the run's own failure;
+    [] when no such run is recorded. Loads Dagster: for failures only."""
     from dagster import DagsterEventType, DagsterInstance, RunsFilter
 
-    def innermost(error) -> str:
-        while error.cause is not None:
-            error = error.cause
-        return error.message.strip()
-
     with DagsterInstance.from_config(str(home)) as instance:
-        runs = instance.get_runs(filters=RunsFilter(job_name=job_name,
-                                                    created_after=datetime.fromtimestamp(since - 1, timezone.utc)),
-                                 limit=1)
+        runs = instance.get_runs(filters=RunsFilter(tags={INVOCATION_TAG: invocation}), limit=1)
         if not runs:
             return []
         lines = []
@@ -174,13 +173,28 @@ def run_failure_reasons(home: Path, job_name: str, since: float) -> list[str]:
                 if user is not None and user.description:
                     reason = user.description
                 elif getattr(data, "error", None) is not None:
-                    reason = innermost(data.error)
+                    reason = error_summary(data.error)
                 else:
                     reason = entry.dagster_event.message or "failed"
-                lines.append(f"{entry.step_key.replace('__', '/')}: {reason}" if entry.step_key else reason)
+                lines += (f"{entry.step_key.replace('__', '/')}: {reason}" if entry.step_key else reason).splitlines()
             if lines:
                 return lines
     return []
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_summary(error) -> str:
+    """An error (Dagster's ``SerializableErrorInfo``) as a user reads it: the innermost cause's message,
+    and when that message carries a traceback of its own (a Ray task's error), its last line — the
+    exception — only; terminal colours removed."""
+    while error.cause is not None:
+        error = error.cause
+    lines = [line.rstrip() for line in _ANSI.sub("", error.message).splitlines() if line.strip()]
+    if any(line.lstrip().startswith('File "') for line in lines):
+        return lines[-1].strip()
+    return "\n".join(lines)
 
 
 def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -337,12 +351,13 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                   quiet: bool = False, env: dict[str, str] | None = None,
                   on_poll: Callable[[], object] | None = None) -> int:
     keys = trial_keys(sweep)
+    invocation = uuid.uuid4().hex
     sweep_dir = sweep_output_dir(default_output_dir(), sweep.name)
     log = log_file_path(home, sweep.name)
     print(f"{sweep.name}: {len(keys)} trials; Dagster's log: {log}", file=out, flush=True)
     # One run of the sweep's job: one process, one Dagster start, one Ray start for all its steps.
     steps = [(SWEEP_LABEL + (" + tuned images" if sweep.apply_input is not None else ""),
-              sweep_run_command(sweep.name, keys))]
+              sweep_run_command(sweep.name, keys, invocation=invocation))]
     for label, command in steps:
         display = StepDisplay(f"  {label}", out, tty=tty, columns=columns, quiet=quiet)
         started = time.time()
@@ -377,7 +392,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         if code != 0:
             print(f"error: {sweep.name}: {label} failed (exit {code}): {shlex.join(command)}", file=err)
             try:
-                reasons = run_failure_reasons(home, command[command.index("-j") + 1], started)
+                reasons = run_failure_reasons(home, invocation)
             except Exception as exc:  # noqa: BLE001 - an instance that cannot be read: said, then the log's tail
                 print(f"    (the run's events could not be read: {type(exc).__name__}: {exc})", file=err)
                 reasons = []
@@ -452,6 +467,7 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
     cluster = None
     if early is not None:
         early.wait()
+        early.restore_sigterm()  # SIGTERM: Python's default (exit), without Ray's stack dump first
     else:  # a cluster (or an input whose folder could not be seen before): the resource connects
         from imgtune_assets.defs.resources import RayResource
 

@@ -21,8 +21,10 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets import cli
 from imgtune_assets.cli import (
+    INVOCATION_TAG,
     StepDisplay,
     ensure_instance_config,
+    error_summary,
     read_progress,
     summary_lines,
     sweep_commands,
@@ -239,6 +241,23 @@ def test_the_cli_runs_a_sweep_as_one_run_of_its_job():
         "imgtune/trigger": "cli"}
     with pytest.raises(ValueError):
         sweep_run_command("empty", [])
+    tagged = sweep_run_command("denoise-demo", ["trial-000"], invocation="abc")
+    assert json.loads(tagged[8])[INVOCATION_TAG] == "abc"
+
+
+def test_error_summary_is_the_innermost_message_without_a_remote_traceback():
+    from dagster._utils.error import SerializableErrorInfo  # (a test's fixture only: the type Dagster records)
+
+    inner = SerializableErrorInfo("ValueError: bad ksize 4\n", [], "ValueError")
+    wrapped = SerializableErrorInfo("DagsterExecutionStepExecutionError: step failed\n", [], "X", cause=inner)
+    assert error_summary(wrapped) == "ValueError: bad ksize 4"
+    remote = SerializableErrorInfo(
+        "ray.exceptions.RayTaskError(OSError): \x1b[36mray::imgtune:decode()\x1b[39m (pid=1, ip=127.0.0.1)\n"
+        "  File \"/x/fanout.py\", line 90, in _decode_task\n    data = read(f)\n"
+        "OSError: /data/images/a.png: disk unreadable\n", [], "RayTaskError")
+    assert error_summary(remote) == "OSError: /data/images/a.png: disk unreadable"
+    two_lines = SerializableErrorInfo("KeyError: first\nsecond line\n", [], "KeyError")
+    assert error_summary(two_lines) == "KeyError: first\nsecond line"
 
 
 def _snap(done, total=32, **extra):

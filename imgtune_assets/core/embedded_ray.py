@@ -30,7 +30,7 @@ fails when they move):
    almost always misses it and the second comes up to a second after it);
 5. the raylet, which registers only once its dashboard agent is up, starts that agent through
    ``ray_lean_agent.py``: Ray's own agent, minus its search of every dashboard module for those it can
-   load — none, in Ray's minimal install (without ``ray[default]``'s dependencies it searches as shipped)
+   load — none, in Ray's minimal install (with ``ray[default]``'s dependencies it searches as shipped)
    (``ray._private.services._build_python_executable_command_memory_profileable``, which builds the
    agent's command line, is wrapped during ``ray.init``).
 
@@ -219,7 +219,8 @@ class _RayInBackground:
         Ray's driver installs its crash handler for the fatal signals — SIGTERM among them — in front
         of the process's handlers: on SIGTERM it prints a stack dump ("*** SIGTERM received ...", as if
         the process had crashed) and then calls the handler it displaced. Re-installing the process's
-        handler (Python's) takes Ray's out of the way for SIGTERM only; the other signals keep it.
+        handler (Python's) removes Ray's from SIGTERM; the other signals keep it. (For Ray started or
+        connected in the background here; a ``ray.init`` from the main thread sets Ray's own handler.)
         """
         if self._sigterm_restored:
             return True

@@ -136,9 +136,11 @@ class Halving:
         if self.min_images is None:
             return (f"early_stopping: the first rung (at least 3 images) holds all {n_images} usable images: every "
                     f"trial scores every image, nothing is stopped early")
+        default = max(3, math.ceil(n_images / self.eta ** 2))
+        advice = (f"lower min_images, or leave it out: by default {default} here" if default < n_images
+                  else f"min_images must be below {n_images} for any trial to stop early")
         return (f"early_stopping.min_images {self.min_images} is not below the {n_images} usable images: every "
-                f"trial scores every image, nothing is stopped early (lower min_images, or leave it out: "
-                f"by default {max(3, math.ceil(n_images / self.eta ** 2))} here)")
+                f"trial scores every image, nothing is stopped early ({advice})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "successive_halving", "eta": self.eta, "min_images": self.min_images}

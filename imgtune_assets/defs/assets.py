@@ -65,6 +65,7 @@ from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
 from imgtune_assets.core.search import is_staged
 from imgtune_assets.core.sweepfile import Sweep
+from imgtune_assets.defs.executor import steps_share_the_run_process
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets.defs.search_run import run_staged_search, staged_trials
@@ -360,7 +361,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                     on_trial_done=trial_done, on_tick=report_progress, on_chunk_done=chunk_done,
                     identity=need_identity, known={k: known[k] for k in todo if k in known},
                     known_identity=known_identity if need_identity else None,
-                    on_tail=prepare_in_background,  # the report step's imports, in this process
+                    on_tail=prepare_in_background if steps_share_the_run_process() else None,  # the report step's imports
                 )
             except ImageDataError as exc:  # a pinned image changed, vanished or does not decode
                 raise Failure(description=str(exc)) from None

@@ -381,6 +381,12 @@ def executor_from_environment() -> ExecutorDefinition:
     raise ValueError(f"{EXECUTOR_ENV}={os.environ[EXECUTOR_ENV]!r}: expected in_process, multiprocess or ray")
 
 
+def steps_share_the_run_process() -> bool:
+    """Whether every step of a run runs in the run's own process (the in-process executor, the default):
+    what one step prepares in memory (e.g. the report's imports) is then there for the next."""
+    return executor_from_environment() is in_process_executor
+
+
 __all__ = [
     "NUM_CPUS_TAG",
     "STEP_WORKER_MESSAGE",
@@ -389,4 +395,5 @@ __all__ = [
     "executor_from_environment",
     "ray_executor",
     "step_env_vars",
+    "steps_share_the_run_process",
 ]

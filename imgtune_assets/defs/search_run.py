@@ -17,6 +17,7 @@ from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_key, trial_keys
 from imgtune_assets.core.search import Ledger, Search, SearchError, image_detail
 from imgtune_assets.core.sweepfile import Sweep
+from imgtune_assets.defs.executor import steps_share_the_run_process
 from imgtune_assets.defs.resources import RayResource
 
 
@@ -116,7 +117,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                          memory_budget=ray_cluster.memory_budget_bytes(), on_chunk_done=chunk_done, on_tick=on_tick,
                          identity=need_identity, known={t["trial"]: known_now.get(t["trial"], {}) for t in trials},
                          known_identity={i: identity[i] for i in needed if i in identity},
-                         on_tail=prepare_in_background)  # the report step's imports (once per process)
+                         on_tail=prepare_in_background if steps_share_the_run_process() else None)  # the report's imports
         identity.update(fan.identity)
         stats["decodes"] += fan.decodes
         out = {}

@@ -113,6 +113,9 @@ def test_early_stopping_that_stops_nothing_says_why():
     assert reason.startswith("early_stopping.min_images 50 is not below the 14 usable images") and "by default 3" in reason
     assert "min_images 14 is not below the 14" in Halving(min_images=14).inactive_reason(14)
     assert "holds all 3 usable images" in Halving().inactive_reason(3)  # the default's first rung: 3 images
+    # with so few images the default stops nothing either: no advice to fall back on it
+    few = Halving(min_images=5).inactive_reason(3)
+    assert "by default" not in few and "min_images must be below 3" in few
     assert Halving().inactive_reason(0) is None
 
 

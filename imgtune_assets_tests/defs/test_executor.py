@@ -157,6 +157,16 @@ def test_executor_from_environment(monkeypatch):
         executor_from_environment()
 
 
+def test_steps_share_the_run_process_only_with_the_in_process_executor(monkeypatch):
+    from imgtune_assets.defs.executor import steps_share_the_run_process
+
+    monkeypatch.delenv("IMGTUNE_EXECUTOR", raising=False)
+    assert steps_share_the_run_process()
+    for value in ("multiprocess", "ray"):
+        monkeypatch.setenv("IMGTUNE_EXECUTOR", value)
+        assert not steps_share_the_run_process(), value
+
+
 def test_whole_sweep_with_ray_executor_on_a_two_node_cluster(tmp_path, cluster, denoise_data):
     # Tasks of tens of milliseconds (non-local means), not a few: with millisecond tasks the whole fan-out
     # can finish on the free node before Ray sees the step's own worker blocked and lends its CPU back.
