@@ -134,22 +134,28 @@ def start_embedded_ray(num_cpus: Optional[int] = None, namespace: Optional[str] 
     # Ray's default for a new local cluster is token authentication, and it says so at every start
     # (unless RAY_AUTH_MODE is set): not news for the embedded Ray. (Setting RAY_AUTH_MODE here instead
     # would break a process that imported Ray before: Ray reads the mode once, when first imported.)
-    auth_log = logging.getLogger(RAY_AUTH_LOGGER)
-    quiet = _DropMessage("Token authentication is enabled for this Ray cluster")
-    auth_log.addFilter(quiet)
+    with _dropped(RAY_AUTH_LOGGER, "Token authentication is enabled for this Ray cluster"), \
+            _lean_head_node(enabled=lean):
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            namespace=namespace,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            runtime_env=runtime_env,
+        )
+
+
+@contextmanager
+def _dropped(logger: str, prefix: str) -> Iterator[None]:
+    """Meanwhile, ``logger``'s messages that start with ``prefix`` are not logged."""
+    quiet = _DropMessage(prefix)
+    logging.getLogger(logger).addFilter(quiet)
     try:
-        with _lean_head_node(enabled=lean):
-            ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                namespace=namespace,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-                runtime_env=runtime_env,
-            )
+        yield
     finally:
-        auth_log.removeFilter(quiet)
+        logging.getLogger(logger).removeFilter(quiet)
 
 
 class _DropMessage(logging.Filter):
@@ -189,15 +195,12 @@ class _RayInBackground:
 
     def _run(self) -> None:
         started = time.perf_counter()
-        worker_log = logging.getLogger("ray._private.worker")
-        quiet = _DropMessage("SIGTERM handler is not set")
-        worker_log.addFilter(quiet)
         try:
-            self._start()
+            with _dropped("ray._private.worker", "SIGTERM handler is not set"):
+                self._start()
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits, and raised there
             self._error = exc
         finally:
-            worker_log.removeFilter(quiet)
             self.seconds = time.perf_counter() - started
             try:
                 self._started(self._error)

@@ -57,7 +57,6 @@ from imgtune_assets.core.report import (
     best_record,
     evaluations,
     leaderboard,
-    prepare_in_background,
     top_params,
     write_report,
 )
@@ -65,10 +64,9 @@ from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
 from imgtune_assets.core.search import is_staged
 from imgtune_assets.core.sweepfile import Sweep
-from imgtune_assets.defs.executor import steps_share_the_run_process
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
-from imgtune_assets.defs.search_run import run_staged_search, staged_trials
+from imgtune_assets.defs.search_run import early_stopping_notes, report_imports_on_tail, run_staged_search, staged_trials
 
 MANIFEST_COLUMNS = {"id", "image_path", "status"}
 
@@ -88,10 +86,8 @@ def manifest_rows(records: list[dict]) -> list[ManifestRow]:
     return [ManifestRow.from_record(rec) for rec in records]
 
 
-def _early_stopping_notes(sweep: Sweep, n_images: int) -> list[str]:
-    """Warnings about the sweep's early stopping on ``n_images`` images (one that stops nothing)."""
-    reason = sweep.early_stopping.inactive_reason(n_images) if sweep.early_stopping else None
-    return [reason] if reason else []
+def _notes_metadata(notes: list[str]) -> dict[str, MetadataValue]:
+    return {"notes": MetadataValue.md("\n".join(f"- {n}" for n in notes))} if notes else {}
 
 
 def _table(frame, limit: int | None = None) -> MetadataValue:
@@ -244,11 +240,11 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                     "trials": trials, "manifest_digest": manifest_digest(rows), "images": [r.to_record() for r in rows]}
         atomic_write_json(imgtune.sweep_dir(sweep.name) / "run_settings.json", settings)
         preview = pd.DataFrame([{"trial": t["trial"], **(t["params"] or {})} for t in trials])
-        notes = _early_stopping_notes(sweep, sum(1 for r in rows if r.status == "ok"))
+        notes = early_stopping_notes(sweep, sum(1 for r in rows if r.status == "ok"))
         for note in notes:
             context.log.warning(f"{sweep.path}: {note}")
         return Output(settings, metadata={
-            **({"notes": MetadataValue.md("\n".join(f"- {n}" for n in notes))} if notes else {}),
+            **_notes_metadata(notes),
             "trials": sweep.trials,
             "sampler": sweep.sampler,
             "early_stopping": MetadataValue.json(sweep.early_stopping.to_dict() if sweep.early_stopping else {}),
@@ -361,7 +357,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                     on_trial_done=trial_done, on_tick=report_progress, on_chunk_done=chunk_done,
                     identity=need_identity, known={k: known[k] for k in todo if k in known},
                     known_identity=known_identity if need_identity else None,
-                    on_tail=prepare_in_background if steps_share_the_run_process() else None,  # the report step's imports
+                    on_tail=report_imports_on_tail(),
                 )
             except ImageDataError as exc:  # a pinned image changed, vanished or does not decode
                 raise Failure(description=str(exc)) from None
@@ -459,7 +455,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "evaluations": evaluations(records),
             "evaluations_full": len(records) * n_images,
             # What the user should know about how the sweep ran (early stopping that stopped nothing).
-            "notes": _early_stopping_notes(sweep, n_images),
+            "notes": early_stopping_notes(sweep, n_images),
             # For the next sweep after the images change: warm starts (core/search.py).
             "manifest_digest": digest,
             "space_digest": space_digest(search_space(sweep)),
@@ -485,7 +481,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "failed_trials": len(failed),
             "evaluations": summary["evaluations"],
             "evaluations_full": summary["evaluations_full"],
-            **({"notes": MetadataValue.md("\n".join(f"- {n}" for n in summary["notes"]))} if summary["notes"] else {}),
+            **_notes_metadata(summary["notes"]),
             "missing_trials": len(summary["missing_trials"]),
             "total_trials": sweep.trials,
             "top_10": _table(top),

@@ -21,6 +21,19 @@ from imgtune_assets.defs.executor import steps_share_the_run_process
 from imgtune_assets.defs.resources import RayResource
 
 
+def early_stopping_notes(sweep: Sweep, n_images: int) -> list[str]:
+    """What the user should know about the sweep's early stopping on ``n_images`` images (one that stops
+    nothing); logged as warnings, and kept in the report."""
+    reason = sweep.early_stopping.inactive_reason(n_images) if sweep.early_stopping else None
+    return [reason] if reason else []
+
+
+def report_imports_on_tail() -> Callable[[], object] | None:
+    """``run_trials``' ``on_tail``: the report step's imports, begun while the fan-out's last tasks run —
+    when that step runs in this process (the in-process executor), else nothing."""
+    return prepare_in_background if steps_share_the_run_process() else None
+
+
 def staged_trials(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[dict[str, Any]]:
     """``run_settings``' trial list for a staged sweep: the recorded proposals where the ledger has them;
     the others are proposed by the experiment step, from the results of the rounds before theirs."""
@@ -86,8 +99,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                         image_detail=image_detail(images))
     except SearchError as exc:
         raise Failure(description=str(exc)) from None
-    if sweep.early_stopping and (reason := sweep.early_stopping.inactive_reason(len(images))):
-        context.log.warning(f"{sweep.path}: {reason}")
+    for note in early_stopping_notes(sweep, len(images)):
+        context.log.warning(f"{sweep.path}: {note}")
     known, known_identity = store.load_chunks() if skip_finished else ({}, {})
     baseline = IdentityBaseline(sweep_dir, objective, digest)
     need_identity = baseline.cached() is None
@@ -117,7 +130,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                          memory_budget=ray_cluster.memory_budget_bytes(), on_chunk_done=chunk_done, on_tick=on_tick,
                          identity=need_identity, known={t["trial"]: known_now.get(t["trial"], {}) for t in trials},
                          known_identity={i: identity[i] for i in needed if i in identity},
-                         on_tail=prepare_in_background if steps_share_the_run_process() else None)  # the report's imports
+                         on_tail=report_imports_on_tail())
         identity.update(fan.identity)
         stats["decodes"] += fan.decodes
         out = {}
