@@ -6,6 +6,11 @@ A ledger in the output folder (``.imgtune-applied.json``, written whole) records
 input's content key, the pipeline's key and the output's SHA-256: a re-run skips an image whose input
 and pipeline did not change and whose output is still there. An input that cannot be read or decoded
 is skipped with its reason; the others are written.
+
+Outputs are written atomically (a temporary file, then a rename) but not flushed to disk one by one,
+as OpenCV's ``imwrite`` or a copy would not: a re-run trusts an output only when its bytes still hash
+to the ledger's ``output_sha256``, so one lost to a power cut is written again, never kept half. The
+ledger itself is flushed.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from imgtune_assets.core.storage import Location
 LEDGER_NAME = ".imgtune-applied.json"
 # JPEG outputs: high quality (the input was lossy already; a second lossy step should lose little).
 JPEG_QUALITY = 95
-# Files per task: up to this many to amortise a task over small images, and at least
-# TASKS_PER_CPU tasks per CPU, so that the last tasks leave little idle at the end of a folder.
+# Files per task: up to this many, to amortise a task over small images; fewer as the folder's end
+# nears (guided self-scheduling: a task takes about 1/(TAIL_TASKS_PER_CPU × CPUs) of what is left),
+# so that the last tasks are single files and no CPU idles long while another finishes a batch.
 MAX_FILES_PER_TASK = 8
-TASKS_PER_CPU = 16
+TAIL_TASKS_PER_CPU = 4
 
 Stages = Sequence[tuple[str, dict[str, Any]]]
 
@@ -101,7 +107,7 @@ def apply_one(stages: Stages, source: Location, target: Location, previous: dict
             colour = output if output.ndim == 3 else cv2.cvtColor(output, cv2.COLOR_GRAY2BGR)
             output = np.dstack([colour[:, :, :3], alpha])
         encoded = encode_like(output, Path(source.name).suffix, source)
-        storage.write_bytes_atomic(target, encoded)
+        storage.write_bytes_atomic(target, encoded, durable=False)  # verified by its hash on a re-run
         entry.update(status="written", output_sha256=hashlib.sha256(encoded).hexdigest(), reason=None)
     except (ImageReadError, storage.StorageError) as exc:
         entry.update(status="skipped", reason=str(exc), output_sha256=None)
@@ -118,6 +124,18 @@ def _output_intact(target: Location, previous: dict[str, Any]) -> bool:
                 and hashlib.sha256(storage.read_bytes(target)).hexdigest() == previous.get("output_sha256"))
     except storage.StorageError:
         return False
+
+
+def task_sizes(n_files: int, cpus: int) -> list[int]:
+    """How many files each task takes, in submission order (guided self-scheduling): at most
+    ``MAX_FILES_PER_TASK``, about 1/(``TAIL_TASKS_PER_CPU`` × ``cpus``) of the files still left, at
+    least one — large tasks first, single files last. Sums to ``n_files``."""
+    sizes, left = [], n_files
+    while left > 0:
+        size = max(1, min(MAX_FILES_PER_TASK, left // (TAIL_TASKS_PER_CPU * max(1, cpus))))
+        sizes.append(size)
+        left -= size
+    return sizes
 
 
 def _apply_task(stages, items, key_of_pipeline):
@@ -189,10 +207,12 @@ def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *
             continue
         items.append((file, target, previous.get(str(target))))
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    per_task = max(1, min(MAX_FILES_PER_TASK, len(items) // (TASKS_PER_CPU * total_cpus)))
     remote = ray.remote(_apply_task).options(name="imgtune:apply", num_cpus=1, max_retries=max_retries,
                                               retry_exceptions=False, scheduling_strategy="SPREAD")
-    pending = [remote.remote(list(stages), items[i:i + per_task], key) for i in range(0, len(items), per_task)]
+    pending, start = [], 0
+    for size in task_sizes(len(items), total_cpus):
+        pending.append(remote.remote(list(stages), items[start:start + size], key))
+        start += size
     done_files = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)

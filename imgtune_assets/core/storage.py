@@ -17,14 +17,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from imgtune_assets.core.files import atomic_write_bytes
 
-try:  # a type for annotations only; universal-pathlib is imported when a URL is opened
-    from upath import UPath
-except ImportError:  # pragma: no cover - a dependency
-    UPath = Path  # type: ignore[misc,assignment]
+if TYPE_CHECKING:  # universal-pathlib (and fsspec under it) is imported when a URL is opened, not for a
+    from upath import UPath  # local folder: a Ray task reading local files does without their import
 
 Location = Union[Path, "UPath"]
 
@@ -184,12 +182,13 @@ def exists(path: Location) -> bool:
         raise _explain(exc, path, "look it up") from None
 
 
-def write_bytes_atomic(path: Location, data: bytes) -> Location:
-    """Write a whole file: locally through a temporary file and a rename; to an object store with one
-    PUT (an object appears whole or not at all)."""
+def write_bytes_atomic(path: Location, data: bytes, *, durable: bool = True) -> Location:
+    """Write a whole file: locally through a temporary file and a rename (``durable``: flushed to disk
+    first, see ``atomic_write_bytes``); to an object store with one PUT (an object appears whole or not
+    at all)."""
     if not is_remote(path):
         try:
-            return atomic_write_bytes(path, data)
+            return atomic_write_bytes(path, data, durable=durable)
         except OSError as exc:
             raise _explain(exc, path, "write it") from None
     try:

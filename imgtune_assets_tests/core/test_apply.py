@@ -11,10 +11,12 @@ import pytest
 
 from imgtune_assets.core.apply import (
     LEDGER_NAME,
+    MAX_FILES_PER_TASK,
     ApplyError,
     apply_to_folder,
     fixed_stages,
     pipeline_key,
+    task_sizes,
     to_depth,
 )
 from imgtune_assets.core.ops import apply_pipeline
@@ -67,6 +69,22 @@ def test_pipeline_key_is_stable_and_order_sensitive():
     # the same pipeline in a fresh interpreter-independent form: a literal hash of its JSON
     expected = hashlib.sha256(json.dumps([[op, p] for op, p in [a, b]], sort_keys=True).encode()).hexdigest()[:16]
     assert key == expected
+
+
+@pytest.mark.parametrize("n_files, cpus", [(0, 2), (1, 2), (3, 2), (10, 2), (120, 2), (1000, 8), (120, 64)])
+def test_task_sizes_cover_every_file_large_first_single_files_last(n_files, cpus):
+    sizes = task_sizes(n_files, cpus)
+    assert sum(sizes) == n_files
+    assert all(1 <= s <= MAX_FILES_PER_TASK for s in sizes)
+    assert sizes == sorted(sizes, reverse=True)
+    # the end of the folder is single files: one CPU never waits long for another's batch
+    assert sizes[-min(len(sizes), cpus):] == [1] * min(len(sizes), cpus)
+
+
+def test_task_sizes_amortise_many_small_images():
+    sizes = task_sizes(1000, 2)
+    assert sizes[0] == MAX_FILES_PER_TASK
+    assert len(sizes) < 1000 // 4
 
 
 def test_fixed_stages_of_a_best_pipeline_file(tmp_path):
