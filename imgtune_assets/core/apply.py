@@ -6,11 +6,6 @@ A ledger in the output folder (``.imgtune-applied.json``, written whole) records
 input's content key, the pipeline's key and the output's SHA-256: a re-run skips an image whose input
 and pipeline did not change and whose output is still there. An input that cannot be read or decoded
 is skipped with its reason; the others are written.
-
-Outputs are written atomically (a temporary file, then a rename) but not flushed to disk one by one,
-as OpenCV's ``imwrite`` or a copy would not: a re-run trusts an output only when its bytes still hash
-to the ledger's ``output_sha256``, so one lost to a power cut is written again, never kept half. The
-ledger itself is flushed.
 """
 
 from __future__ import annotations
@@ -86,19 +81,20 @@ def encode_like(image: np.ndarray, suffix: str, file: Location) -> bytes:
     return buffer.tobytes()
 
 
-def apply_one(stages: Stages, source: Location, target: Location, previous: dict[str, Any] | None,
-              key_of_pipeline: str) -> dict[str, Any]:
-    """Apply the pipeline to one file; never raises for a bad input (it is skipped with a reason)."""
+def prepare_output(stages: Stages, source: Location, target: Location, previous: dict[str, Any] | None,
+                   key_of_pipeline: str) -> tuple[dict[str, Any], bytes | None]:
+    """One file's ledger entry and its encoded output, still to be written (``write_output``); the entry
+    is final (``unchanged`` or ``skipped``, with its reason) when there is nothing to write. Never raises
+    for a bad input."""
     from imgtune_assets.core.ops import apply_pipeline
 
     entry: dict[str, Any] = {"input": str(source), "output": str(target), "pipeline": key_of_pipeline}
-    start = time.perf_counter()
     try:
         data, entry["input_key"] = storage.read_with_key(source)
         if (previous and previous.get("status") in ("written", "unchanged")
                 and previous.get("input_key") == entry["input_key"]
                 and previous.get("pipeline") == key_of_pipeline and _output_intact(target, previous)):
-            return {**previous, "status": "unchanged", "seconds": time.perf_counter() - start}
+            return {**previous, "status": "unchanged"}, None
         image, alpha = decode_with_alpha(data, source)
         output = to_depth(apply_pipeline(image, stages), image.dtype)
         if alpha is not None:  # the input's transparency goes back on unchanged
@@ -106,14 +102,24 @@ def apply_one(stages: Stages, source: Location, target: Location, previous: dict
 
             colour = output if output.ndim == 3 else cv2.cvtColor(output, cv2.COLOR_GRAY2BGR)
             output = np.dstack([colour[:, :, :3], alpha])
-        encoded = encode_like(output, Path(source.name).suffix, source)
-        storage.write_bytes_atomic(target, encoded, durable=False)  # verified by its hash on a re-run
-        entry.update(status="written", output_sha256=hashlib.sha256(encoded).hexdigest(), reason=None)
+        return entry, encode_like(output, Path(source.name).suffix, source)
     except (ImageReadError, storage.StorageError) as exc:
         entry.update(status="skipped", reason=str(exc), output_sha256=None)
     except Exception as exc:  # noqa: BLE001 - a pipeline refusing this image: reported with the image, not raised
         entry.update(status="skipped", reason=f"{source}: {type(exc).__name__}: {exc}", output_sha256=None)
-    entry["seconds"] = time.perf_counter() - start
+    return entry, None
+
+
+def write_output(entry: dict[str, Any], target: Location, encoded: bytes) -> dict[str, Any]:
+    """Write one output whole and durably (``storage.write_bytes_atomic``) and complete its entry:
+    ``written`` with the output's SHA-256, or ``skipped`` with the reason it could not be written."""
+    try:
+        storage.write_bytes_atomic(target, encoded)
+        entry.update(status="written", output_sha256=hashlib.sha256(encoded).hexdigest(), reason=None)
+    except storage.StorageError as exc:
+        entry.update(status="skipped", reason=str(exc), output_sha256=None)
+    except Exception as exc:  # noqa: BLE001 - reported with the file, as a bad input is
+        entry.update(status="skipped", reason=f"{target}: {type(exc).__name__}: {exc}", output_sha256=None)
     return entry
 
 
@@ -139,10 +145,27 @@ def task_sizes(n_files: int, cpus: int) -> list[int]:
 
 
 def _apply_task(stages, items, key_of_pipeline):
+    """A Ray task's files, one after another; each output is written (and flushed to disk, or PUT) by a
+    writer thread while the next file is decoded and processed, so that waiting for the disk or the
+    store is not on the CPU's path. Every write has finished when the task returns: the ledger, written
+    after the tasks, lists only outputs that are on disk. At most the task's own outputs wait in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import cv2
 
     cv2.setNumThreads(1)  # one CPU per Ray task
-    return [apply_one(stages, source, target, previous, key_of_pipeline) for source, target, previous in items]
+    entries, writes = [], []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-apply-write") as writer:
+        for source, target, previous in items:
+            start = time.perf_counter()
+            entry, encoded = prepare_output(stages, source, target, previous, key_of_pipeline)
+            entry["seconds"] = time.perf_counter() - start  # the file's read, pipeline and encoding
+            entries.append(entry)
+            if encoded is not None:
+                writes.append(writer.submit(write_output, entry, target, encoded))
+        for write in writes:
+            write.result()  # write_output reports its failures in the entry; anything else is a bug: raised
+    return entries
 
 
 @dataclass

@@ -19,13 +19,10 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
-    The rename is atomic on POSIX, so a reader (or a crash of the process) never sees half a file.
-    ``durable``: the data reaches the disk before the rename (``fsync``), so that a power loss cannot
-    leave the new name on an empty file either; ``False`` where every reader verifies what it reads
-    against a hash recorded elsewhere (``apply``'s outputs, checked against the ledger on a re-run).
+    The rename is atomic on POSIX, so a reader (or a crash) never sees half a file.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -33,9 +30,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = 
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
+            handle.flush()
+            os.fsync(handle.fileno())
         # mkstemp creates the file private (0600); give it the mode an ordinary write would.
         os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, target)

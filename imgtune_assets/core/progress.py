@@ -198,6 +198,14 @@ def percent(done: int, total: int) -> int:
     return 100 if done >= total else min(99, value)
 
 
+def passes_a_tenth(before: int, done: int, total: int) -> bool:
+    """Whether going from ``before`` to ``done`` of ``total`` items passes into a new tenth of them (or
+    finishes): where a log of "n/total done" says so, whatever steps ``done`` moves by."""
+    if total <= 0:
+        return False
+    return done >= total or done * 10 // total > before * 10 // total
+
+
 def format_score(score: float) -> str:
     return f"{score:.4g}" if abs(score) < 1e4 else f"{score:.0f}"
 

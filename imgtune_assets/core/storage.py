@@ -182,13 +182,12 @@ def exists(path: Location) -> bool:
         raise _explain(exc, path, "look it up") from None
 
 
-def write_bytes_atomic(path: Location, data: bytes, *, durable: bool = True) -> Location:
-    """Write a whole file: locally through a temporary file and a rename (``durable``: flushed to disk
-    first, see ``atomic_write_bytes``); to an object store with one PUT (an object appears whole or not
-    at all)."""
+def write_bytes_atomic(path: Location, data: bytes) -> Location:
+    """Write a whole file: locally through a temporary file and a rename; to an object store with one
+    PUT (an object appears whole or not at all)."""
     if not is_remote(path):
         try:
-            return atomic_write_bytes(path, data, durable=durable)
+            return atomic_write_bytes(path, data)
         except OSError as exc:
             raise _explain(exc, path, "write it") from None
     try:

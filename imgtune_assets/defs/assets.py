@@ -518,8 +518,13 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         ray_cluster.connect(context.log)
         started = time.perf_counter()
 
+        from imgtune_assets.core.progress import passes_a_tenth
+
+        logged = [0]
+
         def progress(done: int, total: int) -> None:
-            if done == total or done % max(1, total // 10) == 0:
+            if passes_a_tenth(logged[0], done, total):
+                logged[0] = done
                 context.log.info(f"applied {done}/{total}")
 
         try:

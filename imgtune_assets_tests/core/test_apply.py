@@ -9,9 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
+from imgtune_assets.core import apply as apply_module
 from imgtune_assets.core.apply import (
     LEDGER_NAME,
     MAX_FILES_PER_TASK,
+    _apply_task,
     ApplyError,
     apply_to_folder,
     fixed_stages,
@@ -217,6 +219,43 @@ def test_a_folder_of_mixed_files(local_ray, tmp_path):
         assert entry["output_sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
         assert entry == {**entries[name], "seconds": entry["seconds"]}
     assert saved["broken.png"]["status"] == "skipped" and saved["broken.png"]["output_sha256"] is None
+
+
+def test_a_task_writes_behind_its_work_and_reports_a_failed_write_with_its_file(tmp_path):
+    # In this process (no Ray): the task's writer thread writes every output before the task returns,
+    # each with its hash; one output that cannot be written is skipped with its path, the rest written.
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    (tmp_path / "blocker").write_text("a file where a folder should be\n")
+    names = ["grey8.png", "colour8.png", "photo.jpg", "grey16.png"]
+    targets = [out / n for n in names]
+    targets[1] = tmp_path / "blocker" / "colour8.png"
+    entries = _apply_task(STAGES, [(src / n, t, None) for n, t in zip(names, targets)], "key")
+
+    assert [e["input"] for e in entries] == [str(src / n) for n in names]
+    assert [e["status"] for e in entries] == ["written", "skipped", "written", "written"]
+    assert str(targets[1]) in entries[1]["reason"] and entries[1]["output_sha256"] is None
+    for entry, target in zip(entries, targets):
+        if entry["status"] == "written":
+            assert hashlib.sha256(target.read_bytes()).hexdigest() == entry["output_sha256"]
+            assert entry["seconds"] > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(n for n in names if n != "colour8.png")
+
+
+def test_tasks_of_several_files_cover_the_folder_once(local_ray, tmp_path, monkeypatch):
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    image_typed = len(IMAGES) + 1  # broken.png too; notes.txt is not sent to a task
+    sizes = [3, 2, 1, 1][: image_typed]
+    sizes += [1] * (image_typed - sum(sizes))
+    monkeypatch.setattr(apply_module, "task_sizes", lambda n_files, cpus: list(sizes))
+    progress = []
+    result = apply_to_folder(STAGES, src, out, on_progress=lambda done, total: progress.append(done))
+
+    assert result.count("written") == len(IMAGES) and result.count("skipped") == 2
+    assert sorted(by_name(result)) == sorted(IMAGES + SKIPPED)
+    check_outputs(src, out, STAGES)
+    assert len(progress) == len(sizes) and progress[-1] == image_typed  # once per task
 
 
 def test_re_runs_skip_what_did_not_change(local_ray, tmp_path):

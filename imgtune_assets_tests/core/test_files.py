@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 from imgtune_assets.core import files
@@ -26,14 +24,3 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
-
-
-@pytest.mark.parametrize("durable, expected_fsyncs", [(True, 1), (False, 0)])
-def test_durable_writes_flush_to_disk_before_the_rename(tmp_path, monkeypatch, durable, expected_fsyncs):
-    calls = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real_fsync(fd))
-    target = atomic_write_bytes(tmp_path / "out.bin", b"payload", durable=durable)
-    assert target.read_bytes() == b"payload"
-    assert len(calls) == expected_fsyncs
-    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]  # no temporary file left either way

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from imgtune_assets.core.metrics import Objective
-from imgtune_assets.core.progress import SweepProgress, describe, percent
+from imgtune_assets.core.progress import SweepProgress, describe, passes_a_tenth, percent
 
 
 class FakeClock:
@@ -213,3 +213,24 @@ def test_no_images_still_gives_a_finite_rate():
     clock.advance(1.0)
     progress.trial_done(failed(0))
     assert math.isfinite(progress.snapshot()["eta_seconds"])
+
+
+@pytest.mark.parametrize("steps, total", [([8, 8, 8, 7, 6, 5, 4, 3, 2, 2, 2, 1, 1, 1], 58), ([1] * 25, 25), ([3], 3)])
+def test_a_tenth_is_logged_once_whatever_the_steps(steps, total):
+    assert sum(steps) == total
+    logged, before, done = [], 0, 0
+    for step in steps:
+        done += step
+        if passes_a_tenth(before, done, total):
+            logged.append(done)
+            before = done
+    tenths = [d * 10 // total for d in logged]
+    assert logged[-1] == total
+    assert tenths == sorted(set(tenths))  # never twice in one tenth
+    # every tenth the counts passed through shows up (steps never jump more than a tenth here)
+    if max(steps) <= total / 10:
+        assert len(logged) == 10
+
+
+def test_no_tenths_of_nothing():
+    assert not passes_a_tenth(0, 0, 0)
