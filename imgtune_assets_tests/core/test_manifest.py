@@ -141,3 +141,23 @@ def test_missing_empty_and_unusable_folders_are_errors(tmp_path):
     rows = scan_folder(bad, needs_target=False)
     with pytest.raises(ManifestError, match=r"no usable images among 1 file\(s\): images/x.png: .*empty file"):
         require_usable(rows, bad)
+
+
+def test_prefetch_data_reads_in_the_manifests_order(tmp_path, monkeypatch):
+    from imgtune_assets.core import manifest, storage
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "targets").mkdir()
+    for stem in ("b", "a", "c"):
+        (tmp_path / "images" / f"{stem}.jpg").write_bytes(b"i" * 7)
+    for stem in ("a", "c"):
+        (tmp_path / "targets" / f"{stem}.png").write_bytes(b"t" * 5)
+    asked = []
+    monkeypatch.setattr(manifest.storage, "prefetch", lambda files, budget_bytes=None: asked.extend(files) or 0)
+    manifest.prefetch_data(tmp_path)
+    assert [f"{p.parent.name}/{p.name}" for p in asked] == [
+        "images/a.jpg", "targets/a.png", "images/b.jpg", "images/c.jpg", "targets/c.png"]
+    monkeypatch.undo()
+    assert manifest.prefetch_data(tmp_path) == 3 * 7 + 2 * 5
+    assert manifest.prefetch_data(tmp_path / "missing") == 0
+    assert manifest.prefetch_data(storage.location("memory://bucket/data")) == 0

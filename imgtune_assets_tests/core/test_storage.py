@@ -149,3 +149,36 @@ def test_a_jpeg_with_data_after_its_end_marker_is_whole():
     data = encoded("colour.jpg", np.uint8, 3) + b"\0\1\2ftypmp42" * 1000
     assert probe_image(data, "motion.jpg")[:2] == (53, 37)
     assert decode_image(data, "motion.jpg").shape == (37, 53, 3)
+
+
+# ----------------------------------------------------------------------------- prefetch
+def test_prefetch_asks_for_files_in_order_within_the_budget(tmp_path, monkeypatch):
+    files = []
+    for name, size in (("a.png", 10), ("b.png", 20), ("c.png", 30)):
+        (tmp_path / name).write_bytes(b"x" * size)
+        files.append(tmp_path / name)
+    advised = []
+    real = storage.os.posix_fadvise
+    monkeypatch.setattr(storage.os, "posix_fadvise",
+                        lambda fd, offset, length, advice: advised.append((length, advice)) or real(fd, offset, length, advice))
+    missing = tmp_path / "gone.png"
+    remote = storage.location("memory://bucket/d.png")
+    assert storage.prefetch([files[0], missing, remote, files[1], files[2]], budget_bytes=35) == 30
+    assert advised == [(10, storage.os.POSIX_FADV_WILLNEED), (20, storage.os.POSIX_FADV_WILLNEED)]
+    advised.clear()
+    assert storage.prefetch(files) == 60  # the default budget: a share of the memory available
+    assert [length for length, _ in advised] == [10, 20, 30]
+
+
+def test_prefetch_does_nothing_without_the_system_call(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(b"x" * 10)
+    monkeypatch.delattr(storage.os, "posix_fadvise")
+    assert storage.prefetch([tmp_path / "a.png"], budget_bytes=100) == 0
+
+
+def test_prefetch_folder_of_a_url_or_a_missing_folder_is_nothing(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x" * 10)
+    (tmp_path / ".hidden").write_bytes(b"x" * 5)
+    assert storage.prefetch_folder(tmp_path) == 10
+    assert storage.prefetch_folder(tmp_path / "missing") == 0
+    assert storage.prefetch_folder(storage.location("memory://bucket/images")) == 0
