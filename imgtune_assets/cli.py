@@ -5,9 +5,9 @@ trials, exactly what a user would type (see :func:`sweep_run_command`; the sched
 request the same run): manifest, run settings, every trial partition, the report (and the tuned
 images) in one process. Dagster's own output goes to a log file under ``$DAGSTER_HOME/logs/``; the
 terminal shows a progress bar of the trials (read from the sweep's ``progress.json``) and a short
-summary from its ``report.json``. While Dagster starts, the disk reads a local data folder's files
-into the page cache (``manifest.prefetch_data``: a hint, up to a quarter of the memory available), so
-that the manifest hashes them from memory. :func:`sweep_commands` are the same steps as separate
+summary from its ``report.json``. While Dagster starts, the kernel is asked to start reading a local
+data folder's files into its page cache (``manifest.prefetch_data``: a hint, within a memory budget),
+so that the manifest waits less on the disk. :func:`sweep_commands` are the same steps as separate
 ``dagster asset materialize`` commands (the README's step-by-step route).
 
     python -m imgtune_assets.cli sweep                            # the one sweep served ($IMGTUNE_SWEEP)
@@ -376,7 +376,8 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             if on_poll is not None:
                 on_poll()
 
-        in_background(prefetch_data, sweep.data_dir)  # the disk reads the images while Dagster starts
+        if not (env or os.environ).get(embedded_ray.RAY_ADDRESS_ENV):  # else a cluster's node may read them
+            in_background(prefetch_data, sweep.data_dir)  # the disk reads the images while Dagster starts
         proc = launch_logged(command, log, env=env)
         try:
             code = wait_polling(proc, poll)
@@ -462,6 +463,7 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
                     address: str | None, early: embedded_ray.EmbeddedRayStart | None) -> int:
     from imgtune_assets.core import storage
     from imgtune_assets.core.apply import ApplyError, apply_to_folder, require_input_folder
+    from imgtune_assets.core.imageio import IMAGE_SUFFIXES
 
     try:
         source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
@@ -473,7 +475,7 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
     cluster = None
     if early is not None:
         # This machine's Ray reads the files: the disk starts on them while Ray starts.
-        in_background(storage.prefetch_folder, source)
+        in_background(storage.prefetch_folder, source, IMAGE_SUFFIXES)
         early.wait()
         early.restore_sigterm()  # SIGTERM: Python's default (exit), without Ray's stack dump first
     else:  # a cluster (or an input whose folder could not be seen before): the resource connects

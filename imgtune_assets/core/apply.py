@@ -145,10 +145,11 @@ def task_sizes(n_files: int, cpus: int) -> list[int]:
 
 
 def _apply_task(stages, items, key_of_pipeline):
-    """A Ray task's files, one after another; each output is written (and flushed to disk, or PUT) by a
-    writer thread while the next file is decoded and processed, so that waiting for the disk or the
-    store is not on the CPU's path. Every write has finished when the task returns: the ledger, written
-    after the tasks, lists only outputs that are on disk. At most the task's own outputs wait in memory."""
+    """A Ray task's files, one after another; each output is written (flushed to disk and renamed, or
+    uploaded) by a writer thread while the task reads, decodes and processes its next file, so that
+    waiting for the disk or the store overlaps the work. At most two outputs are in memory (one being
+    written, the next waiting for it), and every write has finished when the task returns: the ledger,
+    written after the tasks, lists only outputs already on disk."""
     from concurrent.futures import ThreadPoolExecutor
 
     import cv2
@@ -162,6 +163,8 @@ def _apply_task(stages, items, key_of_pipeline):
             entry["seconds"] = time.perf_counter() - start  # the file's read, pipeline and encoding
             entries.append(entry)
             if encoded is not None:
+                if writes:
+                    writes[-1].result()  # the previous output is written before this one queues behind it
                 writes.append(writer.submit(write_output, entry, target, encoded))
         for write in writes:
             write.result()  # write_output reports its failures in the entry; anything else is a bug: raised

@@ -22,7 +22,8 @@ _UMASK = _umask()
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
-    The rename is atomic on POSIX, so a reader (or a crash) never sees half a file.
+    The rename is atomic on POSIX, so a reader (or a crash) never sees half a file; the data is flushed
+    to disk (``fsync``) before the rename, so a power cut cannot leave the new name on an empty file.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

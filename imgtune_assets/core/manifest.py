@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -71,21 +72,39 @@ def prefetch_data(data_dir: Location) -> int:
     the manifest reads them (``storage.prefetch``: up to a share of the memory available; a larger set
     from its start). Returns the bytes asked for; 0 for an object store (its objects are read by Ray
     tasks where they run) or a folder that cannot be listed (the manifest says why). For a command that
-    launches a run: the disk reads while Dagster starts, and the manifest then hashes from memory."""
+    launches a run: the disk reads while Dagster starts, and the manifest waits less on it."""
     if storage.is_remote(data_dir):
         return 0
     try:
         image_dir, target_dir = image_folders(data_dir)
         images = storage.list_files(image_dir)
-        targets = {Path(f.name).stem: f for f, _ in storage.list_files(target_dir)} if target_dir.is_dir() else {}
+        targets = targets_by_stem(storage.list_files(target_dir) if target_dir.is_dir() else [])
     except (OSError, storage.StorageError):
         return 0
     order = []
-    for file, _ in images:
-        order.append(file)
-        if Path(file.name).stem in targets:
-            order.append(targets[Path(file.name).stem])
+    for (file, _), target in probed_files(images, targets):
+        order += [file] + ([target[0]] if target is not None else [])
     return storage.prefetch(order)
+
+
+def targets_by_stem(target_files: Iterable[tuple[Location, dict]]) -> dict[str, tuple[Location, dict]]:
+    """The target of each image stem: the first image-typed file of that stem (listing order)."""
+    targets: dict[str, tuple[Location, dict]] = {}
+    for file, info in target_files:
+        if file.suffix.lower() in IMAGE_SUFFIXES:
+            targets.setdefault(Path(file.name).stem, (file, info))
+    return targets
+
+
+def probed_files(files: Iterable[tuple[Location, dict]], targets: dict[str, tuple[Location, dict]]):
+    """``((file, info), target or None)`` for each file the manifest reads, in its order: image-typed,
+    the first of its stem."""
+    seen: set[str] = set()
+    for file, info in files:
+        stem = Path(file.name).stem
+        if file.suffix.lower() in IMAGE_SUFFIXES and stem not in seen:
+            seen.add(stem)
+            yield (file, info), targets.get(stem)
 
 
 def _relative(file: Location, data_dir: Location) -> str:
@@ -183,11 +202,7 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
         raise ManifestError(str(exc)) from None
     if not files:
         raise ManifestError(f"{image_dir}: no image files in the data folder")
-    targets: dict[str, tuple] = {}
-    for file, info in target_files:
-        if file.suffix.lower() in IMAGE_SUFFIXES:
-            targets.setdefault(Path(file.name).stem, (file, info))
-
+    targets = targets_by_stem(target_files)
     rows: list[ManifestRow] = []
     work: list[tuple[ManifestRow, tuple]] = []
     seen: set[str] = set()

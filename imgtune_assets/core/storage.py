@@ -28,6 +28,8 @@ Location = Union[Path, "UPath"]
 # ``prefetch`` asks for at most this share of the memory available: the page cache keeps it without
 # pushing out what the run itself needs.
 PREFETCH_MEMORY_FRACTION = 0.25
+PREFETCH_MAX_BYTES = 2 * 1024**3  # and at most this (psutil sees the host's memory, not a container's limit)
+PREFETCH_CHUNK_BYTES = 1024**2  # one advice per MiB: Linux reads at most its read-ahead window per call
 
 
 class StorageError(ValueError):
@@ -160,17 +162,19 @@ def list_files(folder: Location) -> list[tuple[Location, dict[str, Any]]]:
 
 def prefetch(files: Iterable[Location], budget_bytes: int | None = None) -> int:
     """Ask the kernel to start reading local ``files`` into its page cache, in order, until the next
-    would pass ``budget_bytes`` (default: ``PREFETCH_MEMORY_FRACTION`` of the memory available now);
-    returns the bytes asked for. A hint (``posix_fadvise`` WILLNEED, which returns at once and reads in
-    the background): nothing is held by this process, a file that cannot be opened is passed over (its
-    reader reports it), objects (URLs) are left to their readers, and where the system has no such call
-    nothing is done. For a command about to start Ray or Dagster: the disk reads meanwhile."""
+    would pass ``budget_bytes`` (default: ``PREFETCH_MEMORY_FRACTION`` of the memory available now, at
+    most ``PREFETCH_MAX_BYTES``); returns the bytes asked for. A hint (``posix_fadvise`` WILLNEED, in
+    ``PREFETCH_CHUNK_BYTES`` pieces: Linux reads at most its read-ahead window per call; each call
+    queues the reads and returns, waiting only when the disk's queue is full): nothing is held by this
+    process, a file that cannot be opened or advised is passed over (its reader reports it), objects
+    (URLs) are left to their readers, and where the system has no such call nothing is done. Run it in
+    a thread beside a start-up that leaves the disk idle (Dagster's, Ray's)."""
     if not hasattr(os, "posix_fadvise"):
         return 0
     if budget_bytes is None:
         import psutil
 
-        budget_bytes = int(psutil.virtual_memory().available * PREFETCH_MEMORY_FRACTION)
+        budget_bytes = min(PREFETCH_MAX_BYTES, int(psutil.virtual_memory().available * PREFETCH_MEMORY_FRACTION))
     asked = 0
     for file in files:
         if is_remote(file):
@@ -183,20 +187,24 @@ def prefetch(files: Iterable[Location], budget_bytes: int | None = None) -> int:
             size = os.fstat(fd).st_size
             if asked + size > budget_bytes:
                 break
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+            for offset in range(0, size, PREFETCH_CHUNK_BYTES):
+                os.posix_fadvise(fd, offset, min(PREFETCH_CHUNK_BYTES, size - offset), os.POSIX_FADV_WILLNEED)
             asked += size
+        except OSError:
+            continue  # a file system that refuses the advice: its reader reads it as usual
         finally:
             os.close(fd)
     return asked
 
 
-def prefetch_folder(folder: Location) -> int:
-    """``prefetch`` of the visible files directly in a local ``folder``; 0 for a URL or a folder that
-    cannot be listed (its reader says why)."""
+def prefetch_folder(folder: Location, suffixes: Iterable[str]) -> int:
+    """``prefetch`` of the visible files directly in a local ``folder`` whose names end with one of
+    ``suffixes`` (any case); 0 for a URL or a folder that cannot be listed (its reader says why)."""
     if is_remote(folder):
         return 0
+    wanted = tuple(s.lower() for s in suffixes)
     try:
-        return prefetch(file for file, _ in list_files(folder))
+        return prefetch(file for file, _ in list_files(folder) if file.name.lower().endswith(wanted))
     except StorageError:
         return 0
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from imgtune_assets.core import files
@@ -24,3 +26,13 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_the_data_is_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: calls.append("replace") or real_replace(src, dst))
+    target = atomic_write_bytes(tmp_path / "out.bin", b"payload")
+    assert target.read_bytes() == b"payload"
+    assert calls == ["fsync", "replace"]

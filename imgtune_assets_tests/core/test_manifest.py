@@ -143,21 +143,34 @@ def test_missing_empty_and_unusable_folders_are_errors(tmp_path):
         require_usable(rows, bad)
 
 
-def test_prefetch_data_reads_in_the_manifests_order(tmp_path, monkeypatch):
+def test_prefetch_data_reads_what_the_manifest_reads_in_its_order(tmp_path, monkeypatch):
     from imgtune_assets.core import manifest, storage
 
     (tmp_path / "images").mkdir()
     (tmp_path / "targets").mkdir()
-    for stem in ("b", "a", "c"):
-        (tmp_path / "images" / f"{stem}.jpg").write_bytes(b"i" * 7)
-    for stem in ("a", "c"):
-        (tmp_path / "targets" / f"{stem}.png").write_bytes(b"t" * 5)
+    pixels = np.full((4, 6), 128, np.uint8)
+    sizes = {}
+    for folder, names in (("images", ("b.jpg", "a.jpg", "a.png", "c.jpg", "clip.mp4")),  # a.png: a second "a"
+                          ("targets", ("a.png", "a.txt", "c.png", "z.png"))):  # a.txt: not an image; z: no image
+        for name in names:
+            ok, data = cv2.imencode(".png" if name.endswith(("png", "txt", "mp4")) else ".jpg", pixels)
+            (tmp_path / folder / name).write_bytes(data.tobytes())
+            sizes[f"{folder}/{name}"] = len(data)
+
+    def names(files):
+        return [f"{p.parent.name}/{p.name}" for p in files]
+
     asked = []
     monkeypatch.setattr(manifest.storage, "prefetch", lambda files, budget_bytes=None: asked.extend(files) or 0)
     manifest.prefetch_data(tmp_path)
-    assert [f"{p.parent.name}/{p.name}" for p in asked] == [
+    read = []
+    real_probe = manifest._probe
+    monkeypatch.setattr(manifest, "_probe", lambda file, info: read.append(file) or real_probe(file, info))
+    manifest.scan_folder(tmp_path, needs_target=False, threads=1)
+    assert names(asked) == names(read) == [
         "images/a.jpg", "targets/a.png", "images/b.jpg", "images/c.jpg", "targets/c.png"]
     monkeypatch.undo()
-    assert manifest.prefetch_data(tmp_path) == 3 * 7 + 2 * 5
+    if hasattr(os, "posix_fadvise"):
+        assert manifest.prefetch_data(tmp_path) == sum(sizes[n] for n in names(read))
     assert manifest.prefetch_data(tmp_path / "missing") == 0
     assert manifest.prefetch_data(storage.location("memory://bucket/data")) == 0

@@ -1,6 +1,7 @@
 """Local folders and URLs behind one interface; header probes agree with full decodes."""
 
 import hashlib
+import os
 
 import cv2
 import numpy as np
@@ -152,33 +153,71 @@ def test_a_jpeg_with_data_after_its_end_marker_is_whole():
 
 
 # ----------------------------------------------------------------------------- prefetch
+needs_fadvise = pytest.mark.skipif(not hasattr(storage.os, "posix_fadvise"), reason="no posix_fadvise here")
+
+
+@needs_fadvise
 def test_prefetch_asks_for_files_in_order_within_the_budget(tmp_path, monkeypatch):
     files = []
-    for name, size in (("a.png", 10), ("b.png", 20), ("c.png", 30)):
+    for name, size in (("a.png", 10), ("b.png", 20), ("c.png", 30), ("d.png", 1)):
         (tmp_path / name).write_bytes(b"x" * size)
         files.append(tmp_path / name)
     advised = []
     real = storage.os.posix_fadvise
-    monkeypatch.setattr(storage.os, "posix_fadvise",
-                        lambda fd, offset, length, advice: advised.append((length, advice)) or real(fd, offset, length, advice))
+    monkeypatch.setattr(storage.os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(
+        (os.fstat(fd).st_size, offset, length, advice)) or real(fd, offset, length, advice))
     missing = tmp_path / "gone.png"
     remote = storage.location("memory://bucket/d.png")
-    assert storage.prefetch([files[0], missing, remote, files[1], files[2]], budget_bytes=35) == 30
-    assert advised == [(10, storage.os.POSIX_FADV_WILLNEED), (20, storage.os.POSIX_FADV_WILLNEED)]
+    # in order, and it stops at the first file past the budget (the reader's order: what comes later is read later)
+    assert storage.prefetch([files[0], missing, remote, files[1], files[2], files[3]], budget_bytes=35) == 30
+    assert advised == [(10, 0, 10, storage.os.POSIX_FADV_WILLNEED), (20, 0, 20, storage.os.POSIX_FADV_WILLNEED)]
     advised.clear()
-    assert storage.prefetch(files) == 60  # the default budget: a share of the memory available
-    assert [length for length, _ in advised] == [10, 20, 30]
+    assert storage.prefetch(files) == 61  # the default budget: a share of the memory available
+    assert [size for size, _, _, _ in advised] == [10, 20, 30, 1]
+
+
+@needs_fadvise
+def test_prefetch_advises_a_large_file_piece_by_piece(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "PREFETCH_CHUNK_BYTES", 4096)
+    big = tmp_path / "big.tif"
+    big.write_bytes(b"x" * (3 * 4096 + 100))
+    advised = []
+    real = storage.os.posix_fadvise
+    monkeypatch.setattr(storage.os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(
+        (offset, length)) or real(fd, offset, length, advice))
+    assert storage.prefetch([big], budget_bytes=10**6) == 3 * 4096 + 100
+    assert advised == [(0, 4096), (4096, 4096), (8192, 4096), (12288, 100)]  # Linux caps what one call reads
+
+
+@needs_fadvise
+def test_prefetch_passes_over_a_file_the_system_refuses_to_advise(tmp_path, monkeypatch):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+    real = storage.os.posix_fadvise
+    opened_before = len(os.listdir("/proc/self/fd"))
+
+    def refuse_a(fd, offset, length, advice):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == "a.png":
+            raise OSError(22, "Invalid argument")
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(storage.os, "posix_fadvise", refuse_a)
+    assert storage.prefetch([tmp_path / "a.png", tmp_path / "b.png"], budget_bytes=100) == 10
+    assert len(os.listdir("/proc/self/fd")) == opened_before  # every file closed again
 
 
 def test_prefetch_does_nothing_without_the_system_call(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(b"x" * 10)
-    monkeypatch.delattr(storage.os, "posix_fadvise")
+    monkeypatch.delattr(storage.os, "posix_fadvise", raising=False)
     assert storage.prefetch([tmp_path / "a.png"], budget_bytes=100) == 0
 
 
-def test_prefetch_folder_of_a_url_or_a_missing_folder_is_nothing(tmp_path):
+@needs_fadvise
+def test_prefetch_folder_takes_the_image_files_of_a_local_folder(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x" * 10)
-    (tmp_path / ".hidden").write_bytes(b"x" * 5)
-    assert storage.prefetch_folder(tmp_path) == 10
-    assert storage.prefetch_folder(tmp_path / "missing") == 0
-    assert storage.prefetch_folder(storage.location("memory://bucket/images")) == 0
+    (tmp_path / "B.JPG").write_bytes(b"x" * 7)
+    (tmp_path / "notes.txt").write_bytes(b"x" * 100)
+    (tmp_path / ".hidden.png").write_bytes(b"x" * 5)
+    assert storage.prefetch_folder(tmp_path, (".png", ".jpg")) == 17
+    assert storage.prefetch_folder(tmp_path / "missing", (".png",)) == 0
+    assert storage.prefetch_folder(storage.location("memory://bucket/images"), (".png",)) == 0
