@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -82,8 +82,9 @@ def prefetch_data(data_dir: Location) -> int:
     except (OSError, storage.StorageError):
         return 0
     order = []
-    for (file, _), target in probed_files(images, targets):
-        order += [file] + ([target[0]] if target is not None else [])
+    for (file, _), target, reason in listed_files(images, targets):
+        if reason is None:
+            order += [file] + ([target[0]] if target is not None else [])
     return storage.prefetch(order)
 
 
@@ -96,15 +97,23 @@ def targets_by_stem(target_files: Iterable[tuple[Location, dict]]) -> dict[str, 
     return targets
 
 
-def probed_files(files: Iterable[tuple[Location, dict]], targets: dict[str, tuple[Location, dict]]):
-    """``((file, info), target or None)`` for each file the manifest reads, in its order: image-typed,
-    the first of its stem."""
+def listed_files(files: Iterable[tuple[Location, dict]], targets: dict[str, tuple[Location, dict]]
+                 ) -> Iterator[tuple[tuple[Location, dict], tuple[Location, dict] | None, str | None]]:
+    """``((file, info), target, reason)`` for every listed file, in listing order. The manifest reads a
+    file whose ``reason`` is None (image-typed, the first of its stem; ``target`` its target or None);
+    any other file is skipped, and ``reason`` says why. ``scan_folder`` and ``prefetch_data`` share it,
+    so that the prefetch reads exactly the files the manifest will, in its order."""
     seen: set[str] = set()
     for file, info in files:
         stem = Path(file.name).stem
-        if file.suffix.lower() in IMAGE_SUFFIXES and stem not in seen:
+        if file.suffix.lower() not in IMAGE_SUFFIXES:
+            yield (file, info), None, (f"not an image file type ({file.suffix or 'no suffix'}; "
+                                       f"expected one of {', '.join(IMAGE_SUFFIXES)})")
+        elif stem in seen:
+            yield (file, info), None, f"duplicate id {stem!r} (another file with the same stem comes first)"
+        else:
             seen.add(stem)
-            yield (file, info), targets.get(stem)
+            yield (file, info), targets.get(stem), None
 
 
 def _relative(file: Location, data_dir: Location) -> str:
@@ -205,21 +214,13 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
     targets = targets_by_stem(target_files)
     rows: list[ManifestRow] = []
     work: list[tuple[ManifestRow, tuple]] = []
-    seen: set[str] = set()
-    for file, info in files:
-        stem = Path(file.name).stem
-        row = ManifestRow(id=stem, image_path=_relative(file, data_dir), target_path=None, image_sha256=None,
-                          target_sha256=None, width=None, height=None, channels=None, dtype=None,
-                          status="skipped")
+    for (file, info), target, reason in listed_files(files, targets):
+        row = ManifestRow(id=Path(file.name).stem, image_path=_relative(file, data_dir), target_path=None,
+                          image_sha256=None, target_sha256=None, width=None, height=None, channels=None,
+                          dtype=None, status="skipped", reason=reason)
         rows.append(row)
-        if file.suffix.lower() not in IMAGE_SUFFIXES:
-            row.reason = f"not an image file type ({file.suffix or 'no suffix'}; expected one of {', '.join(IMAGE_SUFFIXES)})"
+        if reason is not None:
             continue
-        if stem in seen:
-            row.reason = f"duplicate id {stem!r} (another file with the same stem comes first)"
-            continue
-        seen.add(stem)
-        target = targets.get(stem)
         if target is not None:
             row.target_path = _relative(target[0], data_dir)
         work.append((row, ((file, info), target)))
