@@ -594,7 +594,8 @@ def _branch_tpe(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, di
     One model over every branch lets a branch that scores well whatever its other parameters (a
     global Otsu threshold beside adaptive ones) fill TPE's "good" group and starve a better branch that
     needs tuning. Here every branch seen fewer than twice gets a trial (up to half the batch), the rest
-    of the batch goes by rank of each branch's best complete score — half to the best branch, half of
+    of the batch goes by rank of each branch's best score (complete, or a pruned trial's estimate of its
+    full mean) — half to the best branch, half of
     what is left to the next, and so on — and each branch's trials are proposed by a TPE fitted on that
     branch's trials alone, with its choices fixed."""
     import itertools
@@ -607,7 +608,13 @@ def _branch_tpe(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, di
     branches = list(itertools.product(*(d.range.values for d in spec.dims if d.range.type == "choice")))
     sign = -1.0 if spec.maximize else 1.0
     members = {b: [t for t in history if tuple(t.params[n] for n in choice) == b] for b in branches}
-    best = {b: min((sign * t.score for t in ts if t.status == "ok" and not math.isnan(t.score)), default=math.inf)
+    # A branch ranks by its best value: a complete trial's mean, a pruned one's estimated full mean
+    # (``trial_values``). With early stopping most trials are pruned (one of eight goes on to every image
+    # per round), and a branch ranked on complete trials alone would go unranked, short of trials, for
+    # as long as none of its own had gone all the way.
+    values = trial_values(history, spec.maximize, gaps)
+    best = {b: min((sign * values[t.index] for t in ts if t.status in ("ok", "pruned") and not math.isnan(t.score)),
+                   default=math.inf)
             for b, ts in members.items()}
     order = sorted(branches, key=lambda b: (best[b], branches.index(b)))
     counts = dict.fromkeys(branches, 0)

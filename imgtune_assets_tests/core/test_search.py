@@ -357,6 +357,32 @@ def test_tpe_over_choices_tries_every_branch_and_favours_the_best(tmp_path):
     assert methods.count("mean") > methods.count("otsu")
 
 
+
+def test_tpe_over_choices_ranks_a_branch_by_its_pruned_trials_too(tmp_path):
+    # With early stopping most trials are pruned: a branch whose trials all were is still ranked, by
+    # their estimated full means, and gets the largest share when those are the best.
+    pipeline = [dict(stage) for stage in PIPELINE]
+    threshold = next(stage for stage in pipeline if stage["op"] == "threshold")
+    threshold["method"] = {"type": "choice", "values": ["otsu", "mean", "gaussian"]}
+    sweep = sweep_of(tmp_path, pipeline=pipeline, search={"batch_size": 8, "n_startup": 10})
+    spec = SearchSpec(dims=search_space(sweep), sampler="tpe", seed=3, maximize=True, rounds=Rounds(8, 10))
+    branch = ["otsu"] * 4 + ["mean"] * 4 + ["gaussian"] * 2
+    history = [HistoryTrial(p["index"], {**p["params"], "threshold.method": branch[p["index"]]},
+                            "pruned" if branch[p["index"]] == "mean" else "ok",
+                            {"otsu": 30.0, "mean": 40.0, "gaussian": 29.0}[branch[p["index"]]],
+                            3 if branch[p["index"]] == "mean" else 12,
+                            {i: 40.0 for i in IDS[:3]} if branch[p["index"]] == "mean"
+                            else dict.fromkeys(IDS, 30.0 if branch[p["index"]] == "otsu" else 29.0))
+               for p in propose(spec, 0, [])]
+    assert len(history) == 10
+    methods = [p["params"]["threshold.method"] for p in propose(spec, 1, history)]
+    assert methods.count("mean") > methods.count("otsu") > 0
+    # the same pruned trials estimated worse than the complete ones: the best complete branch leads
+    history = [HistoryTrial(t.index, t.params, t.status, 20.0, t.images_scored, dict.fromkeys(t.per_image, 20.0))
+               if t.status == "pruned" else t for t in history]
+    methods = [p["params"]["threshold.method"] for p in propose(spec, 1, history)]
+    assert methods.count("otsu") > methods.count("mean") > 0
+
 def test_the_default_batch_fills_the_cluster_and_leaves_halving_something_to_prune(tmp_path):
     assert default_batch(2, None) == 2 and default_batch(0, None) == 1
     assert default_batch(2, Halving(eta=3)) == 9 and default_batch(2, Halving(eta=2)) == 4
