@@ -613,8 +613,8 @@ def _branch_tpe(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, di
     # per round), and a branch ranked on complete trials alone would go unranked, short of trials, for
     # as long as none of its own had gone all the way.
     values = trial_values(history, spec.maximize, gaps)
-    best = {b: min((sign * values[t.index] for t in ts if t.status in ("ok", "pruned") and not math.isnan(t.score)),
-                   default=math.inf)
+    best = {b: min((sign * values[t.index] for t in ts
+                    if t.status in ("ok", "pruned") and math.isfinite(values[t.index])), default=math.inf)
             for b, ts in members.items()}
     order = sorted(branches, key=lambda b: (best[b], branches.index(b)))
     counts = dict.fromkeys(branches, 0)

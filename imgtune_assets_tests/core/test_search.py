@@ -357,7 +357,6 @@ def test_tpe_over_choices_tries_every_branch_and_favours_the_best(tmp_path):
     assert methods.count("mean") > methods.count("otsu")
 
 
-
 def test_tpe_over_choices_ranks_a_branch_by_its_pruned_trials_too(tmp_path):
     # With early stopping most trials are pruned: a branch whose trials all were is still ranked, by
     # their estimated full means, and gets the largest share when those are the best.
