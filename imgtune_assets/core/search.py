@@ -594,10 +594,10 @@ def _branch_tpe(spec: SearchSpec, r: int, history: list[HistoryTrial], dists, di
     One model over every branch lets a branch that scores well whatever its other parameters (a
     global Otsu threshold beside adaptive ones) fill TPE's "good" group and starve a better branch that
     needs tuning. Here every branch seen fewer than twice gets a trial (up to half the batch), the rest
-    of the batch goes by rank of each branch's best score (complete, or a pruned trial's estimate of its
-    full mean) — half to the best branch, half of
-    what is left to the next, and so on — and each branch's trials are proposed by a TPE fitted on that
-    branch's trials alone, with its choices fixed."""
+    of the batch goes by rank of each branch's best value (a complete trial's mean, or a pruned trial's
+    estimate of its full mean) — half to the best branch, half of what is left to the next, and so on —
+    and each branch's trials are proposed by a TPE fitted on that branch's trials alone, with its
+    choices fixed."""
     import itertools
 
     import optuna
