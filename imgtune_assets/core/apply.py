@@ -20,11 +20,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from imgtune_assets.core import storage
-from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, decode_with_alpha
+from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, decode_with_alpha, webp_is_lossless
 from imgtune_assets.core.storage import Location
 
 LEDGER_NAME = ".imgtune-applied.json"
-# JPEG outputs: high quality (the input was lossy already; a second lossy step should lose little).
+# JPEG (and lossy WebP) outputs: high quality (the input was lossy already; a second lossy step should lose little).
 JPEG_QUALITY = 95
 # Files per task: up to this many, to amortise a task over small images; fewer as the folder's end
 # nears (guided self-scheduling: a task takes about 1/(TAIL_TASKS_PER_CPU × CPUs) of what is left),
@@ -71,10 +71,16 @@ def to_depth(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.clip(np.rint(image), info.min, info.max).astype(dtype)
 
 
-def encode_like(image: np.ndarray, suffix: str, file: Location) -> bytes:
+def encode_like(image: np.ndarray, suffix: str, file: Location, lossless: bool = True) -> bytes:
+    """``image`` encoded in the format of ``suffix``: JPEG at ``JPEG_QUALITY``; WebP lossless when
+    ``lossless`` (the input was), else lossy at ``JPEG_QUALITY``; the other formats are lossless."""
     import cv2
 
-    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if suffix.lower() in (".jpg", ".jpeg") else []
+    params = []
+    if suffix.lower() in (".jpg", ".jpeg"):
+        params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+    elif suffix.lower() == ".webp":  # OpenCV: a quality above 100 selects lossless
+        params = [cv2.IMWRITE_WEBP_QUALITY, 101 if lossless else JPEG_QUALITY]
     ok, buffer = cv2.imencode(suffix.lower(), image, params)
     if not ok:
         raise ImageReadError(f"{file}: OpenCV could not encode {image.shape} {image.dtype} as {suffix}")
@@ -102,7 +108,9 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
 
             colour = output if output.ndim == 3 else cv2.cvtColor(output, cv2.COLOR_GRAY2BGR)
             output = np.dstack([colour[:, :, :3], alpha])
-        return entry, encode_like(output, Path(source.name).suffix, source)
+        suffix = Path(source.name).suffix
+        lossless = suffix.lower() != ".webp" or webp_is_lossless(data)
+        return entry, encode_like(output, suffix, source, lossless)
     except (ImageReadError, storage.StorageError) as exc:
         entry.update(status="skipped", reason=str(exc), output_sha256=None)
     except Exception as exc:  # noqa: BLE001 - a pipeline refusing this image: reported with the image, not raised

@@ -11,7 +11,7 @@ import numpy as np
 
 from imgtune_assets.core.files import atomic_write_bytes
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
 # Decodes in this process, so a run can report how often each image was decoded.
@@ -74,6 +74,8 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
         raise ImageReadError(f"{file}: not a decodable image (truncated JPEG: no end-of-image marker)")
     if whole and kind == "BMP" and len(data) < int.from_bytes(data[2:6], "little"):
         raise ImageReadError(f"{file}: not a decodable image (truncated BMP)")
+    if whole and kind == "WEBP" and len(data) < 8 + int.from_bytes(data[4:8], "little"):
+        raise ImageReadError(f"{file}: not a decodable image (truncated WebP)")
     grey = mode in ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F", "La")
     depth = 8
     if kind == "PNG" and len(data) > 24:
@@ -85,6 +87,22 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
     if depth > 16 or mode in ("I", "F"):
         raise ImageReadError(f"{file}: unsupported pixel type ({mode}, {depth} bit; need 8-bit or 16-bit)")
     return int(width), int(height), 1 if grey else 3, "uint16" if depth == 16 else "uint8"
+
+
+def webp_is_lossless(data: bytes) -> bool:
+    """Whether a WebP file's image is stored lossless (a ``VP8L`` chunk) rather than lossy (``VP8 ``),
+    so that a processed copy can be written the same way. Walks the RIFF chunks (an extended file,
+    ``VP8X``, holds its image chunk after others); an animation or an unknown layout counts as lossy."""
+    pos = 12  # after "RIFF", the size and "WEBP"
+    while pos + 8 <= len(data):
+        kind = data[pos:pos + 4]
+        if kind == b"VP8L":
+            return True
+        if kind == b"VP8 ":
+            return False
+        size = int.from_bytes(data[pos + 4:pos + 8], "little")
+        pos += 8 + size + (size & 1)  # chunks are padded to an even length
+    return False
 
 
 def check_png_chunks(data: bytes) -> None:

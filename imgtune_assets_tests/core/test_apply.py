@@ -22,6 +22,7 @@ from imgtune_assets.core.apply import (
     to_depth,
 )
 from imgtune_assets.core.ops import apply_pipeline
+from imgtune_assets.core.imageio import webp_is_lossless
 from imgtune_assets.core.sweepfile import fixed_sweep_document, load_sweep
 from imgtune_assets_tests.conftest import write_sweep
 
@@ -353,6 +354,31 @@ def test_transparency_is_kept_and_a_damaged_output_is_rewritten(local_ray, tmp_p
     again = apply_to_folder(STAGES, src, out)
     assert [e["status"] for e in again.entries] == ["written"]
     assert np.array_equal(_decode_file(out / "logo.png"), written)
+
+
+def test_webp_is_written_lossless_or_lossy_as_its_input_was(local_ray, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    scene = _scene((36, 52, 3), np.uint8, 8)
+    (src / "lossless.webp").write_bytes(_encode(scene, ".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]))
+    (src / "lossy.webp").write_bytes(_encode(scene, ".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]))
+    whole = (src / "lossless.webp").read_bytes()
+    (src / "cut.webp").write_bytes(whole[: len(whole) // 2])
+    assert webp_is_lossless((src / "lossless.webp").read_bytes())
+    assert not webp_is_lossless((src / "lossy.webp").read_bytes())
+
+    entries = by_name(apply_to_folder(STAGES, src, out))
+    assert {n: e["status"] for n, e in entries.items()} == {
+        "lossless.webp": "written", "lossy.webp": "written", "cut.webp": "skipped"}
+    assert "not a decodable image" in entries["cut.webp"]["reason"]
+    lossless = (out / "lossless.webp").read_bytes()
+    assert webp_is_lossless(lossless)
+    assert np.array_equal(_decode_file(out / "lossless.webp"), apply_pipeline(_decode_file(src / "lossless.webp"), STAGES))
+    lossy = (out / "lossy.webp").read_bytes()
+    assert not webp_is_lossless(lossy)  # a lossy input stays lossy (smaller), at high quality
+    expected = apply_pipeline(_decode_file(src / "lossy.webp"), STAGES).astype(np.int32)
+    diff = np.abs(_decode_file(out / "lossy.webp").astype(np.int32) - expected)
+    assert 0 < diff.mean() < 2.5, diff.mean()
 
 
 def test_the_input_folder_spelled_another_way_is_still_refused(local_ray, tmp_path):

@@ -14,7 +14,7 @@ FORMATS = [
     ("grey8.png", np.uint8, None), ("grey16.png", np.uint16, None), ("colour8.png", np.uint8, 3),
     ("colour16.png", np.uint16, 3), ("grey.jpg", np.uint8, None), ("colour.jpg", np.uint8, 3),
     ("grey16.tif", np.uint16, None), ("colour16.tif", np.uint16, 3), ("colour.bmp", np.uint8, 3),
-    ("grey.bmp", np.uint8, None),
+    ("grey.bmp", np.uint8, None), ("colour.webp", np.uint8, 3),
 ]
 
 
@@ -37,7 +37,7 @@ def test_probe_agrees_with_a_full_decode(name, dtype, channels):
     assert probed_dtype == str(image.dtype)
 
 
-@pytest.mark.parametrize("name", ["grey8.png", "colour16.png", "colour.jpg", "colour.bmp"])
+@pytest.mark.parametrize("name", ["grey8.png", "colour16.png", "colour.jpg", "colour.bmp", "colour.webp"])
 def test_probe_catches_truncated_files(name):
     spec = next(f for f in FORMATS if f[0] == name)
     data = encoded(*spec)
