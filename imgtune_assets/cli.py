@@ -479,10 +479,14 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
         early.wait()
         early.restore_sigterm()  # SIGTERM: Python's default (exit), without Ray's stack dump first
     else:  # a cluster (or an input whose folder could not be seen before): the resource connects
-        from imgtune_assets.defs.resources import RayResource
+        from imgtune_assets.defs.resources import RayConnectError, RayResource
 
         cluster = RayResource(address=address)
-        cluster.connect()
+        try:
+            cluster.connect()
+        except RayConnectError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     started = time.perf_counter()
     tty = sys.stdout.isatty()
     try:

@@ -1,6 +1,6 @@
 """``python -m imgtune_assets.cli apply PIPELINE INPUT OUTPUT``, the real command in a subprocess with an
 embedded Ray on loopback: a folder tuned (and a re-run that writes nothing), a pipeline that still
-searches, and a missing input folder."""
+searches, a missing input folder, and a cluster address where no Ray runs."""
 
 import hashlib
 import json
@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -16,7 +17,7 @@ import yaml
 
 from imgtune_assets.core.apply import LEDGER_NAME
 from imgtune_assets.core.ops import apply_pipeline
-from imgtune_assets_tests.conftest import VENV_BIN, cli_env, write_sweep
+from imgtune_assets_tests.conftest import VENV_BIN, cli_env, free_port, write_sweep
 
 STAGES = [("gaussian_blur", {"ksize": 5, "sigma": 1.5}), ("median_blur", {"ksize": 3})]
 LOSSLESS = ("grey8.png", "scan16.tif")
@@ -122,3 +123,18 @@ def test_a_missing_input_folder(tmp_path):
     assert f"error: {missing}: input folder does not exist" in result.stderr, result.stderr
     assert " written, " not in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cluster_address_where_no_ray_runs_fails_soon_naming_it(tmp_path):
+    pipeline = best_pipeline(tmp_path)
+    source = photos(tmp_path / "in")
+    address = f"127.0.0.1:{free_port()}"  # free a moment ago: nothing listens there
+    started = time.monotonic()
+    # (before the fix Ray retried for many minutes: the timeout here fails the test instead)
+    result = apply_cli(environment(tmp_path, pipeline), tmp_path, pipeline, source, tmp_path / "out",
+                       "--ray-address", address, timeout=60)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 45
+    assert f"error: cannot reach the Ray cluster at {address}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert " written, " not in result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,17 @@ class SweepResource(ConfigurableResource):
             raise ValueError(f"output_dir {self.output_dir!r}: a local folder is required (object-store URLs "
                              "are not supported for outputs)")
         return sweep_output_dir(Path(self.output_dir), sweep_name)
+
+
+# A host:port probe of a cluster address: each attempt waits at most this long for an answer, and a
+# refused attempt is tried again after a pause (a head that is just starting may refuse for a moment).
+PROBE_ATTEMPT_SECONDS = 2.0
+PROBE_PAUSE_SECONDS = 0.5
+RAY_CLIENT_PREFIX = "ray://"
+
+
+class RayConnectError(ConnectionError):
+    """The Ray cluster at a configured address cannot be reached (nothing accepts a connection there)."""
 
 
 class RayResource(ConfigurableResource):
@@ -88,6 +100,13 @@ class RayResource(ConfigurableResource):
         description="MB of decoded images one run may hold in Ray's object store at once; chunks of images "
         "beyond it wait until earlier ones are done (a data set larger than the store streams through "
         "it). Default: half the cluster's object store.",
+    )
+    connect_timeout_seconds: float = Field(
+        default=10.0, gt=0,
+        description="Seconds to keep trying to reach a cluster address ('HOST:PORT' or 'ray://HOST:PORT') "
+        "before connecting: if nothing there accepts a TCP connection by then, connect() raises "
+        "RayConnectError naming the address (Ray itself would retry for many minutes). Ignored for the "
+        "embedded Ray and for 'auto'.",
     )
     lean_embedded: bool = Field(
         default=True,
@@ -176,6 +195,8 @@ class RayResource(ConfigurableResource):
         if ray.is_initialized():
             return  # already connected: inside a Ray worker, or the caller connected
         if address:
+            # Ray's own connect retries an unreachable GCS for many minutes, saying only that it failed.
+            probe_address(address, self.connect_timeout_seconds)
             ray.init(
                 address=address,
                 namespace=self.namespace,
@@ -218,6 +239,53 @@ class RayResource(ConfigurableResource):
         if self._started_here:
             self._started_here = False
             embedded_ray.skip_final_collection_at_exit()
+
+
+def probe_address(address: str, timeout: float) -> None:
+    """Raise ``RayConnectError`` naming ``address`` unless its host:port accepts a TCP connection within
+    ``timeout`` seconds. Addresses that are not a host:port (``auto``, ``local``, anything unparsable) are
+    left to Ray."""
+    endpoint = _host_port(address)
+    if endpoint is None:
+        return
+    started = time.monotonic()
+    while True:
+        remaining = started + timeout - time.monotonic()
+        try:
+            with socket.create_connection(endpoint, timeout=max(0.05, min(PROBE_ATTEMPT_SECONDS, remaining))):
+                return
+        except socket.gaierror as exc:  # a name that does not resolve will not a moment later either
+            reason = f"unknown host ({exc.strerror or exc})"
+            break
+        except OSError as exc:
+            reason = _unreachable_reason(exc)
+        remaining = started + timeout - time.monotonic()
+        if remaining <= 0:
+            reason += f" for {time.monotonic() - started:.0f} s"
+            break
+        time.sleep(min(PROBE_PAUSE_SECONDS, remaining))
+    what = "the Ray client server" if address.startswith(RAY_CLIENT_PREFIX) else "the Ray cluster"
+    raise RayConnectError(f"cannot reach {what} at {address}: {reason} (is `ray start --head` running there?)")
+
+
+def _host_port(address: str) -> Optional[tuple[str, int]]:
+    """``(host, port)`` of ``HOST:PORT``, ``[IPv6]:PORT`` or ``ray://HOST:PORT``; None for anything else."""
+    rest = address.strip()
+    if rest.startswith(RAY_CLIENT_PREFIX):
+        rest = rest[len(RAY_CLIENT_PREFIX):].split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit():
+        return None
+    return host, int(port)
+
+
+def _unreachable_reason(exc: OSError) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "no answer"
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _run_already_finished(context: Optional[InitResourceContext]) -> bool:

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 
 from imgtune_assets.core import embedded_ray
 from imgtune_assets.defs.resources import LOOPBACK_ENV, RayResource
+from imgtune_assets_tests.support.processes import free_port
 from imgtune_assets_tests.support.waiting import wait_for
 
 
@@ -392,6 +394,30 @@ def test_a_cluster_address_is_not_connected_to_before_a_step_asks(monkeypatch):
     resource.setup_for_execution(None)
     assert _starter_threads() == []
     resource.teardown_after_execution(None)
+
+
+def test_a_cluster_address_where_nothing_listens_fails_soon_naming_it(monkeypatch):
+    import ray
+
+    from imgtune_assets.defs.resources import RayConnectError
+
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    address = f"127.0.0.1:{free_port()}"  # free a moment ago: nothing listens there
+    resource = RayResource(address=address)  # the default connect_timeout_seconds
+    started = time.monotonic()
+    with pytest.raises(RayConnectError) as raised:
+        resource.connect()
+    assert time.monotonic() - started < 15
+    assert address in str(raised.value) and "connection refused" in str(raised.value)
+    assert not ray.is_initialized()
+    resource.teardown_after_execution(None)
+
+    # a Ray client address: its host:port is probed the same way
+    client = f"ray://{address}"
+    with pytest.raises(RayConnectError, match=re.escape(client)):
+        RayResource(address=client, connect_timeout_seconds=1).connect()
 
 
 def _record_calls(monkeypatch, name: str) -> list[bool]:
