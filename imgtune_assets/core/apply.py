@@ -200,7 +200,7 @@ def read_ledger(output_dir: Location) -> dict[str, dict[str, Any]]:
     return {e["output"]: e for e in saved.get("entries", []) if isinstance(e, dict) and "output" in e}
 
 
-def _same_folder(a: Location, b: Location) -> bool:
+def same_folder(a: Location, b: Location) -> bool:
     if storage.is_remote(a) or storage.is_remote(b):
         def norm(x):
             head, _, tail = str(x).partition("://")
@@ -222,7 +222,7 @@ def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *
     import ray
 
     require_input_folder(input_dir)
-    if _same_folder(input_dir, output_dir):
+    if same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
     try:
         files = storage.list_files(input_dir)

@@ -39,6 +39,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from imgtune_assets.core.apply import same_folder
 from imgtune_assets.core.cron import validate_cron
 from imgtune_assets.core.demo_data import DEMO_KINDS
 from imgtune_assets.core.metrics import METRICS, Objective, metric_options
@@ -459,7 +460,15 @@ class _Storage(_Model):
 
 
 class _Apply(_Model):
-    """Where the winning pipeline is applied: every image of ``input_dir`` to ``output_dir``."""
+    """Where the winning pipeline is applied: every image of ``input_dir`` to ``output_dir``.
+
+    Once both are resolved (local folders relative to the sweep file, or URLs), ``output_dir`` must not
+    be ``input_dir``, however spelled (``../data/photos`` and ``../data/./photos/``): the comparison is
+    apply's own (``core.apply.same_folder``), made when the file is loaded rather than after the sweep,
+    by ``_SweepDoc.to_sweep``. An output folder inside the input folder (or the reverse) is allowed:
+    apply reads only the files directly in ``input_dir``, never its subfolders, so outputs written to
+    ``photos/tuned/`` are not read as inputs by the next run.
+    """
 
     _ORDER = ("+", "!", "input_dir", "output_dir")
     input_dir: Annotated[StrictStr, AfterValidator(_not_blank), _says("expected a folder path or URL, got {!r}")]
@@ -609,10 +618,16 @@ class _SweepDoc(_Model):
             except StorageError as exc:
                 raise _fail(path, field, str(exc)) from None
 
+        data_dir = where(self.data_dir, "data_dir")
+        apply_input = apply_output = None
+        if self.apply:
+            apply_input = where(self.apply.input_dir, "apply.input_dir")
+            apply_output = where(self.apply.output_dir, "apply.output_dir")
+            if same_folder(apply_input, apply_output):  # see _Apply
+                raise _fail(path, "apply.output_dir", f"must differ from apply.input_dir (both are {apply_input})")
         return Sweep(
-            path=path, name=self.name, data_dir=where(self.data_dir, "data_dir"), endpoint_url=endpoint,
-            apply_input=where(self.apply.input_dir, "apply.input_dir") if self.apply else None,
-            apply_output=where(self.apply.output_dir, "apply.output_dir") if self.apply else None,
+            path=path, name=self.name, data_dir=data_dir, endpoint_url=endpoint,
+            apply_input=apply_input, apply_output=apply_output,
             objective=self.objective.to_objective(), trials=self.trials, seed=self.seed, sampler=self.sampler,
             pipeline=tuple(stage.to_stage() for stage in self.pipeline),
             schedule_cron=self.schedule.cron if self.schedule else None,

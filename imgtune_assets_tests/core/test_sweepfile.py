@@ -316,3 +316,43 @@ def test_fixed_sweep_document_round_trips(tmp_path):
     doc = fixed_sweep_document(sweep, [("gaussian_blur", {"ksize": 5, "sigma": 1.0})], name="t-best")
     again = parse_sweep(doc, tmp_path / "best.yaml")
     assert again.trials == 1 and again.pipeline[0].fixed == {"ksize": 5, "sigma": 1.0} and not again.pipeline[0].searched
+
+
+@pytest.mark.parametrize(
+    "input_dir, output_dir",
+    [
+        ("../data/photos", "../data/photos"),
+        ("../data/photos", "../data/./photos/"),  # the same folder spelled another way
+        ("../data/photos", "../data/tuned/../photos"),
+        ("s3://bucket/photos", "s3://bucket/./photos/"),
+    ],
+)
+def test_apply_output_must_differ_from_input(tmp_path, input_dir, output_dir):
+    # Refused when the file is loaded, not after the sweep when tuned_images runs.
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    path = write(sweeps, GOOD + f"apply: {{input_dir: '{input_dir}', output_dir: '{output_dir}'}}\n")
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    both = input_dir if "://" in input_dir else (tmp_path / "data" / "photos").resolve()
+    assert str(err.value) == f"{path}: apply.output_dir: must differ from apply.input_dir (both are {both})"
+
+
+@pytest.mark.parametrize(
+    "input_dir, output_dir",
+    [
+        ("../data/photos", "../data/tuned"),
+        ("../data/photos", "../data/photos/tuned"),  # inside the input: allowed (only its files are read)
+        ("../data/photos", "../data"),
+        ("s3://bucket/photos", "s3://bucket/tuned"),
+        ("s3://bucket/photos", "../data/photos"),
+    ],
+)
+def test_apply_folders_that_differ_load(tmp_path, input_dir, output_dir):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    path = write(sweeps, GOOD + f"apply: {{input_dir: '{input_dir}', output_dir: '{output_dir}'}}\n")
+    sweep = load_sweep(path)
+    if "://" not in output_dir:
+        assert sweep.apply_output == (sweeps / output_dir).resolve()
+    assert str(sweep.apply_input) != str(sweep.apply_output)
