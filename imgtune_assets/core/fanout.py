@@ -54,7 +54,22 @@ INLINE_BYTES = 100 * 1024
 
 class ImageDataError(ValueError):
     """An image (or target) could not be used by the run: changed, vanished or undecodable. The
-    message names the file or URL."""
+    message names the file or URL; ``undecodable`` (``{path, key}``) is set when the file does not
+    decode although the manifest took it (``manifest.record_undecodable`` remembers it for the next
+    manifest)."""
+
+    undecodable: dict | None = None
+
+
+def data_error_message(exc: ImageDataError, sweep_dir) -> str:
+    """What a run stopped by ``exc`` tells the user. A file that does not decode is recorded first
+    (``manifest.record_undecodable``), so that the next manifest skips it instead of the run failing
+    on it again."""
+    if exc.undecodable is None:
+        return str(exc)
+    from imgtune_assets.core.manifest import record_undecodable
+
+    return record_undecodable(sweep_dir, exc.undecodable["path"], exc.undecodable["key"], str(exc))
 
 
 def _evaluate_task(stages, chunk, objective):
@@ -89,11 +104,15 @@ def _decode_task(data_dir, rows, verify, identity):
     cv2.setNumThreads(1)
     start = time.perf_counter()
     from imgtune_assets.core.imageio import ImageReadError, decode_count
-    from imgtune_assets.core.manifest import ManifestError
+    from imgtune_assets.core.manifest import ManifestError, UndecodableFile
 
     before = decode_count()
     try:
         ids, images, targets = load_images(data_dir, rows, verify=verify)
+    except UndecodableFile as exc:
+        error = ImageDataError(str(exc))
+        error.undecodable = {"path": exc.path, "key": exc.key}
+        raise error from None
     except (ManifestError, ImageReadError) as exc:
         # A plain error type crosses the task boundary; the message names the file.
         raise ImageDataError(str(exc)) from None
@@ -247,7 +266,9 @@ def _raise_data_error(exc: BaseException) -> None:
     while cause is not None and not isinstance(cause, ImageDataError):
         cause = getattr(cause, "cause", None)
     if cause is not None:
-        raise ImageDataError(str(cause)) from None
+        error = ImageDataError(str(cause))
+        error.undecodable = cause.undecodable
+        raise error from None
 
 
 def plan_chunks(n_images: int, n_trials: int, total_cpus: int, chunk_size: int | None = None,

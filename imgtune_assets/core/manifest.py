@@ -28,6 +28,63 @@ class ManifestError(ValueError):
     """The data folder as a whole cannot be used (missing, empty, nothing usable)."""
 
 
+class UndecodableFile(ImageReadError):
+    """A file the manifest took (its header and structure check out) that does not decode: damage
+    inside its compressed pixels. ``path`` names it, ``key`` is its content key (as the manifest's)."""
+
+    def __init__(self, message: str, path: str, key: str | None):
+        super().__init__(message)
+        self.path, self.key = path, key
+
+
+# Files found undecodable by a run, by content key, in the sweep's output folder: the next manifest
+# skips them with the reason, so a nightly sweep does not fail on the same file night after night; a
+# replaced file has another key and is read again.
+UNDECODABLE_FILE = "undecodable.json"
+
+
+def read_undecodable(sweep_dir: str | os.PathLike) -> dict[str, dict]:
+    """The files earlier runs found undecodable, by content key (empty when none)."""
+    import json
+
+    file = Path(sweep_dir) / UNDECODABLE_FILE
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{file}: unreadable ({exc}); delete it to read every image again") from None
+
+
+def record_undecodable(sweep_dir: str | os.PathLike, path: str, key: str | None, reason: str) -> str:
+    """Record a file a run could not decode (atomic update) and return what to tell the user."""
+    from imgtune_assets.core.files import atomic_write_json
+
+    file = Path(sweep_dir) / UNDECODABLE_FILE
+    if key is None:  # no content key to recognise it by: nothing to record
+        return f"{reason}: it passed the manifest's checks but does not decode; replace or remove the file"
+    known = read_undecodable(sweep_dir)
+    known[key] = {"path": path, "reason": reason, "found_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_json(file, known)
+    return (f"{reason}: it passed the manifest's checks (header and structure) but does not decode. Recorded in "
+            f"{file}: the next image_manifest skips it with this reason (a replaced file is read again) — "
+            f"materialize image_manifest,run_settings and the trials again; finished trials are kept")
+
+
+def skip_undecodable(rows: list[ManifestRow], known: dict[str, dict]) -> list[ManifestRow]:
+    """``rows`` with every usable row whose image or target an earlier run found undecodable skipped,
+    with that reason."""
+    out = []
+    for row in rows:
+        found = known.get(row.image_sha256 or "") or known.get(row.target_sha256 or "")
+        if row.status == "ok" and found:
+            row = ManifestRow(**{**row.to_record(), "status": "skipped",
+                                 "reason": f"does not decode (found by a run at {found['found_at']}: {found['reason']}); "
+                                           f"replace the file to use it again"})
+        out.append(row)
+    return out
+
+
 @dataclass
 class ManifestRow:
     id: str
@@ -271,15 +328,19 @@ def load_images(data_dir: str | Location, rows: list[ManifestRow], *, verify: bo
         file = data_dir / relative
         try:
             if verify and stat is not None and local_stat(file) == stat:
-                return decode_image(storage.read_bytes(file), file)
-            data, key = storage.read_with_key(file)
+                data, key = storage.read_bytes(file), expected
+            else:
+                data, key = storage.read_with_key(file)
         except storage.StorageError as exc:
             raise ManifestError(f"{exc}: it was in the image manifest; materialize image_manifest,run_settings "
                                 "again") from None
         if verify and key != expected:
             raise ManifestError(f"{file}: changed since the image manifest was made (content key {key[:16]}, "
                                 f"manifest {str(expected)[:16]}): materialize image_manifest,run_settings again")
-        return decode_image(data, file)
+        try:
+            return decode_image(data, file)
+        except ImageReadError as exc:
+            raise UndecodableFile(str(exc), str(file), key) from None
 
     ids, images, targets = [], [], []
     for row in usable(rows):

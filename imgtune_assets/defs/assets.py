@@ -47,8 +47,10 @@ from imgtune_assets.core.manifest import (
     ManifestRow,
     image_folders,
     manifest_digest,
+    read_undecodable,
     require_usable,
     scan_folder,
+    skip_undecodable,
 )
 from imgtune_assets.core.manifest import usable as usable_rows
 from imgtune_assets.core.report import (
@@ -181,7 +183,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
 
     @asset(name="image_manifest", key_prefix=prefix, group_name=group, kinds={"opencv", "pandas"},
            dagster_type=ImageManifestFrame)
-    def image_manifest(context: AssetExecutionContext) -> Output:
+    def image_manifest(context: AssetExecutionContext, imgtune: SweepResource) -> Output:
         """One row per file in the sweep's data folder: id, paths, content hashes, size, channels, status.
 
         Unusable files are rows with a reason, not crashes. The data version is a hash of the
@@ -193,7 +195,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             context.log.info(f"Generating the {sweep.demo_data} demo data set in {sweep.data_dir}")
             ensure_demo_data(sweep.data_dir, sweep.demo_data)
         try:
-            rows = scan_folder(sweep.data_dir, needs_target=sweep.needs_target)
+            rows = skip_undecodable(scan_folder(sweep.data_dir, needs_target=sweep.needs_target),
+                                    read_undecodable(imgtune.sweep_dir(sweep.name)))
             if sweep.needs_target and not any(r.target_path for r in rows):
                 _, target_dir = image_folders(sweep.data_dir)
                 raise ManifestError(f"{sweep.path}: objective.metric: {objective.metric} needs ground-truth "
@@ -269,7 +272,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         its error; the other trials complete. Progress goes to the run log (at least every 5 s or every
         10 % of the trials) and to ``progress.json`` in the sweep's output folder.
         """
-        from imgtune_assets.core.fanout import ImageDataError, ImageFiles, run_trials
+        from imgtune_assets.core.fanout import ImageDataError, ImageFiles, data_error_message, run_trials
         from imgtune_assets.core.progress import SweepProgress
 
         check_settings(run_settings)
@@ -360,7 +363,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                     on_tail=report_imports_on_tail(),
                 )
             except ImageDataError as exc:  # a pinned image changed, vanished or does not decode
-                raise Failure(description=str(exc)) from None
+                raise Failure(description=data_error_message(exc, sweep_dir)) from None
             if need_identity:
                 baseline.save(fan.identity[i] for i in images.ids if i in fan.identity)
             store.clear_chunks()  # every trial of this run is saved whole now

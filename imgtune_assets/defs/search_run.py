@@ -73,8 +73,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     """Run the rounds that hold ``keys``; each settled trial goes to ``save(record, reused)``, and
     ``on_tick`` is called at least every second while Ray works. Returns the step's statistics (also
     written to ``last_experiment_run.json``)."""
-    from imgtune_assets.core.fanout import OBJECT_STORE_SHARE, DecodedChunks, ImageDataError, ImageFiles, plan_chunks, \
-        run_trials
+    from imgtune_assets.core.fanout import OBJECT_STORE_SHARE, DecodedChunks, ImageDataError, ImageFiles, \
+        data_error_message, plan_chunks, run_trials
     from imgtune_assets.core.manifest import decoded_bytes
 
     objective = sweep.objective
@@ -167,8 +167,10 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                                     "seconds": round(time.perf_counter() - started, 3)})
             context.log.info(f"round {r}: {len(outcomes)} trial(s), {len(kept)} complete, "
                              f"{stats['rounds'][-1]['pruned']} pruned in {stats['rounds'][-1]['seconds']:.2f}s")
-    except (SearchError, ImageDataError) as exc:  # named trials or files; what settled is saved
+    except SearchError as exc:  # named trials; what settled is saved
         raise Failure(description=str(exc)) from None
+    except ImageDataError as exc:  # named files; what settled is saved
+        raise Failure(description=data_error_message(exc, sweep_dir)) from None
     finally:
         keep.clear()
     if need_identity and all(r.id in identity for r in images):

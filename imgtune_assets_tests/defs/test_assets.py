@@ -91,9 +91,9 @@ def test_the_assets_are_keyed_and_grouped_by_the_sweep_they_were_built_for(tmp_p
     assert {asset_key(sweep, "run_settings"), asset_key(sweep, "experiment_results")} <= set(deps)
 
 
-def test_image_manifest_lists_every_file(tiny_sweep):
+def test_image_manifest_lists_every_file(tmp_path, tiny_sweep):
     _, assets = built(tiny_sweep)
-    output = assets.image_manifest(build_asset_context())
+    output = assets.image_manifest(build_asset_context(), imgtune=SweepResource(output_dir=str(tmp_path / "out")))
     frame = output.value
     assert len(frame) == 6 and set(frame["status"]) == {"ok"}
     assert frame["target_path"].notna().all()
@@ -108,14 +108,14 @@ def test_image_manifest_refuses_targetless_folder_for_psnr(tmp_path, denoise_dat
         (folder / "images" / file.name).write_bytes(file.read_bytes())
     sweep, assets = built(write_sweep(tmp_path / "s.yaml", folder))
     with pytest.raises(Failure) as err:
-        assets.image_manifest(build_asset_context())
+        assets.image_manifest(build_asset_context(), imgtune=SweepResource(output_dir=str(tmp_path / "out")))
     assert f"{sweep.path}: objective.metric: psnr needs ground-truth targets" in str(err.value)
 
 
 def test_run_settings_are_deterministic_and_pin_the_images(tmp_path, tiny_sweep):
     _, assets = built(tiny_sweep)
     imgtune = SweepResource(output_dir=str(tmp_path / "out"))
-    manifest = assets.image_manifest(build_asset_context())
+    manifest = assets.image_manifest(build_asset_context(), imgtune=imgtune)
     first = assets.run_settings(build_asset_context(), imgtune=imgtune, image_manifest=manifest.value).value
     second = assets.run_settings(build_asset_context(), imgtune=imgtune, image_manifest=manifest.value).value
     assert first == second
@@ -129,7 +129,7 @@ def test_run_settings_are_deterministic_and_pin_the_images(tmp_path, tiny_sweep)
 def test_trials_refuse_settings_made_from_another_version_of_the_sweep(tmp_path, denoise_data, tiny_sweep):
     _, old_assets = built(tiny_sweep)
     imgtune = SweepResource(output_dir=str(tmp_path / "out"))
-    manifest = old_assets.image_manifest(build_asset_context()).value
+    manifest = old_assets.image_manifest(build_asset_context(), imgtune=imgtune).value
     old_settings = old_assets.run_settings(build_asset_context(), imgtune=imgtune, image_manifest=manifest).value
     # the same sweep name, now with a different seed
     changed, assets = built(write_sweep(tmp_path / "tiny.yaml", denoise_data, seed=7))
@@ -142,7 +142,7 @@ def test_trials_refuse_settings_made_from_another_version_of_the_sweep(tmp_path,
 def test_the_report_without_trial_results_says_what_to_materialize(tmp_path, tiny_sweep):
     _, assets = built(tiny_sweep)
     imgtune = SweepResource(output_dir=str(tmp_path / "out"))
-    manifest = assets.image_manifest(build_asset_context()).value
+    manifest = assets.image_manifest(build_asset_context(), imgtune=imgtune).value
     settings = assets.run_settings(build_asset_context(), imgtune=imgtune, image_manifest=manifest).value
     with pytest.raises(Failure, match="no trial results for sweep 'tiny'.*materialize tiny/experiment_results first"):
         assets.sweep_report(build_asset_context(), imgtune=imgtune, run_settings=settings)
@@ -217,6 +217,59 @@ def test_failing_trial_is_recorded_and_the_others_complete(tmp_path, segment_dat
     assert checks_passed["report_complete"] is False
     board = (tmp_path / "outputs" / "fails" / "leaderboard.csv").read_text()
     assert f"{failed[0]['trial']},failed" in board
+
+
+def damaged_inside(png: bytes) -> bytes:
+    """``png`` with its pixel data replaced by a valid but far too short zlib stream, every chunk's CRC
+    right: the header probe and the chunk check pass, the decode fails."""
+    import zlib
+
+    out, pos = bytearray(png[:8]), 8
+    while pos < len(png):
+        length, kind = int.from_bytes(png[pos:pos + 4], "big"), png[pos + 4:pos + 8]
+        data = zlib.compress(bytes(10)) if kind == b"IDAT" else png[pos + 8:pos + 8 + length]
+        out += len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+        pos += 12 + length
+    return bytes(out)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])  # the plain fan-out, and the staged search's
+def test_an_image_that_does_not_decode_fails_one_run_and_the_next_manifest_skips_it(tmp_path, denoise_data, local_ray,
+                                                                                   sampler):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(denoise_data, data)
+    bad = sorted((data / "images").iterdir())[2]
+    bad.write_bytes(damaged_inside(bad.read_bytes()))
+    sweep, assets = built(write_sweep(tmp_path / "d.yaml", data, name="damaged", sampler=sampler))
+    instance = DagsterInstance.ephemeral()
+    res = resources(tmp_path / "outputs")
+    assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
+    manifest = instance.fetch_materializations(asset_key(sweep, "image_manifest"), limit=1).records[0]
+    assert manifest.asset_materialization.metadata["skipped_files"].value == 0  # the manifest cannot tell
+    failed = materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
+                         tags=range_tags(sweep), raise_on_error=False)
+    assert not failed.success
+    message = failed.failure_data_for_node(node(assets.experiment_results)).error.message
+    recorded = tmp_path / "outputs" / "damaged" / "undecodable.json"
+    assert str(bad) in message and "does not decode" in message and str(recorded) in message
+
+    # The next manifest skips the file with its reason, and the sweep runs on the other images.
+    assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
+    rows = materialize([assets.image_manifest], instance=instance, resources=res).output_for_node(
+        node(assets.image_manifest))
+    row = rows[rows["image_path"] == f"images/{bad.name}"].iloc[0]
+    assert row["status"] == "skipped" and "does not decode" in row["reason"], row["reason"]
+    assert (rows["status"] == "ok").sum() == len(rows) - 1
+    assert materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
+                       tags=range_tags(sweep)).success
+
+    # A replaced file has another content key: read again.
+    bad.write_bytes((denoise_data / "images" / bad.name).read_bytes())
+    rows = materialize([assets.image_manifest], instance=instance, resources=res).output_for_node(
+        node(assets.image_manifest))
+    assert (rows["status"] == "ok").all()
 
 
 def test_two_sweeps_side_by_side_in_one_instance(tmp_path, denoise_data, segment_data, local_ray):
