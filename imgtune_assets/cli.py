@@ -462,13 +462,13 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
 def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_dir: str,
                     address: str | None, early: embedded_ray.EmbeddedRayStart | None) -> int:
     from imgtune_assets.core import storage
-    from imgtune_assets.core.apply import ApplyError, apply_to_folder, require_input_folder
+    from imgtune_assets.core.apply import ApplyError, apply_to_folder, input_images
     from imgtune_assets.core.imageio import IMAGE_SUFFIXES
 
     try:
         source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
         target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
-        require_input_folder(source)  # before waiting for Ray
+        source = input_images(source)  # before waiting for Ray; a sweep's data folder: its images/
     except (ApplyError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -505,6 +505,8 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
     for entry in result.entries:
         if entry["status"] == "skipped":
             print(f"  skipped: {entry['reason']}", file=sys.stderr)
+    if not any(entry["output"] for entry in result.entries):
+        print(f"warning: no image files in {source} ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
     print(f"{result.count('written')} written, {result.count('unchanged')} unchanged, {result.count('skipped')} "
           f"skipped in {time.perf_counter() - started:.1f}s -> {target} (ledger {result.ledger})", flush=True)
     return 0

@@ -90,6 +90,28 @@ def test_apply_a_pipeline_to_a_folder_then_again(tmp_path):
     assert {n: (target / n).stat().st_mtime_ns for n in IMAGES} == stamps
 
 
+def test_a_sweeps_data_folder_is_read_from_its_images_and_a_folder_without_images_is_named(tmp_path):
+    pipeline = best_pipeline(tmp_path)
+    env = environment(tmp_path, pipeline)
+    data = tmp_path / "data"
+    photos(data / "images")
+    (data / "targets").mkdir()
+    cv2.imwrite(str(data / "targets" / "grey8.png"), np.zeros((40, 50), np.uint8))
+    (data / "README.txt").write_text("where these photos came from\n")
+    result = apply_cli(env, tmp_path, pipeline, data, tmp_path / "tuned")
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert re.search(r"^3 written, 0 unchanged, 1 skipped in ", result.stdout, re.M), result.stdout
+    assert sorted(p.name for p in (tmp_path / "tuned").iterdir()) == sorted([*IMAGES, LEDGER_NAME])
+    assert "warning: no image files" not in result.stderr
+
+    empty = tmp_path / "notes"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photos here\n")
+    nothing = apply_cli(env, tmp_path, pipeline, empty, tmp_path / "out")
+    assert nothing.returncode == 0, nothing.stderr[-3000:]
+    assert f"warning: no image files in {empty} (.png, .jpg" in nothing.stderr, nothing.stderr
+
+
 def test_a_pipeline_that_still_searches_is_refused(tmp_path):
     searching = write_sweep(tmp_path / "sweep.yaml", tmp_path / "data", trials=4)  # the default search space
     source = photos(tmp_path / "in")

@@ -215,13 +215,23 @@ def require_input_folder(input_dir: Location) -> None:
         raise ApplyError(f"{input_dir}: input folder does not exist or is not a folder")
 
 
-def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *, max_retries: int = 3,
-                    on_progress: Callable[[int, int], None] | None = None) -> ApplyResult:
-    """Apply ``stages`` to every file directly in ``input_dir``, writing ``output_dir/<same name>``,
-    on Ray (the caller connects). Files that are not images are skipped with a reason."""
-    import ray
+def input_images(input_dir: Location) -> Location:
+    """The folder whose files are applied to: ``input_dir/images`` when there is one — a sweep's data
+    folder, read as the manifest reads it (``manifest.image_folders``) — else ``input_dir`` itself."""
+    from imgtune_assets.core.manifest import image_folders
 
     require_input_folder(input_dir)
+    return image_folders(input_dir)[0]
+
+
+def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *, max_retries: int = 3,
+                    on_progress: Callable[[int, int], None] | None = None) -> ApplyResult:
+    """Apply ``stages`` to every file directly in ``input_dir`` (or in its ``images/``, see
+    ``input_images``), writing ``output_dir/<same name>``, on Ray (the caller connects). Files that
+    are not images are skipped with a reason."""
+    import ray
+
+    input_dir = input_images(input_dir)
     if same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
     try:
