@@ -458,7 +458,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "evaluations": evaluations(records),
             "evaluations_full": len(records) * n_images,
             # What the user should know about how the sweep ran (early stopping that stopped nothing).
-            "notes": early_stopping_notes(sweep, n_images),
+            "notes": early_stopping_notes(sweep, n_images, records),
             # For the next sweep after the images change: warm starts (core/search.py).
             "manifest_digest": digest,
             "space_digest": space_digest(search_space(sweep)),

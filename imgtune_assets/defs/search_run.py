@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from dagster import AssetExecutionContext, Failure
 
@@ -21,11 +21,23 @@ from imgtune_assets.defs.executor import steps_share_the_run_process
 from imgtune_assets.defs.resources import RayResource
 
 
-def early_stopping_notes(sweep: Sweep, n_images: int) -> list[str]:
-    """What the user should know about the sweep's early stopping on ``n_images`` images (one that stops
-    nothing); logged as warnings, and kept in the report."""
+# The proposal sources of trials that an adaptive sampler chose (TPE's batches take a Gaussian-process share).
+LEARNT_SOURCES = {"tpe": ("tpe", "gp"), "cmaes": ("cmaes",)}
+
+
+def early_stopping_notes(sweep: Sweep, n_images: int, records: Sequence[dict[str, Any]] = ()) -> list[str]:
+    """What the user should know about how the sweep searches on ``n_images`` images: early stopping that
+    stops nothing, and (given the trials' ``records``) an adaptive sampler that proposed no trial, every
+    one being from the initial design; logged as warnings, and kept in the report."""
     reason = sweep.early_stopping.inactive_reason(n_images) if sweep.early_stopping else None
-    return [reason] if reason else []
+    notes = [reason] if reason else []
+    learnt = LEARNT_SOURCES.get(sweep.sampler)
+    if learnt and records and not any(r.get("source") in learnt for r in records):
+        first = sum(1 for r in records if r.get("round") == 0)
+        notes.append(f"sampler {sweep.sampler}: all {len(records)} trials are the initial design (round 0 holds "
+                     f"{first}); none was proposed by {sweep.sampler} — raise trials above {first} (or lower "
+                     f"search.n_startup) for the search to learn from results")
+    return notes
 
 
 def report_imports_on_tail() -> Callable[[], object] | None:

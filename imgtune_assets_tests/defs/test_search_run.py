@@ -117,9 +117,11 @@ def test_early_stopping_that_stops_nothing_is_said_in_the_logs_the_report_and_it
     summary = report.output_for_node(node(assets.sweep_report))
     assert summary["completed_trials"] == 4 and summary["pruned_trials"] == 0
     assert summary["evaluations"] == summary["evaluations_full"] == 4 * 6
-    [note] = summary["notes"]
+    note, initial_only = summary["notes"]
     assert note.startswith("early_stopping.min_images 50 is not below the 6 usable images")
-    assert json.loads((out / "tiny" / "report.json").read_text())["notes"] == [note]
+    # 4 trials, all of them the initial design (n_startup 4): TPE proposed none, and the report says so
+    assert initial_only.startswith("sampler tpe: all 4 trials are the initial design (round 0 holds 4)")
+    assert json.loads((out / "tiny" / "report.json").read_text())["notes"] == [note, initial_only]
     for key in ("run_settings", "sweep_report"):
         metadata = instance.fetch_materializations(asset_key(sweep, key), limit=1).records[0].asset_materialization.metadata
         assert note in metadata["notes"].value, key
