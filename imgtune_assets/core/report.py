@@ -176,6 +176,7 @@ def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
 
     dims = search_space(sweep)
     ok = board[board["status"].eq("ok")]
+    pruned = board[board["status"].eq("pruned")] if "partial_score" in board else board.iloc[:0]
     n = max(1, len(dims))
     cols = min(3, n)
     rows = math.ceil(n / cols)
@@ -196,7 +197,12 @@ def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
                 # Plain numbers, and no crowded minor labels, on a log axis.
                 ax.xaxis.set_major_formatter(ScalarFormatter())
                 ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.scatter(xs, ok["score"], s=18, alpha=0.75, color="#4f6bed")
+        ax.scatter(xs, ok["score"], s=18, alpha=0.75, color="#4f6bed", label="complete")
+        if len(pruned):  # at their partial mean: over their first images only, so not ranked with the others
+            px = ([[str(v) for v in dim.range.values].index(str(v)) for v in pruned[dim.name]]
+                  if dim.range.type == "choice" else pruned[dim.name].astype(float))
+            ax.scatter(px, pruned["partial_score"].astype(float), s=14, alpha=0.6, facecolors="none",
+                       edgecolors="#868e96", label="pruned (partial mean)")
         if best is not None:
             bx = str(best[dim.name]) if dim.range.type == "choice" else float(best[dim.name])
             if dim.range.type == "choice":
@@ -209,6 +215,8 @@ def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
         ax.axis("off")
     if not dims:
         axes.flat[0].text(0.5, 0.5, "no searched parameters", ha="center")
+    elif len(pruned):
+        axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{sweep.name}: {sweep.objective.metric} against each searched parameter")
     data = _png(fig)
     plt.close(fig)

@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgtune_assets.core.report import best_record, evaluations, leaderboard, top_params, write_report
+from imgtune_assets.core.report import (
+    best_record,
+    evaluations,
+    leaderboard,
+    plot_score_vs_params,
+    top_params,
+    write_report,
+)
 from imgtune_assets.core.sampling import trial_settings
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets_tests.conftest import write_sweep
@@ -110,6 +117,15 @@ def test_a_staged_leaderboard_ranks_pruned_trials_below_complete_ones(tmp_path, 
     assert (tmp_path / "out" / "plots" / "search_progress.png").exists()
     write_report(sweep, [record(x, 20.0 + k) for k, x in enumerate(s)], tmp_path / "out", best=None)
     assert not (tmp_path / "out" / "plots" / "search_progress.png").exists()  # not a staged sweep any more
+
+
+def test_score_against_parameters_pictures_pruned_trials_too(sweep):
+    s = [trial_settings(sweep, k) for k in range(4)]
+    complete = [staged(record(s[0], 20.0), round_=0, rung=1, source="sobol")]
+    pruned = [staged(record(x, 22.0 + k), round_=0, rung=0, status="pruned", partial=22.0 + k, images=1)
+              for k, x in enumerate(s[1:])]
+    alone = plot_score_vs_params(sweep, leaderboard(sweep, complete))
+    assert plot_score_vs_params(sweep, leaderboard(sweep, complete + pruned)) != alone
 
 
 def test_before_after_panels_picture_the_best_and_worst_image_scaled_down(tmp_path):
