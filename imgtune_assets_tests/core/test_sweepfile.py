@@ -318,6 +318,13 @@ def test_fixed_sweep_document_round_trips(tmp_path):
     assert again.trials == 1 and again.pipeline[0].fixed == {"ksize": 5, "sigma": 1.0} and not again.pipeline[0].searched
 
 
+def write_with_apply(tmp_path, input_dir, output_dir):
+    """A good sweep file in ``tmp_path/sweeps`` with an ``apply:`` section."""
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    return write(sweeps, GOOD + f"apply: {{input_dir: '{input_dir}', output_dir: '{output_dir}'}}\n")
+
+
 @pytest.mark.parametrize(
     "input_dir, output_dir",
     [
@@ -329,9 +336,7 @@ def test_fixed_sweep_document_round_trips(tmp_path):
 )
 def test_apply_output_must_differ_from_input(tmp_path, input_dir, output_dir):
     # Refused when the file is loaded, not after the sweep when tuned_images runs.
-    sweeps = tmp_path / "sweeps"
-    sweeps.mkdir()
-    path = write(sweeps, GOOD + f"apply: {{input_dir: '{input_dir}', output_dir: '{output_dir}'}}\n")
+    path = write_with_apply(tmp_path, input_dir, output_dir)
     with pytest.raises(SweepFileError) as err:
         load_sweep(path)
     both = input_dir if "://" in input_dir else (tmp_path / "data" / "photos").resolve()
@@ -349,10 +354,7 @@ def test_apply_output_must_differ_from_input(tmp_path, input_dir, output_dir):
     ],
 )
 def test_apply_folders_that_differ_load(tmp_path, input_dir, output_dir):
-    sweeps = tmp_path / "sweeps"
-    sweeps.mkdir()
-    path = write(sweeps, GOOD + f"apply: {{input_dir: '{input_dir}', output_dir: '{output_dir}'}}\n")
-    sweep = load_sweep(path)
+    sweep = load_sweep(write_with_apply(tmp_path, input_dir, output_dir))
     if "://" not in output_dir:
-        assert sweep.apply_output == (sweeps / output_dir).resolve()
+        assert sweep.apply_output == (tmp_path / "sweeps" / output_dir).resolve()
     assert str(sweep.apply_input) != str(sweep.apply_output)
