@@ -466,8 +466,10 @@ class _Apply(_Model):
     be ``input_dir``, however spelled (``../data/photos`` and ``../data/./photos/``): the comparison is
     apply's own (``core.apply.same_folder``), made when the file is loaded rather than after the sweep,
     by ``_SweepDoc.to_sweep``. An output folder inside the input folder (or the reverse) is allowed:
-    apply reads only the files directly in ``input_dir``, never its subfolders, so outputs written to
-    ``photos/tuned/`` are not read as inputs by the next run.
+    apply reads only the files directly in ``input_dir`` (or, in a sweep's data folder, in its
+    ``images/``: ``core.apply.input_images``), never deeper, so outputs written to ``photos/tuned/`` are
+    not read as inputs by the next run. An output folder that is the input's ``images/`` is refused by
+    apply itself when it runs (whether there is one is a fact of the folder, not of the file).
     """
 
     _ORDER = ("+", "!", "input_dir", "output_dir")
