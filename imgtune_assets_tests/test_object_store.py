@@ -347,22 +347,24 @@ def test_object_deleted_between_manifest_and_run(tmp_path, s3_server, local_data
 def test_the_new_images_sensor_watches_a_bucket(tmp_path, s3_server, local_data):
     from dagster import build_sensor_context, instance_for_test
 
+    from imgtune_assets.defs.resources import SweepResource
     from imgtune_assets.defs.sensors import sensor_name
 
     url = uploaded(s3_server, "watched", local_data)
     sweep, defs, _ = in_process(tmp_path, write_s3_sweep(tmp_path / "w.yaml", s3_server, url, name="watched",
                                                           trials=2))
     sensor = defs.get_sensor_def(sensor_name(sweep))
+    resources = {"imgtune": SweepResource(output_dir=str(tmp_path / "outputs"))}
     with instance_for_test() as instance:
-        first = sensor.evaluate_tick(build_sensor_context(instance=instance))
+        first = sensor.evaluate_tick(build_sensor_context(instance=instance, resources=resources))
         assert len(first.run_requests) == 1  # never swept: the whole sweep is requested
-        quiet = sensor.evaluate_tick(build_sensor_context(instance=instance, cursor=first.cursor))
+        quiet = sensor.evaluate_tick(build_sensor_context(instance=instance, cursor=first.cursor, resources=resources))
         assert quiet.run_requests == [] and "no change" in quiet.skip_message
         # A new photo and its target land in the bucket: one listing shows it, another sweep is requested.
         fs = s3_server.filesystem()
         fs.pipe_file("watched/data/images/zz_new.png", (local_data / "images" / "scene_000.png").read_bytes())
         fs.pipe_file("watched/data/targets/zz_new.png", (local_data / "targets" / "scene_000.png").read_bytes())
-        changed = sensor.evaluate_tick(build_sensor_context(instance=instance, cursor=quiet.cursor or first.cursor))
+        changed = sensor.evaluate_tick(build_sensor_context(instance=instance, cursor=quiet.cursor or first.cursor, resources=resources))
         assert len(changed.run_requests) == 1
         assert changed.run_requests[0].tags["imgtune/images_content_hash"] != first.run_requests[0].tags[
             "imgtune/images_content_hash"]

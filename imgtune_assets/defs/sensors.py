@@ -8,7 +8,8 @@ How a change is detected, cheaply on most ticks:
 1. A *stat digest* of the images and targets folders (names, sizes, mtimes; no file is read). Same as
    the cursor's → skip at once.
 2. Otherwise the *content hash*: exactly ``image_manifest``'s ``content_hash`` metadata
-   (``scan_folder`` + ``manifest_digest``: file hashes and usability). Same as the last one seen (a
+   (``scan_folder`` + ``manifest_digest``: file hashes and usability, files an earlier run found
+   undecodable skipped). Same as the last one seen (a
    file touched or rewritten with the same bytes) → skip, remembering the new stat digest.
    On the very first tick (no cursor) the baseline is the latest ``image_manifest``
    materialization's ``content_hash``, so starting the sensor over already-swept images requests
@@ -39,12 +40,20 @@ from dagster import (
 
 from imgtune_assets.core import storage
 from imgtune_assets.core.catalog import group_name
-from imgtune_assets.core.manifest import ManifestError, image_folders, manifest_digest, scan_folder
+from imgtune_assets.core.manifest import (
+    ManifestError,
+    image_folders,
+    manifest_digest,
+    read_undecodable,
+    scan_folder,
+    skip_undecodable,
+)
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.storage import Location
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.jobs import SweepJobs, sweep_run_request
 from imgtune_assets.defs.keys import asset_key
+from imgtune_assets.defs.resources import SweepResource
 
 INTERVAL_ENV = "IMGTUNE_SENSOR_INTERVAL_SECONDS"
 IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
@@ -121,7 +130,7 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
         description=f"Requests the whole sweep {sweep.name!r} (one ranged run) when an image or target in "
         f"{sweep.data_dir} is added, changed or removed.",
     )
-    def new_images(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+    def new_images(context: SensorEvaluationContext, imgtune: SweepResource) -> SensorResult | SkipReason:
         data_dir = sweep.data_dir
         try:
             if not storage.is_folder(data_dir):
@@ -134,7 +143,9 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
         if cursor.get("stat") == stat:
             return SkipReason(f"no change in {data_dir} (content hash {cursor.get('content')})")
         try:
-            content = manifest_digest(scan_folder(data_dir, needs_target=sweep.needs_target))
+            # as image_manifest computes it: files an earlier run found undecodable count as skipped
+            content = manifest_digest(skip_undecodable(scan_folder(data_dir, needs_target=sweep.needs_target),
+                                                       read_undecodable(imgtune.sweep_dir(sweep.name))))
         except ManifestError as exc:
             return SkipReason(str(exc))
         baseline = cursor.get("content") if cursor else _last_manifest_hash(context, sweep)

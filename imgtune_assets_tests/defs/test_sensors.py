@@ -10,9 +10,10 @@ import pytest
 from dagster import AssetKey, AssetMaterialization, DagsterRunStatus, build_sensor_context, instance_for_test
 from dagster._core.test_utils import create_run_for_test
 
-from imgtune_assets.core.manifest import manifest_digest, scan_folder
+from imgtune_assets.core.manifest import UNDECODABLE_FILE, manifest_digest, scan_folder, skip_undecodable
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.jobs import build_sweep_jobs
+from imgtune_assets.defs.resources import SweepResource
 from imgtune_assets.defs.sensors import INTERVAL_ENV, build_new_images_sensor, stat_digest
 from imgtune_assets_tests.conftest import write_sweep
 
@@ -45,8 +46,10 @@ def instance():
         yield instance
 
 
-def tick(instance, sensor, cursor=None):
-    return sensor.evaluate_tick(build_sensor_context(instance=instance, cursor=cursor))
+def tick(instance, sensor, cursor=None, outputs="/nonexistent/imgtune-sensor-test-outputs"):
+    """One tick; ``outputs``: the sweeps' output folder (by default one no run wrote: nothing known)."""
+    resources = {"imgtune": SweepResource(output_dir=str(outputs))}
+    return sensor.evaluate_tick(build_sensor_context(instance=instance, cursor=cursor, resources=resources))
 
 
 def content_hash(folder) -> str:
@@ -66,6 +69,16 @@ def test_first_tick_on_never_swept_images_requests_the_whole_sweep(instance, sen
     assert cursor == {"stat": stat_digest(folder), "content": content_hash(folder)}
     assert request.tags["imgtune/images_content_hash"] == cursor["content"]
     assert request.run_key == f"images:None->{cursor['content']}@{cursor['stat']}"
+
+
+def test_the_content_hash_skips_what_a_run_found_undecodable_as_the_manifest_does(tmp_path, instance, sensor, folder):
+    rows = scan_folder(folder, needs_target=True)
+    known = {rows[0].image_sha256: {"path": str(folder / rows[0].image_path), "reason": "x: not decodable",
+                                    "found_at": "2026-12-06T00:00:00Z"}}
+    (tmp_path / "outputs" / "tiny").mkdir(parents=True)
+    (tmp_path / "outputs" / "tiny" / UNDECODABLE_FILE).write_text(json.dumps(known))
+    cursor = json.loads(tick(instance, sensor, outputs=tmp_path / "outputs").cursor)
+    assert cursor["content"] == manifest_digest(skip_undecodable(rows, known)) != content_hash(folder)
 
 
 def test_unchanged_folder_requests_nothing(instance, sensor):
