@@ -13,6 +13,7 @@ so that the manifest waits less on the disk. :func:`sweep_commands` are the same
     python -m imgtune_assets.cli sweep                            # the one sweep served ($IMGTUNE_SWEEP)
     python -m imgtune_assets.cli sweep denoise-demo segment-demo  # sweeps by name
     python -m imgtune_assets.cli sweep --all                      # every sweep served
+    python -m imgtune_assets.cli sweep denoise-demo --resume      # reuse the trials an interrupted run finished
     python -m imgtune_assets.cli apply outputs/NAME/best_pipeline.yaml photos/ tuned/   # apply a winner
 
 Uses $DAGSTER_HOME (required, so the history is kept).
@@ -49,6 +50,7 @@ from imgtune_assets.core.catalog import (
     sweeps_from_environment,
 )
 from imgtune_assets.core.manifest import prefetch_data
+from imgtune_assets.core.metrics import improves
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
 from imgtune_assets.core.progress import describe, format_score
 from imgtune_assets.core.sampling import trial_keys
@@ -63,6 +65,7 @@ SWEEP_LABEL = "manifest, trials, report"
 STEP_LABELS = ("image_manifest + run_settings", "experiment_results", "sweep_report", "tuned_images")
 PROGRESS_FILE = "progress.json"
 REPORT_FILE = "report.json"
+SETTINGS_FILE = "run_settings.json"
 LOG_TAIL_LINES = 30
 # Tags the run the sweep command launches, so that the command reads that run's failure and no other's.
 INVOCATION_TAG = "imgtune/cli_invocation"
@@ -113,19 +116,33 @@ def ensure_instance_config(home: Path) -> Path | None:
     return target
 
 
-def sweep_run_command(sweep_name: str, trial_keys: Sequence[str], invocation: str | None = None) -> list[str]:
+def experiment_results_op(sweep_name: str) -> str:
+    """The op name of ``<sweep>/experiment_results`` in run config: Dagster's
+    ``AssetKey.to_python_identifier()``, spelled out so the command does not load Dagster for it."""
+    return f"{sweep_name}__experiment_results".replace("-", "_").replace(".", "_")
+
+
+def resume_run_config(sweep_name: str) -> str:
+    """Run config (YAML) that resumes a sweep: its experiment_results' ``ExperimentConfig`` with
+    ``skip_finished: true``, so trials saved for the same sweep fingerprint and images are reused."""
+    return f"ops:\n  {experiment_results_op(sweep_name)}:\n    config:\n      skip_finished: true\n"
+
+
+def sweep_run_command(sweep_name: str, trial_keys: Sequence[str], invocation: str | None = None,
+                      config: str | os.PathLike | None = None) -> list[str]:
     """The whole sweep as ONE run of its ``<group>_sweep`` job (what the schedule and the sensor
     request): manifest, settings, every trial as one partition range, the report (and ``tuned_images``
     when the sweep applies its winner), with their checks, in one process with one Ray start.
     ``python -m imgtune_assets.cli sweep`` runs this; ``sweep_commands`` are the same steps one by one.
-    ``invocation``: a tag (``INVOCATION_TAG``) by which the command finds its own run afterwards."""
+    ``invocation``: a tag (``INVOCATION_TAG``) by which the command finds its own run afterwards.
+    ``config``: a run config file (``-c``; ``dagster job execute`` takes run config from files only)."""
     if not trial_keys:
         raise ValueError(f"sweep {sweep_name!r} has no trials")
     tags = {"dagster/asset_partition_range_start": trial_keys[0],
             "dagster/asset_partition_range_end": trial_keys[-1], "imgtune/trigger": "cli",
             **({INVOCATION_TAG: invocation} if invocation else {})}
     return [dagster_executable(), "job", "execute", "-m", MODULE, "-j", f"{group_name(sweep_name)}_sweep",
-            "--tags", json.dumps(tags)]
+            "--tags", json.dumps(tags), *(["-c", str(config)] if config is not None else [])]
 
 
 # ----------------------------------------------------------------------------- running a command, logged
@@ -310,9 +327,19 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def summary_lines(report: dict[str, Any]) -> list[str]:
+def summary_score(value: float) -> str:
+    """A score in the summary: 4 decimals (``31.4159``, ``0.9123``), or 4 significant digits below 0.1,
+    where 4 decimals would show a tiny metric (an MAE of 0.000234) as ``0.0002`` or ``0.0000``."""
+    if value != 0 and abs(value) < 0.1:
+        return f"{value:#.4g}"
+    return f"{value:.4f}"
+
+
+def summary_lines(report: dict[str, Any], settings: dict[str, Any] | None = None) -> list[str]:
     """A sweep's ``report.json`` in three lines — trials and scores, best parameters, where the report is —
-    and a line per note (e.g. early stopping that stopped nothing)."""
+    a line per note (e.g. early stopping that stopped nothing), and a ``warning:`` line each for files the
+    manifest skipped (from ``settings``, the sweep's ``run_settings.json``, when it is the report's images)
+    and for a best pipeline that does not beat the identity pipeline (the ``tuning_beats_identity`` check)."""
     metric = report.get("metric") or "score"
     completed, total = report.get("completed_trials", 0), report.get("total_trials", 0)
     failed = report.get("failed_trials") or []
@@ -321,18 +348,35 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         stopped.append(f"{report['pruned_trials']} pruned")
     first = f"{completed}/{total} trials completed" + (f" ({', '.join(stopped)})" if stopped else "")
     best, identity = report.get("best_score"), report.get("identity_score")
-    if report.get("best_trial") and best is not None and math.isfinite(float(best)):
-        first += f"; best {metric}: {float(best):.4f} ({report['best_trial']})"
+    has_best = bool(report.get("best_trial")) and best is not None and math.isfinite(float(best))
+    has_identity = identity is not None and math.isfinite(float(identity))
+    if has_best:
+        first += f"; best {metric}: {summary_score(float(best))} ({report['best_trial']})"
     else:
         first += f"; no trial completed, no best {metric}"
-    if identity is not None and math.isfinite(float(identity)):
-        first += f"; identity pipeline: {float(identity):.4f}"
+    if has_identity:
+        first += f"; identity pipeline: {summary_score(float(identity))}"
     params = report.get("best_params") or {}
     shown = ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) if params else "none"
     out_dir = report.get("output_dir", "")
-    files = "leaderboard.csv, best_pipeline.yaml, plots/" if report.get("best_pipeline") else "leaderboard.csv, plots/"
-    notes = [f"note: {note}" for note in report.get("notes") or []]
-    return [first, f"best parameters: {shown}", f"report: {out_dir} ({files})", *notes]
+    files = ", ".join(["leaderboard.csv", "per_image_scores.csv",
+                       *(["best_pipeline.yaml"] if report.get("best_pipeline") else []), "plots/"])
+    lines = [first, f"best parameters: {shown}", f"report: {out_dir} ({files})",
+             *(f"note: {note}" for note in report.get("notes") or [])]
+    # run_settings.json of other images (a later manifest) would count the wrong files: same digest only.
+    images = (settings or {}).get("images") if settings and settings.get("manifest_digest") == \
+        report.get("manifest_digest") else None
+    skipped = sum(1 for row in images or [] if row.get("status") != "ok")
+    if skipped:
+        lines.append(f"warning: {skipped} of {len(images)} files skipped "
+                     "(see image_manifest's metadata or the run log)")
+    if has_best and has_identity and "higher_is_better" in report \
+            and not improves(float(best), float(identity), bool(report["higher_is_better"])):  # as the check
+        lines.append(f"warning: the best pipeline does not beat the identity pipeline ({metric} "
+                     f"{summary_score(float(best))} vs {summary_score(float(identity))}): "
+                     + ("best_pipeline.yaml is the best tried, not an improvement" if report.get("best_pipeline")
+                        else "the best tried is not an improvement"))
+    return lines
 
 
 # ----------------------------------------------------------------------------- the sweep command
@@ -353,15 +397,22 @@ def select_sweeps(served: list[Sweep], names: Sequence[str], all_sweeps: bool) -
 
 def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: bool, columns: int,
                   quiet: bool = False, env: dict[str, str] | None = None,
-                  on_poll: Callable[[], object] | None = None) -> int:
+                  on_poll: Callable[[], object] | None = None, resume: bool = False) -> int:
     keys = trial_keys(sweep)
     invocation = uuid.uuid4().hex
     sweep_dir = sweep_output_dir(default_output_dir(), sweep.name)
     log = log_file_path(home, sweep.name)
-    print(f"{sweep.name}: {len(keys)} trials; Dagster's log: {log}", file=out, flush=True)
+    config = None
+    if resume:
+        # Kept beside the log (not a temporary file), so the command line the log records can be run again.
+        config = log.with_suffix(".resume.yaml")
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(resume_run_config(sweep.name))
+    print(f"{sweep.name}: {len(keys)} trials{' (resuming)' if resume else ''}; Dagster's log: {log}",
+          file=out, flush=True)
     # One run of the sweep's job: one process, one Dagster start, one Ray start for all its steps.
     steps = [(SWEEP_LABEL + (" + tuned images" if sweep.apply_input is not None else ""),
-              sweep_run_command(sweep.name, keys, invocation=invocation))]
+              sweep_run_command(sweep.name, keys, invocation=invocation, config=config))]
     for label, command in steps:
         display = StepDisplay(f"  {label}", out, tty=tty, columns=columns, quiet=quiet)
         started = time.time()
@@ -390,7 +441,8 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             except (subprocess.TimeoutExpired, OSError):
                 proc.kill()
             display.finish(time.perf_counter() - clock, ok=False)
-            print(f"interrupted; Dagster's log: {log}", file=err, flush=True)
+            print(f"interrupted; finished trials are kept: `python -m imgtune_assets.cli sweep {sweep.name} --resume` "
+                  f"resumes; Dagster's log: {log}", file=err, flush=True)
             return INTERRUPTED
         if is_trials:
             state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
@@ -417,7 +469,14 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
     except (OSError, ValueError) as exc:
         print(f"error: {sweep.name}: no report at {report_file} ({exc}); log: {log}", file=err, flush=True)
         return 1
-    for line in summary_lines(report):
+    try:  # for the files the manifest skipped (a row per file); a warning less without it
+        settings = json.loads((sweep_dir / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        settings = None
+    reused = (state["snap"] or {}).get("reused") if resume else None
+    if reused:
+        print(f"  reused {reused} finished trial(s) (--resume)", file=out)
+    for line in summary_lines(report, settings):
         print(f"  {line}", file=out)
     tuned = sweep_dir / "tuned_images.json"
     if sweep.apply_input is not None and tuned.exists():
@@ -550,7 +609,8 @@ def ray_for_runs() -> Iterator[tuple[dict[str, str] | None, embedded_ray.RayHost
             embedded_ray.skip_final_collection_at_exit()
 
 
-def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool = False) -> int:
+def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool = False,
+               resume: bool = False) -> int:
     try:
         sweeps = select_sweeps(sweeps_from_environment(), names, all_sweeps)
     except SweepFileError as exc:  # SweepCatalogError too
@@ -577,7 +637,8 @@ def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool 
             for sweep in sweeps:
                 # Once the command's Ray is up, SIGTERM is this command's again (not Ray's crash handler's).
                 code = run_one_sweep(sweep, home, out=sys.stdout, err=sys.stderr, tty=tty, columns=columns,
-                                     quiet=quiet, env=env, on_poll=host.restore_sigterm if host else None)
+                                     quiet=quiet, env=env, on_poll=host.restore_sigterm if host else None,
+                                     resume=resume)
                 if code != 0:
                     failed.append((sweep.name, code))
                 if code == INTERRUPTED:
@@ -607,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("names", nargs="*", metavar="NAME", help="sweep names (the `name` of sweep files)")
     sweep.add_argument("--all", action="store_true", dest="all_sweeps", help="every sweep served")
     sweep.add_argument("--quiet", action="store_true", help="no step lines or progress bar, only the summaries")
+    sweep.add_argument("--resume", action="store_true",
+                       help="finished trials of the current sweep version are reused, not recomputed (after an "
+                            "interrupted or failed run: the trials' skip_finished)")
     apply = sub.add_parser(
         "apply", help="apply a tuned pipeline (a best_pipeline.yaml) to every image of a folder, on Ray",
         description="Apply PIPELINE (a sweep file with fixed values, such as the best_pipeline.yaml a sweep report "
@@ -622,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     apply.add_argument("--ray-address", help="Ray cluster address (default: $IMGTUNE_RAY_ADDRESS, else embedded)")
     args = parser.parse_args(argv)
     if args.command == "sweep":
-        return run_sweeps(args.names, args.all_sweeps, quiet=args.quiet)
+        return run_sweeps(args.names, args.all_sweeps, quiet=args.quiet, resume=args.resume)
     if args.command == "apply":
         return run_apply(args.pipeline, args.input_dir, args.output_dir, endpoint_url=args.endpoint_url,
                          ray_address=args.ray_address)

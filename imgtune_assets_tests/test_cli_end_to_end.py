@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from imgtune_assets.cli import (
     ensure_instance_config,
     error_summary,
     read_progress,
+    resume_run_config,
     summary_lines,
+    summary_score,
     sweep_commands,
     sweep_run_command,
 )
@@ -216,6 +219,41 @@ def test_cli_unknown_sweep_name_fails_naming_the_known_ones(tmp_path, denoise_da
     assert not (Path(env["DAGSTER_HOME"]) / "logs").exists()  # no dagster command was started
 
 
+def test_cli_sweep_resume_reuses_the_trials_a_partial_run_finished(tmp_path, tiny_sweep):
+    env = cli_env(tmp_path, tiny_sweep)
+    inputs, trials, _ = sweep_commands("tiny", KEYS[:2])  # a run that finished two of the four trials
+    run(env, inputs)
+    run(env, trials)
+    trials_dir = tmp_path / "outputs" / "tiny" / "trials"
+    before = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("trial-*.json")}
+    assert sorted(before) == ["trial-000.json", "trial-001.json"]
+    result = run_cli(env, "tiny", "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reused 2 finished trial(s) (--resume)" in result.stdout, result.stdout
+    assert "4/4 trials completed" in result.stdout
+    [log] = _log_files(result.stdout)
+    assert "reusing 2 finished trial(s) (skip_finished)" in _plain(log)
+    # The finished trials were not computed again (their files untouched); the others were.
+    after = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("trial-*.json")}
+    assert len(after) == 4 and all(after[name] == mtime for name, mtime in before.items())
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        [cli_run] = [r for r in instance.get_runs() if r.tags.get("imgtune/trigger") == "cli"]
+        assert cli_run.run_config["ops"]["tiny__experiment_results"]["config"] == {"skip_finished": True}
+
+
+def test_cli_summary_warns_of_a_skipped_file(tmp_path, denoise_data):
+    data = tmp_path / "data"
+    shutil.copytree(denoise_data, data)
+    (data / "images" / "notes.txt").write_text("not an image")
+    images = len(list((data / "images").iterdir()))
+    env = cli_env(tmp_path, write_sweep(tmp_path / "tiny.yaml", data, trials=2))
+    result = run_cli(env, "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"  warning: 1 of {images} files skipped (see image_manifest's metadata or the run log)\n" \
+        in result.stdout, result.stdout
+    assert "does not beat the identity pipeline" not in result.stdout  # the demo's noise: tuning helps
+
+
 # ----------------------------------------------------------------------------- the CLI's parts, without Dagster
 def test_sweep_commands_are_the_prefixed_dagster_commands():
     commands = sweep_commands("denoise-demo", [f"trial-{k:03d}" for k in range(32)])
@@ -242,7 +280,19 @@ def test_the_cli_runs_a_sweep_as_one_run_of_its_job():
     with pytest.raises(ValueError):
         sweep_run_command("empty", [])
     tagged = sweep_run_command("denoise-demo", ["trial-000"], invocation="abc")
-    assert json.loads(tagged[8])[INVOCATION_TAG] == "abc"
+    assert json.loads(tagged[8])[INVOCATION_TAG] == "abc" and len(tagged) == 9
+    resumed = sweep_run_command("denoise-demo", ["trial-000"], config="/h/logs/x.resume.yaml")
+    assert resumed[9:] == ["-c", "/h/logs/x.resume.yaml"]
+
+
+def test_resume_run_config_sets_skip_finished_on_the_experiment_results_op():
+    from imgtune_assets.defs.assets import ExperimentConfig
+    from imgtune_assets.defs.keys import asset_key
+
+    for name in ("denoise-demo", "seg.2", "plain_1"):
+        op = asset_key(name, "experiment_results").to_python_identifier()  # Dagster's op name for the asset
+        assert yaml.safe_load(resume_run_config(name)) == {"ops": {op: {"config": {"skip_finished": True}}}}
+    assert "skip_finished" in ExperimentConfig.model_fields
 
 
 def test_error_summary_is_the_innermost_message_without_a_remote_traceback():
@@ -333,16 +383,47 @@ def test_summary_lines():
     assert summary_lines(report) == [
         "31/32 trials completed (1 failed); best dice: 0.9123 (trial-017); identity pipeline: 0.5000",
         "best parameters: gaussian_blur.ksize=5, threshold.c=-2.346",
-        "report: /o/s (leaderboard.csv, best_pipeline.yaml, plots/)",
+        "report: /o/s (leaderboard.csv, per_image_scores.csv, best_pipeline.yaml, plots/)",
     ]
     none = summary_lines({**report, "completed_trials": 0, "best_trial": None, "best_score": float("nan"),
                           "best_params": None, "best_pipeline": None})
     assert "no trial completed" in none[0] and none[1] == "best parameters: none"
-    assert none[2] == "report: /o/s (leaderboard.csv, plots/)"  # no best pipeline written this time
+    assert none[2] == "report: /o/s (leaderboard.csv, per_image_scores.csv, plots/)"  # no best pipeline this time
     halved = summary_lines({**report, "completed_trials": 7, "pruned_trials": 24})
     assert halved[0].startswith("7/32 trials completed (1 failed, 24 pruned); best dice")
     noted = summary_lines({**report, "notes": ["early_stopping.min_images 50 is not below the 14 usable images"]})
     assert noted[3:] == ["note: early_stopping.min_images 50 is not below the 14 usable images"]
+
+
+def test_summary_lines_warn_of_skipped_files_and_of_no_improvement():
+    report = {"sweep": "s", "metric": "ssim", "higher_is_better": True, "total_trials": 4, "completed_trials": 4,
+              "best_trial": "trial-002", "best_score": 0.26271, "identity_score": 0.33044, "best_params": {"a": 1},
+              "output_dir": "/o/s", "best_pipeline": "/o/s/best_pipeline.yaml", "manifest_digest": "d1"}
+    rows = [{"status": "ok"}] * 23 + [{"status": "skipped"}] * 7
+    lines = summary_lines(report, {"manifest_digest": "d1", "images": rows})
+    assert lines[3:] == [
+        "warning: 7 of 30 files skipped (see image_manifest's metadata or the run log)",
+        "warning: the best pipeline does not beat the identity pipeline (ssim 0.2627 vs 0.3304): "
+        "best_pipeline.yaml is the best tried, not an improvement",
+    ]
+    # Settings of other images (a newer manifest) are not this report's: no count from them.
+    assert not any("skipped" in line for line in summary_lines(report, {"manifest_digest": "d2", "images": rows}))
+    # Lower is better (mae): a lower best score beats the identity pipeline; an equal one does not.
+    mae = {**report, "metric": "mae", "higher_is_better": False}
+    assert not any(line.startswith("warning") for line in summary_lines({**mae, "best_score": 0.01,
+                                                                         "identity_score": 0.02}))
+    assert summary_lines({**mae, "best_score": 0.02, "identity_score": 0.02})[-1].startswith(
+        "warning: the best pipeline does not beat the identity pipeline (mae 0.02000 vs 0.02000)")
+
+
+def test_summary_scores_keep_four_significant_digits_when_small():
+    assert summary_score(31.41592) == "31.4159" and summary_score(0.912345) == "0.9123"  # as before
+    assert summary_score(0.5) == "0.5000" and summary_score(0.0) == "0.0000" and summary_score(100.0) == "100.0000"
+    assert summary_score(0.000234567) == "0.0002346" and summary_score(-0.0123456) == "-0.01235"
+    assert summary_score(2.5e-6) == "2.500e-06"
+    line = summary_lines({"metric": "mae", "higher_is_better": False, "total_trials": 2, "completed_trials": 2,
+                          "best_trial": "trial-001", "best_score": 0.000234567, "identity_score": 0.0123456})[0]
+    assert line.endswith("best mae: 0.0002346 (trial-001); identity pipeline: 0.01235")
 
 
 def test_log_file_path_is_per_sweep_and_utc(tmp_path):
@@ -404,6 +485,7 @@ def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
             proc.kill()
     assert proc.returncode == 130, out + err
     assert "interrupted" in err and "failed: slow (exit 130)" in err, err
+    assert "python -m imgtune_assets.cli sweep slow --resume` resumes" in err, err  # how to go on
     assert "SIGTERM received" not in err, err  # Ray's crash handler (a stack dump) did not take the signal
     _, alive = psutil.wait_procs(started, timeout=15)
     assert not alive, [p.cmdline() for p in alive]  # the run, Ray's processes

@@ -409,6 +409,11 @@ def score(metric: str, pred: np.ndarray, target: np.ndarray | None, **options) -
     return float(spec.fn(pred, target, **options))
 
 
+def improves(a: float, b: float, higher_is_better: bool) -> bool:
+    """Whether score ``a`` is better than ``b`` in the metric's direction (a tie is not)."""
+    return a > b if higher_is_better else a < b
+
+
 @dataclass(frozen=True)
 class Objective:
     """What a sweep optimizes: a registered metric, its options (``tolerance`` for edge_f1) and the
@@ -438,7 +443,7 @@ class Objective:
 
     def better(self, a: float, b: float | None) -> bool:
         """Whether score ``a`` beats ``b`` (``None``: nothing yet)."""
-        return b is None or (a > b if self.higher_is_better else a < b)
+        return b is None or improves(a, b, self.higher_is_better)
 
     def to_dict(self) -> dict[str, Any]:
         """As written in a sweep file's ``objective:`` (also the identity baseline's cache key)."""

@@ -5,6 +5,7 @@ import math
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetChecksDefinition, asset_check
 
+from imgtune_assets.core.metrics import improves
 from imgtune_assets.defs.assets import SweepAssets
 
 
@@ -38,7 +39,7 @@ def build_sweep_checks(assets: SweepAssets) -> list[AssetChecksDefinition]:
         if best is None or math.isnan(best) or math.isnan(identity):
             passed = False
         else:
-            passed = best > identity if sweep_report["higher_is_better"] else best < identity
+            passed = improves(best, identity, sweep_report["higher_is_better"])
         return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.WARN,
                                 metadata={"best_score": float(best), "identity_score": float(identity)})
 
