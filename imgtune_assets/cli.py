@@ -527,14 +527,14 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
     try:
         source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
         target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
-        source = input_images(source)  # before waiting for Ray; a sweep's data folder: its images/
+        images = input_images(source)  # checked before waiting for Ray; a sweep's data folder: its images/
     except (ApplyError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cluster = None
     if early is not None:
         # This machine's Ray reads the files: the disk starts on them while Ray starts.
-        in_background(storage.prefetch_folder, source, IMAGE_SUFFIXES)
+        in_background(storage.prefetch_folder, images, IMAGE_SUFFIXES)
         early.wait()
         early.restore_sigterm()  # SIGTERM: Python's default (exit), without Ray's stack dump first
     else:  # a cluster (or an input whose folder could not be seen before): the resource connects
@@ -565,7 +565,7 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
         if entry["status"] == "skipped":
             print(f"  skipped: {entry['reason']}", file=sys.stderr)
     if not any(entry["output"] for entry in result.entries):
-        print(f"warning: no image files in {source} ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
+        print(f"warning: no image files in {images} ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
     print(f"{result.count('written')} written, {result.count('unchanged')} unchanged, {result.count('skipped')} "
           f"skipped in {time.perf_counter() - started:.1f}s -> {target} (ledger {result.ledger})", flush=True)
     return 0

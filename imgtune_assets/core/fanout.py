@@ -67,9 +67,12 @@ def data_error_message(exc: ImageDataError, sweep_dir) -> str:
     on it again."""
     if exc.undecodable is None:
         return str(exc)
-    from imgtune_assets.core.manifest import record_undecodable
+    from imgtune_assets.core.manifest import ManifestError, record_undecodable
 
-    return record_undecodable(sweep_dir, exc.undecodable["path"], exc.undecodable["key"], str(exc))
+    try:
+        return record_undecodable(sweep_dir, exc.undecodable["path"], exc.undecodable["key"], str(exc))
+    except (ManifestError, OSError) as failed:  # the run's own error still comes first
+        return f"{exc}: it does not decode; replace or remove the file (could not record it: {failed})"
 
 
 def _evaluate_task(stages, chunk, objective):

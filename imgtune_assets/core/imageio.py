@@ -58,6 +58,9 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
 
     if not data:
         raise ImageReadError(f"{file}: empty file (0 bytes)")
+    if not whole and (size := webp_size(data)) is not None:
+        # Pillow opens a WebP only whole; an object's head holds its size (WebP is 8-bit colour).
+        return size[0], size[1], 3, "uint8"
     try:
         with Image.open(io.BytesIO(data)) as image:
             kind, mode, (width, height) = image.format, image.mode, image.size
@@ -87,6 +90,22 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
     if depth > 16 or mode in ("I", "F"):
         raise ImageReadError(f"{file}: unsupported pixel type ({mode}, {depth} bit; need 8-bit or 16-bit)")
     return int(width), int(height), 1 if grey else 3, "uint16" if depth == 16 else "uint8"
+
+
+def webp_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a WebP file from its first chunk's header (the first 30 bytes), or None when
+    ``data`` does not start like a WebP file."""
+    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    kind = data[12:16]
+    if kind == b"VP8X":  # extended: canvas size minus one, 24 bits each
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if kind == b"VP8L" and data[20] == 0x2F:  # lossless: signature, then 14-bit sizes minus one
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":  # lossy: key frame start code, then 14-bit sizes
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    return None
 
 
 def webp_is_lossless(data: bytes) -> bool:

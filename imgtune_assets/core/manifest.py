@@ -49,26 +49,36 @@ def read_undecodable(sweep_dir: str | os.PathLike) -> dict[str, dict]:
 
     file = Path(sweep_dir) / UNDECODABLE_FILE
     try:
-        return json.loads(file.read_text())
+        known = json.loads(file.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
         raise ManifestError(f"{file}: unreadable ({exc}); delete it to read every image again") from None
+    if not isinstance(known, dict) or not all(isinstance(v, dict) for v in known.values()):
+        raise ManifestError(f"{file}: not a mapping of content keys to findings; delete it to read every image again")
+    return known
 
 
 def record_undecodable(sweep_dir: str | os.PathLike, path: str, key: str | None, reason: str) -> str:
     """Record a file a run could not decode (atomic update) and return what to tell the user."""
     from imgtune_assets.core.files import atomic_write_json
 
+    import fcntl
+
     file = Path(sweep_dir) / UNDECODABLE_FILE
     if key is None:  # no content key to recognise it by: nothing to record
         return f"{reason}: it passed the manifest's checks but does not decode; replace or remove the file"
-    known = read_undecodable(sweep_dir)
-    known[key] = {"path": path, "reason": reason, "found_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(file, known)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    # Two runs failing at once must not lose one's finding: read, add and write under a lock.
+    with open(file.with_name(UNDECODABLE_FILE + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        known = read_undecodable(sweep_dir)
+        known[key] = {"path": path, "reason": reason,
+                      "found_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_json(file, known)
     return (f"{reason}: it passed the manifest's checks (header and structure) but does not decode. Recorded in "
-            f"{file}: the next image_manifest skips it with this reason (a replaced file is read again) — "
-            f"materialize image_manifest,run_settings and the trials again; finished trials are kept")
+            f"{file}: the next image_manifest skips it with this reason (a replaced file is read again), and the "
+            f"next run of the sweep scores the other images (a new set of images: its trials are run again)")
 
 
 def skip_undecodable(rows: list[ManifestRow], known: dict[str, dict]) -> list[ManifestRow]:
@@ -241,7 +251,8 @@ def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_na
             row.reason = f"target {target_file.name} is {width}x{height}, image is {row.width}x{row.height}"
             return row
     elif needs_target:
-        row.reason = f"no target: expected {target_dir_name}/{row.id}.<png|jpg|tif|bmp>"
+        kinds = "|".join(suffix[1:] for suffix in IMAGE_SUFFIXES if suffix not in (".jpeg", ".tiff"))
+        row.reason = f"no target: expected {target_dir_name}/{row.id}.<{kinds}>"
         return row
     row.status = "ok"
     return row

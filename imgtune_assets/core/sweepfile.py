@@ -468,8 +468,8 @@ class _Apply(_Model):
     by ``_SweepDoc.to_sweep``. An output folder inside the input folder (or the reverse) is allowed:
     apply reads only the files directly in ``input_dir`` (or, in a sweep's data folder, in its
     ``images/``: ``core.apply.input_images``), never deeper, so outputs written to ``photos/tuned/`` are
-    not read as inputs by the next run. An output folder that is the input's ``images/`` is refused by
-    apply itself when it runs (whether there is one is a fact of the folder, not of the file).
+    not read as inputs by the next run. An output folder that is the input's ``images/`` is refused too:
+    the first run would create it, and every later run would read its outputs as its inputs.
     """
 
     _ORDER = ("+", "!", "input_dir", "output_dir")
@@ -627,6 +627,9 @@ class _SweepDoc(_Model):
             apply_output = where(self.apply.output_dir, "apply.output_dir")
             if same_folder(apply_input, apply_output):  # see _Apply
                 raise _fail(path, "apply.output_dir", f"must differ from apply.input_dir (both are {apply_input})")
+            if same_folder(apply_input / "images", apply_output):
+                raise _fail(path, "apply.output_dir", f"must not be apply.input_dir's images/ ({apply_output}): "
+                                                      "apply reads a folder's images/ when it has one")
         return Sweep(
             path=path, name=self.name, data_dir=data_dir, endpoint_url=endpoint,
             apply_input=apply_input, apply_output=apply_output,

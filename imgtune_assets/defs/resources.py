@@ -254,9 +254,10 @@ def probe_address(address: str, timeout: float) -> None:
         try:
             with socket.create_connection(endpoint, timeout=max(0.05, min(PROBE_ATTEMPT_SECONDS, remaining))):
                 return
-        except socket.gaierror as exc:  # a name that does not resolve will not a moment later either
+        except socket.gaierror as exc:
             reason = f"unknown host ({exc.strerror or exc})"
-            break
+            if exc.errno == socket.EAI_NONAME:  # no such name: it will not resolve a moment later either
+                break  # (a temporary failure, EAI_AGAIN, is tried again: a new service's name may be on its way)
         except OSError as exc:
             reason = _unreachable_reason(exc)
         remaining = started + timeout - time.monotonic()

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 import cv2
 
-from imgtune_assets.core.manifest import ManifestError, load_images, manifest_digest, require_usable, scan_folder
+from imgtune_assets.core.manifest import (
+    UNDECODABLE_FILE,
+    ManifestError,
+    ManifestRow,
+    load_images,
+    manifest_digest,
+    read_undecodable,
+    record_undecodable,
+    require_usable,
+    scan_folder,
+    skip_undecodable,
+)
 
 
 def png(path, image):
@@ -174,3 +185,28 @@ def test_prefetch_data_reads_what_the_manifest_reads_in_its_order(tmp_path, monk
         assert manifest.prefetch_data(tmp_path) == sum(sizes[n] for n in names(read))
     assert manifest.prefetch_data(tmp_path / "missing") == 0
     assert manifest.prefetch_data(storage.location("memory://bucket/data")) == 0
+
+
+def test_files_found_undecodable_are_recorded_by_key_and_skipped_by_the_next_manifest(tmp_path):
+    assert read_undecodable(tmp_path) == {}
+    message = record_undecodable(tmp_path, "/d/images/a.png", "key-a", "/d/images/a.png: not a decodable image")
+    assert str(tmp_path / UNDECODABLE_FILE) in message and "trials are run again" in message
+    record_undecodable(tmp_path, "/d/targets/b.png", "key-b", "/d/targets/b.png: not a decodable image")
+    known = read_undecodable(tmp_path)
+    assert set(known) == {"key-a", "key-b"}  # the second finding did not replace the first
+
+    def row(name, image_key, target_key, status="ok"):
+        return ManifestRow(id=name, image_path=f"images/{name}.png", target_path=f"targets/{name}.png",
+                           image_sha256=image_key, target_sha256=target_key, width=4, height=4, channels=1,
+                           dtype="uint8", status=status)
+
+    rows = skip_undecodable([row("a", "key-a", "t-a"), row("b", "i-b", "key-b"), row("c", "i-c", "t-c")], known)
+    assert [r.status for r in rows] == ["skipped", "skipped", "ok"]
+    assert "does not decode" in rows[0].reason and "/d/images/a.png" in rows[0].reason
+    assert "/d/targets/b.png" in rows[1].reason  # its target is the undecodable file
+    assert manifest_digest(rows) != manifest_digest([row("a", "key-a", "t-a"), row("b", "i-b", "key-b"),
+                                                     row("c", "i-c", "t-c")])
+
+    (tmp_path / UNDECODABLE_FILE).write_text("[]")
+    with pytest.raises(ManifestError, match=UNDECODABLE_FILE):
+        read_undecodable(tmp_path)

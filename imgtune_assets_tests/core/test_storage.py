@@ -37,6 +37,16 @@ def test_probe_agrees_with_a_full_decode(name, dtype, channels):
     assert probed_dtype == str(image.dtype)
 
 
+@pytest.mark.parametrize("params", [[cv2.IMWRITE_WEBP_QUALITY, 101], [cv2.IMWRITE_WEBP_QUALITY, 80]])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_an_objects_head_gives_a_webps_size(params, channels):
+    # An object store's probe reads only an object's head; Pillow cannot open a WebP from its head.
+    image = np.random.default_rng(channels).integers(0, 255, (301, 517, channels), dtype=np.uint8)
+    ok, buffer = cv2.imencode(".webp", image, params)
+    data = buffer.tobytes()
+    assert probe_image(data[:64], "head.webp", whole=False) == probe_image(data, "whole.webp") == (517, 301, 3, "uint8")
+
+
 @pytest.mark.parametrize("name", ["grey8.png", "colour16.png", "colour.jpg", "colour.bmp", "colour.webp"])
 def test_probe_catches_truncated_files(name):
     spec = next(f for f in FORMATS if f[0] == name)

@@ -332,6 +332,8 @@ def write_with_apply(tmp_path, input_dir, output_dir):
         ("../data/photos", "../data/./photos/"),  # the same folder spelled another way
         ("../data/photos", "../data/tuned/../photos"),
         ("s3://bucket/photos", "s3://bucket/./photos/"),
+        ("../data/photos", "../data/photos/images"),  # what apply would read from the second run on
+        ("s3://bucket/photos", "s3://bucket/photos/images/"),
     ],
 )
 def test_apply_output_must_differ_from_input(tmp_path, input_dir, output_dir):
@@ -340,7 +342,10 @@ def test_apply_output_must_differ_from_input(tmp_path, input_dir, output_dir):
     with pytest.raises(SweepFileError) as err:
         load_sweep(path)
     both = input_dir if "://" in input_dir else (tmp_path / "data" / "photos").resolve()
-    assert str(err.value) == f"{path}: apply.output_dir: must differ from apply.input_dir (both are {both})"
+    if output_dir.rstrip("/").endswith("images"):
+        assert str(err.value).startswith(f"{path}: apply.output_dir: must not be apply.input_dir's images/")
+    else:
+        assert str(err.value) == f"{path}: apply.output_dir: must differ from apply.input_dir (both are {both})"
 
 
 @pytest.mark.parametrize(

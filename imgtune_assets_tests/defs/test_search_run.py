@@ -12,8 +12,10 @@ from dagster import DagsterInstance, materialize
 
 from imgtune_assets.core.manifest import ManifestRow
 from imgtune_assets.core.search import image_detail, image_order
+from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.checks import build_sweep_checks
 from imgtune_assets.defs.keys import asset_key
+from imgtune_assets.defs.search_run import early_stopping_notes
 from imgtune_assets_tests.conftest import write_sweep
 from imgtune_assets_tests.defs.test_assets import built, independent_denoise_psnr, node, resources
 from imgtune_assets_tests.support.sweeps import range_tags
@@ -180,3 +182,13 @@ def test_new_images_start_from_the_last_reports_best_parameters(tmp_path, denois
     round0 = json.loads(ledgers[-1].read_text())["rounds"][0]["trials"]
     assert [p["source"] for p in round0] == ["warm-start", "warm-start", "sobol", "sobol"]
     assert [p["params"] for p in round0[:2]] == first["top_params"][:2]
+
+
+def test_the_initial_design_note_waits_for_every_trial(tmp_path, denoise_data):
+    sweep = load_sweep(write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=8, **STAGED))
+    round0 = [{"trial": f"trial-00{k}", "round": 0, "source": "sobol"} for k in range(4)]
+    assert early_stopping_notes(sweep, 6, round0) == []  # a range that ran round 0 only: not yet
+    later = [{"trial": f"trial-00{k}", "round": 1, "source": "sobol"} for k in range(4, 8)]
+    [note] = early_stopping_notes(sweep, 6, round0 + later)
+    assert note.startswith("sampler tpe: all 8 trials are the initial design (round 0 holds 4)")
+    assert early_stopping_notes(sweep, 6, round0 + [{**r, "source": "tpe"} for r in later]) == []
