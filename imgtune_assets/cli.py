@@ -521,20 +521,20 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
 def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_dir: str,
                     address: str | None, early: embedded_ray.EmbeddedRayStart | None) -> int:
     from imgtune_assets.core import storage
-    from imgtune_assets.core.apply import ApplyError, apply_to_folder, input_images
+    from imgtune_assets.core.apply import ApplyError, apply_to_folder, require_input_folder
     from imgtune_assets.core.imageio import IMAGE_SUFFIXES
 
     try:
         source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
         target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
-        images = input_images(source)  # checked before waiting for Ray; a sweep's data folder: its images/
+        require_input_folder(source)  # before waiting for Ray
     except (ApplyError, storage.StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cluster = None
     if early is not None:
         # This machine's Ray reads the files: the disk starts on them while Ray starts.
-        in_background(storage.prefetch_folder, images, IMAGE_SUFFIXES)
+        in_background(prefetch_inputs, source)
         early.wait()
         early.restore_sigterm()  # SIGTERM: Python's default (exit), without Ray's stack dump first
     else:  # a cluster (or an input whose folder could not be seen before): the resource connects
@@ -565,10 +565,23 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
         if entry["status"] == "skipped":
             print(f"  skipped: {entry['reason']}", file=sys.stderr)
     if not any(entry["output"] for entry in result.entries):
-        print(f"warning: no image files in {images} ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
+        print(f"warning: no image files in {result.input_dir} ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
     print(f"{result.count('written')} written, {result.count('unchanged')} unchanged, {result.count('skipped')} "
           f"skipped in {time.perf_counter() - started:.1f}s -> {target} (ledger {result.ledger})", flush=True)
     return 0
+
+
+def prefetch_inputs(source) -> int:
+    """``storage.prefetch_folder`` of the image files apply will read (a data folder's images/); a hint:
+    a folder that cannot be read now is left to apply, which says why."""
+    from imgtune_assets.core import storage
+    from imgtune_assets.core.apply import ApplyError, input_images
+    from imgtune_assets.core.imageio import IMAGE_SUFFIXES
+
+    try:
+        return storage.prefetch_folder(input_images(source), IMAGE_SUFFIXES)
+    except (ApplyError, storage.StorageError):
+        return 0
 
 
 def in_background(function: Callable[..., object], *args: Any) -> threading.Thread:

@@ -183,6 +183,7 @@ def _apply_task(stages, items, key_of_pipeline):
 class ApplyResult:
     entries: list[dict[str, Any]] = field(default_factory=list)  # one per file of the input folder
     ledger: Location | None = None
+    input_dir: Location | None = None  # the folder read (a data folder's images/, see input_images)
 
     def count(self, status: str) -> int:
         return sum(1 for e in self.entries if e["status"] == status)
@@ -232,6 +233,7 @@ def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *
     import ray
 
     input_dir = input_images(input_dir)
+    result = ApplyResult(input_dir=input_dir)
     if same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
     try:
@@ -240,7 +242,6 @@ def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *
         raise ApplyError(str(exc)) from None
     key = pipeline_key(stages)
     previous = read_ledger(output_dir)
-    result = ApplyResult()
     items = []
     for file, _ in files:
         target = output_dir / file.name

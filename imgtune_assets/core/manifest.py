@@ -13,7 +13,7 @@ import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -61,9 +61,9 @@ def read_undecodable(sweep_dir: str | os.PathLike) -> dict[str, dict]:
 
 def record_undecodable(sweep_dir: str | os.PathLike, path: str, key: str | None, reason: str) -> str:
     """Record a file a run could not decode (atomic update) and return what to tell the user."""
-    from imgtune_assets.core.files import atomic_write_json
-
     import fcntl
+
+    from imgtune_assets.core.files import atomic_write_json
 
     file = Path(sweep_dir) / UNDECODABLE_FILE
     if key is None:  # no content key to recognise it by: nothing to record
@@ -88,9 +88,9 @@ def skip_undecodable(rows: list[ManifestRow], known: dict[str, dict]) -> list[Ma
     for row in rows:
         found = known.get(row.image_sha256 or "") or known.get(row.target_sha256 or "")
         if row.status == "ok" and found:
-            row = ManifestRow(**{**row.to_record(), "status": "skipped",
-                                 "reason": f"does not decode (found by a run at {found['found_at']}: {found['reason']}); "
-                                           f"replace the file to use it again"})
+            row = replace(row, status="skipped",
+                          reason=f"does not decode (found by a run at {found['found_at']}: {found['reason']}); "
+                                 f"replace the file to use it again")
         out.append(row)
     return out
 
