@@ -31,7 +31,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from imgtune_assets.cli import sweep_commands
 from imgtune_assets.core import storage
 from imgtune_assets.core.demo_data import make_denoise_set
-from imgtune_assets.core.manifest import scan_folder
+from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeCache, scan_folder
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import load_sweep
@@ -191,6 +191,32 @@ def test_scanning_a_bucket_matches_the_local_copy_keyed_by_etag(tmp_path, s3_ser
     assert broken.reason.startswith(f"{url}/images/broken.png: "), broken.reason
     assert "not a decodable image" in broken.reason
     assert DUMMY_SECRET not in broken.reason
+
+
+def test_a_probe_cache_reads_no_object_whose_tag_is_unchanged(tmp_path, s3_server, local_data):
+    url = uploaded(s3_server, "cached", local_data)
+    data = storage.location(url, endpoint_url=s3_server.endpoint_url)
+    cache_file = tmp_path / PROBE_CACHE_FILE
+    first = ProbeCache.load(cache_file)
+    rows = scan_folder(data, needs_target=True, cache=first)
+    first.save()
+    assert first.read == 12  # six images and six targets: each object's head read once
+
+    heads = []
+    real = storage.read_head
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage, "read_head", lambda path, n: heads.append(str(path)) or real(path, n))
+        again = ProbeCache.load(cache_file)
+        assert [r.to_record() for r in scan_folder(data, needs_target=True, cache=again)] == \
+            [r.to_record() for r in rows]
+        assert heads == [] and again.reused == 12  # the listing's tags matched: no object read
+        # An object written again with other bytes has another tag: read again, alone.
+        s3_server.filesystem().pipe_file("cached/data/images/scene_001.png",
+                                         (local_data / "images" / "scene_002.png").read_bytes())
+        changed = ProbeCache.load(cache_file)
+        rescanned = {r.id: r for r in scan_folder(data, needs_target=True, cache=changed)}
+    assert heads == [f"{url}/images/scene_001.png"] and changed.read == 1
+    assert rescanned["scene_001"].image_sha256 == next(r for r in rows if r.id == "scene_002").image_sha256
 
 
 # ------------------------------------------------------------------------- b. a whole sweep, the real CLI

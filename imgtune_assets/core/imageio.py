@@ -68,7 +68,9 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
         if whole and kind == "PNG":
             check_png_chunks(data)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image: {exc})") from None
+        # Pillow names the unrecognised file by its in-memory buffer's address: said without it.
+        detail = "no known image format" if isinstance(exc, UnidentifiedImageError) else exc
+        raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image: {detail})") from None
     # A JPEG's end-of-image marker cannot occur inside its entropy-coded data (0xFF is stuffed there), so
     # one after the start of scan means the scan is whole, whatever a camera appends after it (some
     # phones append a video to the photo). Searched from the end: a forward search through the scan,

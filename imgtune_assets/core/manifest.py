@@ -232,18 +232,92 @@ def _probe(file: Location, info: dict) -> tuple[str, str | None, int | None, tup
     return key, _trusted_stat(before, local_stat(file), read_at_ns), len(data), probe_image(data, file)
 
 
-def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_name: str) -> ManifestRow:
+class ProbeCache:
+    """What earlier scans learnt of each file, so that a scan reads only the files that changed since.
+
+    A file's probe (content key, stat, size, header) is reused when the file is as it was then: a local
+    file's ``size:mtime_ns`` equals the stat recorded when it was hashed (recorded only when trusted,
+    see ``_trusted_stat``: the same test by which a run skips re-hashing the files it reads), an
+    object's listing gives the same content key (tag and size). A nightly sweep over an unchanged
+    folder, or the new-images sensor after a few files were added, reads the new and changed files
+    only; ``touch`` makes a file be read again. Kept as JSON in the sweep's output folder
+    (``PROBE_CACHE_FILE``), by the file's full location; a missing or damaged file is an empty cache
+    (it is only a cache: every entry can be computed again). ``save`` writes the entries of the files
+    this scan met (vanished files drop out), whole (a scan of the same folder in another process,
+    the sensor's, may write it too: either is right). Thread-safe for ``scan_folder``'s pool.
+    """
+
+    def __init__(self, file: str | os.PathLike | None = None, entries: dict[str, dict] | None = None):
+        self.file = Path(file) if file is not None else None
+        self.known: dict[str, dict] = entries or {}
+        self.seen: dict[str, dict] = {}
+        self.reused = 0
+        self.read = 0
+
+    @classmethod
+    def load(cls, file: str | os.PathLike) -> "ProbeCache":
+        import json
+
+        try:
+            entries = json.loads(Path(file).read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            entries = {}
+        return cls(file, entries if isinstance(entries, dict) else {})
+
+    def probe(self, file: Location, info: dict) -> tuple[str, str | None, int | None, tuple[int, int, int, str]]:
+        """``_probe(file, info)``, or the earlier probe of the same unchanged file."""
+        name, remote = str(file), storage.is_remote(file)
+        now = storage.content_key_of_info(info) if remote else local_stat(file)
+        entry = self.known.get(name)
+        if now is not None and isinstance(entry, dict) and entry.get("identity") == now:
+            try:
+                key, stat, size, header = entry["key"], entry["stat"], entry["size"], tuple(entry["header"])
+                self.seen[name] = entry
+                self.reused += 1
+                return key, stat, size, header
+            except (KeyError, TypeError):
+                pass  # an entry of another shape: probed again
+        key, stat, size, header = _probe(file, info)
+        self.read += 1
+        identity = key if remote else stat  # an untrusted (racy) stat is None: not kept
+        if identity is not None:
+            self.seen[name] = {"identity": identity, "key": key, "stat": stat, "size": size, "header": list(header)}
+        return key, stat, size, header
+
+    def save(self) -> None:
+        from imgtune_assets.core.files import atomic_write_json
+
+        if self.file is not None:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.file, {"files": self.seen})
+
+
+# The probe cache's file name in a sweep's output folder (``ProbeCache``).
+PROBE_CACHE_FILE = "probe_cache.json"
+
+
+def save_probe_cache(cache: ProbeCache, log) -> None:
+    """``cache.save()``; a cache that cannot be written is a warning on ``log`` (the next scan reads
+    every file again), not a failure of the scan it served."""
+    try:
+        cache.save()
+    except OSError as exc:
+        log.warning(f"{cache.file}: could not save the probe cache ({exc}); the next scan reads every file again")
+
+
+def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_name: str,
+               cache: ProbeCache) -> ManifestRow:
     (image, image_info), target = files
     try:
         row.image_sha256, row.image_stat, row.image_bytes, (row.width, row.height, row.channels, row.dtype) = \
-            _probe(image, image_info)
+            cache.probe(image, image_info)
     except (ImageReadError, storage.StorageError) as exc:
         row.reason = str(exc)
         return row
     if target is not None:
         target_file, target_info = target
         try:
-            row.target_sha256, row.target_stat, _, (width, height, _, _) = _probe(target_file, target_info)
+            row.target_sha256, row.target_stat, _, (width, height, _, _) = cache.probe(target_file, target_info)
         except (ImageReadError, storage.StorageError) as exc:
             row.reason = f"target unusable: {exc}"
             return row
@@ -258,14 +332,17 @@ def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_na
     return row
 
 
-def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | None = None) -> list[ManifestRow]:
+def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | None = None,
+                cache: ProbeCache | None = None) -> list[ManifestRow]:
     """One row per file in the images folder (a local folder or an fsspec URL).
 
     Files are probed on a pool of ``threads`` (default: this machine's CPUs), streaming through the
     listing: each local file is read once — its SHA-256 and its header and structure check come from
     that read (see ``imageio.probe_image``); pixels are not decoded here but by the run's Ray tasks.
-    Threads suffice because the work is reading and hashing, which release the GIL.
+    Threads suffice because the work is reading and hashing, which release the GIL. With a ``cache``
+    (``ProbeCache``; the caller saves it), files unchanged since an earlier scan are not read at all.
     """
+    cache = cache if cache is not None else ProbeCache()
     try:
         data_dir = storage.location(data_dir) if isinstance(data_dir, str) else data_dir
         if not storage.exists(data_dir):
@@ -295,7 +372,8 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
     workers = max(1, min(threads or os.cpu_count() or 1, len(work) or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgtune-manifest") as pool:
         # map keeps at most the pool's files in flight: memory stays a few files however many there are.
-        for _ in pool.map(lambda item: _probe_row(item[0], item[1], needs_target, target_dir.name), work):
+        for _ in pool.map(lambda item: _probe_row(item[0], item[1], needs_target, target_dir.name, cache),
+                          work):
             pass
     return rows
 

@@ -43,12 +43,15 @@ from imgtune_assets.core.evaluate import NAN_SCORE
 from imgtune_assets.core.files import atomic_write_json
 from imgtune_assets.core.imageio import ImageReadError, read_image
 from imgtune_assets.core.manifest import (
+    PROBE_CACHE_FILE,
     ManifestError,
     ManifestRow,
+    ProbeCache,
     image_folders,
     manifest_digest,
     read_undecodable,
     require_usable,
+    save_probe_cache,
     scan_folder,
     skip_undecodable,
 )
@@ -194,9 +197,11 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         if sweep.demo_data and not storage.is_remote(sweep.data_dir) and not (sweep.data_dir / "images").is_dir():
             context.log.info(f"Generating the {sweep.demo_data} demo data set in {sweep.data_dir}")
             ensure_demo_data(sweep.data_dir, sweep.demo_data)
+        cache = ProbeCache.load(imgtune.sweep_dir(sweep.name) / PROBE_CACHE_FILE)
         try:
-            rows = skip_undecodable(scan_folder(sweep.data_dir, needs_target=sweep.needs_target),
+            rows = skip_undecodable(scan_folder(sweep.data_dir, needs_target=sweep.needs_target, cache=cache),
                                     read_undecodable(imgtune.sweep_dir(sweep.name)))
+            save_probe_cache(cache, context.log)
             if sweep.needs_target and not any(r.target_path for r in rows):
                 _, target_dir = image_folders(sweep.data_dir)
                 raise ManifestError(f"{sweep.path}: objective.metric: {objective.metric} needs ground-truth "
@@ -214,6 +219,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "files": len(rows),
             "usable_images": len(usable),
             "skipped_files": len(skipped),
+            # Images and targets read and hashed by this scan; the others were unchanged since the last
+            # scan (their size and modification time, or an object's tag) and were not read (ProbeCache).
+            "files_read": cache.read,
+            "files_unchanged": cache.reused,
             "with_targets": sum(1 for r in usable if r.target_path),
             "content_hash": digest,
             # What identifies each file's content (see core/storage.py).

@@ -9,7 +9,8 @@ How a change is detected, cheaply on most ticks:
    the cursor's → skip at once.
 2. Otherwise the *content hash*: exactly ``image_manifest``'s ``content_hash`` metadata
    (``scan_folder`` + ``manifest_digest``: file hashes and usability, files an earlier run found
-   undecodable skipped). Same as the last one seen (a
+   undecodable skipped), reading only the files changed since the last scan (the sweep's
+   ``ProbeCache``, shared with ``image_manifest``). Same as the last one seen (a
    file touched or rewritten with the same bytes) → skip, remembering the new stat digest.
    On the very first tick (no cursor) the baseline is the latest ``image_manifest``
    materialization's ``content_hash``, so starting the sensor over already-swept images requests
@@ -41,10 +42,13 @@ from dagster import (
 from imgtune_assets.core import storage
 from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.manifest import (
+    PROBE_CACHE_FILE,
     ManifestError,
+    ProbeCache,
     image_folders,
     manifest_digest,
     read_undecodable,
+    save_probe_cache,
     scan_folder,
     skip_undecodable,
 )
@@ -144,8 +148,12 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
             return SkipReason(f"no change in {data_dir} (content hash {cursor.get('content')})")
         try:
             # as image_manifest computes it: files an earlier run found undecodable count as skipped
-            content = manifest_digest(skip_undecodable(scan_folder(data_dir, needs_target=sweep.needs_target),
-                                                       read_undecodable(imgtune.sweep_dir(sweep.name))))
+            sweep_dir = imgtune.sweep_dir(sweep.name)
+            cache = ProbeCache.load(sweep_dir / PROBE_CACHE_FILE)
+            content = manifest_digest(skip_undecodable(
+                scan_folder(data_dir, needs_target=sweep.needs_target, cache=cache), read_undecodable(sweep_dir)))
+            if sweep_dir.is_dir():  # the sweep's first run makes its folder; a tick does not
+                save_probe_cache(cache, context.log)
         except ManifestError as exc:
             return SkipReason(str(exc))
         baseline = cursor.get("content") if cursor else _last_manifest_hash(context, sweep)

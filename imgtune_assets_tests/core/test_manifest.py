@@ -7,14 +7,17 @@ import pytest
 import cv2
 
 from imgtune_assets.core.manifest import (
+    PROBE_CACHE_FILE,
     UNDECODABLE_FILE,
     ManifestError,
     ManifestRow,
+    ProbeCache,
     load_images,
     manifest_digest,
     read_undecodable,
     record_undecodable,
     require_usable,
+    save_probe_cache,
     scan_folder,
     skip_undecodable,
 )
@@ -210,3 +213,78 @@ def test_files_found_undecodable_are_recorded_by_key_and_skipped_by_the_next_man
     (tmp_path / UNDECODABLE_FILE).write_text("[]")
     with pytest.raises(ManifestError, match=UNDECODABLE_FILE):
         read_undecodable(tmp_path)
+
+
+def _aged_folder(messy):
+    for folder in ("images", "targets"):
+        for path in (messy / folder).iterdir():
+            _age(path, 60)
+    return messy
+
+
+def test_a_probe_cache_reads_only_files_changed_since_the_last_scan(tmp_path, messy):
+    data = _aged_folder(messy)
+    cache_file = tmp_path / "out" / PROBE_CACHE_FILE
+    first_cache = ProbeCache.load(cache_file)
+    first = scan_folder(data, needs_target=True, cache=first_cache)
+    first_cache.save()
+    assert first_cache.reused == 0 and first_cache.read > 0
+    assert [r.to_record() for r in first] == [r.to_record() for r in scan_folder(data, needs_target=True)]
+
+    again = ProbeCache.load(cache_file)
+    rows = scan_folder(data, needs_target=True, cache=again)
+    assert again.read == 0 and again.reused == first_cache.read  # nothing read: every probe was kept
+    assert [r.to_record() for r in rows] == [r.to_record() for r in first]
+
+    # Trust in size and mtime, as a run's: bytes replaced with their size and mtime kept are not seen...
+    good = data / "images" / "good.png"
+    st = good.stat()
+    png(good, np.full((40, 50), 7, np.uint8))
+    good.write_bytes(good.read_bytes()[: st.st_size].ljust(st.st_size, b"\0"))
+    os.utime(good, ns=(st.st_atime_ns, st.st_mtime_ns))
+    kept = scan_folder(data, needs_target=True, cache=ProbeCache.load(cache_file))
+    assert next(r for r in kept if r.id == "good").image_sha256 == next(r for r in first if r.id == "good").image_sha256
+    # ...and any other mtime has the file read again (its new key seen), the others still kept.
+    _age(good, 1)
+    changed_cache = ProbeCache.load(cache_file)
+    changed = {r.id: r for r in scan_folder(data, needs_target=True, cache=changed_cache)}
+    assert changed_cache.read == 1
+    assert changed["good"].image_sha256 not in (None, next(r for r in first if r.id == "good").image_sha256)
+    assert {k: r.to_record() for k, r in changed.items() if k != "good"} == \
+        {r.id: r.to_record() for r in first if r.id != "good"}
+
+    # A vanished file drops out of the saved cache; a damaged cache file is an empty cache.
+    (data / "images" / "colour photo.png").unlink()
+    changed_cache = ProbeCache.load(cache_file)
+    scan_folder(data, needs_target=True, cache=changed_cache)
+    changed_cache.save()
+    assert not any("colour photo" in name and "/images/" in name for name in ProbeCache.load(cache_file).known)
+    cache_file.write_text("{not json")
+    damaged = ProbeCache.load(cache_file)
+    assert damaged.known == {}
+    assert manifest_digest(scan_folder(data, needs_target=True, cache=damaged)) == \
+        manifest_digest(scan_folder(data, needs_target=True))
+
+
+def test_a_probe_cache_keeps_no_file_modified_just_before_it_was_read(tmp_path, messy):
+    cache = ProbeCache.load(tmp_path / PROBE_CACHE_FILE)
+    scan_folder(messy, needs_target=True, cache=cache)  # the fixture just wrote every file: racy stats
+    cache.save()
+    again = ProbeCache.load(tmp_path / PROBE_CACHE_FILE)
+    scan_folder(messy, needs_target=True, cache=again)
+    assert again.reused == 0 and again.read == cache.read
+
+
+def test_an_unwritable_probe_cache_is_a_warning_not_a_failure(tmp_path, messy):
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the cache's folder would be")
+    cache = ProbeCache.load(blocker / PROBE_CACHE_FILE)
+    scan_folder(_aged_folder(messy), needs_target=True, cache=cache)
+    warnings = []
+
+    class Log:
+        def warning(self, message):
+            warnings.append(message)
+
+    save_probe_cache(cache, Log())
+    assert len(warnings) == 1 and str(blocker / PROBE_CACHE_FILE) in warnings[0]

@@ -4,6 +4,8 @@ embedded Ray."""
 
 import json
 import math
+import os
+import shutil
 
 import cv2
 import numpy as np
@@ -99,6 +101,26 @@ def test_image_manifest_lists_every_file(tmp_path, tiny_sweep):
     assert frame["target_path"].notna().all()
     assert output.data_version.value == output.metadata["content_hash"].value
     assert output.metadata["usable_images"].value == 6 and output.metadata["skipped_files"].value == 0
+
+
+def test_image_manifest_reads_only_files_changed_since_its_last_scan(tmp_path, denoise_data):
+    data = tmp_path / "data"
+    shutil.copytree(denoise_data, data)
+    for path in data.glob("*/*.png"):
+        st = path.stat()  # older than the racy window: their probes are kept
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 60_000_000_000))
+    _, assets = built(write_sweep(tmp_path / "tiny.yaml", data))
+    imgtune = SweepResource(output_dir=str(tmp_path / "out"))
+    first = assets.image_manifest(build_asset_context(), imgtune=imgtune)
+    assert (first.metadata["files_read"].value, first.metadata["files_unchanged"].value) == (12, 0)
+    again = assets.image_manifest(build_asset_context(), imgtune=imgtune)
+    assert (again.metadata["files_read"].value, again.metadata["files_unchanged"].value) == (0, 12)
+    assert again.value.equals(first.value) and again.data_version == first.data_version
+    changed = sorted((data / "images").iterdir())[0]
+    changed.write_bytes(sorted((data / "images").iterdir())[1].read_bytes())
+    third = assets.image_manifest(build_asset_context(), imgtune=imgtune)
+    assert (third.metadata["files_read"].value, third.metadata["files_unchanged"].value) == (1, 11)
+    assert third.data_version != first.data_version
 
 
 def test_image_manifest_refuses_targetless_folder_for_psnr(tmp_path, denoise_data):

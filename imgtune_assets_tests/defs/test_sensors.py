@@ -10,7 +10,14 @@ import pytest
 from dagster import AssetKey, AssetMaterialization, DagsterRunStatus, build_sensor_context, instance_for_test
 from dagster._core.test_utils import create_run_for_test
 
-from imgtune_assets.core.manifest import UNDECODABLE_FILE, manifest_digest, scan_folder, skip_undecodable
+from imgtune_assets.core import manifest
+from imgtune_assets.core.manifest import (
+    PROBE_CACHE_FILE,
+    UNDECODABLE_FILE,
+    manifest_digest,
+    scan_folder,
+    skip_undecodable,
+)
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.jobs import build_sweep_jobs
 from imgtune_assets.defs.resources import SweepResource
@@ -195,3 +202,24 @@ def test_images_changing_back_and_forth_request_a_sweep_each_time(instance, sens
         keys.append(request.run_key)
         cursor = data.cursor
     assert len(set(keys)) == len(keys) == 4
+
+
+def test_a_tick_after_images_were_added_reads_only_the_new_files(tmp_path, instance, sensor, sweep, folder,
+                                                                   monkeypatch):
+    for path in [*(folder / "images").iterdir(), *(folder / "targets").iterdir()]:
+        st = path.stat()  # older than the racy window: their probes are kept
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 60_000_000_000))
+    outputs = tmp_path / "outputs"
+    (outputs / sweep.name).mkdir(parents=True)  # a run made the sweep's folder
+    cursor = tick(instance, sensor, outputs=outputs).cursor
+    assert (outputs / sweep.name / PROBE_CACHE_FILE).exists()
+    first = sorted((folder / "images").iterdir())[0]
+    shutil.copy(first, folder / "images" / "extra.png")
+    shutil.copy(folder / "targets" / first.name, folder / "targets" / "extra.png")
+    probed = []
+    real = manifest._probe
+    monkeypatch.setattr(manifest, "_probe", lambda file, info: probed.append(str(file)) or real(file, info))
+    data = tick(instance, sensor, cursor, outputs=outputs)
+    assert len(data.run_requests) == 1
+    assert sorted(probed) == sorted([str(folder / "images" / "extra.png"), str(folder / "targets" / "extra.png")])
+    assert json.loads(data.cursor)["content"] == content_hash(folder)
