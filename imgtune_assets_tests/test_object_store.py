@@ -297,6 +297,30 @@ def test_whole_sweep_over_s3_through_the_dagster_cli(tmp_path, s3_server, local_
     assert DUMMY_SECRET.encode() not in fs.cat_file("sweep-cli/tuned/.imgtune-applied.json")
 
 
+def test_applying_again_over_s3_needs_only_the_listings(tmp_path, s3_server, local_data):
+    from imgtune_assets.core.apply import apply_to_folder, pipeline_key, unchanged_unread
+
+    url = uploaded(s3_server, "reapply", local_data)
+    source = storage.location(f"{url}/images", endpoint_url=s3_server.endpoint_url)
+    target = storage.location("s3://reapply/tuned", endpoint_url=s3_server.endpoint_url)
+    stages = [("gaussian_blur", {"ksize": 3, "sigma": 0.8})]
+    ray_cluster = RayResource(num_cpus=2)
+    ray_cluster.connect()
+    try:
+        runs = [{Path(e["input"]).name: e for e in apply_to_folder(stages, source, target).entries} for _ in range(3)]
+    finally:
+        ray_cluster.teardown_after_execution(None)
+    assert [sorted({e["status"] for e in run.values()}) for run in runs] == [["written"], ["unchanged"], ["unchanged"]]
+    in_tags = {f.name: storage.content_key_of_info(info) for f, info in storage.list_files(source)}
+    out_tags = {f.name: storage.content_key_of_info(info) for f, info in storage.list_files(target)}
+    assert len(in_tags) == len(out_tags) == 6
+    for name, entry in runs[2].items():
+        # the key of a whole read is the listing's tag, and the second run recorded the output's: the
+        # third decided from the two listings alone
+        assert entry["input_key"] == in_tags[name] and entry["output_tag"] == out_tags[name]
+        assert unchanged_unread(entry, pipeline_key(stages), source / name, target / name, in_tags[name], out_tags[name])
+
+
 # ------------------------------------------------------------------------------------------ c-e. failures
 def test_wrong_credentials_fail_the_manifest_naming_the_url(tmp_path, local_data, monkeypatch):
     with MotoServer.start(tmp_path / "moto", enforce_auth_after=3) as server:

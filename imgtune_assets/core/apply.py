@@ -6,6 +6,13 @@ A ledger in the output folder (``.imgtune-applied.json``, written whole) records
 input's content key, the pipeline's key and the output's SHA-256: a re-run skips an image whose input
 and pipeline did not change and whose output is still there. An input that cannot be read or decoded
 is skipped with its reason; the others are written.
+
+A re-run reads neither file of an unchanged pair when it can tell without reading (``unchanged_unread``):
+a local file whose size and mtime are those recorded when it was last read (recorded only when they
+can be trusted, the manifest's rule: not for a file modified less than 2 s before), an object whose
+listing's tag is the one recorded. An output is recorded so once a later run has read it back intact
+(a file just written is never trusted by its stat: git's racy rule), so the third run of an unchanged
+folder reads nothing but the listings.
 """
 
 from __future__ import annotations
@@ -87,20 +94,42 @@ def encode_like(image: np.ndarray, suffix: str, file: Location, lossless: bool =
     return buffer.tobytes()
 
 
+def unchanged_unread(previous: dict[str, Any] | None, key_of_pipeline: str, source: Location, target: Location,
+                     source_tag: str | None = None, target_tag: str | None = None) -> bool:
+    """Whether ``previous``'s output stands with neither file read: the same pipeline, the input's and
+    the output's stat (local) or listing tag (``source_tag``/``target_tag``, objects) as recorded."""
+    from imgtune_assets.core.manifest import local_stat
+
+    if not previous or previous.get("status") not in ("written", "unchanged") or previous.get("pipeline") != key_of_pipeline:
+        return False
+
+    def same(path: Location, tag: str | None, recorded: str | None) -> bool:
+        return recorded is not None and (tag if storage.is_remote(path) else local_stat(path)) == recorded
+
+    return (same(source, source_tag, previous.get("input_key") if storage.is_remote(source) else previous.get("input_stat"))
+            and same(target, target_tag, previous.get("output_tag") if storage.is_remote(target) else previous.get("output_stat")))
+
+
 def prepare_output(stages: Stages, source: Location, target: Location, previous: dict[str, Any] | None,
-                   key_of_pipeline: str) -> tuple[dict[str, Any], bytes | None]:
+                   key_of_pipeline: str, source_tag: str | None = None,
+                   target_tag: str | None = None) -> tuple[dict[str, Any], bytes | None]:
     """One file's ledger entry and its encoded output, still to be written (``write_output``); the entry
     is final (``unchanged`` or ``skipped``, with its reason) when there is nothing to write. Never raises
-    for a bad input."""
+    for a bad input. ``source_tag``/``target_tag``: the objects' tags from their folders' listings."""
+    from imgtune_assets.core.manifest import read_with_stat
     from imgtune_assets.core.ops import apply_pipeline
 
     entry: dict[str, Any] = {"input": str(source), "output": str(target), "pipeline": key_of_pipeline}
     try:
-        data, entry["input_key"] = storage.read_with_key(source)
-        if (previous and previous.get("status") in ("written", "unchanged")
-                and previous.get("input_key") == entry["input_key"]
-                and previous.get("pipeline") == key_of_pipeline and _output_intact(target, previous)):
+        if unchanged_unread(previous, key_of_pipeline, source, target, source_tag, target_tag):
             return {**previous, "status": "unchanged"}, None
+        data, entry["input_key"], entry["input_stat"] = read_with_stat(source)
+        if (previous and previous.get("status") in ("written", "unchanged")
+                and previous.get("input_key") == entry["input_key"] and previous.get("pipeline") == key_of_pipeline):
+            intact, output_stat = _output_intact(target, previous)
+            if intact:  # recorded now, so that the next run need not read either file
+                return {**previous, "status": "unchanged", "input_stat": entry["input_stat"],
+                        "output_stat": output_stat, "output_tag": target_tag}, None
         image, alpha = decode_with_alpha(data, source)
         output = to_depth(apply_pipeline(image, stages), image.dtype)
         if alpha is not None:  # the input's transparency goes back on unchanged
@@ -131,13 +160,18 @@ def write_output(entry: dict[str, Any], target: Location, encoded: bytes) -> dic
     return entry
 
 
-def _output_intact(target: Location, previous: dict[str, Any]) -> bool:
-    """The output a previous run wrote is still there, unchanged (an edited or damaged one is rewritten)."""
+def _output_intact(target: Location, previous: dict[str, Any]) -> tuple[bool, str | None]:
+    """Whether the output a previous run wrote is still there, unchanged (an edited or damaged one is
+    rewritten), read whole; and, if so, its stat to record (``manifest.read_with_stat``)."""
+    from imgtune_assets.core.manifest import read_with_stat
+
     try:
-        return (storage.exists(target)
-                and hashlib.sha256(storage.read_bytes(target)).hexdigest() == previous.get("output_sha256"))
+        if not storage.exists(target):
+            return False, None
+        data, _, stat = read_with_stat(target)
     except storage.StorageError:
-        return False
+        return False, None
+    return hashlib.sha256(data).hexdigest() == previous.get("output_sha256"), stat
 
 
 def task_sizes(n_files: int, cpus: int) -> list[int]:
@@ -165,9 +199,9 @@ def _apply_task(stages, items, key_of_pipeline):
     cv2.setNumThreads(1)  # one CPU per Ray task
     entries, writes = [], []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-apply-write") as writer:
-        for source, target, previous in items:
+        for source, target, previous, source_tag, target_tag in items:
             start = time.perf_counter()
-            entry, encoded = prepare_output(stages, source, target, previous, key_of_pipeline)
+            entry, encoded = prepare_output(stages, source, target, previous, key_of_pipeline, source_tag, target_tag)
             entry["seconds"] = time.perf_counter() - start  # the file's read, pipeline and encoding
             entries.append(entry)
             if encoded is not None:
@@ -199,6 +233,17 @@ def read_ledger(output_dir: Location) -> dict[str, dict[str, Any]]:
     except (storage.StorageError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     return {e["output"]: e for e in saved.get("entries", []) if isinstance(e, dict) and "output" in e}
+
+
+def _listing_tags(folder: Location) -> dict[str, str]:
+    """The content tags of an object-store folder's files by name, from one listing (empty for a local
+    folder, whose files are stat'ed where they are read, or a folder that cannot be listed now)."""
+    if not storage.is_remote(folder):
+        return {}
+    try:
+        return {file.name: storage.content_key_of_info(info) for file, info in storage.list_files(folder)}
+    except storage.StorageError:
+        return {}  # each output is then read back, and its error, if any, reported with it
 
 
 def same_folder(a: Location, b: Location) -> bool:
@@ -242,15 +287,17 @@ def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *
         raise ApplyError(str(exc)) from None
     key = pipeline_key(stages)
     previous = read_ledger(output_dir)
+    output_tags = _listing_tags(output_dir) if previous else {}
     items = []
-    for file, _ in files:
+    for file, info in files:
         target = output_dir / file.name
         if Path(file.name).suffix.lower() not in IMAGE_SUFFIXES:
             result.entries.append({"input": str(file), "output": None, "status": "skipped", "input_key": None,
                                    "output_sha256": None, "pipeline": key,
                                    "reason": f"{file}: not an image file type (expected one of {', '.join(IMAGE_SUFFIXES)})"})
             continue
-        items.append((file, target, previous.get(str(target))))
+        source_tag = storage.content_key_of_info(info) if storage.is_remote(file) else None
+        items.append((file, target, previous.get(str(target)), source_tag, output_tags.get(file.name)))
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     remote = ray.remote(_apply_task).options(name="imgtune:apply", num_cpus=1, max_retries=max_retries,
                                               retry_exceptions=False, scheduling_strategy="SPREAD")

@@ -227,9 +227,17 @@ def _probe(file: Location, info: dict) -> tuple[str, str | None, int | None, tup
                 raise  # that was the whole object
             data = storage.read_bytes(file)  # a header beyond the head: read it all, once more at most
             return key, None, len(data), probe_image(data, file)
+    data, key, stat = read_with_stat(file)
+    return key, stat, len(data), probe_image(data, file)
+
+
+def read_with_stat(file: Location) -> tuple[bytes, str, str | None]:
+    """A file's bytes, its content key (``storage.read_with_key``) and the stat to record for it: a
+    local file's ``size:mtime_ns`` when it can be trusted later (``_trusted_stat``), else None (always
+    None for an object, whose key is its tag)."""
     read_at_ns, before = time.time_ns(), local_stat(file)
     data, key = storage.read_with_key(file)
-    return key, _trusted_stat(before, local_stat(file), read_at_ns), len(data), probe_image(data, file)
+    return data, key, _trusted_stat(before, local_stat(file), read_at_ns)
 
 
 class ProbeCache:

@@ -4,6 +4,7 @@ bad inputs skipped with reasons, and the ledger that lets a re-run skip what did
 
 import hashlib
 import json
+import os
 
 import cv2
 import numpy as np
@@ -20,6 +21,7 @@ from imgtune_assets.core.apply import (
     pipeline_key,
     task_sizes,
     to_depth,
+    unchanged_unread,
 )
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets.core.imageio import webp_is_lossless
@@ -231,7 +233,7 @@ def test_a_task_writes_behind_its_work_and_reports_a_failed_write_with_its_file(
     names = ["grey8.png", "colour8.png", "photo.jpg", "grey16.png"]
     targets = [out / n for n in names]
     targets[1] = tmp_path / "blocker" / "colour8.png"
-    entries = _apply_task(STAGES, [(src / n, t, None) for n, t in zip(names, targets)], "key")
+    entries = _apply_task(STAGES, [(src / n, t, None, None, None) for n, t in zip(names, targets)], "key")
 
     assert [e["input"] for e in entries] == [str(src / n) for n in names]
     assert [e["status"] for e in entries] == ["written", "skipped", "written", "written"]
@@ -311,6 +313,74 @@ def test_re_runs_skip_what_did_not_change(local_ray, tmp_path):
     # 5. a damaged ledger is a lost cache, not an error: everything written again
     (out / LEDGER_NAME).write_text("{not json")
     assert apply_to_folder(OTHER_STAGES, src, out).count("written") == len(IMAGES)
+
+
+def _age(path, seconds=60):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def _same_size_other_bytes(path):
+    """Other bytes of the same size and mtime: only reading the file could tell."""
+    st, data = path.stat(), bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_third_run_of_an_unchanged_folder_reads_no_file(local_ray, tmp_path):
+    src = make_folder(tmp_path / "in")
+    for name in IMAGES:
+        _age(src / name)  # inputs older than the racy window: their stats are trusted
+    out = tmp_path / "out"
+    first = by_name(apply_to_folder(STAGES, src, out))
+    assert all(first[n]["input_stat"] is not None and first[n].get("output_stat") is None for n in IMAGES)
+    for name in IMAGES:
+        _age(out / name)  # a just-written output's stat is never trusted; read back later, it is
+    second = by_name(apply_to_folder(STAGES, src, out))
+    assert {n: second[n]["status"] for n in IMAGES} == {n: "unchanged" for n in IMAGES}
+    assert all(second[n]["output_stat"] is not None for n in IMAGES)
+
+    # Neither file is read now: bytes changed behind unchanged stats go unseen (the trust a run puts in
+    # the manifest's stats, too), ...
+    _same_size_other_bytes(src / "grey8.png")
+    _same_size_other_bytes(out / "colour8.png")
+    third = by_name(apply_to_folder(STAGES, src, out))
+    assert {n: third[n]["status"] for n in IMAGES} == {n: "unchanged" for n in IMAGES}
+    assert third["grey8.png"]["input_key"] == first["grey8.png"]["input_key"]
+    # ... and a new mtime has both read again: the input's new key seen (its damage found), the damaged
+    # output rewritten.
+    _age(src / "grey8.png", 30)
+    _age(out / "colour8.png", 30)
+    fourth = by_name(apply_to_folder(STAGES, src, out))
+    assert {n: fourth[n]["status"] for n in IMAGES if fourth[n]["status"] != "unchanged"} == \
+        {"grey8.png": "skipped", "colour8.png": "written"}
+    assert fourth["grey8.png"]["input_key"] == hashlib.sha256((src / "grey8.png").read_bytes()).hexdigest()
+    assert np.array_equal(_decode_file(out / "colour8.png"),
+                          apply_pipeline(_decode_file(src / "colour8.png"), STAGES))
+
+
+def test_unchanged_unread_compares_stats_of_files_and_listing_tags_of_objects(tmp_path):
+    from imgtune_assets.core import storage
+
+    src, out = tmp_path / "a.png", tmp_path / "b.png"
+    src.write_bytes(b"in")
+    out.write_bytes(b"out")
+    stat = lambda p: f"{p.stat().st_size}:{p.stat().st_mtime_ns}"  # noqa: E731
+    entry = {"status": "written", "pipeline": "k", "input_stat": stat(src), "output_stat": stat(out)}
+    assert unchanged_unread(entry, "k", src, out)
+    assert not unchanged_unread(entry, "other pipeline", src, out)
+    assert not unchanged_unread({**entry, "output_stat": None}, "k", src, out)  # never read back yet
+    assert not unchanged_unread({**entry, "status": "skipped"}, "k", src, out)
+    assert not unchanged_unread(None, "k", src, out)
+    _age(out, 1)
+    assert not unchanged_unread(entry, "k", src, out)
+    remote_in = storage.location("memory://bucket/in/a.png")
+    remote_out = storage.location("memory://bucket/out/a.png")
+    tags = {"status": "unchanged", "pipeline": "k", "input_key": "etag:1:2", "output_tag": "etag:3:4"}
+    assert unchanged_unread(tags, "k", remote_in, remote_out, "etag:1:2", "etag:3:4")
+    assert not unchanged_unread(tags, "k", remote_in, remote_out, "etag:1:2", None)  # not in the listing
+    assert not unchanged_unread(tags, "k", remote_in, remote_out, "etag:9:2", "etag:3:4")
 
 
 def test_folders_that_cannot_be_used(local_ray, tmp_path):
