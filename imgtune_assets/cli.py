@@ -5,9 +5,9 @@ trials, exactly what a user would type (see :func:`sweep_run_command`; the sched
 request the same run): manifest, run settings, every trial partition, the report (and the tuned
 images) in one process. Dagster's own output goes to a log file under ``$DAGSTER_HOME/logs/``; the
 terminal shows a progress bar of the trials (read from the sweep's ``progress.json``) and a short
-summary from its ``report.json``. While Dagster starts, the kernel is asked to start reading a local
-data folder's files into its page cache (``manifest.prefetch_data``: a hint, within a memory budget),
-so that the manifest waits less on the disk. :func:`sweep_commands` are the same steps as separate
+summary from its ``report.json``. While Dagster starts, a local data folder's files are read and
+hashed into the sweep's probe cache (``manifest.ProbeAhead``), which the run's manifest waits for and
+then finds complete. :func:`sweep_commands` are the same steps as separate
 ``dagster asset materialize`` commands (the README's step-by-step route).
 
     python -m imgtune_assets.cli sweep                            # the one sweep served ($IMGTUNE_SWEEP)
@@ -49,7 +49,7 @@ from imgtune_assets.core.catalog import (
     group_name,
     sweeps_from_environment,
 )
-from imgtune_assets.core.manifest import prefetch_data
+from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
 from imgtune_assets.core.progress import describe, format_score
@@ -427,8 +427,13 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             if on_poll is not None:
                 on_poll()
 
-        if not (env or os.environ).get(embedded_ray.RAY_ADDRESS_ENV):  # else a cluster's node may read them
-            in_background(prefetch_data, sweep.data_dir)  # the disk reads the images while Dagster starts
+        # The images are read and hashed while Dagster starts; the run's manifest waits for it and finds
+        # them probed. Not for a cluster (its nodes may see another copy of the folder).
+        if not (env or os.environ).get(embedded_ray.RAY_ADDRESS_ENV):
+            try:
+                ProbeAhead(sweep.data_dir, sweep.needs_target, sweep_dir / PROBE_CACHE_FILE)
+            except OSError as exc:  # an output folder it cannot write: the run says so, and fails
+                print(f"  (the images are not read ahead: {exc})", file=err, flush=True)
         proc = launch_logged(command, log, env=env)
         try:
             code = wait_polling(proc, poll)

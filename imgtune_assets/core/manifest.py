@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -134,27 +136,6 @@ def image_folders(data_dir: Location) -> tuple[Location, Location]:
     return (images if storage.is_folder(images) else data_dir), data_dir / "targets"
 
 
-def prefetch_data(data_dir: Location) -> int:
-    """Start reading a local data folder's image and target files into the page cache, in the order
-    the manifest reads them (``storage.prefetch``: up to a share of the memory available; a larger set
-    from its start). Returns the bytes asked for; 0 for an object store (its objects are read by Ray
-    tasks where they run) or a folder that cannot be listed (the manifest says why). For a command that
-    launches a run: the disk reads while Dagster starts, and the manifest waits less on it."""
-    if storage.is_remote(data_dir):
-        return 0
-    try:
-        image_dir, target_dir = image_folders(data_dir)
-        images = storage.list_files(image_dir)
-        targets = targets_by_stem(storage.list_files(target_dir) if target_dir.is_dir() else [])
-    except (OSError, storage.StorageError):
-        return 0
-    order = []
-    for (file, _), target, reason in listed_files(images, targets):
-        if reason is None:
-            order += [file] + ([target[0]] if target is not None else [])
-    return storage.prefetch(order)
-
-
 def targets_by_stem(target_files: Iterable[tuple[Location, dict]]) -> dict[str, tuple[Location, dict]]:
     """The target of each image stem: the first image-typed file of that stem (listing order)."""
     targets: dict[str, tuple[Location, dict]] = {}
@@ -168,8 +149,7 @@ def listed_files(files: Iterable[tuple[Location, dict]], targets: dict[str, tupl
                  ) -> Iterator[tuple[tuple[Location, dict], tuple[Location, dict] | None, str | None]]:
     """``((file, info), target, reason)`` for every listed file, in listing order. The manifest reads a
     file whose ``reason`` is None (image-typed, the first of its stem; ``target`` its target or None);
-    any other file is skipped, and ``reason`` says why. ``scan_folder`` and ``prefetch_data`` share it,
-    so that the prefetch reads exactly the files the manifest will, in its order."""
+    any other file is skipped, and ``reason`` says why."""
     seen: set[str] = set()
     for file, info in files:
         stem = Path(file.name).stem
@@ -302,6 +282,61 @@ class ProbeCache:
 
 # The probe cache's file name in a sweep's output folder (``ProbeCache``).
 PROBE_CACHE_FILE = "probe_cache.json"
+
+
+@contextmanager
+def locked_probe_cache(file: str | os.PathLike, *, wait: bool = True) -> Iterator[ProbeCache]:
+    """The probe cache at ``file``, loaded under an exclusive lock held until the block ends (the caller
+    scans and saves inside it): a scan of the same folder in another process (``ProbeAhead``, the
+    sensor's) is waited for, and this one then reads only what that one did not. ``wait=False`` (the
+    sensor, whose tick must not stall behind a long scan): when the lock is taken, the cache as it is,
+    unlocked, and not saved."""
+    import fcntl
+
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file.with_name(file.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            cache = ProbeCache.load(file)
+            cache.file = None  # another scan holds it: used, not saved
+            yield cache
+            return
+        yield ProbeCache.load(file)
+
+
+class ProbeAhead:
+    """A local data folder scanned into its sweep's probe cache in a background thread, under the
+    cache's lock (taken at once, in the caller's thread): for a command that launches a run, so that
+    the files are read and hashed while Dagster and Ray start, and the run's ``image_manifest``, which
+    waits for the lock, finds every file probed. Nothing for an object store (objects are keyed by
+    their listing; their heads are read by the manifest). Errors are the manifest's to report: a folder
+    that cannot be scanned leaves the cache as it was."""
+
+    def __init__(self, data_dir: Location, needs_target: bool, cache_file: str | os.PathLike):
+        self.thread: threading.Thread | None = None
+        self.error: Exception | None = None
+        if storage.is_remote(data_dir):
+            return
+        self._held = locked_probe_cache(cache_file)
+        cache = self._held.__enter__()
+        self.thread = threading.Thread(target=self._scan, args=(data_dir, needs_target, cache),
+                                       name="imgtune-probe-ahead", daemon=True)
+        self.thread.start()
+
+    def _scan(self, data_dir: Location, needs_target: bool, cache: ProbeCache) -> None:
+        try:
+            scan_folder(data_dir, needs_target=needs_target, cache=cache)
+            cache.save()
+        except (ManifestError, OSError) as exc:
+            self.error = exc  # kept, not raised: the manifest meets the same folder and says what is wrong
+        finally:
+            self._held.__exit__(None, None, None)
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 def save_probe_cache(cache: ProbeCache, log) -> None:

@@ -46,8 +46,8 @@ from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     ManifestError,
     ManifestRow,
-    ProbeCache,
     image_folders,
+    locked_probe_cache,
     manifest_digest,
     read_undecodable,
     require_usable,
@@ -197,11 +197,12 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         if sweep.demo_data and not storage.is_remote(sweep.data_dir) and not (sweep.data_dir / "images").is_dir():
             context.log.info(f"Generating the {sweep.demo_data} demo data set in {sweep.data_dir}")
             ensure_demo_data(sweep.data_dir, sweep.demo_data)
-        cache = ProbeCache.load(imgtune.sweep_dir(sweep.name) / PROBE_CACHE_FILE)
         try:
-            rows = skip_undecodable(scan_folder(sweep.data_dir, needs_target=sweep.needs_target, cache=cache),
-                                    read_undecodable(imgtune.sweep_dir(sweep.name)))
-            save_probe_cache(cache, context.log)
+            # (waits while `python -m imgtune_assets.cli sweep` probes the folder ahead: manifest.ProbeAhead)
+            with locked_probe_cache(imgtune.sweep_dir(sweep.name) / PROBE_CACHE_FILE) as cache:
+                scanned = scan_folder(sweep.data_dir, needs_target=sweep.needs_target, cache=cache)
+                save_probe_cache(cache, context.log)
+            rows = skip_undecodable(scanned, read_undecodable(imgtune.sweep_dir(sweep.name)))
             if sweep.needs_target and not any(r.target_path for r in rows):
                 _, target_dir = image_folders(sweep.data_dir)
                 raise ManifestError(f"{sweep.path}: objective.metric: {objective.metric} needs ground-truth "

@@ -44,8 +44,8 @@ from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     ManifestError,
-    ProbeCache,
     image_folders,
+    locked_probe_cache,
     manifest_digest,
     read_undecodable,
     save_probe_cache,
@@ -149,11 +149,14 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
         try:
             # as image_manifest computes it: files an earlier run found undecodable count as skipped
             sweep_dir = imgtune.sweep_dir(sweep.name)
-            cache = ProbeCache.load(sweep_dir / PROBE_CACHE_FILE)
-            content = manifest_digest(skip_undecodable(
-                scan_folder(data_dir, needs_target=sweep.needs_target, cache=cache), read_undecodable(sweep_dir)))
             if sweep_dir.is_dir():  # the sweep's first run makes its folder; a tick does not
-                save_probe_cache(cache, context.log)
+                # Never waits: while a run's manifest scans, the cache as it is, not saved.
+                with locked_probe_cache(sweep_dir / PROBE_CACHE_FILE, wait=False) as cache:
+                    scanned = scan_folder(data_dir, needs_target=sweep.needs_target, cache=cache)
+                    save_probe_cache(cache, context.log)
+            else:
+                scanned = scan_folder(data_dir, needs_target=sweep.needs_target)
+            content = manifest_digest(skip_undecodable(scanned, read_undecodable(sweep_dir)))
         except ManifestError as exc:
             return SkipReason(str(exc))
         baseline = cursor.get("content") if cursor else _last_manifest_hash(context, sweep)

@@ -1,6 +1,7 @@
 """Manifest scanning over real-looking folders with bad files mixed in."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ from imgtune_assets.core.manifest import (
     UNDECODABLE_FILE,
     ManifestError,
     ManifestRow,
+    ProbeAhead,
     ProbeCache,
     load_images,
+    locked_probe_cache,
     manifest_digest,
     read_undecodable,
     record_undecodable,
@@ -157,39 +160,6 @@ def test_missing_empty_and_unusable_folders_are_errors(tmp_path):
         require_usable(rows, bad)
 
 
-def test_prefetch_data_reads_what_the_manifest_reads_in_its_order(tmp_path, monkeypatch):
-    from imgtune_assets.core import manifest, storage
-
-    (tmp_path / "images").mkdir()
-    (tmp_path / "targets").mkdir()
-    pixels = np.full((4, 6), 128, np.uint8)
-    sizes = {}
-    for folder, names in (("images", ("b.jpg", "a.jpg", "a.png", "c.jpg", "clip.mp4")),  # a.png: a second "a"
-                          ("targets", ("a.png", "a.txt", "c.png", "z.png"))):  # a.txt: not an image; z: no image
-        for name in names:
-            ok, data = cv2.imencode(".png" if name.endswith(("png", "txt", "mp4")) else ".jpg", pixels)
-            (tmp_path / folder / name).write_bytes(data.tobytes())
-            sizes[f"{folder}/{name}"] = len(data)
-
-    def names(files):
-        return [f"{p.parent.name}/{p.name}" for p in files]
-
-    asked = []
-    monkeypatch.setattr(manifest.storage, "prefetch", lambda files, budget_bytes=None: asked.extend(files) or 0)
-    manifest.prefetch_data(tmp_path)
-    read = []
-    real_probe = manifest._probe
-    monkeypatch.setattr(manifest, "_probe", lambda file, info: read.append(file) or real_probe(file, info))
-    manifest.scan_folder(tmp_path, needs_target=False, threads=1)
-    assert names(asked) == names(read) == [
-        "images/a.jpg", "targets/a.png", "images/b.jpg", "images/c.jpg", "targets/c.png"]
-    monkeypatch.undo()
-    if hasattr(os, "posix_fadvise"):
-        assert manifest.prefetch_data(tmp_path) == sum(sizes[n] for n in names(read))
-    assert manifest.prefetch_data(tmp_path / "missing") == 0
-    assert manifest.prefetch_data(storage.location("memory://bucket/data")) == 0
-
-
 def test_files_found_undecodable_are_recorded_by_key_and_skipped_by_the_next_manifest(tmp_path):
     assert read_undecodable(tmp_path) == {}
     message = record_undecodable(tmp_path, "/d/images/a.png", "key-a", "/d/images/a.png: not a decodable image")
@@ -288,3 +258,40 @@ def test_an_unwritable_probe_cache_is_a_warning_not_a_failure(tmp_path, messy):
 
     save_probe_cache(cache, Log())
     assert len(warnings) == 1 and str(blocker / PROBE_CACHE_FILE) in warnings[0]
+
+
+def test_a_scan_ahead_is_waited_for_and_leaves_nothing_to_read(tmp_path, messy, monkeypatch):
+    from imgtune_assets.core import manifest, storage
+
+    data = _aged_folder(messy)
+    cache_file = tmp_path / "out" / PROBE_CACHE_FILE
+    real = manifest._probe
+    monkeypatch.setattr(manifest, "_probe", lambda file, info: time.sleep(0.05) or real(file, info))
+    ahead = ProbeAhead(data, True, cache_file)
+    assert ahead.thread.is_alive()  # still reading (each file takes 50 ms here)
+    with locked_probe_cache(cache_file) as cache:  # waits for it: loaded complete, nothing left to read
+        rows = scan_folder(data, needs_target=True, cache=cache)
+    assert cache.read == 0 and cache.reused > 0
+    ahead.wait()
+    assert ahead.error is None
+    monkeypatch.undo()
+    assert [r.to_record() for r in rows] == [r.to_record() for r in scan_folder(data, needs_target=True)]
+
+    # a scan that fails (no such folder) keeps its error and lets the next one have the lock
+    failed = ProbeAhead(tmp_path / "missing", True, cache_file)
+    failed.wait()
+    assert isinstance(failed.error, ManifestError)
+    with locked_probe_cache(cache_file) as cache:
+        assert cache.known  # the earlier scan's entries are still there
+    assert ProbeAhead(storage.location("memory://bucket/data"), True, cache_file).thread is None  # objects: none
+
+
+def test_a_scan_that_must_not_wait_uses_the_cache_unsaved_while_another_holds_it(tmp_path, messy):
+    cache_file = tmp_path / PROBE_CACHE_FILE
+    with locked_probe_cache(cache_file) as held:
+        scan_folder(_aged_folder(messy), needs_target=True, cache=held)
+        held.save()
+        with locked_probe_cache(cache_file, wait=False) as other:  # would deadlock if it waited
+            assert other.file is None and other.known == held.seen
+    with locked_probe_cache(cache_file, wait=False) as free:
+        assert free.file == cache_file
