@@ -257,14 +257,10 @@ class ProbeCache:
         name, remote = str(file), storage.is_remote(file)
         now = storage.content_key_of_info(info) if remote else local_stat(file)
         entry = self.known.get(name)
-        if now is not None and isinstance(entry, dict) and entry.get("identity") == now:
-            try:
-                key, stat, size, header = entry["key"], entry["stat"], entry["size"], tuple(entry["header"])
-                self.seen[name] = entry
-                self.reused += 1
-                return key, stat, size, header
-            except (KeyError, TypeError):
-                pass  # an entry of another shape: probed again
+        if now is not None and _well_formed(entry) and entry["identity"] == now:
+            self.seen[name] = entry
+            self.reused += 1
+            return entry["key"], entry["stat"], entry["size"], tuple(entry["header"])
         key, stat, size, header = _probe(file, info)
         self.read += 1
         identity = key if remote else stat  # an untrusted (racy) stat is None: not kept
@@ -278,6 +274,12 @@ class ProbeCache:
         if self.file is not None:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.file, {"files": self.seen})
+
+
+def _well_formed(entry: object) -> bool:
+    """A probe cache entry as ``ProbeCache.probe`` writes them (anything else is probed again)."""
+    return (isinstance(entry, dict) and {"identity", "key", "stat", "size", "header"} <= entry.keys()
+            and isinstance(entry["header"], list) and len(entry["header"]) == 4)
 
 
 # The probe cache's file name in a sweep's output folder (``ProbeCache``).

@@ -1,5 +1,6 @@
 """Manifest scanning over real-looking folders with bad files mixed in."""
 
+import json
 import os
 import time
 
@@ -229,6 +230,13 @@ def test_a_probe_cache_reads_only_files_changed_since_the_last_scan(tmp_path, me
     scan_folder(data, needs_target=True, cache=changed_cache)
     changed_cache.save()
     assert not any("colour photo" in name and "/images/" in name for name in ProbeCache.load(cache_file).known)
+    saved = json.loads(cache_file.read_text())
+    name = str(data / "images" / "good.png")
+    saved["files"][name] = {"identity": saved["files"][name]["identity"], "key": "0" * 64}  # no header
+    cache_file.write_text(json.dumps(saved))
+    partial = ProbeCache.load(cache_file)
+    assert {r.id: r.image_sha256 for r in scan_folder(data, needs_target=True, cache=partial)}["good"] != "0" * 64
+    assert partial.read == 1  # that entry probed again, the others kept
     cache_file.write_text("{not json")
     damaged = ProbeCache.load(cache_file)
     assert damaged.known == {}
