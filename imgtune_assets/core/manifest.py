@@ -310,7 +310,8 @@ def locked_probe_cache(file: str | os.PathLike, *, wait: bool = True) -> Iterato
 
 class ProbeAhead:
     """A local data folder scanned into its sweep's probe cache in a background thread, under the
-    cache's lock (taken at once, in the caller's thread): for a command that launches a run, so that
+    cache's lock (taken at once, in the caller's thread; if another process holds it, nothing is done:
+    that scan serves the run as well): for a command that launches a run, so that
     the files are read and hashed while Dagster and Ray start, and the run's ``image_manifest``, which
     waits for the lock, finds every file probed. Nothing for an object store (objects are keyed by
     their listing; their heads are read by the manifest). Errors are the manifest's to report: a folder
@@ -321,8 +322,11 @@ class ProbeAhead:
         self.error: Exception | None = None
         if storage.is_remote(data_dir):
             return
-        self._held = locked_probe_cache(cache_file)
+        self._held = locked_probe_cache(cache_file, wait=False)
         cache = self._held.__enter__()
+        if cache.file is None:  # another process is scanning the folder: its scan serves the run too
+            self._held.__exit__(None, None, None)
+            return
         self.thread = threading.Thread(target=self._scan, args=(data_dir, needs_target, cache),
                                        name="imgtune-probe-ahead", daemon=True)
         self.thread.start()

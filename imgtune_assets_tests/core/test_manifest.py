@@ -301,5 +301,6 @@ def test_a_scan_that_must_not_wait_uses_the_cache_unsaved_while_another_holds_it
         held.save()
         with locked_probe_cache(cache_file, wait=False) as other:  # would deadlock if it waited
             assert other.file is None and other.known == held.seen
+        assert ProbeAhead(messy, True, cache_file).thread is None  # the scan holding the lock serves
     with locked_probe_cache(cache_file, wait=False) as free:
         assert free.file == cache_file
