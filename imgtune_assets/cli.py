@@ -175,10 +175,21 @@ def wait_polling(proc: subprocess.Popen, on_poll: Callable[[], None] | None = No
                 on_poll()
 
 
-def run_failure_reasons(home: Path, invocation: str) -> list[str]:
+def step_label(step_key: str, sweep_name: str | None = None) -> str:
+    """A step as the user names its asset: ``<sweep name>/<asset>`` for a step of the sweep (its key is
+    the asset key's Python identifier, ``experiment_results_op``), else the key with ``__`` as ``/``."""
+    if sweep_name is not None:
+        prefix = experiment_results_op(sweep_name)[: -len("experiment_results")]
+        if step_key.startswith(prefix):
+            return f"{sweep_name}/{step_key[len(prefix):]}"
+    return step_key.replace("__", "/")
+
+
+def run_failure_reasons(home: Path, invocation: str, sweep_name: str | None = None) -> list[str]:
     """Why the run tagged ``INVOCATION_TAG=invocation`` failed: one line per failed step (``<step>:
-    <message>``: the ``Failure``'s description, or the innermost exception), else the run's own failure;
-    [] when no such run is recorded. Loads Dagster: for failures only."""
+    <message>``: the ``Failure``'s description, or the innermost exception; the step named by its asset,
+    ``step_label``), else the run's own failure; [] when no such run is recorded. Loads Dagster: for
+    failures only."""
     from dagster import DagsterEventType, DagsterInstance, RunsFilter
 
     with DagsterInstance.from_config(str(home)) as instance:
@@ -197,7 +208,7 @@ def run_failure_reasons(home: Path, invocation: str) -> list[str]:
                     reason = error_summary(data.error)
                 else:
                     reason = entry.dagster_event.message or "failed"
-                lines += (f"{entry.step_key.replace('__', '/')}: {reason}" if entry.step_key else reason).splitlines()
+                lines += (f"{step_label(entry.step_key, sweep_name)}: {reason}" if entry.step_key else reason).splitlines()
             if lines:
                 return lines
     return []
@@ -455,7 +466,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         if code != 0:
             print(f"error: {sweep.name}: {label} failed (exit {code}): {shlex.join(command)}", file=err)
             try:
-                reasons = run_failure_reasons(home, invocation)
+                reasons = run_failure_reasons(home, invocation, sweep.name)
             except Exception as exc:  # noqa: BLE001 - an instance that cannot be read: said, then the log's tail
                 print(f"    (the run's events could not be read: {type(exc).__name__}: {exc})", file=err)
                 reasons = []

@@ -28,6 +28,7 @@ from imgtune_assets.cli import (
     error_summary,
     read_progress,
     resume_run_config,
+    step_label,
     summary_lines,
     summary_score,
     sweep_commands,
@@ -293,6 +294,29 @@ def test_resume_run_config_sets_skip_finished_on_the_experiment_results_op():
         op = asset_key(name, "experiment_results").to_python_identifier()  # Dagster's op name for the asset
         assert yaml.safe_load(resume_run_config(name)) == {"ops": {op: {"config": {"skip_finished": True}}}}
     assert "skip_finished" in ExperimentConfig.model_fields
+
+
+def test_a_failed_step_is_named_by_its_asset_key():
+    from imgtune_assets.defs.keys import asset_key
+
+    for name in ("walk-s3nob", "seg.2", "plain_1"):
+        for asset in ("image_manifest", "experiment_results"):
+            step = asset_key(name, asset).to_python_identifier()  # Dagster's step key for the asset
+            assert step_label(step, name) == f"{name}/{asset}"
+        # an asset check's step: the asset's key, then the check's name
+        check = asset_key(name, "sweep_report").to_python_identifier() + "_tuning_beats_identity"
+        assert step_label(check, name) == f"{name}/sweep_report_tuning_beats_identity"
+    assert step_label("other__thing") == "other/thing"
+
+
+def test_the_sweep_job_launched_without_tags_runs_every_trial(tmp_path, tiny_sweep):
+    # `dagster job execute -j <group>_sweep` as a Dagster user types it (or `dg launch --job`, the UI's
+    # launchpad): the job's own tags name the range of every trial.
+    env = cli_env(tmp_path, tiny_sweep)
+    run(env, [str(VENV_BIN / "dagster"), "job", "execute", *MODULE, "-j", "tiny_sweep"])
+    report = json.loads((Path(env["IMGTUNE_OUTPUT_DIR"]) / "tiny" / "report.json").read_text())
+    assert report["completed_trials"] == report["total_trials"] == len(KEYS)
+    assert report["missing_trials"] == []
 
 
 def test_error_summary_is_the_innermost_message_without_a_remote_traceback():

@@ -27,7 +27,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from imgtune_assets.core import storage
-from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, decode_with_alpha, webp_is_lossless
+from imgtune_assets.core.imageio import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    decode_with_alpha,
+    jpeg_metadata,
+    webp_is_lossless,
+    with_jpeg_metadata,
+)
 from imgtune_assets.core.storage import Location
 
 LEDGER_NAME = ".imgtune-applied.json"
@@ -139,7 +146,10 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
             output = np.dstack([colour[:, :, :3], alpha])
         suffix = Path(source.name).suffix
         lossless = suffix.lower() != ".webp" or webp_is_lossless(data)
-        return entry, encode_like(output, suffix, source, lossless)
+        encoded = encode_like(output, suffix, source, lossless)
+        if suffix.lower() in (".jpg", ".jpeg"):  # a photo keeps its Exif (orientation...) and colour profile
+            encoded = with_jpeg_metadata(encoded, jpeg_metadata(data))
+        return entry, encoded
     except (ImageReadError, storage.StorageError) as exc:
         entry.update(status="skipped", reason=str(exc), output_sha256=None)
     except Exception as exc:  # noqa: BLE001 - a pipeline refusing this image: reported with the image, not raised

@@ -4,9 +4,9 @@
 * otherwise every ``*.yaml`` / ``*.yml`` file of ``IMGTUNE_SWEEPS_DIR`` (default: the project's
   ``sweeps/``), in name order; hidden files are ignored.
 
-Every file is validated in full. A bad file, or two files declaring the same sweep name (or names
-that map to the same Dagster group name), refuses the whole set with one error that names every
-file and field at fault: a code location that silently dropped a sweep would also drop its schedule
+Every file is validated in full. A bad file, two files declaring the same sweep name (or names
+that map to the same Dagster group name), or two applying their winners into one folder, refuses
+the whole set with one error that names every file and field at fault: a code location that silently dropped a sweep would also drop its schedule
 and sensor without anyone noticing, while a load error is shown on the code location in the UI and
 by ``dg check defs``, and a fix followed by *Reload definitions* brings everything back.
 
@@ -65,6 +65,16 @@ def load_catalog(files: list[Path]) -> list[Sweep]:
             if other is not sweep and (label == "sweep name" or other.name != sweep.name):
                 problems.append(f"{other.path} and {sweep.path}: both declare the {label} {key(sweep)!r}; "
                                 "each sweep needs its own name (it names its asset keys, group and output folder)")
+    # Two sweeps applying their winners into one folder would overwrite each other's outputs (and ledger)
+    # on every run, each run rewriting everything.
+    from imgtune_assets.core.apply import same_folder
+
+    applying = [s for s in sweeps if s.apply_output is not None]
+    for i, sweep in enumerate(applying):
+        for other in applying[:i]:
+            if same_folder(other.apply_output, sweep.apply_output):
+                problems.append(f"{other.path} and {sweep.path}: both write their tuned images to "
+                                f"{sweep.apply_output} (apply.output_dir); each sweep needs its own output folder")
     if problems:
         raise SweepCatalogError("\n".join(problems))
     return sweeps

@@ -126,6 +126,44 @@ def webp_is_lossless(data: bytes) -> bool:
     return False
 
 
+# The JPEG segments that describe a photo rather than its pixels: APP1 (Exif: orientation, camera,
+# time; XMP) and APP2 (the ICC colour profile).
+JPEG_METADATA_MARKERS = (0xE1, 0xE2)
+
+
+def jpeg_metadata(data: bytes) -> list[bytes]:
+    """A JPEG's Exif, XMP and ICC segments (``JPEG_METADATA_MARKERS``), whole, in file order, from the
+    segments before its first frame or scan; [] for anything else or a malformed header."""
+    if data[:2] != b"\xff\xd8":
+        return []
+    segments, at = [], 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if marker == 0xDA or 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            break  # the first frame or scan: metadata comes before
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if length < 2 or at + 2 + length > len(data):
+            return []
+        if marker in JPEG_METADATA_MARKERS:
+            segments.append(data[at:at + 2 + length])
+        at += 2 + length
+    return segments
+
+
+def with_jpeg_metadata(encoded: bytes, segments: list[bytes]) -> bytes:
+    """``encoded`` (a JPEG that OpenCV wrote: SOI, then its JFIF APP0) with ``segments`` put after its
+    APP0, where readers look for Exif and ICC segments."""
+    if not segments or encoded[:2] != b"\xff\xd8":
+        return encoded
+    at = 2
+    if encoded[2:4] == b"\xff\xe0":
+        at = 4 + int.from_bytes(encoded[4:6], "big")
+    return encoded[:at] + b"".join(segments) + encoded[at:]
+
+
 def check_png_chunks(data: bytes) -> None:
     """A PNG's structure, as Pillow's ``verify`` checks it: every chunk's type a name, the chunk whole
     and its CRC right, up to the end chunk. Raises ``SyntaxError`` naming the first bad chunk.

@@ -400,11 +400,16 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
             raise ManifestError(f"{data_dir}: data_dir is not a folder")
         image_dir, target_dir = image_folders(data_dir)
         files = storage.list_files(image_dir)
+        # Images are read from the folder itself, not from its sub-folders: each of those is a skipped row
+        # that says so (a flat data folder's targets/ is its targets, not a sub-folder of images).
+        folders = [f for f in storage.list_folders(image_dir)
+                   if not (image_dir == data_dir and f.name == target_dir.name)]
         target_files = storage.list_files(target_dir) if storage.is_folder(target_dir) else []
     except storage.StorageError as exc:
         raise ManifestError(str(exc)) from None
     if not files:
-        raise ManifestError(f"{image_dir}: no image files in the data folder")
+        unread = f" ({len(folders)} sub-folder(s) not read: put the images directly in it)" if folders else ""
+        raise ManifestError(f"{image_dir}: no image files in the data folder{unread}")
     targets = targets_by_stem(target_files)
     rows: list[ManifestRow] = []
     work: list[tuple[ManifestRow, tuple]] = []
@@ -418,6 +423,12 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
         if target is not None:
             row.target_path = _relative(target[0], data_dir)
         work.append((row, ((file, info), target)))
+    for folder in folders:  # id and path end with "/": no file's stem or path can be the same
+        rows.append(ManifestRow(
+            id=f"{folder.name}/", image_path=_relative(folder, data_dir) + "/", target_path=None, image_sha256=None,
+            target_sha256=None, width=None, height=None, channels=None, dtype=None, status="skipped",
+            reason=f"{folder}: a sub-folder; its files are not read (the manifest reads the image files directly "
+                   f"in {image_dir.name}/: move them there to use them)"))
     workers = max(1, min(threads or os.cpu_count() or 1, len(work) or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgtune-manifest") as pool:
         # map keeps at most the pool's files in flight: memory stays a few files however many there are.
@@ -448,6 +459,19 @@ def manifest_digest(rows: list[ManifestRow]) -> str:
     return digest.hexdigest()[:16]
 
 
+# What a run that cannot read a file of its manifest says, by ``StorageError.kind``: only a file gone
+# since is mended by a new manifest; refused credentials are those of the process that read it (a
+# cluster's node has its own), and anything else may pass.
+UNREADABLE_ADVICE = {
+    "missing": "it was in the image manifest (deleted or moved since?); materialize image_manifest,run_settings again",
+    "denied": "it was in the image manifest, read then with the credentials of the process that made it; the "
+              "process that read it now has other credentials or permissions (a cluster's nodes have their own: "
+              "environment, profile or instance role)",
+    "other": "it was in the image manifest; once it can be read again, run the trials again (with skip_finished "
+             "the finished ones are kept)",
+}
+
+
 def load_images(data_dir: str | Location, rows: list[ManifestRow], *, verify: bool = False
                 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None]]:
     """Decode usable images (and targets) once; returns ids, images, targets (None when absent).
@@ -470,8 +494,7 @@ def load_images(data_dir: str | Location, rows: list[ManifestRow], *, verify: bo
             else:
                 data, key = storage.read_with_key(file)
         except storage.StorageError as exc:
-            raise ManifestError(f"{exc}: it was in the image manifest; materialize image_manifest,run_settings "
-                                "again") from None
+            raise ManifestError(f"{exc}: {UNREADABLE_ADVICE.get(exc.kind, UNREADABLE_ADVICE['other'])}") from None
         if verify and key != expected:
             raise ManifestError(f"{file}: changed since the image manifest was made (content key {key[:16]}, "
                                 f"manifest {str(expected)[:16]}): materialize image_manifest,run_settings again")

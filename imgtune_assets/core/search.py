@@ -805,14 +805,25 @@ def _rank_key(maximize: bool):
 
 def run_round(candidates: list[dict[str, Any]], order: list[str], halving: Halving | None, evaluate: Evaluate,
               known: dict[str, dict[str, dict[str, Any]]], maximize: bool,
-              on_settled: Callable[[TrialOutcome], None], gaps: RungGaps | None = None) -> list[TrialOutcome]:
+              on_settled: Callable[[TrialOutcome], None], gaps: RungGaps | None = None,
+              decided: Mapping[str, int] | None = None) -> list[TrialOutcome]:
     """Evaluate one round's candidates (trial settings with ``trial``, ``index``, ``params``, ``stages``),
     rung by rung when ``halving`` is set. ``known`` per-image results are used, not recomputed.
     ``on_settled`` gets each trial's outcome as soon as it is decided (pruned, failed or complete).
     At each rung the candidates are ranked by their mean over the rung's images plus, with ``gaps``,
-    the gap to the full mean predicted at their parameters (``RungGaps``)."""
+    the gap to the full mean predicted at their parameters (``RungGaps``).
+
+    ``decided``: trials whose halving was decided by an earlier run of the round, by the rung at which
+    they stopped (the last rung: complete). Their decisions stand — they are scored again on the images
+    of the rungs they reached when their scores are not known, and take part in every ranking they took
+    part in then — and another candidate goes on from a rung when it ranks among the best
+    ``ceil(n / eta)`` of all the rung's candidates, decided or not (as asynchronous halving promotes):
+    a round that ``trials`` had cut short and that a larger ``trials`` fills never demotes a trial it
+    had (more trials never lower the best score), and a round run again, whole or resumed, decides as
+    it did (the same ranking)."""
     sizes = halving.rung_sizes(len(order)) if halving else [len(order)]
     eta = halving.eta if halving else 1
+    decided = {t: rung for t, rung in (decided or {}).items() if 0 <= rung < len(sizes)}
     results = {c["trial"]: dict(known.get(c["trial"], {})) for c in candidates}
     active = list(candidates)
     outcomes: list[TrialOutcome] = []
@@ -837,7 +848,10 @@ def run_round(candidates: list[dict[str, Any]], order: list[str], halving: Halvi
         ahead = gaps.ahead([c["params"] for c, _ in scored], rung) if gaps else np.zeros(len(scored))
         ranked = sorted(((c["trial"], c["index"], _mean(p["score"] for p in per) + gap)
                          for (c, per), gap in zip(scored, ahead)), key=_rank_key(maximize))
-        kept = {t for t, _, _ in ranked[:keep]}
+        # Decided trials go on as they did; another goes on when it ranks among the best 1/eta of all
+        # (where it would have gone on had the earlier run had it too).
+        kept = ({t for t, _, _ in ranked[:keep] if t not in decided}
+                | {c["trial"] for c, _ in scored if decided.get(c["trial"], -1) > rung})
         active = []
         for c, per in scored:
             if c["trial"] in kept:
@@ -960,8 +974,12 @@ class Search:
             candidates = [c for c in candidates if c["trial"] in requested
                           or (self.sweep.early_stopping is not None and c["trial"] in records)]
         halving = self.sweep.early_stopping
+        # Halving decisions recorded by an earlier run of the round (scores recomputed or not) stand.
+        decided = {c["trial"]: records[c["trial"]]["rung"] for c in candidates
+                   if records.get(c["trial"], {}).get("status") in ("ok", "pruned")
+                   and isinstance(records[c["trial"]].get("rung"), int)}
         return run_round(candidates, self.order, halving, evaluate, known, self.spec.maximize, on_settled,
-                         self.rung_gaps(r, records))
+                         self.rung_gaps(r, records), decided=decided if halving else None)
 
     def rung_gaps(self, r: int, records: dict[str, dict[str, Any]]) -> RungGaps | None:
         """The rung gaps learnt from the rounds before ``r`` (None without early stopping); fitted once

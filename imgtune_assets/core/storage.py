@@ -33,7 +33,15 @@ PREFETCH_CHUNK_BYTES = 1024**2  # one advice per MiB: Linux reads at most its re
 
 
 class StorageError(ValueError):
-    """A file or object that cannot be read or written; the message names its path or URL."""
+    """A file or object that cannot be read or written; the message names its path or URL. ``kind``:
+    ``missing`` (not there), ``denied`` (access refused) or ``other`` (unreachable, I/O error...)."""
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # kept through pickling (Ray passes a task's exceptions on)
+        return type(self), (str(self), self.kind)
 
 
 def is_url(text: str | os.PathLike) -> bool:
@@ -72,12 +80,12 @@ def _explain(exc: BaseException, path: Location, doing: str) -> StorageError:
     if isinstance(exc, FileNotFoundError):
         text = str(exc)
         if "bucket" in text.lower():
-            return StorageError(f"{name}: {text.rstrip('.')} (cannot {doing})")
-        return StorageError(f"{name}: not found (cannot {doing})")
+            return StorageError(f"{name}: {text.rstrip('.')} (cannot {doing})", "missing")
+        return StorageError(f"{name}: not found (cannot {doing})", "missing")
     if isinstance(exc, PermissionError):
         hint = (" - credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
                 "AWS_PROFILE) or the standard credential chain") if is_remote(path) else ""
-        return StorageError(f"{name}: access denied (cannot {doing}){hint}")
+        return StorageError(f"{name}: access denied (cannot {doing}){hint}", "denied")
     if isinstance(exc, OSError) and not is_remote(path):
         return StorageError(f"{name}: cannot {doing} ({exc.strerror or exc})")
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -158,6 +166,19 @@ def list_files(folder: Location) -> list[tuple[Location, dict[str, Any]]]:
         if entry.get("type") == "file" and name and not name.startswith("."):
             files.append((folder / name, entry))
     return sorted(files, key=lambda item: item[0].name)
+
+
+def list_folders(folder: Location) -> list[Location]:
+    """The visible sub-folders directly in ``folder``, sorted by name (for an object store: the common
+    prefixes of its listing)."""
+    try:
+        if not is_remote(folder):
+            return [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        entries = folder.fs.ls(folder.path, detail=True)  # list_files' listing, from fsspec's cache
+    except _remote_errors() as exc:
+        raise _explain(exc, folder, "list it") from None
+    names = (str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+    return sorted((folder / name for name in names if name and not name.startswith(".")), key=lambda p: p.name)
 
 
 def prefetch(files: Iterable[Location], budget_bytes: int | None = None) -> int:

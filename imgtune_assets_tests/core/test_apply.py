@@ -19,12 +19,13 @@ from imgtune_assets.core.apply import (
     apply_to_folder,
     fixed_stages,
     pipeline_key,
+    prepare_output,
     task_sizes,
     to_depth,
     unchanged_unread,
 )
 from imgtune_assets.core.ops import apply_pipeline
-from imgtune_assets.core.imageio import webp_is_lossless
+from imgtune_assets.core.imageio import jpeg_metadata, webp_is_lossless, with_jpeg_metadata
 from imgtune_assets.core.sweepfile import fixed_sweep_document, load_sweep
 from imgtune_assets_tests.conftest import write_sweep
 
@@ -358,6 +359,34 @@ def test_a_third_run_of_an_unchanged_folder_reads_no_file(local_ray, tmp_path):
     assert fourth["grey8.png"]["input_key"] == hashlib.sha256((src / "grey8.png").read_bytes()).hexdigest()
     assert np.array_equal(_decode_file(out / "colour8.png"),
                           apply_pipeline(_decode_file(src / "colour8.png"), STAGES))
+
+
+def test_a_photo_keeps_its_exif_orientation_and_colour_profile(tmp_path):
+    import io
+
+    from PIL import Image, ImageCms
+
+    photo = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    exif[0x010F] = "imgtune-test-camera"  # Make
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    pixels = _scene((30, 50, 3), np.uint8, 11)
+    Image.fromarray(pixels[:, :, ::-1]).save(photo, quality=92, exif=exif, icc_profile=icc)
+    entry, encoded = prepare_output(STAGES, photo, tmp_path / "out.jpg", None, "k")
+    assert encoded is not None and entry["input_key"] == hashlib.sha256(photo.read_bytes()).hexdigest()
+    with Image.open(io.BytesIO(encoded)) as out:
+        assert out.getexif()[0x0112] == 6 and out.getexif()[0x010F] == "imgtune-test-camera"
+        assert out.info["icc_profile"] == icc
+        assert out.size == (50, 30)  # the stored pixels, as the input's: the tag still rotates them to display
+    written = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+    expected = apply_pipeline(_decode_file(photo), STAGES)
+    assert np.abs(written.astype(int) - expected).mean() < 2.5
+    # a JPEG without such segments is written as OpenCV encodes it; a PNG keeps no JPEG segments
+    plain = tmp_path / "plain.jpg"
+    plain.write_bytes(_encode(pixels, ".jpg"))
+    assert jpeg_metadata(plain.read_bytes()) == []
+    assert jpeg_metadata(b"\x89PNG\r\n") == [] and with_jpeg_metadata(b"not a jpeg", [b"x"]) == b"not a jpeg"
 
 
 def test_unchanged_unread_compares_stats_of_files_and_listing_tags_of_objects(tmp_path):

@@ -95,6 +95,21 @@ def test_two_files_with_the_same_name_are_refused_naming_both(folder, denoise_da
     assert f"{first} and {second}: both declare the sweep name 'same'" in message
 
 
+def test_two_sweeps_applying_into_one_folder_are_refused_naming_both(folder, denoise_data, tmp_path):
+    (tmp_path / "photos").mkdir()
+    first = write_sweep(folder / "one.yaml", denoise_data, name="one",
+                        apply={"input_dir": str(tmp_path / "photos"), "output_dir": str(tmp_path / "tuned")})
+    second = write_sweep(folder / "two.yaml", denoise_data, name="two",  # the same folder, spelled another way
+                         apply={"input_dir": str(tmp_path / "photos"), "output_dir": str(tmp_path / "x" / ".." / "tuned")})
+    with pytest.raises(SweepCatalogError) as err:
+        sweeps_from_environment({SWEEPS_DIR_ENV: str(folder)})
+    assert f"{first} and {second}: both write their tuned images to" in str(err.value)
+    assert "apply.output_dir" in str(err.value)
+    write_sweep(second, denoise_data, name="two",
+                apply={"input_dir": str(tmp_path / "photos"), "output_dir": str(tmp_path / "tuned-two")})
+    assert [s.name for s in sweeps_from_environment({SWEEPS_DIR_ENV: str(folder)})] == ["one", "two"]
+
+
 def test_names_that_map_to_the_same_group_are_refused(folder, denoise_data):
     dash = write_sweep(folder / "dash.yaml", denoise_data, name="a-b")
     under = write_sweep(folder / "under.yaml", denoise_data, name="a_b")

@@ -304,3 +304,43 @@ def test_a_scan_that_must_not_wait_uses_the_cache_unsaved_while_another_holds_it
         assert ProbeAhead(messy, True, cache_file).thread is None  # the scan holding the lock serves
     with locked_probe_cache(cache_file, wait=False) as free:
         assert free.file == cache_file
+
+
+def test_a_run_that_cannot_read_a_manifest_file_advises_by_the_cause(messy, monkeypatch):
+    import pickle
+
+    from imgtune_assets.core import storage
+
+    rows = [r for r in scan_folder(messy, needs_target=True) if r.status == "ok"]
+    (messy / rows[0].image_path).unlink()
+    with pytest.raises(ManifestError, match=r"not found .*deleted or moved since\?\); materialize image_manifest"):
+        load_images(messy, rows[:1])
+    refused = storage.StorageError("s3://b/images/good.png: access denied (cannot read it)", "denied")
+    assert pickle.loads(pickle.dumps(refused)).kind == "denied"  # as Ray passes it on
+
+    def deny(path):
+        raise refused
+
+    monkeypatch.setattr(storage, "read_with_key", deny)
+    with pytest.raises(ManifestError) as err:
+        load_images(messy, rows[1:2])
+    assert "access denied" in str(err.value) and "other credentials" in str(err.value)
+    assert "materialize" not in str(err.value)  # a new manifest would not mend it
+
+
+def test_images_in_sub_folders_are_rows_that_say_they_are_not_read(tmp_path, messy):
+    png(messy / "images" / "batch2" / "later.png", np.zeros((8, 8), np.uint8))
+    rows = {r.id: r for r in scan_folder(messy, needs_target=True)}
+    folder = rows["batch2/"]
+    assert folder.status == "skipped" and folder.image_path == "images/batch2/"
+    assert str(messy / "images" / "batch2") in folder.reason and "not read" in folder.reason
+    assert "later" not in rows
+    # a flat folder's targets/ is its targets, not a skipped sub-folder; an images-only one says why it is empty
+    flat = tmp_path / "flat"
+    png(flat / "a.png", np.zeros((8, 8), np.uint8))
+    png(flat / "targets" / "a.png", np.zeros((8, 8), np.uint8))
+    assert [(r.id, r.status) for r in scan_folder(flat, needs_target=True)] == [("a", "ok")]
+    nested = tmp_path / "nested"
+    png(nested / "images" / "2024" / "a.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ManifestError, match=r"no image files in the data folder \(1 sub-folder\(s\) not read"):
+        scan_folder(nested, needs_target=False)

@@ -193,6 +193,54 @@ def test_successive_halving_keeps_the_best_of_each_rung_and_reuses_known_scores(
     assert [o.trial for o in settled][:3] == ["t1", "t3", "t5"]  # settled as soon as they are pruned
 
 
+def test_candidates_joining_a_round_never_demote_its_decided_trials():
+    def candidate(k, v):
+        return {"trial": f"t{k}", "index": k, "params": {"v": v}, "stages": []}
+
+    def evaluate(trials, ids, known):
+        return {t["trial"]: {i: {"score": t["params"]["v"] + 0.01 * n, "seconds": 0.0, "error": None}
+                             for n, i in enumerate(ids)} for t in trials}
+
+    order, halving = ["a", "b", "c", "d", "e", "f"], Halving(eta=3, min_images=2)
+    old = [candidate(0, 2.0), candidate(1, 1.0), candidate(2, 3.0)]
+    first = {o.trial: o for o in run_round(old, order, halving, evaluate, {}, True, lambda o: None)}
+    assert {t: (o.status, o.rung) for t, o in first.items()} == \
+        {"t0": ("pruned", 0), "t1": ("pruned", 0), "t2": ("ok", 1)}
+    decided = {t: o.rung for t, o in first.items()}
+    # Three better candidates join the round (a larger `trials` filling it), scores recomputed (no known):
+    joined = old + [candidate(3, 5.0), candidate(4, 4.0), candidate(5, 0.5)]
+    anew = {o.trial: o for o in run_round(joined, order, halving, evaluate, {}, True, lambda o: None)}
+    assert anew["t2"].status == "pruned"  # ranked afresh, the round's best so far would be demoted...
+    kept = {o.trial: o for o in run_round(joined, order, halving, evaluate, {}, True, lambda o: None,
+                                          decided=decided)}
+    assert {t: (kept[t].status, kept[t].rung) for t in first} == {t: (o.status, o.rung) for t, o in first.items()}
+    assert kept["t2"].score == first["t2"].score  # ...but its decision stands
+    # a newcomer goes on when it ranks among the best ceil(6/3) = 2 of the whole rung (t3, t4; not t5),
+    # decided trials keeping theirs: three complete where two would be ranked afresh
+    assert {t: (kept[t].status, kept[t].rung) for t in ("t3", "t4", "t5")} == \
+        {"t3": ("ok", 1), "t4": ("ok", 1), "t5": ("pruned", 0)}
+    # the round run again as it was decides as it did
+    again = run_round(old, order, halving, evaluate, {}, True, lambda o: None, decided=decided)
+    assert [(o.trial, o.status, o.rung, o.per_image) for o in again] == \
+        [(o.trial, o.status, o.rung, o.per_image) for o in first.values()]
+
+
+def test_raising_trials_keeps_the_decisions_of_the_round_it_fills(tmp_path):
+    fields = {"search": {"batch_size": 6, "n_startup": 8},
+              "early_stopping": {"method": "successive_halving", "eta": 3, "min_images": 3}}
+    small = sweep_of(tmp_path, trials=11, **fields)  # round 1 (trials 8-13) cut to three
+    _, records, _ = run_search(small, tmp_path / "out")
+    bigger = sweep_of(tmp_path, trials=14, **fields)
+    old = [k for k in trial_keys(small)[8:]]
+    for recompute in (frozenset(), frozenset(trial_keys(bigger))):  # --resume, and a plain run again
+        search = Search(bigger, tmp_path / "out", "d" * 64, IDS, default_batch_size=4)
+        by = {o.trial: o for o in search.run(1, dict(records), Counter(), {}, lambda o: None, recompute=recompute)}
+        assert len(by) == 6
+        assert {k: (by[k].status, by[k].rung, by[k].score if by[k].status == "ok" else None) for k in old} == \
+            {k: (records[k]["status"], records[k]["rung"], records[k]["score"] if records[k]["status"] == "ok" else None)
+             for k in old}
+
+
 def test_a_failing_image_fails_the_trial_at_its_rung():
     candidates = [{"trial": f"t{k}", "index": k, "params": {}, "stages": []} for k in range(3)]
 
