@@ -10,6 +10,7 @@ import base64
 import json
 import math
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from dagster import (
     AssetIn,
     AssetsDefinition,
     BackfillPolicy,
+    BetaWarning,
     Config,
     DagsterType,
     DataVersion,
@@ -269,9 +271,15 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "preview": _table(preview, limit=20),
         })
 
-    @asset(name="experiment_results", key_prefix=prefix, group_name=group, partitions_def=partitions,
-           backfill_policy=BackfillPolicy.single_run(), ins={"run_settings": AssetIn(key=settings_key)},
-           kinds={"ray", "opencv"})
+    with warnings.catch_warnings():
+        # One run per partition range is what a sweep is; Dagster 1.13 calls the parameter beta and would
+        # say so on every command that loads the definitions.
+        warnings.simplefilter("ignore", BetaWarning)
+        ranged_asset = asset(name="experiment_results", key_prefix=prefix, group_name=group,
+                             partitions_def=partitions, backfill_policy=BackfillPolicy.single_run(),
+                             ins={"run_settings": AssetIn(key=settings_key)}, kinds={"ray", "opencv"})
+
+    @ranged_asset
     def experiment_results(context: AssetExecutionContext, config: ExperimentConfig, imgtune: SweepResource,
                            ray_cluster: RayResource, run_settings: dict) -> None:
         """Each trial evaluated on every usable image, on Ray; one partition per trial.
