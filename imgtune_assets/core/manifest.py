@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -287,24 +287,29 @@ PROBE_CACHE_FILE = "probe_cache.json"
 
 
 @contextmanager
-def locked_probe_cache(file: str | os.PathLike, *, wait: bool = True) -> Iterator[ProbeCache]:
+def locked_probe_cache(file: str | os.PathLike, *, wait: bool = True,
+                       on_wait: Callable[[], None] | None = None) -> Iterator[ProbeCache]:
     """The probe cache at ``file``, loaded under an exclusive lock held until the block ends (the caller
     scans and saves inside it): a scan of the same folder in another process (``ProbeAhead``, the
-    sensor's) is waited for, and this one then reads only what that one did not. ``wait=False`` (the
-    sensor, whose tick must not stall behind a long scan): when the lock is taken, the cache as it is,
-    unlocked, and not saved."""
+    sensor's) is waited for — ``on_wait`` is called first, when it has to — and this one then reads
+    only what that one did not. ``wait=False`` (the sensor, whose tick must not stall behind a long
+    scan): when the lock is taken, the cache as it is, unlocked, and not saved."""
     import fcntl
 
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     with open(file.with_name(file.name + ".lock"), "a") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            cache = ProbeCache.load(file)
-            cache.file = None  # another scan holds it: used, not saved
-            yield cache
-            return
+            if not wait:
+                cache = ProbeCache.load(file)
+                cache.file = None  # another scan holds it: used, not saved
+                yield cache
+                return
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield ProbeCache.load(file)
 
 

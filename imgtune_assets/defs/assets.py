@@ -201,7 +201,11 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             ensure_demo_data(sweep.data_dir, sweep.demo_data)
         try:
             # (waits while `python -m imgtune_assets.cli sweep` probes the folder ahead: manifest.ProbeAhead)
-            with locked_probe_cache(imgtune.sweep_dir(sweep.name) / PROBE_CACHE_FILE) as cache:
+            def waiting() -> None:
+                context.log.info(f"waiting for the scan of {sweep.data_dir} that another process (the sweep "
+                                 "command reading the images ahead, or another run's manifest) is making")
+
+            with locked_probe_cache(imgtune.sweep_dir(sweep.name) / PROBE_CACHE_FILE, on_wait=waiting) as cache:
                 scanned = scan_folder(sweep.data_dir, needs_target=sweep.needs_target, cache=cache)
                 save_probe_cache(cache, context.log)
             rows = skip_undecodable(scanned, read_undecodable(imgtune.sweep_dir(sweep.name)))

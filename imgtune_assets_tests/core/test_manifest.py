@@ -277,9 +277,10 @@ def test_a_scan_ahead_is_waited_for_and_leaves_nothing_to_read(tmp_path, messy, 
     monkeypatch.setattr(manifest, "_probe", lambda file, info: time.sleep(0.05) or real(file, info))
     ahead = ProbeAhead(data, True, cache_file)
     assert ahead.thread.is_alive()  # still reading (each file takes 50 ms here)
-    with locked_probe_cache(cache_file) as cache:  # waits for it: loaded complete, nothing left to read
-        rows = scan_folder(data, needs_target=True, cache=cache)
-    assert cache.read == 0 and cache.reused > 0
+    waited = []
+    with locked_probe_cache(cache_file, on_wait=lambda: waited.append(1)) as cache:  # waits for it: loaded
+        rows = scan_folder(data, needs_target=True, cache=cache)                    # complete, nothing to read
+    assert cache.read == 0 and cache.reused > 0 and waited == [1]
     ahead.wait()
     assert ahead.error is None
     monkeypatch.undo()
@@ -289,8 +290,9 @@ def test_a_scan_ahead_is_waited_for_and_leaves_nothing_to_read(tmp_path, messy, 
     failed = ProbeAhead(tmp_path / "missing", True, cache_file)
     failed.wait()
     assert isinstance(failed.error, ManifestError)
-    with locked_probe_cache(cache_file) as cache:
+    with locked_probe_cache(cache_file, on_wait=lambda: waited.append(2)) as cache:
         assert cache.known  # the earlier scan's entries are still there
+    assert waited == [1]  # the lock was free: no wait to announce
     assert ProbeAhead(storage.location("memory://bucket/data"), True, cache_file).thread is None  # objects: none
 
 
