@@ -309,14 +309,17 @@ def test_a_failed_step_is_named_by_its_asset_key():
     assert step_label("other__thing") == "other/thing"
 
 
-def test_the_sweep_job_launched_without_tags_runs_every_trial(tmp_path, tiny_sweep):
-    # `dagster job execute -j <group>_sweep` as a Dagster user types it (or `dg launch --job`, the UI's
-    # launchpad): the job's own tags name the range of every trial.
+def test_the_sweep_job_through_dg_launch_with_a_range_and_without_one(tmp_path, tiny_sweep):
     env = cli_env(tmp_path, tiny_sweep)
-    run(env, [str(VENV_BIN / "dagster"), "job", "execute", *MODULE, "-j", "tiny_sweep"])
+    run(env, [str(VENV_BIN / "dg"), "launch", "--job", "tiny_sweep", "--partition-range", f"{KEYS[0]}...{KEYS[-1]}"])
     report = json.loads((Path(env["IMGTUNE_OUTPUT_DIR"]) / "tiny" / "report.json").read_text())
-    assert report["completed_trials"] == report["total_trials"] == len(KEYS)
-    assert report["missing_trials"] == []
+    assert report["completed_trials"] == report["total_trials"] == len(KEYS) and report["missing_trials"] == []
+    # a launch that names no trials: refused, saying how to name them
+    bare = subprocess.run([str(VENV_BIN / "dg"), "launch", "--job", "tiny_sweep"], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert bare.returncode != 0
+    assert "partitioned by trial and this run names none" in bare.stdout + bare.stderr
+    assert f"--partition-range '{KEYS[0]}...{KEYS[-1]}'" in bare.stdout + bare.stderr
 
 
 def test_error_summary_is_the_innermost_message_without_a_remote_traceback():

@@ -170,6 +170,16 @@ class SweepAssets:
                             self.tuned_images) if a is not None]
 
 
+def one_run_asset(**kwargs):
+    """``@asset`` with ``BackfillPolicy.single_run()``: a range of trials (and the unpartitioned steps
+    beside it) is one run, also through ``dg launch --job <group>_sweep --partition-range A...B``, which
+    asks every selected asset for that policy. Dagster 1.13 calls the parameter beta and would say so on
+    every command that loads the definitions: not here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BetaWarning)
+        return asset(backfill_policy=BackfillPolicy.single_run(), **kwargs)
+
+
 def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepAssets:
     """The four assets of ``sweep``, under the key prefix ``sweep.name`` in the group ``group_name(sweep.name)``."""
     group = group_name(sweep.name)
@@ -186,8 +196,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             raise Failure(description=f"{settings_key.to_user_string()} was made by an older imgtune that did not "
                                       "pin the images: materialize image_manifest and run_settings again")
 
-    @asset(name="image_manifest", key_prefix=prefix, group_name=group, kinds={"opencv", "pandas"},
-           dagster_type=ImageManifestFrame)
+    @one_run_asset(name="image_manifest", key_prefix=prefix, group_name=group, kinds={"opencv", "pandas"},
+                   dagster_type=ImageManifestFrame)
     def image_manifest(context: AssetExecutionContext, imgtune: SweepResource) -> Output:
         """One row per file in the sweep's data folder: id, paths, content hashes, size, channels, status.
 
@@ -240,8 +250,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             metadata["skipped"] = _table(frame[frame["status"] != "ok"][["image_path", "reason"]], limit=50)
         return Output(frame, metadata=metadata, data_version=DataVersion(digest))
 
-    @asset(name="run_settings", key_prefix=prefix, group_name=group,
-           ins={"image_manifest": AssetIn(key=manifest_key)})
+    @one_run_asset(name="run_settings", key_prefix=prefix, group_name=group,
+                   ins={"image_manifest": AssetIn(key=manifest_key)})
     def run_settings(context: AssetExecutionContext, imgtune: SweepResource, image_manifest) -> Output[dict]:
         """What the sweep's runs evaluate: one entry per trial (its partition key and parameters, drawn from
         seed, search space and trial index) and the manifest's rows with its content hash.
@@ -275,15 +285,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "preview": _table(preview, limit=20),
         })
 
-    with warnings.catch_warnings():
-        # One run per partition range is what a sweep is; Dagster 1.13 calls the parameter beta and would
-        # say so on every command that loads the definitions.
-        warnings.simplefilter("ignore", BetaWarning)
-        ranged_asset = asset(name="experiment_results", key_prefix=prefix, group_name=group,
-                             partitions_def=partitions, backfill_policy=BackfillPolicy.single_run(),
-                             ins={"run_settings": AssetIn(key=settings_key)}, kinds={"ray", "opencv"})
-
-    @ranged_asset
+    @one_run_asset(name="experiment_results", key_prefix=prefix, group_name=group, partitions_def=partitions,
+                   ins={"run_settings": AssetIn(key=settings_key)}, kinds={"ray", "opencv"})
     def experiment_results(context: AssetExecutionContext, config: ExperimentConfig, imgtune: SweepResource,
                            ray_cluster: RayResource, run_settings: dict) -> None:
         """Each trial evaluated on every usable image, on Ray; one partition per trial.
@@ -298,6 +301,15 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         from imgtune_assets.core.progress import SweepProgress
 
         check_settings(run_settings)
+        if not (context.has_partition_key or context.has_partition_key_range):
+            all_keys = trial_keys(sweep)
+            raise Failure(description=(
+                f"{results_key.to_user_string()} is partitioned by trial and this run names none: run the whole "
+                f"sweep with `python -m imgtune_assets.cli sweep {sweep.name}`, or launch the job with the trials' "
+                f"range, e.g. `dg launch --job {group}_sweep --partition-range '{all_keys[0]}...{all_keys[-1]}'` "
+                f"or `dagster job execute -m imgtune_assets.definitions -j {group}_sweep --tags "
+                f"'{{\"dagster/asset_partition_range_start\": \"{all_keys[0]}\", "
+                f"\"dagster/asset_partition_range_end\": \"{all_keys[-1]}\"}}'`"))
         keys = list(context.partition_keys)
         by_key = {t["trial"]: t for t in run_settings["trials"]}
         missing = [k for k in keys if k not in by_key]
@@ -410,8 +422,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         context.log.info(f"{len(keys) - len(failed)} trial(s) completed, {len(failed)} failed "
                          f"in {time.perf_counter() - started:.2f}s ({json.dumps(stats)})")
 
-    @asset(name="sweep_report", key_prefix=prefix, group_name=group, ins={"run_settings": AssetIn(key=settings_key)},
-           deps=[AssetDep(results_key, partition_mapping=AllPartitionMapping())], kinds={"pandas"})
+    @one_run_asset(name="sweep_report", key_prefix=prefix, group_name=group,
+                   ins={"run_settings": AssetIn(key=settings_key)},
+                   deps=[AssetDep(results_key, partition_mapping=AllPartitionMapping())], kinds={"pandas"})
     def sweep_report(context: AssetExecutionContext, imgtune: SweepResource, run_settings: dict) -> Output[dict]:
         """Leaderboard, the best pipeline as a reusable sweep file, plots, and the best score.
 
@@ -520,8 +533,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
     if sweep.apply_input is None:
         return SweepAssets(image_manifest, run_settings, experiment_results, sweep_report)
 
-    @asset(name="tuned_images", key_prefix=prefix, group_name=group, kinds={"ray", "opencv"},
-           ins={"sweep_report": AssetIn(key=asset_key(sweep, "sweep_report"))})
+    @one_run_asset(name="tuned_images", key_prefix=prefix, group_name=group, kinds={"ray", "opencv"},
+                   ins={"sweep_report": AssetIn(key=asset_key(sweep, "sweep_report"))})
     def tuned_images(context: AssetExecutionContext, imgtune: SweepResource, ray_cluster: RayResource,
                      sweep_report: dict) -> Output[dict]:
         """The winning pipeline applied to every image of ``apply.input_dir``, written to ``apply.output_dir``

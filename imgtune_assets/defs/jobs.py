@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from dagster import AssetSelection, JobDefinition, RunRequest, define_asset_job
 
 from imgtune_assets.core.catalog import group_name
-from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.keys import asset_key
 
@@ -45,17 +44,14 @@ class SweepJobs:
 
 
 def build_sweep_jobs(sweep: Sweep) -> SweepJobs:
-    # Partitions are inferred from the selected assets (the sweep's trial partitions). The sweep job's
-    # own tags name the range of every trial, so that a launch without one (`dg launch --job`,
-    # `dagster job execute` without --tags, the UI's launchpad) runs the whole sweep, as the schedule
-    # and the sensor request it; a run's own range or partition tags take their place.
-    keys = trial_keys(sweep)
+    # Partitions are inferred from the selected assets (the sweep's trial partitions). No default range
+    # in the job's tags: Dagster refuses a run that has both a range and a partition (the launchpad's
+    # partition picker, a backfill); a launch with neither is refused by experiment_results, saying how.
     return SweepJobs(
         sweep=define_asset_job(
             sweep_job_name(sweep),
             selection=AssetSelection.groups(group_name(sweep.name)),
-            tags={SWEEP_TAG: sweep.name, ASSET_PARTITION_RANGE_START_TAG: keys[0],
-                  ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
+            tags={SWEEP_TAG: sweep.name},
             description=f"The whole sweep {sweep.name!r} in one run: image_manifest, run_settings, every trial "
             "partition of experiment_results (as one partition range), then sweep_report.",
         ),
