@@ -440,9 +440,10 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
 
         # The images are read and hashed while Dagster starts; the run's manifest waits for it and finds
         # them probed. Not for a cluster (its nodes may see another copy of the folder).
+        ahead = None
         if not (env or os.environ).get(embedded_ray.RAY_ADDRESS_ENV):
             try:
-                ProbeAhead(sweep.data_dir, sweep.needs_target, sweep_dir / PROBE_CACHE_FILE)
+                ahead = ProbeAhead(sweep.data_dir, sweep.needs_target, sweep_dir / PROBE_CACHE_FILE)
             except OSError as exc:  # an output folder it cannot write: the run says so, and fails
                 print(f"  (the images are not read ahead: {exc})", file=err, flush=True)
         proc = launch_logged(command, log, env=env)
@@ -460,6 +461,9 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             print(f"interrupted; finished trials are kept: `python -m imgtune_assets.cli sweep {sweep.name} --resume` "
                   f"resumes; Dagster's log: {log}", file=err, flush=True)
             return INTERRUPTED
+        finally:
+            if ahead is not None:  # the run is over: a read-ahead it never waited for stops (a failed start)
+                ahead.cancel()
         if is_trials:
             state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
         display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)

@@ -297,22 +297,29 @@ def test_whole_sweep_over_s3_through_the_dagster_cli(tmp_path, s3_server, local_
     assert DUMMY_SECRET.encode() not in fs.cat_file("sweep-cli/tuned/.imgtune-applied.json")
 
 
-def test_applying_again_over_s3_needs_only_the_listings(tmp_path, s3_server, local_data):
+def test_applying_again_over_s3_needs_only_the_listings(tmp_path, local_data):
     from imgtune_assets.core.apply import apply_to_folder, pipeline_key, unchanged_unread
 
-    url = uploaded(s3_server, "reapply", local_data)
-    source = storage.location(f"{url}/images", endpoint_url=s3_server.endpoint_url)
-    target = storage.location("s3://reapply/tuned", endpoint_url=s3_server.endpoint_url)
-    stages = [("gaussian_blur", {"ksize": 3, "sigma": 0.8})]
-    ray_cluster = RayResource(num_cpus=2)
-    ray_cluster.connect()
-    try:
-        runs = [{Path(e["input"]).name: e for e in apply_to_folder(stages, source, target).entries} for _ in range(3)]
-    finally:
-        ray_cluster.teardown_after_execution(None)
+    with MotoServer.start(tmp_path / "moto", record=True) as s3_server:
+        url = uploaded(s3_server, "reapply", local_data)
+        source = storage.location(f"{url}/images", endpoint_url=s3_server.endpoint_url)
+        target = storage.location("s3://reapply/tuned", endpoint_url=s3_server.endpoint_url)
+        stages = [("gaussian_blur", {"ksize": 3, "sigma": 0.8})]
+        ray_cluster = RayResource(num_cpus=2)
+        ray_cluster.connect()
+        try:
+            runs = [{Path(e["input"]).name: e for e in apply_to_folder(stages, source, target).entries}
+                    for _ in range(2)]
+            with s3_server.recorded() as requests:
+                runs.append({Path(e["input"]).name: e for e in apply_to_folder(stages, source, target).entries})
+        finally:
+            ray_cluster.teardown_after_execution(None)
+        in_tags = {f.name: storage.content_key_of_info(info) for f, info in storage.list_files(source)}
+        out_tags = {f.name: storage.content_key_of_info(info) for f, info in storage.list_files(target)}
+    # the third run read no image object, in or out: listings, the ledger, and the new ledger's upload
+    objects = [(method, u) for method, u in requests if method in ("GET", "HEAD") and u.split("?")[0].endswith(".png")]
+    assert requests and objects == [], objects
     assert [sorted({e["status"] for e in run.values()}) for run in runs] == [["written"], ["unchanged"], ["unchanged"]]
-    in_tags = {f.name: storage.content_key_of_info(info) for f, info in storage.list_files(source)}
-    out_tags = {f.name: storage.content_key_of_info(info) for f, info in storage.list_files(target)}
     assert len(in_tags) == len(out_tags) == 6
     for name, entry in runs[2].items():
         # the key of a whole read is the listing's tag, and the second run recorded the output's: the

@@ -107,7 +107,8 @@ def unchanged_unread(previous: dict[str, Any] | None, key_of_pipeline: str, sour
     the output's stat (local) or listing tag (``source_tag``/``target_tag``, objects) as recorded."""
     from imgtune_assets.core.manifest import local_stat
 
-    if not previous or previous.get("status") not in ("written", "unchanged") or previous.get("pipeline") != key_of_pipeline:
+    if (not previous or previous.get("status") not in ("written", "unchanged") or previous.get("pipeline") != key_of_pipeline
+            or previous.get("input") != str(source)):  # another input folder's file of the same name: read
         return False
 
     def same(path: Location, tag: str | None, recorded: str | None) -> bool:
@@ -135,7 +136,7 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
                 and previous.get("input_key") == entry["input_key"] and previous.get("pipeline") == key_of_pipeline):
             intact, output_stat = _output_intact(target, previous)
             if intact:  # recorded now, so that the next run need not read either file
-                return {**previous, "status": "unchanged", "input_stat": entry["input_stat"],
+                return {**previous, "status": "unchanged", "input": str(source), "input_stat": entry["input_stat"],
                         "output_stat": output_stat, "output_tag": target_tag}, None
         image, alpha = decode_with_alpha(data, source)
         output = to_depth(apply_pipeline(image, stages), image.dtype)
@@ -148,7 +149,7 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
         lossless = suffix.lower() != ".webp" or webp_is_lossless(data)
         encoded = encode_like(output, suffix, source, lossless)
         if suffix.lower() in (".jpg", ".jpeg"):  # a photo keeps its Exif (orientation...) and colour profile
-            encoded = with_jpeg_metadata(encoded, jpeg_metadata(data))
+            encoded = with_jpeg_metadata(encoded, jpeg_metadata(data, 1 if output.ndim == 2 else output.shape[2]))
         return entry, encoded
     except (ImageReadError, storage.StorageError) as exc:
         entry.update(status="skipped", reason=str(exc), output_sha256=None)

@@ -126,14 +126,18 @@ def webp_is_lossless(data: bytes) -> bool:
     return False
 
 
-# The JPEG segments that describe a photo rather than its pixels: APP1 (Exif: orientation, camera,
-# time; XMP) and APP2 (the ICC colour profile).
-JPEG_METADATA_MARKERS = (0xE1, 0xE2)
+# The JPEG segments that describe a photo rather than its pixels and stay true of it after a filter:
+# Exif (orientation, camera, time) and XMP in APP1, the ICC colour profile in APP2.
+EXIF_ID = b"Exif\x00\x00"
+XMP_IDS = (b"http://ns.adobe.com/xap/1.0/\x00", b"http://ns.adobe.com/xmp/extension/\x00")
+ICC_ID = b"ICC_PROFILE\x00"
+MPF_ID = b"MPF\x00"
+ICC_SPACE_OF_CHANNELS = {1: b"GRAY", 3: b"RGB "}
 
 
-def jpeg_metadata(data: bytes) -> list[bytes]:
-    """A JPEG's Exif, XMP and ICC segments (``JPEG_METADATA_MARKERS``), whole, in file order, from the
-    segments before its first frame or scan; [] for anything else or a malformed header."""
+def _jpeg_segments(data: bytes) -> list[tuple[int, bytes]]:
+    """(marker, payload) of a JPEG's segments before its first frame or scan; [] for anything else or a
+    malformed header."""
     if data[:2] != b"\xff\xd8":
         return []
     segments, at = [], 2
@@ -147,10 +151,29 @@ def jpeg_metadata(data: bytes) -> list[bytes]:
         length = int.from_bytes(data[at + 2:at + 4], "big")
         if length < 2 or at + 2 + length > len(data):
             return []
-        if marker in JPEG_METADATA_MARKERS:
-            segments.append(data[at:at + 2 + length])
+        segments.append((marker, data[at + 4:at + 2 + length]))
         at += 2 + length
     return segments
+
+
+def jpeg_metadata(data: bytes, channels: int) -> list[bytes]:
+    """The segments of JPEG ``data`` to keep in a filtered output of ``channels`` channels, whole, in
+    file order: Exif; XMP unless the file holds more images than its first (an MPF index: an Ultra HDR
+    gain map, a depth map, a second frame — not kept, so neither is the XMP that points at them); the
+    ICC profile when its colour space is the output's (a grey output of a colour photo gets none)."""
+    segments = _jpeg_segments(data)
+    multi = any(m == 0xE2 and payload.startswith(MPF_ID) for m, payload in segments)
+    icc = [payload for m, payload in segments if m == 0xE2 and payload.startswith(ICC_ID)]
+    first = next((c for c in icc if len(c) > 14 and c[12] == 1), None)  # chunk 1 holds the profile header
+    icc_fits = first is not None and first[14 + 16:14 + 20] == ICC_SPACE_OF_CHANNELS.get(channels)
+    kept = []
+    for marker, payload in segments:
+        keep = ((marker == 0xE1 and payload.startswith(EXIF_ID))
+                or (marker == 0xE1 and payload.startswith(XMP_IDS) and not multi)
+                or (marker == 0xE2 and payload.startswith(ICC_ID) and icc_fits))
+        if keep:
+            kept.append(b"\xff" + bytes([marker]) + (len(payload) + 2).to_bytes(2, "big") + payload)
+    return kept
 
 
 def with_jpeg_metadata(encoded: bytes, segments: list[bytes]) -> bytes:

@@ -241,13 +241,18 @@ class ProbeCache:
         self.seen: dict[str, dict] = {}
         self.reused = 0
         self.read = 0
+        self._count = threading.Lock()  # scan_folder's pool probes from several threads
+        self.problem: str | None = None  # why it could not be used, if it could not (locked_probe_cache)
 
     @classmethod
     def load(cls, file: str | os.PathLike) -> "ProbeCache":
+        """The cache at ``file``; empty when missing, damaged or written by another version of the probe
+        (``PROBE_CACHE_VERSION``)."""
         import json
 
         try:
-            entries = json.loads(Path(file).read_text()).get("files", {})
+            saved = json.loads(Path(file).read_text())
+            entries = saved.get("files", {}) if saved.get("version") == PROBE_CACHE_VERSION else {}
         except (OSError, ValueError, AttributeError):
             entries = {}
         return cls(file, entries if isinstance(entries, dict) else {})
@@ -258,11 +263,13 @@ class ProbeCache:
         now = storage.content_key_of_info(info) if remote else local_stat(file)
         entry = self.known.get(name)
         if now is not None and _well_formed(entry) and entry["identity"] == now:
-            self.seen[name] = entry
-            self.reused += 1
+            with self._count:
+                self.seen[name] = entry
+                self.reused += 1
             return entry["key"], entry["stat"], entry["size"], tuple(entry["header"])
         key, stat, size, header = _probe(file, info)
-        self.read += 1
+        with self._count:
+            self.read += 1
         identity = key if remote else stat  # an untrusted (racy) stat is None: not kept
         if identity is not None:
             self.seen[name] = {"identity": identity, "key": key, "stat": stat, "size": size, "header": list(header)}
@@ -273,7 +280,7 @@ class ProbeCache:
 
         if self.file is not None:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.file, {"files": self.seen})
+            atomic_write_json(self.file, {"version": PROBE_CACHE_VERSION, "files": self.seen})
 
 
 def _well_formed(entry: object) -> bool:
@@ -282,8 +289,10 @@ def _well_formed(entry: object) -> bool:
             and isinstance(entry["header"], list) and len(entry["header"]) == 4)
 
 
-# The probe cache's file name in a sweep's output folder (``ProbeCache``).
+# The probe cache's file name in a sweep's output folder (``ProbeCache``), and the version of what it
+# holds: raise it whenever a probe's checks or content keys change, so that no earlier verdict is served.
 PROBE_CACHE_FILE = "probe_cache.json"
+PROBE_CACHE_VERSION = 1
 
 
 @contextmanager
@@ -297,8 +306,15 @@ def locked_probe_cache(file: str | os.PathLike, *, wait: bool = True,
     import fcntl
 
     file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with open(file.with_name(file.name + ".lock"), "a") as lock:
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(file.with_name(file.name + ".lock"), "a")
+    except OSError as exc:  # a folder this process may not write: a scan without the cache, said so
+        cache = ProbeCache()
+        cache.problem = f"{file}: the probe cache cannot be used ({exc}); every file is read"
+        yield cache
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -325,6 +341,7 @@ class ProbeAhead:
     def __init__(self, data_dir: Location, needs_target: bool, cache_file: str | os.PathLike):
         self.thread: threading.Thread | None = None
         self.error: Exception | None = None
+        self._stop = threading.Event()
         if storage.is_remote(data_dir):
             return
         self._held = locked_probe_cache(cache_file, wait=False)
@@ -338,8 +355,9 @@ class ProbeAhead:
 
     def _scan(self, data_dir: Location, needs_target: bool, cache: ProbeCache) -> None:
         try:
-            scan_folder(data_dir, needs_target=needs_target, cache=cache)
-            cache.save()
+            scan_folder(data_dir, needs_target=needs_target, cache=cache, stop=self._stop)
+            if not self._stop.is_set():  # a stopped scan's cache would lose the entries it did not reach
+                cache.save()
         except (ManifestError, OSError) as exc:
             self.error = exc  # kept, not raised: the manifest meets the same folder and says what is wrong
         finally:
@@ -349,10 +367,18 @@ class ProbeAhead:
         if self.thread is not None:
             self.thread.join()
 
+    def cancel(self) -> None:
+        """Stop reading (the files being read are finished), e.g. when the run ended before its manifest:
+        the command can then exit at once instead of after the whole folder."""
+        self._stop.set()
+
 
 def save_probe_cache(cache: ProbeCache, log) -> None:
-    """``cache.save()``; a cache that cannot be written is a warning on ``log`` (the next scan reads
-    every file again), not a failure of the scan it served."""
+    """``cache.save()``; a cache that cannot be written (or used) is a warning on ``log`` (the next scan
+    reads every file again), not a failure of the scan it served."""
+    if cache.problem:
+        log.warning(cache.problem)
+        return
     try:
         cache.save()
     except OSError as exc:
@@ -360,7 +386,10 @@ def save_probe_cache(cache: ProbeCache, log) -> None:
 
 
 def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_name: str,
-               cache: ProbeCache) -> ManifestRow:
+               cache: ProbeCache, stop: threading.Event | None = None) -> ManifestRow:
+    if stop is not None and stop.is_set():
+        row.reason = "not scanned (the scan was stopped)"
+        return row
     (image, image_info), target = files
     try:
         row.image_sha256, row.image_stat, row.image_bytes, (row.width, row.height, row.channels, row.dtype) = \
@@ -387,7 +416,7 @@ def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_na
 
 
 def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | None = None,
-                cache: ProbeCache | None = None) -> list[ManifestRow]:
+                cache: ProbeCache | None = None, stop: threading.Event | None = None) -> list[ManifestRow]:
     """One row per file in the images folder (a local folder or an fsspec URL).
 
     Files are probed on a pool of ``threads`` (default: this machine's CPUs), streaming through the
@@ -395,6 +424,8 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
     that read (see ``imageio.probe_image``); pixels are not decoded here but by the run's Ray tasks.
     Threads suffice because the work is reading and hashing, which release the GIL. With a ``cache``
     (``ProbeCache``; the caller saves it), files unchanged since an earlier scan are not read at all.
+    Once ``stop`` is set, the files not yet probed are not read (their rows say so): for a scan whose
+    result is no longer wanted (``ProbeAhead.cancel``).
     """
     cache = cache if cache is not None else ProbeCache()
     try:
@@ -437,7 +468,7 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
     workers = max(1, min(threads or os.cpu_count() or 1, len(work) or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgtune-manifest") as pool:
         # map keeps at most the pool's files in flight: memory stays a few files however many there are.
-        for _ in pool.map(lambda item: _probe_row(item[0], item[1], needs_target, target_dir.name, cache),
+        for _ in pool.map(lambda item: _probe_row(item[0], item[1], needs_target, target_dir.name, cache, stop),
                           work):
             pass
     return rows
@@ -456,25 +487,39 @@ def require_usable(rows: list[ManifestRow], data_dir: str | Path) -> list[Manife
     return ok
 
 
+def is_folder_row(row: ManifestRow) -> bool:
+    """A row for a sub-folder of the images folder (its id ends with "/"; see ``scan_folder``)."""
+    return row.id.endswith("/")
+
+
 def manifest_digest(rows: list[ManifestRow]) -> str:
-    """Hash of the (id, content hash) pairs: changes when an image or target is added or changed."""
+    """Hash of the (id, content hash) pairs: changes when an image or target is added or changed. The
+    rows of sub-folders are left out: a folder appearing (a NAS's thumbnail folder, a sub-folder of
+    rejects) changes no image, and must not make every trial run again."""
     digest = hashlib.sha256()
-    for row in sorted(rows, key=lambda r: r.image_path):
+    for row in sorted((r for r in rows if not is_folder_row(r)), key=lambda r: r.image_path):
         digest.update(f"{row.id}\0{row.image_path}\0{row.image_sha256}\0{row.target_sha256}\0{row.status}\n".encode())
     return digest.hexdigest()[:16]
 
 
-# What a run that cannot read a file of its manifest says, by ``StorageError.kind``: only a file gone
-# since is mended by a new manifest; refused credentials are those of the process that read it (a
-# cluster's node has its own), and anything else may pass.
-UNREADABLE_ADVICE = {
-    "missing": "it was in the image manifest (deleted or moved since?); materialize image_manifest,run_settings again",
-    "denied": "it was in the image manifest, read then with the credentials of the process that made it; the "
-              "process that read it now has other credentials or permissions (a cluster's nodes have their own: "
-              "environment, profile or instance role)",
-    "other": "it was in the image manifest; once it can be read again, run the trials again (with skip_finished "
-             "the finished ones are kept)",
-}
+def unreadable_advice(kind: str, remote: bool) -> str:
+    """What a run that cannot read a file of its manifest says, by ``StorageError.kind``: only a file
+    gone since is mended by a new manifest (unless the node that read it does not see the folder the
+    manifest saw); access refused is the reader's credentials (an object) or permissions (a file); any
+    other error may pass."""
+    if kind == "missing":
+        return ("it was in the image manifest: deleted or moved since (then materialize image_manifest,run_settings "
+                "again), or the node that read it does not see the " + ("store" if remote else "folder")
+                + " the manifest saw (a cluster's node needs the same path or endpoint)")
+    if kind == "denied":
+        if remote:
+            return ("it was in the image manifest, read then with the credentials of the process that made it; the "
+                    "process that read it now has other credentials (a cluster's nodes have their own: environment, "
+                    "profile or instance role)")
+        return ("it was in the image manifest; the process that read it now may not (the file's permissions or "
+                "owner changed since, or a cluster's node runs as another user)")
+    return ("it was in the image manifest; once it can be read again, run the trials again (with skip_finished "
+            "the finished ones are kept)")
 
 
 def load_images(data_dir: str | Location, rows: list[ManifestRow], *, verify: bool = False
@@ -499,7 +544,7 @@ def load_images(data_dir: str | Location, rows: list[ManifestRow], *, verify: bo
             else:
                 data, key = storage.read_with_key(file)
         except storage.StorageError as exc:
-            raise ManifestError(f"{exc}: {UNREADABLE_ADVICE.get(exc.kind, UNREADABLE_ADVICE['other'])}") from None
+            raise ManifestError(f"{exc}: {unreadable_advice(exc.kind, storage.is_remote(file))}") from None
         if verify and key != expected:
             raise ManifestError(f"{file}: changed since the image manifest was made (content key {key[:16]}, "
                                 f"manifest {str(expected)[:16]}): materialize image_manifest,run_settings again")

@@ -382,11 +382,25 @@ def test_a_photo_keeps_its_exif_orientation_and_colour_profile(tmp_path):
     written = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
     expected = apply_pipeline(_decode_file(photo), STAGES)
     assert np.abs(written.astype(int) - expected).mean() < 2.5
+    # a grey output of it keeps the Exif, not the colour (RGB) profile
+    _, grey = prepare_output([("to_gray", {})], photo, tmp_path / "grey.jpg", None, "k")
+    with Image.open(io.BytesIO(grey)) as out:
+        assert out.mode == "L" and out.getexif()[0x0112] == 6 and "icc_profile" not in out.info
+    # a photo holding a second image (MPF: an MPO, a gain or depth map) comes out as one image, without the
+    # index (or XMP) that would point at what is not there
+    mpo = tmp_path / "pair.jpg"
+    Image.fromarray(pixels[:, :, ::-1]).save(mpo, format="MPO", save_all=True, quality=90,
+                                            append_images=[Image.fromarray(pixels[:15, :25])])
+    assert b"MPF\x00" in mpo.read_bytes()[:4096]
+    _, single = prepare_output(STAGES, mpo, tmp_path / "pair-out.jpg", None, "k")
+    assert b"MPF\x00" not in single[:4096]
+    with Image.open(io.BytesIO(single)) as out:
+        assert getattr(out, "n_frames", 1) == 1
     # a JPEG without such segments is written as OpenCV encodes it; a PNG keeps no JPEG segments
     plain = tmp_path / "plain.jpg"
     plain.write_bytes(_encode(pixels, ".jpg"))
-    assert jpeg_metadata(plain.read_bytes()) == []
-    assert jpeg_metadata(b"\x89PNG\r\n") == [] and with_jpeg_metadata(b"not a jpeg", [b"x"]) == b"not a jpeg"
+    assert jpeg_metadata(plain.read_bytes(), 3) == []
+    assert jpeg_metadata(b"\x89PNG\r\n", 3) == [] and with_jpeg_metadata(b"not a jpeg", [b"x"]) == b"not a jpeg"
 
 
 def test_unchanged_unread_compares_stats_of_files_and_listing_tags_of_objects(tmp_path):
@@ -396,17 +410,23 @@ def test_unchanged_unread_compares_stats_of_files_and_listing_tags_of_objects(tm
     src.write_bytes(b"in")
     out.write_bytes(b"out")
     stat = lambda p: f"{p.stat().st_size}:{p.stat().st_mtime_ns}"  # noqa: E731
-    entry = {"status": "written", "pipeline": "k", "input_stat": stat(src), "output_stat": stat(out)}
+    entry = {"status": "written", "pipeline": "k", "input": str(src), "input_stat": stat(src), "output_stat": stat(out)}
     assert unchanged_unread(entry, "k", src, out)
     assert not unchanged_unread(entry, "other pipeline", src, out)
     assert not unchanged_unread({**entry, "output_stat": None}, "k", src, out)  # never read back yet
     assert not unchanged_unread({**entry, "status": "skipped"}, "k", src, out)
     assert not unchanged_unread(None, "k", src, out)
+    other = tmp_path / "other-folder" / "a.png"  # another input folder's file of that name, same size and mtime
+    other.parent.mkdir()
+    other.write_bytes(b"IN")
+    os.utime(other, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
+    assert not unchanged_unread(entry, "k", other, out)
     _age(out, 1)
     assert not unchanged_unread(entry, "k", src, out)
     remote_in = storage.location("memory://bucket/in/a.png")
     remote_out = storage.location("memory://bucket/out/a.png")
-    tags = {"status": "unchanged", "pipeline": "k", "input_key": "etag:1:2", "output_tag": "etag:3:4"}
+    tags = {"status": "unchanged", "pipeline": "k", "input": str(remote_in), "input_key": "etag:1:2",
+            "output_tag": "etag:3:4"}
     assert unchanged_unread(tags, "k", remote_in, remote_out, "etag:1:2", "etag:3:4")
     assert not unchanged_unread(tags, "k", remote_in, remote_out, "etag:1:2", None)  # not in the listing
     assert not unchanged_unread(tags, "k", remote_in, remote_out, "etag:9:2", "etag:3:4")

@@ -24,6 +24,7 @@ from imgtune_assets.core.manifest import (
     save_probe_cache,
     scan_folder,
     skip_undecodable,
+    unreadable_advice,
 )
 
 
@@ -256,16 +257,31 @@ def test_a_probe_cache_keeps_no_file_modified_just_before_it_was_read(tmp_path, 
 def test_an_unwritable_probe_cache_is_a_warning_not_a_failure(tmp_path, messy):
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where the cache's folder would be")
-    cache = ProbeCache.load(blocker / PROBE_CACHE_FILE)
-    scan_folder(_aged_folder(messy), needs_target=True, cache=cache)
     warnings = []
 
     class Log:
         def warning(self, message):
             warnings.append(message)
 
-    save_probe_cache(cache, Log())
-    assert len(warnings) == 1 and str(blocker / PROBE_CACHE_FILE) in warnings[0]
+    with locked_probe_cache(blocker / PROBE_CACHE_FILE) as cache:  # no folder, no lock: a scan without it
+        rows = scan_folder(_aged_folder(messy), needs_target=True, cache=cache)
+        save_probe_cache(cache, Log())
+    assert cache.read > 0 and manifest_digest(rows) == manifest_digest(scan_folder(messy, needs_target=True))
+    assert len(warnings) == 1 and str(blocker / PROBE_CACHE_FILE) in warnings[0] and "cannot be used" in warnings[0]
+    unsaved = ProbeCache.load(blocker / PROBE_CACHE_FILE)  # loaded (empty), then the write fails: said too
+    save_probe_cache(unsaved, Log())
+    assert len(warnings) == 2 and "could not save" in warnings[1]
+
+
+def test_a_probe_cache_of_another_version_is_not_used(tmp_path, messy):
+    cache_file = tmp_path / PROBE_CACHE_FILE
+    cache = ProbeCache.load(cache_file)
+    scan_folder(_aged_folder(messy), needs_target=True, cache=cache)
+    cache.save()
+    assert ProbeCache.load(cache_file).known
+    saved = json.loads(cache_file.read_text())
+    cache_file.write_text(json.dumps({**saved, "version": saved["version"] + 1}))
+    assert ProbeCache.load(cache_file).known == {}
 
 
 def test_a_scan_ahead_is_waited_for_and_leaves_nothing_to_read(tmp_path, messy, monkeypatch):
@@ -315,7 +331,7 @@ def test_a_run_that_cannot_read_a_manifest_file_advises_by_the_cause(messy, monk
 
     rows = [r for r in scan_folder(messy, needs_target=True) if r.status == "ok"]
     (messy / rows[0].image_path).unlink()
-    with pytest.raises(ManifestError, match=r"not found .*deleted or moved since\?\); materialize image_manifest"):
+    with pytest.raises(ManifestError, match=r"not found .*deleted or moved since \(then materialize image_manifest"):
         load_images(messy, rows[:1])
     refused = storage.StorageError("s3://b/images/good.png: access denied (cannot read it)", "denied")
     assert pickle.loads(pickle.dumps(refused)).kind == "denied"  # as Ray passes it on
@@ -326,13 +342,19 @@ def test_a_run_that_cannot_read_a_manifest_file_advises_by_the_cause(messy, monk
     monkeypatch.setattr(storage, "read_with_key", deny)
     with pytest.raises(ManifestError) as err:
         load_images(messy, rows[1:2])
-    assert "access denied" in str(err.value) and "other credentials" in str(err.value)
+    assert "access denied" in str(err.value) and "permissions or owner changed" in str(err.value)
     assert "materialize" not in str(err.value)  # a new manifest would not mend it
+    assert "other credentials" in unreadable_advice("denied", remote=True)  # an object: the reader's credentials
+    assert "endpoint" in unreadable_advice("missing", remote=True)
 
 
 def test_images_in_sub_folders_are_rows_that_say_they_are_not_read(tmp_path, messy):
+    before = manifest_digest(scan_folder(messy, needs_target=True))
     png(messy / "images" / "batch2" / "later.png", np.zeros((8, 8), np.uint8))
+    (messy / "images" / "@eaDir").mkdir()
     rows = {r.id: r for r in scan_folder(messy, needs_target=True)}
+    assert "@eaDir/" in rows
+    assert manifest_digest(list(rows.values())) == before  # no image changed: no trial runs again
     folder = rows["batch2/"]
     assert folder.status == "skipped" and folder.image_path == "images/batch2/"
     assert str(messy / "images" / "batch2") in folder.reason and "not read" in folder.reason
@@ -346,3 +368,22 @@ def test_images_in_sub_folders_are_rows_that_say_they_are_not_read(tmp_path, mes
     png(nested / "images" / "2024" / "a.png", np.zeros((8, 8), np.uint8))
     with pytest.raises(ManifestError, match=r"no image files in the data folder \(1 sub-folder\(s\) not read"):
         scan_folder(nested, needs_target=False)
+
+
+def test_a_cancelled_scan_ahead_stops_reading_and_saves_nothing(tmp_path, messy, monkeypatch):
+    from imgtune_assets.core import manifest
+
+    data = _aged_folder(messy)
+    cache_file = tmp_path / PROBE_CACHE_FILE
+    probed = []
+    real = manifest._probe
+    monkeypatch.setattr(manifest, "_probe", lambda file, info: probed.append(file) or time.sleep(0.2)
+                        or real(file, info))
+    ahead = ProbeAhead(data, True, cache_file)
+    time.sleep(0.1)
+    ahead.cancel()  # e.g. the run failed before its manifest: the command must not wait for every file
+    started = time.perf_counter()
+    ahead.wait()
+    assert time.perf_counter() - started < 1.0
+    assert 0 < len(probed) <= 4  # the files being read (two threads, image then target) were finished
+    assert not cache_file.exists()  # a partial scan would drop the entries it did not reach

@@ -18,6 +18,8 @@ are accepted with any credentials, later ones need an IAM access key moto knows 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 import urllib.error
@@ -80,8 +82,10 @@ class MotoServer:
         self.endpoint_url = f"http://{LOOPBACK}:{port}"
 
     @classmethod
-    def start(cls, log_dir: Path, *, enforce_auth_after: int | None = None, timeout: float = 60) -> "MotoServer":
-        """Start on a free loopback port; return once it answers (its process group stopped on failure)."""
+    def start(cls, log_dir: Path, *, enforce_auth_after: int | None = None, record: bool = False,
+              timeout: float = 60) -> "MotoServer":
+        """Start on a free loopback port; return once it answers (its process group stopped on failure).
+        ``record``: moto's request recorder is available (``recorded``)."""
         if not MOTO_SERVER.exists():
             raise RuntimeError(f"{MOTO_SERVER} is missing: install moto's server (pip install 'moto[server]')")
         log_dir = Path(log_dir)
@@ -91,6 +95,8 @@ class MotoServer:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(int(enforce_auth_after))
         else:
             env.pop("INITIAL_NO_AUTH_ACTION_COUNT", None)
+        if record:
+            env.update(MOTO_ENABLE_RECORDING="True", MOTO_RECORDER_FILEPATH=str(log_dir / "moto-recording.jsonl"))
         port = free_port()
         service = Service("moto_server", [str(MOTO_SERVER), "-H", LOOPBACK, "-p", str(port)], env,
                           log_dir / f"moto-{port}.log")
@@ -110,6 +116,27 @@ class MotoServer:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
+
+    @contextlib.contextmanager
+    def recorded(self):
+        """The requests the server receives inside the block (a server started with ``record``): a list of
+        (method, URL) filled in when the block ends."""
+        def call(action: str, method: str = "POST") -> bytes:
+            request = urllib.request.Request(f"{self.endpoint_url}/moto-api/recorder/{action}", method=method)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.read()
+
+        requests: list[tuple[str, str]] = []
+        call("reset-recording")
+        call("start-recording")
+        try:
+            yield requests
+        finally:
+            call("stop-recording")
+            for line in call("download-recording", "GET").decode().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    requests.append((entry["method"], entry["url"]))
 
     # ------------------------------------------------------------------------------------------ clients
     def filesystem(self, key_id: str = DUMMY_KEY_ID, secret: str = DUMMY_SECRET):
