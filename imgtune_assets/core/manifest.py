@@ -225,8 +225,9 @@ class ProbeCache:
 
     A file's probe (content key, stat, size, header) is reused when the file is as it was then: a local
     file's ``size:mtime_ns`` equals the stat recorded when it was hashed (recorded only when trusted,
-    see ``_trusted_stat``: the same test by which a run skips re-hashing the files it reads), an
-    object's listing gives the same content key (tag and size). A nightly sweep over an unchanged
+    see ``_trusted_stat``: the same test by which a run skips re-hashing the files it reads), and so do
+    its inode and ctime (``_cache_identity``: a copy that keeps the mtime is read again); an object's
+    listing gives the same content key (tag and size). A nightly sweep over an unchanged
     folder, or the new-images sensor after a few files were added, reads the new and changed files
     only; ``touch`` makes a file be read again. Kept as JSON in the sweep's output folder
     (``PROBE_CACHE_FILE``), by the file's full location; a missing or damaged file is an empty cache
@@ -260,7 +261,7 @@ class ProbeCache:
     def probe(self, file: Location, info: dict) -> tuple[str, str | None, int | None, tuple[int, int, int, str]]:
         """``_probe(file, info)``, or the earlier probe of the same unchanged file."""
         name, remote = str(file), storage.is_remote(file)
-        now = storage.content_key_of_info(info) if remote else local_stat(file)
+        now = storage.content_key_of_info(info) if remote else _cache_identity(file)
         entry = self.known.get(name)
         if now is not None and _well_formed(entry) and entry["identity"] == now:
             with self._count:
@@ -270,7 +271,10 @@ class ProbeCache:
         key, stat, size, header = _probe(file, info)
         with self._count:
             self.read += 1
-        identity = key if remote else stat  # an untrusted (racy) stat is None: not kept
+        # an untrusted (racy) stat is None: not kept; nor is a file changed since it was read
+        identity = key if remote else (_cache_identity(file) if stat is not None else None)
+        if identity is not None and not remote and not identity.startswith(stat + ":"):
+            identity = None
         if identity is not None:
             self.seen[name] = {"identity": identity, "key": key, "stat": stat, "size": size, "header": list(header)}
         return key, stat, size, header
@@ -283,6 +287,16 @@ class ProbeCache:
             atomic_write_json(self.file, {"version": PROBE_CACHE_VERSION, "files": self.seen})
 
 
+def _cache_identity(file: Location) -> str | None:
+    """A local file as the probe cache recognises it: ``size:mtime_ns`` (the run's trusted stat) and also
+    its inode and ctime, which no copy that keeps an mtime (``cp -p``, ``tar x``, ``rsync -t``) keeps."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+
+
 def _well_formed(entry: object) -> bool:
     """A probe cache entry as ``ProbeCache.probe`` writes them (anything else is probed again)."""
     return (isinstance(entry, dict) and {"identity", "key", "stat", "size", "header"} <= entry.keys()
@@ -292,7 +306,7 @@ def _well_formed(entry: object) -> bool:
 # The probe cache's file name in a sweep's output folder (``ProbeCache``), and the version of what it
 # holds: raise it whenever a probe's checks or content keys change, so that no earlier verdict is served.
 PROBE_CACHE_FILE = "probe_cache.json"
-PROBE_CACHE_VERSION = 1
+PROBE_CACHE_VERSION = 2
 
 
 @contextmanager
