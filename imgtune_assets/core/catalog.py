@@ -6,9 +6,10 @@
 
 Every file is validated in full. A bad file, two files declaring the same sweep name (or names
 that map to the same Dagster group name), or two applying their winners into one folder, refuses
-the whole set with one error that names every file and field at fault: a code location that silently dropped a sweep would also drop its schedule
-and sensor without anyone noticing, while a load error is shown on the code location in the UI and
-by ``dg check defs``, and a fix followed by *Reload definitions* brings everything back.
+the whole set with one error that names every file and field at fault: a code location that
+silently dropped a sweep would also drop its schedule and sensor without anyone noticing, while a
+load error is shown on the code location in the UI and by ``dg check defs``, and a fix followed by
+*Reload definitions* brings everything back.
 
 Plain module (no Dagster).
 """
