@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -271,10 +271,10 @@ class ProbeCache:
         key, stat, size, header = _probe(file, info)
         with self._count:
             self.read += 1
-        # an untrusted (racy) stat is None: not kept; nor is a file changed since it was read
-        identity = key if remote else (_cache_identity(file) if stat is not None else None)
-        if identity is not None and not remote and not identity.startswith(stat + ":"):
-            identity = None
+        # Kept under the identity seen before the read, when the read's trusted stat (None if racy or
+        # changed while read) agrees with it; an inode or ctime that moved meanwhile only costs a read later.
+        identity = key if remote else (now if stat is not None and now is not None and now.startswith(stat + ":")
+                                       else None)
         if identity is not None:
             self.seen[name] = {"identity": identity, "key": key, "stat": stat, "size": size, "header": list(header)}
         return key, stat, size, header
@@ -358,10 +358,10 @@ class ProbeAhead:
         self._stop = threading.Event()
         if storage.is_remote(data_dir):
             return
-        self._held = locked_probe_cache(cache_file, wait=False)
-        cache = self._held.__enter__()
+        self._held = ExitStack()  # the lock, handed from this thread to the scan's, which releases it
+        cache = self._held.enter_context(locked_probe_cache(cache_file, wait=False))
         if cache.file is None:  # another process is scanning the folder: its scan serves the run too
-            self._held.__exit__(None, None, None)
+            self._held.close()
             return
         self.thread = threading.Thread(target=self._scan, args=(data_dir, needs_target, cache),
                                        name="imgtune-probe-ahead", daemon=True)
@@ -375,7 +375,7 @@ class ProbeAhead:
         except (ManifestError, OSError) as exc:
             self.error = exc  # kept, not raised: the manifest meets the same folder and says what is wrong
         finally:
-            self._held.__exit__(None, None, None)
+            self._held.close()
 
     def wait(self) -> None:
         if self.thread is not None:
@@ -385,6 +385,16 @@ class ProbeAhead:
         """Stop reading (the files being read are finished), e.g. when the run ended before its manifest:
         the command can then exit at once instead of after the whole folder."""
         self._stop.set()
+
+
+def cached_scan(data_dir: Location, needs_target: bool, cache_file: str | os.PathLike, log, *, wait: bool = True,
+                on_wait: Callable[[], None] | None = None) -> tuple[list[ManifestRow], ProbeCache]:
+    """``scan_folder`` with the probe cache at ``cache_file``, under its lock (``locked_probe_cache``;
+    ``wait``, ``on_wait`` as there), the cache saved after (``save_probe_cache``, warnings on ``log``)."""
+    with locked_probe_cache(cache_file, wait=wait, on_wait=on_wait) as cache:
+        rows = scan_folder(data_dir, needs_target=needs_target, cache=cache)
+        save_probe_cache(cache, log)
+    return rows, cache
 
 
 def save_probe_cache(cache: ProbeCache, log) -> None:
@@ -449,11 +459,10 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
         if not storage.is_folder(data_dir):
             raise ManifestError(f"{data_dir}: data_dir is not a folder")
         image_dir, target_dir = image_folders(data_dir)
-        files = storage.list_files(image_dir)
+        files, folders = storage.list_entries(image_dir)
         # Images are read from the folder itself, not from its sub-folders: each of those is a skipped row
         # that says so (a flat data folder's targets/ is its targets, not a sub-folder of images).
-        folders = [f for f in storage.list_folders(image_dir)
-                   if not (image_dir == data_dir and f.name == target_dir.name)]
+        folders = [f for f in folders if not (image_dir == data_dir and f.name == target_dir.name)]
         target_files = storage.list_files(target_dir) if storage.is_folder(target_dir) else []
     except storage.StorageError as exc:
         raise ManifestError(str(exc)) from None

@@ -151,34 +151,32 @@ def read_head(path: Location, size: int) -> bytes:
 def list_files(folder: Location) -> list[tuple[Location, dict[str, Any]]]:
     """The visible files directly in ``folder``, sorted by name, each with its listing entry (for an
     object store: size and content tag from the one listing request)."""
+    return list_entries(folder)[0]
+
+
+def list_entries(folder: Location) -> tuple[list[tuple[Location, dict[str, Any]]], list[Location]]:
+    """(``list_files(folder)``, the visible sub-folders directly in it), from one listing, sorted by
+    name (for an object store the sub-folders are the listing's common prefixes)."""
     try:
         if not is_remote(folder):
-            return [(p, {}) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+            paths = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+            return [(p, {}) for p in paths if p.is_file()], [p for p in paths if p.is_dir()]
         # fsspec file systems are cached per process with their listings: a long-lived process (the
         # sensor's code server) must see objects added since, so every listing asks the store.
         folder.fs.invalidate_cache(folder.path)
         entries = folder.fs.ls(folder.path, detail=True)
     except _remote_errors() as exc:
         raise _explain(exc, folder, "list it") from None
-    files = []
+    files, folders = [], []
     for entry in entries:
         name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if entry.get("type") == "file" and name and not name.startswith("."):
+        if not name or name.startswith("."):
+            continue
+        if entry.get("type") == "file":
             files.append((folder / name, entry))
-    return sorted(files, key=lambda item: item[0].name)
-
-
-def list_folders(folder: Location) -> list[Location]:
-    """The visible sub-folders directly in ``folder``, sorted by name (for an object store: the common
-    prefixes of its listing)."""
-    try:
-        if not is_remote(folder):
-            return [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-        entries = folder.fs.ls(folder.path, detail=True)  # list_files' listing, from fsspec's cache
-    except _remote_errors() as exc:
-        raise _explain(exc, folder, "list it") from None
-    names = (str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
-    return sorted((folder / name for name in names if name and not name.startswith(".")), key=lambda p: p.name)
+        elif entry.get("type") == "directory":
+            folders.append(folder / name)
+    return sorted(files, key=lambda item: item[0].name), sorted(folders, key=lambda p: p.name)
 
 
 def prefetch(files: Iterable[Location], budget_bytes: int | None = None) -> int:

@@ -48,13 +48,11 @@ from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     ManifestError,
     ManifestRow,
+    cached_scan,
     image_folders,
-    locked_probe_cache,
     manifest_digest,
     read_undecodable,
     require_usable,
-    save_probe_cache,
-    scan_folder,
     skip_undecodable,
 )
 from imgtune_assets.core.manifest import usable as usable_rows
@@ -215,9 +213,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                 context.log.info(f"waiting for the scan of {sweep.data_dir} that another process (the sweep "
                                  "command reading the images ahead, or another run's manifest) is making")
 
-            with locked_probe_cache(imgtune.sweep_dir(sweep.name) / PROBE_CACHE_FILE, on_wait=waiting) as cache:
-                scanned = scan_folder(sweep.data_dir, needs_target=sweep.needs_target, cache=cache)
-                save_probe_cache(cache, context.log)
+            scanned, cache = cached_scan(sweep.data_dir, sweep.needs_target,
+                                         imgtune.sweep_dir(sweep.name) / PROBE_CACHE_FILE, context.log, on_wait=waiting)
             rows = skip_undecodable(scanned, read_undecodable(imgtune.sweep_dir(sweep.name)))
             if sweep.needs_target and not any(r.target_path for r in rows):
                 _, target_dir = image_folders(sweep.data_dir)
@@ -237,7 +234,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "usable_images": len(usable),
             "skipped_files": len(skipped),
             # Images and targets read and hashed by this scan; the others were unchanged since the last
-            # scan (their size and modification time, or an object's tag) and were not read (ProbeCache).
+            # scan (their stat, or an object's tag) and were not read (ProbeCache).
             "files_read": cache.read,
             "files_unchanged": cache.reused,
             "with_targets": sum(1 for r in usable if r.target_path),

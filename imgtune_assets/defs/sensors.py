@@ -44,11 +44,10 @@ from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     ManifestError,
+    cached_scan,
     image_folders,
-    locked_probe_cache,
     manifest_digest,
     read_undecodable,
-    save_probe_cache,
     scan_folder,
     skip_undecodable,
 )
@@ -151,9 +150,8 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
             sweep_dir = imgtune.sweep_dir(sweep.name)
             if sweep_dir.is_dir():  # the sweep's first run makes its folder; a tick does not
                 # Never waits: while a run's manifest scans, the cache as it is, not saved.
-                with locked_probe_cache(sweep_dir / PROBE_CACHE_FILE, wait=False) as cache:
-                    scanned = scan_folder(data_dir, needs_target=sweep.needs_target, cache=cache)
-                    save_probe_cache(cache, context.log)
+                scanned, _ = cached_scan(data_dir, sweep.needs_target, sweep_dir / PROBE_CACHE_FILE, context.log,
+                                         wait=False)
             else:
                 scanned = scan_folder(data_dir, needs_target=sweep.needs_target)
             content = manifest_digest(skip_undecodable(scanned, read_undecodable(sweep_dir)))
