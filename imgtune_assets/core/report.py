@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
-from imgtune_assets.core.sampling import search_space
+from imgtune_assets.core.sampling import search_space, trial_index
 from imgtune_assets.core.sweepfile import Sweep, fixed_sweep_document
 
 if TYPE_CHECKING:  # pandas is imported when a report is made, not when the Dagster code loads
@@ -75,14 +75,15 @@ def leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(rows)
+    frame["order"] = frame["trial"].map(trial_index)  # trial-1000 after trial-999, not after trial-100
     ok = frame["status"].eq("ok") & frame["score"].notna()
-    ranked = frame[ok].sort_values(["score", "trial"], ascending=[not sweep.higher_is_better, True])
+    ranked = frame[ok].sort_values(["score", "order"], ascending=[not sweep.higher_is_better, True])
     ranked.insert(0, "rank", range(1, len(ranked) + 1))
     # Below the complete trials: pruned ones, furthest rung first, then by partial mean; then the failed.
     pruned = frame["status"].eq("pruned") & ~ok
-    stopped = frame[pruned].sort_values(["rung", "partial_score", "trial"],
+    stopped = frame[pruned].sort_values(["rung", "partial_score", "order"],
                                         ascending=[False, not sweep.higher_is_better, True]) if staged else frame[pruned]
-    rest = pd.concat([stopped, frame[~ok & ~pruned].sort_values("trial")])
+    rest = pd.concat([stopped, frame[~ok & ~pruned].sort_values("order")])
     rest.insert(0, "rank", pd.NA)
     board = pd.concat([ranked, rest], ignore_index=True) if len(rest) else ranked.reset_index(drop=True)
     return board[columns]
@@ -101,17 +102,17 @@ def top_params(records: list[dict[str, Any]], higher_is_better: bool, k: int) ->
     """The parameters of the best ``k`` complete trials, best first (the next sweep's warm starts)."""
     ok = [r for r in records if r["status"] == "ok" and r["score"] is not None]
     sign = -1.0 if higher_is_better else 1.0
-    return [r["params"] for r in sorted(ok, key=lambda r: (sign * r["score"], r["trial"]))[:k]]
+    return [r["params"] for r in sorted(ok, key=lambda r: (sign * r["score"], trial_index(r["trial"])))[:k]]
 
 
 def best_record(records: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any] | None:
-    """The winning trial: best score among completed trials, ties to the lowest trial key (the
+    """The winning trial: best score among completed trials, ties to the lowest trial index (the
     leaderboard's order). Chosen once per report; everything else reads it."""
     ok = [r for r in records if r["status"] == "ok" and r["score"] is not None]
     if not ok:
         return None
     sign = -1.0 if higher_is_better else 1.0
-    return min(ok, key=lambda r: (sign * r["score"], r["trial"]))
+    return min(ok, key=lambda r: (sign * r["score"], trial_index(r["trial"])))
 
 
 # Long side of the before/after pictures: twice a picture's width in the figure (10 inches at 90 dpi
@@ -229,7 +230,7 @@ def plot_best_so_far(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ordered = sorted(records, key=lambda r: r["trial"])
+    ordered = sorted(records, key=lambda r: trial_index(r["trial"]))
     xs, ys, best_xs, best_ys = [], [], [], []
     best = None
     for i, rec in enumerate(ordered):
@@ -265,7 +266,7 @@ def plot_search_progress(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ordered = sorted(records, key=lambda r: (r.get("finished_at") or 0.0, r["trial"]))
+    ordered = sorted(records, key=lambda r: (r.get("finished_at") or 0.0, trial_index(r["trial"])))
     # From the start of the first round on record (a resumed search includes the time it was stopped).
     start = min((r.get("round_started_at") or r["finished_at"] for r in ordered if r.get("finished_at")), default=0.0)
     evals, spent = 0, []

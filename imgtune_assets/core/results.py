@@ -19,6 +19,7 @@ import numpy as np
 from imgtune_assets.core.evaluate import IDENTITY_STAGES, evaluate_chunk
 from imgtune_assets.core.files import atomic_write_json
 from imgtune_assets.core.metrics import Objective
+from imgtune_assets.core.sampling import trial_index, trial_key
 
 
 
@@ -39,11 +40,24 @@ class TrialStore:
     def _read(self, key: str) -> dict[str, Any] | None:
         file = self.path(key)
         if not file.exists():
-            return None
+            file = self._legacy_path(key)
+            if file is None:
+                return None
         try:
-            return json.loads(file.read_text())
+            record = json.loads(file.read_text())
         except json.JSONDecodeError as exc:  # atomic writes make this a foreign or hand-edited file
             raise ValueError(f"{file}: not a trial result ({exc})") from None
+        return {**record, "trial": key} if isinstance(record, dict) else record
+
+    def _legacy_path(self, key: str) -> Path | None:
+        """The result of a sweep whose keys were padded to its trial count (``trial-0007`` in a sweep of
+        more than 1,000 trials, before keys kept three digits), read under today's key."""
+        index = trial_index(key)
+        for width in range(len(key) - len("trial-") + 1, 7):
+            file = self.path(f"trial-{index:0{width}d}")
+            if file.exists():
+                return file
+        return None
 
     def is_current(self, record: dict[str, Any]) -> bool:
         return (record.get("fingerprint"), record.get("manifest_digest")) == (self.fingerprint, self.manifest_digest)
@@ -101,7 +115,7 @@ class TrialStore:
                 continue
             for trial, rows in saved.get("results", {}).items():
                 for row in rows:
-                    known.setdefault(trial, {})[row["id"]] = per_image_result(row)
+                    known.setdefault(trial_key(trial_index(trial)), {})[row["id"]] = per_image_result(row)
             for row in saved.get("identity") or []:
                 identity[row["id"]] = per_image_result(row)
         return known, identity

@@ -207,8 +207,11 @@ def sample_point(dims: list[Dimension], sampler: str, seed: int, k: int, n_trial
     return fn(dims, seed, k, n_trials)
 
 
-def trial_key(k: int, n_trials: int) -> str:
-    return f"trial-{k:0{max(3, len(str(n_trials - 1)))}d}"
+def trial_key(k: int) -> str:
+    """``trial-007``: three digits at least and no more padding past ``trial-999``, so a trial's key (its
+    partition, its result file) never changes when ``trials`` grows. Keys order as their indices by
+    ``trial_index``, not as strings (``trial-1000`` sorts before ``trial-101``)."""
+    return f"trial-{k:03d}"
 
 
 def trial_index(key: str) -> int:
@@ -219,7 +222,7 @@ def trial_index(key: str) -> int:
 
 
 def trial_keys(sweep: Sweep) -> list[str]:
-    return [trial_key(k, sweep.trials) for k in range(sweep.trials)]
+    return [trial_key(k) for k in range(sweep.trials)]
 
 
 def trial_stages(sweep: Sweep, point: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -240,7 +243,7 @@ def trial_settings(sweep: Sweep, k: int) -> dict[str, Any]:
     dims = search_space(sweep)
     point = sample_point(dims, sweep.sampler, sweep.seed, k, sweep.trials)
     return {
-        "trial": trial_key(k, sweep.trials),
+        "trial": trial_key(k),
         "index": k,
         "params": point,
         "stages": [[op, params] for op, params in trial_stages(sweep, point)],

@@ -87,6 +87,7 @@ from imgtune_assets.core.sampling import (
     sample_point,
     search_space,
     space_digest,
+    trial_index,
     trial_key,
     trial_stages,
 )
@@ -858,7 +859,8 @@ def run_round(candidates: list[dict[str, Any]], order: list[str], halving: Halvi
                 active.append(c)
             else:
                 outcomes.append(_settle(c, ids, per, rung, pruned=True, on_settled=on_settled))
-    return sorted(outcomes, key=lambda o: o.trial)
+    index_of = {c["trial"]: c["index"] for c in candidates}
+    return sorted(outcomes, key=lambda o: index_of[o.trial])
 
 
 def _settle(c: dict[str, Any], ids: list[str], per: list[dict[str, Any]], rung: int, pruned: bool,
@@ -909,14 +911,12 @@ class Search:
         })
 
     def key(self, index: int) -> str:
-        return trial_key(index, self.sweep.trials)
+        return trial_key(index)
 
     def round_keys(self, r: int) -> list[str]:
         return [self.key(k) for k in self.rounds.slots(r) if k < self.sweep.trials]
 
     def rounds_of(self, keys: Iterable[str]) -> list[int]:
-        from imgtune_assets.core.sampling import trial_index
-
         return sorted({self.rounds.of(trial_index(k)) for k in keys})
 
     def candidates(self, r: int, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

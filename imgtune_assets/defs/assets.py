@@ -477,7 +477,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "completed_trials": len(completed),
             "pruned_trials": len(pruned),
             "failed_trials": [r["trial"] for r in failed],
-            "missing_trials": sorted(set(keys) - {r["trial"] for r in records}),
+            "missing_trials": [k for k in keys if k not in {r["trial"] for r in records}],
             "stale_trials": stale,
             "best_trial": best["trial"] if best else None,
             "best_score": best_score,

@@ -58,7 +58,7 @@ def staged_trials(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[d
     out = []
     for k in range(sweep.trials):
         p = recorded.get(k)
-        out.append({"trial": trial_key(k, sweep.trials), "index": k, "params": p["params"] if p else None,
+        out.append({"trial": trial_key(k), "index": k, "params": p["params"] if p else None,
                     "round": p["round"] if p else None, "source": p["source"] if p else None})
     return out
 

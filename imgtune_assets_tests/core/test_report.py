@@ -77,6 +77,10 @@ def test_best_record_follows_the_direction_and_breaks_ties_by_trial_key(sweep):
     assert best_record([records[1]], higher_is_better=True) is None
     board = leaderboard(sweep, records)
     assert board.iloc[0]["trial"] == best_record(records, sweep.higher_is_better)["trial"]
+    # ties go to the lowest index, not the lowest string: trial-1000 sorts after trial-101
+    late, early = dict(records[2], trial="trial-1000"), dict(records[3], trial="trial-101")
+    assert best_record([late, early], higher_is_better=True)["trial"] == "trial-101"
+    assert list(leaderboard(sweep, [late, early])["trial"]) == ["trial-101", "trial-1000"]
 
 
 def test_a_report_without_a_winner_leaves_no_earlier_best_pipeline(tmp_path, sweep):

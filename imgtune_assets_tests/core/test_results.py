@@ -173,3 +173,14 @@ def test_chunk_progress_round_trips_and_ignores_other_settings(tmp_path):
     assert store.save_chunk(["e"], {}, None) is None  # nothing to keep: no file
     store.clear_chunks()
     assert store.load_chunks() == ({}, {})
+
+
+def test_a_result_saved_under_a_key_padded_to_the_trial_count_loads_under_todays_key(store):
+    legacy = store.folder / "trial-0007.json"  # a sweep of over 1,000 trials, before keys kept 3 digits
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps(record("trial-0007", 30.5)))
+    assert store.load("trial-007") == record("trial-007", 30.5)
+    assert store.split_finished(["trial-007", "trial-008"], skip_finished=True) == \
+        ([record("trial-007", 30.5)], ["trial-008"])
+    store.save(record("trial-007", 31.0))  # a result saved since wins over the old name
+    assert store.load("trial-007")["score"] == 31.0

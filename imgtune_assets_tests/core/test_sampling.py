@@ -93,8 +93,8 @@ def test_stages_are_complete_and_valid(tmp_path):
 
 
 def test_trial_keys_are_readable_and_round_trip():
-    assert trial_key(7, 32) == "trial-007"
-    assert trial_key(1234, 5000) == "trial-1234"
+    assert trial_key(7) == "trial-007"
+    assert trial_key(1234) == "trial-1234"
     assert trial_index("trial-007") == 7
     with pytest.raises(ValueError, match="not a trial partition key"):
         trial_index("007")
@@ -187,3 +187,12 @@ def test_integer_values_come_from_the_grid_without_listing_it(kind, low, high, l
         assert d.from_unit(u) == expected
     huge = Dimension("op.q", 0, "q", SearchRange("int", 1, 10**12, log))  # too many values to list
     assert 1 <= huge.from_unit(0.5) <= 10**12 and huge.from_unit(huge.to_unit(123456)) == 123456
+
+
+def test_raising_trials_past_a_thousand_keeps_every_earlier_key(tmp_path):
+    # Keys once padded to the trial count: trial-999 became trial-0999, renaming every partition and
+    # result of a sweep raised past 1,000 trials.
+    small, large = sweep(tmp_path, trials=1000), sweep(tmp_path, trials=1500)
+    before, after = trial_keys(small), trial_keys(large)
+    assert after[: len(before)] == before and before[-1] == "trial-999" and after[1000] == "trial-1000"
+    assert [trial_index(k) for k in after] == list(range(1500))
