@@ -512,13 +512,14 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
     """Apply a fixed pipeline (a ``best_pipeline.yaml``) to every image of a folder, on Ray.
 
     The pipeline file is read and checked first (a millisecond: its modules are loaded with this
-    one), so that a bad one is refused at once. Then, on the embedded Ray (no ``--ray-address``, no
-    ``$IMGTUNE_RAY_ADDRESS``), Ray starts in the background if the input folder is a URL or a local
-    folder that exists, while the input folder is checked (a listing, for a URL) and, for a local
-    folder, the disk starts reading its files (``storage.prefetch_folder``); Dagster is not loaded at
-    all.
+    one), so that a bad one is refused at once. Then the folders are listed and the output folder's
+    ledger read (``apply.plan_apply``): when every output stands unread, Ray is not started (or
+    connected to) at all. Otherwise, on the embedded Ray (no ``--ray-address``, no
+    ``$IMGTUNE_RAY_ADDRESS``), Ray starts in the background while the disk starts reading the local
+    files to process (``storage.prefetch``); Dagster is not loaded at all.
     """
-    from imgtune_assets.core.apply import ApplyError, fixed_stages
+    from imgtune_assets.core import storage
+    from imgtune_assets.core.apply import ApplyError, fixed_stages, plan_apply
     from imgtune_assets.core.sweepfile import load_sweep
 
     try:
@@ -527,37 +528,38 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
     except (SweepFileError, ApplyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    address = ray_address or os.environ.get(embedded_ray.RAY_ADDRESS_ENV) or None
-    plausible = "://" in input_dir or Path(input_dir).is_dir()
-    early = embedded_ray.EmbeddedRayStart() if address is None and plausible else None
+    endpoint = endpoint_url or fixed.endpoint_url
+    started = time.perf_counter()
     try:
-        return _apply_with_ray(stages, endpoint_url or fixed.endpoint_url, input_dir, output_dir, address, early)
+        source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
+        target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
+        plan = plan_apply(stages, source, target)
+    except (ApplyError, storage.StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    address = ray_address or os.environ.get(embedded_ray.RAY_ADDRESS_ENV) or None
+    early = embedded_ray.EmbeddedRayStart() if address is None and plan.items else None
+    try:
+        return _apply_plan(plan, target, address, early, started)
     finally:
         if early is not None:
             early.stop()
             embedded_ray.skip_final_collection_at_exit()
 
 
-def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_dir: str,
-                    address: str | None, early: embedded_ray.EmbeddedRayStart | None) -> int:
+def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedRayStart | None,
+                started: float) -> int:
     from imgtune_assets.core import storage
-    from imgtune_assets.core.apply import ApplyError, apply_to_folder, require_input_folder
+    from imgtune_assets.core.apply import ApplyError, run_plan
     from imgtune_assets.core.imageio import IMAGE_SUFFIXES
 
-    try:
-        source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
-        target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
-        require_input_folder(source)  # before waiting for Ray
-    except (ApplyError, storage.StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     cluster = None
     if early is not None:
         # This machine's Ray reads the files: the disk starts on them while Ray starts.
-        in_background(prefetch_inputs, source)
+        in_background(storage.prefetch, plan.sources())
         early.wait()
         early.restore_sigterm()  # SIGTERM: Python's default (exit), without Ray's stack dump first
-    else:  # a cluster (or an input whose folder could not be seen before): the resource connects
+    elif plan.items:  # a cluster: the resource connects
         from imgtune_assets.defs.resources import RayConnectError, RayResource
 
         cluster = RayResource(address=address)
@@ -566,20 +568,18 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
         except RayConnectError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    started = time.perf_counter()
     tty = sys.stdout.isatty()
     try:
         retries = {"max_retries": cluster.max_retries} if cluster is not None else {}
-        result = apply_to_folder(stages, source, target, **retries,
-                                 on_progress=lambda done, total: tty and print(
-                                     f"\r  {progress_bar(done, total)} {done}/{total}", end="", flush=True))
+        result = run_plan(plan, **retries, on_progress=lambda done, total: tty and print(
+            f"\r  {progress_bar(done, total)} {done}/{total}", end="", flush=True))
     except (ApplyError, storage.StorageError) as exc:
         print(f"{chr(10) if tty else ''}error: {exc}", file=sys.stderr)
         return 1
     finally:
         if cluster is not None:
             cluster.teardown_after_execution(None)
-    if tty:
+    if tty and plan.items:
         print()
     for entry in result.entries:
         if entry["status"] == "skipped":
@@ -589,19 +589,6 @@ def _apply_with_ray(stages: list, endpoint: str | None, input_dir: str, output_d
     print(f"{result.count('written')} written, {result.count('unchanged')} unchanged, {result.count('skipped')} "
           f"skipped in {time.perf_counter() - started:.1f}s -> {target} (ledger {result.ledger})", flush=True)
     return 0
-
-
-def prefetch_inputs(source) -> int:
-    """``storage.prefetch_folder`` of the image files apply will read (a data folder's images/); a hint:
-    a folder that cannot be read now is left to apply, which says why."""
-    from imgtune_assets.core import storage
-    from imgtune_assets.core.apply import ApplyError, input_images
-    from imgtune_assets.core.imageio import IMAGE_SUFFIXES
-
-    try:
-        return storage.prefetch_folder(input_images(source), IMAGE_SUFFIXES)
-    except (ApplyError, storage.StorageError):
-        return 0
 
 
 def in_background(function: Callable[..., object], *args: Any) -> threading.Thread:

@@ -18,6 +18,7 @@ import yaml
 from imgtune_assets.core.apply import LEDGER_NAME
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets_tests.conftest import VENV_BIN, cli_env, free_port, write_sweep
+from imgtune_assets_tests.support.files import age
 
 STAGES = [("gaussian_blur", {"ksize": 5, "sigma": 1.5}), ("median_blur", {"ksize": 3})]
 LOSSLESS = ("grey8.png", "scan16.tif")
@@ -81,13 +82,26 @@ def test_apply_a_pipeline_to_a_folder_then_again(tmp_path):
     ledger = json.loads((target / LEDGER_NAME).read_text())
     assert {e["output"]: e["output_sha256"] for e in ledger["entries"]} == {
         str(target / n): hashlib.sha256((target / n).read_bytes()).hexdigest() for n in IMAGES}
-    stamps = {n: (target / n).stat().st_mtime_ns for n in IMAGES}
 
     # Again, naming the same folders relative to the working folder: nothing to write.
+    for name in IMAGES:  # older than the racy window: the outputs' stats are recorded once read back
+        age(source / name)
+        age(target / name)
+    stamps = {n: (target / n).stat().st_mtime_ns for n in IMAGES}
     again = apply_cli(env, tmp_path, pipeline.name, "in put", "./out")
     assert again.returncode == 0, f"{again.stdout[-3000:]}\n{again.stderr[-6000:]}"
     assert re.search(r"^0 written, 3 unchanged, 1 skipped in ", again.stdout, re.M), again.stdout
     assert {n: (target / n).stat().st_mtime_ns for n in IMAGES} == stamps
+
+    # And a third time: decided from the files' stats alone, so no Ray is started.
+    ray_root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    try:
+        third = apply_cli({**env, "RAY_TMPDIR": str(ray_root)}, tmp_path, pipeline, source, target)
+        assert list(ray_root.iterdir()) == []
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
+    assert third.returncode == 0, f"{third.stdout[-3000:]}\n{third.stderr[-6000:]}"
+    assert re.search(r"^0 written, 3 unchanged, 1 skipped in ", third.stdout, re.M), third.stdout
 
 
 def test_a_sweeps_data_folder_is_read_from_its_images_and_a_folder_without_images_is_named(tmp_path):

@@ -12,7 +12,8 @@ a local file whose size and mtime are those recorded when it was last read (reco
 can be trusted, the manifest's rule: not for a file modified less than 2 s before), an object whose
 listing's tag is the one recorded. An output is recorded so once a later run has read it back intact
 (a file just written is never trusted by its stat: git's racy rule), so the third run of an unchanged
-folder reads nothing but the listings.
+folder reads nothing but the listings — and needs no Ray: ``plan_apply`` settles such pairs, and only
+the files left to read go to Ray tasks.
 """
 
 from __future__ import annotations
@@ -103,19 +104,25 @@ def encode_like(image: np.ndarray, suffix: str, file: Location, lossless: bool =
 
 def unchanged_unread(previous: dict[str, Any] | None, key_of_pipeline: str, source: Location, target: Location,
                      source_tag: str | None = None, target_tag: str | None = None) -> bool:
-    """Whether ``previous``'s output stands with neither file read: the same pipeline, the input's and
-    the output's stat (local) or listing tag (``source_tag``/``target_tag``, objects) as recorded."""
+    """Whether ``previous``'s entry stands with neither file read: the same pipeline, the input's and
+    the output's stat (local) or listing tag (``source_tag``/``target_tag``, objects) as recorded. An
+    input skipped because of its content (``unusable``: it did not decode, the pipeline refused it)
+    stays skipped, unread, while it is unchanged; one skipped for a failed read or write is tried again."""
     from imgtune_assets.core.manifest import local_stat
 
-    if (not previous or previous.get("status") not in ("written", "unchanged") or previous.get("pipeline") != key_of_pipeline
+    standing = previous and (previous.get("status") in ("written", "unchanged")
+                             or (previous.get("status") == "skipped" and previous.get("unusable") is True))
+    if (not standing or previous.get("pipeline") != key_of_pipeline
             or previous.get("input") != str(source)):  # another input folder's file of the same name: read
         return False
 
     def same(path: Location, tag: str | None, recorded: str | None) -> bool:
         return recorded is not None and (tag if storage.is_remote(path) else local_stat(path)) == recorded
 
-    return (same(source, source_tag, previous.get("input_key") if storage.is_remote(source) else previous.get("input_stat"))
-            and same(target, target_tag, previous.get("output_tag") if storage.is_remote(target) else previous.get("output_stat")))
+    if not same(source, source_tag, previous.get("input_key") if storage.is_remote(source) else previous.get("input_stat")):
+        return False
+    return previous["status"] == "skipped" or same(
+        target, target_tag, previous.get("output_tag") if storage.is_remote(target) else previous.get("output_stat"))
 
 
 def prepare_output(stages: Stages, source: Location, target: Location, previous: dict[str, Any] | None,
@@ -130,7 +137,7 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
     entry: dict[str, Any] = {"input": str(source), "output": str(target), "pipeline": key_of_pipeline}
     try:
         if unchanged_unread(previous, key_of_pipeline, source, target, source_tag, target_tag):
-            return {**previous, "status": "unchanged"}, None
+            return settled_unread(previous), None
         data, entry["input_key"], entry["input_stat"] = read_with_stat(source)
         if (previous and previous.get("status") in ("written", "unchanged")
                 and previous.get("input_key") == entry["input_key"] and previous.get("pipeline") == key_of_pipeline):
@@ -151,11 +158,19 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
         if suffix.lower() in (".jpg", ".jpeg"):  # a photo keeps its Exif (orientation...) and colour profile
             encoded = with_jpeg_metadata(encoded, jpeg_metadata(data, 1 if output.ndim == 2 else output.shape[2]))
         return entry, encoded
-    except (ImageReadError, storage.StorageError) as exc:
+    except storage.StorageError as exc:  # the read failed, perhaps for now: tried again next run
         entry.update(status="skipped", reason=str(exc), output_sha256=None)
+    except ImageReadError as exc:  # the content's fault: skipped again, unread, while the input is unchanged
+        entry.update(status="skipped", reason=str(exc), output_sha256=None, unusable=True)
     except Exception as exc:  # noqa: BLE001 - a pipeline refusing this image: reported with the image, not raised
-        entry.update(status="skipped", reason=f"{source}: {type(exc).__name__}: {exc}", output_sha256=None)
+        entry.update(status="skipped", reason=f"{source}: {type(exc).__name__}: {exc}", output_sha256=None,
+                     unusable=True)
     return entry, None
+
+
+def settled_unread(previous: dict[str, Any]) -> dict[str, Any]:
+    """A pair that ``unchanged_unread`` lets stand: unchanged, or skipped again for the same reason."""
+    return {**previous, "status": "skipped" if previous["status"] == "skipped" else "unchanged"}
 
 
 def write_output(entry: dict[str, Any], target: Location, encoded: bytes) -> dict[str, Any]:
@@ -281,53 +296,98 @@ def input_images(input_dir: Location) -> Location:
     return image_folders(input_dir)[0]
 
 
-def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *, max_retries: int = 3,
-                    on_progress: Callable[[int, int], None] | None = None) -> ApplyResult:
-    """Apply ``stages`` to every file directly in ``input_dir`` (or in its ``images/``, see
-    ``input_images``), writing ``output_dir/<same name>``, on Ray (the caller connects). Files that
-    are not images are skipped with a reason."""
-    import ray
+@dataclass
+class ApplyPlan:
+    """What applying ``stages`` to a folder needs done, decided without Ray (``plan_apply``): the
+    entries already settled — files that are not images, pairs that stand unread — and the items
+    (source, target, previous entry, source tag, target tag) that Ray tasks must read."""
+    stages: Stages
+    key: str
+    input_dir: Location
+    output_dir: Location
+    settled: list[dict[str, Any]] = field(default_factory=list)
+    items: list[tuple] = field(default_factory=list)
 
+    def sources(self) -> list[Location]:
+        return [item[0] for item in self.items]
+
+
+def plan_apply(stages: Stages, input_dir: Location, output_dir: Location) -> ApplyPlan:
+    """List ``input_dir`` (or its ``images/``, see ``input_images``) and read the output folder's
+    ledger: an image whose pair stands unread (``unchanged_unread``: stats or listing tags) is settled
+    here, so a re-run over an unchanged folder needs no Ray at all."""
     input_dir = input_images(input_dir)
-    result = ApplyResult(input_dir=input_dir)
     if same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
     try:
         files = storage.list_files(input_dir)
     except storage.StorageError as exc:
         raise ApplyError(str(exc)) from None
-    key = pipeline_key(stages)
+    plan = ApplyPlan(list(stages), pipeline_key(stages), input_dir, output_dir)
     previous = read_ledger(output_dir)
     output_tags = _listing_tags(output_dir) if previous else {}
-    items = []
     for file, info in files:
         target = output_dir / file.name
         if Path(file.name).suffix.lower() not in IMAGE_SUFFIXES:
-            result.entries.append({"input": str(file), "output": None, "status": "skipped", "input_key": None,
-                                   "output_sha256": None, "pipeline": key,
-                                   "reason": f"{file}: not an image file type (expected one of {', '.join(IMAGE_SUFFIXES)})"})
+            plan.settled.append({"input": str(file), "output": None, "status": "skipped", "input_key": None,
+                                 "output_sha256": None, "pipeline": plan.key,
+                                 "reason": f"{file}: not an image file type (expected one of {', '.join(IMAGE_SUFFIXES)})"})
             continue
-        source_tag = storage.content_key_of_info(info) if storage.is_remote(file) else None
-        items.append((file, target, previous.get(str(target)), source_tag, output_tags.get(file.name)))
+        item = (file, target, previous.get(str(target)),
+                storage.content_key_of_info(info) if storage.is_remote(file) else None, output_tags.get(file.name))
+        try:
+            unread = unchanged_unread(item[2], plan.key, *item[:2], *item[3:])
+        except storage.StorageError:
+            unread = False  # the task reads it and reports why, with the file
+        if unread:
+            plan.settled.append(settled_unread(item[2]))
+        else:
+            plan.items.append(item)
+    return plan
+
+
+def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *, max_retries: int = 3,
+                    on_progress: Callable[[int, int], None] | None = None,
+                    connect: Callable[[], None] | None = None) -> ApplyResult:
+    """Apply ``stages`` to every file directly in ``input_dir`` (or in its ``images/``, see
+    ``input_images``), writing ``output_dir/<same name>``, on Ray. Files that are not images are skipped
+    with a reason. ``connect`` is called before the first Ray task, and only when a file must be read
+    (else the caller has connected)."""
+    return run_plan(plan_apply(stages, input_dir, output_dir), max_retries=max_retries, on_progress=on_progress,
+                    connect=connect)
+
+
+def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[int, int], None] | None = None,
+             connect: Callable[[], None] | None = None) -> ApplyResult:
+    """``plan``'s items through Ray tasks, then the ledger, written whole."""
+    result = ApplyResult(entries=list(plan.settled), input_dir=plan.input_dir)
+    if plan.items:
+        if connect is not None:
+            connect()
+        result.entries.extend(_run_tasks(plan, max_retries, on_progress))
+    result.entries.sort(key=lambda e: e["input"])
+    ledger = {"pipeline": plan.key, "stages": [[op, params] for op, params in plan.stages],
+              "entries": [e for e in result.entries if e["output"]]}
+    result.ledger = storage.write_bytes_atomic(
+        plan.output_dir / LEDGER_NAME, (json.dumps(ledger, indent=2, sort_keys=True, default=str) + "\n").encode())
+    return result
+
+
+def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
+    import ray
+
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     remote = ray.remote(_apply_task).options(name="imgtune:apply", num_cpus=1, max_retries=max_retries,
                                               retry_exceptions=False, scheduling_strategy="SPREAD")
     pending, start = [], 0
-    for size in task_sizes(len(items), total_cpus):
-        pending.append(remote.remote(list(stages), items[start:start + size], key))
+    for size in task_sizes(len(plan.items), total_cpus):
+        pending.append(remote.remote(list(plan.stages), plan.items[start:start + size], plan.key))
         start += size
-    done_files = 0
+    entries: list[dict[str, Any]] = []
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         for ref in ready:
-            entries = ray.get(ref)
-            result.entries.extend(entries)
-            done_files += len(entries)
+            entries.extend(ray.get(ref))
         if on_progress:
-            on_progress(done_files, len(items))
-    result.entries.sort(key=lambda e: e["input"])
-    ledger = {"pipeline": key, "stages": [[op, params] for op, params in stages],
-              "entries": [e for e in result.entries if e["output"]]}
-    result.ledger = storage.write_bytes_atomic(
-        output_dir / LEDGER_NAME, (json.dumps(ledger, indent=2, sort_keys=True, default=str) + "\n").encode())
-    return result
+            on_progress(len(entries), len(plan.items))
+    return entries

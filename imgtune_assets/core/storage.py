@@ -216,18 +216,6 @@ def prefetch(files: Iterable[Location], budget_bytes: int | None = None) -> int:
     return asked
 
 
-def prefetch_folder(folder: Location, suffixes: Iterable[str]) -> int:
-    """``prefetch`` of the visible files directly in a local ``folder`` whose names end with one of
-    ``suffixes`` (any case); 0 for a URL or a folder that cannot be listed (its reader says why)."""
-    if is_remote(folder):
-        return 0
-    wanted = tuple(s.lower() for s in suffixes)
-    try:
-        return prefetch(file for file, _ in list_files(folder) if file.name.lower().endswith(wanted))
-    except StorageError:
-        return 0
-
-
 def is_folder(path: Location) -> bool:
     try:
         if is_remote(path):

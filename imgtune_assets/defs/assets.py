@@ -550,7 +550,6 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             stages = fixed_stages(load_sweep(sweep_report["best_pipeline"]))
         except (SweepFileError, ApplyError) as exc:
             raise Failure(description=str(exc)) from None
-        ray_cluster.connect(context.log)
         started = time.perf_counter()
 
         from imgtune_assets.core.progress import passes_a_tenth
@@ -563,8 +562,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                 context.log.info(f"applied {done}/{total}")
 
         try:
+            # Ray only when a file must be read: an unchanged folder's re-run decides from stats and listings.
             result = apply_to_folder(stages, sweep.apply_input, sweep.apply_output,
-                                     max_retries=ray_cluster.max_retries, on_progress=progress)
+                                     max_retries=ray_cluster.max_retries, on_progress=progress,
+                                     connect=lambda: ray_cluster.connect(context.log))
         except (ApplyError, storage.StorageError) as exc:
             raise Failure(description=str(exc)) from None
         for entry in result.entries:

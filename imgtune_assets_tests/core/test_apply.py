@@ -28,6 +28,7 @@ from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets.core.imageio import jpeg_metadata, webp_is_lossless, with_jpeg_metadata
 from imgtune_assets.core.sweepfile import fixed_sweep_document, load_sweep
 from imgtune_assets_tests.conftest import write_sweep
+from imgtune_assets_tests.support.files import age
 
 STAGES = [("gaussian_blur", {"ksize": 5, "sigma": 1.2}), ("median_blur", {"ksize": 3})]
 OTHER_STAGES = [("gaussian_blur", {"ksize": 3, "sigma": 0.8})]
@@ -316,11 +317,6 @@ def test_re_runs_skip_what_did_not_change(local_ray, tmp_path):
     assert apply_to_folder(OTHER_STAGES, src, out).count("written") == len(IMAGES)
 
 
-def _age(path, seconds=60):
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
-
-
 def _same_size_other_bytes(path):
     """Other bytes of the same size and mtime: only reading the file could tell."""
     st, data = path.stat(), bytearray(path.read_bytes())
@@ -331,28 +327,33 @@ def _same_size_other_bytes(path):
 
 def test_a_third_run_of_an_unchanged_folder_reads_no_file(local_ray, tmp_path):
     src = make_folder(tmp_path / "in")
-    for name in IMAGES:
-        _age(src / name)  # inputs older than the racy window: their stats are trusted
+    for name in (*IMAGES, *SKIPPED):
+        age(src / name)  # inputs older than the racy window: their stats are trusted
     out = tmp_path / "out"
     first = by_name(apply_to_folder(STAGES, src, out))
+    assert first["broken.png"]["status"] == "skipped" and first["broken.png"]["unusable"] is True
     assert all(first[n]["input_stat"] is not None and first[n].get("output_stat") is None for n in IMAGES)
     for name in IMAGES:
-        _age(out / name)  # a just-written output's stat is never trusted; read back later, it is
-    second = by_name(apply_to_folder(STAGES, src, out))
+        age(out / name)  # a just-written output's stat is never trusted; read back later, it is
+    connected = []
+    second = by_name(apply_to_folder(STAGES, src, out, connect=lambda: connected.append("second")))
     assert {n: second[n]["status"] for n in IMAGES} == {n: "unchanged" for n in IMAGES}
     assert all(second[n]["output_stat"] is not None for n in IMAGES)
 
-    # Neither file is read now: bytes changed behind unchanged stats go unseen (the trust a run puts in
-    # the manifest's stats, too), ...
+    # Neither file is read now, and no Ray task runs (the caller need not even connect): bytes changed
+    # behind unchanged stats go unseen (the trust a run puts in the manifest's stats, too), ...
     _same_size_other_bytes(src / "grey8.png")
     _same_size_other_bytes(out / "colour8.png")
-    third = by_name(apply_to_folder(STAGES, src, out))
+    third = by_name(apply_to_folder(STAGES, src, out, connect=lambda: connected.append("third")))
+    assert connected == ["second"]
     assert {n: third[n]["status"] for n in IMAGES} == {n: "unchanged" for n in IMAGES}
+    # a broken input stays skipped for its recorded reason, unread while its stat is unchanged
+    assert third["broken.png"] == first["broken.png"]
     assert third["grey8.png"]["input_key"] == first["grey8.png"]["input_key"]
     # ... and a new mtime has both read again: the input's new key seen (its damage found), the damaged
     # output rewritten.
-    _age(src / "grey8.png", 30)
-    _age(out / "colour8.png", 30)
+    age(src / "grey8.png", 30)
+    age(out / "colour8.png", 30)
     fourth = by_name(apply_to_folder(STAGES, src, out))
     assert {n: fourth[n]["status"] for n in IMAGES if fourth[n]["status"] != "unchanged"} == \
         {"grey8.png": "skipped", "colour8.png": "written"}
@@ -421,7 +422,7 @@ def test_unchanged_unread_compares_stats_of_files_and_listing_tags_of_objects(tm
     other.write_bytes(b"IN")
     os.utime(other, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
     assert not unchanged_unread(entry, "k", other, out)
-    _age(out, 1)
+    age(out, 1)
     assert not unchanged_unread(entry, "k", src, out)
     remote_in = storage.location("memory://bucket/in/a.png")
     remote_out = storage.location("memory://bucket/out/a.png")
@@ -507,3 +508,19 @@ def test_the_input_folder_spelled_another_way_is_still_refused(local_ray, tmp_pa
     with pytest.raises(ApplyError, match="must differ from the input folder"):
         apply_to_folder(STAGES, src, src / ".." / "in")
     assert sorted(p.name for p in src.iterdir()) == ["a.png"]
+
+
+def test_an_output_that_could_not_be_written_is_tried_again_and_a_broken_input_is_not(local_ray, tmp_path):
+    src = make_folder(tmp_path / "in")
+    for name in (*IMAGES, *SKIPPED):
+        age(src / name)
+    out = tmp_path / "out"
+    (out / "grey8.png").mkdir(parents=True)  # where the output would go: it cannot be written
+    first = by_name(apply_to_folder(STAGES, src, out))
+    assert first["grey8.png"]["status"] == "skipped" and not first["grey8.png"].get("unusable")
+    assert str(out / "grey8.png") in first["grey8.png"]["reason"]
+    (out / "grey8.png").rmdir()
+    connected = []
+    second = by_name(apply_to_folder(STAGES, src, out, connect=lambda: connected.append(1)))
+    assert second["grey8.png"]["status"] == "written" and connected == [1]
+    assert second["broken.png"]["status"] == "skipped" and second["broken.png"]["reason"] == first["broken.png"]["reason"]

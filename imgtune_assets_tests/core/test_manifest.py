@@ -26,6 +26,7 @@ from imgtune_assets.core.manifest import (
     skip_undecodable,
     unreadable_advice,
 )
+from imgtune_assets_tests.support.files import age
 
 
 def png(path, image):
@@ -102,16 +103,11 @@ def test_verified_load_refuses_a_file_changed_since_the_manifest(messy):
     assert len(load_images(messy, rows)[0]) == 3  # unverified, the changed file is simply decoded
 
 
-def _age(path, seconds: float) -> None:
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
-
-
 def test_a_file_whose_size_and_mtime_are_unchanged_is_not_hashed_again(messy):
     """rsync's quick check: a run trusts a local file's size and mtime as they were when the manifest
     hashed it, and hashes it again only when they differ."""
     for path in (messy / "images").iterdir():
-        _age(path, 60)
+        age(path, 60)
     rows = scan_folder(messy, needs_target=True)
     good = next(r for r in rows if r.id == "good")
     assert good.image_stat == f"{(messy / 'images' / 'good.png').stat().st_size}:" \
@@ -119,7 +115,7 @@ def test_a_file_whose_size_and_mtime_are_unchanged_is_not_hashed_again(messy):
     good.image_sha256 = "0" * 64  # a key the file does not have: only hashing it again would notice
     ids, images, _ = load_images(messy, rows, verify=True)
     assert "good" in ids
-    _age(messy / "images" / "good.png", 1)  # same bytes, another mtime: hashed again, and refused
+    age(messy / "images" / "good.png", 1)  # same bytes, another mtime: hashed again, and refused
     with pytest.raises(ManifestError, match=r"good\.png: changed since the image manifest was made"):
         load_images(messy, rows, verify=True)
 
@@ -190,7 +186,7 @@ def test_files_found_undecodable_are_recorded_by_key_and_skipped_by_the_next_man
 def _aged_folder(messy):
     for folder in ("images", "targets"):
         for path in (messy / folder).iterdir():
-            _age(path, 60)
+            age(path, 60)
     return messy
 
 
@@ -219,7 +215,7 @@ def test_a_probe_cache_reads_only_files_changed_since_the_last_scan(tmp_path, me
     assert copied.read == 1
     assert next(r for r in kept if r.id == "good").image_sha256 != next(r for r in first if r.id == "good").image_sha256
     # ...and any other mtime has the file read again (its new key seen), the others still kept.
-    _age(good, 1)
+    age(good, 1)
     changed_cache = ProbeCache.load(cache_file)
     changed = {r.id: r for r in scan_folder(data, needs_target=True, cache=changed_cache)}
     assert changed_cache.read == 1

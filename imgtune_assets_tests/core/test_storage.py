@@ -220,14 +220,3 @@ def test_prefetch_does_nothing_without_the_system_call(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(b"x" * 10)
     monkeypatch.delattr(storage.os, "posix_fadvise", raising=False)
     assert storage.prefetch([tmp_path / "a.png"], budget_bytes=100) == 0
-
-
-@needs_fadvise
-def test_prefetch_folder_takes_the_image_files_of_a_local_folder(tmp_path):
-    (tmp_path / "a.png").write_bytes(b"x" * 10)
-    (tmp_path / "B.JPG").write_bytes(b"x" * 7)
-    (tmp_path / "notes.txt").write_bytes(b"x" * 100)
-    (tmp_path / ".hidden.png").write_bytes(b"x" * 5)
-    assert storage.prefetch_folder(tmp_path, (".png", ".jpg")) == 17
-    assert storage.prefetch_folder(tmp_path / "missing", (".png",)) == 0
-    assert storage.prefetch_folder(storage.location("memory://bucket/images"), (".png",)) == 0

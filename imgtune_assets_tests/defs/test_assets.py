@@ -4,7 +4,6 @@ embedded Ray."""
 
 import json
 import math
-import os
 import shutil
 
 import cv2
@@ -23,6 +22,7 @@ from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.partitions import trial_partitions
 from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets_tests.conftest import write_sweep
+from imgtune_assets_tests.support.files import age
 from imgtune_assets_tests.support.sweeps import range_tags
 
 REPORT_FILES = ("leaderboard.csv", "per_image_scores.csv", "best_pipeline.yaml", "report.json",
@@ -107,8 +107,7 @@ def test_image_manifest_reads_only_files_changed_since_its_last_scan(tmp_path, d
     data = tmp_path / "data"
     shutil.copytree(denoise_data, data)
     for path in data.glob("*/*.png"):
-        st = path.stat()  # older than the racy window: their probes are kept
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 60_000_000_000))
+        age(path)  # older than the racy window: their probes are kept
     _, assets = built(write_sweep(tmp_path / "tiny.yaml", data))
     imgtune = SweepResource(output_dir=str(tmp_path / "out"))
     first = assets.image_manifest(build_asset_context(), imgtune=imgtune)

@@ -23,6 +23,7 @@ from imgtune_assets.defs.jobs import build_sweep_jobs
 from imgtune_assets.defs.resources import SweepResource
 from imgtune_assets.defs.sensors import INTERVAL_ENV, build_new_images_sensor, stat_digest
 from imgtune_assets_tests.conftest import write_sweep
+from imgtune_assets_tests.support.files import age
 
 
 @pytest.fixture
@@ -207,8 +208,7 @@ def test_images_changing_back_and_forth_request_a_sweep_each_time(instance, sens
 def test_a_tick_after_images_were_added_reads_only_the_new_files(tmp_path, instance, sensor, sweep, folder,
                                                                    monkeypatch):
     for path in [*(folder / "images").iterdir(), *(folder / "targets").iterdir()]:
-        st = path.stat()  # older than the racy window: their probes are kept
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 60_000_000_000))
+        age(path)  # older than the racy window: their probes are kept
     outputs = tmp_path / "outputs"
     (outputs / sweep.name).mkdir(parents=True)  # a run made the sweep's folder
     cursor = tick(instance, sensor, outputs=outputs).cursor
