@@ -69,11 +69,14 @@ def load_catalog(files: list[Path]) -> list[Sweep]:
     # Two sweeps applying their winners into one folder would overwrite each other's outputs (and ledger)
     # on every run, each run rewriting everything.
     from imgtune_assets.core.apply import same_folder
+    from imgtune_assets.core.storage import is_remote
 
     applying = [s for s in sweeps if s.apply_output is not None]
     for i, sweep in enumerate(applying):
         for other in applying[:i]:
-            if same_folder(other.apply_output, sweep.apply_output):
+            # (the same bucket and path at two S3-compatible stores are two folders)
+            if same_folder(other.apply_output, sweep.apply_output) and (
+                    not is_remote(sweep.apply_output) or other.endpoint_url == sweep.endpoint_url):
                 problems.append(f"{other.path} and {sweep.path}: both write their tuned images to "
                                 f"{sweep.apply_output} (apply.output_dir); each sweep needs its own output folder")
     if problems:

@@ -110,6 +110,21 @@ def test_two_sweeps_applying_into_one_folder_are_refused_naming_both(folder, den
     assert [s.name for s in sweeps_from_environment({SWEEPS_DIR_ENV: str(folder)})] == ["one", "two"]
 
 
+def test_one_bucket_path_at_two_s3_compatible_stores_is_two_output_folders(folder, denoise_data, tmp_path):
+    (tmp_path / "photos").mkdir()
+
+    def at(endpoint):
+        return {"apply": {"input_dir": str(tmp_path / "photos"), "output_dir": "s3://photos/tuned"},
+                "storage": {"endpoint_url": endpoint}}
+
+    write_sweep(folder / "one.yaml", denoise_data, name="one", **at("http://127.0.0.1:9000"))
+    second = write_sweep(folder / "two.yaml", denoise_data, name="two", **at("http://127.0.0.2:9000"))
+    assert [s.name for s in sweeps_from_environment({SWEEPS_DIR_ENV: str(folder)})] == ["one", "two"]
+    write_sweep(second, denoise_data, name="two", **at("http://127.0.0.1:9000"))
+    with pytest.raises(SweepCatalogError, match="both write their tuned images to s3://photos/tuned"):
+        sweeps_from_environment({SWEEPS_DIR_ENV: str(folder)})
+
+
 def test_names_that_map_to_the_same_group_are_refused(folder, denoise_data):
     dash = write_sweep(folder / "dash.yaml", denoise_data, name="a-b")
     under = write_sweep(folder / "under.yaml", denoise_data, name="a_b")
