@@ -49,6 +49,7 @@ from imgtune_assets.core.catalog import (
     group_name,
     sweeps_from_environment,
 )
+from imgtune_assets.core.launcher import LAUNCHER_TAG, launcher_tag
 from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
@@ -116,6 +117,18 @@ def ensure_instance_config(home: Path) -> Path | None:
     return target
 
 
+def instance_config_note(home: Path) -> str | None:
+    """``ensure_instance_config``, and what to tell the user about it: the file installed, or how to
+    install it where the home already holds files but no dagster.yaml (Dagster's defaults apply)."""
+    installed = ensure_instance_config(home)
+    if installed:
+        return f"(no dagster.yaml in DAGSTER_HOME: installed the project's, {installed})"
+    if not (home / "dagster.yaml").exists():
+        return (f"(no dagster.yaml in DAGSTER_HOME {home}, which already holds files: Dagster's defaults apply; "
+                f"`cp {PROJECT_DAGSTER_YAML} {home}/` for the project's faster event log)")
+    return None
+
+
 def experiment_results_op(sweep_name: str) -> str:
     """The op name of ``<sweep>/experiment_results`` in run config: Dagster's
     ``AssetKey.to_python_identifier()``, spelled out so the command does not load Dagster for it."""
@@ -129,18 +142,20 @@ def resume_run_config(sweep_name: str) -> str:
 
 
 def sweep_run_command(sweep_name: str, trial_keys: Sequence[str], invocation: str | None = None,
-                      config: str | os.PathLike | None = None) -> list[str]:
+                      config: str | os.PathLike | None = None, launched_by: str | None = None) -> list[str]:
     """The whole sweep as ONE run of its ``<group>_sweep`` job (what the schedule and the sensor
     request): manifest, settings, every trial as one partition range, the report (and ``tuned_images``
     when the sweep applies its winner), with their checks, in one process with one Ray start.
     ``python -m imgtune_assets.cli sweep`` runs this; ``sweep_commands`` are the same steps one by one.
     ``invocation``: a tag (``INVOCATION_TAG``) by which the command finds its own run afterwards.
-    ``config``: a run config file (``-c``; ``dagster job execute`` takes run config from files only)."""
+    ``config``: a run config file (``-c``; ``dagster job execute`` takes run config from files only).
+    ``launched_by``: the launching command (``launcher.LAUNCHER_TAG``), with which the run ends."""
     if not trial_keys:
         raise ValueError(f"sweep {sweep_name!r} has no trials")
     tags = {"dagster/asset_partition_range_start": trial_keys[0],
             "dagster/asset_partition_range_end": trial_keys[-1], "imgtune/trigger": "cli",
-            **({INVOCATION_TAG: invocation} if invocation else {})}
+            **({INVOCATION_TAG: invocation} if invocation else {}),
+            **({LAUNCHER_TAG: launched_by} if launched_by else {})}
     return [dagster_executable(), "job", "execute", "-m", MODULE, "-j", f"{group_name(sweep_name)}_sweep",
             "--tags", json.dumps(tags), *(["-c", str(config)] if config is not None else [])]
 
@@ -212,6 +227,25 @@ def run_failure_reasons(home: Path, invocation: str, sweep_name: str | None = No
             if lines:
                 return lines
     return []
+
+
+def fail_unfinished_run(home: Path, invocation: str, code: int | None) -> bool:
+    """Mark failed the run tagged ``INVOCATION_TAG=invocation`` if it is still in progress although its
+    process has ended (``code``: its exit status; killed by SIGKILL or the OOM killer, it could not say
+    so itself): else it would show as running for ever, and the sweep's new-images sensor would wait for
+    it. Returns whether it did. Loads Dagster: for failures only."""
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs(filters=RunsFilter(tags={INVOCATION_TAG: invocation}), limit=1)
+        if not runs or runs[0].status not in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+                                              DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
+            return False
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals() \
+            else f"exit {code}"
+        instance.report_run_failed(runs[0], message=f"the run's process ended ({how}) before the run did; "
+                                                     "marked failed by the imgtune sweep command")
+        return True
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -423,7 +457,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
           file=out, flush=True)
     # One run of the sweep's job: one process, one Dagster start, one Ray start for all its steps.
     steps = [(SWEEP_LABEL + (" + tuned images" if sweep.apply_input is not None else ""),
-              sweep_run_command(sweep.name, keys, invocation=invocation, config=config))]
+              sweep_run_command(sweep.name, keys, invocation=invocation, config=config, launched_by=launcher_tag()))]
     for label, command in steps:
         display = StepDisplay(f"  {label}", out, tty=tty, columns=columns, quiet=quiet)
         started = time.time()
@@ -457,6 +491,9 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                 proc.wait(timeout=30)
             except (subprocess.TimeoutExpired, OSError):
                 proc.kill()
+                proc.wait()
+                with contextlib.suppress(Exception):  # best effort on the way out; the log says the rest
+                    fail_unfinished_run(home, invocation, proc.returncode)
             display.finish(time.perf_counter() - clock, ok=False)
             print(f"interrupted; finished trials are kept: `python -m imgtune_assets.cli sweep {sweep.name} --resume` "
                   f"resumes; Dagster's log: {log}", file=err, flush=True)
@@ -470,6 +507,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         if code != 0:
             print(f"error: {sweep.name}: {label} failed (exit {code}): {shlex.join(command)}", file=err)
             try:
+                fail_unfinished_run(home, invocation, code)
                 reasons = run_failure_reasons(home, invocation, sweep.name)
             except Exception as exc:  # noqa: BLE001 - an instance that cannot be read: said, then the log's tail
                 print(f"    (the run's events could not be read: {type(exc).__name__}: {exc})", file=err)
@@ -641,9 +679,9 @@ def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool 
               file=sys.stderr)
         return 2
     home = Path(os.environ["DAGSTER_HOME"]).expanduser().resolve()
-    installed = ensure_instance_config(home)
-    if installed:
-        print(f"(no dagster.yaml in DAGSTER_HOME: installed the project's, {installed})", flush=True)
+    note = instance_config_note(home)
+    if note:
+        print(note, flush=True)
     tty = sys.stdout.isatty()
     columns = shutil.get_terminal_size((100, 24)).columns
     # Every selected sweep runs, whatever happened to the one before: one team's broken data folder

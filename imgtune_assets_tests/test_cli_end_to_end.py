@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus
 from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets import cli
@@ -35,6 +35,7 @@ from imgtune_assets.cli import (
     sweep_run_command,
 )
 from imgtune_assets.core.imageio import read_image
+from imgtune_assets.core.launcher import LAUNCHER_TAG, launcher_gone
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, sweeps_dir_env, write_sweep
 
@@ -474,8 +475,14 @@ def test_cli_refuses_without_dagster_home_or_with_names_and_all(tmp_path, tiny_s
 def test_an_existing_instance_config_is_left_alone(tmp_path):
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: true\n")
     assert ensure_instance_config(tmp_path) is None
+    assert cli.instance_config_note(tmp_path) is None
     assert (tmp_path / "dagster.yaml").read_text() == "telemetry:\n  enabled: true\n"
     assert ensure_instance_config(tmp_path / "fresh") == tmp_path / "fresh" / "dagster.yaml"
+    used = tmp_path / "used"  # a home that `dg` or `dagster` used first: left alone, and the user told how
+    (used / "history").mkdir(parents=True)
+    note = cli.instance_config_note(used)
+    assert note.startswith(f"(no dagster.yaml in DAGSTER_HOME {used}, which already holds files")
+    assert f"cp {cli.PROJECT_DAGSTER_YAML} {used}/" in note and not (used / "dagster.yaml").exists()
 
 
 def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
@@ -524,3 +531,65 @@ def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
         done = instance.get_materialized_partitions(AssetKey(["slow", "experiment_results"]))
     saved = {p.stem for p in (tmp_path / "outputs" / "slow" / "trials").glob("trial-*.json")}
     assert saved and len(saved) < 400 and done <= saved  # finished trials kept for skip_finished
+
+
+@pytest.mark.parametrize("killed", ["run process", "command"])
+def test_a_run_whose_process_or_command_is_killed_is_marked_failed(tmp_path, killed):
+    """SIGKILL (as the OOM killer sends it) to the run's `dagster job execute` process: the command,
+    which sees it die, marks its run failed; to the command itself: the run process, tied to it, fails
+    its run and exits. Either way no run shows as running for ever (which would hold the sweep's
+    new-images sensor for ever) and no process is left working."""
+    import signal
+    import time
+
+    from imgtune_assets.core.demo_data import make_denoise_set
+
+    data = tmp_path / "data"
+    make_denoise_set(data, count=8, size=384)
+    sweep = write_sweep(tmp_path / "slow.yaml", data, name="slow", trials=40, pipeline=[
+        {"op": "bilateral_filter", "d": {"type": "int", "low": 15, "high": 25}, "sigma_color": 75, "sigma_space": 75}])
+    env = cli_env(tmp_path, sweep)
+    progress = tmp_path / "outputs" / "slow" / "progress.json"
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "--quiet"], cwd=PROJECT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if progress.exists() and json.loads(progress.read_text()).get("done", 0) >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        command = psutil.Process(proc.pid)
+        started = [p for p in command.children(recursive=True) if p.is_running()]
+        names = [p.name() for p in started]
+        [run_process] = [p for p in command.children() if "job" in p.cmdline() and "execute" in p.cmdline()]
+        (run_process if killed == "run process" else command).send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if killed == "run process":
+        assert proc.returncode != 0, out + err
+        assert "the run's process ended (killed by SIGKILL) before the run did" in err, err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    # The run process and Ray's own (GCS, raylet, workers) end with the command. (Ray's two agents, whose
+    # raylet was killed under them, give up on their own a minute later: Ray's GCS timeout.)
+    agents = [p for p, name in zip(started, names) if name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")]
+    _, alive = psutil.wait_procs([p for p in started if p not in agents], timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    for agent in agents if killed == "command" else []:
+        agent.kill()
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        [run] = instance.get_runs()
+        if killed == "command" and not run.is_finished:
+            # Interrupted as it began to fail the run, the run process was ended by its Ray (whose raylet
+            # died with the command) before it could record the run's end; the next run of the job does.
+            assert run.status == DagsterRunStatus.STARTED and launcher_gone(run.tags[LAUNCHER_TAG])
+            again = run_cli(env, timeout=600)
+            assert again.returncode == 0, again.stdout + again.stderr
+            run = instance.get_run_by_id(run.run_id)
+            [failure] = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_FAILURE).records
+            assert "the imgtune sweep command that launched this run is gone" in failure.event_log_entry.message
+        assert run.is_finished and not run.is_success, run.status

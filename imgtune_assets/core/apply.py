@@ -272,13 +272,21 @@ def _listing_tags(folder: Location) -> dict[str, str]:
         return {}  # each output is then read back, and its error, if any, reported with it
 
 
+def _folder_parts(x: Location) -> tuple[str, ...]:
+    if storage.is_remote(x):
+        head, _, tail = str(x).partition("://")
+        return (head + "://", *(part for part in tail.split("/") if part and part != "."))
+    return Path(x).resolve().parts
+
+
 def same_folder(a: Location, b: Location) -> bool:
-    if storage.is_remote(a) or storage.is_remote(b):
-        def norm(x):
-            head, _, tail = str(x).partition("://")
-            return head, "/".join(part for part in tail.split("/") if part and part != ".")
-        return norm(a) == norm(b)
-    return Path(a).resolve() == Path(b).resolve()
+    return _folder_parts(a) == _folder_parts(b)
+
+
+def within(inner: Location, outer: Location) -> bool:
+    """Whether ``inner`` is ``outer`` or a folder inside it (local paths resolved; URLs by their parts)."""
+    a, b = _folder_parts(inner), _folder_parts(outer)
+    return a[: len(b)] == b
 
 
 def require_input_folder(input_dir: Location) -> None:

@@ -39,7 +39,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from imgtune_assets.core.apply import same_folder
+from imgtune_assets.core.apply import same_folder, within
 from imgtune_assets.core.cron import validate_cron
 from imgtune_assets.core.demo_data import DEMO_KINDS
 from imgtune_assets.core.metrics import METRICS, Objective, metric_options
@@ -630,6 +630,10 @@ class _SweepDoc(_Model):
             if same_folder(apply_input / "images", apply_output):
                 raise _fail(path, "apply.output_dir", f"must not be apply.input_dir's images/ ({apply_output}): "
                                                       "apply reads a folder's images/ when it has one")
+            if within(apply_output, data_dir):
+                raise _fail(path, "apply.output_dir", f"must not be data_dir or inside it ({apply_output} is in "
+                                                      f"{data_dir}): the tuned images would overwrite the images "
+                                                      "and targets the sweep tunes on")
         return Sweep(
             path=path, name=self.name, data_dir=data_dir, endpoint_url=endpoint,
             apply_input=apply_input, apply_output=apply_output,

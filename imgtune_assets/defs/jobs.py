@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from dagster import AssetSelection, JobDefinition, RunRequest, define_asset_job
+from dagster import AssetSelection, DagsterInstance, DagsterRunStatus, JobDefinition, RunRequest, RunsFilter, define_asset_job
 
 from imgtune_assets.core.catalog import group_name
+from imgtune_assets.core.launcher import LAUNCHER_TAG, launcher_gone
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.keys import asset_key
 
@@ -27,6 +28,26 @@ SWEEP_TAG = "imgtune/sweep"
 # The tags Dagster itself puts on a ranged run (dagster._core.storage.tags; spelled out to avoid a private import).
 ASSET_PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 ASSET_PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
+IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+               DagsterRunStatus.STARTED]
+
+
+def runs_in_progress(instance: DagsterInstance, job_name: str, *, marked_by: str, log=None) -> list:
+    """The job's runs that are queued or running — after marking failed those a sweep command launched
+    and that died with it (``launcher.launcher_gone``: both killed, by the OOM killer, a power cut):
+    Dagster's run monitoring does not watch runs that ``dagster job execute`` started, so they would show
+    as running for ever, and hold the new-images sensor for ever."""
+    live = []
+    for record in instance.get_run_records(filters=RunsFilter(job_name=job_name, statuses=IN_PROGRESS), limit=50):
+        run = record.dagster_run
+        if launcher_gone(run.tags.get(LAUNCHER_TAG)):
+            instance.report_run_failed(run, message="the imgtune sweep command that launched this run is gone, "
+                                                    f"and the run with it; marked failed by {marked_by}")
+            if log is not None:
+                log.warning(f"run {run.run_id} was left in progress by a sweep command that is gone: marked failed")
+        else:
+            live.append(run)
+    return live
 
 
 def sweep_job_name(sweep: Sweep) -> str:

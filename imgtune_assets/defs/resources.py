@@ -13,7 +13,7 @@ from typing import Any, Optional
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
-from imgtune_assets.core import embedded_ray
+from imgtune_assets.core import embedded_ray, launcher
 # Re-exported: LOOPBACK_ENV is imported from here (benchmarks/sweep_bench.py).
 from imgtune_assets.core.embedded_ray import EMBEDDED_RAY_ENV, LEAN_ENV, LOOPBACK_ENV  # noqa: F401
 from imgtune_assets.core.embedded_ray import RAY_ADDRESS_ENV
@@ -32,6 +32,18 @@ class SweepResource(ConfigurableResource):
     @classmethod
     def from_environment(cls) -> "SweepResource":
         return cls(output_dir=str(default_output_dir()))
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        run = context.run
+        if run is None:
+            return
+        # A run launched by `python -m imgtune_assets.cli sweep` ends with that command (core/launcher.py);
+        # and one that an earlier command left running when both were killed is marked failed now.
+        launcher.end_with_launcher(run.tags.get(launcher.LAUNCHER_TAG))
+        if context.instance is not None:
+            from imgtune_assets.defs.jobs import runs_in_progress
+
+            runs_in_progress(context.instance, run.job_name, marked_by=f"run {run.run_id}", log=context.log)
 
     def sweep_dir(self, sweep_name: str) -> Path:
         if "://" in self.output_dir:

@@ -30,8 +30,6 @@ import json
 import os
 
 from dagster import (
-    DagsterRunStatus,
-    RunsFilter,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
@@ -54,13 +52,11 @@ from imgtune_assets.core.manifest import (
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.storage import Location
 from imgtune_assets.core.sweepfile import Sweep
-from imgtune_assets.defs.jobs import SweepJobs, sweep_run_request
+from imgtune_assets.defs.jobs import SweepJobs, runs_in_progress, sweep_run_request
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import SweepResource
 
 INTERVAL_ENV = "IMGTUNE_SENSOR_INTERVAL_SECONDS"
-IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-               DagsterRunStatus.STARTED]
 
 
 def _interval() -> int:
@@ -115,11 +111,12 @@ def _last_manifest_hash(context: SensorEvaluationContext, sweep: Sweep) -> str |
     return str(entry.value) if entry is not None else None
 
 
-def _sweep_in_progress(context: SensorEvaluationContext, job_name: str) -> bool:
+def _sweep_in_progress(context: SensorEvaluationContext, job_name: str, sensor: str) -> bool:
+    """Whether a run of the sweep's job is queued or running (a run left running by a sweep command that
+    is gone is marked failed instead: ``jobs.runs_in_progress``)."""
     if context.instance is None:
         return False
-    runs = context.instance.get_run_records(filters=RunsFilter(job_name=job_name, statuses=IN_PROGRESS), limit=1)
-    return bool(runs)
+    return bool(runs_in_progress(context.instance, job_name, marked_by=f"the {sensor} sensor", log=context.log))
 
 
 def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
@@ -162,7 +159,7 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
             return SensorResult(skip_reason=f"files in {data_dir} were touched but their content is unchanged "
                                             f"(content hash {content})",
                                 cursor=json.dumps({"stat": stat, "content": content}))
-        if _sweep_in_progress(context, job_name):
+        if _sweep_in_progress(context, job_name, sensor_name(sweep)):
             return SkipReason(f"images changed (content hash {baseline} -> {content}) but a {job_name} run "
                               "is queued or running; will look again on the next tick")
         request = sweep_run_request(job_name, keys, trigger="new_images", run_key=f"images:{baseline}->{content}@{stat}",

@@ -363,3 +363,15 @@ def test_apply_folders_that_differ_load(tmp_path, input_dir, output_dir):
     if "://" not in output_dir:
         assert sweep.apply_output == (tmp_path / "sweeps" / output_dir).resolve()
     assert str(sweep.apply_input) != str(sweep.apply_output)
+
+
+@pytest.mark.parametrize("output_dir", ["data", "data/images", "./data/targets/", "data/tuned", "../sweeps/data/images"])
+def test_apply_output_inside_the_sweeps_data_folder_is_refused(tmp_path, output_dir):
+    # The tuned images would overwrite the images and targets the next sweep tunes on.
+    path = write_with_apply(tmp_path, "../photos", output_dir)
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    data = (path.parent / "data").resolve()
+    assert str(err.value) == (f"{path}: apply.output_dir: must not be data_dir or inside it "
+                              f"({(path.parent / output_dir).resolve()} is in {data}): the tuned images would "
+                              "overwrite the images and targets the sweep tunes on")

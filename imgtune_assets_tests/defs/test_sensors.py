@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from dagster import AssetKey, AssetMaterialization, DagsterRunStatus, build_sensor_context, instance_for_test
 from dagster._core.test_utils import create_run_for_test
 
 from imgtune_assets.core import manifest
+from imgtune_assets.core.launcher import LAUNCHER_TAG, launcher_tag
 from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     UNDECODABLE_FILE,
@@ -157,6 +160,25 @@ def test_waits_while_a_sweep_is_running(instance, sensor, folder):
     instance.report_run_canceled(run)
     data = tick(instance, sensor, cursor)
     assert len(data.run_requests) == 1
+
+
+def test_a_run_left_running_by_a_sweep_command_that_is_gone_is_failed_and_held_back_nothing(instance, sensor,
+                                                                                            folder):
+    cursor = tick(instance, sensor).cursor
+    shutil.copy(sorted((folder / "images").iterdir())[0], folder / "images" / "extra.png")
+    command = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # the sweep command
+    try:
+        tags = {LAUNCHER_TAG: launcher_tag(command.pid)}
+        run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED, tags=tags)
+        data = tick(instance, sensor, cursor)  # its command is alive: the run may be working
+        assert not data.run_requests and "queued or running" in data.skip_message
+    finally:
+        command.kill()  # as a power cut or the OOM killer would, with the run process
+        command.wait()
+    data = tick(instance, sensor, cursor)
+    assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+    [request] = data.run_requests
+    assert request.job_name == "tiny_sweep"
 
 
 def test_another_sweeps_run_does_not_hold_this_one_back(instance, sensor, folder):
