@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from struct import error as struct_error
 from pathlib import Path
 
 import cv2
@@ -68,6 +69,10 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
         if whole and kind == "PNG":
             check_png_chunks(data)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow opens no TIFF of 32-bit or floating-point colour: a well-formed one is said to be what
+        # it is, as decoding it would (decode_image), not taken for a damaged file.
+        if (pixel_type := tiff_pixel_type(data)) is not None and pixel_type not in ("uint8", "uint16"):
+            raise ImageReadError(f"{file}: unsupported pixel type {pixel_type} (need 8-bit or 16-bit)") from None
         # Pillow names the unrecognised file by its in-memory buffer's address: said without it.
         detail = "no known image format" if isinstance(exc, UnidentifiedImageError) else exc
         raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image: {detail})") from None
@@ -90,8 +95,38 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
     elif mode.startswith("I;16"):
         depth = 16
     if depth > 16 or mode in ("I", "F"):
-        raise ImageReadError(f"{file}: unsupported pixel type ({mode}, {depth} bit; need 8-bit or 16-bit)")
+        named = tiff_pixel_type(data) if kind == "TIFF" else None
+        raise ImageReadError(f"{file}: unsupported pixel type {named} (need 8-bit or 16-bit)" if named else
+                             f"{file}: unsupported pixel type ({mode}, {depth} bit; need 8-bit or 16-bit)")
     return int(width), int(height), 1 if grey else 3, "uint16" if depth == 16 else "uint8"
+
+
+def tiff_pixel_type(data: bytes) -> str | None:
+    """A TIFF's sample type as numpy names it (``float32``, ``uint16``, ``int32``...) from its first
+    directory's BitsPerSample and SampleFormat tags (read by Pillow's TIFF directory reader, which does
+    not need Pillow to support the pixels), or None when ``data`` is no readable TIFF."""
+    import io
+    import warnings
+
+    from PIL import TiffImagePlugin
+
+    if data[:4] not in (b"II*\0", b"MM\0*"):
+        return None
+    try:
+        with warnings.catch_warnings():  # Pillow warns of every tag it cannot read: the answer says enough
+            warnings.simplefilter("ignore")
+            directory = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+            stream = io.BytesIO(data)
+            stream.seek(directory.next)
+            directory.load(stream)
+    except (OSError, ValueError, SyntaxError, struct_error, EOFError):
+        return None
+    if not all(tag in directory for tag in (256, 257, 258)):  # width, length, bits per sample
+        return None
+    bits, formats = directory[258], directory.get(339, (1,))
+    bits = max(bits) if isinstance(bits, tuple) else int(bits)
+    kind = {1: "uint", 2: "int", 3: "float"}.get(max(formats) if isinstance(formats, tuple) else int(formats), "uint")
+    return f"{kind}{bits}"
 
 
 def webp_size(data: bytes) -> tuple[int, int] | None:

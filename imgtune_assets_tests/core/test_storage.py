@@ -37,6 +37,23 @@ def test_probe_agrees_with_a_full_decode(name, dtype, channels):
     assert probed_dtype == str(image.dtype)
 
 
+@pytest.mark.parametrize("dtype, channels", [(np.float32, 3), (np.float32, None), (np.int32, 3), (np.float64, 3)])
+def test_a_tiff_of_another_pixel_type_is_named_as_decoding_names_it_not_called_corrupt(dtype, channels):
+    shape = (21, 34) if channels is None else (21, 34, channels)
+    ok, buffer = cv2.imencode(".tif", np.random.default_rng(1).random(shape).astype(dtype))
+    assert ok
+    data = buffer.tobytes()
+    with pytest.raises(ImageReadError) as probed:
+        probe_image(data, "scan.tif")
+    with pytest.raises(ImageReadError) as decoded:
+        decode_image(data, "scan.tif")
+    assert str(probed.value) == str(decoded.value) == \
+        f"scan.tif: unsupported pixel type {np.dtype(dtype).name} (need 8-bit or 16-bit)"
+    # a damaged TIFF is still said to be one
+    with pytest.raises(ImageReadError, match="not a decodable image"):
+        probe_image(b"II*\0" + b"\xff" * 20, "broken.tif")
+
+
 @pytest.mark.parametrize("params", [[cv2.IMWRITE_WEBP_QUALITY, 101], [cv2.IMWRITE_WEBP_QUALITY, 80]])
 @pytest.mark.parametrize("channels", [3, 4])
 def test_an_objects_head_gives_a_webps_size(params, channels):
