@@ -441,10 +441,15 @@ def propose(spec: SearchSpec, r: int, history: list[HistoryTrial], warm: Sequenc
             if len(out) < len(slots) and fits(spec.dims, params) and params not in seen:
                 seen.append(params)
                 out.append({"index": slots[len(out)], "params": dict(params), "source": "warm-start"})
-        for j in range(len(slots) - len(out)):
-            out.append({"index": slots[len(out)],
-                        "params": sample_point(spec.dims, spec.initial_design, spec.seed, j, len(slots)),
-                        "source": spec.initial_design})
+        # The design's points in order, passing over one that a warm start evaluates already (the last
+        # report's best were often design points of the same seed): no trial is spent twice on a point.
+        j = 0
+        while len(out) < len(slots):
+            params = sample_point(spec.dims, spec.initial_design, spec.seed, j, len(slots))
+            j += 1
+            if params in seen and j <= len(slots) + len(seen):
+                continue
+            out.append({"index": slots[len(out)], "params": params, "source": spec.initial_design})
         return out
     import optuna
 

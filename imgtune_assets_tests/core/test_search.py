@@ -346,6 +346,12 @@ def test_round_zero_is_warm_starts_then_the_initial_design(tmp_path):
     assert out[0]["params"] == good
     assert [p["params"] for p in out[1:]] == [sample_point(dims, "halton", 3, j, 8) for j in range(7)]
     assert not fits(dims, stale) and fits(dims, good)
+    # A warm start that is one of the design's own points (last night's best often is): the design
+    # passes over that point instead of evaluating it twice.
+    design = [sample_point(dims, "halton", 3, j, 8) for j in range(9)]
+    out = propose(spec, 0, [], warm=[design[2]])
+    assert [p["params"] for p in out] == [design[2], *design[:2], *design[3:8]]
+    assert len({json.dumps(p["params"], sort_keys=True) for p in out}) == 8
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes"])
