@@ -492,8 +492,10 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             except (subprocess.TimeoutExpired, OSError):
                 proc.kill()
                 proc.wait()
-                with contextlib.suppress(Exception):  # best effort on the way out; the log says the rest
+                try:
                     fail_unfinished_run(home, invocation, proc.returncode)
+                except Exception as exc:  # noqa: BLE001 - said, on the way out; the run's log has the rest
+                    print(f"  (the run could not be marked failed: {type(exc).__name__}: {exc})", file=err)
             display.finish(time.perf_counter() - clock, ok=False)
             print(f"interrupted; finished trials are kept: `python -m imgtune_assets.cli sweep {sweep.name} --resume` "
                   f"resumes; Dagster's log: {log}", file=err, flush=True)
