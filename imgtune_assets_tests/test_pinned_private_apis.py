@@ -173,6 +173,17 @@ def test_ray_node_stop_used_by_the_at_once_stop():
 # --------------------------------------------------------------------------- Dagster (defs/executor.py)
 
 
+def test_dagster_tags_spelled_out_in_imgtune_are_dagsters():
+    from dagster._core.storage import tags
+
+    from imgtune_assets.core import launcher
+    from imgtune_assets.defs import jobs
+
+    assert launcher.PARENT_RUN_ID_TAG == tags.PARENT_RUN_ID_TAG
+    assert jobs.ASSET_PARTITION_RANGE_START_TAG == tags.ASSET_PARTITION_RANGE_START_TAG
+    assert jobs.ASSET_PARTITION_RANGE_END_TAG == tags.ASSET_PARTITION_RANGE_END_TAG
+
+
 def test_step_delegating_executor_classes_and_what_ray_executor_overrides():
     from dagster._core.executor.step_delegating import (
         CheckStepHealthResult,

@@ -20,10 +20,13 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 
 import psutil
 
 LAUNCHER_TAG = "imgtune/launcher"
+# Dagster's tag on a re-executed run (dagster._core.storage.tags.PARENT_RUN_ID_TAG, spelled out: no Dagster here).
+PARENT_RUN_ID_TAG = "dagster/parent_run_id"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -31,6 +34,12 @@ def launcher_tag(pid: int | None = None) -> str:
     """This process (or ``pid``) as the tag value: ``{"host", "pid", "started"}`` (JSON)."""
     process = psutil.Process(pid)
     return json.dumps({"host": socket.gethostname(), "pid": process.pid, "started": process.create_time()})
+
+
+def launched_by(tags: Mapping[str, str]) -> str | None:
+    """The launching command of a run, from its tags: None for a re-execution (the UI copies the
+    parent's tags, whose command is not this run's) and for a run no sweep command launched."""
+    return None if PARENT_RUN_ID_TAG in tags else tags.get(LAUNCHER_TAG)
 
 
 def _parse(tag: str) -> dict | None:

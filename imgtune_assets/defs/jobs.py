@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from dagster import AssetSelection, DagsterInstance, DagsterRunStatus, JobDefinition, RunRequest, RunsFilter, define_asset_job
 
 from imgtune_assets.core.catalog import group_name
-from imgtune_assets.core.launcher import LAUNCHER_TAG, launcher_gone
+from imgtune_assets.core.launcher import launched_by, launcher_gone
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.keys import asset_key
 
@@ -40,7 +40,7 @@ def runs_in_progress(instance: DagsterInstance, job_name: str, *, marked_by: str
     live = []
     for record in instance.get_run_records(filters=RunsFilter(job_name=job_name, statuses=IN_PROGRESS), limit=50):
         run = record.dagster_run
-        if launcher_gone(run.tags.get(LAUNCHER_TAG)):
+        if launcher_gone(launched_by(run.tags)):
             instance.report_run_failed(run, message="the imgtune sweep command that launched this run is gone, "
                                                     f"and the run with it; marked failed by {marked_by}")
             if log is not None:

@@ -39,7 +39,7 @@ class SweepResource(ConfigurableResource):
             return
         # A run launched by `python -m imgtune_assets.cli sweep` ends with that command (core/launcher.py);
         # and one that an earlier command left running when both were killed is marked failed now.
-        launcher.end_with_launcher(run.tags.get(launcher.LAUNCHER_TAG))
+        launcher.end_with_launcher(launcher.launched_by(run.tags))
         if context.instance is not None:
             from imgtune_assets.defs.jobs import runs_in_progress
 

@@ -10,7 +10,7 @@ import textwrap
 import psutil
 import pytest
 
-from imgtune_assets.core.launcher import end_with_launcher, launcher_gone, launcher_tag
+from imgtune_assets.core.launcher import LAUNCHER_TAG, end_with_launcher, launched_by, launcher_gone, launcher_tag
 
 
 def test_a_running_launcher_is_not_gone_and_an_ended_one_is():
@@ -73,3 +73,11 @@ def test_a_process_ends_with_the_command_that_launched_it():
         launcher.kill()
         if child is not None and child.is_running():
             child.kill()
+
+
+def test_a_re_executed_run_is_not_taken_for_its_parents_launch():
+    # The UI's re-execution copies the parent run's tags: the dead command there was not this run's.
+    tags = {LAUNCHER_TAG: launcher_tag(), "imgtune/trigger": "cli"}
+    assert launched_by(tags) == tags[LAUNCHER_TAG]
+    assert launched_by({**tags, "dagster/parent_run_id": "abc"}) is None
+    assert launched_by({"imgtune/trigger": "schedule"}) is None
