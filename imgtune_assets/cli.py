@@ -49,7 +49,7 @@ from imgtune_assets.core.catalog import (
     group_name,
     sweeps_from_environment,
 )
-from imgtune_assets.core.launcher import LAUNCHER_TAG, launcher_tag
+from imgtune_assets.core.launcher import LAUNCHER_PID_ENV, LAUNCHER_TAG, process_tag
 from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
@@ -123,9 +123,10 @@ def instance_config_note(home: Path) -> str | None:
     installed = ensure_instance_config(home)
     if installed:
         return f"(no dagster.yaml in DAGSTER_HOME: installed the project's, {installed})"
-    if not (home / "dagster.yaml").exists():
+    if PROJECT_DAGSTER_YAML.exists() and not (home / "dagster.yaml").exists():
         return (f"(no dagster.yaml in DAGSTER_HOME {home}, which already holds files: Dagster's defaults apply; "
-                f"`cp {PROJECT_DAGSTER_YAML} {home}/` for the project's faster event log)")
+                f"`cp {shlex.quote(str(PROJECT_DAGSTER_YAML))} {shlex.quote(str(home))}/` for the project's "
+                "faster event log)")
     return None
 
 
@@ -234,12 +235,13 @@ def fail_unfinished_run(home: Path, invocation: str, code: int | None) -> bool:
     process has ended (``code``: its exit status; killed by SIGKILL or the OOM killer, it could not say
     so itself): else it would show as running for ever, and the sweep's new-images sensor would wait for
     it. Returns whether it did. Loads Dagster: for failures only."""
-    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+    from dagster import DagsterInstance, RunsFilter
+
+    from imgtune_assets.defs.jobs import IN_PROGRESS
 
     with DagsterInstance.from_config(str(home)) as instance:
         runs = instance.get_runs(filters=RunsFilter(tags={INVOCATION_TAG: invocation}), limit=1)
-        if not runs or runs[0].status not in (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-                                              DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
+        if not runs or runs[0].status not in IN_PROGRESS:
             return False
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals() \
             else f"exit {code}"
@@ -457,7 +459,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
           file=out, flush=True)
     # One run of the sweep's job: one process, one Dagster start, one Ray start for all its steps.
     steps = [(SWEEP_LABEL + (" + tuned images" if sweep.apply_input is not None else ""),
-              sweep_run_command(sweep.name, keys, invocation=invocation, config=config, launched_by=launcher_tag()))]
+              sweep_run_command(sweep.name, keys, invocation=invocation, config=config, launched_by=process_tag()))]
     for label, command in steps:
         display = StepDisplay(f"  {label}", out, tty=tty, columns=columns, quiet=quiet)
         started = time.time()
@@ -480,7 +482,9 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                 ahead = ProbeAhead(sweep.data_dir, sweep.needs_target, sweep_dir / PROBE_CACHE_FILE)
             except OSError as exc:  # an output folder it cannot write: the run says so, and fails
                 print(f"  (the images are not read ahead: {exc})", file=err, flush=True)
-        proc = launch_logged(command, log, env=env)
+        # The run process ends with this command (core/launcher.py): it is told whose child it is.
+        proc = launch_logged(command, log, env={**(env if env is not None else os.environ),
+                                                LAUNCHER_PID_ENV: str(os.getpid())})
         try:
             code = wait_polling(proc, poll)
         except KeyboardInterrupt:

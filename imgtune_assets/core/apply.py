@@ -145,8 +145,16 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
             if intact:  # recorded now, so that the next run need not read either file
                 return {**previous, "status": "unchanged", "input": str(source), "input_stat": entry["input_stat"],
                         "output_stat": output_stat, "output_tag": target_tag}, None
-        image, alpha = decode_with_alpha(data, source)
-        output = to_depth(apply_pipeline(image, stages), image.dtype)
+        try:
+            image, alpha = decode_with_alpha(data, source)
+            output = to_depth(apply_pipeline(image, stages), image.dtype)
+        except MemoryError:
+            raise  # this machine's state, not the input's: tried again next run (below)
+        except Exception as exc:  # noqa: BLE001 - the input does not decode, or the pipeline refuses it
+            reason = str(exc) if isinstance(exc, ImageReadError) else f"{source}: {type(exc).__name__}: {exc}"
+            # the content's fault: skipped again, unread, while the input is unchanged
+            entry.update(status="skipped", reason=reason, output_sha256=None, unusable=True)
+            return entry, None
         if alpha is not None:  # the input's transparency goes back on unchanged
             import cv2
 
@@ -158,13 +166,10 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
         if suffix.lower() in (".jpg", ".jpeg"):  # a photo keeps its Exif (orientation...) and colour profile
             encoded = with_jpeg_metadata(encoded, jpeg_metadata(data, 1 if output.ndim == 2 else output.shape[2]))
         return entry, encoded
-    except storage.StorageError as exc:  # the read failed, perhaps for now: tried again next run
+    except (storage.StorageError, ImageReadError) as exc:  # a failed read or encoding: tried again next run
         entry.update(status="skipped", reason=str(exc), output_sha256=None)
-    except ImageReadError as exc:  # the content's fault: skipped again, unread, while the input is unchanged
-        entry.update(status="skipped", reason=str(exc), output_sha256=None, unusable=True)
-    except Exception as exc:  # noqa: BLE001 - a pipeline refusing this image: reported with the image, not raised
-        entry.update(status="skipped", reason=f"{source}: {type(exc).__name__}: {exc}", output_sha256=None,
-                     unusable=True)
+    except Exception as exc:  # noqa: BLE001 - reported with the image, not raised; tried again next run
+        entry.update(status="skipped", reason=f"{source}: {type(exc).__name__}: {exc}", output_sha256=None)
     return entry, None
 
 
@@ -369,19 +374,29 @@ def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[in
              connect: Callable[[], None] | None = None) -> ApplyResult:
     """``plan``'s items through Ray tasks, then the ledger, written whole."""
     result = ApplyResult(entries=list(plan.settled), input_dir=plan.input_dir)
-    if plan.items:
-        if connect is not None:
-            connect()
-        result.entries.extend(_run_tasks(plan, max_retries, on_progress))
-    result.entries.sort(key=lambda e: e["input"])
-    ledger = {"pipeline": plan.key, "stages": [[op, params] for op, params in plan.stages],
-              "entries": [e for e in result.entries if e["output"]]}
-    result.ledger = storage.write_bytes_atomic(
-        plan.output_dir / LEDGER_NAME, (json.dumps(ledger, indent=2, sort_keys=True, default=str) + "\n").encode())
+    finished: list[dict[str, Any]] = []
+    try:
+        if plan.items:
+            if connect is not None:
+                connect()
+            _run_tasks(plan, max_retries, on_progress, finished)
+    finally:
+        # Written whatever happened: a task lost beyond its retries (or an interruption) keeps the outputs
+        # written so far, and the earlier runs' entries of the files not reached, for the next run.
+        done = {e["input"] for e in finished}
+        kept = [item[2] for item in plan.items if str(item[0]) not in done and item[2] is not None]
+        entries = sorted([*result.entries, *finished], key=lambda e: e["input"])
+        ledger = {"pipeline": plan.key, "stages": [[op, params] for op, params in plan.stages],
+                  "entries": sorted([*(e for e in entries if e["output"]), *kept], key=lambda e: e["input"])}
+        result.ledger = storage.write_bytes_atomic(
+            plan.output_dir / LEDGER_NAME, (json.dumps(ledger, indent=2, sort_keys=True, default=str) + "\n").encode())
+    result.entries = entries
     return result
 
 
-def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
+def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, int], None] | None,
+               entries: list[dict[str, Any]]) -> None:
+    """``plan``'s items through Ray tasks; each task's entries are appended to ``entries`` as it ends."""
     import ray
 
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -391,11 +406,9 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
     for size in task_sizes(len(plan.items), total_cpus):
         pending.append(remote.remote(list(plan.stages), plan.items[start:start + size], plan.key))
         start += size
-    entries: list[dict[str, Any]] = []
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         for ref in ready:
             entries.extend(ray.get(ref))
         if on_progress:
             on_progress(len(entries), len(plan.items))
-    return entries

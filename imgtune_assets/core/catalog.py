@@ -68,20 +68,36 @@ def load_catalog(files: list[Path]) -> list[Sweep]:
                                 "each sweep needs its own name (it names its asset keys, group and output folder)")
     # Two sweeps applying their winners into one folder would overwrite each other's outputs (and ledger)
     # on every run, each run rewriting everything.
-    from imgtune_assets.core.apply import same_folder
-    from imgtune_assets.core.storage import is_remote
+    from imgtune_assets.core.apply import same_folder, within
 
     applying = [s for s in sweeps if s.apply_output is not None]
     for i, sweep in enumerate(applying):
         for other in applying[:i]:
-            # (the same bucket and path at two S3-compatible stores are two folders)
-            if same_folder(other.apply_output, sweep.apply_output) and (
-                    not is_remote(sweep.apply_output) or other.endpoint_url == sweep.endpoint_url):
+            if same_folder(other.apply_output, sweep.apply_output) and _same_store(other, sweep, sweep.apply_output):
                 problems.append(f"{other.path} and {sweep.path}: both write their tuned images to "
                                 f"{sweep.apply_output} (apply.output_dir); each sweep needs its own output folder")
+    # ... nor into another sweep's data folder (its images and targets; its own is refused when loaded)
+    for sweep in applying:
+        for other in sweeps:
+            if other is not sweep and within(sweep.apply_output, other.data_dir) and _same_store(other, sweep,
+                                                                                                   other.data_dir):
+                problems.append(f"{sweep.path}: apply.output_dir {sweep.apply_output} is inside the data folder "
+                                f"of {other.path} ({other.data_dir}): the tuned images would overwrite its images")
     if problems:
         raise SweepCatalogError("\n".join(problems))
     return sweeps
+
+
+def _same_store(a: Sweep, b: Sweep, where) -> bool:
+    """Whether two sweeps' URLs like ``where`` may name the same store: always for local folders; for
+    URLs unless both sweeps name two different endpoints (a default endpoint may be either)."""
+    from imgtune_assets.core.storage import is_remote
+
+    def norm(url):
+        return url.strip().rstrip("/").lower() if url else None
+
+    return not is_remote(where) or None in (norm(a.endpoint_url), norm(b.endpoint_url)) \
+        or norm(a.endpoint_url) == norm(b.endpoint_url)
 
 
 def served_sweep_files(env: Mapping[str, str] | None = None) -> list[Path]:

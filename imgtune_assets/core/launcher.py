@@ -1,16 +1,20 @@
 """Runs launched by ``python -m imgtune_assets.cli sweep``, and what becomes of them when it dies.
 
-Plain module (no Dagster). The sweep command runs each sweep as a ``dagster job execute`` child and
-tags the run with itself (``LAUNCHER_TAG``: host, process id and start time, ``launcher_tag``):
+Plain module (no Dagster). On Linux (elsewhere nothing here acts):
 
-* the child asks Linux to send it SIGINT when the command dies (``end_with_launcher``): Dagster turns
-  SIGINT, as it does Ctrl-C, into an interruption that fails the run and records why, so a command
-  killed by SIGKILL or the OOM killer leaves no run working on for nothing (its Ray, hosted by the
-  command, is gone too);
-* when the child itself dies without ending its run, the command marks the run failed;
-* a run left in progress when both died (a machine that lost power) is recognised by ``launcher_gone``
-  (its command's process no longer exists on this host): the new-images sensor marks it failed instead
-  of waiting for it for ever.
+* the sweep command runs each sweep as a ``dagster job execute`` child, tags the run with itself
+  (``LAUNCHER_TAG``) and tells the child its process id (``LAUNCHER_PID_ENV``);
+* the child — and only it, not a step process or a Ray worker — asks Linux to send it SIGINT when the
+  command dies (``end_with_launcher``): Dagster turns SIGINT, as it does Ctrl-C, into an interruption
+  of the run, so a command killed by SIGKILL or the OOM killer leaves no run working on for nothing;
+  once tied so, the run is tagged with the child's own identity (``RUN_PROCESS_TAG``);
+* when the child dies without ending its run, the command marks the run failed;
+* a run still shown as in progress whose tied run process no longer exists (``process_gone``: both
+  killed, a power cut) is marked failed by the sweep's next run or the new-images sensor's next tick.
+
+A process is identified by host name, pid namespace, boot and the kernel's start time of the process
+(clock ticks since boot, which a change of the wall clock does not move), so that neither a process
+that was given the same id later, nor a container that shares the host name, is taken for it.
 """
 
 from __future__ import annotations
@@ -22,29 +26,47 @@ import socket
 import sys
 from collections.abc import Mapping
 
-import psutil
-
 LAUNCHER_TAG = "imgtune/launcher"
+RUN_PROCESS_TAG = "imgtune/run_process"
+LAUNCHER_PID_ENV = "IMGTUNE_LAUNCHER_PID"
 # Dagster's tag on a re-executed run (dagster._core.storage.tags.PARENT_RUN_ID_TAG, spelled out: no Dagster here).
 PARENT_RUN_ID_TAG = "dagster/parent_run_id"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def launcher_tag(pid: int | None = None) -> str:
-    """This process (or ``pid``) as the tag value: ``{"host", "pid", "started"}`` (JSON)."""
-    process = psutil.Process(pid)
-    return json.dumps({"host": socket.gethostname(), "pid": process.pid, "started": process.create_time()})
+def _linux() -> bool:
+    return sys.platform.startswith("linux")
 
 
-def launched_by(tags: Mapping[str, str]) -> str | None:
-    """The launching command of a run, from its tags: None for a re-execution (the UI copies the
-    parent's tags, whose command is not this run's) and for a run no sweep command launched."""
-    return None if PARENT_RUN_ID_TAG in tags else tags.get(LAUNCHER_TAG)
-
-
-def _parse(tag: str) -> dict | None:
+def _machine() -> dict:
+    """This machine and pid namespace, as far as process ids go (and this boot of it)."""
     try:
-        value = json.loads(tag)
+        boot = open("/proc/sys/kernel/random/boot_id", encoding="ascii").read().strip()
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, pidns = None, None
+    return {"host": socket.gethostname(), "pidns": pidns, "boot": boot}
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The kernel's start time of process ``pid`` (clock ticks since boot), None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            stat = handle.read()
+    except OSError:  # no such process (or /proc hides it: then its id is not ours to judge, see process_gone)
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in parentheses may hold spaces
+
+
+def process_tag(pid: int | None = None) -> str:
+    """This process (or ``pid``) as a tag value (JSON): machine, pid namespace, boot, pid, start time."""
+    pid = os.getpid() if pid is None else pid
+    return json.dumps({**_machine(), "pid": pid, "start": _start_ticks(pid) if _linux() else None})
+
+
+def _parse(tag: str | None) -> dict | None:
+    try:
+        value = json.loads(tag) if tag else None
     except (TypeError, ValueError):
         return None
     if not isinstance(value, dict) or not isinstance(value.get("pid"), int) or not isinstance(value.get("host"), str):
@@ -52,35 +74,46 @@ def _parse(tag: str) -> dict | None:
     return value
 
 
-def _alive(value: dict) -> bool:
+def process_gone(tag: str | None) -> bool:
+    """Whether the process a tag names is known to be gone: on this machine and pid namespace, and
+    either the machine has booted since or no process with its id and start time exists. False when
+    it may still run (alive, elsewhere, hidden from this user, no usable tag, not Linux)."""
+    value = _parse(tag)
+    here = _machine()
+    if value is None or not _linux() or value.get("start") is None or here["boot"] is None:
+        return False
+    if (value["host"], value.get("pidns")) != (here["host"], here["pidns"]):
+        return False
+    if value.get("boot") != here["boot"]:
+        return True  # a reboot since: every process of then is gone
+    if _start_ticks(value["pid"]) == value["start"]:
+        return False
     try:
-        process = psutil.Process(value["pid"])
-        # the same process, not a later one that was given its id
-        return abs(process.create_time() - float(value.get("started", 0.0))) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, TypeError):
-        return False
+        os.kill(value["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process of that id: ours may have been given it, or not
+        return _start_ticks(value["pid"]) is not None
+    return True  # a process of that id exists, started at another time: another process
 
 
-def launcher_gone(tag: str | None) -> bool:
-    """Whether the command that launched a run (its ``LAUNCHER_TAG``) is known to be gone: its process
-    no longer exists on this host. False when it may still run: alive, on another host, or no tag."""
-    value = _parse(tag) if tag else None
-    if value is None or value["host"] != socket.gethostname():
-        return False
-    return not _alive(value)
+def own_tag(tags: Mapping[str, str], name: str) -> str | None:
+    """A tag of a run that is the run's own: None for a re-execution, whose tags the UI copies from
+    the parent run (the processes named there were the parent's)."""
+    return None if PARENT_RUN_ID_TAG in tags else tags.get(name)
 
 
-def end_with_launcher(tag: str | None) -> bool:
-    """In the process the sweep command launched (``tag`` from the run's tags): have Linux send this
-    process SIGINT when the command dies (Dagster's interruption; SIGTERM would end the process before
-    it records the run's end), or send it at once if it died already. Nothing elsewhere —
-    another host, a process the command did not start itself (a Ray worker running a step), another
-    system than Linux. Returns whether this process now ends with its launcher."""
-    value = _parse(tag) if tag else None
-    if value is None or value["host"] != socket.gethostname() or not sys.platform.startswith("linux"):
+def end_with_launcher(tag: str | None, environ: Mapping[str, str] = os.environ) -> bool:
+    """In the process that the sweep command named by ``tag`` launched (the run's tag, and its pid in
+    ``LAUNCHER_PID_ENV``): have Linux send this process SIGINT when the command dies, or send it at once
+    if the command died already. Nothing in any other process (a step process that inherited the
+    environment while the command lives, a Ray worker, another host) or system. Returns whether this
+    process now ends with its launcher."""
+    value = _parse(tag)
+    if value is None or not _linux() or environ.get(LAUNCHER_PID_ENV) != str(value["pid"]):
         return False
     if os.getppid() != value["pid"]:
-        if not _alive(value):  # the command died before this process got here
+        if process_gone(tag):  # the command died before this process got here: end as it would have
             os.kill(os.getpid(), signal.SIGINT)
         return False
     import ctypes

@@ -37,27 +37,29 @@ class TrialStore:
     def save(self, record: dict[str, Any]) -> Path:
         return atomic_write_json(self.path(record["trial"]), record)
 
-    def _read(self, key: str) -> dict[str, Any] | None:
-        file = self.path(key)
+    def _read_file(self, file: Path) -> dict[str, Any] | None:
         if not file.exists():
-            file = self._legacy_path(key)
-            if file is None:
-                return None
+            return None
         try:
-            record = json.loads(file.read_text())
+            return json.loads(file.read_text())
         except json.JSONDecodeError as exc:  # atomic writes make this a foreign or hand-edited file
             raise ValueError(f"{file}: not a trial result ({exc})") from None
-        return {**record, "trial": key} if isinstance(record, dict) else record
 
-    def _legacy_path(self, key: str) -> Path | None:
-        """The result of a sweep whose keys were padded to its trial count (``trial-0007`` in a sweep of
-        more than 1,000 trials, before keys kept three digits), read under today's key."""
+    def _read(self, key: str) -> dict[str, Any] | None:
+        """The result saved under ``key``; or, when there is none or it is stale, a current one saved
+        under the key padded to the trial count (``trial-0007`` in a sweep of more than 1,000 trials,
+        before keys kept three digits), which is then saved under ``key`` too (the migration)."""
+        record = self._read_file(self.path(key))
+        if record is not None and self.is_current(record):
+            return record
         index = trial_index(key)
         for width in range(len(key) - len("trial-") + 1, 7):
-            file = self.path(f"trial-{index:0{width}d}")
-            if file.exists():
-                return file
-        return None
+            legacy = self._read_file(self.path(f"trial-{index:0{width}d}"))
+            if isinstance(legacy, dict) and self.is_current(legacy):
+                migrated = {**legacy, "trial": key}
+                self.save(migrated)
+                return migrated
+        return record
 
     def is_current(self, record: dict[str, Any]) -> bool:
         return (record.get("fingerprint"), record.get("manifest_digest")) == (self.fingerprint, self.manifest_digest)

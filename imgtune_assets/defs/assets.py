@@ -455,6 +455,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         completed = [r for r in records if r["status"] == "ok"]
         failed = [r for r in records if r["status"] == "failed"]
         pruned = [r for r in records if r["status"] == "pruned"]
+        recorded = {r["trial"] for r in records}
         n_images = len(usable_rows(rows))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-before-after") as pool:
             # Decoding the two pictured photos (OpenCV, outside the GIL) overlaps drawing the other plots.
@@ -477,7 +478,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "completed_trials": len(completed),
             "pruned_trials": len(pruned),
             "failed_trials": [r["trial"] for r in failed],
-            "missing_trials": [k for k in keys if k not in {r["trial"] for r in records}],
+            "missing_trials": [k for k in keys if k not in recorded],
             "stale_trials": stale,
             "best_trial": best["trial"] if best else None,
             "best_score": best_score,

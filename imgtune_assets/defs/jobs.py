@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from dagster import AssetSelection, DagsterInstance, DagsterRunStatus, JobDefinition, RunRequest, RunsFilter, define_asset_job
 
 from imgtune_assets.core.catalog import group_name
-from imgtune_assets.core.launcher import launched_by, launcher_gone
+from imgtune_assets.core.launcher import RUN_PROCESS_TAG, own_tag, process_gone
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.keys import asset_key
 
@@ -29,22 +29,27 @@ SWEEP_TAG = "imgtune/sweep"
 ASSET_PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 ASSET_PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-               DagsterRunStatus.STARTED]
+               DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
-def runs_in_progress(instance: DagsterInstance, job_name: str, *, marked_by: str, log=None) -> list:
-    """The job's runs that are queued or running — after marking failed those a sweep command launched
-    and that died with it (``launcher.launcher_gone``: both killed, by the OOM killer, a power cut):
-    Dagster's run monitoring does not watch runs that ``dagster job execute`` started, so they would show
-    as running for ever, and hold the new-images sensor for ever."""
+def runs_in_progress(instance: DagsterInstance, job_name: str, *, marked_by: str, log=None,
+                     besides: str | None = None) -> list:
+    """The job's runs that are queued or running (but the run ``besides``) — after marking failed those
+    whose run process, tied to the sweep command that launched it, is gone (``launcher.process_gone``:
+    the command and the run killed together, a power cut): Dagster's run monitoring does not watch runs
+    that ``dagster job execute`` started, so they would show as running for ever and hold the
+    new-images sensor for ever. A run with no such tie (another executor's, another system's, the
+    daemon's) is never taken for gone."""
     live = []
     for record in instance.get_run_records(filters=RunsFilter(job_name=job_name, statuses=IN_PROGRESS), limit=50):
         run = record.dagster_run
-        if launcher_gone(launched_by(run.tags)):
-            instance.report_run_failed(run, message="the imgtune sweep command that launched this run is gone, "
-                                                    f"and the run with it; marked failed by {marked_by}")
+        if run.run_id == besides:
+            continue
+        if process_gone(own_tag(run.tags, RUN_PROCESS_TAG)):
+            instance.report_run_failed(run, message="this run's process is gone (with the imgtune sweep command "
+                                                    f"that launched it); marked failed by {marked_by}")
             if log is not None:
-                log.warning(f"run {run.run_id} was left in progress by a sweep command that is gone: marked failed")
+                log.warning(f"run {run.run_id} was left in progress by a run process that is gone: marked failed")
         else:
             live.append(run)
     return live

@@ -33,17 +33,20 @@ class SweepResource(ConfigurableResource):
     def from_environment(cls) -> "SweepResource":
         return cls(output_dir=str(default_output_dir()))
 
-    def setup_for_execution(self, context: InitResourceContext) -> None:
-        run = context.run
+    def setup_for_execution(self, context: Optional[InitResourceContext]) -> None:
+        run = context.run if context is not None else None
         if run is None:
             return
         # A run launched by `python -m imgtune_assets.cli sweep` ends with that command (core/launcher.py);
         # and one that an earlier command left running when both were killed is marked failed now.
-        launcher.end_with_launcher(launcher.launched_by(run.tags))
+        tied = launcher.end_with_launcher(launcher.own_tag(run.tags, launcher.LAUNCHER_TAG))
         if context.instance is not None:
             from imgtune_assets.defs.jobs import runs_in_progress
 
-            runs_in_progress(context.instance, run.job_name, marked_by=f"run {run.run_id}", log=context.log)
+            if tied:  # this process is the run's: when it is gone, so is the run
+                context.instance.add_run_tags(run.run_id, {launcher.RUN_PROCESS_TAG: launcher.process_tag()})
+            runs_in_progress(context.instance, run.job_name, marked_by=f"run {run.run_id}", log=context.log,
+                             besides=run.run_id)
 
     def sweep_dir(self, sweep_name: str) -> Path:
         if "://" in self.output_dir:
@@ -161,7 +164,7 @@ class RayResource(ConfigurableResource):
         # The embedded Ray starts in the background as soon as a run that uses it begins: its start-up
         # overlaps the steps before the fan-out (the manifest's hashing, the settings) instead of
         # following them; ``connect()`` waits for it. A cluster is connected to by ``connect()`` only.
-        if self.resolved_address() or _ray_initialized() or _run_already_finished(context):
+        if self.resolved_address() or _ray_initialized() or _run_already_finished(context) or _applies_only(context):
             return
         self._early_start = self._background_start()
         self._started_here = True
@@ -311,6 +314,14 @@ def _run_already_finished(context: Optional[InitResourceContext]) -> bool:
         return False
     stored = instance.get_run_by_id(run.run_id)
     return bool(stored is not None and stored.is_finished)
+
+
+def _applies_only(context: Optional[InitResourceContext]) -> bool:
+    """Whether the run materializes ``tuned_images`` alone: it needs Ray only for files that changed,
+    which ``connect()`` starts when there are some (an unchanged folder's re-run starts none)."""
+    run = context.run if context is not None else None
+    keys = run.asset_selection if run is not None else None
+    return bool(keys) and all(key.path[-1] == "tuned_images" for key in keys)
 
 
 def _ray_initialized() -> bool:

@@ -524,3 +524,29 @@ def test_an_output_that_could_not_be_written_is_tried_again_and_a_broken_input_i
     second = by_name(apply_to_folder(STAGES, src, out, connect=lambda: connected.append(1)))
     assert second["grey8.png"]["status"] == "written" and connected == [1]
     assert second["broken.png"]["status"] == "skipped" and second["broken.png"]["reason"] == first["broken.png"]["reason"]
+
+
+def test_a_run_that_fails_midway_keeps_the_ledger_of_what_it_did(tmp_path, monkeypatch):
+    # Ray's part replaced: the first task's files are done, then a task is lost beyond its retries.
+    from imgtune_assets.core import apply
+
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    earlier = {"input": str(src / "photo.jpg"), "output": str(out / "photo.jpg"), "status": "written",
+               "pipeline": "older", "input_key": "k", "output_sha256": "s"}
+    out.mkdir()
+    (out / LEDGER_NAME).write_text(json.dumps({"entries": [earlier]}))
+    plan = apply.plan_apply(STAGES, src, out)
+
+    def half_then_lost(plan, max_retries, on_progress, entries):
+        entries.append({"input": str(src / "grey8.png"), "output": str(out / "grey8.png"), "status": "written",
+                        "pipeline": plan.key, "output_sha256": "x"})
+        raise RuntimeError("task lost beyond its retries")
+
+    monkeypatch.setattr(apply, "_run_tasks", half_then_lost)
+    with pytest.raises(RuntimeError, match="lost"):
+        apply.run_plan(plan)
+    kept = {e["input"].rsplit("/", 1)[-1]: e for e in json.loads((out / LEDGER_NAME).read_text())["entries"]}
+    assert kept["grey8.png"]["status"] == "written"  # done before the loss
+    assert kept["photo.jpg"] == earlier  # not reached: the earlier run's entry stays
+    assert "notes.txt" not in kept  # not an image: no output, not in the ledger

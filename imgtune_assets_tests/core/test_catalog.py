@@ -120,9 +120,22 @@ def test_one_bucket_path_at_two_s3_compatible_stores_is_two_output_folders(folde
     write_sweep(folder / "one.yaml", denoise_data, name="one", **at("http://127.0.0.1:9000"))
     second = write_sweep(folder / "two.yaml", denoise_data, name="two", **at("http://127.0.0.2:9000"))
     assert [s.name for s in sweeps_from_environment({SWEEPS_DIR_ENV: str(folder)})] == ["one", "two"]
-    write_sweep(second, denoise_data, name="two", **at("http://127.0.0.1:9000"))
-    with pytest.raises(SweepCatalogError, match="both write their tuned images to s3://photos/tuned"):
+    # the same endpoint spelled another way, or a default endpoint that may be it: one folder
+    for endpoint in ("http://127.0.0.1:9000/", None):
+        doc = at(endpoint) if endpoint else {"apply": at("x")["apply"]}
+        write_sweep(second, denoise_data, name="two", **doc)
+        with pytest.raises(SweepCatalogError, match="both write their tuned images to s3://photos/tuned"):
+            sweeps_from_environment({SWEEPS_DIR_ENV: str(folder)})
+
+
+def test_tuned_images_into_another_sweeps_data_folder_are_refused(folder, denoise_data, segment_data, tmp_path):
+    (tmp_path / "photos").mkdir()
+    write_sweep(folder / "denoise.yaml", denoise_data, name="denoise")
+    bad = write_sweep(folder / "segment.yaml", segment_data, name="segment",
+                      apply={"input_dir": str(tmp_path / "photos"), "output_dir": str(denoise_data / "images")})
+    with pytest.raises(SweepCatalogError) as err:
         sweeps_from_environment({SWEEPS_DIR_ENV: str(folder)})
+    assert f"{bad}: apply.output_dir {denoise_data / 'images'} is inside the data folder of" in str(err.value)
 
 
 def test_names_that_map_to_the_same_group_are_refused(folder, denoise_data):

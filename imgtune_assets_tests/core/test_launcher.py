@@ -1,7 +1,8 @@
-"""core/launcher.py: a run's launching command recognised as gone, and a process that ends with the
-process that started it — with real processes."""
+"""core/launcher.py: a run process recognised as gone, and a process that ends with the process that
+launched it — with real processes (Linux: elsewhere the module does nothing)."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -10,40 +11,71 @@ import textwrap
 import psutil
 import pytest
 
-from imgtune_assets.core.launcher import LAUNCHER_TAG, end_with_launcher, launched_by, launcher_gone, launcher_tag
+from imgtune_assets.core.launcher import (
+    LAUNCHER_PID_ENV,
+    LAUNCHER_TAG,
+    end_with_launcher,
+    own_tag,
+    process_gone,
+    process_tag,
+)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and prctl")
 
 
-def test_a_running_launcher_is_not_gone_and_an_ended_one_is():
-    assert not launcher_gone(launcher_tag())
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+def sleeper():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+
+
+def test_a_running_process_is_not_gone_and_an_ended_one_is():
+    assert not process_gone(process_tag())
+    child = sleeper()
     try:
-        tag = launcher_tag(child.pid)
-        assert not launcher_gone(tag)
+        tag = process_tag(child.pid)
+        assert not process_gone(tag)
     finally:
         child.kill()
         child.wait()
-    assert launcher_gone(tag)
+    assert process_gone(tag)
 
 
-def test_a_process_that_took_a_dead_launchers_id_does_not_count_as_it():
-    value = json.loads(launcher_tag())
-    value["started"] -= 3600  # this pid, but a process started an hour earlier: not this one
-    assert launcher_gone(json.dumps(value))
+def test_a_process_given_a_gone_ones_id_is_not_taken_for_it():
+    value = json.loads(process_tag())
+    value["start"] -= 1000  # this pid, but a process started earlier: not this one
+    assert process_gone(json.dumps(value))
+
+
+def test_a_reboot_since_means_gone_and_another_machine_or_pid_namespace_means_unknown():
+    value = json.loads(process_tag())
+    assert process_gone(json.dumps({**value, "boot": "another-boot"}))
+    assert not process_gone(json.dumps({**value, "host": socket.gethostname() + "-elsewhere", "start": -1}))
+    assert not process_gone(json.dumps({**value, "pidns": -1, "start": -1}))  # a container sharing the name
 
 
 @pytest.mark.parametrize("tag", [None, "", "not json", json.dumps({"pid": "1"}), json.dumps([1, 2])])
-def test_without_a_usable_tag_nothing_is_known_gone(tag):
-    assert not launcher_gone(tag)
-    assert end_with_launcher(tag) is False
+def test_without_a_usable_tag_nothing_is_known_gone_or_tied(tag):
+    assert not process_gone(tag)
+    assert end_with_launcher(tag, {LAUNCHER_PID_ENV: "1"}) is False
 
 
-def test_on_another_host_a_launcher_is_never_taken_for_gone():
-    value = json.loads(launcher_tag())
-    value.update(host=socket.gethostname() + "-elsewhere", pid=2**22 + 12345)
-    assert not launcher_gone(json.dumps(value))
+def test_a_re_executed_runs_copied_tags_are_not_its_own():
+    # The UI's re-execution copies the parent run's tags: the processes named there were the parent's.
+    tags = {LAUNCHER_TAG: process_tag(), "imgtune/trigger": "cli"}
+    assert own_tag(tags, LAUNCHER_TAG) == tags[LAUNCHER_TAG]
+    assert own_tag({**tags, "dagster/parent_run_id": "abc"}, LAUNCHER_TAG) is None
+    assert own_tag({"imgtune/trigger": "schedule"}, LAUNCHER_TAG) is None
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_only_the_process_the_launcher_started_and_told_is_tied():
+    # this process's parent (pytest's launcher) did not tell it: never tied, never signalled
+    parent = process_tag(os.getppid())
+    assert end_with_launcher(parent, {}) is False
+    assert end_with_launcher(parent, {LAUNCHER_PID_ENV: str(os.getppid() + 1)}) is False
+    # told, but a grandchild of that launcher (a step process inheriting the environment): not tied
+    grand = process_tag(psutil.Process(os.getppid()).ppid() or 1)
+    assert end_with_launcher(grand, {LAUNCHER_PID_ENV: str(json.loads(grand)["pid"])}) is False
+
+
 def test_a_process_ends_with_the_command_that_launched_it():
     # launcher (sleeps) -> child: end_with_launcher(launcher's tag), then sleeps on; SIGKILL the launcher
     child_code = textwrap.dedent("""
@@ -53,9 +85,10 @@ def test_a_process_ends_with_the_command_that_launched_it():
         time.sleep(60)
     """)
     launcher_code = textwrap.dedent(f"""
-        import subprocess, sys, time
-        from imgtune_assets.core.launcher import launcher_tag
-        child = subprocess.Popen([sys.executable, "-c", {child_code!r}, launcher_tag()])
+        import os, subprocess, sys, time
+        from imgtune_assets.core.launcher import LAUNCHER_PID_ENV, process_tag
+        child = subprocess.Popen([sys.executable, "-c", {child_code!r}, process_tag()],
+                                 env={{**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}})
         print(child.pid, flush=True)
         time.sleep(60)
     """)
@@ -73,11 +106,3 @@ def test_a_process_ends_with_the_command_that_launched_it():
         launcher.kill()
         if child is not None and child.is_running():
             child.kill()
-
-
-def test_a_re_executed_run_is_not_taken_for_its_parents_launch():
-    # The UI's re-execution copies the parent run's tags: the dead command there was not this run's.
-    tags = {LAUNCHER_TAG: launcher_tag(), "imgtune/trigger": "cli"}
-    assert launched_by(tags) == tags[LAUNCHER_TAG]
-    assert launched_by({**tags, "dagster/parent_run_id": "abc"}) is None
-    assert launched_by({"imgtune/trigger": "schedule"}) is None

@@ -175,12 +175,18 @@ def test_chunk_progress_round_trips_and_ignores_other_settings(tmp_path):
     assert store.load_chunks() == ({}, {})
 
 
-def test_a_result_saved_under_a_key_padded_to_the_trial_count_loads_under_todays_key(store):
-    legacy = store.folder / "trial-0007.json"  # a sweep of over 1,000 trials, before keys kept 3 digits
+def test_a_result_saved_under_a_key_padded_to_the_trial_count_loads_under_todays_key(tmp_path, store):
+    # A sweep of over 1,000 trials, before keys kept 3 digits, whose folder also holds a stale
+    # trial-007.json from when it had fewer trials (other settings).
+    legacy = store.folder / "trial-0007.json"
     legacy.parent.mkdir(parents=True)
     legacy.write_text(json.dumps(record("trial-0007", 30.5)))
+    stale = TrialStore(tmp_path / "sweep", "old settings", DIGEST)
+    stale.save(record("trial-007", 12.0, fingerprint="old settings"))
     assert store.load("trial-007") == record("trial-007", 30.5)
+    assert json.loads(store.path("trial-007").read_text()) == record("trial-007", 30.5)  # saved under today's key
     assert store.split_finished(["trial-007", "trial-008"], skip_finished=True) == \
         ([record("trial-007", 30.5)], ["trial-008"])
     store.save(record("trial-007", 31.0))  # a result saved since wins over the old name
     assert store.load("trial-007")["score"] == 31.0
+    assert store.load_all(["trial-007"]) == ([record("trial-007", 31.0)], 0)

@@ -388,6 +388,25 @@ def test_resources_initialized_again_after_the_run_start_no_ray(monkeypatch):
         assert _starter_threads() == []
 
 
+def test_a_run_of_tuned_images_alone_starts_no_ray_before_a_file_needs_reading(monkeypatch):
+    """Applying over an unchanged folder reads nothing: Ray starts only when ``connect()`` is called."""
+    from dagster import AssetKey, DagsterInstance, DagsterRun, DagsterRunStatus, InitResourceContext
+
+    monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
+    with DagsterInstance.ephemeral() as instance:
+        for selection, starts in (({AssetKey(["a", "tuned_images"]), AssetKey(["b", "tuned_images"])}, 0),
+                                  ({AssetKey(["a", "tuned_images"]), AssetKey(["a", "sweep_report"])}, 1)):
+            run = instance.add_run(DagsterRun(job_name="apply", status=DagsterRunStatus.STARTED,
+                                              asset_selection=frozenset(selection)))
+            resource = RayResource(num_cpus=1)
+            resource.setup_for_execution(InitResourceContext(resource_config=None, resources=None, resource_def=None,
+                                                             all_resource_defs={}, instance=instance, dagster_run=run))
+            try:
+                assert len(_starter_threads()) == starts, selection
+            finally:
+                resource.teardown_after_execution(None)
+
+
 def test_a_cluster_address_is_not_connected_to_before_a_step_asks(monkeypatch):
     monkeypatch.setenv("IMGTUNE_RAY_ADDRESS", "127.0.0.1:1")  # nothing listens there: never dialled here
     resource = RayResource()

@@ -13,7 +13,7 @@ from dagster import AssetKey, AssetMaterialization, DagsterRunStatus, build_sens
 from dagster._core.test_utils import create_run_for_test
 
 from imgtune_assets.core import manifest
-from imgtune_assets.core.launcher import LAUNCHER_TAG, launcher_tag
+from imgtune_assets.core.launcher import RUN_PROCESS_TAG, process_tag
 from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     UNDECODABLE_FILE,
@@ -162,19 +162,21 @@ def test_waits_while_a_sweep_is_running(instance, sensor, folder):
     assert len(data.run_requests) == 1
 
 
-def test_a_run_left_running_by_a_sweep_command_that_is_gone_is_failed_and_held_back_nothing(instance, sensor,
-                                                                                            folder):
+def test_a_run_whose_tied_run_process_is_gone_is_failed_and_holds_back_nothing(instance, sensor, folder):
     cursor = tick(instance, sensor).cursor
     shutil.copy(sorted((folder / "images").iterdir())[0], folder / "images" / "extra.png")
-    command = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # the sweep command
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # the run's process
     try:
-        tags = {LAUNCHER_TAG: launcher_tag(command.pid)}
+        tags = {RUN_PROCESS_TAG: process_tag(process.pid)}
         run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED, tags=tags)
-        data = tick(instance, sensor, cursor)  # its command is alive: the run may be working
+        # untied (another executor's, the daemon's): never taken for gone
+        other = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED)
+        data = tick(instance, sensor, cursor)  # its process is alive: the run may be working
         assert not data.run_requests and "queued or running" in data.skip_message
+        instance.report_run_canceled(other)
     finally:
-        command.kill()  # as a power cut or the OOM killer would, with the run process
-        command.wait()
+        process.kill()  # as a power cut or the OOM killer would
+        process.wait()
     data = tick(instance, sensor, cursor)
     assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
     [request] = data.run_requests
