@@ -485,21 +485,18 @@ def test_an_existing_instance_config_is_left_alone(tmp_path):
     assert f"cp {cli.PROJECT_DAGSTER_YAML} {used}/" in note and not (used / "dagster.yaml").exists()
 
 
-def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
-    """A job scheduler's SIGTERM (or `kill`) to the command alone: the command passes the interruption
-    on to its run, which fails cleanly with the trials it had finished saved, stops its Ray, and exits
-    with 130; nothing of either is left running."""
-    import signal
+def _slow_sweep_under_way(tmp_path, trials):
+    """``python -m imgtune_assets.cli sweep`` of a slow sweep, once its first trial is done:
+    (its environment, the command's process, the processes it has started by then)."""
     import time
 
     from imgtune_assets.core.demo_data import make_denoise_set
 
     data = tmp_path / "data"
     make_denoise_set(data, count=8, size=384)
-    sweep = write_sweep(tmp_path / "slow.yaml", data, name="slow", trials=400, pipeline=[
+    sweep = write_sweep(tmp_path / "slow.yaml", data, name="slow", trials=trials, pipeline=[
         {"op": "bilateral_filter", "d": {"type": "int", "low": 15, "high": 25}, "sigma_color": 75, "sigma_space": 75}])
     env = cli_env(tmp_path, sweep)
-    sessions_before = _ray_sessions()
     progress = tmp_path / "outputs" / "slow" / "progress.json"
     proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "--quiet"], cwd=PROJECT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -510,8 +507,21 @@ def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
-        command = psutil.Process(proc.pid)
-        started = [p for p in command.children(recursive=True) if p.is_running()]
+        return env, proc, [p for p in psutil.Process(proc.pid).children(recursive=True) if p.is_running()]
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
+    """A job scheduler's SIGTERM (or `kill`) to the command alone: the command passes the interruption
+    on to its run, which fails cleanly with the trials it had finished saved, stops its Ray, and exits
+    with 130; nothing of either is left running."""
+    import signal
+
+    sessions_before = _ray_sessions()
+    env, proc, started = _slow_sweep_under_way(tmp_path, trials=400)
+    try:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -540,28 +550,10 @@ def test_a_run_whose_process_or_command_is_killed_is_marked_failed(tmp_path, kil
     its run and exits. Either way no run shows as running for ever (which would hold the sweep's
     new-images sensor for ever) and no process is left working."""
     import signal
-    import time
 
-    from imgtune_assets.core.demo_data import make_denoise_set
-
-    data = tmp_path / "data"
-    make_denoise_set(data, count=8, size=384)
-    sweep = write_sweep(tmp_path / "slow.yaml", data, name="slow", trials=40, pipeline=[
-        {"op": "bilateral_filter", "d": {"type": "int", "low": 15, "high": 25}, "sigma_color": 75, "sigma_space": 75}])
-    env = cli_env(tmp_path, sweep)
-    progress = tmp_path / "outputs" / "slow" / "progress.json"
-    proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "--quiet"], cwd=PROJECT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started = []
+    env, proc, started = _slow_sweep_under_way(tmp_path, trials=40)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if progress.exists() and json.loads(progress.read_text()).get("done", 0) >= 1:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()
         command = psutil.Process(proc.pid)
-        started = [p for p in command.children(recursive=True) if p.is_running()]
         names = [p.name() for p in started]
         [run_process] = [p for p in command.children() if "job" in p.cmdline() and "execute" in p.cmdline()]
         (run_process if killed == "run process" else command).send_signal(signal.SIGKILL)
