@@ -105,22 +105,25 @@ def own_tag(tags: Mapping[str, str], name: str) -> str | None:
 
 def end_with_launcher(tag: str | None, environ: Mapping[str, str] = os.environ) -> bool:
     """In the process that the sweep command named by ``tag`` launched (the run's tag, and its pid in
-    ``LAUNCHER_PID_ENV``): have Linux send this process SIGINT when the command dies, or send it at once
-    if the command died already. Nothing in any other process (a step process that inherited the
+    ``LAUNCHER_PID_ENV``): have Linux send this process SIGINT (SIGTERM where SIGINT is ignored) when the
+    command dies, or send it at once if the command died already. Nothing in any other process (a step process that inherited the
     environment while the command lives, a Ray worker, another host) or system. Returns whether this
     process now ends with its launcher."""
     value = _parse(tag)
     if value is None or not _linux() or environ.get(LAUNCHER_PID_ENV) != str(value["pid"]):
         return False
+    # SIGINT, which Dagster's run turns into an interruption; SIGTERM where SIGINT is ignored (a
+    # process started in the background by a shell inherits that, unless something handles it since).
+    ending = signal.SIGTERM if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None) else signal.SIGINT
     if os.getppid() != value["pid"]:
         if process_gone(tag):  # the command died before this process got here: end as it would have
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), ending)
         return False
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGINT), 0, 0, 0) != 0:
+    if libc.prctl(_PR_SET_PDEATHSIG, int(ending), 0, 0, 0) != 0:
         return False
     if os.getppid() != value["pid"]:  # it died between the check and the request
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), ending)
     return True

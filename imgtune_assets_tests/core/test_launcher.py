@@ -67,19 +67,37 @@ def test_a_re_executed_runs_copied_tags_are_not_its_own():
 
 
 def test_only_the_process_the_launcher_started_and_told_is_tied():
-    # this process's parent (pytest's launcher) did not tell it: never tied, never signalled
-    parent = process_tag(os.getppid())
-    assert end_with_launcher(parent, {}) is False
-    assert end_with_launcher(parent, {LAUNCHER_PID_ENV: str(os.getppid() + 1)}) is False
-    # told, but a grandchild of that launcher (a step process inheriting the environment): not tied
-    grand = process_tag(psutil.Process(os.getppid()).ppid() or 1)
-    assert end_with_launcher(grand, {LAUNCHER_PID_ENV: str(json.loads(grand)["pid"])}) is False
+    # this process (a launcher) -> child: not told / told another pid / told -> grandchild, told by the
+    # environment it inherited (a step process): only the told child is tied
+    grandchild = textwrap.dedent("""
+        import sys
+        from imgtune_assets.core.launcher import end_with_launcher
+        print("grandchild", end_with_launcher(sys.argv[1]), flush=True)
+    """)
+    child = textwrap.dedent(f"""
+        import os, subprocess, sys
+        from imgtune_assets.core.launcher import LAUNCHER_PID_ENV, end_with_launcher
+        tag = sys.argv[1]
+        print("not told", end_with_launcher(tag, {{}}), flush=True)
+        print("told another", end_with_launcher(tag, {{LAUNCHER_PID_ENV: str(os.getppid() + 1)}}), flush=True)
+        subprocess.run([sys.executable, "-c", {grandchild!r}, tag], check=True)
+        print("told", end_with_launcher(tag), flush=True)
+    """)
+    result = subprocess.run([sys.executable, "-c", child, process_tag()], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, LAUNCHER_PID_ENV: str(os.getpid())})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["not told False", "told another False", "grandchild False", "told True"]
 
 
-def test_a_process_ends_with_the_command_that_launched_it():
-    # launcher (sleeps) -> child: end_with_launcher(launcher's tag), then sleeps on; SIGKILL the launcher
-    child_code = textwrap.dedent("""
-        import sys, time
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_a_process_ends_with_the_command_that_launched_it(sigint):
+    # launcher (sleeps) -> child: end_with_launcher(launcher's tag), then sleeps on; SIGKILL the launcher.
+    # The child handles SIGINT as Dagster's run does, or ignores it, as a process a shell started in
+    # the background does.
+    handler = "signal.default_int_handler" if sigint == "handled" else "signal.SIG_IGN"
+    child_code = textwrap.dedent(f"""
+        import signal, sys, time
+        signal.signal(signal.SIGINT, {handler})
         from imgtune_assets.core.launcher import end_with_launcher
         print(end_with_launcher(sys.argv[1]), flush=True)
         time.sleep(60)
