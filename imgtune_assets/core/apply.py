@@ -126,18 +126,16 @@ def unchanged_unread(previous: dict[str, Any] | None, key_of_pipeline: str, sour
 
 
 def prepare_output(stages: Stages, source: Location, target: Location, previous: dict[str, Any] | None,
-                   key_of_pipeline: str, source_tag: str | None = None,
-                   target_tag: str | None = None) -> tuple[dict[str, Any], bytes | None]:
+                   key_of_pipeline: str, target_tag: str | None = None) -> tuple[dict[str, Any], bytes | None]:
     """One file's ledger entry and its encoded output, still to be written (``write_output``); the entry
     is final (``unchanged`` or ``skipped``, with its reason) when there is nothing to write. Never raises
-    for a bad input. ``source_tag``/``target_tag``: the objects' tags from their folders' listings."""
+    for a bad input. The file is read: pairs that stand unread were settled by ``plan_apply`` already.
+    ``target_tag``: the output object's tag from its folder's listing."""
     from imgtune_assets.core.manifest import read_with_stat
     from imgtune_assets.core.ops import apply_pipeline
 
     entry: dict[str, Any] = {"input": str(source), "output": str(target), "pipeline": key_of_pipeline}
     try:
-        if unchanged_unread(previous, key_of_pipeline, source, target, source_tag, target_tag):
-            return settled_unread(previous), None
         data, entry["input_key"], entry["input_stat"] = read_with_stat(source)
         if (previous and previous.get("status") in ("written", "unchanged")
                 and previous.get("input_key") == entry["input_key"] and previous.get("pipeline") == key_of_pipeline):
@@ -230,9 +228,9 @@ def _apply_task(stages, items, key_of_pipeline):
     cv2.setNumThreads(1)  # one CPU per Ray task
     entries, writes = [], []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-apply-write") as writer:
-        for source, target, previous, source_tag, target_tag in items:
+        for source, target, previous, _, target_tag in items:
             start = time.perf_counter()
-            entry, encoded = prepare_output(stages, source, target, previous, key_of_pipeline, source_tag, target_tag)
+            entry, encoded = prepare_output(stages, source, target, previous, key_of_pipeline, target_tag)
             entry["seconds"] = time.perf_counter() - start  # the file's read, pipeline and encoding
             entries.append(entry)
             if encoded is not None:
