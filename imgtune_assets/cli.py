@@ -598,11 +598,17 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
     from imgtune_assets.core.imageio import IMAGE_SUFFIXES
 
     cluster = None
+    head_start = {}
     if early is not None:
-        # This machine's Ray reads the files: the disk starts on them while Ray starts.
+        # This machine's Ray reads the files: the disk starts on them while Ray starts, and this process
+        # applies the first files itself until Ray is up (run_plan's ``starting``).
         in_background(storage.prefetch, plan.sources())
-        early.wait()
-        early.restore_sigterm()  # SIGTERM: Python's default (exit), without Ray's stack dump first
+
+        def connect() -> None:
+            early.wait()
+            early.restore_sigterm()  # SIGTERM: Python's default (exit), without Ray's stack dump first
+
+        head_start = {"starting": lambda: not early.ended(), "connect": connect}
     elif plan.items:  # a cluster: the resource connects
         from imgtune_assets.defs.resources import RayConnectError, RayResource
 
@@ -615,7 +621,7 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
     tty = sys.stdout.isatty()
     try:
         retries = {"max_retries": cluster.max_retries} if cluster is not None else {}
-        result = run_plan(plan, **retries, on_progress=lambda done, total: tty and print(
+        result = run_plan(plan, **retries, **head_start, on_progress=lambda done, total: tty and print(
             f"\r  {progress_bar(done, total)} {done}/{total}", end="", flush=True))
     except (ApplyError, storage.StorageError) as exc:
         print(f"{chr(10) if tty else ''}error: {exc}", file=sys.stderr)

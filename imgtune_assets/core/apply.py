@@ -216,19 +216,28 @@ def task_sizes(n_files: int, cpus: int) -> list[int]:
 
 
 def _apply_task(stages, items, key_of_pipeline):
-    """A Ray task's files, one after another; each output is written (flushed to disk and renamed, or
-    uploaded) by a writer thread while the task reads, decodes and processes its next file, so that
-    waiting for the disk or the store overlaps the work. At most two outputs are in memory (one being
-    written, the next waiting for it), and every write has finished when the task returns: the ledger,
-    written after the tasks, lists only outputs already on disk."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """A Ray task's files (``apply_items``), on one CPU."""
     import cv2
 
     cv2.setNumThreads(1)  # one CPU per Ray task
+    return apply_items(stages, items, key_of_pipeline)
+
+
+def apply_items(stages: Stages, items: Sequence[tuple], key_of_pipeline: str,
+                until: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+    """``items``' files, one after another, in this process; each output is written (flushed to disk and
+    renamed, or uploaded) by a writer thread while the next file is read, decoded and processed, so that
+    waiting for the disk or the store overlaps the work. At most two outputs are in memory (one being
+    written, the next waiting for it), and every write has finished when this returns: the ledger,
+    written afterwards, lists only outputs already on disk. ``until``: asked before each file; once it
+    is true no further file is started, and the entries so far (the first items, in order) are returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
     entries, writes = [], []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-apply-write") as writer:
         for source, target, previous, _, target_tag in items:
+            if until is not None and until():
+                break
             start = time.perf_counter()
             entry, encoded = prepare_output(stages, source, target, previous, key_of_pipeline, target_tag)
             entry["seconds"] = time.perf_counter() - start  # the file's read, pipeline and encoding
@@ -369,15 +378,30 @@ def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *
 
 
 def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[int, int], None] | None = None,
-             connect: Callable[[], None] | None = None) -> ApplyResult:
-    """``plan``'s items through Ray tasks, then the ledger, written whole."""
+             connect: Callable[[], None] | None = None,
+             starting: Callable[[], bool] | None = None) -> ApplyResult:
+    """``plan``'s items through Ray tasks, then the ledger, written whole.
+
+    ``starting``: whether the Ray that the tasks will use is still starting on this machine (the
+    embedded Ray, started in the background). While it is, this process applies the first items itself
+    (``apply_items``, one CPU), so that a CPU is not left idle during Ray's start; the items left then
+    go to Ray once ``connect`` returns. A folder done before Ray is up needs no Ray task at all."""
     result = ApplyResult(entries=list(plan.settled), input_dir=plan.input_dir)
     finished: list[dict[str, Any]] = []
     try:
-        if plan.items:
+        items = plan.items
+        if items and starting is not None and starting():
+            import cv2
+
+            cv2.setNumThreads(1)  # one CPU: Ray's start has the others
+            finished.extend(apply_items(plan.stages, items, plan.key, until=lambda: not starting()))
+            if on_progress:
+                on_progress(len(finished), len(items))
+            items = items[len(finished):]
+        if items:
             if connect is not None:
                 connect()
-            _run_tasks(plan, max_retries, on_progress, finished)
+            _run_tasks(plan, items, max_retries, on_progress, finished)
     finally:
         # Written whatever happened: a task lost beyond its retries (or an interruption) keeps the outputs
         # written so far, and the earlier runs' entries of the files not reached, for the next run.
@@ -392,17 +416,18 @@ def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[in
     return result
 
 
-def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, int], None] | None,
-               entries: list[dict[str, Any]]) -> None:
-    """``plan``'s items through Ray tasks; each task's entries are appended to ``entries`` as it ends."""
+def _run_tasks(plan: ApplyPlan, items: Sequence[tuple], max_retries: int,
+               on_progress: Callable[[int, int], None] | None, entries: list[dict[str, Any]]) -> None:
+    """``items`` (the plan's, or those left of them) through Ray tasks; each task's entries are appended
+    to ``entries`` as it ends."""
     import ray
 
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     remote = ray.remote(_apply_task).options(name="imgtune:apply", num_cpus=1, max_retries=max_retries,
                                               retry_exceptions=False, scheduling_strategy="SPREAD")
     pending, start = [], 0
-    for size in task_sizes(len(plan.items), total_cpus):
-        pending.append(remote.remote(list(plan.stages), plan.items[start:start + size], plan.key))
+    for size in task_sizes(len(items), total_cpus):
+        pending.append(remote.remote(list(plan.stages), items[start:start + size], plan.key))
         start += size
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
