@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -223,21 +223,17 @@ def _apply_task(stages, items, key_of_pipeline):
     return apply_items(stages, items, key_of_pipeline)
 
 
-def apply_items(stages: Stages, items: Sequence[tuple], key_of_pipeline: str,
-                until: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+def apply_items(stages: Stages, items: Iterable[tuple], key_of_pipeline: str) -> list[dict[str, Any]]:
     """``items``' files, one after another, in this process; each output is written (flushed to disk and
     renamed, or uploaded) by a writer thread while the next file is read, decoded and processed, so that
     waiting for the disk or the store overlaps the work. At most two outputs are in memory (one being
     written, the next waiting for it), and every write has finished when this returns: the ledger,
-    written afterwards, lists only outputs already on disk. ``until``: asked before each file; once it
-    is true no further file is started, and the entries so far (the first items, in order) are returned."""
+    written afterwards, lists only outputs already on disk."""
     from concurrent.futures import ThreadPoolExecutor
 
     entries, writes = [], []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-apply-write") as writer:
         for source, target, previous, _, target_tag in items:
-            if until is not None and until():
-                break
             start = time.perf_counter()
             entry, encoded = prepare_output(stages, source, target, previous, key_of_pipeline, target_tag)
             entry["seconds"] = time.perf_counter() - start  # the file's read, pipeline and encoding
@@ -249,6 +245,51 @@ def apply_items(stages: Stages, items: Sequence[tuple], key_of_pipeline: str,
         for write in writes:
             write.result()  # write_output reports its failures in the entry; anything else is a bug: raised
     return entries
+
+
+def head_start_workers() -> int:
+    import os
+    return int(os.environ.get("IMGTUNE_HEAD_START_WORKERS", "1"))
+
+
+def apply_while(stages: Stages, items: Sequence[tuple], key_of_pipeline: str, going_on: Callable[[], bool],
+                entries: list[dict[str, Any]], workers: int = 1) -> None:
+    """``items``' files in this process while ``going_on()``, by ``workers`` threads (each as
+    ``apply_items``; OpenCV's own threads set to one), each taking the next file in order, so the files
+    done are the first ones; their entries are appended to ``entries``. Every file started is finished
+    and written, and its entry kept, even when this thread is interrupted (the interruption then stops
+    the threads taking files, and is raised once they have ended)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    import cv2
+
+    cv2.setNumThreads(1)
+    lock, source, stop = threading.Lock(), iter(items), threading.Event()
+
+    class Next:  # the files, shared by the threads: none is handed out once stopped or going_on() is false
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            with lock:
+                if stop.is_set() or not going_on():
+                    raise StopIteration
+                return next(source)
+
+    shared = Next()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="imgtune-apply") as pool:
+        parts = [pool.submit(apply_items, stages, shared, key_of_pipeline) for _ in range(max(1, workers))]
+        try:
+            wait(parts)
+        finally:
+            stop.set()
+            wait(parts)
+            for part in parts:
+                if part.exception() is None:
+                    entries.extend(part.result())
+    for part in parts:
+        part.result()  # a thread's error (a bug: a bad file is reported in its entry), raised here
 
 
 @dataclass
@@ -391,13 +432,11 @@ def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[in
     try:
         items = plan.items
         if items and starting is not None and starting():
-            import cv2
-
-            cv2.setNumThreads(1)  # one CPU: Ray's start has the others
-            finished.extend(apply_items(plan.stages, items, plan.key, until=lambda: not starting()))
+            apply_while(plan.stages, items, plan.key, starting, finished, workers=head_start_workers())
             if on_progress:
                 on_progress(len(finished), len(items))
-            items = items[len(finished):]
+            done = {e["input"] for e in finished}
+            items = [item for item in items if str(item[0]) not in done]
         if items:
             if connect is not None:
                 connect()

@@ -587,3 +587,28 @@ def test_a_folder_done_before_ray_is_up_needs_no_ray_task(tmp_path, monkeypatch)
     result = apply_module.run_plan(apply_module.plan_apply(STAGES, src, out), starting=lambda: True, connect=no_ray)
     assert result.count("written") == len(IMAGES) and result.count("skipped") == 2
     check_outputs(src, out, STAGES)
+
+
+def test_an_interrupted_head_start_finishes_its_file_and_keeps_what_it_wrote(tmp_path):
+    import signal
+    import time
+
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    plan = apply_module.plan_apply(STAGES, src, out)
+    asked = []
+
+    def starting():  # Ctrl-C while the third file is handed out (the first question is run_plan's own)
+        asked.append(1)
+        if len(asked) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the interruption is seen before the next file is asked for
+        return True
+
+    with pytest.raises(KeyboardInterrupt):
+        apply_module.run_plan(plan, starting=starting, connect=lambda: pytest.fail("connected"))
+    done = [str(item[0]) for item in plan.items[:3]]
+    ledger = json.loads((out / LEDGER_NAME).read_text())["entries"]
+    assert sorted(e["input"] for e in ledger) == sorted(done)
+    assert all((out / e["output"].rsplit("/", 1)[-1]).exists() == (e["status"] == "written") for e in ledger)
+    assert not any((out / item[1].name).exists() for item in plan.items[3:])
