@@ -560,10 +560,11 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
     ledger read (``apply.plan_apply``): when every output stands unread, Ray is not started (or
     connected to) at all. Otherwise, on the embedded Ray (no ``--ray-address``, no
     ``$IMGTUNE_RAY_ADDRESS``), Ray starts in the background while the disk starts reading the local
-    files to process (``storage.prefetch``); Dagster is not loaded at all.
+    files to process (``storage.prefetch``) and this process applies the first of them itself
+    (``run_plan``'s ``starting``); Dagster is not loaded at all.
     """
     from imgtune_assets.core import storage
-    from imgtune_assets.core.apply import ApplyError, fixed_stages, plan_apply
+    from imgtune_assets.core.apply import LEDGER_NAME, ApplyError, fixed_stages, plan_apply
     from imgtune_assets.core.sweepfile import load_sweep
 
     try:
@@ -582,13 +583,21 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
         print(f"error: {exc}", file=sys.stderr)
         return 2
     address = ray_address or os.environ.get(embedded_ray.RAY_ADDRESS_ENV) or None
+    # SIGTERM stops the command as Ctrl-C does: the files being written are finished, the ledger lists
+    # every output written so far (a re-run goes on from there), and Ray is stopped.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     early = embedded_ray.EmbeddedRayStart() if address is None and plan.items else None
     try:
         return _apply_plan(plan, target, address, early, started)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the outputs written so far are listed in {target / LEDGER_NAME}; run the same "
+              "command again to go on", file=sys.stderr, flush=True)
+        return INTERRUPTED
     finally:
         if early is not None:
             early.stop()
             embedded_ray.skip_final_collection_at_exit()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedRayStart | None,
@@ -606,7 +615,7 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
 
         def connect() -> None:
             early.wait()
-            early.restore_sigterm()  # SIGTERM: Python's default (exit), without Ray's stack dump first
+            early.restore_sigterm()  # SIGTERM: this command's (an interruption), without Ray's stack dump first
 
         head_start = {"starting": lambda: not early.ended(), "connect": connect}
     elif plan.items:  # a cluster: the resource connects

@@ -174,3 +174,42 @@ def test_a_cluster_address_where_no_ray_runs_fails_soon_naming_it(tmp_path):
     assert f"error: cannot reach the Ray cluster at {address}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert " written, " not in result.stdout
+
+
+def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tmp_path):
+    """SIGTERM as the first output appears (the command's own head start, while Ray starts): the command
+    ends as interrupted (130), every output the ledger lists is there, whole and right, and the same
+    command run again completes the folder, rewriting nothing listed."""
+    stages = [("bilateral_filter", {"d": 9, "sigma_color": 50.0, "sigma_space": 50.0})]
+    pipeline = best_pipeline(tmp_path, stages)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    names = [f"img-{i:02d}.png" for i in range(40)]
+    for name in names:
+        cv2.imwrite(str(src / name), rng.integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    env = environment(tmp_path, pipeline)
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", str(pipeline), str(src),
+                             str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out.is_dir() and any(out.glob("img-*.png"))) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(15)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "interrupted" in stderr and str(out / LEDGER_NAME) in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    listed = {Path(e["output"]).name: e for e in json.loads((out / LEDGER_NAME).read_text())["entries"]}
+    assert listed and set(listed) < set(names)  # some, not all
+    for name, entry in listed.items():
+        assert entry["status"] == "written"
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["output_sha256"]
+
+    again = apply_cli(env, tmp_path, pipeline, src, out)
+    assert again.returncode == 0, again.stderr
+    counts = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) (written|unchanged|skipped)", again.stdout))
+    assert counts["unchanged"] == len(listed) and counts["written"] == len(names) - len(listed), again.stdout
+    for name in names:
+        assert np.array_equal(decode(out / name), apply_pipeline(decode(src / name), stages)), name
+    assert not list(out.glob(".*.tmp"))
