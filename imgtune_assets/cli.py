@@ -560,8 +560,8 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
     ledger read (``apply.plan_apply``): when every output stands unread, Ray is not started (or
     connected to) at all. Otherwise, on the embedded Ray (no ``--ray-address``, no
     ``$IMGTUNE_RAY_ADDRESS``), Ray starts in the background while the disk starts reading the local
-    files to process (``storage.prefetch``) and this process applies the first of them itself
-    (``run_plan``'s ``starting``); Dagster is not loaded at all.
+    files to process (``storage.prefetch``); Dagster is not loaded at all. Ctrl-C or SIGTERM ends it as
+    interrupted (130), with the ledger of the outputs written so far.
     """
     from imgtune_assets.core import storage
     from imgtune_assets.core.apply import LEDGER_NAME, ApplyError, fixed_stages, plan_apply
@@ -590,8 +590,8 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
     try:
         return _apply_plan(plan, target, address, early, started)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the outputs written so far are listed in {target / LEDGER_NAME}; run the same "
-              "command again to go on", file=sys.stderr, flush=True)
+        print(f"\ninterrupted: run the same command again to go on (the ledger {target / LEDGER_NAME} lists the "
+              "outputs already written, which it keeps)", file=sys.stderr, flush=True)
         return INTERRUPTED
     finally:
         if early is not None:
@@ -607,17 +607,15 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
     from imgtune_assets.core.imageio import IMAGE_SUFFIXES
 
     cluster = None
-    head_start = {}
     if early is not None:
-        # This machine's Ray reads the files: the disk starts on them while Ray starts, and this process
-        # applies the first files itself until Ray is up (run_plan's ``starting``).
+        # This machine's Ray reads the files: the disk starts on them while Ray starts.
         in_background(storage.prefetch, plan.sources())
-
-        def connect() -> None:
+        try:
             early.wait()
-            early.restore_sigterm()  # SIGTERM: this command's (an interruption), without Ray's stack dump first
-
-        head_start = {"starting": lambda: not early.ended(), "connect": connect}
+        except Exception as exc:  # noqa: BLE001 - Ray's start fails in many ways (its folder, a port, memory)
+            print(f"error: the embedded Ray did not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        early.restore_sigterm()  # SIGTERM: this command's (an interruption), without Ray's stack dump first
     elif plan.items:  # a cluster: the resource connects
         from imgtune_assets.defs.resources import RayConnectError, RayResource
 
@@ -630,7 +628,7 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
     tty = sys.stdout.isatty()
     try:
         retries = {"max_retries": cluster.max_retries} if cluster is not None else {}
-        result = run_plan(plan, **retries, **head_start, on_progress=lambda done, total: tty and print(
+        result = run_plan(plan, **retries, on_progress=lambda done, total: tty and print(
             f"\r  {progress_bar(done, total)} {done}/{total}", end="", flush=True))
     except (ApplyError, storage.StorageError) as exc:
         print(f"{chr(10) if tty else ''}error: {exc}", file=sys.stderr)

@@ -39,7 +39,9 @@ def local_ray():
     """One real local Ray per test module (2 CPUs); ``RayResource`` reuses an existing connection."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A Ray of its own (address="local"): never a cluster left running, or recorded in
+    # /tmp/ray/ray_current_cluster, by an earlier `ray start` on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -55,6 +55,19 @@ def photos(folder):
     return folder
 
 
+# A pipeline slow enough (about 0.1 s a file) that 40 files outlast the embedded Ray's start.
+SLOW_STAGES = [("bilateral_filter", {"d": 9, "sigma_color": 50.0, "sigma_space": 50.0})]
+
+
+def slow_folder(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    names = [f"img-{i:02d}.png" for i in range(40)]
+    for name in names:
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    return names
+
+
 def decode(path):
     return cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
 
@@ -177,23 +190,19 @@ def test_a_cluster_address_where_no_ray_runs_fails_soon_naming_it(tmp_path):
 
 
 def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tmp_path):
-    """SIGTERM as the first output appears (the command's own head start, while Ray starts): the command
-    ends as interrupted (130), every output the ledger lists is there, whole and right, and the same
-    command run again completes the folder, rewriting nothing listed."""
-    stages = [("bilateral_filter", {"d": 9, "sigma_color": 50.0, "sigma_space": 50.0})]
-    pipeline = best_pipeline(tmp_path, stages)
+    """SIGTERM once a dozen outputs are there (Ray's tasks under way): the command ends as interrupted
+    (130), every output the ledger lists is there, whole and right, and the same command run again
+    completes the folder, rewriting nothing listed."""
+    pipeline = best_pipeline(tmp_path, SLOW_STAGES)
     src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    rng = np.random.default_rng(5)
-    names = [f"img-{i:02d}.png" for i in range(40)]
-    for name in names:
-        cv2.imwrite(str(src / name), rng.integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    names = slow_folder(src)
     env = environment(tmp_path, pipeline)
     proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", str(pipeline), str(src),
                              str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not (out.is_dir() and any(out.glob("img-*.png"))) and time.monotonic() < deadline and proc.poll() is None:
+    while (not (out.is_dir() and len(list(out.glob("img-*.png"))) >= 12) and time.monotonic() < deadline
+           and proc.poll() is None):
         time.sleep(0.02)
     proc.send_signal(15)
     stdout, stderr = proc.communicate(timeout=120)
@@ -201,7 +210,7 @@ def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tm
     assert "interrupted" in stderr and str(out / LEDGER_NAME) in stderr, stderr
     assert "Traceback" not in stderr, stderr
     listed = {Path(e["output"]).name: e for e in json.loads((out / LEDGER_NAME).read_text())["entries"]}
-    assert listed and set(listed) < set(names)  # some, not all
+    assert set(listed) < set(names)  # not all (a task that had not returned is not listed)
     for name, entry in listed.items():
         assert entry["status"] == "written"
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["output_sha256"]
@@ -211,5 +220,16 @@ def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tm
     counts = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) (written|unchanged|skipped)", again.stdout))
     assert counts["unchanged"] == len(listed) and counts["written"] == len(names) - len(listed), again.stdout
     for name in names:
-        assert np.array_equal(decode(out / name), apply_pipeline(decode(src / name), stages)), name
+        assert np.array_equal(decode(out / name), apply_pipeline(decode(src / name), SLOW_STAGES)), name
     assert not list(out.glob(".*.tmp"))
+
+
+def test_an_embedded_ray_that_cannot_start_is_named_without_a_traceback(tmp_path):
+    pipeline = best_pipeline(tmp_path)
+    src, out = photos(tmp_path / "in"), tmp_path / "out"
+    (tmp_path / "a-file").write_text("")
+    env = {**environment(tmp_path, pipeline), "RAY_TMPDIR": str(tmp_path / "a-file" / "ray")}  # cannot be made
+    failed = apply_cli(env, tmp_path, pipeline, src, out)
+    assert failed.returncode == 1, failed.stderr
+    assert "error: the embedded Ray did not start" in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+    assert not any(out.glob("*.png"))

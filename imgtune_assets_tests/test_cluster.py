@@ -88,6 +88,17 @@ def test_start_ray_cluster_on_loopback_with_token_auth_and_stop_ends_only_its_ow
                                  env=env, capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0
         assert "auth" in (refused.stderr + refused.stdout).lower()
+        # imgtune's `apply` with the address but no RAY_AUTH_MODE: an error that says what to set, no traceback.
+        env.pop("RAY_AUTH_MODE"), env.pop("RAY_AUTH_TOKEN")
+        make_denoise_set(tmp_path / "data", count=2, size=64)
+        sweep = write_sweep(tmp_path / "fixed.yaml", tmp_path / "data", name="fixed", trials=1,
+                            pipeline=[{"op": "gaussian_blur", "ksize": 3, "sigma": 1.0}])
+        applied = subprocess.run([sys.executable, "-m", "imgtune_assets.cli", "apply", str(sweep),
+                                  str(tmp_path / "data"), str(tmp_path / "out"), "--ray-address", mine.address],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert applied.returncode == 1, applied.stderr
+        assert f"error: the Ray cluster at {mine.address} did not accept this client" in applied.stderr
+        assert "RAY_AUTH_MODE=token" in applied.stderr and "Traceback" not in applied.stderr, applied.stderr
     finally:
         mine.stop()
         alive_after_stop = bystander.poll() is None

@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -216,21 +216,16 @@ def task_sizes(n_files: int, cpus: int) -> list[int]:
 
 
 def _apply_task(stages, items, key_of_pipeline):
-    """A Ray task's files (``apply_items``), on one CPU."""
+    """A Ray task's files, one after another; each output is written (flushed to disk and renamed, or
+    uploaded) by a writer thread while the task reads, decodes and processes its next file, so that
+    waiting for the disk or the store overlaps the work. At most two outputs are in memory (one being
+    written, the next waiting for it), and every write has finished when the task returns: the ledger,
+    written after the tasks, lists only outputs already on disk."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import cv2
 
     cv2.setNumThreads(1)  # one CPU per Ray task
-    return apply_items(stages, items, key_of_pipeline)
-
-
-def apply_items(stages: Stages, items: Iterable[tuple], key_of_pipeline: str) -> list[dict[str, Any]]:
-    """``items``' files, one after another, in this process; each output is written (flushed to disk and
-    renamed, or uploaded) by a writer thread while the next file is read, decoded and processed, so that
-    waiting for the disk or the store overlaps the work. At most two outputs are in memory (one being
-    written, the next waiting for it), and every write has finished when this returns: the ledger,
-    written afterwards, lists only outputs already on disk."""
-    from concurrent.futures import ThreadPoolExecutor
-
     entries, writes = [], []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgtune-apply-write") as writer:
         for source, target, previous, _, target_tag in items:
@@ -245,51 +240,6 @@ def apply_items(stages: Stages, items: Iterable[tuple], key_of_pipeline: str) ->
         for write in writes:
             write.result()  # write_output reports its failures in the entry; anything else is a bug: raised
     return entries
-
-
-def head_start_workers() -> int:
-    import os
-    return int(os.environ.get("IMGTUNE_HEAD_START_WORKERS", "1"))
-
-
-def apply_while(stages: Stages, items: Sequence[tuple], key_of_pipeline: str, going_on: Callable[[], bool],
-                entries: list[dict[str, Any]], workers: int = 1) -> None:
-    """``items``' files in this process while ``going_on()``, by ``workers`` threads (each as
-    ``apply_items``; OpenCV's own threads set to one), each taking the next file in order, so the files
-    done are the first ones; their entries are appended to ``entries``. Every file started is finished
-    and written, and its entry kept, even when this thread is interrupted (the interruption then stops
-    the threads taking files, and is raised once they have ended)."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor, wait
-
-    import cv2
-
-    cv2.setNumThreads(1)
-    lock, source, stop = threading.Lock(), iter(items), threading.Event()
-
-    class Next:  # the files, shared by the threads: none is handed out once stopped or going_on() is false
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            with lock:
-                if stop.is_set() or not going_on():
-                    raise StopIteration
-                return next(source)
-
-    shared = Next()
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="imgtune-apply") as pool:
-        parts = [pool.submit(apply_items, stages, shared, key_of_pipeline) for _ in range(max(1, workers))]
-        try:
-            wait(parts)
-        finally:
-            stop.set()
-            wait(parts)
-            for part in parts:
-                if part.exception() is None:
-                    entries.extend(part.result())
-    for part in parts:
-        part.result()  # a thread's error (a bug: a bad file is reported in its entry), raised here
 
 
 @dataclass
@@ -419,28 +369,15 @@ def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *
 
 
 def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[int, int], None] | None = None,
-             connect: Callable[[], None] | None = None,
-             starting: Callable[[], bool] | None = None) -> ApplyResult:
-    """``plan``'s items through Ray tasks, then the ledger, written whole.
-
-    ``starting``: whether the Ray that the tasks will use is still starting on this machine (the
-    embedded Ray, started in the background). While it is, this process applies the first items itself
-    (``apply_items``, one CPU), so that a CPU is not left idle during Ray's start; the items left then
-    go to Ray once ``connect`` returns. A folder done before Ray is up needs no Ray task at all."""
+             connect: Callable[[], None] | None = None) -> ApplyResult:
+    """``plan``'s items through Ray tasks, then the ledger, written whole."""
     result = ApplyResult(entries=list(plan.settled), input_dir=plan.input_dir)
     finished: list[dict[str, Any]] = []
     try:
-        items = plan.items
-        if items and starting is not None and starting():
-            apply_while(plan.stages, items, plan.key, starting, finished, workers=head_start_workers())
-            if on_progress:
-                on_progress(len(finished), len(items))
-            done = {e["input"] for e in finished}
-            items = [item for item in items if str(item[0]) not in done]
-        if items:
+        if plan.items:
             if connect is not None:
                 connect()
-            _run_tasks(plan, items, max_retries, on_progress, finished)
+            _run_tasks(plan, max_retries, on_progress, finished)
     finally:
         # Written whatever happened: a task lost beyond its retries (or an interruption) keeps the outputs
         # written so far, and the earlier runs' entries of the files not reached, for the next run.
@@ -455,18 +392,17 @@ def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[in
     return result
 
 
-def _run_tasks(plan: ApplyPlan, items: Sequence[tuple], max_retries: int,
-               on_progress: Callable[[int, int], None] | None, entries: list[dict[str, Any]]) -> None:
-    """``items`` (the plan's, or those left of them) through Ray tasks; each task's entries are appended
-    to ``entries`` as it ends."""
+def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, int], None] | None,
+               entries: list[dict[str, Any]]) -> None:
+    """``plan``'s items through Ray tasks; each task's entries are appended to ``entries`` as it ends."""
     import ray
 
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     remote = ray.remote(_apply_task).options(name="imgtune:apply", num_cpus=1, max_retries=max_retries,
                                               retry_exceptions=False, scheduling_strategy="SPREAD")
     pending, start = [], 0
-    for size in task_sizes(len(items), total_cpus):
-        pending.append(remote.remote(list(plan.stages), items[start:start + size], plan.key))
+    for size in task_sizes(len(plan.items), total_cpus):
+        pending.append(remote.remote(list(plan.stages), plan.items[start:start + size], plan.key))
         start += size
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)

@@ -215,10 +215,6 @@ class _RayInBackground:
         if self._error is not None:
             raise self._error
 
-    def ended(self) -> bool:
-        """Whether the start has ended (up, or failed: ``wait`` says which), without waiting."""
-        return self._ready.is_set()
-
     def restore_sigterm(self) -> bool:
         """Put this process's own SIGTERM handler back in front of Ray's, once Ray is up; from the
         main thread (elsewhere, and before Ray is up, it does nothing). True once done.

@@ -65,7 +65,17 @@ RAY_CLIENT_PREFIX = "ray://"
 
 
 class RayConnectError(ConnectionError):
-    """The Ray cluster at a configured address cannot be reached (nothing accepts a connection there)."""
+    """The Ray cluster at a configured address cannot be reached (nothing accepts a connection there), or
+    it would not take this client (e.g. its token authentication)."""
+
+
+def refused_client_message(address: str, error: BaseException) -> str:
+    """What to tell a user whose client a reachable cluster refused: most often Ray's token authentication,
+    on by default for a cluster that ``ray start --head`` started, and off in this client's environment."""
+    hint = ("" if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" else
+            "; a cluster started with Ray's token authentication (the default of `ray start --head`) needs "
+            "RAY_AUTH_MODE=token in this environment, with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
+    return f"the Ray cluster at {address} did not accept this client: {error}{hint}"
 
 
 class RayResource(ConfigurableResource):
@@ -212,13 +222,16 @@ class RayResource(ConfigurableResource):
         if address:
             # Ray's own connect retries an unreachable GCS for many minutes, saying only that it failed.
             probe_address(address, self.connect_timeout_seconds)
-            ray.init(
-                address=address,
-                namespace=self.namespace,
-                runtime_env=self.runtime_env if self.runtime_env is not None else default_runtime_env(),
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-            )
+            try:
+                ray.init(
+                    address=address,
+                    namespace=self.namespace,
+                    runtime_env=self.runtime_env if self.runtime_env is not None else default_runtime_env(),
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                )
+            except ConnectionError as exc:  # reachable, but it would not take this client
+                raise RayConnectError(refused_client_message(address, exc)) from None
         else:
             embedded_ray.start_embedded_ray(num_cpus=self.num_cpus, namespace=self.namespace,
                                             runtime_env=self.runtime_env, lean=lean)

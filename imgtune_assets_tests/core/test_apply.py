@@ -538,7 +538,7 @@ def test_a_run_that_fails_midway_keeps_the_ledger_of_what_it_did(tmp_path, monke
     (out / LEDGER_NAME).write_text(json.dumps({"entries": [earlier]}))
     plan = apply.plan_apply(STAGES, src, out)
 
-    def half_then_lost(plan, items, max_retries, on_progress, entries):
+    def half_then_lost(plan, max_retries, on_progress, entries):
         entries.append({"input": str(src / "grey8.png"), "output": str(out / "grey8.png"), "status": "written",
                         "pipeline": plan.key, "output_sha256": "x"})
         raise RuntimeError("task lost beyond its retries")
@@ -550,65 +550,3 @@ def test_a_run_that_fails_midway_keeps_the_ledger_of_what_it_did(tmp_path, monke
     assert kept["grey8.png"]["status"] == "written"  # done before the loss
     assert kept["photo.jpg"] == earlier  # not reached: the earlier run's entry stays
     assert "notes.txt" not in kept  # not an image: no output, not in the ledger
-
-
-def test_while_ray_starts_this_process_applies_the_first_files_and_ray_the_rest(local_ray, tmp_path, monkeypatch):
-    src = make_folder(tmp_path / "in")
-    out = tmp_path / "out"
-    plan = apply_module.plan_apply(STAGES, src, out)
-    asked, connected, sent = [], [], []
-    real_run_tasks = apply_module._run_tasks
-
-    def run_tasks(plan, items, *args):
-        sent.extend(str(item[0]) for item in items)
-        return real_run_tasks(plan, items, *args)
-
-    monkeypatch.setattr(apply_module, "_run_tasks", run_tasks)
-    # "still starting" for the first two questions: two files here, the rest on Ray once connected
-    result = apply_module.run_plan(plan, starting=lambda: asked.append(1) or len(asked) <= 3, connect=lambda: connected.append(1))
-
-    here = [str(item[0]) for item in plan.items[:2]]
-    assert connected == [1] and sent == [str(item[0]) for item in plan.items[2:]]
-    assert not set(here) & set(sent)
-    assert result.count("written") == len(IMAGES) and result.count("skipped") == 2
-    check_outputs(src, out, STAGES)
-    ledger = {e["input"] for e in json.loads((out / LEDGER_NAME).read_text())["entries"]}
-    assert set(here) <= ledger and len(ledger) == len(plan.items)
-
-
-def test_a_folder_done_before_ray_is_up_needs_no_ray_task(tmp_path, monkeypatch):
-    src = make_folder(tmp_path / "in")
-    out = tmp_path / "out"
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("a Ray task was started")
-
-    monkeypatch.setattr(apply_module, "_run_tasks", no_ray)
-    result = apply_module.run_plan(apply_module.plan_apply(STAGES, src, out), starting=lambda: True, connect=no_ray)
-    assert result.count("written") == len(IMAGES) and result.count("skipped") == 2
-    check_outputs(src, out, STAGES)
-
-
-def test_an_interrupted_head_start_finishes_its_file_and_keeps_what_it_wrote(tmp_path):
-    import signal
-    import time
-
-    src = make_folder(tmp_path / "in")
-    out = tmp_path / "out"
-    plan = apply_module.plan_apply(STAGES, src, out)
-    asked = []
-
-    def starting():  # Ctrl-C while the third file is handed out (the first question is run_plan's own)
-        asked.append(1)
-        if len(asked) == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.5)  # the interruption is seen before the next file is asked for
-        return True
-
-    with pytest.raises(KeyboardInterrupt):
-        apply_module.run_plan(plan, starting=starting, connect=lambda: pytest.fail("connected"))
-    done = [str(item[0]) for item in plan.items[:3]]
-    ledger = json.loads((out / LEDGER_NAME).read_text())["entries"]
-    assert sorted(e["input"] for e in ledger) == sorted(done)
-    assert all((out / e["output"].rsplit("/", 1)[-1]).exists() == (e["status"] == "written") for e in ledger)
-    assert not any((out / item[1].name).exists() for item in plan.items[3:])
