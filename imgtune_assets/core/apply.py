@@ -331,10 +331,16 @@ def plan_apply(stages: Stages, input_dir: Location, output_dir: Location) -> App
     if same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
     try:
-        files = storage.list_files(input_dir)
+        files, folders = storage.list_entries(input_dir)
     except storage.StorageError as exc:
         raise ApplyError(str(exc)) from None
     plan = ApplyPlan(list(stages), pipeline_key(stages), input_dir, output_dir)
+    for folder in folders:  # said, as the manifest says it (an output folder inside the input is no input)
+        if not same_folder(folder, output_dir):
+            plan.settled.append({"input": f"{folder}/", "output": None, "status": "skipped", "input_key": None,
+                                 "output_sha256": None, "pipeline": plan.key,
+                                 "reason": f"{folder}: a sub-folder; its files are not read (apply reads the "
+                                           f"image files directly in {input_dir})"})
     previous = read_ledger(output_dir)
     output_tags = _listing_tags(output_dir) if previous else {}
     for file, info in files:

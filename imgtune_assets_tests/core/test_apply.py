@@ -550,3 +550,18 @@ def test_a_run_that_fails_midway_keeps_the_ledger_of_what_it_did(tmp_path, monke
     assert kept["grey8.png"]["status"] == "written"  # done before the loss
     assert kept["photo.jpg"] == earlier  # not reached: the earlier run's entry stays
     assert "notes.txt" not in kept  # not an image: no output, not in the ledger
+
+
+def test_sub_folders_are_skipped_with_a_reason_and_an_output_folder_inside_is_not_one(local_ray, tmp_path):
+    src = make_folder(tmp_path / "in")
+    make_folder(src / "holiday")  # images one level down: not read, but said
+    out = src / "tuned"
+    result = apply_to_folder(STAGES, src, out)
+    sub = [e for e in result.entries if e["input"].endswith("/")]
+    assert [e["input"] for e in sub] == [f"{src / 'holiday'}/"]
+    assert sub[0]["status"] == "skipped" and f"{src / 'holiday'}: a sub-folder" in sub[0]["reason"]
+    assert result.count("written") == len(IMAGES) and not (out / "holiday").exists()
+    assert all(e["input"] != f"{out}/" for e in result.entries)  # the output folder is no input
+    assert all(not e["input"].endswith("/") for e in json.loads((out / LEDGER_NAME).read_text())["entries"])
+    again = apply_to_folder(STAGES, src, out)  # a re-run: the same, and its own output folder still no input
+    assert [e["input"] for e in again.entries if e["input"].endswith("/")] == [f"{src / 'holiday'}/"]
