@@ -565,39 +565,65 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
     """
     from imgtune_assets.core import storage
     from imgtune_assets.core.apply import LEDGER_NAME, ApplyError, fixed_stages, plan_apply
+    from imgtune_assets.core.files import remove_temporaries
     from imgtune_assets.core.sweepfile import load_sweep
 
+    # Ctrl-C and SIGTERM (a job scheduler's timeout) interrupt the command, once: the files being written
+    # are finished or removed, the ledger lists the outputs written so far (a re-run goes on from there),
+    # Ray is stopped; a second signal does not cut that clean-up short.
+    previous = {signum: signal.signal(signum, _interrupt_once) for signum in (signal.SIGINT, signal.SIGTERM)}
+    early: embedded_ray.EmbeddedRayStart | None = None
+    target = plan = None
+    interrupted = False
     try:
-        fixed = load_sweep(pipeline)
-        stages = fixed_stages(fixed)
-    except (SweepFileError, ApplyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    endpoint = endpoint_url or fixed.endpoint_url
-    started = time.perf_counter()
-    try:
-        source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
-        target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
-        plan = plan_apply(stages, source, target)
-    except (ApplyError, storage.StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    address = ray_address or os.environ.get(embedded_ray.RAY_ADDRESS_ENV) or None
-    # SIGTERM stops the command as Ctrl-C does: the files being written are finished, the ledger lists
-    # every output written so far (a re-run goes on from there), and Ray is stopped.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    early = embedded_ray.EmbeddedRayStart() if address is None and plan.items else None
-    try:
+        try:
+            fixed = load_sweep(pipeline)
+            stages = fixed_stages(fixed)
+        except (SweepFileError, ApplyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        endpoint = endpoint_url or fixed.endpoint_url
+        started = time.perf_counter()
+        try:
+            source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
+            target = storage.location(output_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
+            plan = plan_apply(stages, source, target)
+        except (ApplyError, storage.StorageError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        address = ray_address or os.environ.get(embedded_ray.RAY_ADDRESS_ENV) or None
+        early = embedded_ray.EmbeddedRayStart() if address is None and plan.items else None
         return _apply_plan(plan, target, address, early, started)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: run the same command again to go on (the ledger {target / LEDGER_NAME} lists the "
-              "outputs already written, which it keeps)", file=sys.stderr, flush=True)
+        interrupted = True
         return INTERRUPTED
     finally:
-        if early is not None:
-            early.stop()
-            embedded_ray.skip_final_collection_at_exit()
-        signal.signal(signal.SIGTERM, previous)
+        for signum in previous:
+            signal.signal(signum, signal.SIG_IGN)
+        try:
+            if early is not None:
+                early.stop()
+                embedded_ray.skip_final_collection_at_exit()
+                if interrupted and not storage.is_remote(target):  # its Ray's writers are gone: theirs too
+                    remove_temporaries(target, {item[1].name for item in plan.items})
+            if interrupted:
+                print(f"\ninterrupted: {_what_stands(target, LEDGER_NAME)}", file=sys.stderr, flush=True)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _what_stands(target, ledger_name: str) -> str:
+    """What an interrupted ``apply`` leaves: the ledger of what it wrote, if it got that far."""
+    from imgtune_assets.core import storage
+
+    try:
+        written = target is not None and storage.exists(target / ledger_name)
+    except storage.StorageError:
+        written = False
+    if not written:
+        return "no output was written"
+    return f"the ledger {target / ledger_name} lists the outputs written; run the same command again to go on"
 
 
 def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedRayStart | None,
@@ -625,6 +651,14 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
         except RayConnectError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except SystemExit as exc:  # Ray's SIGTERM handler, installed by ray.init, exits at once
+            if exc.code != signal.SIGTERM:
+                raise
+            raise KeyboardInterrupt from None
+        finally:
+            # ray.init (in this thread) put its own SIGTERM handler, and its stack dump, in front of ours.
+            if signal.getsignal(signal.SIGTERM) not in (_interrupt_once, signal.SIG_IGN):
+                signal.signal(signal.SIGTERM, _interrupt_once)
     tty = sys.stdout.isatty()
     try:
         retries = {"max_retries": cluster.max_retries} if cluster is not None else {}
@@ -657,6 +691,14 @@ def in_background(function: Callable[..., object], *args: Any) -> threading.Thre
 
 
 def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_once(signum, frame) -> None:
+    """An interruption; the signals after it are ignored while the command cleans up (its caller restores
+    the handlers afterwards)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -18,7 +18,7 @@ import yaml
 from imgtune_assets.core.apply import LEDGER_NAME
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets_tests.conftest import VENV_BIN, cli_env, free_port, write_sweep
-from imgtune_assets_tests.support.files import age
+from imgtune_assets_tests.support.files import SLOW_STAGES, age, slow_folder
 
 STAGES = [("gaussian_blur", {"ksize": 5, "sigma": 1.5}), ("median_blur", {"ksize": 3})]
 LOSSLESS = ("grey8.png", "scan16.tif")
@@ -53,19 +53,6 @@ def photos(folder):
     cv2.imwrite(str(folder / "photo.jpg"), rng.integers(0, 255, (32, 40, 3), dtype=np.uint8))
     (folder / "notes.txt").write_text("not an image\n")
     return folder
-
-
-# A pipeline slow enough (about 0.1 s a file) that 40 files outlast the embedded Ray's start.
-SLOW_STAGES = [("bilateral_filter", {"d": 9, "sigma_color": 50.0, "sigma_space": 50.0})]
-
-
-def slow_folder(folder):
-    folder.mkdir()
-    rng = np.random.default_rng(5)
-    names = [f"img-{i:02d}.png" for i in range(40)]
-    for name in names:
-        cv2.imwrite(str(folder / name), rng.integers(0, 255, (600, 800, 3), dtype=np.uint8))
-    return names
 
 
 def decode(path):
@@ -190,9 +177,9 @@ def test_a_cluster_address_where_no_ray_runs_fails_soon_naming_it(tmp_path):
 
 
 def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tmp_path):
-    """SIGTERM once a dozen outputs are there (Ray's tasks under way): the command ends as interrupted
-    (130), every output the ledger lists is there, whole and right, and the same command run again
-    completes the folder, rewriting nothing listed."""
+    """SIGTERM once a dozen outputs are there (Ray's tasks under way), and again while it cleans up: the
+    command ends as interrupted (130), every output the ledger lists is there, whole and right, no
+    temporary file is left, and the same command run again completes the folder, rewriting nothing listed."""
     pipeline = best_pipeline(tmp_path, SLOW_STAGES)
     src, out = tmp_path / "in", tmp_path / "out"
     names = slow_folder(src)
@@ -200,15 +187,19 @@ def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tm
     proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", str(pipeline), str(src),
                              str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while (not (out.is_dir() and len(list(out.glob("img-*.png"))) >= 12) and time.monotonic() < deadline
            and proc.poll() is None):
         time.sleep(0.02)
+    assert len(list(out.glob("img-*.png"))) >= 12, "the command never got its tasks going"
     proc.send_signal(15)
+    time.sleep(0.1)
+    proc.send_signal(15)  # a second one, while the command cleans up: ignored
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, (stdout, stderr)
     assert "interrupted" in stderr and str(out / LEDGER_NAME) in stderr, stderr
     assert "Traceback" not in stderr, stderr
+    assert not list(out.glob(".*.tmp"))  # a stopped task's half-written output: removed with its Ray
     listed = {Path(e["output"]).name: e for e in json.loads((out / LEDGER_NAME).read_text())["entries"]}
     assert set(listed) < set(names)  # not all (a task that had not returned is not listed)
     for name, entry in listed.items():

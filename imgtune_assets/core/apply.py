@@ -36,6 +36,7 @@ from imgtune_assets.core.imageio import (
     webp_is_lossless,
     with_jpeg_metadata,
 )
+from imgtune_assets.core.files import remove_temporaries
 from imgtune_assets.core.storage import Location
 
 LEDGER_NAME = ".imgtune-applied.json"
@@ -46,6 +47,9 @@ JPEG_QUALITY = 95
 # so that the last tasks are single files and no CPU idles long while another finishes a batch.
 MAX_FILES_PER_TASK = 8
 TAIL_TASKS_PER_CPU = 4
+# A temporary output file older than this is a killed writer's (a write takes a second at most): the
+# next run removes it. (An interrupted command removes its own at once, once its Ray has stopped.)
+STALE_TEMPORARY_SECONDS = 600
 
 Stages = Sequence[tuple[str, dict[str, Any]]]
 
@@ -327,7 +331,9 @@ def plan_apply(stages: Stages, input_dir: Location, output_dir: Location) -> App
     """List ``input_dir`` (or its ``images/``, see ``input_images``) and read the output folder's
     ledger: an image whose pair stands unread (``unchanged_unread``: stats or listing tags) is settled
     here, so a re-run over an unchanged folder needs no Ray at all."""
-    input_dir = input_images(input_dir)
+    from imgtune_assets.core.manifest import unread_sub_folders
+
+    data_dir, input_dir = input_dir, input_images(input_dir)
     if same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
     try:
@@ -335,7 +341,8 @@ def plan_apply(stages: Stages, input_dir: Location, output_dir: Location) -> App
     except storage.StorageError as exc:
         raise ApplyError(str(exc)) from None
     plan = ApplyPlan(list(stages), pipeline_key(stages), input_dir, output_dir)
-    for folder in folders:  # said, as the manifest says it (an output folder inside the input is no input)
+    # Sub-folders are said, as the manifest says them (an output folder inside the input is no input).
+    for folder in unread_sub_folders(data_dir, input_dir, folders):
         if not same_folder(folder, output_dir):
             plan.settled.append({"input": f"{folder}/", "output": None, "status": "skipped", "input_key": None,
                                  "output_sha256": None, "pipeline": plan.key,
@@ -343,6 +350,8 @@ def plan_apply(stages: Stages, input_dir: Location, output_dir: Location) -> App
                                            f"image files directly in {input_dir})"})
     previous = read_ledger(output_dir)
     output_tags = _listing_tags(output_dir) if previous else {}
+    if not storage.is_remote(output_dir):  # (an object is uploaded whole: no temporary files)
+        remove_temporaries(output_dir, {file.name for file, _ in files}, STALE_TEMPORARY_SECONDS)
     for file, info in files:
         target = output_dir / file.name
         if Path(file.name).suffix.lower() not in IMAGE_SUFFIXES:

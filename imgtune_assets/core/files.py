@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(target.name), suffix=TEMPORARY_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -41,6 +42,41 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return target
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _temporary_prefix(name: str) -> str:
+    return f".{name}."
+
+
+def remove_temporaries(folder: str | os.PathLike, names: set[str], older_than_seconds: float = 0.0) -> list[Path]:
+    """Remove the temporary files that ``atomic_write_bytes`` left in ``folder`` for the files ``names``
+    when its process was killed between creating one and renaming it (a SIGKILL runs no clean-up), if
+    last modified at least ``older_than_seconds`` ago (a live writer's is seconds old). Returns those
+    removed; a folder that cannot be listed, or a file already gone, is no error."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)):
+            continue
+        # .<name>.<8 random characters>.tmp, as mkstemp makes them
+        stem = name[1:-len(TEMPORARY_SUFFIX)].rsplit(".", 1)[0]
+        if stem not in names:
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime >= older_than_seconds:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -136,6 +136,14 @@ def image_folders(data_dir: Location) -> tuple[Location, Location]:
     return (images if storage.is_folder(images) else data_dir), data_dir / "targets"
 
 
+def unread_sub_folders(data_dir: Location, image_dir: Location, folders: Iterable[Location]) -> list[Location]:
+    """The sub-folders of ``image_dir`` (``image_folders(data_dir)[0]``) that hold no images of the data
+    folder and are worth saying so: all of them, except a flat data folder's ``targets/``, which is its
+    targets."""
+    targets = image_folders(data_dir)[1] if image_dir == data_dir else None
+    return [f for f in folders if targets is None or f.name != targets.name]
+
+
 def targets_by_stem(target_files: Iterable[tuple[Location, dict]]) -> dict[str, tuple[Location, dict]]:
     """The target of each image stem: the first image-typed file of that stem (listing order)."""
     targets: dict[str, tuple[Location, dict]] = {}
@@ -461,8 +469,8 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
         image_dir, target_dir = image_folders(data_dir)
         files, folders = storage.list_entries(image_dir)
         # Images are read from the folder itself, not from its sub-folders: each of those is a skipped row
-        # that says so (a flat data folder's targets/ is its targets, not a sub-folder of images).
-        folders = [f for f in folders if not (image_dir == data_dir and f.name == target_dir.name)]
+        # that says so.
+        folders = unread_sub_folders(data_dir, image_dir, folders)
         target_files = storage.list_files(target_dir) if storage.is_folder(target_dir) else []
     except storage.StorageError as exc:
         raise ManifestError(str(exc)) from None

@@ -70,12 +70,22 @@ class RayConnectError(ConnectionError):
 
 
 def refused_client_message(address: str, error: BaseException) -> str:
-    """What to tell a user whose client a reachable cluster refused: most often Ray's token authentication,
-    on by default for a cluster that ``ray start --head`` started, and off in this client's environment."""
-    hint = ("" if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token" else
-            "; a cluster started with Ray's token authentication (the default of `ray start --head`) needs "
-            "RAY_AUTH_MODE=token in this environment, with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
-    return f"the Ray cluster at {address} did not accept this client: {error}{hint}"
+    """Why ``ray.init(address=...)`` failed, for a user: Ray's outer ``ConnectionError`` only says that it
+    did; the reason is the last line of the innermost exception's message (e.g. Ray's
+    ``AuthenticationError``: a cluster that ``ray start --head`` started uses token authentication by
+    default, and this client's environment lacks ``RAY_AUTH_MODE=token`` or the cluster's token)."""
+    innermost, seen = error, set()
+    while id(innermost) not in seen and (innermost.__cause__ or innermost.__context__) is not None:
+        seen.add(id(innermost))
+        innermost = innermost.__cause__ or innermost.__context__
+    lines = [line.strip() for line in str(innermost).strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(innermost).__name__
+    hint = ""
+    if "auth" in reason.lower():
+        hint = ("; export RAY_AUTH_MODE=token, with the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+                if os.environ.get("RAY_AUTH_MODE", "").strip().lower() != "token"
+                else "; RAY_AUTH_MODE=token is set: the token (RAY_AUTH_TOKEN or ~/.ray/auth_token) is not the cluster's")
+    return f"cannot connect to the Ray cluster at {address}: {reason}{hint}"
 
 
 class RayResource(ConfigurableResource):

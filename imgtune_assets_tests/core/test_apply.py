@@ -565,3 +565,32 @@ def test_sub_folders_are_skipped_with_a_reason_and_an_output_folder_inside_is_no
     assert all(not e["input"].endswith("/") for e in json.loads((out / LEDGER_NAME).read_text())["entries"])
     again = apply_to_folder(STAGES, src, out)  # a re-run: the same, and its own output folder still no input
     assert [e["input"] for e in again.entries if e["input"].endswith("/")] == [f"{src / 'holiday'}/"]
+
+
+def test_a_flat_data_folders_targets_are_not_a_sub_folder_to_report(tmp_path):
+    data = make_folder(tmp_path / "flat")
+    make_folder(data / "targets")  # the data folder's targets (images directly in it)
+    make_folder(data / "extra")
+    plan = apply_module.plan_apply(STAGES, data, tmp_path / "out")
+    assert [e["input"] for e in plan.settled if e["input"].endswith("/")] == [f"{data / 'extra'}/"]
+    # a folder with images/: every sub-folder of images/ is reported, a "targets" one too
+    make_folder(tmp_path / "set" / "images" / "targets")
+    plan = apply_module.plan_apply(STAGES, tmp_path / "set", tmp_path / "out2")
+    assert [e["input"] for e in plan.settled if e["input"].endswith("/")] == [f"{tmp_path / 'set' / 'images' / 'targets'}/"]
+
+
+def test_plan_apply_removes_a_killed_writers_old_temporary_files_of_its_outputs(tmp_path):
+    import time
+
+    from imgtune_assets.core.files import TEMPORARY_SUFFIX, _temporary_prefix
+
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f"{_temporary_prefix('grey8.png')}abcd1234{TEMPORARY_SUFFIX}"
+    live = out / f"{_temporary_prefix('photo.jpg')}efgh5678{TEMPORARY_SUFFIX}"
+    for file in (stale, live):
+        file.write_bytes(b"half an image")
+    os.utime(stale, (time.time() - 2 * apply_module.STALE_TEMPORARY_SECONDS,) * 2)
+    apply_module.plan_apply(STAGES, src, out)
+    assert not stale.exists() and live.exists()  # a live writer's (seconds old) is left alone

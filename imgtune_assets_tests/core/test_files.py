@@ -36,3 +36,23 @@ def test_the_data_is_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
     target = atomic_write_bytes(tmp_path / "out.bin", b"payload")
     assert target.read_bytes() == b"payload"
     assert calls == ["fsync", "replace"]
+
+
+def test_remove_temporaries_takes_only_a_killed_writers_files_of_the_names_given(tmp_path):
+    import time
+
+    def killed_writer(name):  # the temporary file atomic_write_bytes makes, left as a SIGKILL leaves it
+        fd, path = files.tempfile.mkstemp(prefix=files._temporary_prefix(name), suffix=files.TEMPORARY_SUFFIX,
+                                          dir=tmp_path)
+        os.close(fd)
+        return tmp_path / os.path.basename(path)
+
+    old, fresh, other = killed_writer("a.b.png"), killed_writer("c.png"), killed_writer("other.png")
+    os.utime(old, (time.time() - 700, time.time() - 700))
+    (tmp_path / "a.b.png").write_bytes(b"the output itself")
+    (tmp_path / ".hidden.tmp").write_bytes(b"not one of atomic_write_bytes'")
+    assert files.remove_temporaries(tmp_path, {"a.b.png", "c.png"}, older_than_seconds=600) == [old]
+    assert fresh.exists() and other.exists() and (tmp_path / "a.b.png").exists()
+    assert files.remove_temporaries(tmp_path, {"a.b.png", "c.png"}) == [fresh]
+    assert other.exists() and (tmp_path / ".hidden.tmp").exists()
+    assert files.remove_temporaries(tmp_path / "missing", {"a.b.png"}) == []

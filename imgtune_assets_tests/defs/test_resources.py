@@ -572,3 +572,26 @@ def test_loopback_settings_stay_importable_from_resources():
     assert resources.LOOPBACK_ENV is embedded_ray.LOOPBACK_ENV
     assert resources.LOOPBACK_ENV == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     assert set(LOOPBACK_ENV) <= set(resources.EMBEDDED_RAY_ENV)
+
+
+def test_a_refused_client_is_told_the_innermost_reason_and_for_tokens_what_to_set(monkeypatch):
+    from imgtune_assets.defs.resources import refused_client_message
+
+    def failed_connect(reason: str) -> ConnectionError:  # as ray.init raises it: the reason two levels down
+        try:
+            try:
+                raise RuntimeError(f"Failed to connect to GCS. Last connection error: Traceback ...\n  File x\n{reason}\n")
+            except RuntimeError as inner:
+                raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.2:6379") from inner
+        except ConnectionError as outer:
+            return outer
+
+    auth = "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: token is missing or incorrect."
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    message = refused_client_message("127.0.0.2:6379", failed_connect(auth))
+    assert message == f"cannot connect to the Ray cluster at 127.0.0.2:6379: {auth}; export RAY_AUTH_MODE=token, " \
+                      "with the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert "is not the cluster's" in refused_client_message("127.0.0.2:6379", failed_connect(auth))
+    other = refused_client_message("auto", failed_connect("ConnectionError: Could not find any running Ray instance."))
+    assert other == "cannot connect to the Ray cluster at auto: ConnectionError: Could not find any running Ray instance."

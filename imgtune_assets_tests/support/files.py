@@ -11,3 +11,21 @@ def age(path: Path, seconds: float = 60) -> None:
     its stat is trusted when it is next read."""
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+# A pipeline slow enough (about 0.1 s a file of 800×600 on one CPU) that a folder of 40 keeps Ray's
+# tasks busy for seconds: time to interrupt a command in the middle of its work.
+SLOW_STAGES = [("bilateral_filter", {"d": 9, "sigma_color": 50.0, "sigma_space": 50.0})]
+
+
+def slow_folder(folder: Path, count: int = 40) -> list[str]:
+    """``count`` random colour PNGs of 800×600 in a new ``folder``; their names."""
+    import cv2
+    import numpy as np
+
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    names = [f"img-{i:02d}.png" for i in range(count)]
+    for name in names:
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    return names
