@@ -568,13 +568,15 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
     from imgtune_assets.core.files import remove_temporaries
     from imgtune_assets.core.sweepfile import load_sweep
 
-    # Ctrl-C and SIGTERM (a job scheduler's timeout) interrupt the command, once: the files being written
-    # are finished or removed, the ledger lists the outputs written so far (a re-run goes on from there),
-    # Ray is stopped; a second signal does not cut that clean-up short.
-    previous = {signum: signal.signal(signum, _interrupt_once) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C and SIGTERM (a job scheduler's timeout) interrupt the command: the files being written are
+    # finished or removed, the ledger lists the outputs written so far (a re-run goes on from there), Ray
+    # is stopped. While it cleans up, one more signal is held, and the next ends it at once.
+    global _held_signals
+    _held_signals = 0
+    previous = {signum: signal.signal(signum, _interrupt_once) for signum in STOP_SIGNALS}
     early: embedded_ray.EmbeddedRayStart | None = None
     target = plan = None
-    interrupted = False
+    interrupted, run_started = False, time.time()
     try:
         try:
             fixed = load_sweep(pipeline)
@@ -598,17 +600,16 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
         interrupted = True
         return INTERRUPTED
     finally:
-        for signum in previous:
-            signal.signal(signum, signal.SIG_IGN)
-        try:
-            if early is not None:
-                early.stop()
-                embedded_ray.skip_final_collection_at_exit()
-                if interrupted and not storage.is_remote(target):  # its Ray's writers are gone: theirs too
-                    remove_temporaries(target, {item[1].name for item in plan.items})
-            if interrupted:
-                print(f"\ninterrupted: {_what_stands(target, LEDGER_NAME)}", file=sys.stderr, flush=True)
-        finally:
+        _hold_stop_signals()
+        if early is not None:
+            early.settle()  # (Ray's crash handler off SIGTERM, if the start ended after an interruption)
+            early.stop()
+            embedded_ray.skip_final_collection_at_exit()
+        if interrupted:
+            if plan is not None and not storage.is_remote(target):  # the stopped tasks' half-written files
+                remove_temporaries(target, {item[1].name for item in plan.items}, made_since=run_started)
+            print(f"\ninterrupted: {_what_stands(target, LEDGER_NAME)}", file=sys.stderr, flush=True)
+        else:  # (interrupted, the process ends next: the signals stay held until then)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -654,10 +655,11 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
         except SystemExit as exc:  # Ray's SIGTERM handler, installed by ray.init, exits at once
             if exc.code != signal.SIGTERM:
                 raise
+            _hold_stop_signals()
             raise KeyboardInterrupt from None
         finally:
             # ray.init (in this thread) put its own SIGTERM handler, and its stack dump, in front of ours.
-            if signal.getsignal(signal.SIGTERM) not in (_interrupt_once, signal.SIG_IGN):
+            if signal.getsignal(signal.SIGTERM) not in (_interrupt_once, _held_stop_signal):
                 signal.signal(signal.SIGTERM, _interrupt_once)
     tty = sys.stdout.isatty()
     try:
@@ -694,12 +696,28 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_held_signals = 0
+
+
 def _interrupt_once(signum, frame) -> None:
-    """An interruption; the signals after it are ignored while the command cleans up (its caller restores
-    the handlers afterwards)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """An interruption (KeyboardInterrupt); the signals after it are held while the command cleans up."""
+    _hold_stop_signals()
     raise KeyboardInterrupt
+
+
+def _hold_stop_signals() -> None:
+    """From now on (a command cleaning up: its ledger, Ray's stop) Ctrl-C and SIGTERM do not interrupt it:
+    the first is held, the second ends the process at once (exit 130, no clean-up)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _held_stop_signal)
+
+
+def _held_stop_signal(signum, frame) -> None:
+    global _held_signals
+    _held_signals += 1
+    if _held_signals >= 2:
+        os._exit(INTERRUPTED)
 
 
 def hosts_ray(environ: Mapping[str, str]) -> bool:

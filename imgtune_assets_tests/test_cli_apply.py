@@ -187,15 +187,20 @@ def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tm
     proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", str(pipeline), str(src),
                              str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while (not (out.is_dir() and len(list(out.glob("img-*.png"))) >= 12) and time.monotonic() < deadline
-           and proc.poll() is None):
-        time.sleep(0.02)
-    assert len(list(out.glob("img-*.png"))) >= 12, "the command never got its tasks going"
-    proc.send_signal(15)
-    time.sleep(0.1)
-    proc.send_signal(15)  # a second one, while the command cleans up: ignored
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 180
+        while (not (out.is_dir() and len(list(out.glob("img-*.png"))) >= 12) and time.monotonic() < deadline
+               and proc.poll() is None):
+            time.sleep(0.02)
+        assert len(list(out.glob("img-*.png"))) >= 12, "the command never got its tasks going"
+        proc.send_signal(15)
+        while not (out / LEDGER_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(15)  # a second one, while the command stops its Ray: held
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 130, (stdout, stderr)
     assert "interrupted" in stderr and str(out / LEDGER_NAME) in stderr, stderr
     assert "Traceback" not in stderr, stderr

@@ -257,13 +257,17 @@ def test_apply_on_a_cluster_ends_as_interrupted_on_sigterm(tmp_path, cluster):
     proc = subprocess.Popen([sys.executable, "-m", "imgtune_assets.cli", "apply", str(pipeline), str(src), str(out),
                              "--ray-address", cluster.address], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while (not (out.is_dir() and len(list(out.glob("img-*.png"))) >= 12) and time.monotonic() < deadline
-           and proc.poll() is None):
-        time.sleep(0.02)
-    assert len(list(out.glob("img-*.png"))) >= 12, proc.communicate(timeout=60)
-    proc.send_signal(15)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 180
+        while (not (out.is_dir() and len(list(out.glob("img-*.png"))) >= 12) and time.monotonic() < deadline
+               and proc.poll() is None):
+            time.sleep(0.02)
+        assert len(list(out.glob("img-*.png"))) >= 12, "the command never got its tasks going"
+        proc.send_signal(15)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 130, (stdout, stderr)
     assert "interrupted: the ledger" in stderr and "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr
     listed = json.loads((out / ".imgtune-applied.json").read_text())["entries"]

@@ -351,7 +351,8 @@ def plan_apply(stages: Stages, input_dir: Location, output_dir: Location) -> App
     previous = read_ledger(output_dir)
     output_tags = _listing_tags(output_dir) if previous else {}
     if not storage.is_remote(output_dir):  # (an object is uploaded whole: no temporary files)
-        remove_temporaries(output_dir, {file.name for file, _ in files}, STALE_TEMPORARY_SECONDS)
+        remove_temporaries(output_dir, {file.name for file, _ in files
+                                        if Path(file.name).suffix.lower() in IMAGE_SUFFIXES}, STALE_TEMPORARY_SECONDS)
     for file, info in files:
         target = output_dir / file.name
         if Path(file.name).suffix.lower() not in IMAGE_SUFFIXES:
@@ -401,8 +402,14 @@ def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[in
         entries = sorted([*result.entries, *finished], key=lambda e: e["input"])
         ledger = {"pipeline": plan.key, "stages": [[op, params] for op, params in plan.stages],
                   "entries": sorted([*(e for e in entries if e["output"]), *kept], key=lambda e: e["input"])}
-        result.ledger = storage.write_bytes_atomic(
-            plan.output_dir / LEDGER_NAME, (json.dumps(ledger, indent=2, sort_keys=True, default=str) + "\n").encode())
+        payload = (json.dumps(ledger, indent=2, sort_keys=True, default=str) + "\n").encode()
+        try:
+            result.ledger = storage.write_bytes_atomic(plan.output_dir / LEDGER_NAME, payload)
+        except KeyboardInterrupt:
+            # Ctrl-C landed in the write (which removed its temporary file): the ledger is written whole
+            # all the same (the command holds further signals while it cleans up), then it goes on.
+            result.ledger = storage.write_bytes_atomic(plan.output_dir / LEDGER_NAME, payload)
+            raise
     result.entries = entries
     return result
 

@@ -215,6 +215,16 @@ class _RayInBackground:
         if self._error is not None:
             raise self._error
 
+    def settle(self) -> None:
+        """Wait for the start to end, whatever it raised, and then, from the main thread, put the process's
+        SIGTERM handler back in front of the crash handler that Ray installed as it connected (for a
+        process interrupted during the start, whose handler has changed since)."""
+        self._ready.wait()
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGTERM)
+            if handler is not None:
+                signal.signal(signal.SIGTERM, handler)
+
     def restore_sigterm(self) -> bool:
         """Put this process's own SIGTERM handler back in front of Ray's, once Ray is up; from the
         main thread (elsewhere, and before Ray is up, it does nothing). True once done.

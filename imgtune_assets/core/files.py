@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -45,17 +46,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 TEMPORARY_SUFFIX = ".tmp"
+# .<name>.<mkstemp's 8 characters>.tmp
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
 
 
 def _temporary_prefix(name: str) -> str:
     return f".{name}."
 
 
-def remove_temporaries(folder: str | os.PathLike, names: set[str], older_than_seconds: float = 0.0) -> list[Path]:
+def remove_temporaries(folder: str | os.PathLike, names: set[str], older_than_seconds: float = 0.0,
+                       made_since: float | None = None) -> list[Path]:
     """Remove the temporary files that ``atomic_write_bytes`` left in ``folder`` for the files ``names``
-    when its process was killed between creating one and renaming it (a SIGKILL runs no clean-up), if
-    last modified at least ``older_than_seconds`` ago (a live writer's is seconds old). Returns those
-    removed; a folder that cannot be listed, or a file already gone, is no error."""
+    when its process was killed between creating one and renaming it (a SIGKILL runs no clean-up): regular
+    files named as ``mkstemp`` names them, last modified at least ``older_than_seconds`` ago (a live
+    writer's is seconds old) and, with ``made_since`` (a time.time()), not before then (one run's own).
+    Returns those removed; what cannot be listed or removed is left as it is."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -63,19 +68,18 @@ def remove_temporaries(folder: str | os.PathLike, names: set[str], older_than_se
         return removed
     now = time.time()
     for entry in entries:
-        name = entry.name
-        if not (name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)):
-            continue
-        # .<name>.<8 random characters>.tmp, as mkstemp makes them
-        stem = name[1:-len(TEMPORARY_SUFFIX)].rsplit(".", 1)[0]
-        if stem not in names:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or match.group(1) not in names:
             continue
         try:
-            if now - entry.stat(follow_symlinks=False).st_mtime >= older_than_seconds:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            modified = entry.stat(follow_symlinks=False).st_mtime
+            if now - modified >= older_than_seconds and (made_since is None or modified >= made_since):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
-        except FileNotFoundError:
-            pass
+        except OSError:  # gone already, or not ours to remove (permissions, a read-only mount)
+            continue
     return removed
 
 

@@ -594,3 +594,28 @@ def test_plan_apply_removes_a_killed_writers_old_temporary_files_of_its_outputs(
     os.utime(stale, (time.time() - 2 * apply_module.STALE_TEMPORARY_SECONDS,) * 2)
     apply_module.plan_apply(STAGES, src, out)
     assert not stale.exists() and live.exists()  # a live writer's (seconds old) is left alone
+
+
+def test_a_ctrl_c_landing_in_the_ledger_write_still_leaves_the_whole_ledger(tmp_path, monkeypatch):
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    plan = apply_module.plan_apply(STAGES, src, out)
+
+    def all_done(plan, max_retries, on_progress, entries):
+        entries.extend({"input": str(item[0]), "output": str(item[1]), "status": "written", "pipeline": plan.key,
+                        "output_sha256": "x"} for item in plan.items)
+
+    real_write, calls = apply_module.storage.write_bytes_atomic, []
+
+    def interrupted_once(path, data):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as the signal handler raises it in the middle of the write
+        return real_write(path, data)
+
+    monkeypatch.setattr(apply_module, "_run_tasks", all_done)
+    monkeypatch.setattr(apply_module.storage, "write_bytes_atomic", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        apply_module.run_plan(plan)
+    assert calls == [out / LEDGER_NAME] * 2
+    assert len(json.loads((out / LEDGER_NAME).read_text())["entries"]) == len(plan.items)

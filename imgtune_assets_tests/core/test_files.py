@@ -56,3 +56,19 @@ def test_remove_temporaries_takes_only_a_killed_writers_files_of_the_names_given
     assert files.remove_temporaries(tmp_path, {"a.b.png", "c.png"}) == [fresh]
     assert other.exists() and (tmp_path / ".hidden.tmp").exists()
     assert files.remove_temporaries(tmp_path / "missing", {"a.b.png"}) == []
+
+
+def test_remove_temporaries_leaves_what_mkstemp_did_not_make_and_what_a_run_found(tmp_path):
+    import time
+
+    users = tmp_path / ".photo.jpg.old.tmp"  # a user's own file, not mkstemp's 8 characters
+    users.write_bytes(b"x")
+    folder = tmp_path / ".photo.jpg.abcd1234.tmp"  # a folder of that name
+    folder.mkdir()
+    earlier = tmp_path / ".photo.jpg.efgh5678.tmp"  # there before this run began
+    earlier.write_bytes(b"x")
+    os.utime(earlier, (time.time() - 30,) * 2)
+    mine = tmp_path / ".photo.jpg.ijkl9012.tmp"
+    mine.write_bytes(b"x")
+    assert files.remove_temporaries(tmp_path, {"photo.jpg"}, made_since=time.time() - 10) == [mine]
+    assert users.exists() and folder.is_dir() and earlier.exists()
