@@ -18,7 +18,7 @@ import yaml
 from imgtune_assets.core.apply import LEDGER_NAME
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets_tests.conftest import VENV_BIN, cli_env, free_port, write_sweep
-from imgtune_assets_tests.support.files import SLOW_STAGES, age, slow_folder
+from imgtune_assets_tests.support.files import SLOW_STAGES, age, slow_folder, wait_for_outputs
 
 STAGES = [("gaussian_blur", {"ksize": 5, "sigma": 1.5}), ("median_blur", {"ksize": 3})]
 LOSSLESS = ("grey8.png", "scan16.tif")
@@ -188,12 +188,9 @@ def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tm
                              str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 180
-        while (not (out.is_dir() and len(list(out.glob("img-*.png"))) >= 12) and time.monotonic() < deadline
-               and proc.poll() is None):
-            time.sleep(0.02)
-        assert len(list(out.glob("img-*.png"))) >= 12, "the command never got its tasks going"
+        wait_for_outputs(proc, out)
         proc.send_signal(15)
+        deadline = time.monotonic() + 120
         while not (out / LEDGER_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         proc.send_signal(15)  # a second one, while the command stops its Ray: held

@@ -247,7 +247,7 @@ def test_embedded_ray_never_joins_a_cluster_found_in_the_environment(tmp_path, c
 def test_apply_on_a_cluster_ends_as_interrupted_on_sigterm(tmp_path, cluster):
     """With --ray-address, ray.init puts Ray's own SIGTERM handler (a stack dump, then exit 15) in front
     of the command's: the command takes SIGTERM back once connected, and ends as interrupted."""
-    from imgtune_assets_tests.support.files import SLOW_STAGES, slow_folder
+    from imgtune_assets_tests.support.files import SLOW_STAGES, slow_folder, wait_for_outputs
 
     src, out = tmp_path / "in", tmp_path / "out"
     names = slow_folder(src)
@@ -258,11 +258,7 @@ def test_apply_on_a_cluster_ends_as_interrupted_on_sigterm(tmp_path, cluster):
                              "--ray-address", cluster.address], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 180
-        while (not (out.is_dir() and len(list(out.glob("img-*.png"))) >= 12) and time.monotonic() < deadline
-               and proc.poll() is None):
-            time.sleep(0.02)
-        assert len(list(out.glob("img-*.png"))) >= 12, "the command never got its tasks going"
+        wait_for_outputs(proc, out)
         proc.send_signal(15)
         stdout, stderr = proc.communicate(timeout=120)
     finally:

@@ -29,3 +29,15 @@ def slow_folder(folder: Path, count: int = 40) -> list[str]:
     for name in names:
         cv2.imwrite(str(folder / name), rng.integers(0, 255, (600, 800, 3), dtype=np.uint8))
     return names
+
+
+def wait_for_outputs(proc, folder: Path, count: int = 12, timeout: float = 180, pattern: str = "img-*.png") -> None:
+    """Wait until ``folder`` holds ``count`` files of ``pattern`` (a command under way, time to interrupt
+    it) while ``proc`` runs; fails if it never does."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (not (folder.is_dir() and len(list(folder.glob(pattern))) >= count) and time.monotonic() < deadline
+           and proc.poll() is None):
+        time.sleep(0.02)
+    assert len(list(folder.glob(pattern))) >= count, "the command never got its tasks going"
