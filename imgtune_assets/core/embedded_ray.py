@@ -220,10 +220,8 @@ class _RayInBackground:
         SIGTERM handler back in front of the crash handler that Ray installed as it connected (for a
         process interrupted during the start, whose handler has changed since)."""
         self._ready.wait()
-        if threading.current_thread() is threading.main_thread():
-            handler = signal.getsignal(signal.SIGTERM)
-            if handler is not None:
-                signal.signal(signal.SIGTERM, handler)
+        self._sigterm_restored = False  # (once more: the start may have ended after the last time)
+        self.restore_sigterm()
 
     def restore_sigterm(self) -> bool:
         """Put this process's own SIGTERM handler back in front of Ray's, once Ray is up; from the

@@ -131,17 +131,20 @@ class ManifestRow:
 HEAD_BYTES = 256 * 1024
 
 
+# A data folder's ground truth: targets/<image stem>.<image suffix>.
+TARGETS_FOLDER = "targets"
+
+
 def image_folders(data_dir: Location) -> tuple[Location, Location]:
     images = data_dir / "images"
-    return (images if storage.is_folder(images) else data_dir), data_dir / "targets"
+    return (images if storage.is_folder(images) else data_dir), data_dir / TARGETS_FOLDER
 
 
 def unread_sub_folders(data_dir: Location, image_dir: Location, folders: Iterable[Location]) -> list[Location]:
     """The sub-folders of ``image_dir`` (``image_folders(data_dir)[0]``) that hold no images of the data
     folder and are worth saying so: all of them, except a flat data folder's ``targets/``, which is its
     targets."""
-    targets = image_folders(data_dir)[1] if image_dir == data_dir else None
-    return [f for f in folders if targets is None or f.name != targets.name]
+    return [f for f in folders if image_dir != data_dir or f.name != TARGETS_FOLDER]
 
 
 def targets_by_stem(target_files: Iterable[tuple[Location, dict]]) -> dict[str, tuple[Location, dict]]:
