@@ -1,7 +1,9 @@
-"""Faults through the real `dagster` CLI: the run process killed mid-sweep and resumed, two sweeps at
-once on one instance, and a data folder with bad files mixed in."""
+"""Faults through the real `dagster` CLI (and the sweep command): the run process killed mid-sweep and
+resumed, Ray's node killed mid-sweep and resumed, two sweeps at once on one instance, and a data folder
+with bad files mixed in."""
 
 import json
+import re
 import shlex
 
 import cv2
@@ -14,7 +16,8 @@ from imgtune_assets.core.evaluate import evaluate_chunk
 from imgtune_assets.core.manifest import load_images, scan_folder
 from imgtune_assets.core.metrics import Objective
 from imgtune_assets.defs.keys import asset_key
-from imgtune_assets_tests.support import Service, cli_env, run_checked, sweeps_dir_env, wait_for, write_sweep
+from imgtune_assets_tests.support import (VENV_BIN, Service, cli_env, run_checked, sweeps_dir_env, tail_text,
+                                          wait_for, write_sweep)
 
 SLOW_PIPELINE = [{"op": "nl_means", "h": {"type": "float", "low": 3, "high": 20}, "template_window_size": 7,
                   "search_window_size": {"type": "odd", "low": 21, "high": 35}}]
@@ -85,6 +88,48 @@ def test_run_killed_mid_sweep_then_resumed(tmp_path, denoise_data):
     assert report["best_trial"] == best and report["best_score"] == pytest.approx(expected[best], abs=1e-9)
     board = {line.split(",")[1]: float(line.split(",")[3])
              for line in (tmp_path / "outputs" / "slow" / "leaderboard.csv").read_text().splitlines()[1:]}
+    assert board == pytest.approx(expected, abs=1e-9)
+
+
+def test_ray_node_dying_mid_sweep_fails_the_run_and_a_resume_completes_it(tmp_path, denoise_data):
+    # `sweep NAME` hosts its embedded Ray: its raylet (the node) is SIGKILLed once two trials are saved. The
+    # trials in flight are Ray's loss, not failures of theirs: the run fails saying so, and records none.
+    sweep = write_sweep(tmp_path / "fragile.yaml", denoise_data, name="fragile", trials=10, pipeline=SLOW_PIPELINE)
+    env = cli_env(tmp_path, sweep)
+    command = [str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "fragile", "--quiet"]
+    out = tmp_path / "outputs" / "fragile"
+    log = tmp_path / "node-killed.log"
+    run = Service("sweep", command, env, log)
+    try:
+        def saved():
+            assert run.alive(), f"the sweep ended before its node could be killed:\n{run.tail()}"
+            return len(list((out / "trials").glob("trial-*.json"))) >= 2
+        wait_for(saved, 120, interval=0.05, what="2 saved trials")
+        [raylet] = [p for p in run.processes() if p.name() == "raylet"]
+        raylet.kill()
+        at_kill = sorted(p.stem for p in (out / "trials").glob("trial-*.json"))
+        assert 2 <= len(at_kill) < 10, f"kill came too late: {at_kill}"
+        code = run.proc.wait(timeout=150)
+    finally:
+        run.stop(grace=2)  # what the dead node left (its workers, GCS)
+    said = tail_text(log, 20000)
+    assert code != 0, said
+    assert "the Ray node died during the sweep: LocalRayletDiedError" in said, said
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "trials").glob("trial-*.json")}
+    assert set(at_kill) <= set(records) and len(records) < 10  # the finished trials are kept, the rest is not
+    # nothing recorded as failed (no image blamed) for the node's death
+    assert [k for k, r in records.items() if r["status"] != "ok" or any(p["error"] for p in r["per_image"])] == []
+    assert re.search(rf"\b{len(records)} of the run's 10 trials are finished and saved\b", said), said
+
+    resumed = run_checked([*command, "--resume"], env)  # a fresh embedded Ray
+    assert f"reused {len(records)} finished trial(s) (--resume)" in resumed.stdout, resumed.stdout
+    expected = expected_scores(sweep, denoise_data, out / "run_settings.json")
+    report = json.loads((out / "report.json").read_text())
+    assert report["completed_trials"] == 10 and not report["missing_trials"]
+    best = max(expected, key=expected.get)
+    assert report["best_trial"] == best and report["best_score"] == pytest.approx(expected[best], abs=1e-9)
+    board = {line.split(",")[1]: float(line.split(",")[3])
+             for line in (out / "leaderboard.csv").read_text().splitlines()[1:]}
     assert board == pytest.approx(expected, abs=1e-9)
 
 

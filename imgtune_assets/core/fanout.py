@@ -26,6 +26,27 @@ The data path (file names in, scores out; the caller's process never holds pixel
   trials finish near the end either way, and the pixels then never enter the object store — no copy
   into it, no page faults on its memory, nothing to schedule by locality. Progress is still handed
   over chunk by chunk.
+
+Whose failure an error from a task is (``ray_infrastructure_error``):
+
+- **the trial's**: a pipeline raising inside a task is caught per image (``evaluate_image``) and is
+  data, recorded on the trial. So is a ``RayTaskError`` (an exception raised by the task's own code)
+  and a worker lost beyond Ray's retries (``WorkerCrashedError``, ``OutOfMemoryError``): Ray ran the
+  task ``max_retries + 1`` times on a live node (a dead node reports ``NodeDiedError`` /
+  ``LocalRayletDiedError`` instead), so the crash most likely comes from the trial itself (OpenCV
+  crashing, or its memory, on some parameters); failing the run for it would leave a sweep that
+  holds such a trial unable ever to finish. The trial is recorded failed, as before.
+- **the images'**: ``ImageDataError`` from a decode task (also as the trial tasks of its chunk see it)
+  stops the run, naming the file.
+- **Ray's**: an error of Ray's own machinery — its node (raylet) died (``LocalRayletDiedError``,
+  ``NodeDiedError``), an object was lost with its node or owner (``ObjectLostError`` and its
+  subclasses, e.g. ``OwnerDiedError``), ``RaySystemError`` (and subclasses), an actor died
+  (``RayActorError``), Ray's RPC, authentication, runtime environment, scheduling or disk failing, or
+  the task cancelled (the list: ``RAY_INFRASTRUCTURE_ERRORS``; a ``RayTaskError`` counts only when its
+  cause is one of them) — is no trial's and no image's: nothing is recorded for it. ``run_trials``
+  raises ``RayInfrastructureError`` naming it, after handing over every result already back (trials
+  and chunks finished before are saved by the callbacks), so that a run resumed with
+  ``skip_finished`` computes exactly what was lost.
 """
 
 from __future__ import annotations
@@ -51,6 +72,22 @@ MAX_CHUNK_BYTES = 512 * 1024 * 1024
 # Ray passes objects below this size inline (its max_direct_call_object_size), not through a node's store.
 INLINE_BYTES = 100 * 1024
 
+# Ray's errors (``ray.exceptions``, ray 2.60) that say Ray's own machinery failed under a run, not the
+# trial or its image: every subclass is named too, so that a record's error text can be recognised by
+# its class name without importing Ray (``results.lost_to_ray``);
+# imgtune_assets_tests/core/test_fanout.py checks the list against the installed Ray's hierarchy.
+NODE_DIED_ERRORS = ("LocalRayletDiedError", "NodeDiedError")
+RAY_INFRASTRUCTURE_ERRORS = (
+    *NODE_DIED_ERRORS,
+    "ObjectLostError", "ObjectFetchTimedOutError", "ObjectFreedError", "ObjectReconstructionFailedError",
+    "OwnerDiedError", "ReferenceCountingAssertionError",
+    "RaySystemError", "RayCgraphCapacityExceeded", "RayChannelError", "RayChannelTimeoutError",
+    "RayDirectTransportError", "StreamingGeneratorReplayInconsistentError",
+    "RayActorError", "ActorDiedError", "ActorUnavailableError",
+    "RpcError", "AuthenticationError", "RuntimeEnvSetupError", "TaskUnschedulableError", "TaskCancelledError",
+    "OutOfDiskError", "ObjectStoreFullError",
+)
+
 
 class ImageDataError(ValueError):
     """An image (or target) could not be used by the run: changed, vanished or undecodable. The
@@ -59,6 +96,52 @@ class ImageDataError(ValueError):
     manifest)."""
 
     undecodable: dict | None = None
+
+
+class RayInfrastructureError(RuntimeError):
+    """Ray itself failed under the run (its node died, an object was lost with it, ...): no trial and
+    no image is to blame, and none is recorded as failed. ``what`` says what happened (``"the Ray node
+    died during the sweep: LocalRayletDiedError: ..."``); the message adds that finished work is saved
+    and how to resume. ``ray_error`` is Ray's exception."""
+
+    def __init__(self, what: str, ray_error: BaseException | None = None):
+        self.what = what
+        self.ray_error = ray_error
+        super().__init__(f"{what}; no trial is recorded as failed because of it, and the trials finished before "
+                         "are saved: run again with skip_finished (`python -m imgtune_assets.cli sweep NAME "
+                         "--resume`) to compute the rest")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()
+
+
+def ray_infrastructure_error(exc: BaseException) -> RayInfrastructureError | None:
+    """``exc`` (from ``ray.get`` of a task) as a ``RayInfrastructureError`` when it is Ray's machinery
+    failing (a class of ``RAY_INFRASTRUCTURE_ERRORS``; a ``RayTaskError`` only when its cause is one),
+    else None: a failure of the task's own code, or a worker lost beyond Ray's retries (see the
+    module's docstring). Imports Ray."""
+    import ray.exceptions
+
+    seen = 0  # (a bound on a chain of causes)
+    while isinstance(exc, ray.exceptions.RayTaskError) and seen < 20:  # what the task's code raised
+        cause = getattr(exc, "cause", None)
+        if cause is None or cause is exc:
+            return None
+        exc, seen = cause, seen + 1
+    classes = tuple(c for c in (getattr(ray.exceptions, n, None) for n in RAY_INFRASTRUCTURE_ERRORS)
+                    if isinstance(c, type))
+    if not isinstance(exc, classes):
+        return None
+    died = tuple(getattr(ray.exceptions, n) for n in NODE_DIED_ERRORS)
+    if isinstance(exc, died):
+        what = "the Ray node died during the sweep"
+    elif isinstance(exc, ray.exceptions.ObjectLostError):
+        what = "Ray lost an object of the sweep (its node or its owner died)"
+    else:
+        what = "Ray failed during the sweep"
+    return RayInfrastructureError(f"{what}: {_first_line(exc)}".rstrip("."), exc)  # (the message goes on after it)
 
 
 def data_error_message(exc: ImageDataError, sweep_dir) -> str:
@@ -311,8 +394,11 @@ def run_trials(
     """Evaluate each trial (``{"trial", "params", "stages", "error"?}``) on every image.
 
     An exception in a trial (OpenCV refusing its parameters, or a worker lost beyond Ray's retries)
-    fails that trial only; the others complete. ``on_trial_done`` is called as soon as each trial's
-    last chunk is back, so its result can be saved before the rest of the sweep finishes.
+    fails that trial only; the others complete. Ray's own machinery failing (its node dying, an object
+    lost with it: ``ray_infrastructure_error``) fails no trial: every result already back is handed to
+    the callbacks, nothing more is submitted, and ``RayInfrastructureError`` is raised.
+    ``on_trial_done`` is called as soon as each trial's last chunk is back, so its result can be saved
+    before the rest of the sweep finishes.
     ``on_chunk_done(ids, results by trial, identity results)`` is called when a chunk's last task is
     back, so that progress within trials can be saved too; ``known`` (trial -> image id -> result,
     such saved progress) and ``known_identity`` are not computed again, and a chunk known for every
@@ -410,8 +496,12 @@ def run_trials(
     in_flight = 0
     queue = list(to_decode)
 
+    broken: list[RayInfrastructureError] = []  # Ray failed under the run: raised once the batch is taken
+
     def admit() -> None:
         nonlocal in_flight
+        if broken:  # nothing more for a Ray that failed
+            return
         admitted = []
         while queue and (not data_refs or (
                 # A fused chunk's pixels live in its task's worker only: enough queued to keep every CPU busy.
@@ -516,37 +606,33 @@ def run_trials(
         before = set(pending)
         for ref in done:
             kind, c, t = pending.pop(ref)
-            if kind == "decode":
-                try:
-                    report = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
-                    _raise_data_error(exc)
-                    raise
-                take_report(c, report)
-            elif kind == "fused":
-                try:
-                    payload = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - as for a trial task: the chunk's trials fail
-                    _raise_data_error(exc)
-                    if identity:  # the chunk's baseline is lost with it, as with a failed decode
-                        raise
-                    for t in chunk_trials[c]:
-                        take_trial(c, t, None, exc)
-                else:
-                    take_report(c, payload["report"])
-                    for t, trial_payload in payload["trials"].items():
-                        take_trial(c, t, trial_payload, None)
-            else:
-                try:
-                    payload = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - recorded on the trial: a lost chunk fails its trial
-                    _raise_data_error(exc)  # the chunk's images, not the trial, failed: nothing is recorded
+            try:
+                got = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - sorted out below: Ray's, the images' or the trial's
+                _raise_data_error(exc)  # the chunk's images, not the trial, failed: nothing is recorded
+                lost = ray_infrastructure_error(exc)
+                if lost is not None:  # no trial's fault: nothing is recorded; the rest of the batch is taken
+                    broken.append(lost)
+                    continue
+                if kind == "decode" or (kind == "fused" and identity):
+                    raise  # (fused: the chunk's baseline is lost with it, as with a failed decode)
+                # recorded on the trial(s): a lost chunk fails its trial (fused: every trial it scored)
+                for t in (chunk_trials[c] if kind == "fused" else [t]):
                     take_trial(c, t, None, exc)
+            else:
+                if kind == "decode":
+                    take_report(c, got)
+                elif kind == "fused":
+                    take_report(c, got["report"])
+                    for t, trial_payload in got["trials"].items():
+                        take_trial(c, t, trial_payload, None)
                 else:
-                    take_trial(c, t, payload, None)
+                    take_trial(c, t, got, None)
             tasks_left[c] -= 1
             if tasks_left[c] == 0:
                 retire(c)
+        if broken:
+            raise broken[0]
         remaining += [ref for ref in pending if ref not in before]  # tasks of newly admitted chunks
         if on_tick is not None and time.monotonic() - last_tick >= tick_seconds:
             last_tick = time.monotonic()

@@ -5,12 +5,23 @@ atomically as soon as the trial completes. A result is *current* when it was com
 sweep settings (fingerprint) and the same images (manifest digest) as the run asking; an older one is
 *stale*: kept on disk, never reused or reported. The identity pipeline's score (no processing), the
 baseline the report compares against, is cached beside them under the same rule.
+
+A failed record whose error is one of Ray's own (``lost_to_ray``: written by earlier versions of
+imgtune, which recorded the trials whose tasks Ray's dying node took down as failed, blaming an image)
+is no result either: neither reused by ``skip_finished`` nor reported (its trial is missing), so its
+trial is computed again. Such records are told reliably by their error text: every per-image error is
+``<exception class>: <message>``, and Ray's infrastructure classes (``fanout.RAY_INFRASTRUCTURE_ERRORS``)
+are never what a pipeline (OpenCV, NumPy) raises. Today ``fanout.run_trials`` records nothing for such
+an error (the run fails instead). A trial failed by its own exception, or by a worker lost beyond
+Ray's retries (``WorkerCrashedError``, see ``fanout``), stays a failed result and is reused like any
+other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -21,6 +32,22 @@ from imgtune_assets.core.files import atomic_write_json
 from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.sampling import trial_index, trial_key
 
+
+
+def lost_to_ray(record: dict[str, Any]) -> bool:
+    """Whether ``record`` is a failed trial whose error (its own, or an image's) is one of Ray's
+    infrastructure errors (``fanout.RAY_INFRASTRUCTURE_ERRORS``): a trial Ray lost, not one that failed."""
+    if not isinstance(record, dict) or record.get("status") != "failed":
+        return False
+    from imgtune_assets.core.fanout import RAY_INFRASTRUCTURE_ERRORS
+
+    names = "|".join(RAY_INFRASTRUCTURE_ERRORS)
+    errors = [record.get("error")] + [row.get("error") for row in record.get("per_image") or []
+                                      if isinstance(row, dict)]
+    # an image's error begins with its exception's class name (the record's own ``error`` repeats its
+    # first failed image's, after the image's name; a trial-level error begins with the class name)
+    pattern = re.compile(rf"(?:{names}):")
+    return any(isinstance(error, str) and pattern.match(error) for error in errors)
 
 
 class TrialStore:
@@ -65,16 +92,17 @@ class TrialStore:
         return (record.get("fingerprint"), record.get("manifest_digest")) == (self.fingerprint, self.manifest_digest)
 
     def load(self, key: str) -> dict[str, Any] | None:
-        """The trial's result if it is current, else None (absent or stale)."""
+        """The trial's result if it is current, else None (absent, stale, or ``lost_to_ray``)."""
         record = self._read(key)
-        return record if record is not None and self.is_current(record) else None
+        return record if record is not None and self.is_current(record) and not lost_to_ray(record) else None
 
     def load_all(self, keys: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
-        """Current results of ``keys`` in key order, and how many stale ones were found."""
+        """Current results of ``keys`` in key order, and how many stale ones were found (a record
+        ``lost_to_ray`` is neither: its trial is missing)."""
         records, stale = [], 0
         for key in keys:
             record = self._read(key)
-            if record is None:
+            if record is None or lost_to_ray(record):
                 continue
             if self.is_current(record):
                 records.append(record)
@@ -129,7 +157,8 @@ class TrialStore:
                 file.unlink(missing_ok=True)
 
     def split_finished(self, keys: Sequence[str], skip_finished: bool) -> tuple[list[dict[str, Any]], list[str]]:
-        """(current results to reuse, keys to compute): with ``skip_finished`` off, everything is computed."""
+        """(current results to reuse, keys to compute): with ``skip_finished`` off, everything is computed.
+        A failed result is reused (its trial fails the same way again), except one ``lost_to_ray``."""
         if not skip_finished:
             return [], list(keys)
         reused, todo = [], []

@@ -291,10 +291,13 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         Ray tasks read and decode the images (``core/fanout.py``): this process holds file names and
         scores, never pixels. Each trial's result is written (``trials/<key>.json``, atomically) as soon as it is complete, so a
         killed run loses only unfinished trials. A trial whose pipeline raises is recorded as failed with
-        its error; the other trials complete. Progress goes to the run log (at least every 5 s or every
-        10 % of the trials) and to ``progress.json`` in the sweep's output folder.
+        its error; the other trials complete. Ray failing under the run (its node dying: ``fanout``'s
+        ``RayInfrastructureError``) fails the run, saying so, with no trial recorded as failed for it;
+        the trials finished before are saved for ``skip_finished``. Progress goes to the run log (at
+        least every 5 s or every 10 % of the trials) and to ``progress.json`` in the sweep's output folder.
         """
-        from imgtune_assets.core.fanout import ImageDataError, ImageFiles, data_error_message, run_trials
+        from imgtune_assets.core.fanout import (ImageDataError, ImageFiles, RayInfrastructureError, data_error_message,
+                                                run_trials)
         from imgtune_assets.core.progress import SweepProgress
 
         check_settings(run_settings)
@@ -320,6 +323,13 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         n_images = sum(1 for r in rows if r.status == "ok")
         progress = SweepProgress(len(keys), n_images, objective)
         failed: list[str] = []
+        settled: list[str] = []  # trials saved (or reused) by this run
+
+        def ray_failed(exc: RayInfrastructureError) -> Failure:
+            return Failure(description=(
+                f"{exc.what}; no trial is recorded as failed because of it. {len(settled)} of the run's {len(keys)} "
+                f"trials are finished and saved: run again with skip_finished (`python -m imgtune_assets.cli "
+                f"sweep {sweep.name} --resume`) to compute the other {len(keys) - len(settled)}"))
 
         def report_progress() -> None:
             snapshot = progress.report_if_due()
@@ -330,6 +340,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
 
         def save(record: dict, reused: bool) -> None:
             result_file = store.path(record["trial"]) if reused else store.save(record)
+            settled.append(record["trial"])
             if record["status"] == "failed":
                 failed.append(record["trial"])
                 context.log.warning(f"{record['trial']} failed: {record['error']}")
@@ -339,8 +350,11 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
 
         if is_staged(sweep):
             progress.start_computing()
-            stats = run_staged_search(context, sweep, sweep_dir, store, rows, keys, config.skip_finished,
-                                      ray_cluster, save, on_tick=report_progress)
+            try:
+                stats = run_staged_search(context, sweep, sweep_dir, store, rows, keys, config.skip_finished,
+                                          ray_cluster, save, on_tick=report_progress)
+            except RayInfrastructureError as exc:  # what settled is saved
+                raise ray_failed(exc) from None
             stats["failed"] = len(failed)
             atomic_write_json(sweep_dir / "last_experiment_run.json", stats)
             context.log.info(f"{len(keys) - len(failed)} trial(s) settled, {len(failed)} failed ({json.dumps(stats)})")
@@ -395,6 +409,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                 )
             except ImageDataError as exc:  # a pinned image changed, vanished or does not decode
                 raise Failure(description=data_error_message(exc, sweep_dir)) from None
+            except RayInfrastructureError as exc:  # Ray's node died under the run: what finished is saved
+                raise ray_failed(exc) from None
             if need_identity:
                 baseline.save(fan.identity[i] for i in images.ids if i in fan.identity)
             store.clear_chunks()  # every trial of this run is saved whole now

@@ -7,7 +7,9 @@ execute_step`` would, but in the Ray worker process itself (no subprocess, no Ra
 dashboard): it opens the run's instance from the ``instance_ref``, reloads the code from the run's
 origin, executes the step and writes its events to the instance. The run process learns outcomes
 by tailing the event log, and asks Ray (``ray.wait(ref, timeout=0)``) whether a step's task died
-without reporting (a killed worker, a lost node): such a step is failed by the health check.
+without reporting (a killed worker, a lost node): such a step is failed by the health check. When Ray's
+node died under it (one of Ray's infrastructure errors, ``fanout.ray_infrastructure_error``), the
+message says so; the trials the step finished are saved, and ``skip_finished`` resumes it.
 
 Ray retries are off for step tasks (``max_retries=0``): Dagster owns retries (``retries`` config,
 op ``RetryPolicy``). Terminating the run cancels its step tasks (``ray.cancel(force=True)``), which
@@ -292,6 +294,11 @@ class RayStepHandler(StepHandler):
         try:
             result = ray.get(ref, timeout=0)
         except Exception as exc:  # noqa: BLE001 - any task error is the step's death
+            from imgtune_assets.core.fanout import ray_infrastructure_error
+
+            lost = ray_infrastructure_error(exc)
+            if lost is not None:  # e.g. the node died, and the step's worker with it
+                return CheckStepHealthResult.unhealthy(f"its Ray task ended without finishing the step: {lost}")
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return CheckStepHealthResult.unhealthy(f"its Ray task ended without finishing the step: "
                                                    f"{type(exc).__name__}: {first}")

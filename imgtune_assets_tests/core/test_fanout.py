@@ -1,5 +1,5 @@
 """Ray fan-out on a real local Ray: same numbers as a plain loop, failures isolated per trial,
-and a worker killed mid-sweep changes nothing."""
+a worker killed mid-sweep changes nothing, and Ray's own failures are told from the trials'."""
 
 import os
 import signal
@@ -12,7 +12,9 @@ import pytest
 
 from imgtune_assets.core.demo_data import make_denoise_set
 from imgtune_assets.core.evaluate import evaluate_chunk
-from imgtune_assets.core.fanout import DecodedChunks, ImageDataError, ImageFiles, InMemoryImages, plan_chunks, run_trials
+from imgtune_assets.core.fanout import (RAY_INFRASTRUCTURE_ERRORS, DecodedChunks, ImageDataError, ImageFiles,
+                                        InMemoryImages, RayInfrastructureError, plan_chunks, ray_infrastructure_error,
+                                        run_trials)
 from imgtune_assets.core.manifest import load_images, scan_folder
 from imgtune_assets.core.metrics import Objective
 
@@ -330,3 +332,94 @@ def test_worker_killed_while_chunks_live_in_the_object_store_changes_nothing(loc
     assert [o.status for o in disturbed.outcomes] == ["ok"] * 4
     assert [o.score for o in disturbed.outcomes] == [o.score for o in undisturbed]
     assert disturbed.chunks == 2 and disturbed.decodes >= 8  # every file decoded (again, if a decode was killed)
+
+
+# ----------------------------------------------------------------------------- Ray's failures, not the trials'
+def _ray_errors():
+    import ray
+    import ray.exceptions as rex
+
+    oid = ray.ObjectRef.nil().hex()
+    return rex, {
+        "raylet died": rex.LocalRayletDiedError(),
+        "node died": rex.NodeDiedError("node 1234 died"),
+        "object lost": rex.ObjectLostError(oid, None, ""),
+        "owner died": rex.OwnerDiedError(oid, None, ""),
+        "system": rex.RaySystemError("the GCS went away"),
+        "actor died": rex.ActorDiedError(),
+        "in a task": rex.RayTaskError("f", "Traceback ...", rex.LocalRayletDiedError()),
+    }
+
+
+def test_ray_infrastructure_errors_are_told_from_the_trials_own():
+    rex, infrastructure = _ray_errors()
+    for name, exc in infrastructure.items():
+        lost = ray_infrastructure_error(exc)
+        assert isinstance(lost, RayInfrastructureError) and lost.ray_error is not None, name
+        assert "skip_finished" in str(lost) and "--resume" in str(lost), name
+    died = ray_infrastructure_error(infrastructure["raylet died"])
+    assert died.what == "the Ray node died during the sweep: LocalRayletDiedError: The task's local raylet died. " \
+                        "Check raylet.out for more information"
+    assert ray_infrastructure_error(infrastructure["node died"]).what.startswith(
+        "the Ray node died during the sweep: NodeDiedError: node 1234 died")
+    assert ray_infrastructure_error(infrastructure["owner died"]).what.startswith("Ray lost an object of the sweep")
+    assert ray_infrastructure_error(infrastructure["in a task"]).what.startswith("the Ray node died")
+    # the trial's own failures: an exception its code raised (as Ray hands it over), a worker lost beyond
+    # Ray's retries on a live node, Ray's memory monitor, an image that cannot be used, anything else
+    user = rex.RayTaskError("f", "Traceback ...", ValueError("bad parameters"))
+    for exc in (user, user.as_instanceof_cause(), rex.WorkerCrashedError(), rex.OutOfMemoryError("task used 9 GB"),
+                ImageDataError("images/a.png: changed since the image manifest"), RuntimeError("x"), ValueError()):
+        assert ray_infrastructure_error(exc) is None, repr(exc)
+
+
+def test_the_infrastructure_list_names_every_subclass_in_the_installed_ray():
+    # a record's error is recognised by these names (results.lost_to_ray): a Ray upgrade that adds or moves
+    # an error class shows here
+    import ray.exceptions as rex
+
+    def family(*roots):
+        out, todo = set(), list(roots)
+        while todo:
+            cls = todo.pop()
+            if cls.__module__.startswith("ray") and "(" not in cls.__name__:  # (not RayTaskError(ValueError))
+                out.add(cls.__name__)
+            todo += cls.__subclasses__()
+        return out
+
+    roots = [getattr(rex, n) for n in RAY_INFRASTRUCTURE_ERRORS]
+    assert set(RAY_INFRASTRUCTURE_ERRORS) == family(*roots)
+    assert len(set(RAY_INFRASTRUCTURE_ERRORS)) == len(RAY_INFRASTRUCTURE_ERRORS)
+    assert not {"RayTaskError", "WorkerCrashedError", "OutOfMemoryError", "RayError"} & set(RAY_INFRASTRUCTURE_ERRORS)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["chunks in the object store", "fused"])
+@pytest.mark.parametrize("lost", ["first", "last"])
+def test_ray_failing_under_the_run_records_no_trial_and_hands_over_what_finished(local_ray, image_files,
+                                                                                 monkeypatch, fuse, lost):
+    # Ray's node dying, as ray.get sees it: the first or the last result asked for is LocalRayletDiedError.
+    # 8 images in 4 chunks of 2, 3 trials: 4 decode and 12 trial tasks (fused: 4 tasks); the last result back
+    # is a trial task's (or a fused chunk's), as a chunk's trial tasks take its decoded object.
+    import ray
+    import ray.exceptions as rex
+
+    folder, rows = image_files
+    real_get, calls = ray.get, []
+    total = 4 if fuse else 16
+
+    def get(ref, *args, **kwargs):
+        calls.append(ref)
+        if len(calls) == (1 if lost == "first" else total):
+            raise rex.LocalRayletDiedError()
+        return real_get(ref, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "get", get)
+    done, chunks = [], []
+    with pytest.raises(RayInfrastructureError, match="the Ray node died during the sweep: LocalRayletDiedError"):
+        run_trials(trials(3), ImageFiles(folder, rows), PSNR, chunk_size=2, fuse=fuse, on_trial_done=done.append,
+                   on_chunk_done=lambda ids, results, identity: chunks.append(results))
+    assert [o.status for o in done] == ["ok"] * len(done)  # nothing recorded as failed for it
+    assert all(not r.get("error") for results in chunks for per_image in results.values() for r in per_image)
+    if lost == "last":  # everything else was back: handed over; the lost task's chunk and trial are not
+        assert len(calls) == total
+        assert len(chunks) == 3
+        assert len(done) == (0 if fuse else 2)

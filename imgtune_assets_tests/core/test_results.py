@@ -11,7 +11,7 @@ import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets.core.metrics import Objective
-from imgtune_assets.core.results import IdentityBaseline, TrialStore
+from imgtune_assets.core.results import IdentityBaseline, TrialStore, lost_to_ray
 
 FINGERPRINT, DIGEST = "f" * 16, "d" * 16
 
@@ -190,3 +190,47 @@ def test_a_result_saved_under_a_key_padded_to_the_trial_count_loads_under_todays
     store.save(record("trial-007", 31.0))  # a result saved since wins over the old name
     assert store.load("trial-007")["score"] == 31.0
     assert store.load_all(["trial-007"]) == ([record("trial-007", 31.0)], 0)
+
+
+def failed(key: str, *errors: str | None, trial_error: str | None = None) -> dict:
+    """A failed record as ``TrialOutcome.to_record`` writes it: per-image errors, the first one repeated."""
+    per_image = [{"id": f"ph_{i:02d}", "score": None if e else 30.0, "seconds": 0.1, "error": e}
+                 for i, e in enumerate(errors)]
+    first = trial_error or next((f"image {p['id']}: {p['error']}" for p in per_image if p["error"]), None)
+    return {**record(key), "status": "failed", "score": None, "error": first, "per_image": per_image}
+
+
+RAYLET_DIED = "LocalRayletDiedError: The task's local raylet died. Check raylet.out for more information."
+OPENCV = "error: OpenCV(4.10.0) /io/opencv/modules/imgproc/src/deriv.cpp:792: error: (-215:Assertion failed) dx >= 0"
+
+
+def test_a_trial_that_ray_lost_is_computed_again_and_a_failed_one_is_reused(store):
+    # as an older imgtune wrote them: the trials in flight when Ray's node died, blaming an image
+    store.save(failed("trial-000", RAYLET_DIED, RAYLET_DIED))
+    store.save(failed("trial-001", None, "OwnerDiedError: Failed to retrieve object 00ff. The object's owner has exited."))
+    # genuine failures: OpenCV refusing the parameters; a worker that died on every retry (the trial's doing)
+    store.save(failed("trial-002", OPENCV, OPENCV))
+    store.save(failed("trial-003", None, "WorkerCrashedError: The worker died unexpectedly while executing this task."))
+    store.save(failed("trial-004", trial_error="parameters refused: d must be odd"))
+    store.save(failed("trial-005", "ValueError: no LocalRayletDiedError: here", None))  # named, but not as the error
+    store.save(record("trial-006", 31.0))
+    keys = [f"trial-{k:03d}" for k in range(8)]
+
+    assert [lost_to_ray(store._read(k)) for k in keys[:7]] == [True, True, False, False, False, False, False]
+    reused, todo = store.split_finished(keys, skip_finished=True)
+    assert [r["trial"] for r in reused] == ["trial-002", "trial-003", "trial-004", "trial-005", "trial-006"]
+    assert todo == ["trial-000", "trial-001", "trial-007"]
+    assert store.load("trial-000") is None and store.load("trial-002")["status"] == "failed"
+    # nor reported: its trial is missing (not stale), until computed again
+    records, stale = store.load_all(keys)
+    assert [r["trial"] for r in records] == ["trial-002", "trial-003", "trial-004", "trial-005", "trial-006"]
+    assert stale == 0
+    assert (store.folder / "trial-000.json").exists()  # left on disk, overwritten when computed again
+    store.save(record("trial-000", 29.5))
+    assert store.load("trial-000")["score"] == 29.5
+
+
+def test_only_a_failed_record_can_be_lost_to_ray():
+    ok = {**failed("trial-000", RAYLET_DIED), "status": "ok"}
+    assert not lost_to_ray(ok) and not lost_to_ray({}) and not lost_to_ray(failed("trial-001", None, None))
+    assert lost_to_ray(failed("trial-002", trial_error="NodeDiedError: node 12 died"))
