@@ -18,6 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,7 +51,7 @@ from imgtune_assets_tests.support.s3server import (
     s3_environment,
     upload_folder,
 )
-from imgtune_assets_tests.support.sweeps import DEFAULT_PIPELINE, cli_env
+from imgtune_assets_tests.support.sweeps import DEFAULT_PIPELINE, VENV_BIN, cli_env
 
 ENV_CLEARED = (*SCRUBBED_ENV, "IMGTUNE_RAY_ADDRESS", "IMGTUNE_EXECUTOR", "RAY_ADDRESS", "IMGTUNE_SWEEP",
                "IMGTUNE_SWEEPS_DIR")
@@ -363,6 +366,49 @@ def test_missing_bucket_fails_the_manifest_saying_so(tmp_path, s3_server):
     message = step_failures(result)
     assert url in message, message
     assert "bucket does not exist" in message.lower(), message
+
+
+def test_an_output_bucket_that_does_not_exist_is_refused_before_any_work(tmp_path, s3_server, local_data):
+    from imgtune_assets.core.apply import ApplyError, apply_to_folder
+
+    url = uploaded(s3_server, "apply-in", local_data)
+    client = s3_server.client()
+    buckets = sorted(b["Name"] for b in client.list_buckets()["Buckets"])
+    assert "apply-in" in buckets and "apply-nobucket" not in buckets
+
+    def at(spec):
+        return storage.location(spec, endpoint_url=s3_server.endpoint_url)
+
+    for out in ("s3://apply-nobucket/tuned", "s3://apply-nobucket"):  # (the second is named s3://apply-nobucket/)
+        with pytest.raises(storage.StorageError) as err:
+            storage.require_output_folder(at(out))
+        assert err.value.kind == "missing" and str(err.value).startswith(
+            f"{at(out)}: the bucket 'apply-nobucket' does not exist (cannot write into it"), err.value
+    # an existing bucket: a prefix not there yet is made by the first upload
+    storage.require_output_folder(at("s3://apply-in/not-yet"))
+    storage.require_output_folder(at("s3://apply-in"))
+    # the path the tuned_images asset takes: refused before Ray is asked for
+    with pytest.raises(ApplyError, match="^s3://apply-nobucket/x: the bucket 'apply-nobucket' does not exist"):
+        apply_to_folder([("gaussian_blur", {"ksize": 3, "sigma": 0.8})], at(f"{url}/images"),
+                        at("s3://apply-nobucket/x"), connect=lambda: pytest.fail("Ray was to be started"))
+
+    # The command: exit 2 and the URL, before its Ray starts (no session folder) and before any output.
+    pipeline = write_s3_sweep(tmp_path / "best.yaml", s3_server, url, name="best", trials=1,
+                              pipeline=[{"op": "gaussian_blur", "ksize": 3, "sigma": 0.8}])
+    ray_root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    try:
+        result = subprocess.run([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", str(pipeline),
+                                 f"{url}/images", "s3://apply-nobucket/x"],
+                                cwd=tmp_path, env={**cli_env(tmp_path, pipeline), "RAY_TMPDIR": str(ray_root)},
+                                capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+        assert list(ray_root.iterdir()) == []
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: s3://apply-nobucket/x: the bucket 'apply-nobucket' does not exist"), \
+        result.stderr
+    assert " written, " not in result.stdout and "Traceback" not in result.stderr
+    assert sorted(b["Name"] for b in client.list_buckets()["Buckets"]) == buckets  # no bucket was created
 
 
 @pytest.mark.parametrize("budget_mb", [None, 0.001], ids=["chunks in the object store", "streamed, fused tasks"])

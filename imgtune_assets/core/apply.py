@@ -330,13 +330,17 @@ class ApplyPlan:
 def plan_apply(stages: Stages, input_dir: Location, output_dir: Location) -> ApplyPlan:
     """List ``input_dir`` (or its ``images/``, see ``input_images``) and read the output folder's
     ledger: an image whose pair stands unread (``unchanged_unread``: stats or listing tags) is settled
-    here, so a re-run over an unchanged folder needs no Ray at all."""
+    here, so a re-run over an unchanged folder needs no Ray at all. A folder that cannot be used — the
+    input missing, the output's bucket missing or its place taken by a file
+    (``storage.require_output_folder``) — is refused here, with ``ApplyError`` naming it, before any work."""
     from imgtune_assets.core.manifest import unread_sub_folders
 
     data_dir, input_dir = input_dir, input_images(input_dir)
     if same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
     try:
+        # before any file is read: a bucket that is not there fails the run now, not after the work
+        storage.require_output_folder(output_dir)
         files, folders = storage.list_entries(input_dir)
     except storage.StorageError as exc:
         raise ApplyError(str(exc)) from None

@@ -243,6 +243,54 @@ def exists(path: Location) -> bool:
         raise _explain(exc, path, "look it up") from None
 
 
+def _bucket_of(folder: Location) -> str | None:
+    """The bucket (container) a URL names, for a store that has buckets (s3fs, gcsfs and adlfs split
+    paths into bucket and key); None for a store without them (fsspec's in-memory one)."""
+    split = getattr(folder.fs, "split_path", None)
+    if split is None:
+        return None
+    return split(folder.path)[0] or None
+
+
+def require_output_folder(folder: Location) -> None:
+    """Raise ``StorageError`` naming ``folder`` unless outputs can go into it, before any work is done:
+    a local folder must be a folder, or not there yet under a writable folder (the first write makes
+    it); an object-store folder's bucket must exist (a prefix that is not there yet is made by the first
+    upload). Nothing is created — imgtune never creates a bucket. A store that denies the look-up is let
+    through (credentials may allow uploads only): each write reports its own refusal."""
+    name = describe(folder)
+    if not is_remote(folder):
+        path = Path(folder)
+        existing = path
+        while not os.path.lexists(existing) and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "" if existing == path else f" ({existing} is not a folder)"
+            raise StorageError(f"{name}: not a folder{where} (cannot write into it)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"{name}: access denied (cannot write into {existing})", "denied")
+        return
+    bucket = _bucket_of(folder)
+    try:
+        folder.fs.invalidate_cache(folder.path)
+        try:
+            folder.fs.info(folder.path)
+            return  # there already
+        except FileNotFoundError:
+            if bucket is None:
+                return  # a store without buckets: the first write makes the folder
+        if bucket == folder.path.strip("/"):
+            raise FileNotFoundError(bucket)  # the folder is the bucket itself, and it is not there
+        folder.fs.info(bucket)
+    except FileNotFoundError:
+        raise StorageError(f"{name}: the bucket {bucket!r} does not exist (cannot write into it; imgtune "
+                           "creates no bucket: create it, or name another)", "missing") from None
+    except PermissionError:
+        return
+    except _remote_errors() as exc:
+        raise _explain(exc, folder, "write into it") from None
+
+
 def write_bytes_atomic(path: Location, data: bytes) -> Location:
     """Write a whole file: locally through a temporary file and a rename; to an object store with one
     PUT (an object appears whole or not at all)."""

@@ -451,6 +451,18 @@ def test_folders_that_cannot_be_used(local_ray, tmp_path):
     assert str(src / "grey8.png") in str(err.value)
 
 
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_file_is_read(tmp_path, monkeypatch):
+    src = make_folder(tmp_path / "in")
+    (tmp_path / "taken").write_text("a file where the output folder would go")
+    read = []
+    monkeypatch.setattr(apply_module.storage, "list_entries", lambda folder: read.append(folder) or ([], []))
+    with pytest.raises(ApplyError) as err:
+        apply_to_folder(STAGES, src, tmp_path / "taken" / "out", connect=lambda: pytest.fail("Ray was to start"))
+    assert str(err.value).startswith(f"{tmp_path / 'taken' / 'out'}: not a folder"), err.value
+    assert read == []  # refused before the input was listed
+    assert (tmp_path / "taken").read_text() == "a file where the output folder would go"
+
+
 def test_an_empty_folder_writes_an_empty_ledger(local_ray, tmp_path):
     (tmp_path / "in").mkdir()
     result = apply_to_folder(STAGES, tmp_path / "in", tmp_path / "out")

@@ -237,3 +237,31 @@ def test_prefetch_does_nothing_without_the_system_call(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(b"x" * 10)
     monkeypatch.delattr(storage.os, "posix_fadvise", raising=False)
     assert storage.prefetch([tmp_path / "a.png"], budget_bytes=100) == 0
+
+
+def test_an_output_folder_is_checked_before_any_work_and_nothing_is_made(tmp_path):
+    storage.require_output_folder(tmp_path)  # there
+    storage.require_output_folder(tmp_path / "new" / "deeper")  # not yet: the first write makes it
+    assert list(tmp_path.iterdir()) == []  # the check made nothing
+    (tmp_path / "taken").write_text("a file where the folder would go")
+    with pytest.raises(storage.StorageError) as err:
+        storage.require_output_folder(tmp_path / "taken")
+    assert str(err.value).startswith(f"{tmp_path / 'taken'}: not a folder"), err.value
+    with pytest.raises(storage.StorageError) as err:  # a file above it: the folder cannot be made
+        storage.require_output_folder(tmp_path / "taken" / "out")
+    assert str(err.value).startswith(f"{tmp_path / 'taken' / 'out'}: not a folder ({tmp_path / 'taken'} is not"), \
+        err.value
+    # a store without buckets (fsspec's in-memory one): a folder not there yet is made by the first write
+    storage.require_output_folder(storage.location("memory://imgtune-output-check/new"))
+
+
+def test_an_output_folder_under_a_folder_that_refuses_writes_is_refused(tmp_path, monkeypatch):
+    # (the tests may run as root, whom the permission bits do not stop: the system's answer is replaced)
+    refused = tmp_path / "read-only"
+    refused.mkdir()
+    monkeypatch.setattr(storage.os, "access", lambda path, mode: os.fspath(path) != os.fspath(refused))
+    storage.require_output_folder(tmp_path / "elsewhere")
+    with pytest.raises(storage.StorageError) as err:
+        storage.require_output_folder(refused / "out")
+    assert err.value.kind == "denied" and str(err.value) == \
+        f"{refused / 'out'}: access denied (cannot write into {refused})"
