@@ -442,6 +442,11 @@ def select_sweeps(served: list[Sweep], names: Sequence[str], all_sweeps: bool) -
                             "(or set IMGTUNE_SWEEP to one sweep file)")
 
 
+def resume_hint(sweep_name: str) -> str:
+    """How to go on after an interrupted or killed run: the trials it finished are saved."""
+    return f"finished trials are kept: `python -m imgtune_assets.cli sweep {sweep_name} --resume` resumes"
+
+
 def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: bool, columns: int,
                   quiet: bool = False, env: dict[str, str] | None = None,
                   on_poll: Callable[[], object] | None = None, resume: bool = False) -> int:
@@ -501,8 +506,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                 except Exception as exc:  # noqa: BLE001 - said, on the way out; the run's log has the rest
                     print(f"  (the run could not be marked failed: {type(exc).__name__}: {exc})", file=err)
             display.finish(time.perf_counter() - clock, ok=False)
-            print(f"interrupted; finished trials are kept: `python -m imgtune_assets.cli sweep {sweep.name} --resume` "
-                  f"resumes; Dagster's log: {log}", file=err, flush=True)
+            print(f"interrupted; {resume_hint(sweep.name)}; Dagster's log: {log}", file=err, flush=True)
             return INTERRUPTED
         finally:
             if ahead is not None:  # the run is over: a read-ahead it never waited for stops (a failed start)
@@ -512,8 +516,9 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
         if code != 0:
             print(f"error: {sweep.name}: {label} failed (exit {code}): {shlex.join(command)}", file=err)
+            marked = False
             try:
-                fail_unfinished_run(home, invocation, code)
+                marked = fail_unfinished_run(home, invocation, code)
                 reasons = run_failure_reasons(home, invocation, sweep.name)
             except Exception as exc:  # noqa: BLE001 - an instance that cannot be read: said, then the log's tail
                 print(f"    (the run's events could not be read: {type(exc).__name__}: {exc})", file=err)
@@ -525,6 +530,8 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                 print("the last lines of Dagster's log:", file=err)
                 for line in log_tail(log):
                     print(f"    {line}", file=err)
+            if marked or code < 0:  # killed (SIGKILL, the OOM killer) under its run: the saved trials stand
+                print(resume_hint(sweep.name), file=err)
             print(f"log: {log}", file=err, flush=True)
             return code
     report_file = sweep_dir / REPORT_FILE

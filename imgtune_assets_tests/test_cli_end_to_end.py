@@ -564,6 +564,8 @@ def test_a_run_whose_process_or_command_is_killed_is_marked_failed(tmp_path, kil
     if killed == "run process":
         assert proc.returncode != 0, out + err
         assert "the run's process ended (killed by SIGKILL) before the run did" in err, err
+        assert "finished trials are kept: `python -m imgtune_assets.cli sweep slow --resume` resumes\n" in err, err
+        assert err.rstrip().endswith("failed: slow (exit -9)"), err
     else:
         assert proc.returncode == -signal.SIGKILL
     # The run process and Ray's own (GCS, raylet, workers) end with the command. (Ray's two agents, whose
