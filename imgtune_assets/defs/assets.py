@@ -71,7 +71,8 @@ from imgtune_assets.core.search import is_staged
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
-from imgtune_assets.defs.search_run import early_stopping_notes, report_imports_on_tail, run_staged_search, staged_trials
+from imgtune_assets.defs.search_run import early_stopping_notes, partial_reuse_message, report_imports_on_tail, \
+    reuse_message, run_staged_search, staged_trials
 
 MANIFEST_COLUMNS = {"id", "image_path", "status"}
 
@@ -366,8 +367,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             raise Failure(description=str(exc)) from None
         for record in reused:
             save(record, reused=True)
-        if reused:
-            context.log.info(f"reusing {len(reused)} finished trial(s) (skip_finished)")
+        if config.skip_finished:
+            context.log.info(reuse_message(len(reused), len(keys)))
 
         started = time.perf_counter()
         stats: dict[str, Any] = {"run_id": context.run.run_id, "trials": len(keys), "computed": len(todo),
@@ -380,6 +381,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             images = ImageFiles(sweep.data_dir, rows)
             # Progress within trials from a killed run (chunks of images it had finished), when resuming.
             known, known_identity = store.load_chunks() if config.skip_finished else ({}, {})
+            if config.skip_finished and (line := partial_reuse_message(known, todo)):
+                context.log.info(line)
             finished: set[str] = set()
 
             def trial_done(outcome) -> None:

@@ -41,6 +41,21 @@ def early_stopping_notes(sweep: Sweep, n_images: int, records: Sequence[dict[str
     return notes
 
 
+def reuse_message(reused: int, total: int) -> str:
+    """The experiment step's log line when it runs with ``skip_finished`` (a resumed sweep)."""
+    return f"reusing {reused} finished trial(s) (skip_finished), computing {total - reused} of {total}"
+
+
+def partial_reuse_message(known: dict[str, dict[str, Any]], keys: Sequence[str]) -> str | None:
+    """With ``skip_finished``, what the chunks an interrupted run saved (``known``: trial -> image ->
+    result) spare the trials ``keys`` still to compute; None when they spare nothing."""
+    saved = {k: len(known[k]) for k in keys if known.get(k)}
+    if not saved:
+        return None
+    return (f"reusing {sum(saved.values())} saved image evaluation(s) of {len(saved)} unfinished trial(s) "
+            "(skip_finished)")
+
+
 def report_imports_on_tail() -> Callable[[], object] | None:
     """``run_trials``' ``on_tail``: the report step's imports, begun while the fan-out's last tasks run —
     when that step runs in this process (the in-process executor), else nothing."""
@@ -101,6 +116,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     records_by_key = {r["trial"]: r for r in records}
     requested = set(keys)
     recompute = set() if skip_finished else requested
+    if skip_finished:  # (a requested trial with a current result is reused when its round settles)
+        context.log.info(reuse_message(sum(1 for k in requested if k in records_by_key), len(requested)))
     ray_cluster.connect(context.log)
     import ray
 
@@ -115,6 +132,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     for note in early_stopping_notes(sweep, len(images)):
         context.log.warning(f"{sweep.path}: {note}")
     known, known_identity = store.load_chunks() if skip_finished else ({}, {})
+    if line := partial_reuse_message(known, [k for k in keys if k not in records_by_key]):
+        context.log.info(line)
     baseline = IdentityBaseline(sweep_dir, objective, digest)
     need_identity = baseline.cached() is None
     identity: dict[str, dict[str, Any]] = dict(known_identity) if need_identity else {}

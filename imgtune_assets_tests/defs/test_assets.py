@@ -3,6 +3,7 @@ build_asset_context, and the asset group with `materialize` on a temporary insta
 embedded Ray."""
 
 import json
+import logging
 import math
 import shutil
 
@@ -14,6 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.ops import apply_pipeline
+from imgtune_assets.core.results import TrialStore
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.assets import ExperimentConfig, build_sweep_assets
 from imgtune_assets.defs.checks import build_sweep_checks
@@ -208,6 +210,34 @@ def test_whole_sweep_materializes_on_a_temporary_instance(tmp_path, tiny_sweep, 
     assert metadata["best_score"].value == pytest.approx(summary["best_score"])
     assert "data:image/png;base64," in metadata["plots"].value
     assert len(metadata["top_10"].records) == 4
+
+
+def test_a_resumed_range_logs_what_it_reuses_and_what_it_computes(tmp_path, tiny_sweep, local_ray):
+    sweep, assets = built(tiny_sweep)
+    instance = DagsterInstance.ephemeral()
+    out = tmp_path / "outputs"
+    res = resources(out)
+    assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
+    first = materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
+                        tags={"dagster/asset_partition_range_start": "trial-000",
+                              "dagster/asset_partition_range_end": "trial-001"})
+    assert first.success
+    # what an interrupted run saved of trial-002: a chunk of two images
+    settings = json.loads((out / "tiny" / "run_settings.json").read_text())
+    ids = [row["id"] for row in settings["images"] if row["status"] == "ok"][:2]
+    TrialStore(out / "tiny", sweep.fingerprint(), settings["manifest_digest"]).save_chunk(
+        ids, {"trial-002": [{"score": 30.0, "seconds": 0.01, "error": None}] * 2}, None)
+    resumed = materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
+                          tags=range_tags(sweep),
+                          run_config={"ops": {node(assets.experiment_results): {"config": {"skip_finished": True}}}})
+    assert resumed.success
+
+    def infos(run_id):
+        return [e.message for e in instance.all_logs(run_id) if e.level == logging.INFO]
+
+    assert "reusing 2 finished trial(s) (skip_finished), computing 2 of 4" in infos(resumed.run_id)
+    assert "reusing 2 saved image evaluation(s) of 1 unfinished trial(s) (skip_finished)" in infos(resumed.run_id)
+    assert not [m for m in infos(first.run_id) if "skip_finished" in m]  # a run that reuses nothing says nothing
 
 
 def test_failing_trial_is_recorded_and_the_others_complete(tmp_path, segment_data, local_ray):

@@ -15,7 +15,7 @@ from imgtune_assets.core.search import image_detail, image_order
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.checks import build_sweep_checks
 from imgtune_assets.defs.keys import asset_key
-from imgtune_assets.defs.search_run import early_stopping_notes
+from imgtune_assets.defs.search_run import early_stopping_notes, partial_reuse_message, reuse_message
 from imgtune_assets_tests.conftest import write_sweep
 from imgtune_assets_tests.defs.test_assets import built, independent_denoise_psnr, node, resources
 from imgtune_assets_tests.support.sweeps import range_tags
@@ -146,6 +146,36 @@ def test_rerunning_a_trial_evaluates_its_recorded_parameters(tmp_path, denoise_d
     assert after["params"] == before["params"] == ledger["rounds"][1]["trials"][2]["params"]
     assert after["score"] == pytest.approx(before["score"], rel=1e-12)
     assert ledger_of(out) == ledger  # nothing proposed again
+
+
+def test_a_resumed_staged_range_logs_what_it_reuses_and_what_it_computes(tmp_path, denoise_data, local_ray):
+    sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=8, sampler="tpe",
+                             search={"batch_size": 4, "n_startup": 4})
+    out = tmp_path / "outputs"
+    sweep, assets, instance, first, _ = run_sweep(sweep_file, out, report=False,
+                                                  tags={"dagster/asset_partition_range_start": "trial-000",
+                                                        "dagster/asset_partition_range_end": "trial-003"})
+    assert first.success
+    trials = out / "tiny" / "trials"
+    before = {p.name: p.stat().st_mtime_ns for p in trials.glob("trial-*.json")}
+    assert len(before) == 4
+    resumed = materialize(assets.all(), selection=[assets.experiment_results], instance=instance,
+                          resources=resources(out), tags=range_tags(sweep),
+                          run_config={"ops": {node(assets.experiment_results): {"config": {"skip_finished": True}}}})
+    assert resumed.success
+    infos = [e.message for e in instance.all_logs(resumed.run_id) if e.level == logging.INFO]
+    assert "reusing 4 finished trial(s) (skip_finished), computing 4 of 8" in infos, infos
+    after = {p.name: p.stat().st_mtime_ns for p in trials.glob("trial-*.json")}
+    assert len(after) == 8 and all(after[name] == mtime for name, mtime in before.items())  # as it said
+    assert not [e for e in instance.all_logs(first.run_id) if "skip_finished" in (e.message or "")]
+
+
+def test_saved_chunks_are_counted_for_the_unfinished_trials_only():
+    known = {"trial-000": {"a": {}, "b": {}}, "trial-001": {"a": {}}, "trial-002": {}}
+    assert partial_reuse_message(known, ["trial-001", "trial-002", "trial-003"]) == \
+        "reusing 1 saved image evaluation(s) of 1 unfinished trial(s) (skip_finished)"
+    assert partial_reuse_message(known, ["trial-002", "trial-003"]) is None
+    assert reuse_message(3, 8) == "reusing 3 finished trial(s) (skip_finished), computing 5 of 8"
 
 
 def test_a_trial_asked_before_its_round_can_be_proposed_fails_naming_the_missing_ones(tmp_path, denoise_data,
