@@ -53,7 +53,7 @@ from imgtune_assets.core.launcher import LAUNCHER_PID_ENV, LAUNCHER_TAG, process
 from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
-from imgtune_assets.core.progress import describe, format_score
+from imgtune_assets.core.progress import BOUNDED_BY_ONE, describe, format_score
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep, SweepFileError
 
@@ -374,9 +374,12 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def summary_score(value: float) -> str:
-    """A score in the summary: 4 decimals (``31.4159``, ``0.9123``), or 4 significant digits below 0.1,
-    where 4 decimals would show a tiny metric (an MAE of 0.000234) as ``0.0002`` or ``0.0000``."""
+def summary_score(value: float, metric: str | None = None) -> str:
+    """A score in the summary: for a metric bounded by 1 (SSIM, Dice, IoU, edge F1, MAE), 6 decimals
+    (``0.961234``), as progress lines show it (``progress.format_score``); else 4 decimals (``31.4159``),
+    or 4 significant digits below 0.1, where 4 decimals would show a tiny value as ``0.0002`` or ``0.0000``."""
+    if metric in BOUNDED_BY_ONE:
+        return format_score(value, metric)
     if value != 0 and abs(value) < 0.1:
         return f"{value:#.4g}"
     return f"{value:.4f}"
@@ -398,11 +401,11 @@ def summary_lines(report: dict[str, Any], settings: dict[str, Any] | None = None
     has_best = bool(report.get("best_trial")) and best is not None and math.isfinite(float(best))
     has_identity = identity is not None and math.isfinite(float(identity))
     if has_best:
-        first += f"; best {metric}: {summary_score(float(best))} ({report['best_trial']})"
+        first += f"; best {metric}: {summary_score(float(best), metric)} ({report['best_trial']})"
     else:
         first += f"; no trial completed, no best {metric}"
     if has_identity:
-        first += f"; identity pipeline: {summary_score(float(identity))}"
+        first += f"; identity pipeline: {summary_score(float(identity), metric)}"
     params = report.get("best_params") or {}
     shown = ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) if params else "none"
     out_dir = report.get("output_dir", "")
@@ -420,7 +423,7 @@ def summary_lines(report: dict[str, Any], settings: dict[str, Any] | None = None
     if has_best and has_identity and "higher_is_better" in report \
             and not improves(float(best), float(identity), bool(report["higher_is_better"])):  # as the check
         lines.append(f"warning: the best pipeline does not beat the identity pipeline ({metric} "
-                     f"{summary_score(float(best))} vs {summary_score(float(identity))}): "
+                     f"{summary_score(float(best), metric)} vs {summary_score(float(identity), metric)}): "
                      + ("best_pipeline.yaml is the best tried, not an improvement" if report.get("best_pipeline")
                         else "the best tried is not an improvement"))
     return lines

@@ -167,7 +167,8 @@ def test_cli_all_sweeps_of_a_folder(tmp_path, denoise_data, segment_data):
     for name, metric in (("den-1", "psnr"), ("seg.2", "dice")):
         report = json.loads((tmp_path / "outputs" / name / "report.json").read_text())
         assert report["completed_trials"] == 4
-        assert f"best {metric}: {report['best_score']:.4f} ({report['best_trial']})" in result.stdout
+        shown = f"{report['best_score']:.6f}" if metric == "dice" else f"{report['best_score']:.4f}"
+        assert f"best {metric}: {shown} ({report['best_trial']})" in result.stdout
         assert f"report: {tmp_path / 'outputs' / name}" in result.stdout
     # The sweeps ran in the order given by the folder, each with its own log of Dagster's DEBUG stream.
     assert result.stdout.index("den-1:") < result.stdout.index("seg.2:")
@@ -362,6 +363,14 @@ def test_progress_display_not_a_tty_prints_at_most_every_tenth():
     assert 2 * (1 + 1 + len(lines) + 1 + 3) + 1 < 40
 
 
+def test_progress_lines_show_a_score_bounded_by_one_with_six_decimals():
+    out = io.StringIO()
+    display = StepDisplay("  [2/3] experiment_results", out, tty=False)
+    display.finish(33.0, _snap(32, metric="ssim", best=0.96112345))
+    assert out.getvalue() == "  [2/3] experiment_results 32/32 trials (100%), best ssim 0.961123 (trial-032), " \
+                             "50.0 evaluations/s, done in 32 s\n"
+
+
 def test_progress_display_on_a_tty_redraws_one_line():
     out = io.StringIO()
     display = StepDisplay("  [2/3] experiment_results", out, tty=True, columns=60)
@@ -409,7 +418,7 @@ def test_summary_lines():
               "best_params": {"gaussian_blur.ksize": 5, "threshold.c": -2.345678}, "output_dir": "/o/s",
               "best_pipeline": "/o/s/best_pipeline.yaml"}
     assert summary_lines(report) == [
-        "31/32 trials completed (1 failed); best dice: 0.9123 (trial-017); identity pipeline: 0.5000",
+        "31/32 trials completed (1 failed); best dice: 0.912345 (trial-017); identity pipeline: 0.500000",
         "best parameters: gaussian_blur.ksize=5, threshold.c=-2.346",
         "report: /o/s (leaderboard.csv, per_image_scores.csv, best_pipeline.yaml, plots/)",
     ]
@@ -431,7 +440,7 @@ def test_summary_lines_warn_of_skipped_files_and_of_no_improvement():
     lines = summary_lines(report, {"manifest_digest": "d1", "images": rows})
     assert lines[3:] == [
         "warning: 7 of 30 files skipped (see image_manifest's metadata or the run log)",
-        "warning: the best pipeline does not beat the identity pipeline (ssim 0.2627 vs 0.3304): "
+        "warning: the best pipeline does not beat the identity pipeline (ssim 0.262710 vs 0.330440): "
         "best_pipeline.yaml is the best tried, not an improvement",
     ]
     # Settings of other images (a newer manifest) are not this report's: no count from them.
@@ -441,7 +450,7 @@ def test_summary_lines_warn_of_skipped_files_and_of_no_improvement():
     assert not any(line.startswith("warning") for line in summary_lines({**mae, "best_score": 0.01,
                                                                          "identity_score": 0.02}))
     assert summary_lines({**mae, "best_score": 0.02, "identity_score": 0.02})[-1].startswith(
-        "warning: the best pipeline does not beat the identity pipeline (mae 0.02000 vs 0.02000)")
+        "warning: the best pipeline does not beat the identity pipeline (mae 0.020000 vs 0.020000)")
 
 
 def test_summary_scores_keep_four_significant_digits_when_small():
@@ -451,7 +460,20 @@ def test_summary_scores_keep_four_significant_digits_when_small():
     assert summary_score(2.5e-6) == "2.500e-06"
     line = summary_lines({"metric": "mae", "higher_is_better": False, "total_trials": 2, "completed_trials": 2,
                           "best_trial": "trial-001", "best_score": 0.000234567, "identity_score": 0.0123456})[0]
-    assert line.endswith("best mae: 0.0002346 (trial-001); identity pipeline: 0.01235")
+    assert line.endswith("best mae: 0.0002346 (trial-001); identity pipeline: 0.012346")
+
+
+def test_summary_scores_of_metrics_bounded_by_one_have_six_decimals():
+    # SSIM and Dice: good trials differ in the 4th-5th decimal
+    assert summary_score(0.96112345, "ssim") == "0.961123" and summary_score(0.9611, "dice") == "0.961100"
+    assert summary_score(1.0, "iou") == "1.000000" and summary_score(0.0, "edge_f1") == "0.000000"
+    assert summary_score(-0.25, "ssim") == "-0.250000"
+    assert summary_score(0.0123456, "mae") == "0.012346" and summary_score(0.000234567, "mae") == "0.0002346"
+    # the others keep theirs
+    assert summary_score(31.41592, "psnr") == "31.4159" and summary_score(0.000234567, "sharpness") == "0.0002346"
+    line = summary_lines({"metric": "ssim", "total_trials": 2, "completed_trials": 2, "best_trial": "trial-001",
+                          "best_score": 0.96112345, "identity_score": 0.9610987})[0]
+    assert line.endswith("best ssim: 0.961123 (trial-001); identity pipeline: 0.961099")
 
 
 def test_log_file_path_is_per_sweep_and_utc(tmp_path):

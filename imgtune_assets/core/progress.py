@@ -175,7 +175,8 @@ class SweepProgress:
         return self.snapshot()
 
     def line(self) -> str:
-        """One line for the run log: ``12/32 trials (38%), 1 failed, best psnr 28.41 (trial-007), ...``."""
+        """One line for the run log: ``12/32 trials (38%), 1 failed, best psnr 28.41 (trial-007), ...``
+        (``best ssim 0.961234``: see ``format_score``)."""
         return describe(self.snapshot())
 
 
@@ -206,7 +207,18 @@ def passes_a_tenth(before: int, done: int, total: int) -> bool:
     return done >= total or done * 10 // total > before * 10 // total
 
 
-def format_score(score: float) -> str:
+# Metrics whose scores are bounded by 1 (SSIM; Dice, IoU, edge F1 and MAE, a fraction of the range, in
+# [0, 1]): good trials differ in the 4th-5th decimal, so their scores are shown with 6 decimals. (PSNR is
+# in dB; sharpness, a variance of the Laplacian, is not bounded by 1.)
+BOUNDED_BY_ONE = frozenset({"ssim", "dice", "iou", "edge_f1", "mae"})
+
+
+def format_score(score: float, metric: str | None = None) -> str:
+    """A score as progress lines show it: for a metric of ``BOUNDED_BY_ONE``, 6 decimals (4 significant
+    digits below 0.001, where 6 decimals would show an MAE of 0.0000234 as ``0.000023``); else 4
+    significant digits (a whole number from 10,000 on)."""
+    if metric in BOUNDED_BY_ONE:
+        return f"{score:#.4g}" if score != 0 and abs(score) < 1e-3 else f"{score:.6f}"
     return f"{score:.4g}" if abs(score) < 1e4 else f"{score:.0f}"
 
 
@@ -224,7 +236,7 @@ def describe(snap: Mapping[str, Any], *, with_counts: bool = True) -> str:
         parts.append(f"{snap['pruned']} pruned")
     metric = snap.get("metric") or "score"
     if snap.get("best") is not None:
-        parts.append(f"best {metric} {format_score(float(snap['best']))} ({snap.get('best_trial')})")
+        parts.append(f"best {metric} {format_score(float(snap['best']), metric)} ({snap.get('best_trial')})")
     rate = snap.get("evaluations_per_second")
     if rate:
         parts.append(f"{rate:.1f} evaluations/s")

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from imgtune_assets.core.metrics import Objective
-from imgtune_assets.core.progress import SweepProgress, describe, passes_a_tenth, percent
+from imgtune_assets.core.metrics import METRICS, Objective
+from imgtune_assets.core.progress import BOUNDED_BY_ONE, SweepProgress, describe, format_score, passes_a_tenth, percent
 
 
 class FakeClock:
@@ -198,7 +198,7 @@ def test_percent_is_never_100_before_the_end():
 def test_describe_reads_a_progress_file_snapshot():
     snap = {"done": 5, "total": 10, "failed": 0, "best": 0.912345, "best_trial": "trial-004", "metric": "dice",
             "evaluations_per_second": None, "eta_seconds": 80.0, "finished": False}
-    assert describe(snap) == "5/10 trials (50%), best dice 0.9123 (trial-004), about 80 s left"
+    assert describe(snap) == "5/10 trials (50%), best dice 0.912345 (trial-004), about 80 s left"
     assert describe({**snap, "eta_seconds": 150.0}).endswith("about 2 min left")
     assert describe({**snap, "eta_seconds": 3 * 3600.0}).endswith("about 3.0 h left")
 
@@ -234,3 +234,12 @@ def test_a_tenth_is_logged_once_whatever_the_steps(steps, total):
 
 def test_no_tenths_of_nothing():
     assert not passes_a_tenth(0, 0, 0)
+
+
+def test_scores_of_metrics_bounded_by_one_have_six_decimals():
+    for metric in BOUNDED_BY_ONE:
+        assert metric in METRICS, metric  # a renamed metric would fall back to 4 digits unnoticed
+    assert format_score(0.96112345, "ssim") == "0.961123" and format_score(0.5, "dice") == "0.500000"
+    assert format_score(0.0, "iou") == "0.000000" and format_score(0.0000234567, "mae") == "2.346e-05"
+    assert format_score(28.4123, "psnr") == "28.41" and format_score(0.96112345) == "0.9611"  # as before
+    assert format_score(123456.7, "sharpness") == "123457"
