@@ -46,7 +46,10 @@ Whose failure an error from a task is (``ray_infrastructure_error``):
   cause is one of them) — is no trial's and no image's: nothing is recorded for it. ``run_trials``
   raises ``RayInfrastructureError`` naming it, after handing over every result already back (trials
   and chunks finished before are saved by the callbacks), so that a run resumed with
-  ``skip_finished`` computes exactly what was lost.
+  ``skip_finished`` computes only the unfinished trials (the scores of a chunk not yet finished are
+  computed again). Other errors in the same batch of results (a worker lost with its node,
+  ``WorkerCrashedError``) are taken as Ray's too. Left as it is: a worker's crash that comes back
+  one batch before its node's death fails its trial.
 """
 
 from __future__ import annotations
@@ -604,18 +607,25 @@ def run_trials(
             more, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0)
             done += more
         before = set(pending)
+        # The whole batch is fetched first: when Ray failed under any of it, the other errors in it are
+        # Ray's too (workers die with their raylet, as WorkerCrashedError), not their trials'.
+        batch = []
         for ref in done:
             kind, c, t = pending.pop(ref)
             try:
-                got = ray.get(ref)
+                batch.append((kind, c, t, ray.get(ref), None, None))
             except Exception as exc:  # noqa: BLE001 - sorted out below: Ray's, the images' or the trial's
-                _raise_data_error(exc)  # the chunk's images, not the trial, failed: nothing is recorded
                 lost = ray_infrastructure_error(exc)
-                if lost is not None:  # no trial's fault: nothing is recorded; the rest of the batch is taken
+                if lost is not None:
                     broken.append(lost)
+                batch.append((kind, c, t, None, exc, lost))
+        for kind, c, t, got, exc, lost in batch:
+            if exc is not None:
+                _raise_data_error(exc)  # the chunk's images, not the trial, failed: nothing is recorded
+                if lost is not None or broken:  # no trial's fault: nothing is recorded; the rest is taken
                     continue
                 if kind == "decode" or (kind == "fused" and identity):
-                    raise  # (fused: the chunk's baseline is lost with it, as with a failed decode)
+                    raise exc  # (fused: the chunk's baseline is lost with it, as with a failed decode)
                 # recorded on the trial(s): a lost chunk fails its trial (fused: every trial it scored)
                 for t in (chunk_trials[c] if kind == "fused" else [t]):
                     take_trial(c, t, None, exc)

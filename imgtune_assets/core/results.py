@@ -46,7 +46,8 @@ def lost_to_ray(record: dict[str, Any]) -> bool:
                                       if isinstance(row, dict)]
     # an image's error begins with its exception's class name (the record's own ``error`` repeats its
     # first failed image's, after the image's name; a trial-level error begins with the class name)
-    pattern = re.compile(rf"(?:{names}):")
+    # (``ray.get`` raises a task's error as ``RayTaskError(OwnerDiedError)``, a class named after its cause)
+    pattern = re.compile(rf"(?:RayTaskError\()?(?:{names})\)?:")
     return any(isinstance(error, str) and pattern.match(error) for error in errors)
 
 

@@ -298,7 +298,7 @@ class RayStepHandler(StepHandler):
 
             lost = ray_infrastructure_error(exc)
             if lost is not None:  # e.g. the node died, and the step's worker with it
-                return CheckStepHealthResult.unhealthy(f"its Ray task ended without finishing the step: {lost}")
+                return CheckStepHealthResult.unhealthy(f"its Ray task ended without finishing the step: {lost.what}")
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             return CheckStepHealthResult.unhealthy(f"its Ray task ended without finishing the step: "
                                                    f"{type(exc).__name__}: {first}")

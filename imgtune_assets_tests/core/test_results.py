@@ -234,3 +234,6 @@ def test_only_a_failed_record_can_be_lost_to_ray():
     ok = {**failed("trial-000", RAYLET_DIED), "status": "ok"}
     assert not lost_to_ray(ok) and not lost_to_ray({}) and not lost_to_ray(failed("trial-001", None, None))
     assert lost_to_ray(failed("trial-002", trial_error="NodeDiedError: node 12 died"))
+    # as ray.get raises a task's error whose cause is Ray's: a class named after that cause
+    assert lost_to_ray(failed("trial-003", trial_error="RayTaskError(OwnerDiedError): the owner died"))
+    assert not lost_to_ray(failed("trial-004", trial_error="RayTaskError(ValueError): bad ksize"))
