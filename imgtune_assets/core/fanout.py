@@ -105,7 +105,8 @@ class RayInfrastructureError(RuntimeError):
     """Ray itself failed under the run (its node died, an object was lost with it, ...): no trial and
     no image is to blame, and none is recorded as failed. ``what`` says what happened (``"the Ray node
     died during the sweep: LocalRayletDiedError: ..."``); the message adds that finished work is saved
-    and how to resume. ``ray_error`` is Ray's exception."""
+    and how to resume (the experiment step says it with the sweep's name and counts). ``ray_error`` is
+    Ray's exception."""
 
     def __init__(self, what: str, ray_error: BaseException | None = None):
         self.what = what
@@ -115,7 +116,8 @@ class RayInfrastructureError(RuntimeError):
                          "--resume`) to compute the rest")
 
 
-def _first_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """``<exception class>: <first line of its message>``, as a one-line report of an error."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()
 
@@ -144,7 +146,7 @@ def ray_infrastructure_error(exc: BaseException) -> RayInfrastructureError | Non
         what = "Ray lost an object of the sweep (its node or its owner died)"
     else:
         what = "Ray failed during the sweep"
-    return RayInfrastructureError(f"{what}: {_first_line(exc)}".rstrip("."), exc)  # (the message goes on after it)
+    return RayInfrastructureError(f"{what}: {error_line(exc)}".rstrip("."), exc)  # (the message goes on after it)
 
 
 def data_error_message(exc: ImageDataError, sweep_dir) -> str:

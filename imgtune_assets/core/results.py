@@ -19,6 +19,7 @@ other.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -39,16 +40,21 @@ def lost_to_ray(record: dict[str, Any]) -> bool:
     infrastructure errors (``fanout.RAY_INFRASTRUCTURE_ERRORS``): a trial Ray lost, not one that failed."""
     if not isinstance(record, dict) or record.get("status") != "failed":
         return False
-    from imgtune_assets.core.fanout import RAY_INFRASTRUCTURE_ERRORS
-
-    names = "|".join(RAY_INFRASTRUCTURE_ERRORS)
     errors = [record.get("error")] + [row.get("error") for row in record.get("per_image") or []
                                       if isinstance(row, dict)]
-    # an image's error begins with its exception's class name (the record's own ``error`` repeats its
-    # first failed image's, after the image's name; a trial-level error begins with the class name)
-    # (``ray.get`` raises a task's error as ``RayTaskError(OwnerDiedError)``, a class named after its cause)
-    pattern = re.compile(rf"(?:RayTaskError\()?(?:{names})\)?:")
+    pattern = _ray_error_pattern()
     return any(isinstance(error, str) and pattern.match(error) for error in errors)
+
+
+@functools.cache
+def _ray_error_pattern() -> re.Pattern[str]:
+    """An error text that begins with one of Ray's infrastructure classes: an image's error begins with
+    its exception's class name (the record's own ``error`` repeats its first failed image's, after the
+    image's name; a trial-level error begins with the class name), and ``ray.get`` raises a task's
+    error as ``RayTaskError(OwnerDiedError)``, a class named after its cause."""
+    from imgtune_assets.core.fanout import RAY_INFRASTRUCTURE_ERRORS
+
+    return re.compile(rf"(?:RayTaskError\()?(?:{'|'.join(RAY_INFRASTRUCTURE_ERRORS)})\)?:")
 
 
 class TrialStore:

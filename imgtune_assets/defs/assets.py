@@ -324,7 +324,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         n_images = sum(1 for r in rows if r.status == "ok")
         progress = SweepProgress(len(keys), n_images, objective)
         failed: list[str] = []
-        settled: list[str] = []  # trials saved (or reused) by this run
+        settled: set[str] = set()  # trials saved (or reused) by this run
 
         def ray_failed(exc: RayInfrastructureError) -> Failure:
             return Failure(description=(
@@ -341,7 +341,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
 
         def save(record: dict, reused: bool) -> None:
             result_file = store.path(record["trial"]) if reused else store.save(record)
-            settled.append(record["trial"])
+            settled.add(record["trial"])
             if record["status"] == "failed":
                 failed.append(record["trial"])
                 context.log.warning(f"{record['trial']} failed: {record['error']}")

@@ -294,14 +294,12 @@ class RayStepHandler(StepHandler):
         try:
             result = ray.get(ref, timeout=0)
         except Exception as exc:  # noqa: BLE001 - any task error is the step's death
-            from imgtune_assets.core.fanout import ray_infrastructure_error
+            from imgtune_assets.core.fanout import error_line, ray_infrastructure_error
 
             lost = ray_infrastructure_error(exc)
             if lost is not None:  # e.g. the node died, and the step's worker with it
                 return CheckStepHealthResult.unhealthy(f"its Ray task ended without finishing the step: {lost.what}")
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return CheckStepHealthResult.unhealthy(f"its Ray task ended without finishing the step: "
-                                                   f"{type(exc).__name__}: {first}")
+            return CheckStepHealthResult.unhealthy(f"its Ray task ended without finishing the step: {error_line(exc)}")
         if not result.get("reported"):
             return CheckStepHealthResult.unhealthy(
                 f"its Ray task (worker pid {result.get('pid')}) returned without reporting an outcome")
