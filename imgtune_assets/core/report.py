@@ -161,11 +161,12 @@ def before_after_panels(best: dict[str, Any], rows: list, data_dir, higher_is_be
         return list(pool.map(panel, picks))
 
 
-def _png(fig) -> bytes:
+def _png(fig, compress_level: int | None = None) -> bytes:
     buffer = io.BytesIO()
     # Every figure is laid out by matplotlib's constrained layout: bbox_inches="tight" would only draw
     # it a second time to find the same box.
-    fig.savefig(buffer, format="png", dpi=90)
+    extra = {"pil_kwargs": {"compress_level": compress_level}} if compress_level is not None else {}
+    fig.savefig(buffer, format="png", dpi=90, **extra)
     return buffer.getvalue()
 
 
@@ -325,7 +326,9 @@ def plot_before_after(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray
             else:
                 ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
             ax.set_title(f"{label} — {title}", fontsize=9)
-    data = _png(fig)
+    # Photographs deflate slowly and little: zlib's fastest level costs a sixth more bytes, not a third
+    # of the figure's drawing time.
+    data = _png(fig, compress_level=1)
     plt.close(fig)
     return data
 
