@@ -3,6 +3,7 @@
 Public surface:
 
 * ``LOOPBACK_ENV``: the variables that keep a local Ray on 127.0.0.1 (set before Ray is imported).
+* ``PRIORITY_ENV``: the embedded Ray's workers run at the command's own priority, not Ray's nicer one.
 * ``prepare_environment(lean)``: put them (and, lean, the start-up/shut-down tuning below) into
   ``os.environ``; must run before the process's first ``import ray``.
 * ``start_embedded_ray(num_cpus, namespace, runtime_env, lean)``: start it and connect this process.
@@ -35,7 +36,7 @@ fails when they move):
    agent's command line, is wrapped during ``ray.init``).
 
 ``lean=False`` turns all five off together: a plain ``ray.init(address="local", ...)`` and
-``ray.shutdown()`` with only ``LOOPBACK_ENV``, i.e. Ray exactly as shipped, slower by ~2 s at start
+``ray.shutdown()`` with only ``LOOPBACK_ENV`` and ``PRIORITY_ENV``, i.e. Ray as shipped, slower by ~2 s at start
 and ~1.4 s at stop. Use it when a Ray upgrade is being checked or the embedded Ray misbehaves.
 ``IMGTUNE_RAY_LEAN=0`` (or ``false``/``no``/``off``) turns it off for every embedded Ray of the
 process, whatever the caller asked for; ``RayResource.lean_embedded=False`` turns it off for one
@@ -72,6 +73,11 @@ RAY_ADDRESS_ENV = "IMGTUNE_RAY_ADDRESS"
 # Set before an embedded Ray starts: Ray then listens on and advertises 127.0.0.1 only
 # (by default Ray 2.60 listens on every interface).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray starts its workers 15 steps nicer than its raylet (a cluster node's workers must not starve the
+# raylet). The embedded Ray's workers do the command's own work, as a multiprocessing pool's would: at
+# the command's priority. With Ray's default, anything else busy on the machine took their CPUs —
+# applying a pipeline to 120 photos beside two busy processes took 165 s instead of 19 s.
+PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 # Ray's internal config, for the lean embedded Ray only (measured on 2 cores, benchmarks/sweep_bench.py):
 # - the raylet connects to its own object store, started by another thread a moment earlier, and
 #   retries after 1 s when it comes too early — which it does in about half the starts under load: poll
@@ -83,7 +89,7 @@ LEAN_TUNING_ENV = {
     "RAY_raylet_client_num_connect_attempts": "500",
     "RAY_task_events_shutdown_flush_timeout_ms": "0",
 }
-EMBEDDED_RAY_ENV = {**LOOPBACK_ENV, **LEAN_TUNING_ENV}
+EMBEDDED_RAY_ENV = {**LOOPBACK_ENV, **PRIORITY_ENV, **LEAN_TUNING_ENV}
 # The head processes the lean start skips, by the name of their start method on Ray's private Node.
 SKIPPED_HEAD_PROCESSES = ("start_api_server", "start_monitor", "start_log_monitor")
 # The lean start's poll for the raylet's registration: every 20 ms, for as long as Ray itself would
@@ -110,11 +116,12 @@ def lean_from_environment() -> bool:
 
 
 def prepare_environment(lean: bool = True) -> None:
-    """Set the loopback variables (and, lean, Ray's start/stop tuning) unless already set.
+    """Set the loopback and worker-priority variables (and, lean, Ray's start/stop tuning) unless
+    already set.
 
     Must run before this process first imports Ray; Ray's own processes inherit them.
     """
-    for key, value in (EMBEDDED_RAY_ENV if lean else LOOPBACK_ENV).items():
+    for key, value in (EMBEDDED_RAY_ENV if lean else {**LOOPBACK_ENV, **PRIORITY_ENV}).items():
         os.environ.setdefault(key, value)
 
 
@@ -565,6 +572,7 @@ def _descendants(pids: Iterable[int]) -> list[psutil.Process]:
 
 __all__ = [
     "EMBEDDED_RAY_ENV",
+    "PRIORITY_ENV",
     "EmbeddedRayStart",
     "HOSTED_RAY_ENV",
     "HostedRayConnect",

@@ -100,6 +100,7 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
 
     monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
     monkeypatch.delenv(embedded_ray.LEAN_ENV, raising=False)
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
     if ray.is_initialized():
         ray.shutdown()
     from ray._private import services
@@ -135,6 +136,8 @@ def test_embedded_ray_starts_without_dashboard_and_monitors_and_runs_tasks(monke
                 return x * x
 
             assert ray.get([square.remote(i) for i in range(4)]) == [0, 1, 4, 9]
+            # The workers run at this process's priority (Ray's default would make them 15 nicer).
+            assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
             children = _ray_processes(psutil.Process())[1:]
             direct = [p for p in children if p.ppid() == os.getpid() and p.pid != bystander.pid]
         finally:
@@ -478,7 +481,7 @@ def test_the_lean_switch_off_starts_and_stops_ray_as_shipped(monkeypatch, switch
     from ray._private import worker
 
     monkeypatch.delenv("IMGTUNE_RAY_ADDRESS", raising=False)
-    for key in embedded_ray.LEAN_TUNING_ENV:
+    for key in [*embedded_ray.LEAN_TUNING_ENV, *embedded_ray.PRIORITY_ENV]:
         monkeypatch.delenv(key, raising=False)
     if switch == "field":
         monkeypatch.delenv(embedded_ray.LEAN_ENV, raising=False)
@@ -505,6 +508,8 @@ def test_the_lean_switch_off_starts_and_stops_ray_as_shipped(monkeypatch, switch
         agent, searched = _dashboard_agent(commands)  # Ray's agent as shipped: it searched for its modules
         assert embedded_ray.LEAN_AGENT_SCRIPT not in agent and agent.endswith("/dashboard/agent.py") and searched
         assert ray.get(ray.remote(lambda: 7).remote()) == 7
+        assert os.environ.get("RAY_worker_niceness") == "0"
+        assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)  # the workers' priority is ours
         children = _ray_processes(psutil.Process())[1:]
     finally:
         resource.teardown_after_execution(None)
@@ -572,6 +577,7 @@ def test_loopback_settings_stay_importable_from_resources():
     assert resources.LOOPBACK_ENV is embedded_ray.LOOPBACK_ENV
     assert resources.LOOPBACK_ENV == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     assert set(LOOPBACK_ENV) <= set(resources.EMBEDDED_RAY_ENV)
+    assert resources.EMBEDDED_RAY_ENV["RAY_worker_niceness"] == "0"
 
 
 def test_a_refused_client_is_told_the_innermost_reason_and_for_tokens_what_to_set(monkeypatch):
