@@ -333,11 +333,18 @@ def plan_apply(stages: Stages, input_dir: Location, output_dir: Location) -> App
     here, so a re-run over an unchanged folder needs no Ray at all. A folder that cannot be used — the
     input missing, the output's bucket missing or its place taken by a file
     (``storage.require_output_folder``) — is refused here, with ``ApplyError`` naming it, before any work."""
-    from imgtune_assets.core.manifest import unread_sub_folders
+    from imgtune_assets.core.manifest import TARGETS_FOLDER, unread_sub_folders
 
     data_dir, input_dir = input_dir, input_images(input_dir)
     if same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
+    # A data folder's targets/ (beside images/, or inside a flat data folder) are what sweeps score
+    # against: outputs of the same names would replace them, or stand beside them as second targets.
+    targets = data_dir / TARGETS_FOLDER
+    if within(output_dir, targets) and storage.is_folder(targets):
+        raise ApplyError(f"{output_dir}: the output folder must not be the input data folder's targets/ or "
+                         f"inside it ({targets}): the outputs would overwrite the targets that sweeps score "
+                         "against; choose another folder")
     try:
         # before any file is read: a bucket that is not there fails the run now, not after the work
         storage.require_output_folder(output_dir)

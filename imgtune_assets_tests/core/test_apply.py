@@ -579,6 +579,24 @@ def test_sub_folders_are_skipped_with_a_reason_and_an_output_folder_inside_is_no
     assert [e["input"] for e in again.entries if e["input"].endswith("/")] == [f"{src / 'holiday'}/"]
 
 
+@pytest.mark.parametrize("layout", ["images/ and targets/", "flat"])
+def test_a_data_folders_targets_are_never_the_output(tmp_path, layout):
+    """A sweep's data folder given as the input: its targets/ (or a folder inside it) as the output would
+    have its ground truth overwritten by the outputs; refused before anything is written."""
+    data = tmp_path / "data"
+    make_folder(data / "images" if layout != "flat" else data)
+    targets = make_folder(data / "targets")
+    before = {p.name: p.read_bytes() for p in targets.iterdir() if p.is_file()}
+    for out in (targets, targets / "tuned"):
+        with pytest.raises(ApplyError) as err:
+            apply_module.plan_apply(STAGES, data, out)
+        assert str(out) in str(err.value) and "targets" in str(err.value) and "overwrite" in str(err.value)
+    assert {p.name: p.read_bytes() for p in targets.iterdir() if p.is_file()} == before
+    assert not (targets / "tuned").exists()
+    plan = apply_module.plan_apply(STAGES, data, data / "tuned")  # beside them is fine
+    assert sorted(item[0].name for item in plan.items) == sorted([*IMAGES, "broken.png"])
+
+
 def test_a_flat_data_folders_targets_are_not_a_sub_folder_to_report(tmp_path):
     data = make_folder(tmp_path / "flat")
     make_folder(data / "targets")  # the data folder's targets (images directly in it)
