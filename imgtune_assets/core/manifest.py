@@ -147,31 +147,38 @@ def unread_sub_folders(data_dir: Location, image_dir: Location, folders: Iterabl
     return [f for f in folders if image_dir != data_dir or f.name != TARGETS_FOLDER]
 
 
-def targets_by_stem(target_files: Iterable[tuple[Location, dict]]) -> dict[str, tuple[Location, dict]]:
-    """The target of each image stem: the first image-typed file of that stem (listing order)."""
-    targets: dict[str, tuple[Location, dict]] = {}
+def targets_by_stem(target_files: Iterable[tuple[Location, dict]]) -> dict[str, list[tuple[Location, dict]]]:
+    """The image-typed target files of each image stem, in listing order: one is that image's target;
+    more than one (``p6.png`` and ``p6.jpg``) is ambiguous, and ``listed_files`` skips the image."""
+    targets: dict[str, list[tuple[Location, dict]]] = {}
     for file, info in target_files:
         if file.suffix.lower() in IMAGE_SUFFIXES:
-            targets.setdefault(Path(file.name).stem, (file, info))
+            targets.setdefault(Path(file.name).stem, []).append((file, info))
     return targets
 
 
-def listed_files(files: Iterable[tuple[Location, dict]], targets: dict[str, tuple[Location, dict]]
+def listed_files(files: Iterable[tuple[Location, dict]], targets: dict[str, list[tuple[Location, dict]]]
                  ) -> Iterator[tuple[tuple[Location, dict], tuple[Location, dict] | None, str | None]]:
     """``((file, info), target, reason)`` for every listed file, in listing order. The manifest reads a
     file whose ``reason`` is None (image-typed, the first of its stem; ``target`` its target or None);
-    any other file is skipped, and ``reason`` says why."""
+    any other file is skipped, and ``reason`` says why — also an image with two or more targets: which
+    one is the ground truth is the user's to say, not the listing order's."""
     seen: set[str] = set()
     for file, info in files:
         stem = Path(file.name).stem
+        candidates = targets.get(stem, [])
         if file.suffix.lower() not in IMAGE_SUFFIXES:
             yield (file, info), None, (f"not an image file type ({file.suffix or 'no suffix'}; "
                                        f"expected one of {', '.join(IMAGE_SUFFIXES)})")
         elif stem in seen:
             yield (file, info), None, f"duplicate id {stem!r} (another file with the same stem comes first)"
+        elif len(candidates) > 1:
+            seen.add(stem)
+            names = ", ".join(sorted(target.name for target, _ in candidates))
+            yield (file, info), None, f"{len(candidates)} targets of the same stem ({names}): keep one"
         else:
             seen.add(stem)
-            yield (file, info), targets.get(stem), None
+            yield (file, info), candidates[0] if candidates else None, None
 
 
 def _relative(file: Location, data_dir: Location) -> str:

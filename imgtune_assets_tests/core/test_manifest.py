@@ -78,6 +78,20 @@ def test_bad_files_become_rows_with_reasons(messy):
                 or "not an image file type" in row.reason
 
 
+@pytest.mark.parametrize("needs_target", [True, False])
+def test_an_image_with_two_targets_of_its_stem_is_skipped_naming_them(messy, needs_target):
+    """``targets/good.png`` and ``targets/good.jpg``: which is the ground truth is not the listing
+    order's to decide (an ``apply`` into ``targets/`` once left such pairs, and the sweep scored against
+    the outputs)."""
+    grey = cv2.imread(str(messy / "targets" / "good.png"), cv2.IMREAD_UNCHANGED)
+    (messy / "targets" / "good.jpg").write_bytes(cv2.imencode(".jpg", grey)[1].tobytes())
+    rows = {r.id: r for r in scan_folder(messy, needs_target=needs_target)}
+    good = rows["good"]
+    assert good.status == "skipped" and good.target_path is None and good.image_sha256 is None
+    assert "2 targets of the same stem (good.jpg, good.png): keep one" in good.reason
+    assert rows["colour photo"].status == "ok"  # the other images are not affected
+
+
 def test_without_target_requirement_targetless_images_are_ok(messy):
     rows = {r.id: r for r in scan_folder(messy, needs_target=False)}
     assert rows["no_target"].status == "ok" and rows["no_target"].target_path is None
