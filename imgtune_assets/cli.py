@@ -52,7 +52,7 @@ from imgtune_assets.core.catalog import (
 from imgtune_assets.core.launcher import LAUNCHER_PID_ENV, LAUNCHER_TAG, process_tag
 from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
-from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
+from imgtune_assets.core.paths import default_output_dir, imgtune_command, sweep_output_dir
 from imgtune_assets.core.progress import BOUNDED_BY_ONE, describe, format_score
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep, SweepFileError
@@ -447,7 +447,7 @@ def select_sweeps(served: list[Sweep], names: Sequence[str], all_sweeps: bool) -
 
 def resume_hint(sweep_name: str) -> str:
     """How to go on after an interrupted or killed run: the trials it finished are saved."""
-    return f"finished trials are kept: `python -m imgtune_assets.cli sweep {sweep_name} --resume` resumes"
+    return f"finished trials are kept: `{imgtune_command()} sweep {sweep_name} --resume` resumes"
 
 
 def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: bool, columns: int,

@@ -586,7 +586,12 @@ def test_a_run_whose_process_or_command_is_killed_is_marked_failed(tmp_path, kil
     if killed == "run process":
         assert proc.returncode != 0, out + err
         assert "the run's process ended (killed by SIGKILL) before the run did" in err, err
-        assert "finished trials are kept: `python -m imgtune_assets.cli sweep slow --resume` resumes\n" in err, err
+        hint = re.search(r"finished trials are kept: `(\S+) -m imgtune_assets.cli sweep slow --resume` resumes\n", err)
+        assert hint, err
+        # the interpreter it names is the one imgtune runs on, as typed in the command's folder
+        shown = hint.group(1)
+        resolved = shutil.which(shown, path=env.get("PATH")) if shown == "python" else str(PROJECT / shown)
+        assert Path(resolved).absolute() == (VENV_BIN / "python").absolute(), (shown, resolved)
         assert err.rstrip().endswith("failed: slow (exit -9)"), err
     else:
         assert proc.returncode == -signal.SIGKILL

@@ -64,6 +64,7 @@ import numpy as np
 from imgtune_assets.core.evaluate import IDENTITY_STAGES, TrialOutcome, evaluate_chunk
 from imgtune_assets.core.manifest import ManifestRow, decoded_bytes, load_images, usable
 from imgtune_assets.core.metrics import Objective
+from imgtune_assets.core.paths import imgtune_command
 from imgtune_assets.core.storage import Location
 
 DEFAULT_MAX_RETRIES = 3
@@ -112,7 +113,7 @@ class RayInfrastructureError(RuntimeError):
         self.what = what
         self.ray_error = ray_error
         super().__init__(f"{what}; no trial is recorded as failed because of it, and the trials finished before "
-                         "are saved: run again with skip_finished (`python -m imgtune_assets.cli sweep NAME "
+                         f"are saved: run again with skip_finished (`{imgtune_command()} sweep NAME "
                          "--resume`) to compute the rest")
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 
@@ -30,3 +33,20 @@ def sweep_output_dir(output_dir: Path, sweep_name: str) -> Path:
     if folder.parent != root:
         raise ValueError(f"sweep name {sweep_name!r} would write outside the output folder {root}")
     return folder
+
+
+def imgtune_command() -> str:
+    """``<python> -m imgtune_assets.cli`` as the messages that tell the user what to run spell it, with
+    the interpreter that has imgtune installed (a bare ``python`` is often another one, without it):
+    relative to the working folder when it lies inside it (``.venv/bin/python``), ``python`` when that is
+    the one ``PATH`` finds (an activated venv), else its absolute path."""
+    executable = Path(sys.executable)
+    found = shutil.which("python")
+    if found and Path(found).absolute() == executable.absolute():
+        shown = "python"
+    else:
+        try:
+            shown = str(executable.absolute().relative_to(Path.cwd()))
+        except ValueError:
+            shown = str(executable.absolute())
+    return f"{shlex.quote(shown)} -m imgtune_assets.cli"

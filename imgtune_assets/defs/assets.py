@@ -56,6 +56,7 @@ from imgtune_assets.core.manifest import (
     skip_undecodable,
 )
 from imgtune_assets.core.manifest import usable as usable_rows
+from imgtune_assets.core.paths import imgtune_command
 from imgtune_assets.core.report import (
     STAGED_COLUMNS,
     before_after_panels,
@@ -306,7 +307,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             all_keys = trial_keys(sweep)
             raise Failure(description=(
                 f"{results_key.to_user_string()} is partitioned by trial and this run names none: run the whole "
-                f"sweep with `python -m imgtune_assets.cli sweep {sweep.name}`, or launch the job with the trials' "
+                f"sweep with `{imgtune_command()} sweep {sweep.name}`, or launch the job with the trials' "
                 f"range, e.g. `dg launch --job {group}_sweep --partition-range '{all_keys[0]}...{all_keys[-1]}'` "
                 f"or `dagster job execute -m imgtune_assets.definitions -j {group}_sweep --tags "
                 f"'{{\"dagster/asset_partition_range_start\": \"{all_keys[0]}\", "
@@ -329,7 +330,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         def ray_failed(exc: RayInfrastructureError) -> Failure:
             return Failure(description=(
                 f"{exc.what}; no trial is recorded as failed because of it. {len(settled)} of the run's {len(keys)} "
-                f"trials are finished and saved: run again with skip_finished (`python -m imgtune_assets.cli "
+                f"trials are finished and saved: run again with skip_finished (`{imgtune_command()} "
                 f"sweep {sweep.name} --resume`) to compute the other {len(keys) - len(settled)}"))
 
         def report_progress() -> None:

@@ -1,0 +1,35 @@
+import os
+import stat
+import sys
+
+from imgtune_assets.core import paths
+
+
+def _interpreter(folder):
+    folder.mkdir(parents=True)
+    python = folder / "python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    return python
+
+
+def test_the_command_names_the_interpreter_that_has_imgtune(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    python = _interpreter(project / ".venv" / "bin")
+    other = _interpreter(tmp_path / "system" / "bin")
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.setenv("PATH", str(other.parent))  # a bare `python` is another interpreter
+    monkeypatch.chdir(project)
+    assert paths.imgtune_command() == ".venv/bin/python -m imgtune_assets.cli"
+    monkeypatch.chdir(tmp_path / "system")  # elsewhere: the whole path
+    assert paths.imgtune_command() == f"{python} -m imgtune_assets.cli"
+    monkeypatch.setenv("PATH", os.pathsep.join([str(python.parent), str(other.parent)]))  # an activated venv
+    assert paths.imgtune_command() == "python -m imgtune_assets.cli"
+
+
+def test_a_path_with_spaces_is_quoted(tmp_path, monkeypatch):
+    python = _interpreter(tmp_path / "my venv" / "bin")
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.chdir(tmp_path)
+    assert paths.imgtune_command() == "'my venv/bin/python' -m imgtune_assets.cli"
