@@ -313,13 +313,17 @@ def _seconds(value: float) -> str:
 
 class StepDisplay:
     """One step of a sweep on the terminal. On a TTY: one line redrawn in place (``\\r``) with the
-    elapsed time or, for the trials, a progress bar. Otherwise: a new line only when the trials reach
-    another tenth (never more often than every 10 %), and one line when the step ends."""
+    elapsed time or, for the trials, a progress bar. Otherwise (a log file, cron): a line when the
+    trials start, then a new line only when they reach another tenth, or when ``QUIET_SECONDS`` went by
+    without one (slow trials: the log shows the run is alive), and one line when the step ends."""
+
+    QUIET_SECONDS = 60.0
 
     def __init__(self, label: str, stream: IO[str], *, tty: bool, columns: int = 100, quiet: bool = False):
         self.label, self.stream, self.tty, self.columns, self.quiet = label, stream, tty, max(20, columns), quiet
         self._drawn = 0  # length of the line currently drawn (TTY)
-        self._tenth = 0  # last tenth of the trials printed (not a TTY)
+        self._tenth = -1  # last tenth of the trials printed (not a TTY); -1: none yet
+        self._printed_at = 0.0  # elapsed seconds at the last line printed (not a TTY)
         self._printed_finished = False
 
     def _draw(self, text: str) -> None:
@@ -349,8 +353,9 @@ class StepDisplay:
             return
         done, total = _done_of(snap)
         tenth = min(10, int(10 * done / total))
-        if tenth > self._tenth:
-            self._tenth = tenth
+        if tenth > self._tenth or elapsed - self._printed_at >= self.QUIET_SECONDS:
+            self._tenth = max(tenth, self._tenth)
+            self._printed_at = elapsed
             self._printed_finished = bool(snap.get("finished"))
             self._print(f"{self.label} {describe(snap)}")
 

@@ -354,13 +354,25 @@ def test_progress_display_not_a_tty_prints_at_most_every_tenth():
         display.update(done, _snap(done))
     display.finish(33.0, _snap(32))
     lines = out.getvalue().splitlines()
-    assert 1 <= len(lines) <= 10, lines
+    assert 2 <= len(lines) <= 11, lines
+    assert lines[0].startswith("  [2/3] experiment_results 0/32 trials (0%)"), lines  # the trials have started
     assert "\r" not in out.getvalue()
     assert lines[-1] == "  [2/3] experiment_results 32/32 trials (100%), best psnr 23.2 (trial-032), " \
                         "50.0 evaluations/s, done in 32 s"
     # Two bundled sweeps of 32 trials: header, 3 step lines (the trials' ≤ 10), 3 summary lines each, and
     # the one-off "installed dagster.yaml" line stay under the 40-line budget of `make demo`.
     assert 2 * (1 + 1 + len(lines) + 1 + 3) + 1 < 40
+
+
+def test_progress_display_not_a_tty_says_the_run_is_alive_when_trials_are_slow():
+    """No tenth reached for a minute (slow trials): a line all the same, then one a minute at most."""
+    out = io.StringIO()
+    display = StepDisplay("  [2/3] experiment_results", out, tty=False)
+    for second in range(0, 200, 5):  # the run reports every 5 s; the first trial ends at 190 s
+        display.update(float(second), _snap(0 if second < 190 else 1, total=60))
+    lines = out.getvalue().splitlines()
+    assert [line.split(" trials")[0] for line in lines] == ["  [2/3] experiment_results 0/60"] * 4, lines
+    assert len(lines) == 1 + 3  # at 0 s, then 60, 120 and 180 s; trial 1 of 60 is no new tenth
 
 
 def test_progress_lines_show_a_score_bounded_by_one_with_six_decimals():
