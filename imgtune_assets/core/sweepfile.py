@@ -709,8 +709,46 @@ def parse_sweep(raw: Any, path: Path) -> Sweep:
     return doc.to_sweep(path, raw)
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping that repeats a key (``problem_mark`` is the repeat, ``first_line`` the first, 1-based)."""
+
+    def __init__(self, key: Any, first: yaml.Node, again: yaml.Node) -> None:
+        super().__init__(None, None, f"duplicate key {key!r}", again.start_mark)
+        self.key, self.first_line = key, first.start_mark.line + 1
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key: YAML forbids it, and PyYAML would
+    keep the last value silently (``ksize: 5`` then ``ksize: 7`` would search 7 without a word).
+
+    A ``<<`` merge may still override the keys it brings in: only a mapping's own keys are compared.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[yaml.Node] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Every mapping passes here before PyYAML merges ``<<`` keys into it (its own construction,
+        # or a merge that reads it first); once merged, its keys are no longer only its own.
+        if node not in self._checked:
+            self._checked.add(node)
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: construct_mapping refuses it
+                if first is not key_node:
+                    raise _DuplicateKey(key, first, key_node)
+        super().flatten_mapping(node)
+
+
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file."""
+    """Read and validate a sweep file (also a ``best_pipeline.yaml``, and each file of a sweeps folder)."""
     file = Path(path).expanduser().resolve()
     try:
         text = file.read_text(encoding="utf-8")
@@ -719,10 +757,13 @@ def load_sweep(path: str | Path) -> Sweep:
     except (OSError, UnicodeDecodeError) as exc:
         raise SweepFileError(f"{file}: cannot read sweep file ({exc})") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        if isinstance(exc, _DuplicateKey):
+            raise SweepFileError(f"{file}: {where}: duplicate key {exc.key!r} (first on line {exc.first_line}): "
+                                 "a key may appear once in a mapping") from None
         problem = getattr(exc, "problem", None) or str(exc)
         raise SweepFileError(f"{file}: {where}: YAML syntax error: {problem}") from None
     return parse_sweep(raw, file)

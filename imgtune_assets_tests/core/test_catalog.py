@@ -53,6 +53,15 @@ def test_missing_sweeps_folder_is_named(tmp_path):
     assert str(missing) in str(err.value)
 
 
+def test_a_sweep_file_with_a_duplicate_key_refuses_the_set(folder, denoise_data):
+    write_sweep(folder / "a.yaml", denoise_data, name="a")
+    bad = write_sweep(folder / "b.yaml", denoise_data, name="b")
+    bad.write_text(bad.read_text() + "trials: 99\n")  # a second ``trials:``: PyYAML would keep this one
+    with pytest.raises(SweepCatalogError) as err:
+        sweeps_from_environment({SWEEPS_DIR_ENV: str(folder)})
+    assert str(err.value).startswith(f"{bad}: line ") and "duplicate key 'trials' (first on line" in str(err.value)
+
+
 def test_empty_sweeps_folder_is_refused(folder):
     (folder / ".hidden.yaml").write_text("name: x\n")
     (folder / "README.md").write_text("no sweeps here\n")

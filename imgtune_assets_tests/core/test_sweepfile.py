@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from imgtune_assets.core import demo_data, sweepfile
 from imgtune_assets.core.cron import validate_cron
@@ -101,6 +102,46 @@ def test_yaml_syntax_error_names_line(tmp_path):
     path = write(tmp_path, GOOD.replace("trials: 8", "trials: [8"))
     with pytest.raises(SweepFileError, match=r"sweep.yaml: line \d+, column \d+: YAML syntax error"):
         load_sweep(path)
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        # In a stage: PyYAML alone would keep the last one, and the sweep would search 13 without a word.
+        ("block_size: 11", "block_size: 11\n    block_size: 13",
+         "line 18, column 5: duplicate key 'block_size' (first on line 17): a key may appear once in a mapping"),
+        ("trials: 8", "trials: 8\ntrials: 80",
+         "line 6, column 1: duplicate key 'trials' (first on line 5): a key may appear once in a mapping"),
+        ("{type: int, low: 3, high: 11}", "{type: int, low: 3, high: 11, low: 4}",
+         "line 10, column 38: duplicate key 'low' (first on line 10): a key may appear once in a mapping"),
+    ],
+)
+def test_a_duplicate_key_is_refused_with_its_line(tmp_path, old, new, message):
+    assert_message(tmp_path, old, new, message)
+
+
+def test_a_merge_may_override_keys_but_not_repeat_its_own(tmp_path):
+    # A ``<<`` merge brings keys that the mapping may override: that is not a duplicate.
+    text = GOOD.replace("d: {type: int, low: 3, high: 11}", "d: {<<: *d, high: 9}").replace(
+        "pipeline:", "description: {range: &d {type: int, low: 3, high: 11}}\npipeline:")
+    assert load_sweep(write(tmp_path, text)).pipeline[0].searched["d"].high == 9
+    path = write(tmp_path, text.replace("high: 9}", "high: 9, high: 7}"))
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    assert str(err.value).startswith(f"{path}: line 11, column 26: duplicate key 'high' (first on line 11)")
+
+
+def test_a_best_pipeline_with_a_duplicate_key_is_refused(tmp_path):
+    # ``apply`` and tuned_images read a best_pipeline.yaml through load_sweep too.
+    doc = fixed_sweep_document(load_sweep(write(tmp_path, GOOD)), [("gaussian_blur", {"ksize": 5, "sigma": 1.0})],
+                               name="t-best")
+    text = yaml.safe_dump(doc, sort_keys=False)
+    best = tmp_path / "best_pipeline.yaml"
+    best.write_text(text)
+    assert load_sweep(best).pipeline[0].fixed == {"ksize": 5, "sigma": 1.0}
+    best.write_text(text.replace("  ksize: 5\n", "  ksize: 5\n  ksize: 7\n"))
+    with pytest.raises(SweepFileError, match=r"best_pipeline.yaml: line \d+, column 3: duplicate key 'ksize'"):
+        load_sweep(best)
 
 
 def test_missing_file_and_missing_field(tmp_path):
