@@ -53,7 +53,7 @@ from imgtune_assets.core.launcher import LAUNCHER_PID_ENV, LAUNCHER_TAG, process
 from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
 from imgtune_assets.core.paths import default_output_dir, imgtune_command, sweep_output_dir
-from imgtune_assets.core.progress import BOUNDED_BY_ONE, describe, format_score
+from imgtune_assets.core.progress import BOUNDED_BY_ONE, counted, describe, format_score
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep, SweepFileError
 
@@ -401,7 +401,7 @@ def summary_lines(report: dict[str, Any], settings: dict[str, Any] | None = None
     stopped = [f"{len(failed)} failed"] if failed else []
     if report.get("pruned_trials"):  # stopped early by successive halving
         stopped.append(f"{report['pruned_trials']} pruned")
-    first = f"{completed}/{total} trials completed" + (f" ({', '.join(stopped)})" if stopped else "")
+    first = f"{completed}/{counted(total, 'trial')} completed" + (f" ({', '.join(stopped)})" if stopped else "")
     best, identity = report.get("best_score"), report.get("identity_score")
     has_best = bool(report.get("best_trial")) and best is not None and math.isfinite(float(best))
     has_identity = identity is not None and math.isfinite(float(identity))
@@ -423,7 +423,7 @@ def summary_lines(report: dict[str, Any], settings: dict[str, Any] | None = None
         report.get("manifest_digest") else None
     skipped = sum(1 for row in images or [] if row.get("status") != "ok")
     if skipped:
-        lines.append(f"warning: {skipped} of {len(images)} files skipped "
+        lines.append(f"warning: {skipped} of {counted(len(images), 'file')} skipped "
                      "(see image_manifest's metadata or the run log)")
     if has_best and has_identity and "higher_is_better" in report \
             and not improves(float(best), float(identity), bool(report["higher_is_better"])):  # as the check
@@ -468,7 +468,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         config = log.with_suffix(".resume.yaml")
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(resume_run_config(sweep.name))
-    print(f"{sweep.name}: {len(keys)} trials{' (resuming)' if resume else ''}; Dagster's log: {log}",
+    print(f"{sweep.name}: {counted(len(keys), 'trial')}{' (resuming)' if resume else ''}; Dagster's log: {log}",
           file=out, flush=True)
     # One run of the sweep's job: one process, one Dagster start, one Ray start for all its steps.
     steps = [(SWEEP_LABEL + (" + tuned images" if sweep.apply_input is not None else ""),

@@ -440,6 +440,8 @@ def test_summary_lines():
     assert none[2] == "report: /o/s (leaderboard.csv, per_image_scores.csv, plots/)"  # no best pipeline this time
     halved = summary_lines({**report, "completed_trials": 7, "pruned_trials": 24})
     assert halved[0].startswith("7/32 trials completed (1 failed, 24 pruned); best dice")
+    single = summary_lines({**report, "total_trials": 1, "completed_trials": 1, "failed_trials": []})
+    assert single[0].startswith("1/1 trial completed; best dice")
     noted = summary_lines({**report, "notes": ["early_stopping.min_images 50 is not below the 14 usable images"]})
     assert noted[3:] == ["note: early_stopping.min_images 50 is not below the 14 usable images"]
 

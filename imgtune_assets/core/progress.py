@@ -222,14 +222,20 @@ def format_score(score: float, metric: str | None = None) -> str:
     return f"{score:.4g}" if abs(score) < 1e4 else f"{score:.0f}"
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``1 trial``, ``0 trials``, ``3 image/target pairs``.
+    A fixed pipeline (``trials: 1``, a best_pipeline.yaml run as a sweep) makes a count of one common."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def describe(snap: Mapping[str, Any], *, with_counts: bool = True) -> str:
     """A progress snapshot (``SweepProgress.snapshot()`` or a ``progress.json``) as one line."""
     done, total = int(snap.get("done", 0)), int(snap.get("total", 0))
-    parts = [f"{done}/{total} trials ({percent(done, total)}%)"] if with_counts else []
+    parts = [f"{done}/{counted(total, 'trial')} ({percent(done, total)}%)"] if with_counts else []
     evals, all_evals = int(snap.get("evaluations_done") or 0), int(snap.get("evaluations_total") or 0)
     if with_counts and not snap.get("finished") and all_evals and evals > done * int(snap.get("images") or 0):
         # trials that finish together at the end: how far the images are
-        parts[0] = f"{done}/{total} trials, {percent(evals, all_evals)}% of image evaluations"
+        parts[0] = f"{done}/{counted(total, 'trial')}, {percent(evals, all_evals)}% of image evaluations"
     if snap.get("failed"):
         parts.append(f"{snap['failed']} failed")
     if snap.get("pruned"):

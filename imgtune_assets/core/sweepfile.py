@@ -171,6 +171,20 @@ def _finite(value: float) -> float:
     return value
 
 
+def _a(word: str) -> str:
+    """``word`` with its indefinite article: "an odd", "an int", "a float", "a choice"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def _range_type(value: Any, handler: Any) -> Any:
+    if value is None:  # left out (or null): the range says nothing of what it searches
+        raise _problem(f"missing: a search range needs a `type` (allowed: {', '.join(RANGE_TYPES)})")
+    try:
+        return handler(value)
+    except ValidationError:
+        raise _problem(f"unknown range type {value!r} (allowed: {', '.join(RANGE_TYPES)})") from None
+
+
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("blank")
@@ -197,10 +211,8 @@ class _Range(_Model):
     """A searched parameter; validated with ``context={"spec": ParamSpec}``."""
 
     _ORDER = ("+", "type", "values", "low", "high", "log")
-    type: Annotated[
-        Literal["int", "float", "odd", "choice"],
-        _says(f"unknown range type {{!r}} (allowed: {', '.join(RANGE_TYPES)})"),
-    ] = Field(None, validate_default=True)
+    type: Annotated[Literal["int", "float", "odd", "choice"], WrapValidator(_range_type)] = Field(
+        None, validate_default=True)
     values: Optional[list[Any]] = None
     low: Number = None  # an explicit null is not a number; absence is checked by _keys_fit_type
     high: Number = None
@@ -228,10 +240,10 @@ class _Range(_Model):
                 raise _problem("a choice takes `values`, not low/high/log")
             return {k: v for k, v in raw.items() if k != "log"}  # a false log is ignored
         if "values" in raw:
-            raise _problem(f"a {kind} range takes low/high, not values")
+            raise _problem(f"{_a(kind)} range takes low/high, not values")
         for key in ("low", "high"):
             if key not in raw:
-                raise _problem(f"missing (a {kind} range needs low and high)", sub=f".{key}")
+                raise _problem(f"missing ({_a(kind)} range needs low and high)", sub=f".{key}")
         return raw
 
     @model_validator(mode="after")
@@ -356,7 +368,7 @@ def _option_taken(value: Any, info: ValidationInfo) -> Any:
     metric = info.data.get("metric")  # absent when the metric itself is wrong (reported first)
     if metric is not None and info.field_name not in metric_options(metric):
         takers = [m for m in METRICS if info.field_name in metric_options(m)]
-        raise _problem(f"only {', '.join(takers)} takes a {info.field_name}")
+        raise _problem(f"only {', '.join(takers)} takes {_a(info.field_name)}")
     return value
 
 

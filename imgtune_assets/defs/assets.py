@@ -300,7 +300,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         """
         from imgtune_assets.core.fanout import (ImageDataError, ImageFiles, RayInfrastructureError, data_error_message,
                                                 run_trials)
-        from imgtune_assets.core.progress import SweepProgress
+        from imgtune_assets.core.progress import SweepProgress, counted
 
         check_settings(run_settings)
         if not (context.has_partition_key or context.has_partition_key_range):
@@ -317,7 +317,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         missing = [k for k in keys if k not in by_key]
         if missing:
             raise Failure(description=f"partitions {missing[:5]} are not trials of sweep {sweep.name!r} "
-                                      f"({sweep.trials} trials); was the sweep file changed?")
+                                      f"({counted(sweep.trials, 'trial')}); was the sweep file changed?")
         rows = manifest_rows(run_settings["images"])
         digest = run_settings["manifest_digest"]
         sweep_dir = imgtune.sweep_dir(sweep.name)

@@ -19,6 +19,7 @@ from dagster import RunRequest, ScheduleDefinition, ScheduleEvaluationContext, s
 
 from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.cron import validate_cron
+from imgtune_assets.core.progress import counted
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.jobs import SweepJobs, sweep_run_request
@@ -55,8 +56,8 @@ def build_nightly_schedule(sweep: Sweep, jobs: SweepJobs) -> ScheduleDefinition:
         job=jobs.sweep,
         cron_schedule=cron,
         execution_timezone=TIMEZONE,
-        description=f"The whole sweep {sweep.name!r} ({len(keys)} trials) as one ranged run, on cron '{cron}' "
-        f"UTC. Override with ${CRON_ENV} or the sweep file's schedule.cron.",
+        description=f"The whole sweep {sweep.name!r} ({counted(len(keys), 'trial')}) as one ranged run, on cron "
+        f"'{cron}' UTC. Override with ${CRON_ENV} or the sweep file's schedule.cron.",
     )
     def nightly_sweep(context: ScheduleEvaluationContext) -> RunRequest:
         when = context.scheduled_execution_time

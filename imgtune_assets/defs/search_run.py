@@ -35,7 +35,8 @@ def early_stopping_notes(sweep: Sweep, n_images: int, records: Sequence[dict[str
     # only once every trial has a result: a range that ran round 0 alone has not reached the learning yet
     if learnt and len(records) >= sweep.trials and not any(r.get("source") in learnt for r in records):
         first = sum(1 for r in records if r.get("round") == 0)
-        notes.append(f"sampler {sweep.sampler}: all {len(records)} trials are the initial design (round 0 holds "
+        every = "the only trial is" if len(records) == 1 else f"all {len(records)} trials are"
+        notes.append(f"sampler {sweep.sampler}: {every} the initial design (round 0 holds "
                      f"{first}); none was proposed by {sweep.sampler} — raise trials above {first} (or lower "
                      f"search.n_startup) for the search to learn from results")
     return notes

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from imgtune_assets.core.metrics import METRICS, Objective
-from imgtune_assets.core.progress import BOUNDED_BY_ONE, SweepProgress, describe, format_score, passes_a_tenth, percent
+from imgtune_assets.core.progress import (BOUNDED_BY_ONE, SweepProgress, counted, describe, format_score, passes_a_tenth,
+                                          percent)
 
 
 class FakeClock:
@@ -186,6 +187,16 @@ def test_line_when_finished_and_before_anything():
     progress.trial_done(ok(1, 0.75))
     assert progress.line().startswith("2/2 trials (100%), best psnr 0.75 (trial-001), ")
     assert progress.line().endswith("done in 2 min")
+
+
+def test_a_single_trial_is_one_trial():
+    # A fixed pipeline (trials: 1, a best_pipeline.yaml run as a sweep) is one trial, not "1 trials".
+    progress, clock = make(total=1, images=1)
+    assert progress.line() == "0/1 trial (0%)"
+    progress.trial_done(ok(0, 0.5))
+    assert progress.line().startswith("1/1 trial (100%), best psnr 0.5 (trial-000), ")
+    assert counted(0, "trial") == "0 trials" and counted(2, "file") == "2 files"
+    assert counted(1, "image/target pair", "image/target pairs") == "1 image/target pair"
 
 
 def test_percent_is_never_100_before_the_end():

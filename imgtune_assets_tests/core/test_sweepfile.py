@@ -184,16 +184,10 @@ def test_direction_overrides_the_metric_and_is_validated(tmp_path):
          'pipeline[1].ksize: odd range bounds must be whole numbers, got 3.5..15'),
         ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 3, high: 101}',
          "pipeline[1].ksize.high: 101 is outside the allowed range 1..99 of 'ksize'"),
-        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 3}',
-         'pipeline[1].ksize.high: missing (a odd range needs low and high)'),
-        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 3, high: 15, values: [3]}',
-         'pipeline[1].ksize: a odd range takes low/high, not values'),
         ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: oddd, low: 3, high: 15, step: 2, by: 1}',
          "pipeline[1].ksize: unknown key(s) ['by', 'step'] in search range (allowed: type, low, high, log, values)"),
         ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: true, high: 15}',
          'pipeline[1].ksize.low: expected a number, got True'),
-        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {low: 3, high: 15}',
-         'pipeline[1].ksize.type: unknown range type None (allowed: int, float, odd, choice)'),
         ('log: true', 'log: 1',
          'pipeline[1].sigma.log: expected true or false, got 1'),
         ('low: 0.3, high: 3.0, log: true', 'low: .inf, high: 3.0, log: true',
@@ -267,6 +261,31 @@ def test_direction_overrides_the_metric_and_is_validated(tmp_path):
     ],
 )
 def test_messages_are_unchanged(tmp_path, old, new, message):
+    assert_message(tmp_path, old, new, message)
+
+
+# Reworded since: a range without a type says so (it said "unknown range type None"), and the
+# article fits the type ("an odd range", it said "a odd range").
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {low: 3, high: 15}',
+         'pipeline[1].ksize.type: missing: a search range needs a `type` (allowed: int, float, odd, choice)'),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: null, low: 3, high: 15}',
+         'pipeline[1].ksize.type: missing: a search range needs a `type` (allowed: int, float, odd, choice)'),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: oddd, low: 3, high: 15}',
+         "pipeline[1].ksize.type: unknown range type 'oddd' (allowed: int, float, odd, choice)"),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 3}',
+         'pipeline[1].ksize.high: missing (an odd range needs low and high)'),
+        ('ksize: {type: odd, low: 3, high: 15}', 'ksize: {type: odd, low: 3, high: 15, values: [3]}',
+         'pipeline[1].ksize: an odd range takes low/high, not values'),
+        ('d: {type: int, low: 3, high: 11}', 'd: {type: int, high: 11}',
+         'pipeline[0].d.low: missing (an int range needs low and high)'),
+        ('sigma_color: {type: float, low: 10, high: 150}', 'sigma_color: {type: float, values: [10]}',
+         'pipeline[0].sigma_color: a float range takes low/high, not values'),
+    ],
+)
+def test_range_messages_say_what_is_missing_with_the_right_article(tmp_path, old, new, message):
     assert_message(tmp_path, old, new, message)
 
 

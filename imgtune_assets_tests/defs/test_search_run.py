@@ -222,3 +222,6 @@ def test_the_initial_design_note_waits_for_every_trial(tmp_path, denoise_data):
     [note] = early_stopping_notes(sweep, 6, round0 + later)
     assert note.startswith("sampler tpe: all 8 trials are the initial design (round 0 holds 4)")
     assert early_stopping_notes(sweep, 6, round0 + [{**r, "source": "tpe"} for r in later]) == []
+    one = load_sweep(write_sweep(tmp_path / "one.yaml", denoise_data, trials=1, **STAGED))
+    [note] = early_stopping_notes(one, 6, round0[:1])
+    assert note.startswith("sampler tpe: the only trial is the initial design (round 0 holds 1)")  # not "all 1 trials"
