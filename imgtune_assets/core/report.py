@@ -18,7 +18,7 @@ import yaml
 
 from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
 from imgtune_assets.core.sampling import search_space, trial_index
-from imgtune_assets.core.sweepfile import Sweep, fixed_sweep_document
+from imgtune_assets.core.sweepfile import SearchRange, Sweep, fixed_sweep_document
 
 if TYPE_CHECKING:  # pandas is imported when a report is made, not when the Dagster code loads
     import pandas as pd
@@ -170,7 +170,38 @@ def _png(fig, compress_level: int | None = None) -> bytes:
     return buffer.getvalue()
 
 
+# Explicit ticks at every odd value of an odd range up to this many values; beyond, whole numbers.
+MAX_ODD_TICKS = 10
+
+
+def whole_number_ticks(ax, rng: SearchRange) -> None:
+    """Ticks at whole numbers only on the x axis of an ``int`` or ``odd`` range (left alone for the
+    others, and on a log axis, whose ticks are powers of ten): matplotlib's default ticks fall between
+    the values, at 3.5 or 4.5 of a parameter that is 3, 5 or 7. A short odd range is ticked at its
+    values; a longer one, or an int range, at whole numbers matplotlib picks."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    if rng.type not in ("int", "odd") or rng.log:
+        return
+    low, high = int(rng.low), int(rng.high)
+    odd = list(range(low if low % 2 else low + 1, high + 1, 2))
+    if rng.type == "odd" and len(odd) <= MAX_ODD_TICKS:
+        ax.xaxis.set_major_locator(FixedLocator(odd))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
+    fig = score_vs_params_figure(sweep, board)
+    import matplotlib.pyplot as plt  # after the figure's matplotlib.use("Agg")
+
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def score_vs_params_figure(sweep: Sweep, board: pd.DataFrame):
+    """The figure of ``score_vs_params.png``: the score against each searched parameter (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,7 +230,8 @@ def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
                 # Plain numbers, and no crowded minor labels, on a log axis.
                 ax.xaxis.set_major_formatter(ScalarFormatter())
                 ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.scatter(xs, ok["score"], s=18, alpha=0.75, color="#4f6bed", label="complete")
+        if len(ok):  # no empty series: its legend entry would show a trial that does not exist
+            ax.scatter(xs, ok["score"], s=18, alpha=0.75, color="#4f6bed", label="complete")
         if len(pruned):  # at their partial mean: over their first images only, so not ranked with the others
             px = ([[str(v) for v in dim.range.values].index(str(v)) for v in pruned[dim.name]]
                   if dim.range.type == "choice" else pruned[dim.name].astype(float))
@@ -210,6 +242,7 @@ def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
             if dim.range.type == "choice":
                 bx = [str(v) for v in dim.range.values].index(bx)
             ax.scatter([bx], [best["score"]], s=80, marker="*", color="#e8590c", label="best")
+        whole_number_ticks(ax, dim.range)
         ax.set_xlabel(dim.name)
         ax.set_ylabel(sweep.objective.metric)
         ax.grid(alpha=0.3)
@@ -220,9 +253,7 @@ def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
     elif len(pruned):
         axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{sweep.name}: {sweep.objective.metric} against each searched parameter")
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return fig
 
 
 def plot_best_so_far(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
@@ -262,6 +293,18 @@ def plot_best_so_far(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
 def plot_search_progress(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     """A staged search: best complete score so far against image evaluations and against wall time,
     each trial shown where it settled, coloured by what proposed it, hollow when pruned."""
+    fig = search_progress_figure(sweep, records)
+    import matplotlib.pyplot as plt  # after the figure's matplotlib.use("Agg")
+
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def search_progress_figure(sweep: Sweep, records: list[dict[str, Any]]):
+    """The figure of ``search_progress.png`` (the caller closes it). The legend lists only what is
+    drawn: no "pruned" entry for a search that pruned nothing (no early stopping), no source whose
+    trials all failed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,6 +320,7 @@ def plot_search_progress(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained", sharey=True)
     sources = sorted({rec.get("source") or "?" for rec in ordered})
     colours = dict(zip(sources, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    drawn, any_pruned = set(), False
     for ax, axis, label in ((axes[0], 0, "image evaluations"), (axes[1], 1, "wall time (s)")):
         best, xs, ys = None, [], []
         for rec, point in zip(ordered, spent):
@@ -284,6 +328,8 @@ def plot_search_progress(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
             if value is None:
                 continue
             pruned = rec["status"] != "ok"
+            drawn.add(rec.get("source") or "?")
+            any_pruned = any_pruned or pruned
             ax.scatter([point[axis]], [value], s=16, alpha=0.7, marker="o",
                        facecolors="none" if pruned else colours[rec.get("source") or "?"],
                        edgecolors=colours[rec.get("source") or "?"])
@@ -292,18 +338,19 @@ def plot_search_progress(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
             if best is not None:
                 xs.append(point[axis])
                 ys.append(best)
-        ax.step(xs, ys, where="post", color="#e8590c", label="best so far (complete trials)")
+        ax.step(xs, ys, where="post", color="#e8590c", label="best so far (complete trials)" if xs else None)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     for source, colour in colours.items():
-        axes[1].scatter([], [], color=colour, s=16, label=f"proposed by {source}")
-    axes[1].scatter([], [], facecolors="none", edgecolors="grey", s=16, label="pruned (partial mean)")
+        if source in drawn:
+            axes[1].scatter([], [], color=colour, s=16, label=f"proposed by {source}")
+    if any_pruned:
+        axes[1].scatter([], [], facecolors="none", edgecolors="grey", s=16, label="pruned (partial mean)")
     axes[0].set_ylabel(sweep.objective.metric)
-    axes[1].legend(loc="lower right" if sweep.higher_is_better else "upper right", fontsize=7)
+    if drawn:  # (nothing to name when no trial has a score)
+        axes[1].legend(loc="lower right" if sweep.higher_is_better else "upper right", fontsize=7)
     fig.suptitle(f"{sweep.name}: how the search went")
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return fig
 
 
 def plot_before_after(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> bytes:

@@ -11,6 +11,8 @@ from imgtune_assets.core.report import (
     evaluations,
     leaderboard,
     plot_score_vs_params,
+    score_vs_params_figure,
+    search_progress_figure,
     top_params,
     write_report,
 )
@@ -130,6 +132,72 @@ def test_score_against_parameters_pictures_pruned_trials_too(sweep):
               for k, x in enumerate(s[1:])]
     alone = plot_score_vs_params(sweep, leaderboard(sweep, complete))
     assert plot_score_vs_params(sweep, leaderboard(sweep, complete + pruned)) != alone
+
+
+def legend_texts(ax) -> list[str]:
+    legend = ax.get_legend()
+    return [] if legend is None else [t.get_text() for t in legend.get_texts()]
+
+
+def test_search_progress_names_only_what_it_draws(sweep):
+    import matplotlib.pyplot as plt
+
+    s = [trial_settings(sweep, k) for k in range(4)]
+    # A staged search without early stopping: nothing pruned, so no "pruned" entry; cmaes proposed
+    # a trial that failed (no point), so no cmaes entry either.
+    records = [staged(record(s[0], 20.0), round_=0, rung=0, source="sobol"),
+               staged(record(s[1], 22.0), round_=1, rung=0, source="tpe"),
+               staged(record(s[2], None, "failed", "boom"), round_=1, rung=0, status="failed", source="cmaes")]
+    fig = search_progress_figure(sweep, records)
+    try:
+        assert sorted(legend_texts(fig.axes[1])) == ["best so far (complete trials)", "proposed by sobol",
+                                                     "proposed by tpe"]
+    finally:
+        plt.close(fig)
+    pruned = staged(record(s[3], 21.0), round_=1, rung=0, status="pruned", partial=21.0, images=1)
+    fig = search_progress_figure(sweep, records + [pruned])
+    try:
+        assert "pruned (partial mean)" in legend_texts(fig.axes[1])
+    finally:
+        plt.close(fig)
+
+
+def test_integer_parameters_get_whole_number_ticks(sweep):
+    import matplotlib.pyplot as plt
+
+    # d (int 3..7) tried at 3 and 4 only, ksize (odd 3..7) at 3 and 5: matplotlib's own ticks would
+    # be 3.0, 3.2, ... and 3.0, 3.5, ...
+    s = [trial_settings(sweep, k) for k in range(2)]
+    records = [record(s[0], 20.0), record(s[1], 22.0)]
+    for rec, d, ksize in zip(records, (3, 4), (3, 5)):
+        rec["params"] = {**rec["params"], "bilateral_filter.d": d, "gaussian_blur.ksize": ksize}
+    fig = score_vs_params_figure(sweep, leaderboard(sweep, records))
+    try:
+        by_name = {ax.get_xlabel(): ax for ax in fig.axes}
+        fig.canvas.draw()
+        for name in ("bilateral_filter.d", "gaussian_blur.ksize"):
+            low, high = by_name[name].get_xlim()
+            shown = [t for t in by_name[name].get_xticks() if low <= t <= high]
+            assert len(shown) >= 2 and all(t == int(t) for t in shown), (name, shown)
+            assert all(label.get_text().isdigit() for label in by_name[name].get_xticklabels()), name
+        assert list(by_name["gaussian_blur.ksize"].get_xticks()) == [3, 5, 7]  # the odd range's values
+        assert legend_texts(fig.axes[0]) == []  # nothing pruned: no legend, as before
+    finally:
+        plt.close(fig)
+
+
+def test_score_against_parameters_names_only_what_it_draws(sweep):
+    import matplotlib.pyplot as plt
+
+    s = [trial_settings(sweep, k) for k in range(2)]
+    # every trial pruned: no complete trial, no best, so neither has an entry
+    pruned = [staged(record(x, 22.0 + k), round_=0, rung=0, status="pruned", partial=22.0 + k, images=1)
+              for k, x in enumerate(s)]
+    fig = score_vs_params_figure(sweep, leaderboard(sweep, pruned))
+    try:
+        assert legend_texts(fig.axes[0]) == ["pruned (partial mean)"]
+    finally:
+        plt.close(fig)
 
 
 def test_before_after_panels_picture_the_best_and_worst_image_scaled_down(tmp_path):
