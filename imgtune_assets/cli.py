@@ -390,8 +390,21 @@ def summary_score(value: float, metric: str | None = None) -> str:
     return f"{value:.4f}"
 
 
+def fixed_pipeline_text(stages: list[dict[str, Any]]) -> str:
+    """A fixed pipeline's values, named as parameters are (``gaussian_blur.ksize=5``; ``op[i]`` when the
+    op comes twice); a stage without values by its op alone."""
+    ops = [stage["op"] for stage in stages]
+    parts = []
+    for i, stage in enumerate(stages):
+        label = stage["op"] if ops.count(stage["op"]) == 1 else f"{stage['op']}[{i}]"
+        values = [f"{label}.{k}={_format_value(v)}" for k, v in stage.items() if k != "op"]
+        parts.extend(values or [label])
+    return ", ".join(parts)
+
+
 def summary_lines(report: dict[str, Any], settings: dict[str, Any] | None = None) -> list[str]:
-    """A sweep's ``report.json`` in three lines — trials and scores, best parameters, where the report is —
+    """A sweep's ``report.json`` in three lines — trials and scores, best parameters (a sweep that searches
+    nothing: its fixed values), where the report is —
     a line per note (e.g. early stopping that stopped nothing), and a ``warning:`` line each for files the
     manifest skipped (from ``settings``, the sweep's ``run_settings.json``, when it is the report's images)
     and for a best pipeline that does not beat the identity pipeline (the ``tuning_beats_identity`` check)."""
@@ -412,11 +425,14 @@ def summary_lines(report: dict[str, Any], settings: dict[str, Any] | None = None
     if has_identity:
         first += f"; identity pipeline: {summary_score(float(identity), metric)}"
     params = report.get("best_params") or {}
-    shown = ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) if params else "none"
+    if report.get("fixed_pipeline"):  # nothing searched: "best parameters: none" would hide the values that ran
+        shown = f"fixed pipeline: {fixed_pipeline_text(report['fixed_pipeline'])}"
+    else:
+        shown = "best parameters: " + (", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) or "none")
     out_dir = report.get("output_dir", "")
     files = ", ".join(["leaderboard.csv", "per_image_scores.csv",
                        *(["best_pipeline.yaml"] if report.get("best_pipeline") else []), "plots/"])
-    lines = [first, f"best parameters: {shown}", f"report: {out_dir} ({files})",
+    lines = [first, shown, f"report: {out_dir} ({files})",
              *(f"note: {note}" for note in report.get("notes") or [])]
     # run_settings.json of other images (a later manifest) would count the wrong files: same digest only.
     images = (settings or {}).get("images") if settings and settings.get("manifest_digest") == \

@@ -446,6 +446,23 @@ def test_summary_lines():
     assert noted[3:] == ["note: early_stopping.min_images 50 is not below the 14 usable images"]
 
 
+def test_summary_lines_of_a_fixed_pipeline_show_its_values():
+    # A sweep that searches nothing (a best_pipeline.yaml run as a sweep): no best parameters to show,
+    # the values that ran instead; a stage without values by its op, a repeated op by its index.
+    report = {"sweep": "s-best", "metric": "psnr", "total_trials": 1, "completed_trials": 1, "best_trial": "trial-000",
+              "best_score": 31.2, "best_params": {}, "output_dir": "/o/s-best",
+              "fixed_pipeline": [{"op": "gaussian_blur", "ksize": 5, "sigma": 1.4431234}]}
+    assert summary_lines(report)[:2] == [
+        "1/1 trial completed; best psnr: 31.2000 (trial-000)",
+        "fixed pipeline: gaussian_blur.ksize=5, gaussian_blur.sigma=1.443",
+    ]
+    stages = [{"op": "to_gray"}, {"op": "median_blur", "ksize": 3}, {"op": "median_blur", "ksize": 5}]
+    assert summary_lines({**report, "fixed_pipeline": stages, "completed_trials": 0, "best_trial": None})[1] == \
+        "fixed pipeline: to_gray, median_blur[1].ksize=3, median_blur[2].ksize=5"
+    # a report.json from before fixed_pipeline, or of a sweep that searches: as it was
+    assert summary_lines({**report, "fixed_pipeline": None})[1] == "best parameters: none"
+
+
 def test_summary_lines_warn_of_skipped_files_and_of_no_improvement():
     report = {"sweep": "s", "metric": "ssim", "higher_is_better": True, "total_trials": 4, "completed_trials": 4,
               "best_trial": "trial-002", "best_score": 0.26271, "identity_score": 0.33044, "best_params": {"a": 1},

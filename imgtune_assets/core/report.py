@@ -105,6 +105,15 @@ def top_params(records: list[dict[str, Any]], higher_is_better: bool, k: int) ->
     return [r["params"] for r in sorted(ok, key=lambda r: (sign * r["score"], trial_index(r["trial"])))[:k]]
 
 
+def fixed_pipeline(sweep: Sweep) -> list[dict[str, Any]] | None:
+    """The stages of a sweep that searches nothing (a best_pipeline.yaml run as a sweep), as the file
+    writes them (``{"op": ..., <param>: value}``), for the report to show in place of best parameters
+    it has none of; None when the sweep searches a parameter."""
+    if any(stage.searched for stage in sweep.pipeline):
+        return None
+    return [{"op": stage.op, **stage.fixed} for stage in sweep.pipeline]
+
+
 def best_record(records: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any] | None:
     """The winning trial: best score among completed trials, ties to the lowest trial index (the
     leaderboard's order). Chosen once per report; everything else reads it."""

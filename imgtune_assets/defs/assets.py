@@ -62,6 +62,7 @@ from imgtune_assets.core.report import (
     before_after_panels,
     best_record,
     evaluations,
+    fixed_pipeline,
     leaderboard,
     top_params,
     write_report,
@@ -503,6 +504,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "best_trial": best["trial"] if best else None,
             "best_score": best_score,
             "best_params": best["params"] if best else None,
+            # A sweep with nothing to search: its stages, which the summary shows instead of best_params.
+            "fixed_pipeline": fixed_pipeline(sweep),
             "identity_score": identity_score,
             # Images whose metric came out NaN (such a trial is failed, not ranked): the scores_are_numbers check.
             "nan_scores": sum(1 for r in records for p in r["per_image"] if p["error"] == NAN_SCORE),

@@ -9,6 +9,7 @@ import pytest
 from imgtune_assets.core.report import (
     best_record,
     evaluations,
+    fixed_pipeline,
     leaderboard,
     plot_score_vs_params,
     score_vs_params_figure,
@@ -96,6 +97,15 @@ def test_a_report_without_a_winner_leaves_no_earlier_best_pipeline(tmp_path, swe
     _, files = write_report(sweep, failed, tmp_path / "out", best=best_record(failed, True), before_after=None)
     assert files.best_pipeline is None and not (tmp_path / "out" / "best_pipeline.yaml").exists()
     assert not (tmp_path / "out" / "plots" / "best_trial_images.png").exists()
+
+
+def test_fixed_pipeline_is_the_stages_of_a_sweep_that_searches_nothing(tmp_path, sweep):
+    assert fixed_pipeline(sweep) is None  # it searches: the report has best parameters
+    s = trial_settings(sweep, 0)
+    best = record(s, 20.0)
+    _, files = write_report(sweep, [best], tmp_path / "out", best=best)
+    # its best_pipeline.yaml, run as a sweep: every value fixed
+    assert fixed_pipeline(load_sweep(files.best_pipeline)) == [{"op": op, **params} for op, params in s["stages"]]
 
 
 def staged(rec, *, round_, rung, status="ok", source="tpe", partial=None, images=2):
