@@ -353,7 +353,8 @@ class StepDisplay:
             return
         done, total = _done_of(snap)
         tenth = min(10, int(10 * done / total))
-        if tenth > self._tenth or elapsed - self._printed_at >= self.QUIET_SECONDS:
+        quiet_too_long = not snap.get("finished") and elapsed - self._printed_at >= self.QUIET_SECONDS
+        if tenth > self._tenth or quiet_too_long:
             self._tenth = max(tenth, self._tenth)
             self._printed_at = elapsed
             self._printed_finished = bool(snap.get("finished"))

@@ -373,6 +373,10 @@ def test_progress_display_not_a_tty_says_the_run_is_alive_when_trials_are_slow()
     lines = out.getvalue().splitlines()
     assert [line.split(" trials")[0] for line in lines] == ["  [2/3] experiment_results 0/60"] * 4, lines
     assert len(lines) == 1 + 3  # at 0 s, then 60, 120 and 180 s; trial 1 of 60 is no new tenth
+    for second in range(200, 500, 5):  # the trials done, the report (or tuned images) still going: silent
+        display.update(float(second), _snap(60, total=60))
+    after = out.getvalue().splitlines()[len(lines):]
+    assert len(after) == 1 and "60/60 trials (100%)" in after[0], after  # the last tenth: one line, then none
 
 
 def test_progress_lines_show_a_score_bounded_by_one_with_six_decimals():

@@ -339,12 +339,14 @@ def plan_apply(stages: Stages, input_dir: Location, output_dir: Location) -> App
     if same_folder(input_dir, output_dir):
         raise ApplyError(f"{output_dir}: the output folder must differ from the input folder")
     # A data folder's targets/ (beside images/, or inside a flat data folder) are what sweeps score
-    # against: outputs of the same names would replace them, or stand beside them as second targets.
-    targets = data_dir / TARGETS_FOLDER
-    if within(output_dir, targets) and storage.is_folder(targets):
-        raise ApplyError(f"{output_dir}: the output folder must not be the input data folder's targets/ or "
-                         f"inside it ({targets}): the outputs would overwrite the targets that sweeps score "
-                         "against; choose another folder")
+    # against: outputs of the same names would replace them, stand beside them as second targets, or
+    # (no targets/ yet) become the targets of the next sweep. Given the images/ itself, its sibling too.
+    targets = [data_dir / TARGETS_FOLDER, *([data_dir.parent / TARGETS_FOLDER] if data_dir.name == "images" else [])]
+    for folder in targets:
+        if within(output_dir, folder):
+            raise ApplyError(f"{output_dir}: the output folder must not be a data folder's targets/ or inside "
+                             f"it ({folder}): the outputs would overwrite or become the targets that sweeps "
+                             "score against; choose another folder")
     try:
         # before any file is read: a bucket that is not there fails the run now, not after the work
         storage.require_output_folder(output_dir)

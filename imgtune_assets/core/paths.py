@@ -41,12 +41,13 @@ def imgtune_command() -> str:
     relative to the working folder when it lies inside it (``.venv/bin/python``), ``python`` when that is
     the one ``PATH`` finds (an activated venv), else its absolute path."""
     executable = Path(sys.executable)
-    found = shutil.which("python")
-    if found and Path(found).absolute() == executable.absolute():
-        shown = "python"
-    else:
-        try:
+    try:
+        found = shutil.which("python")
+        if found and Path(found).absolute() == executable.absolute():
+            shown = "python"
+        else:
             shown = str(executable.absolute().relative_to(Path.cwd()))
-        except ValueError:
-            shown = str(executable.absolute())
+            shown = shown if "/" in shown else f"./{shown}"  # a bare name would be looked up on PATH
+    except (ValueError, OSError):  # elsewhere, or the working folder is gone (these messages explain errors)
+        shown = str(executable)
     return f"{shlex.quote(shown)} -m imgtune_assets.cli"

@@ -747,8 +747,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             self._checked.add(node)
             seen: dict[Any, yaml.Node] = {}
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
+                if key_node.tag in ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"):
+                    continue  # ``<<`` and ``=``: PyYAML's own handling (a ``=`` key becomes the string)
                 key = self.construct_object(key_node)
                 try:
                     first = seen.setdefault(key, key_node)

@@ -595,6 +595,18 @@ def test_a_data_folders_targets_are_never_the_output(tmp_path, layout):
     assert not (targets / "tuned").exists()
     plan = apply_module.plan_apply(STAGES, data, data / "tuned")  # beside them is fine
     assert sorted(item[0].name for item in plan.items) == sorted([*IMAGES, "broken.png"])
+    if layout != "flat":  # the images/ folder given itself: its sibling targets/ is refused too
+        with pytest.raises(ApplyError, match="targets"):
+            apply_module.plan_apply(STAGES, data / "images", targets)
+
+
+def test_a_data_folder_without_targets_yet_does_not_get_them_from_apply(tmp_path):
+    """No targets/ yet (a metric without ground truth): outputs written there would become the next
+    sweep's targets; refused, and nothing is created."""
+    data = make_folder(tmp_path / "flat")
+    with pytest.raises(ApplyError, match="become the targets"):
+        apply_module.plan_apply(STAGES, data, data / "targets")
+    assert not (data / "targets").exists()
 
 
 def test_a_flat_data_folders_targets_are_not_a_sub_folder_to_report(tmp_path):

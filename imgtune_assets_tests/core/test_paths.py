@@ -33,3 +33,16 @@ def test_a_path_with_spaces_is_quoted(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "")
     monkeypatch.chdir(tmp_path)
     assert paths.imgtune_command() == "'my venv/bin/python' -m imgtune_assets.cli"
+
+
+def test_in_the_interpreters_own_folder_or_a_deleted_one(tmp_path, monkeypatch):
+    python = _interpreter(tmp_path / "venv" / "bin")
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.chdir(python.parent)
+    assert paths.imgtune_command() == "./python -m imgtune_assets.cli"  # not a bare name looked up on PATH
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert paths.imgtune_command() == f"{python} -m imgtune_assets.cli"

@@ -120,6 +120,14 @@ def test_a_duplicate_key_is_refused_with_its_line(tmp_path, old, new, message):
     assert_message(tmp_path, old, new, message)
 
 
+def test_a_key_of_yamls_value_tag_is_read_as_pyyaml_reads_it(tmp_path):
+    """A plain ``=`` key is the string ``'='`` to PyYAML: an unknown field, not a YAML error."""
+    path = write(tmp_path, GOOD + "=: 1\n")
+    with pytest.raises(SweepFileError) as err:
+        load_sweep(path)
+    assert str(err.value).startswith(f"{path}: =: unknown field (allowed: "), str(err.value)
+
+
 def test_a_merge_may_override_keys_but_not_repeat_its_own(tmp_path):
     # A ``<<`` merge brings keys that the mapping may override: that is not a duplicate.
     text = GOOD.replace("d: {type: int, low: 3, high: 11}", "d: {<<: *d, high: 9}").replace(
