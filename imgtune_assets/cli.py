@@ -54,7 +54,7 @@ from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
 from imgtune_assets.core.paths import default_output_dir, imgtune_command, sweep_output_dir
 from imgtune_assets.core.progress import BOUNDED_BY_ONE, counted, describe, format_score
-from imgtune_assets.core.sampling import trial_keys
+from imgtune_assets.core.sampling import stage_labels, trial_keys
 from imgtune_assets.core.sweepfile import Sweep, SweepFileError
 
 MODULE = "imgtune_assets.definitions"
@@ -394,10 +394,8 @@ def summary_score(value: float, metric: str | None = None) -> str:
 def fixed_pipeline_text(stages: list[dict[str, Any]]) -> str:
     """A fixed pipeline's values, named as parameters are (``gaussian_blur.ksize=5``; ``op[i]`` when the
     op comes twice); a stage without values by its op alone."""
-    ops = [stage["op"] for stage in stages]
     parts = []
-    for i, stage in enumerate(stages):
-        label = stage["op"] if ops.count(stage["op"]) == 1 else f"{stage['op']}[{i}]"
+    for stage, label in zip(stages, stage_labels([stage["op"] for stage in stages])):
         values = [f"{label}.{k}={_format_value(v)}" for k, v in stage.items() if k != "op"]
         parts.extend(values or [label])
     return ", ".join(parts)

@@ -17,8 +17,8 @@ import numpy as np
 import yaml
 
 from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
-from imgtune_assets.core.sampling import search_space, trial_index
-from imgtune_assets.core.sweepfile import SearchRange, Sweep, fixed_sweep_document
+from imgtune_assets.core.sampling import Dimension, search_space, trial_index
+from imgtune_assets.core.sweepfile import Sweep, fixed_sweep_document
 
 if TYPE_CHECKING:  # pandas is imported when a report is made, not when the Dagster code loads
     import pandas as pd
@@ -171,11 +171,17 @@ def before_after_panels(best: dict[str, Any], rows: list, data_dir, higher_is_be
 
 
 def _png(fig, compress_level: int | None = None) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt  # (after the figure's matplotlib.use("Agg"))
+
     buffer = io.BytesIO()
     # Every figure is laid out by matplotlib's constrained layout: bbox_inches="tight" would only draw
     # it a second time to find the same box.
     extra = {"pil_kwargs": {"compress_level": compress_level}} if compress_level is not None else {}
-    fig.savefig(buffer, format="png", dpi=90, **extra)
+    try:
+        fig.savefig(buffer, format="png", dpi=90, **extra)
+    finally:
+        plt.close(fig)
     return buffer.getvalue()
 
 
@@ -183,30 +189,24 @@ def _png(fig, compress_level: int | None = None) -> bytes:
 MAX_ODD_TICKS = 10
 
 
-def whole_number_ticks(ax, rng: SearchRange) -> None:
-    """Ticks at whole numbers only on the x axis of an ``int`` or ``odd`` range (left alone for the
+def whole_number_ticks(ax, dim: Dimension) -> None:
+    """Ticks at whole numbers only on the x axis of an ``int`` or ``odd`` parameter (left alone for the
     others, and on a log axis, whose ticks are powers of ten): matplotlib's default ticks fall between
     the values, at 3.5 or 4.5 of a parameter that is 3, 5 or 7. A short odd range is ticked at its
     values; a longer one, or an int range, at whole numbers matplotlib picks."""
     from matplotlib.ticker import FixedLocator, MaxNLocator
 
-    if rng.type not in ("int", "odd") or rng.log:
+    if dim.range.type not in ("int", "odd") or dim.range.log:
         return
-    low, high = int(rng.low), int(rng.high)
-    odd = list(range(low if low % 2 else low + 1, high + 1, 2))
-    if rng.type == "odd" and len(odd) <= MAX_ODD_TICKS:
-        ax.xaxis.set_major_locator(FixedLocator(odd))
+    start, step, count = dim.integer_grid()
+    if dim.range.type == "odd" and count <= MAX_ODD_TICKS:
+        ax.xaxis.set_major_locator(FixedLocator([start + step * k for k in range(count)]))
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_score_vs_params(sweep: Sweep, board: pd.DataFrame) -> bytes:
-    fig = score_vs_params_figure(sweep, board)
-    import matplotlib.pyplot as plt  # after the figure's matplotlib.use("Agg")
-
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(score_vs_params_figure(sweep, board))
 
 
 def score_vs_params_figure(sweep: Sweep, board: pd.DataFrame):
@@ -251,7 +251,7 @@ def score_vs_params_figure(sweep: Sweep, board: pd.DataFrame):
             if dim.range.type == "choice":
                 bx = [str(v) for v in dim.range.values].index(bx)
             ax.scatter([bx], [best["score"]], s=80, marker="*", color="#e8590c", label="best")
-        whole_number_ticks(ax, dim.range)
+        whole_number_ticks(ax, dim)
         ax.set_xlabel(dim.name)
         ax.set_ylabel(sweep.objective.metric)
         ax.grid(alpha=0.3)
@@ -294,20 +294,13 @@ def plot_best_so_far(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right" if sweep.higher_is_better else "upper right")
     ax.set_title(f"{sweep.name}: best {sweep.objective.metric} so far")
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(fig)
 
 
 def plot_search_progress(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     """A staged search: best complete score so far against image evaluations and against wall time,
     each trial shown where it settled, coloured by what proposed it, hollow when pruned."""
-    fig = search_progress_figure(sweep, records)
-    import matplotlib.pyplot as plt  # after the figure's matplotlib.use("Agg")
-
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _png(search_progress_figure(sweep, records))
 
 
 def search_progress_figure(sweep: Sweep, records: list[dict[str, Any]]):
@@ -384,9 +377,7 @@ def plot_before_after(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray
             ax.set_title(f"{label} — {title}", fontsize=9)
     # Photographs deflate slowly and little: zlib's fastest level costs a sixth more bytes, not a third
     # of the figure's drawing time.
-    data = _png(fig, compress_level=1)
-    plt.close(fig)
-    return data
+    return _png(fig, compress_level=1)
 
 
 def write_report(

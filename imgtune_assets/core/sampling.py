@@ -16,6 +16,7 @@ import json
 import math
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -103,11 +104,16 @@ def _tidy(x: float) -> float:
     return float(f"{float(x):.6g}")
 
 
+def stage_labels(ops: Sequence[str]) -> list[str]:
+    """How each stage's parameters are named (``label.param``): its op, ``op[i]`` when the op repeats."""
+    counts = Counter(ops)
+    return [op if counts[op] == 1 else f"{op}[{i}]" for i, op in enumerate(ops)]
+
+
 def search_space(sweep: Sweep) -> list[Dimension]:
-    counts = Counter(stage.op for stage in sweep.pipeline)
     dims = []
-    for i, stage in enumerate(sweep.pipeline):
-        label = stage.op if counts[stage.op] == 1 else f"{stage.op}[{i}]"
+    labels = stage_labels([stage.op for stage in sweep.pipeline])
+    for i, (stage, label) in enumerate(zip(sweep.pipeline, labels)):
         for param, rng in stage.searched.items():
             dims.append(Dimension(name=f"{label}.{param}", stage_index=i, param=param, range=rng))
     return dims
