@@ -3,7 +3,7 @@
 For each sweep, one ``dagster job execute`` of its ``<group>_sweep`` job tagged with the range of its
 trials, exactly what a user would type (see :func:`sweep_run_command`; the schedule and the sensor
 request the same run): manifest, run settings, every trial partition, the report (and the tuned
-images) in one process. Dagster's own output goes to a log file under ``$DAGSTER_HOME/logs/``; the
+images) in one process. Dagster's own output goes to a log file under ``$DAGSTER_HOME/sweep_logs/``; the
 terminal shows a progress bar of the trials (read from the sweep's ``progress.json``) and a short
 summary from its ``report.json``. While Dagster starts, a local data folder's files are read and
 hashed into the sweep's probe cache (``manifest.ProbeAhead``), which the run's manifest waits for and
@@ -162,10 +162,16 @@ def sweep_run_command(sweep_name: str, trial_keys: Sequence[str], invocation: st
 
 
 # ----------------------------------------------------------------------------- running a command, logged
+# Not $DAGSTER_HOME/logs: that folder is Dagster's telemetry queue. The daemon and the webserver move
+# whatever lies there to .logs_queue/ and post it to Dagster's telemetry server, whatever dagster.yaml's
+# ``telemetry: enabled`` says (it only stops Dagster writing its own events there).
+SWEEP_LOGS_FOLDER = "sweep_logs"
+
+
 def log_file_path(home: Path, sweep_name: str, now: datetime | None = None) -> Path:
-    """``$DAGSTER_HOME/logs/<sweep>-<UTC timestamp>.log``: Dagster's own output for one sweep."""
+    """``$DAGSTER_HOME/sweep_logs/<sweep>-<UTC timestamp>.log``: Dagster's own output for one sweep."""
     now = now or datetime.now(timezone.utc)
-    return Path(home) / "logs" / f"{sweep_name}-{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}.log"
+    return Path(home) / SWEEP_LOGS_FOLDER / f"{sweep_name}-{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}.log"
 
 
 def launch_logged(command: Sequence[str], log: Path, *, env: dict[str, str] | None = None,
@@ -831,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run each sweep as one run of its job (`dagster job execute`: manifest, settings, every "
                     "trial, report), on an embedded Ray that this command starts for its runs (unless "
                     "$IMGTUNE_RAY_ADDRESS names a cluster), and print a summary. Dagster's output goes to "
-                    "$DAGSTER_HOME/logs/.")
+                    "$DAGSTER_HOME/sweep_logs/.")
     sweep.add_argument("names", nargs="*", metavar="NAME", help="sweep names (the `name` of sweep files)")
     sweep.add_argument("--all", action="store_true", dest="all_sweeps", help="every sweep served")
     sweep.add_argument("--quiet", action="store_true", help="no step lines or progress bar, only the summaries")

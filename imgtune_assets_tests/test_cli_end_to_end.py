@@ -144,7 +144,7 @@ def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep):
     assert "4/4 trials completed" in result.stdout
     # Dagster's own output is in the log file, not on the terminal.
     [log] = _log_files(result.stdout)
-    assert log.parent == Path(env["DAGSTER_HOME"]) / "logs" and log.name.startswith("tiny-")
+    assert log.parent == Path(env["DAGSTER_HOME"]) / "sweep_logs" and log.name.startswith("tiny-")
     assert " - DEBUG - " in _plain(log) and " - DEBUG - " not in result.stdout + result.stderr
 
 
@@ -219,7 +219,7 @@ def test_cli_unknown_sweep_name_fails_naming_the_known_ones(tmp_path, denoise_da
     # Neither names nor --all, and two sweeps served: which one?
     result = run_cli(env, timeout=120)
     assert result.returncode != 0 and "alpha, beta" in result.stderr and "--all" in result.stderr
-    assert not (Path(env["DAGSTER_HOME"]) / "logs").exists()  # no dagster command was started
+    assert not (Path(env["DAGSTER_HOME"]) / "sweep_logs").exists()  # no dagster command was started
 
 
 def test_cli_sweep_resume_reuses_the_trials_a_partial_run_finished(tmp_path, tiny_sweep):
@@ -515,7 +515,19 @@ def test_log_file_path_is_per_sweep_and_utc(tmp_path):
     from datetime import datetime, timedelta, timezone
 
     when = datetime(2026, 11, 30, 23, 5, 9, tzinfo=timezone(timedelta(hours=2)))
-    assert cli.log_file_path(tmp_path, "denoise-demo", when) == tmp_path / "logs" / "denoise-demo-20261130T210509Z.log"
+    assert cli.log_file_path(tmp_path, "denoise-demo", when) == tmp_path / "sweep_logs" / "denoise-demo-20261130T210509Z.log"
+
+
+def test_sweep_logs_stay_out_of_dagsters_telemetry_queue(tmp_path, monkeypatch):
+    """Dagster's daemon and webserver post the files of this folder to Dagster's telemetry server,
+    telemetry enabled or not (dagster._core.telemetry_upload): a sweep's log (paths, image names,
+    errors) must never land there."""
+    from dagster_shared.telemetry import get_or_create_dir_from_dagster_home
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    uploaded = Path(get_or_create_dir_from_dagster_home("logs")).resolve()
+    log = cli.log_file_path(tmp_path, "denoise-demo").resolve()
+    assert uploaded != log.parent and uploaded not in log.parents
 
 
 def test_cli_refuses_without_dagster_home_or_with_names_and_all(tmp_path, tiny_sweep, monkeypatch, capsys):
