@@ -18,6 +18,11 @@ A report is due when ``min_interval_seconds`` have passed since the last one (ev
 finished: long trials still show signs of life), when ``step_fraction`` of all trials (or of all image
 evaluations) finished since it, or, once, when every trial is done.
 
+Image evaluations are counted as done: a trial stopped early by successive halving (``pruned``)
+counts the images it was scored on, not all of them, and the evaluations still to do are at most
+every image of each unfinished trial (``evaluations_total``, which shrinks as trials are pruned;
+``evaluations_full`` is trials × images).
+
 The rate counts computed trials only: trials reused from an earlier run (``reused=True``) cost
 nothing, would inflate it and make the time left too optimistic. The rate is measured from
 construction, or from :meth:`SweepProgress.start_computing` when the caller marks the moment the
@@ -68,6 +73,8 @@ class SweepProgress:
         self._evaluations_at_last_report = 0
         self._reported_finished = False
         self._partial: dict[str, int] = {}  # unfinished trial -> image evaluations computed so far
+        self._finished_evaluations = 0  # finished trials' image evaluations (reused ones included)
+        self._computed_evaluations = 0  # ... of the trials computed by this run
 
     # ------------------------------------------------------------------ feeding
     def start_computing(self) -> None:
@@ -84,10 +91,13 @@ class SweepProgress:
         early by successive halving) and ``score``."""
         self._partial.pop(record.get("trial"), None)  # its images count as a finished trial's now
         self.done += 1
+        evaluations = self._evaluations_of(record)
+        self._finished_evaluations += evaluations
         if reused:
             self.reused += 1
         else:
             self.computed += 1
+            self._computed_evaluations += evaluations
         score = record.get("score")
         if record.get("status") == "pruned":
             self.pruned += 1
@@ -96,6 +106,13 @@ class SweepProgress:
         elif score is not None and math.isfinite(float(score)) and self.objective.better(float(score), self.best):
             self.best = float(score)
             self.best_trial = record.get("trial")
+
+    def _evaluations_of(self, record: Mapping[str, Any]) -> int:
+        """The image evaluations a finished trial took: its per-image results (a pruned trial's rung
+        images; none for a pipeline that failed before any image), or every image for a record
+        without them."""
+        per_image = record.get("per_image")
+        return len(per_image) if isinstance(per_image, (list, tuple)) else self.images
 
     # ------------------------------------------------------------------ reading
     @property
@@ -109,12 +126,19 @@ class SweepProgress:
     @property
     def evaluations_done(self) -> int:
         """Image evaluations done: finished trials' (reused ones included) and unfinished trials' chunks."""
-        return self.done * self.images + self.partial_evaluations
+        return self._finished_evaluations + self.partial_evaluations
+
+    @property
+    def evaluations_total(self) -> int:
+        """At most this many image evaluations in all: the finished trials' own, and every image of each
+        unfinished trial (fewer when some are pruned)."""
+        return self._finished_evaluations + max(0, self.total - self.done) * self.images
 
     def evaluations_per_second(self) -> float | None:
         """Computed (trial × image) evaluations per second since computing started; None before any."""
         seconds = self._clock() - self._computing_since
-        computed = self.computed * max(1, self.images) + self.partial_evaluations
+        # (no usable images: every trial fails at once, and trials are the unit)
+        computed = self._computed_evaluations + self.partial_evaluations if self.images else self.computed
         if computed == 0 or seconds <= 0:
             return None
         return computed / seconds
@@ -125,7 +149,8 @@ class SweepProgress:
         rate = self.evaluations_per_second()
         if not rate:
             return None
-        return max(0, (self.total - self.done) * max(1, self.images) - self.partial_evaluations) / rate
+        left = self.evaluations_total - self.evaluations_done if self.images else self.total - self.done
+        return max(0, left) / rate
 
     def snapshot(self) -> dict[str, Any]:
         """The current state (does not count as a report)."""
@@ -140,7 +165,8 @@ class SweepProgress:
             "images": self.images,
             # image evaluations done (finished trials' and unfinished trials' chunks) out of all
             "evaluations_done": self.evaluations_done,
-            "evaluations_total": self.total * self.images,
+            "evaluations_total": self.evaluations_total,
+            "evaluations_full": self.total * self.images,
             "metric": self.objective.metric,
             "best": self.best,
             "best_trial": self.best_trial,

@@ -104,6 +104,27 @@ def test_pruned_trials_are_counted_apart_and_never_best():
     assert "1 failed, 1 pruned" in describe(snap)
 
 
+def test_pruned_trials_count_the_images_they_were_scored_on():
+    """Successive halving stops most trials after a few images: the evaluations done, the most still to
+    do and the rate count those, not every image of every trial."""
+    progress, clock = make(total=4, images=10)
+    images = lambda n: [{"id": f"i{k}", "score": 1.0} for k in range(n)]  # noqa: E731
+    progress.start_computing()
+    clock.advance(2.0)
+    progress.trial_done({**ok(0, 20.0), "per_image": images(10)})
+    progress.trial_done({"trial": "trial-001", "status": "pruned", "score": None, "per_image": images(3)})
+    progress.trial_done({"trial": "trial-002", "status": "pruned", "score": None, "per_image": images(3)})
+    snap = progress.snapshot()
+    assert (snap["evaluations_done"], snap["evaluations_total"], snap["evaluations_full"]) == (16, 26, 40)
+    assert snap["evaluations_per_second"] == pytest.approx(16 / 2.0)
+    assert snap["eta_seconds"] == pytest.approx(10 / 8.0)
+    progress.trial_done({"trial": "trial-003", "status": "failed", "score": None, "per_image": [],
+                         "error": "the pipeline raised before any image"})
+    snap = progress.snapshot()
+    assert (snap["evaluations_done"], snap["evaluations_total"]) == (16, 16)  # done: 100 %
+    assert snap["eta_seconds"] == 0.0
+
+
 def test_rate_and_eta_count_computed_trials_only():
     progress, clock = make(total=10, images=20)
     for k in range(4):  # reused from an earlier run: instant, not in the rate

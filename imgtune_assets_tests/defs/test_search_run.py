@@ -63,6 +63,10 @@ def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local
     assert summary["completed_trials"] == 3 and summary["pruned_trials"] == 9 and not summary["failed_trials"]
     # each round: 4 × 2 images, then 2 × 2 more, then 1 × 2 more
     assert summary["evaluations"] == 3 * (4 * 2 + 2 * 2 + 1 * 2) and summary["evaluations_full"] == 12 * 6
+    # the last progress report counts the evaluations done, as the report does, not trials × images
+    progress = json.loads((out / "tiny" / "progress.json").read_text())
+    assert progress["finished"] and progress["evaluations_done"] == progress["evaluations_total"] == 42
+    assert progress["evaluations_full"] == 72
     settings = json.loads((out / "tiny" / "run_settings.json").read_text())
     rows = [ManifestRow.from_record(r) for r in settings["images"]]
     detail = image_detail(rows)
