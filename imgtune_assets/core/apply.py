@@ -31,8 +31,9 @@ from imgtune_assets.core import storage
 from imgtune_assets.core.imageio import (
     IMAGE_SUFFIXES,
     ImageReadError,
-    decode_with_alpha,
+    decode_oriented,
     jpeg_metadata,
+    unorient,
     webp_is_lossless,
     with_jpeg_metadata,
 )
@@ -148,7 +149,7 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
                 return {**previous, "status": "unchanged", "input": str(source), "input_stat": entry["input_stat"],
                         "output_stat": output_stat, "output_tag": target_tag}, None
         try:
-            image, alpha = decode_with_alpha(data, source)
+            image, alpha, orientation = decode_oriented(data, source)
             output = to_depth(apply_pipeline(image, stages), image.dtype)
         except MemoryError:
             raise  # this machine's state, not the input's: tried again next run (below)
@@ -163,9 +164,14 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
             colour = output if output.ndim == 3 else cv2.cvtColor(output, cv2.COLOR_GRAY2BGR)
             output = np.dstack([colour[:, :, :3], alpha])
         suffix = Path(source.name).suffix
+        jpeg = suffix.lower() in (".jpg", ".jpeg")
+        if orientation != 1 and jpeg:
+            # processed upright (as scored), stored back as the input stores it: the output keeps the
+            # input's Exif, orientation included (a PNG's or WebP's is not kept: it is written upright)
+            output = unorient(output, orientation)
         lossless = suffix.lower() != ".webp" or webp_is_lossless(data)
         encoded = encode_like(output, suffix, source, lossless)
-        if suffix.lower() in (".jpg", ".jpeg"):  # a photo keeps its Exif (orientation...) and colour profile
+        if jpeg:  # a photo keeps its Exif (orientation...) and colour profile
             encoded = with_jpeg_metadata(encoded, jpeg_metadata(data, 1 if output.ndim == 2 else output.shape[2]))
         return entry, encoded
     except (storage.StorageError, ImageReadError) as exc:  # a failed read or encoding: tried again next run

@@ -38,7 +38,8 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image as stored: grey stays 2-D, colour is BGR (alpha dropped), 8 or 16 bit.
+    """Decode an image: grey stays 2-D, colour is BGR (alpha dropped), 8 or 16 bit, turned upright by
+    its EXIF orientation as ``cv2.imread`` turns it (``orient``).
 
     Reads bytes in Python and decodes in memory so that any file name (and any URL) works.
     """
@@ -46,7 +47,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> tuple[int, int, int, str]:
-    """(width, height, channels, dtype) of an encoded image from its header, without decoding pixels.
+    """(width, height, channels, dtype) of an encoded image from its header, without decoding pixels:
+    the size ``decode_image`` gives, i.e. after its EXIF orientation (``orient``).
 
     The channels and dtype are those ``decode_image`` gives (grey stays 1 channel, alpha is dropped).
     With ``whole`` (``data`` is the whole file), its structure is checked too: a PNG's chunks and their
@@ -66,6 +68,10 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
         with Image.open(io.BytesIO(data)) as image:
             kind, mode, (width, height) = image.format, image.mode, image.size
             bits = image.tag_v2.get(258) if kind == "TIFF" else None
+            # decode_image's size: turned a quarter by an EXIF orientation of 5–8 (see orient). (A TIFF's
+            # own orientation tag: OpenCV's decoder applies it, and Pillow's size is already the turned one.)
+            if _orientation_of(image) >= 5:
+                width, height = height, width
         if whole and kind == "PNG":
             check_png_chunks(data)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -249,14 +255,89 @@ def check_png_chunks(data: bytes) -> None:
         pos = end + 4
 
 
+# EXIF orientation (tag 0x0112) is applied where cv2.imread applies it: JPEG, PNG (an eXIf chunk before
+# the image data) and WebP (a TIFF's orientation tag OpenCV's TIFF decoder applies itself, even with
+# IMREAD_UNCHANGED, which skips the others). A phone's portrait photo is stored landscape with orientation 6:
+# it is scored, shown and processed upright, as OpenCV (and every viewer and labelling tool) shows it.
+ORIENTED_FORMATS = ("JPEG", "PNG", "WEBP")
+EXIF_ORIENTATION = 0x0112
+
+
+def _orientation_of(image) -> int:
+    """The EXIF orientation (1–8; 1 when absent, unreadable or out of range) of a Pillow image opened on
+    a file's bytes, read from the metadata Pillow found while opening it (nothing decoded)."""
+    from PIL import Image
+
+    raw = image.info.get("exif") if image.format in ORIENTED_FORMATS else None
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+        value = exif.get(EXIF_ORIENTATION, 1)
+    except (SyntaxError, ValueError, TypeError, OSError, struct_error, KeyError, IndexError):
+        return 1  # damaged Exif: shown as stored, as OpenCV does
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation ``decode_image`` applies to these file bytes (1: none)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return _orientation_of(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
+        return 1
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` as stored, turned upright for its EXIF ``orientation``: OpenCV's own steps
+    (``ApplyExifOrientation``: 2 mirrors, 3 turns half, 4 flips, 5–8 transpose first). Grey or colour."""
+    if orientation in (5, 6, 7, 8):
+        image = image.swapaxes(0, 1)
+    flip = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}.get(orientation)
+    if flip == 1:
+        image = image[:, ::-1]
+    elif flip == 0:
+        image = image[::-1]
+    elif flip == -1:
+        image = image[::-1, ::-1]
+    return np.ascontiguousarray(image)
+
+
+def unorient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """The inverse of ``orient``: an upright image back as a file of that orientation stores it
+    (6 and 8 are each other's inverse; every other step undoes itself)."""
+    return orient(image, {6: 8, 8: 6}.get(orientation, orientation))
+
+
 def decode_image(data: bytes, file: str | os.PathLike) -> np.ndarray:
     """Decode already-read file bytes (``file`` names them in errors); see ``read_image``."""
-    return decode_with_alpha(data, file)[0]
+    return decode_oriented(data, file)[0]
 
 
 def decode_with_alpha(data: bytes, file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """``decode_image``'s image, and the alpha channel it drops (None when the file has none): for
     writing a processed image back with its transparency."""
+    return decode_oriented(data, file)[:2]
+
+
+def decode_oriented(data: bytes, file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """``decode_with_alpha``'s image and alpha, upright, and the EXIF orientation that turned them
+    (``orient``; 1: as stored)."""
+    image, alpha = _decode_stored(data, file)
+    orientation = exif_orientation(data)
+    if orientation != 1:
+        image = orient(image, orientation)
+        alpha = orient(alpha, orientation) if alpha is not None else None
+    return image, alpha, orientation
+
+
+def _decode_stored(data: bytes, file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """The pixels as stored (IMREAD_UNCHANGED keeps 16 bits and alpha, and ignores EXIF orientation)."""
     raw = np.frombuffer(data, dtype=np.uint8)
     if raw.size == 0:
         raise ImageReadError(f"{file}: empty file (0 bytes)")

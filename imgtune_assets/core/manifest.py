@@ -324,7 +324,7 @@ def _well_formed(entry: object) -> bool:
 # The probe cache's file name in a sweep's output folder (``ProbeCache``), and the version of what it
 # holds: raise it whenever a probe's checks or content keys change, so that no earlier verdict is served.
 PROBE_CACHE_FILE = "probe_cache.json"
-PROBE_CACHE_VERSION = 2
+PROBE_CACHE_VERSION = 3  # 3: sizes after EXIF orientation
 
 
 @contextmanager

@@ -362,6 +362,29 @@ def test_a_third_run_of_an_unchanged_folder_reads_no_file(local_ray, tmp_path):
                           apply_pipeline(_decode_file(src / "colour8.png"), STAGES))
 
 
+def test_a_turned_photo_is_processed_upright_and_stored_back_as_its_input(tmp_path):
+    """An x derivative is not the same filter on a photo turned a quarter: the output must be the
+    pipeline applied to the upright photo (as it was scored), stored in the input's orientation under
+    the input's Exif tag, so that viewers (and cv2.imread) show it upright."""
+    from PIL import Image
+
+    photo = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    ramp = np.repeat(np.linspace(20, 220, 50)[None, :], 30, axis=0)  # stored: brighter to the right
+    pixels = np.dstack([ramp, ramp * 0.8, ramp * 0.6]).round().astype(np.uint8)
+    Image.fromarray(pixels[:, :, ::-1]).save(photo, quality=95, exif=exif)
+    stages = [("sobel", {"ksize": 3, "scale": 1.0, "dx": 1, "dy": 0})]  # upright, the ramp runs down: ~0
+    _, encoded = prepare_output(stages, photo, tmp_path / "out.jpg", None, "k")
+    shown = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)  # turned by its Exif
+    stored = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert stored.shape == (30, 50, 3) and shown.shape == (50, 30, 3)
+    upright = apply_pipeline(cv2.imread(str(photo)), stages)
+    as_stored = apply_pipeline(_decode_file(photo), stages)
+    right = np.abs(shown.astype(int) - upright).mean()
+    assert right < 2.5 and np.abs(np.rot90(as_stored, k=-1).astype(int) - upright).mean() > 10 * right
+
+
 def test_a_photo_keeps_its_exif_orientation_and_colour_profile(tmp_path):
     import io
 

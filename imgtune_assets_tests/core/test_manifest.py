@@ -107,6 +107,30 @@ def test_load_images_decodes_usable_rows_once(messy):
     assert all(t is not None for t in targets)
 
 
+def test_a_phone_photo_is_scored_upright_against_an_upright_target(tmp_path):
+    """A portrait photo stored landscape with EXIF orientation 6 (as phones store them), its target drawn
+    upright (as labelling tools and cv2.imread show the photo): the sizes agree, and the image is decoded
+    as cv2.imread gives it; a target in stored orientation is refused, the reason giving both sizes."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "targets").mkdir()
+    stored = np.random.default_rng(5).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for name in ("upright", "stored"):
+        Image.fromarray(stored[:, :, ::-1]).save(tmp_path / "images" / f"{name}.jpg", quality=95, exif=exif)
+    shown = cv2.imread(str(tmp_path / "images" / "upright.jpg"))  # OpenCV's default read turns it
+    assert shown.shape == (40, 30, 3)
+    cv2.imwrite(str(tmp_path / "targets" / "upright.png"), shown)
+    cv2.imwrite(str(tmp_path / "targets" / "stored.png"), stored)
+    rows = {r.id: r for r in scan_folder(tmp_path, needs_target=True)}
+    assert rows["upright"].status == "ok" and (rows["upright"].width, rows["upright"].height) == (30, 40)
+    assert rows["stored"].status == "skipped" and "stored.png is 40x30, image is 30x40" in rows["stored"].reason
+    ids, images, targets = load_images(tmp_path, [rows["upright"]])
+    assert np.array_equal(images[0], shown) and np.array_equal(targets[0], shown)
+
+
 def test_verified_load_refuses_a_file_changed_since_the_manifest(messy):
     rows = scan_folder(messy, needs_target=True)
     ids, images, _ = load_images(messy, rows, verify=True)

@@ -1,0 +1,81 @@
+"""EXIF orientation, pinned to OpenCV's own: ``cv2.imdecode`` with ``IMREAD_COLOR`` turns JPEG, PNG and
+WebP images upright by their orientation tag (and leaves TIFF as stored); ``decode_image`` and
+``probe_image`` must agree with it for every orientation, for grey and colour, with alpha."""
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgtune_assets.core.imageio import (decode_image, decode_oriented, decode_with_alpha, exif_orientation, orient,
+                                         probe_image, unorient)
+
+# Not square, and not symmetric: every one of the eight orientations gives another array.
+STORED = np.random.default_rng(3).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+STORED[:4, :6] = 255
+
+
+def encoded(fmt: str, orientation: int, pixels: np.ndarray = STORED) -> bytes:
+    """``pixels`` (BGR or grey, as stored) saved by Pillow as ``fmt`` with an EXIF orientation tag."""
+    image = Image.fromarray(pixels[:, :, ::-1] if pixels.ndim == 3 and pixels.shape[2] == 3 else
+                            pixels[:, :, [2, 1, 0, 3]] if pixels.ndim == 3 else pixels)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    options = {"TIFF": {"tiffinfo": {274: orientation}}, "JPEG": {"exif": exif, "quality": 100},
+               "WEBP": {"exif": exif, "lossless": True}}.get(fmt, {"exif": exif})
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoding_turns_the_image_upright_as_opencv_does(fmt, orientation):
+    data = encoded(fmt, orientation)
+    upright = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    image, alpha, found = decode_oriented(data, f"x.{fmt.lower()}")
+    assert found == exif_orientation(data) == orientation and alpha is None
+    assert image.shape == upright.shape and np.array_equal(image, upright)
+    assert image.flags["C_CONTIGUOUS"]
+    width, height, channels, dtype = probe_image(data, f"x.{fmt.lower()}")
+    assert (height, width, channels, dtype) == (*upright.shape, "uint8")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_is_turned_by_opencvs_own_decoder_and_probed_at_that_size(orientation):
+    data = encoded("TIFF", orientation)
+    image = decode_image(data, "x.tif")
+    assert np.array_equal(image, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+    assert np.array_equal(image, orient(STORED, orientation))  # libtiff turns it; not turned twice
+    assert exif_orientation(data) == 1
+    width, height, _, _ = probe_image(data, "x.tif")
+    assert (height, width) == image.shape[:2]
+
+
+def test_alpha_and_grey_turn_with_the_image():
+    rgba = np.dstack([STORED, np.arange(240, dtype=np.uint8).reshape(12, 20)])
+    image, alpha = decode_with_alpha(encoded("PNG", 6, rgba), "x.png")
+    assert image.shape == (20, 12, 3) and alpha.shape == (20, 12)
+    assert np.array_equal(alpha, np.rot90(rgba[:, :, 3], k=-1))  # 6: a quarter turn clockwise to display
+    grey = STORED[:, :, 0].copy()
+    assert np.array_equal(decode_image(encoded("PNG", 8, grey), "x.png"), np.rot90(grey, k=1))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("pixels", [STORED, STORED[:, :, 0]], ids=["colour", "grey"])
+def test_unorient_undoes_orient(orientation, pixels):
+    upright = orient(pixels, orientation)
+    assert np.array_equal(unorient(upright, orientation), pixels)
+    assert upright.shape[:2] == (pixels.shape[:2] if orientation <= 4 else pixels.shape[1::-1])
+
+
+def test_damaged_or_missing_exif_means_as_stored():
+    plain = io.BytesIO()
+    Image.fromarray(STORED).save(plain, "PNG")
+    assert exif_orientation(plain.getvalue()) == 1 and exif_orientation(b"not an image") == 1
+    for value in (0, 9, 300):  # out of range: as stored, as OpenCV does
+        data = encoded("PNG", value)
+        assert exif_orientation(data) == 1
+        assert np.array_equal(decode_image(data, "x.png"), cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
