@@ -422,6 +422,24 @@ def test_clahe_16bit_comparable_to_8bit():
         assert np.abs(out16 / 257.0 - out8).mean() < 5
 
 
+@pytest.mark.parametrize("bgr", [False, True], ids=["grey", "bgr"])
+@pytest.mark.parametrize("h", [12.0, 20.0])
+def test_nl_means_smooths_a_16_bit_image_as_its_8_bit_version(bgr, h):
+    """h is in 8-bit units: a pipeline tuned on 8-bit photos, applied to the same photos in 16 bits,
+    must denoise them about as much (OpenCV has an 8-bit L2 path and a 16-bit L1 one)."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:96, 0:96]
+    scene = [80 + 60 * np.sin(x / 9.0) * np.cos(y / 13.0), 120 + 0.8 * x - 0.5 * y, 150 - 40 * np.sin((x + y) / 17.0)]
+    clean = np.dstack(scene) if bgr else scene[0]
+    img8 = np.clip(np.rint(clean + rng.normal(0, 20, clean.shape)), 0, 255).astype(np.uint8)
+    out8 = apply_stage(img8, "nl_means", {"h": h}).astype(float)
+    out16 = apply_stage(img8.astype(np.uint16) * 257, "nl_means", {"h": h}) / 257.0
+    change8, change16 = np.abs(out8 - img8).mean(), np.abs(out16 - img8).mean()
+    assert change8 > 5  # it denoises at all
+    assert change16 == pytest.approx(change8, rel=0.15)
+    assert np.abs(out16 - out8).mean() < 0.3 * change8
+
+
 @pytest.mark.parametrize("kind", sorted(IMAGES))
 def test_nl_means_denoises(kind):
     top = 255 if "u8" in kind else 65535
