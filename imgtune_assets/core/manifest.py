@@ -163,7 +163,7 @@ def listed_files(files: Iterable[tuple[Location, dict]], targets: dict[str, list
     file whose ``reason`` is None (image-typed, the first of its stem; ``target`` its target or None);
     any other file is skipped, and ``reason`` says why — also an image with two or more targets: which
     one is the ground truth is the user's to say, not the listing order's."""
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # stem -> the file of that stem that came first
     for file, info in files:
         stem = Path(file.name).stem
         candidates = targets.get(stem, [])
@@ -171,13 +171,13 @@ def listed_files(files: Iterable[tuple[Location, dict]], targets: dict[str, list
             yield (file, info), None, (f"not an image file type ({file.suffix or 'no suffix'}; "
                                        f"expected one of {', '.join(IMAGE_SUFFIXES)})")
         elif stem in seen:
-            yield (file, info), None, f"duplicate id {stem!r} (another file with the same stem comes first)"
+            yield (file, info), None, f"duplicate id {stem!r}: {seen[stem]} has the same stem and comes first"
         elif len(candidates) > 1:
-            seen.add(stem)
+            seen[stem] = file.name
             names = ", ".join(sorted(target.name for target, _ in candidates))
             yield (file, info), None, f"{len(candidates)} targets of the same stem ({names}): keep one"
         else:
-            seen.add(stem)
+            seen[stem] = file.name
             yield (file, info), candidates[0] if candidates else None, None
 
 

@@ -41,6 +41,14 @@ def imgtune_command() -> str:
     relative to the working folder when it lies inside it (``.venv/bin/python``), ``python`` when that is
     the one ``PATH`` finds (an activated venv), else its absolute path."""
     executable = Path(sys.executable)
+    # A console script (`.venv/bin/dg`, `dagster`) runs the interpreter its shebang names, often
+    # `python3.11`: the venv's `python` beside it is the same one, and what the README spells.
+    plain = executable.with_name("python")
+    try:
+        if executable.name != "python" and plain.exists() and os.path.samefile(plain, executable):
+            executable = plain
+    except OSError:
+        pass
     try:
         found = shutil.which("python")
         if found and Path(found).absolute() == executable.absolute():

@@ -107,6 +107,17 @@ def test_load_images_decodes_usable_rows_once(messy):
     assert all(t is not None for t in targets)
 
 
+def test_two_images_of_one_stem_name_the_one_kept(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "a.jpg", "b.png"):
+        cv2.imwrite(str(tmp_path / "images" / name), np.full((8, 8), 100, np.uint8))
+    rows = scan_folder(tmp_path, needs_target=False)
+    kept = [r for r in rows if r.id == "a" and r.status == "ok"]
+    [dropped] = [r for r in rows if r.status == "skipped"]
+    assert len(kept) == 1 and {kept[0].image_path, dropped.image_path} == {"images/a.png", "images/a.jpg"}
+    assert dropped.reason == f"duplicate id 'a': {kept[0].image_path.split('/')[-1]} has the same stem and comes first"
+
+
 def test_a_phone_photo_is_scored_upright_against_an_upright_target(tmp_path):
     """A portrait photo stored landscape with EXIF orientation 6 (as phones store them), its target drawn
     upright (as labelling tools and cv2.imread show the photo): the sizes agree, and the image is decoded

@@ -46,3 +46,19 @@ def test_in_the_interpreters_own_folder_or_a_deleted_one(tmp_path, monkeypatch):
     monkeypatch.chdir(gone)
     gone.rmdir()
     assert paths.imgtune_command() == f"{python} -m imgtune_assets.cli"
+
+
+def test_a_console_scripts_versioned_interpreter_is_named_as_the_venvs_python(tmp_path, monkeypatch):
+    """`.venv/bin/dg` runs `.venv/bin/python3.11` (its shebang): the messages say `.venv/bin/python`, the
+    same file, as the README does; a `python3.11` with no such twin keeps its own name."""
+    python = _interpreter(tmp_path / ".venv" / "bin")
+    versioned = python.with_name("python3.11")
+    versioned.symlink_to(python.name)
+    monkeypatch.setattr(sys, "executable", str(versioned))
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.chdir(tmp_path)
+    assert paths.imgtune_command() == ".venv/bin/python -m imgtune_assets.cli"
+    lone = _interpreter(tmp_path / "other" / "bin").with_name("python3.11")
+    lone.write_text("#!/bin/sh\n")  # beside a `python` that is another file
+    monkeypatch.setattr(sys, "executable", str(lone))
+    assert paths.imgtune_command() == "other/bin/python3.11 -m imgtune_assets.cli"

@@ -87,8 +87,12 @@ def test_best_follows_the_objective_direction_and_skips_failures():
         p.trial_done({"trial": "trial-002", "status": "ok", "score": float("nan")})
         p.trial_done(failed(3))
         p.trial_done(ok(4, 0.9))
-        p.trial_done(ok(5, 0.9))  # a tie keeps the first
+        p.trial_done(ok(5, 0.9))  # a tie keeps the lower trial
     assert (up.best, up.best_trial) == (0.9, "trial-004")
+    late = make(metric="psnr")[0]  # trials finish out of order: a tie still goes to the lower trial
+    for k in (6, 5, 1000, 2):
+        late.trial_done(ok(k, 0.9))
+    assert (late.best, late.best_trial) == (0.9, "trial-002")
     assert (down.best, down.best_trial) == (0.2, "trial-001")
     assert (forced.best, forced.best_trial) == (0.2, "trial-001")
     assert up.snapshot()["failed"] == 1
