@@ -387,6 +387,10 @@ def test_an_output_bucket_that_does_not_exist_is_refused_before_any_work(tmp_pat
     # an existing bucket: a prefix not there yet is made by the first upload
     storage.require_output_folder(at("s3://apply-in/not-yet"))
     storage.require_output_folder(at("s3://apply-in"))
+    # an object where the output folder would be: refused, as a local file is
+    client.put_object(Bucket="apply-in", Key="an-object", Body=b"not a folder")
+    with pytest.raises(storage.StorageError, match="^s3://apply-in/an-object: not a folder \\(an object"):
+        storage.require_output_folder(at("s3://apply-in/an-object"))
     # the path the tuned_images asset takes: refused before Ray is asked for
     with pytest.raises(ApplyError, match="^s3://apply-nobucket/x: the bucket 'apply-nobucket' does not exist"):
         apply_to_folder([("gaussian_blur", {"ksize": 3, "sigma": 0.8})], at(f"{url}/images"),

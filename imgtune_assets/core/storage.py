@@ -271,17 +271,18 @@ def require_output_folder(folder: Location) -> None:
             raise StorageError(f"{name}: access denied (cannot write into {existing})", "denied")
         return
     bucket = _bucket_of(folder)
+    found = None
     try:
         folder.fs.invalidate_cache(folder.path)
         try:
-            folder.fs.info(folder.path)
-            return  # there already
+            found = folder.fs.info(folder.path)
         except FileNotFoundError:
             if bucket is None:
                 return  # a store without buckets: the first write makes the folder
-        if bucket == folder.path.strip("/"):
-            raise FileNotFoundError(bucket)  # the folder is the bucket itself, and it is not there
-        folder.fs.info(bucket)
+        if found is None:  # not there yet: its bucket must be
+            if bucket == folder.path.strip("/"):
+                raise FileNotFoundError(bucket)  # the folder is the bucket itself, and it is not there
+            folder.fs.info(bucket)
     except FileNotFoundError:
         raise StorageError(f"{name}: the bucket {bucket!r} does not exist (cannot write into it; imgtune "
                            "creates no bucket: create it, or name another)", "missing") from None
@@ -289,6 +290,8 @@ def require_output_folder(folder: Location) -> None:
         return
     except _remote_errors() as exc:
         raise _explain(exc, folder, "write into it") from None
+    if found is not None and found.get("type") == "file":  # outputs would land beside it, not in it
+        raise StorageError(f"{name}: not a folder (an object of that name is there; cannot write into it)")
 
 
 def write_bytes_atomic(path: Location, data: bytes) -> Location:

@@ -253,6 +253,11 @@ def test_an_output_folder_is_checked_before_any_work_and_nothing_is_made(tmp_pat
         err.value
     # a store without buckets (fsspec's in-memory one): a folder not there yet is made by the first write
     storage.require_output_folder(storage.location("memory://imgtune-output-check/new"))
+    # an object where the folder would be: outputs would sit beside it under the same name
+    taken = storage.location("memory://imgtune-output-check/an-object")
+    taken.write_bytes(b"not a folder")
+    with pytest.raises(storage.StorageError, match="an-object: not a folder \\(an object of that name is there"):
+        storage.require_output_folder(taken)
 
 
 def test_an_output_folder_under_a_folder_that_refuses_writes_is_refused(tmp_path, monkeypatch):
