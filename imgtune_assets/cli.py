@@ -717,6 +717,14 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
         print(f"warning: no image files in {result.input_dir} ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
     print(f"{result.count('written')} written, {result.count('unchanged')} unchanged, {result.count('skipped')} "
           f"skipped in {time.perf_counter() - started:.1f}s -> {target} (ledger {result.ledger})", flush=True)
+    images = [entry for entry in result.entries if entry["output"]]
+    if images and not any(entry["status"] in ("written", "unchanged") for entry in images):
+        # Nothing usable came out: a script (or a scheduler) must see it, not only the lines above.
+        where = (" — the Ray cluster's nodes read the files themselves, with the credentials of their own "
+                 "environment" if cluster is not None else "")
+        print(f"error: none of the {counted(len(images), 'image')} of {result.input_dir} could be processed "
+              f"(the reasons are above){where}", file=sys.stderr)
+        return 1
     return 0
 
 
