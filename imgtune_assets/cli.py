@@ -666,7 +666,8 @@ def _what_stands(target, ledger_name: str) -> str:
 def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedRayStart | None,
                 started: float) -> int:
     from imgtune_assets.core import storage
-    from imgtune_assets.core.apply import ApplyError, run_plan
+    from imgtune_assets.core.apply import LEDGER_NAME, ApplyError, run_plan
+    from imgtune_assets.core.fanout import RayInfrastructureError
     from imgtune_assets.core.imageio import IMAGE_SUFFIXES
 
     cluster = None
@@ -704,6 +705,9 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
             f"\r  {progress_bar(done, total)} {done}/{total}", end="", flush=True))
     except (ApplyError, storage.StorageError) as exc:
         print(f"{chr(10) if tty else ''}error: {exc}", file=sys.stderr)
+        return 1
+    except RayInfrastructureError as exc:  # the ledger lists what was written: a re-run goes on from there
+        print(f"{chr(10) if tty else ''}error: {exc.what}; {_what_stands(target, LEDGER_NAME)}", file=sys.stderr)
         return 1
     finally:
         if cluster is not None:

@@ -198,6 +198,44 @@ def test_a_cluster_address_where_no_ray_runs_fails_soon_naming_it(tmp_path):
     assert " written, " not in result.stdout
 
 
+def test_a_cluster_that_stops_mid_apply_is_said_and_leaves_its_ledger(tmp_path):
+    """The cluster's head stopped under a running apply: Ray's own client would wait 60 s for its GCS and
+    then end the process from C++, leaving no ledger. The command names the cluster, exits 1 well
+    before that, and its ledger lists the outputs written, so a re-run (embedded Ray) does the rest."""
+    from imgtune_assets_tests.support.raycluster import start_ray_cluster
+
+    pipeline = best_pipeline(tmp_path, SLOW_STAGES)
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = slow_folder(src)
+    cluster = start_ray_cluster(tmp_path / "cluster", nodes=1, num_cpus=2)
+    env = {**environment(tmp_path, pipeline), **cluster.env}
+    try:
+        proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", str(pipeline),
+                                 str(src), str(out), "--ray-address", cluster.address], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        try:
+            wait_for_outputs(proc, out, count=12)  # the first tasks (of 5 and 4 files) are back
+            cluster.stop()
+            stopped = time.monotonic()
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        cluster.stop()
+    assert proc.returncode == 1, f"{stdout[-3000:]}\n{stderr[-6000:]}"
+    assert time.monotonic() - stopped < 50, stderr[-3000:]  # before Ray's own 60 s end
+    assert re.search(rf"error: the Ray cluster stopped answering: its GCS at {re.escape(cluster.address)} has "
+                     r"refused connections for \d+ s", stderr), stderr[-3000:]
+    assert f"the ledger {out / LEDGER_NAME} lists the outputs written" in stderr, stderr[-3000:]
+    listed = json.loads((out / LEDGER_NAME).read_text())["entries"]
+    assert listed and all((out / Path(e["output"]).name).exists() for e in listed)
+    again = apply_cli(environment(tmp_path, pipeline), tmp_path, pipeline, src, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    written = int(re.search(r"^(\d+) written, (\d+) unchanged", again.stdout, re.M).group(1))
+    assert written == len(names) - len(listed), again.stdout
+
+
 def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tmp_path):
     """SIGTERM once a dozen outputs are there (Ray's tasks under way), and again while it cleans up: the
     command ends as interrupted (130), every output the ledger lists is there, whole and right, no

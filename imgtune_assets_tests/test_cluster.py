@@ -268,3 +268,49 @@ def test_apply_on_a_cluster_ends_as_interrupted_on_sigterm(tmp_path, cluster):
     assert "interrupted: the ledger" in stderr and "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr
     listed = json.loads((out / ".imgtune-applied.json").read_text())["entries"]
     assert len(listed) < len(names) and all((out / Path(e["output"]).name).exists() for e in listed)
+
+
+def test_a_cluster_that_stops_mid_sweep_fails_the_run_saying_so(tmp_path):
+    """The cluster's GCS gone under a sweep (its head stopping): Ray's client would wait 60 s for it and
+    then end the run's process from C++ (no message, the Dagster run left STARTED for ever). The run
+    fails naming the cluster, keeps the trials it finished, and is marked failed; a resume on another
+    Ray completes it. (A head whose raylet dies first is a dead node: that message, tested elsewhere.)"""
+    data = tmp_path / "data"
+    make_denoise_set(data, count=8, size=256)
+    pipeline = [{"op": "nl_means", "h": {"type": "float", "low": 3, "high": 20}, "template_window_size": 7,
+                 "search_window_size": 21}]
+    sweep = write_sweep(tmp_path / "sweep.yaml", data, name="lost", trials=24, chunk_size=8, pipeline=pipeline)
+    trials = tmp_path / "outputs" / "lost" / "trials"
+    mine = start_ray_cluster(tmp_path / "cluster", nodes=1, num_cpus=2)
+    try:
+        env = cluster_env(tmp_path, sweep, mine)
+        proc = subprocess.Popen([sys.executable, "-m", "imgtune_assets.cli", "sweep"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 180
+            while proc.poll() is None and time.monotonic() < deadline and len(list(trials.glob("trial-*.json"))) < 3:
+                time.sleep(0.05)
+            # Its GCS goes (the head's control store): the raylet lives on, so no task fails.
+            [gcs] = [p for p in map(psutil.Process, mine.pids()) if p.name().startswith("gcs_server")]
+            gcs.kill()
+            stopped = time.monotonic()
+            stdout, stderr = proc.communicate(timeout=150)
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        mine.stop()
+    assert proc.returncode != 0, (stdout, stderr)
+    assert time.monotonic() - stopped < 55, (stdout, stderr)  # before Ray's own 60 s end
+    said = stdout + stderr
+    assert "the Ray cluster stopped answering: its GCS at" in said and "sweep lost --resume" in said, said[-4000:]
+    saved = len(list(trials.glob("trial-*.json")))
+    assert 3 <= saved < 24
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        [run] = instance.get_runs()
+        assert run.status.value == "FAILURE"
+    resumed = subprocess.run([sys.executable, "-m", "imgtune_assets.cli", "sweep", "--resume"],
+                             env=cli_env(tmp_path, sweep), capture_output=True, text=True, timeout=300,
+                             stdin=subprocess.DEVNULL)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "24/24 trials completed" in resumed.stdout and len(list(trials.glob("trial-*.json"))) == 24

@@ -445,8 +445,13 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
     for size in task_sizes(len(plan.items), total_cpus):
         pending.append(remote.remote(list(plan.stages), plan.items[start:start + size], plan.key))
         start += size
+    from imgtune_assets.core.fanout import ClusterWatch
+
+    watch = ClusterWatch()  # a cluster gone: RayInfrastructureError, while the ledger can still be written
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=watch.every)
+        if not ready:
+            watch.check()
         for ref in ready:
             entries.extend(ray.get(ref))
         if on_progress:

@@ -117,6 +117,60 @@ class RayInfrastructureError(RuntimeError):
                          "--resume`) to compute the rest")
 
 
+# How long the cluster's GCS may refuse connections before the waiting loops give up on it: Ray's own
+# client waits 60 s (``gcs_rpc_server_reconnect_timeout_s``) and then ends the whole process from C++,
+# leaving no message, no ledger written and a Dagster run shown as started for ever.
+CLUSTER_GRACE_SECONDS = 10.0
+CLUSTER_CHECK_SECONDS = 2.0
+
+
+class ClusterWatch:
+    """Whether the Ray cluster this process is connected to still answers, checked from the loops that
+    wait for its tasks (``check``, at most every ``CLUSTER_CHECK_SECONDS``): its GCS's port takes a
+    TCP connection. Refused (or timing out) for ``grace`` seconds in a row, the cluster is taken as gone
+    (the head node stopped, or the machine) and ``check`` raises ``RayInfrastructureError`` — while
+    there is still time to say so, save what finished and end the run cleanly.
+
+    ``address``: the GCS's ``host:port``, by default the connected Ray's
+    (``ray.get_runtime_context().gcs_address``; imports Ray)."""
+
+    def __init__(self, address: str | None = None, *, grace: float = CLUSTER_GRACE_SECONDS,
+                 every: float = CLUSTER_CHECK_SECONDS, clock: Callable[[], float] = time.monotonic):
+        if address is None:
+            import ray
+
+            address = ray.get_runtime_context().gcs_address
+        host, _, port = str(address).rpartition(":")
+        self.address, self.host, self.port = address, host.strip("[]"), int(port)
+        self.grace, self.every, self._clock = grace, every, clock
+        self._checked_at: float | None = None
+        self._failing_since: float | None = None
+
+    def answers(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection((self.host, self.port), timeout=min(1.0, self.every)):
+                return True
+        except OSError:
+            return False
+
+    def check(self) -> None:
+        now = self._clock()
+        if self._checked_at is not None and now - self._checked_at < self.every:
+            return
+        self._checked_at = now
+        if self.answers():
+            self._failing_since = None
+            return
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since >= self.grace:
+            raise RayInfrastructureError(
+                f"the Ray cluster stopped answering: its GCS at {self.address} has refused connections "
+                f"for {now - self._failing_since:.0f} s (its head node stopped?)")
+
+
 def error_line(exc: BaseException) -> str:
     """``<exception class>: <first line of its message>``, as a one-line report of an error."""
     text = str(exc).strip()
@@ -396,6 +450,7 @@ def run_trials(
     keep: DecodedChunks | None = None,
     fuse: bool | None = None,
     on_tail: Callable[[], None] | None = None,
+    watch: ClusterWatch | None = None,
 ) -> FanoutResult:
     """Evaluate each trial (``{"trial", "params", "stages", "error"?}``) on every image.
 
@@ -431,6 +486,9 @@ def run_trials(
     ``on_tail`` is called once, as soon as every task has been submitted and fewer are left than the
     cluster has CPUs — from then on a CPU is idle — for the caller to begin what it does next (or at
     the end, if the last results came back together).
+
+    ``watch``: the cluster is checked while results are awaited (``ClusterWatch``; by default one on
+    the connected Ray's GCS): a cluster gone raises ``RayInfrastructureError`` as a dead node does.
     """
     if tick_seconds <= 0:
         raise ValueError(f"tick_seconds must be > 0, got {tick_seconds}")
@@ -595,17 +653,17 @@ def run_trials(
     admit()
     remaining = list(pending)
     last_tick = time.monotonic()
+    watch = watch if watch is not None else ClusterWatch()
     while remaining:
         if on_tail is not None and not queue and len(remaining) < total_cpus:
             on_tail()
             on_tail = None
         # Block for one result, then take whatever else is ready: trials are saved as they finish.
-        # With a tick, block no longer than until the next tick is due.
-        if on_tick is None:
-            done, remaining = ray.wait(remaining, num_returns=1)
-        else:
-            wait = max(0.0, last_tick + tick_seconds - time.monotonic())
-            done, remaining = ray.wait(remaining, num_returns=1, timeout=wait)
+        # Block no longer than until the next tick is due, or the cluster's next check.
+        wait = watch.every if on_tick is None else min(watch.every, max(0.0, last_tick + tick_seconds - time.monotonic()))
+        done, remaining = ray.wait(remaining, num_returns=1, timeout=wait)
+        if not done:
+            watch.check()
         if done and remaining:
             more, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0)
             done += more

@@ -423,3 +423,35 @@ def test_ray_failing_under_the_run_records_no_trial_and_hands_over_what_finished
         assert len(calls) == total
         assert len(chunks) == 3
         assert len(done) == (0 if fuse else 2)
+
+
+def test_a_cluster_whose_gcs_stops_answering_is_given_up_after_the_grace():
+    """ClusterWatch on a real loopback port: answering, then closed for less than the grace (a blip),
+    then for the grace: RayInfrastructureError naming the address; never more than one probe per
+    ``every`` seconds."""
+    import socket
+
+    from imgtune_assets.core.fanout import ClusterWatch, RayInfrastructureError
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    now = [100.0]
+    watch = ClusterWatch(f"127.0.0.1:{port}", grace=10.0, every=2.0, clock=lambda: now[0])
+    probes = []
+    answers = watch.answers
+    watch.answers = lambda: probes.append(now[0]) or answers()
+    watch.check()
+    now[0] += 1.0
+    watch.check()  # too soon: not probed
+    assert probes == [100.0]
+    server.close()
+    for _ in range(5):  # refused at once, then 2, 4, 6 and 8 s later: within the grace
+        now[0] += 2.0
+        watch.check()
+    now[0] += 2.5
+    with pytest.raises(RayInfrastructureError, match=rf"^the Ray cluster stopped answering: its GCS at 127.0.0.1:{port} "
+                                                     r"has refused connections for 10 s"):
+        watch.check()
+    assert len(probes) == 7
