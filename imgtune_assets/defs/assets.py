@@ -73,8 +73,8 @@ from imgtune_assets.core.search import is_staged
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
-from imgtune_assets.defs.search_run import early_stopping_notes, partial_reuse_message, report_imports_on_tail, \
-    reuse_message, run_staged_search, staged_trials
+from imgtune_assets.defs.search_run import early_stopping_notes, partial_reuse_message, repeated_trials_note, \
+    report_imports_on_tail, reuse_message, run_staged_search, staged_trials
 
 MANIFEST_COLUMNS = {"id", "image_path", "status"}
 
@@ -270,6 +270,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         atomic_write_json(imgtune.sweep_dir(sweep.name) / "run_settings.json", settings)
         preview = pd.DataFrame([{"trial": t["trial"], **(t["params"] or {})} for t in trials])
         notes = early_stopping_notes(sweep, sum(1 for r in rows if r.status == "ok"))
+        if not is_staged(sweep) and (repeated := repeated_trials_note(sweep, trials)):
+            notes.append(repeated)
         for note in notes:
             context.log.warning(f"{sweep.path}: {note}")
         return Output(settings, metadata={
@@ -514,7 +516,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "evaluations": evaluations(records),
             "evaluations_full": len(records) * n_images,
             # What the user should know about how the sweep ran (early stopping that stopped nothing).
-            "notes": early_stopping_notes(sweep, n_images, records),
+            "notes": [*early_stopping_notes(sweep, n_images, records),
+                      *([] if is_staged(sweep) or not (repeated := repeated_trials_note(sweep, records))
+                        else [repeated])],
             # For the next sweep after the images change: warm starts (core/search.py).
             "manifest_digest": digest,
             "space_digest": space_digest(search_space(sweep)),

@@ -42,6 +42,25 @@ def early_stopping_notes(sweep: Sweep, n_images: int, records: Sequence[dict[str
     return notes
 
 
+def repeated_trials_note(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> str | None:
+    """A fixed design (``grid``, ``random``...) over a space with fewer distinct points than trials gives
+    some trials the parameters of an earlier one: they cost as much and say nothing new. None when every
+    trial's parameters are its own (or the trials are proposed as the search goes)."""
+    seen: set[str] = set()
+    repeats = 0
+    for trial in trials:
+        if trial.get("params") is None:
+            continue
+        key = json.dumps(trial["params"], sort_keys=True, default=str)
+        repeats += key in seen
+        seen.add(key)
+    if not repeats:
+        return None
+    return (f"{repeats} of the {len(trials)} trials {'repeats' if repeats == 1 else 'repeat'} the parameters of an earlier trial (sampler "
+            f"{sweep.sampler}: the search space gives {len(seen)} distinct pipelines here): lower trials to "
+            f"{len(seen)}, or widen the space")
+
+
 def reuse_message(reused: int, total: int) -> str:
     """The experiment step's log line when it runs with ``skip_finished`` (a resumed sweep)."""
     return f"reusing {reused} finished trial(s) (skip_finished), computing {total - reused} of {total}"

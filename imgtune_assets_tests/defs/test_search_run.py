@@ -229,3 +229,31 @@ def test_the_initial_design_note_waits_for_every_trial(tmp_path, denoise_data):
     one = load_sweep(write_sweep(tmp_path / "one.yaml", denoise_data, trials=1, **STAGED))
     [note] = early_stopping_notes(one, 6, round0[:1])
     assert note.startswith("sampler tpe: the only trial is the initial design (round 0 holds 1)")  # not "all 1 trials"
+
+
+def test_a_grid_with_more_trials_than_points_says_which_repeat(tmp_path, denoise_data, local_ray):
+    """Two odd kernel sizes and four grid trials: two trials repeat an earlier one's pipeline. The sweep
+    runs, and the settings and the report say so, with the number to lower trials to."""
+    sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=4, sampler="grid",
+                             pipeline=[{"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 5},
+                                        "sigma": 1.0}])
+    out = tmp_path / "outputs"
+    sweep, assets, instance, ranged, report = run_sweep(sweep_file, out)
+    assert ranged.success
+    summary = report.output_for_node(node(assets.sweep_report))
+    expected = ("2 of the 4 trials repeat the parameters of an earlier trial (sampler grid: the search space "
+                "gives 2 distinct pipelines here): lower trials to 2, or widen the space")
+    assert summary["notes"] == [expected]
+    settings = instance.fetch_materializations(asset_key(sweep, "run_settings"), limit=1).records[0]
+    assert expected in settings.asset_materialization.metadata["notes"].value
+
+
+def test_trials_of_distinct_parameters_need_no_note():
+    from types import SimpleNamespace  # (the note reads the sweep's sampler name only)
+
+    from imgtune_assets.defs.search_run import repeated_trials_note
+
+    grid = SimpleNamespace(sampler="grid")
+    assert repeated_trials_note(grid, [{"params": {"k": 3}}, {"params": {"k": 5}}, {"params": None}]) is None
+    assert repeated_trials_note(grid, [{"params": {"k": 3, "s": 1.0}}, {"params": {"s": 1.0, "k": 3}}]).startswith(
+        "1 of the 2 trials repeats the parameters of an earlier trial")
