@@ -614,6 +614,10 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
     target = plan = None
     interrupted, run_started = False, time.time()
     try:
+        if "://" in pipeline:  # (Path would fold the URL into a local path that does not exist)
+            print(f"error: {pipeline}: the pipeline file is read from this machine's disk, not from a URL: "
+                  "copy it here first", file=sys.stderr)
+            return 2
         try:
             fixed = load_sweep(pipeline)
             stages = fixed_stages(fixed)

@@ -173,6 +173,16 @@ def test_a_pipeline_that_still_searches_is_refused(tmp_path):
     assert f"error: {broken}: pipeline[0].ksize" in result.stderr and "odd" in result.stderr
 
 
+def test_a_pipeline_file_named_by_a_url_is_refused_naming_it(tmp_path):
+    pipeline = best_pipeline(tmp_path)
+    result = apply_cli(environment(tmp_path, pipeline), tmp_path, "s3://photos/best_pipeline.yaml",
+                       photos(tmp_path / "in"), tmp_path / "out")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: s3://photos/best_pipeline.yaml: the pipeline file is read from this "
+                                    "machine's disk"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_input_folder(tmp_path):
     pipeline = best_pipeline(tmp_path)
     missing = tmp_path / "no such photos"
