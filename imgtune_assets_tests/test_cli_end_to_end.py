@@ -337,6 +337,9 @@ def test_error_summary_is_the_innermost_message_without_a_remote_traceback():
     assert error_summary(remote) == "OSError: /data/images/a.png: disk unreadable"
     two_lines = SerializableErrorInfo("KeyError: first\nsecond line\n", [], "KeyError")
     assert error_summary(two_lines) == "KeyError: first\nsecond line"
+    own = SerializableErrorInfo("imgtune_assets.defs.resources.RayConnectError: cannot reach the Ray cluster at "
+                                "127.0.0.1:1 (nothing accepts a connection there)\n", [], "RayConnectError")
+    assert error_summary(own) == "cannot reach the Ray cluster at 127.0.0.1:1 (nothing accepts a connection there)"
 
 
 def _snap(done, total=32, **extra):
