@@ -566,6 +566,11 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                     print(f"    {line}", file=err)
             if marked or code < 0:  # killed (SIGKILL, the OOM killer) under its run: the saved trials stand
                 print(resume_hint(sweep.name), file=err)
+            report_file = sweep_dir / REPORT_FILE
+            with contextlib.suppress(OSError):  # a step after the report failed (tuned_images): the report stands
+                if report_file.stat().st_mtime >= started:
+                    print(f"the report was made before the failure: {sweep_dir} (leaderboard.csv, "
+                          "best_pipeline.yaml, plots/)", file=err)
             print(f"log: {log}", file=err, flush=True)
             return code
     report_file = sweep_dir / REPORT_FILE

@@ -148,6 +148,20 @@ def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep):
     assert " - DEBUG - " in _plain(log) and " - DEBUG - " not in result.stdout + result.stderr
 
 
+def test_a_failed_tuned_images_step_still_points_at_the_report(tmp_path, denoise_data):
+    """The winner's apply fails (its output folder's place is taken by a file) after the report was made:
+    the command fails naming the step and why, and says where the report it made is."""
+    (tmp_path / "taken").write_text("a file, not a folder\n")
+    sweep = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=2,
+                        apply={"input_dir": str(denoise_data / "images"), "output_dir": str(tmp_path / "taken" / "x")})
+    result = run_cli(cli_env(tmp_path, sweep))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "tiny/tuned_images" in result.stderr and "not a folder" in result.stderr, result.stderr
+    assert (f"the report was made before the failure: {tmp_path / 'outputs' / 'tiny'} (leaderboard.csv"
+            in result.stderr), result.stderr
+    assert (tmp_path / "outputs" / "tiny" / "report.json").exists()
+
+
 def test_cli_all_sweeps_of_a_folder(tmp_path, denoise_data, segment_data):
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
