@@ -168,6 +168,28 @@ def sweep_run_command(sweep_name: str, trial_keys: Sequence[str], invocation: st
 SWEEP_LOGS_FOLDER = "sweep_logs"
 
 
+# What earlier versions wrote into $DAGSTER_HOME/logs/: <sweep>-<UTC timestamp>.log and .resume.yaml.
+_OLD_SWEEP_LOG = re.compile(r"^.+-\d{8}T\d{6}Z\.(log|resume\.yaml)$")
+
+
+def move_old_sweep_logs(home: Path) -> int:
+    """Move the sweep logs (and resume configs) an earlier version kept in ``$DAGSTER_HOME/logs/`` to
+    ``sweep_logs/``, before a daemon or webserver posts them to Dagster's telemetry server; Dagster's
+    own files there are left alone. How many were moved."""
+    old, new = Path(home) / "logs", Path(home) / SWEEP_LOGS_FOLDER
+    moved = 0
+    try:
+        found = [f for f in old.iterdir() if f.is_file() and _OLD_SWEEP_LOG.match(f.name)]
+    except OSError:  # no such folder (a new home): nothing to move
+        return 0
+    for file in found:
+        with contextlib.suppress(OSError):
+            new.mkdir(exist_ok=True)
+            os.replace(file, new / file.name)
+            moved += 1
+    return moved
+
+
 def log_file_path(home: Path, sweep_name: str, now: datetime | None = None) -> Path:
     """``$DAGSTER_HOME/sweep_logs/<sweep>-<UTC timestamp>.log``: Dagster's own output for one sweep."""
     now = now or datetime.now(timezone.utc)
@@ -569,8 +591,8 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             report_file = sweep_dir / REPORT_FILE
             with contextlib.suppress(OSError):  # a step after the report failed (tuned_images): the report stands
                 if report_file.stat().st_mtime >= started:
-                    print(f"the report was made before the failure: {sweep_dir} (leaderboard.csv, "
-                          "best_pipeline.yaml, plots/)", file=err)
+                    made = [n for n in ("leaderboard.csv", "best_pipeline.yaml", "plots/") if (sweep_dir / n).exists()]
+                    print(f"the report was made before the failure: {sweep_dir} ({', '.join(made)})", file=err)
             print(f"log: {log}", file=err, flush=True)
             return code
     report_file = sweep_dir / REPORT_FILE
@@ -823,6 +845,10 @@ def run_sweeps(names: Sequence[str] = (), all_sweeps: bool = False, quiet: bool 
     note = instance_config_note(home)
     if note:
         print(note, flush=True)
+    moved = move_old_sweep_logs(home)
+    if moved:
+        print(f"moved {counted(moved, 'earlier sweep log file')} from {home / 'logs'} to {home / SWEEP_LOGS_FOLDER} "
+              "(Dagster's daemon and webserver post what lies in logs/ to Dagster's telemetry server)", flush=True)
     tty = sys.stdout.isatty()
     columns = shutil.get_terminal_size((100, 24)).columns
     # Every selected sweep runs, whatever happened to the one before: one team's broken data folder

@@ -535,6 +535,18 @@ def test_log_file_path_is_per_sweep_and_utc(tmp_path):
     assert cli.log_file_path(tmp_path, "denoise-demo", when) == tmp_path / "sweep_logs" / "denoise-demo-20261130T210509Z.log"
 
 
+def test_sweep_logs_an_earlier_version_left_in_the_telemetry_folder_are_moved(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for name in ("denoise-demo-20261130T210509Z.log", "denoise-demo-20261130T210509Z.resume.yaml", "event.log"):
+        (logs / name).write_text(name)
+    assert cli.move_old_sweep_logs(tmp_path) == 2
+    assert sorted(p.name for p in logs.iterdir()) == ["event.log"]  # Dagster's own: left alone
+    assert sorted(p.name for p in (tmp_path / "sweep_logs").iterdir()) == [
+        "denoise-demo-20261130T210509Z.log", "denoise-demo-20261130T210509Z.resume.yaml"]
+    assert cli.move_old_sweep_logs(tmp_path) == 0 and cli.move_old_sweep_logs(tmp_path / "new home") == 0
+
+
 def test_sweep_logs_stay_out_of_dagsters_telemetry_queue(tmp_path, monkeypatch):
     """Dagster's daemon and webserver post the files of this folder to Dagster's telemetry server,
     telemetry enabled or not (dagster._core.telemetry_upload): a sweep's log (paths, image names,

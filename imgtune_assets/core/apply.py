@@ -450,8 +450,7 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
     watch = ClusterWatch()  # a cluster gone: RayInfrastructureError, while the ledger can still be written
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=watch.every)
-        if not ready:
-            watch.check()
+        watch.check()
         for ref in ready:
             entries.extend(ray.get(ref))
         if on_progress:

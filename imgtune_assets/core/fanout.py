@@ -132,16 +132,20 @@ class ClusterWatch:
     there is still time to say so, save what finished and end the run cleanly.
 
     ``address``: the GCS's ``host:port``, by default the connected Ray's
-    (``ray.get_runtime_context().gcs_address``; imports Ray)."""
+    (``ray.get_runtime_context().gcs_address``; imports Ray); none (nothing checked) through Ray Client."""
 
     def __init__(self, address: str | None = None, *, grace: float = CLUSTER_GRACE_SECONDS,
                  every: float = CLUSTER_CHECK_SECONDS, clock: Callable[[], float] = time.monotonic):
         if address is None:
             import ray
+            from ray.util.client import ray as ray_client
 
-            address = ray.get_runtime_context().gcs_address
-        host, _, port = str(address).rpartition(":")
-        self.address, self.host, self.port = address, host.strip("[]"), int(port)
+            # Through Ray Client (ray://) the GCS address is the one the head knows itself by, often not
+            # reachable from the client's machine: nothing is watched.
+            address = None if ray_client.is_connected() else ray.get_runtime_context().gcs_address
+        self.address = address
+        host, _, port = str(address or ":0").rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
         self.grace, self.every, self._clock = grace, every, clock
         self._checked_at: float | None = None
         self._failing_since: float | None = None
@@ -156,6 +160,8 @@ class ClusterWatch:
             return False
 
     def check(self) -> None:
+        if self.address is None:
+            return
         now = self._clock()
         if self._checked_at is not None and now - self._checked_at < self.every:
             return
@@ -662,8 +668,7 @@ def run_trials(
         # Block no longer than until the next tick is due, or the cluster's next check.
         wait = watch.every if on_tick is None else min(watch.every, max(0.0, last_tick + tick_seconds - time.monotonic()))
         done, remaining = ray.wait(remaining, num_returns=1, timeout=wait)
-        if not done:
-            watch.check()
+        watch.check()  # (at most every ``every`` seconds: results may still come from a raylet whose GCS is gone)
         if done and remaining:
             more, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0)
             done += more

@@ -61,8 +61,9 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
 
     if not data:
         raise ImageReadError(f"{file}: empty file (0 bytes)")
-    if not whole and (size := webp_size(data)) is not None:
-        # Pillow opens a WebP only whole; an object's head holds its size (WebP is 8-bit colour).
+    if not whole and (size := webp_size(data)) is not None and not webp_has_exif(data):
+        # Pillow opens a WebP only whole; an object's head holds its size (WebP is 8-bit colour). Not
+        # when it holds Exif (after the image data): its orientation may turn that size, so it is read whole.
         return size[0], size[1], 3, "uint8"
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -149,6 +150,11 @@ def webp_size(data: bytes) -> tuple[int, int] | None:
     if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":  # lossy: key frame start code, then 14-bit sizes
         return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
     return None
+
+
+def webp_has_exif(data: bytes) -> bool:
+    """Whether an extended WebP's header says the file holds Exif (its VP8X flags' Exif bit)."""
+    return len(data) > 20 and data[12:16] == b"VP8X" and bool(data[20] & 0x08)
 
 
 def webp_is_lossless(data: bytes) -> bool:
@@ -256,10 +262,10 @@ def check_png_chunks(data: bytes) -> None:
 
 
 # EXIF orientation (tag 0x0112) is applied where cv2.imread applies it: JPEG, PNG (an eXIf chunk before
-# the image data) and WebP (a TIFF's orientation tag OpenCV's TIFF decoder applies itself, even with
+# the image data, where Pillow finds it on opening; OpenCV also reads one after) and WebP (a TIFF's orientation tag OpenCV's TIFF decoder applies itself, even with
 # IMREAD_UNCHANGED, which skips the others). A phone's portrait photo is stored landscape with orientation 6:
 # it is scored, shown and processed upright, as OpenCV (and every viewer and labelling tool) shows it.
-ORIENTED_FORMATS = ("JPEG", "PNG", "WEBP")
+ORIENTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # (MPO: a JPEG holding further images, as phones write)
 EXIF_ORIENTATION = 0x0112
 
 

@@ -176,6 +176,7 @@ class SweepProgress:
             "evaluations_done": self.evaluations_done,
             "evaluations_total": self.evaluations_total,
             "evaluations_full": self.total * self.images,
+            "evaluations_in_progress": self.partial_evaluations,  # of trials not finished yet
             "metric": self.objective.metric,
             "best": self.best,
             "best_trial": self.best_trial,
@@ -268,7 +269,9 @@ def describe(snap: Mapping[str, Any], *, with_counts: bool = True) -> str:
     done, total = int(snap.get("done", 0)), int(snap.get("total", 0))
     parts = [f"{done}/{counted(total, 'trial')} ({percent(done, total)}%)"] if with_counts else []
     evals, all_evals = int(snap.get("evaluations_done") or 0), int(snap.get("evaluations_total") or 0)
-    if with_counts and not snap.get("finished") and all_evals and evals > done * int(snap.get("images") or 0):
+    in_progress = snap.get("evaluations_in_progress")
+    partly = in_progress > 0 if isinstance(in_progress, int) else evals > done * int(snap.get("images") or 0)
+    if with_counts and not snap.get("finished") and all_evals and partly:
         # trials that finish together at the end: how far the images are
         parts[0] = f"{done}/{counted(total, 'trial')}, {percent(evals, all_evals)}% of image evaluations"
     if snap.get("failed"):

@@ -56,9 +56,11 @@ def repeated_trials_note(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> str 
         seen.add(key)
     if not repeats:
         return None
-    return (f"{repeats} of the {len(trials)} trials {'repeats' if repeats == 1 else 'repeat'} the parameters of an earlier trial (sampler "
-            f"{sweep.sampler}: the search space gives {len(seen)} distinct pipelines here): lower trials to "
-            f"{len(seen)}, or widen the space")
+    advice = (f"lower trials to {len(seen)}, or widen the space" if sweep.sampler == "grid" else
+              "widen the space, or use sampler grid to try each distinct pipeline once")
+    return (f"{repeats} of the {len(trials)} trials {'repeats' if repeats == 1 else 'repeat'} the parameters of "
+            f"an earlier trial (sampler {sweep.sampler}: the search space gives {len(seen)} distinct pipelines "
+            f"here): {advice}")
 
 
 def reuse_message(reused: int, total: int) -> str:

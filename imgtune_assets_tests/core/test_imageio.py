@@ -1,6 +1,7 @@
 """EXIF orientation, pinned to OpenCV's own: ``cv2.imdecode`` with ``IMREAD_COLOR`` turns JPEG, PNG and
-WebP images upright by their orientation tag (and leaves TIFF as stored); ``decode_image`` and
-``probe_image`` must agree with it for every orientation, for grey and colour, with alpha."""
+WebP images upright by their orientation tag (a TIFF its own decoder turns, whatever the flags);
+``decode_image`` and ``probe_image`` must agree with it for every orientation, for grey and colour,
+with alpha."""
 
 import io
 
@@ -79,3 +80,32 @@ def test_damaged_or_missing_exif_means_as_stored():
         data = encoded("PNG", value)
         assert exif_orientation(data) == 1
         assert np.array_equal(decode_image(data, "x.png"), cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+
+
+def test_a_webp_head_with_exif_is_not_probed_from_its_head():
+    """An object is probed from its head; a WebP keeps its Exif after the image data, so the head cannot
+    tell a turned size: such a head is refused (the manifest then reads the object whole)."""
+    from imgtune_assets.core.imageio import ImageReadError, webp_has_exif
+
+    turned, plain = encoded("WEBP", 6), encoded("WEBP", 1)
+    unmarked = io.BytesIO()
+    Image.fromarray(STORED).save(unmarked, "WEBP", lossless=True)
+    assert webp_has_exif(turned) and not webp_has_exif(unmarked.getvalue())
+    with pytest.raises(ImageReadError):
+        probe_image(turned[:40], "x.webp", whole=False)
+    assert probe_image(unmarked.getvalue()[:40], "x.webp", whole=False)[:2] == (20, 12)
+    assert probe_image(turned, "x.webp")[:2] == (12, 20) and probe_image(plain, "x.webp")[:2] == (20, 12)
+
+
+def test_a_multi_picture_jpeg_is_turned_as_opencv_turns_it():
+    """Phones write JPEGs holding further pictures (MPF: gain maps, depth); Pillow calls them MPO."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(STORED[:, :, ::-1]).save(buffer, "MPO", save_all=True, quality=100, exif=exif,
+                                             append_images=[Image.fromarray(STORED[:6, :10])])
+    data = buffer.getvalue()
+    upright = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert upright.shape == (20, 12, 3) and exif_orientation(data) == 6
+    assert np.array_equal(decode_image(data, "x.jpg"), upright)
+    assert probe_image(data, "x.jpg")[:2] == (12, 20)

@@ -120,6 +120,8 @@ def test_pruned_trials_count_the_images_they_were_scored_on():
     progress.trial_done({"trial": "trial-002", "status": "pruned", "score": None, "per_image": images(3)})
     snap = progress.snapshot()
     assert (snap["evaluations_done"], snap["evaluations_total"], snap["evaluations_full"]) == (16, 26, 40)
+    progress.chunk_done({"trial-003": 4})  # the last trial under way: the line gives the share of images
+    assert "3/4 trials, 77% of image evaluations" in describe(progress.snapshot())  # 20 of at most 26
     assert snap["evaluations_per_second"] == pytest.approx(16 / 2.0)
     assert snap["eta_seconds"] == pytest.approx(10 / 8.0)
     progress.trial_done({"trial": "trial-003", "status": "failed", "score": None, "per_image": [],
