@@ -19,6 +19,7 @@ from imgtune_assets.core.apply import LEDGER_NAME
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets_tests.conftest import VENV_BIN, cli_env, free_port, write_sweep
 from imgtune_assets_tests.support.files import SLOW_STAGES, age, slow_folder, wait_for_outputs
+from imgtune_assets_tests.support.processes import ended_after
 
 STAGES = [("gaussian_blur", {"ksize": 5, "sigma": 1.5}), ("median_blur", {"ksize": 3})]
 LOSSLESS = ("grey8.png", "scan16.tif")
@@ -223,18 +224,12 @@ def test_a_cluster_that_stops_mid_apply_is_said_and_leaves_its_ledger(tmp_path):
         proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", str(pipeline),
                                  str(src), str(out), "--ray-address", cluster.address], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-        try:
-            wait_for_outputs(proc, out, count=12)  # the first tasks (of 5 and 4 files) are back
-            cluster.stop()
-            stopped = time.monotonic()
-            stdout, stderr = proc.communicate(timeout=120)
-        finally:
-            proc.kill()
-            proc.wait()
+        # once the first tasks (of 5 and 4 files) are back
+        stdout, stderr, seconds = ended_after(proc, lambda: wait_for_outputs(proc, out, count=12), cluster.stop)
     finally:
         cluster.stop()
     assert proc.returncode == 1, f"{stdout[-3000:]}\n{stderr[-6000:]}"
-    assert time.monotonic() - stopped < 50, stderr[-3000:]  # before Ray's own 60 s end
+    assert seconds < 50, stderr[-3000:]  # before Ray's own 60 s end
     assert re.search(rf"error: the Ray cluster stopped answering: its GCS at {re.escape(cluster.address)} has "
                      r"refused connections for \d+ s", stderr), stderr[-3000:]
     assert f"the ledger {out / LEDGER_NAME} lists the outputs written" in stderr, stderr[-3000:]

@@ -22,6 +22,7 @@ from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets_tests.support import cli_env, gone, run_checked, write_sweep
+from imgtune_assets_tests.support.processes import ended_after
 from imgtune_assets_tests.support.raycluster import RayCluster, start_ray_cluster
 
 TRIALS = 6
@@ -286,22 +287,21 @@ def test_a_cluster_that_stops_mid_sweep_fails_the_run_saying_so(tmp_path):
         env = cluster_env(tmp_path, sweep, mine)
         proc = subprocess.Popen([sys.executable, "-m", "imgtune_assets.cli", "sweep"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-        try:
+
+        def three_trials_saved() -> None:
             deadline = time.monotonic() + 180
             while proc.poll() is None and time.monotonic() < deadline and len(list(trials.glob("trial-*.json"))) < 3:
                 time.sleep(0.05)
-            # Its GCS goes (the head's control store): the raylet lives on, so no task fails.
+
+        def kill_gcs() -> None:  # the head's control store goes: the raylet lives on, so no task fails
             [gcs] = [p for p in map(psutil.Process, mine.pids()) if p.name().startswith("gcs_server")]
             gcs.kill()
-            stopped = time.monotonic()
-            stdout, stderr = proc.communicate(timeout=150)
-        finally:
-            proc.kill()
-            proc.wait()
+
+        stdout, stderr, seconds = ended_after(proc, three_trials_saved, kill_gcs)
     finally:
         mine.stop()
     assert proc.returncode != 0, (stdout, stderr)
-    assert time.monotonic() - stopped < 55, (stdout, stderr)  # before Ray's own 60 s end
+    assert seconds < 55, (stdout, stderr)  # before Ray's own 60 s end
     said = stdout + stderr
     assert "the Ray cluster stopped answering: its GCS at" in said and "sweep lost --resume" in said, said[-4000:]
     saved = len(list(trials.glob("trial-*.json")))

@@ -42,6 +42,23 @@ def tail_text(path: Path, chars: int = 4000) -> str:
         return ""
 
 
+def ended_after(proc: subprocess.Popen, ready, act, timeout: float = 150) -> tuple[str, str, float]:
+    """Wait for ``ready()`` while ``proc`` runs, do ``act()`` to it (stop its cluster, signal it), and
+    collect its output: (stdout, stderr, seconds from ``act`` to its end). ``proc`` is killed if anything
+    fails on the way."""
+    import time
+
+    try:
+        ready()
+        act()
+        acted = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return stdout, stderr, time.monotonic() - acted
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def gone(proc: psutil.Process) -> bool:
     """Exited (a zombie awaiting its parent counts as exited)."""
     try:
