@@ -15,9 +15,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -120,11 +120,22 @@ class ManifestRow:
     @classmethod
     def from_record(cls, record: dict) -> "ManifestRow":
         """A row from a plain record: run_settings' pinned images, or a manifest DataFrame's row (where
-        pandas writes NaN for a missing value)."""
-        return cls(**{k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()})
+        pandas writes NaN for a missing value, and so a whole number of such a column as a float)."""
+        def plain(key: str, value: Any) -> Any:
+            if isinstance(value, float):
+                if value != value:
+                    return None
+                if key in _INT_FIELDS and value.is_integer():
+                    return int(value)
+            return value
+
+        return cls(**{k: plain(k, v) for k, v in record.items()})
 
     def to_record(self) -> dict:
         return dict(vars(self))
+
+
+_INT_FIELDS = {f.name for f in fields(ManifestRow) if str(f.type).startswith("int")}
 
 
 # An object store's header probe reads this much of each object (a JPEG's size can follow its EXIF block).

@@ -107,6 +107,18 @@ def test_load_images_decodes_usable_rows_once(messy):
     assert all(t is not None for t in targets)
 
 
+def test_rows_through_a_data_frame_keep_whole_numbers_whole(messy):
+    """pandas stores a column with a missing value as floats (a skipped file has no size): the rows read
+    back from the manifest's frame, which run_settings.json records, have ints again."""
+    import pandas as pd
+
+    rows = scan_folder(messy, needs_target=True)
+    assert any(r.width is None for r in rows) and any(r.width is not None for r in rows)
+    back = [ManifestRow.from_record(rec) for rec in pd.DataFrame([r.to_record() for r in rows]).to_dict("records")]
+    assert back == rows
+    assert all(type(r.width) is int and type(r.image_bytes) is int for r in back if r.status == "ok")
+
+
 def test_two_images_of_one_stem_name_the_one_kept(tmp_path):
     (tmp_path / "images").mkdir()
     for name in ("a.png", "a.jpg", "b.png"):
