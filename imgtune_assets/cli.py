@@ -289,7 +289,7 @@ def error_summary(error) -> str:
         error = error.cause
     lines = [line.rstrip() for line in _ANSI.sub("", error.message).splitlines() if line.strip()]
     if any(line.lstrip().startswith('File "') for line in lines):
-        return lines[-1].strip()
+        lines = [lines[-1].strip()]
     if lines:  # imgtune's own errors say what happened; their module path says nothing to a user
         lines[0] = _OWN_ERROR_CLASS.sub("", lines[0])
     return "\n".join(lines)

@@ -354,6 +354,11 @@ def test_error_summary_is_the_innermost_message_without_a_remote_traceback():
     own = SerializableErrorInfo("imgtune_assets.defs.resources.RayConnectError: cannot reach the Ray cluster at "
                                 "127.0.0.1:1 (nothing accepts a connection there)\n", [], "RayConnectError")
     assert error_summary(own) == "cannot reach the Ray cluster at 127.0.0.1:1 (nothing accepts a connection there)"
+    own_remote = SerializableErrorInfo(
+        "ray.exceptions.RayTaskError(ImageDataError): ray::imgtune:decode() (pid=1, ip=127.0.0.1)\n"
+        "  File \"/x/fanout.py\", line 90, in _decode_task\n    raise ImageDataError(...)\n"
+        "imgtune_assets.core.fanout.ImageDataError: /data/images/a.png: changed since the manifest\n", [], "RayTaskError")
+    assert error_summary(own_remote) == "/data/images/a.png: changed since the manifest"
 
 
 def _snap(done, total=32, **extra):
