@@ -265,6 +265,47 @@ def test_a_killed_step_worker_is_failed_by_the_health_check(tmp_path, cluster, t
     assert detected_in < 30
 
 
+def test_a_cluster_whose_gcs_goes_fails_the_step_by_the_health_check(tmp_path, tiny_sweep):
+    """The GCS of the cluster that runs the steps killed (its head's control store): the health check
+    sees the step's task lost with its node (the raylet follows its GCS) and the run fails, well before
+    Ray's client would end the run process (60 s), which would leave the run shown as started."""
+    import psutil
+
+    from imgtune_assets_tests.support.raycluster import start_ray_cluster
+
+    pid_file = tmp_path / "sleeper.pid"
+    mine = start_ray_cluster(tmp_path / "cluster", nodes=1, num_cpus=2)
+    try:
+        env = ray_env(tmp_path, tiny_sweep, mine, **{PID_FILE_ENV: str(pid_file)})
+        command = [str(VENV_BIN / "dagster"), "asset", "materialize", "-m", THIS_MODULE, "--select", "sleeper"]
+        proc = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while not pid_file.exists() or not pid_file.read_text():
+                assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
+                assert time.monotonic() < deadline, "the sleeper step never started"
+                time.sleep(0.2)
+            [gcs] = [p for p in map(psutil.Process, mine.pids()) if p.name().startswith("gcs_server")]
+            gcs.kill()
+            killed_at = time.monotonic()
+            output, _ = proc.communicate(timeout=90)
+            detected_in = time.monotonic() - killed_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        mine.stop()
+    assert proc.returncode != 0, output.decode()[-3000:]
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        (run,) = instance.get_runs()
+        assert run.status == DagsterRunStatus.FAILURE
+        (failure,) = _failures(instance, run.run_id)
+        message = str(failure.dagster_event.step_failure_data.error.message)
+        assert "failed health check" in message and "the Ray node died" in message, message
+    assert detected_in < 50, output.decode()[-3000:]
+
+
 def _ray_step_processes(cluster) -> dict[int, str]:
     """The cluster's processes that are running a Dagster step task (Ray titles them ``ray::<task name>``)."""
     import psutil
