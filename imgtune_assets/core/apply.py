@@ -445,13 +445,19 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
     for size in task_sizes(len(plan.items), total_cpus):
         pending.append(remote.remote(list(plan.stages), plan.items[start:start + size], plan.key))
         start += size
-    from imgtune_assets.core.fanout import ClusterWatch
+    from imgtune_assets.core.fanout import ClusterWatch, ray_infrastructure_error
 
     watch = ClusterWatch()  # a cluster gone: RayInfrastructureError, while the ledger can still be written
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=watch.every)
         watch.check()
         for ref in ready:
-            entries.extend(ray.get(ref))
+            try:
+                entries.extend(ray.get(ref))
+            except Exception as exc:  # noqa: BLE001 - Ray's machinery failing is said as such; the rest raised
+                lost = ray_infrastructure_error(exc, during="the apply command")
+                if lost is None:
+                    raise
+                raise lost from None  # (the ledger lists what the tasks back before it wrote)
         if on_progress:
             on_progress(len(entries), len(plan.items))

@@ -183,7 +183,7 @@ def error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()
 
 
-def ray_infrastructure_error(exc: BaseException) -> RayInfrastructureError | None:
+def ray_infrastructure_error(exc: BaseException, during: str = "the sweep") -> RayInfrastructureError | None:
     """``exc`` (from ``ray.get`` of a task) as a ``RayInfrastructureError`` when it is Ray's machinery
     failing (a class of ``RAY_INFRASTRUCTURE_ERRORS``; a ``RayTaskError`` only when its cause is one),
     else None: a failure of the task's own code, or a worker lost beyond Ray's retries (see the
@@ -202,11 +202,11 @@ def ray_infrastructure_error(exc: BaseException) -> RayInfrastructureError | Non
         return None
     died = tuple(getattr(ray.exceptions, n) for n in NODE_DIED_ERRORS)
     if isinstance(exc, died):
-        what = "the Ray node died during the sweep"
+        what = f"the Ray node died during {during}"
     elif isinstance(exc, ray.exceptions.ObjectLostError):
-        what = "Ray lost an object of the sweep (its node or its owner died)"
+        what = f"Ray lost an object of {during} (its node or its owner died)"
     else:
-        what = "Ray failed during the sweep"
+        what = f"Ray failed during {during}"
     return RayInfrastructureError(f"{what}: {error_line(exc)}".rstrip("."), exc)  # (the message goes on after it)
 
 
