@@ -338,27 +338,26 @@ def test_the_sweep_job_through_dg_launch_with_a_range_and_without_one(tmp_path, 
     assert f"--partition-range '{KEYS[0]}...{KEYS[-1]}'" in bare.stdout + bare.stderr
 
 
-def test_error_summary_is_the_innermost_message_without_a_remote_traceback():
+REMOTE_TRACE = "  File \"/x/fanout.py\", line 90, in _decode_task\n    data = read(f)\n"
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("KeyError: first\nsecond line\n", "KeyError: first\nsecond line"),
+    ("ray.exceptions.RayTaskError(OSError): \x1b[36mray::imgtune:decode()\x1b[39m (pid=1, ip=127.0.0.1)\n"
+     f"{REMOTE_TRACE}OSError: /data/images/a.png: disk unreadable\n", "OSError: /data/images/a.png: disk unreadable"),
+    # imgtune's own errors: the message without the module path, from a Ray task's traceback too
+    ("imgtune_assets.defs.resources.RayConnectError: cannot reach the Ray cluster at 127.0.0.1:1\n",
+     "cannot reach the Ray cluster at 127.0.0.1:1"),
+    ("ray.exceptions.RayTaskError(ImageDataError): ray::imgtune:decode() (pid=1, ip=127.0.0.1)\n"
+     f"{REMOTE_TRACE}imgtune_assets.core.fanout.ImageDataError: /data/images/a.png: changed since the manifest\n",
+     "/data/images/a.png: changed since the manifest"),
+], ids=["two lines", "remote traceback", "own error", "own error, remote"])
+def test_error_summary_is_the_innermost_message_without_a_remote_traceback(message, expected):
     from dagster._utils.error import SerializableErrorInfo  # (a test's fixture only: the type Dagster records)
 
-    inner = SerializableErrorInfo("ValueError: bad ksize 4\n", [], "ValueError")
+    inner = SerializableErrorInfo(message, [], "X")
     wrapped = SerializableErrorInfo("DagsterExecutionStepExecutionError: step failed\n", [], "X", cause=inner)
-    assert error_summary(wrapped) == "ValueError: bad ksize 4"
-    remote = SerializableErrorInfo(
-        "ray.exceptions.RayTaskError(OSError): \x1b[36mray::imgtune:decode()\x1b[39m (pid=1, ip=127.0.0.1)\n"
-        "  File \"/x/fanout.py\", line 90, in _decode_task\n    data = read(f)\n"
-        "OSError: /data/images/a.png: disk unreadable\n", [], "RayTaskError")
-    assert error_summary(remote) == "OSError: /data/images/a.png: disk unreadable"
-    two_lines = SerializableErrorInfo("KeyError: first\nsecond line\n", [], "KeyError")
-    assert error_summary(two_lines) == "KeyError: first\nsecond line"
-    own = SerializableErrorInfo("imgtune_assets.defs.resources.RayConnectError: cannot reach the Ray cluster at "
-                                "127.0.0.1:1 (nothing accepts a connection there)\n", [], "RayConnectError")
-    assert error_summary(own) == "cannot reach the Ray cluster at 127.0.0.1:1 (nothing accepts a connection there)"
-    own_remote = SerializableErrorInfo(
-        "ray.exceptions.RayTaskError(ImageDataError): ray::imgtune:decode() (pid=1, ip=127.0.0.1)\n"
-        "  File \"/x/fanout.py\", line 90, in _decode_task\n    raise ImageDataError(...)\n"
-        "imgtune_assets.core.fanout.ImageDataError: /data/images/a.png: changed since the manifest\n", [], "RayTaskError")
-    assert error_summary(own_remote) == "/data/images/a.png: changed since the manifest"
+    assert error_summary(inner) == error_summary(wrapped) == expected
 
 
 def _snap(done, total=32, **extra):

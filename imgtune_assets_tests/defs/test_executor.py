@@ -38,6 +38,7 @@ from imgtune_assets.defs.executor import (
     ray_executor,
 )
 from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, write_sweep
+from imgtune_assets_tests.support.processes import ended_after
 
 PID_FILE_ENV = "IMGTUNE_TEST_PID_FILE"
 HOLD_RAY_ENV = "IMGTUNE_TEST_HOLD_RAY_SECONDS"
@@ -231,36 +232,47 @@ def test_a_failing_step_fails_the_run(tmp_path, cluster, tiny_sweep):
         assert starting.dagster_event.engine_event_data.metadata["num_cpus"].value == 0.0  # the op tag
 
 
-def test_a_killed_step_worker_is_failed_by_the_health_check(tmp_path, cluster, tiny_sweep):
-    pid_file = tmp_path / "sleeper.pid"
-    env = ray_env(tmp_path, tiny_sweep, cluster, **{PID_FILE_ENV: str(pid_file)})
+def _sleeper_run(env) -> subprocess.Popen:
+    """``dagster asset materialize`` of the sleeper, once its step's worker has written its pid."""
+    pid_file = Path(env[PID_FILE_ENV])
     command = [str(VENV_BIN / "dagster"), "asset", "materialize", "-m", THIS_MODULE, "--select", "sleeper"]
     proc = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while not pid_file.exists() or not pid_file.read_text():
-            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
-            assert time.monotonic() < deadline, "the sleeper step never started"
-            time.sleep(0.2)
-        worker_pid = int(pid_file.read_text())
-        assert worker_pid != proc.pid
-        os.kill(worker_pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        output, _ = proc.communicate(timeout=60)
-        detected_in = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
+    deadline = time.monotonic() + 90
+    while not pid_file.exists() or not pid_file.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            proc.wait()
+            output, _ = proc.communicate()
+            raise AssertionError(f"the sleeper step never started:\n{output.decode()[-4000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def _failed_run(env, proc, output: bytes) -> tuple[str, int, str | None]:
+    """The one run of the instance, failed by one step failure: (its message, the pid that reported it,
+    the sleeper's step worker pid)."""
     assert proc.returncode != 0, output.decode()[-3000:]
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         (run,) = instance.get_runs()
         assert run.status == DagsterRunStatus.FAILURE
         (failure,) = _failures(instance, run.run_id)
-        message = str(failure.dagster_event.step_failure_data.error.message)
-        assert "failed health check" in message and "Ray task ended" in message, message
-        assert failure.dagster_event.pid == proc.pid  # reported by the run process: the worker was dead
-        assert step_workers(instance, run.run_id)["sleeper"]["pid"] == str(worker_pid)
+        worker = step_workers(instance, run.run_id).get("sleeper", {}).get("pid")
+        return str(failure.dagster_event.step_failure_data.error.message), failure.dagster_event.pid, worker
+
+
+def test_a_killed_step_worker_is_failed_by_the_health_check(tmp_path, cluster, tiny_sweep):
+    pid_file = tmp_path / "sleeper.pid"
+    env = ray_env(tmp_path, tiny_sweep, cluster, **{PID_FILE_ENV: str(pid_file)})
+    proc = _sleeper_run(env)
+    worker_pid = int(pid_file.read_text())
+
+    def another_process() -> None:
+        assert worker_pid != proc.pid
+
+    output, _, detected_in = ended_after(proc, another_process, lambda: os.kill(worker_pid, signal.SIGKILL), 60)
+    message, reported_by, step_worker = _failed_run(env, proc, output)
+    assert "failed health check" in message and "Ray task ended" in message, message
+    assert reported_by == proc.pid  # reported by the run process: the worker was dead
+    assert step_worker == str(worker_pid)
     print(f"\nkilled step worker detected and the run ended in {detected_in:.1f}s")
     assert detected_in < 30
 
@@ -277,32 +289,17 @@ def test_a_cluster_whose_gcs_goes_fails_the_step_by_the_health_check(tmp_path, t
     mine = start_ray_cluster(tmp_path / "cluster", nodes=1, num_cpus=2)
     try:
         env = ray_env(tmp_path, tiny_sweep, mine, **{PID_FILE_ENV: str(pid_file)})
-        command = [str(VENV_BIN / "dagster"), "asset", "materialize", "-m", THIS_MODULE, "--select", "sleeper"]
-        proc = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 90
-            while not pid_file.exists() or not pid_file.read_text():
-                assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
-                assert time.monotonic() < deadline, "the sleeper step never started"
-                time.sleep(0.2)
+        proc = _sleeper_run(env)
+
+        def kill_gcs() -> None:
             [gcs] = [p for p in map(psutil.Process, mine.pids()) if p.name().startswith("gcs_server")]
             gcs.kill()
-            killed_at = time.monotonic()
-            output, _ = proc.communicate(timeout=90)
-            detected_in = time.monotonic() - killed_at
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+
+        output, _, detected_in = ended_after(proc, lambda: None, kill_gcs, 90)
     finally:
         mine.stop()
-    assert proc.returncode != 0, output.decode()[-3000:]
-    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-        (run,) = instance.get_runs()
-        assert run.status == DagsterRunStatus.FAILURE
-        (failure,) = _failures(instance, run.run_id)
-        message = str(failure.dagster_event.step_failure_data.error.message)
-        assert "failed health check" in message and "the Ray node died" in message, message
+    message, _, _ = _failed_run(env, proc, output)
+    assert "failed health check" in message and "the Ray node died" in message, message
     assert detected_in < 50, output.decode()[-3000:]
 
 
