@@ -336,6 +336,11 @@ def test_the_sweep_job_through_dg_launch_with_a_range_and_without_one(tmp_path, 
     assert bare.returncode != 0
     assert "partitioned by trial and this run names none" in bare.stdout + bare.stderr
     assert f"--partition-range '{KEYS[0]}...{KEYS[-1]}'" in bare.stdout + bare.stderr
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:  # refused at its first step, nothing made
+        last = instance.get_runs(limit=1)[0]
+        made = [e for e in instance.all_logs(last.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION)]
+        failed = [e.step_key for e in instance.all_logs(last.run_id, of_type=DagsterEventType.STEP_FAILURE)]
+    assert made == [] and failed == ["tiny__image_manifest"], failed
 
 
 REMOTE_TRACE = "  File \"/x/fanout.py\", line 90, in _decode_task\n    data = read(f)\n"

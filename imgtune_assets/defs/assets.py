@@ -24,6 +24,7 @@ from dagster import (
     BackfillPolicy,
     BetaWarning,
     Config,
+    DagsterError,
     DagsterType,
     DataVersion,
     Failure,
@@ -71,6 +72,7 @@ from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
 from imgtune_assets.core.search import is_staged
 from imgtune_assets.core.sweepfile import Sweep
+from imgtune_assets.defs.jobs import ASSET_PARTITION_RANGE_START_TAG
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets.defs.search_run import early_stopping_notes, partial_reuse_message, repeated_trials_note, \
@@ -197,6 +199,16 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             raise Failure(description=f"{settings_key.to_user_string()} was made by an older imgtune that did not "
                                       "pin the images: materialize image_manifest and run_settings again")
 
+    def no_trials_named() -> Failure:
+        all_keys = trial_keys(sweep)
+        return Failure(description=(
+            f"{results_key.to_user_string()} is partitioned by trial and this run names none: run the whole "
+            f"sweep with `{imgtune_command()} sweep {sweep.name}`, or launch the job with the trials' "
+            f"range, e.g. `dg launch --job {group}_sweep --partition-range '{all_keys[0]}...{all_keys[-1]}'` "
+            f"or `dagster job execute -m imgtune_assets.definitions -j {group}_sweep --tags "
+            f"'{{\"dagster/asset_partition_range_start\": \"{all_keys[0]}\", "
+            f"\"dagster/asset_partition_range_end\": \"{all_keys[-1]}\"}}'`"))
+
     @one_run_asset(name="image_manifest", key_prefix=prefix, group_name=group, kinds={"opencv", "pandas"},
                    dagster_type=ImageManifestFrame)
     def image_manifest(context: AssetExecutionContext, imgtune: SweepResource) -> Output:
@@ -206,6 +218,15 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         (id, content hash) pairs, so new or changed images make everything downstream stale.
         """
         import pandas as pd
+
+        # The sweep's whole job launched without its trials (`dg launch --job NAME_sweep`, the UI's
+        # launchpad): refused at its first step, before the folder is read, not at the trials.
+        try:
+            job, tags = context.job_name, context.run.tags
+        except DagsterError:  # invoked directly (build_asset_context): no run, no job
+            job, tags = None, {}
+        if job == f"{group}_sweep" and not (ASSET_PARTITION_RANGE_START_TAG in tags or "dagster/partition" in tags):
+            raise no_trials_named()
 
         if sweep.demo_data and not storage.is_remote(sweep.data_dir) and not (sweep.data_dir / "images").is_dir():
             context.log.info(f"Generating the {sweep.demo_data} demo data set in {sweep.data_dir}")
@@ -307,14 +328,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
 
         check_settings(run_settings)
         if not (context.has_partition_key or context.has_partition_key_range):
-            all_keys = trial_keys(sweep)
-            raise Failure(description=(
-                f"{results_key.to_user_string()} is partitioned by trial and this run names none: run the whole "
-                f"sweep with `{imgtune_command()} sweep {sweep.name}`, or launch the job with the trials' "
-                f"range, e.g. `dg launch --job {group}_sweep --partition-range '{all_keys[0]}...{all_keys[-1]}'` "
-                f"or `dagster job execute -m imgtune_assets.definitions -j {group}_sweep --tags "
-                f"'{{\"dagster/asset_partition_range_start\": \"{all_keys[0]}\", "
-                f"\"dagster/asset_partition_range_end\": \"{all_keys[-1]}\"}}'`"))
+            raise no_trials_named()
         keys = list(context.partition_keys)
         by_key = {t["trial"]: t for t in run_settings["trials"]}
         missing = [k for k in keys if k not in by_key]
