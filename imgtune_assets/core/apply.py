@@ -450,7 +450,6 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
     watch = ClusterWatch()  # a cluster gone: RayInfrastructureError, while the ledger can still be written
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=watch.every)
-        watch.check()
         for ref in ready:
             try:
                 entries.extend(ray.get(ref))
@@ -461,3 +460,4 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
                 raise lost from None  # (the ledger lists what the tasks back before it wrote)
         if on_progress:
             on_progress(len(entries), len(plan.items))
+        watch.check()  # after the entries back are taken (at most every ``every`` seconds)

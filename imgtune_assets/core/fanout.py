@@ -668,7 +668,6 @@ def run_trials(
         # Block no longer than until the next tick is due, or the cluster's next check.
         wait = watch.every if on_tick is None else min(watch.every, max(0.0, last_tick + tick_seconds - time.monotonic()))
         done, remaining = ray.wait(remaining, num_returns=1, timeout=wait)
-        watch.check()  # (at most every ``every`` seconds: results may still come from a raylet whose GCS is gone)
         if done and remaining:
             more, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0)
             done += more
@@ -709,6 +708,9 @@ def run_trials(
                 retire(c)
         if broken:
             raise broken[0]
+        # After the batch is handed over; at most every ``every`` seconds (results may still come from a
+        # raylet whose GCS is gone).
+        watch.check()
         remaining += [ref for ref in pending if ref not in before]  # tasks of newly admitted chunks
         if on_tick is not None and time.monotonic() - last_tick >= tick_seconds:
             last_tick = time.monotonic()
