@@ -666,7 +666,8 @@ def run_trials(
             on_tail = None
         # Block for one result, then take whatever else is ready: trials are saved as they finish.
         # Block no longer than until the next tick is due, or the cluster's next check.
-        wait = watch.every if on_tick is None else min(watch.every, max(0.0, last_tick + tick_seconds - time.monotonic()))
+        wait = watch.every if on_tick is None else \
+            min(watch.every, max(0.0, last_tick + tick_seconds - time.monotonic()))
         done, remaining = ray.wait(remaining, num_returns=1, timeout=wait)
         if done and remaining:
             more, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0)

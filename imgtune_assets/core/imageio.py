@@ -75,7 +75,7 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
                 width, height = height, width
         if whole and kind == "PNG":
             check_png_chunks(data)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _pillow_open_errors() as exc:
         # Pillow opens no TIFF of 32-bit or floating-point colour: a well-formed one is said to be what
         # it is, as decoding it would (decode_image), not taken for a damaged file.
         if (pixel_type := tiff_pixel_type(data)) is not None and pixel_type not in ("uint8", "uint16"):
@@ -106,6 +106,13 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
         raise ImageReadError(f"{file}: unsupported pixel type {named} (need 8-bit or 16-bit)" if named else
                              f"{file}: unsupported pixel type ({mode}, {depth} bit; need 8-bit or 16-bit)")
     return int(width), int(height), 1 if grey else 3, "uint16" if depth == 16 else "uint8"
+
+
+def _pillow_open_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises on bytes it cannot open as an image (unknown, damaged, truncated, too large)."""
+    from PIL import Image, UnidentifiedImageError
+
+    return UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError
 
 
 def tiff_pixel_type(data: bytes) -> str | None:
@@ -262,9 +269,10 @@ def check_png_chunks(data: bytes) -> None:
 
 
 # EXIF orientation (tag 0x0112) is applied where cv2.imread applies it: JPEG, PNG (an eXIf chunk before
-# the image data, where Pillow finds it on opening; OpenCV also reads one after) and WebP (a TIFF's orientation tag OpenCV's TIFF decoder applies itself, even with
-# IMREAD_UNCHANGED, which skips the others). A phone's portrait photo is stored landscape with orientation 6:
-# it is scored, shown and processed upright, as OpenCV (and every viewer and labelling tool) shows it.
+# the image data, where Pillow finds it on opening; OpenCV also reads one after) and WebP. A TIFF's own
+# orientation tag OpenCV's TIFF decoder applies itself, even with IMREAD_UNCHANGED, which skips the
+# others. A phone's portrait photo is stored landscape with orientation 6: it is scored, shown and
+# processed upright, as OpenCV (and every viewer and labelling tool) shows it.
 ORIENTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # (MPO: a JPEG holding further images, as phones write)
 EXIF_ORIENTATION = 0x0112
 
@@ -290,12 +298,12 @@ def exif_orientation(data: bytes) -> int:
     """The EXIF orientation ``decode_image`` applies to these file bytes (1: none)."""
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             return _orientation_of(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError):
+    except _pillow_open_errors():
         return 1
 
 

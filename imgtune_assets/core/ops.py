@@ -266,9 +266,10 @@ def _nl_means(
     uint8 grey: standard L2 fastNlMeansDenoising. uint8 BGR: fastNlMeansDenoisingColored with
     hColor = h, which denoises the lightness of OpenCV's linear-BGR Lab alone with ``h`` and its two
     colour channels together with ``hColor``. uint16: OpenCV only supports NORM_L1, with h scaled by
-    257 and by ``NL_MEANS_L1_GREY`` or ``NL_MEANS_L1_COLOUR``; BGR uint16 takes fastNlMeansDenoisingColored's own steps in 16 bits (``_nl_means_colour_u16``).
-    The same h then smooths a 16-bit image about as much as its 8-bit version (see the constants'
-    comment; imgtune_assets_tests/core/test_ops.py): a pipeline tuned on 8-bit photos applies to 16-bit ones.
+    257 and by ``NL_MEANS_L1_GREY`` or ``NL_MEANS_L1_COLOUR``; BGR uint16 takes
+    fastNlMeansDenoisingColored's own steps in 16 bits (``_nl_means_colour_u16``). The same h then
+    smooths a 16-bit image about as much as its 8-bit version (see the constants' comment;
+    imgtune_assets_tests/core/test_ops.py): a pipeline tuned on 8-bit photos applies to 16-bit ones.
     """
     img = _prep(image)
     tw, sw = template_window_size, search_window_size

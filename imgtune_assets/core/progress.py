@@ -36,12 +36,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from imgtune_assets.core.metrics import Objective
-
-
-def _earlier(trial: Any, than: Any) -> bool:
-    """Whether trial key ``trial`` comes before ``than`` (``trial-009`` before ``trial-010`` and
-    ``trial-1000``: the keys are zero-padded to at least three digits)."""
-    return isinstance(trial, str) and isinstance(than, str) and (len(trial), trial) < (len(than), than)
+from imgtune_assets.core.sampling import trial_index
 
 
 class SweepProgress:
@@ -111,7 +106,7 @@ class SweepProgress:
             self.failed += 1
         elif score is not None and math.isfinite(float(score)) and (
                 self.objective.better(float(score), self.best)
-                or float(score) == self.best and _earlier(record.get("trial"), self.best_trial)):
+                or float(score) == self.best and trial_index(record["trial"]) < trial_index(self.best_trial)):
             # a tie goes to the lower trial, as the report's best_record has it, whatever finished first
             self.best = float(score)
             self.best_trial = record.get("trial")

@@ -290,7 +290,7 @@ def require_output_folder(folder: Location) -> None:
         return
     except _remote_errors() as exc:
         raise _explain(exc, folder, "write into it") from None
-    if found is not None and found.get("type") == "file":  # the name is an object's: a folder of that name is not wanted
+    if found is not None and found.get("type") == "file":  # the name is an object's, not a folder's
         raise StorageError(f"{name}: not a folder (an object of that name is there; cannot write into it)")
 
 

@@ -72,7 +72,7 @@ from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
 from imgtune_assets.core.search import is_staged
 from imgtune_assets.core.sweepfile import Sweep
-from imgtune_assets.defs.jobs import ASSET_PARTITION_RANGE_START_TAG
+from imgtune_assets.defs.jobs import ASSET_PARTITION_RANGE_START_TAG, PARTITION_TAG
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets.defs.search_run import early_stopping_notes, partial_reuse_message, repeated_trials_note, \
@@ -225,7 +225,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             job, tags = context.job_name, context.run.tags
         except DagsterError:  # invoked directly (build_asset_context): no run, no job
             job, tags = None, {}
-        if job == f"{group}_sweep" and not (ASSET_PARTITION_RANGE_START_TAG in tags or "dagster/partition" in tags):
+        if job == f"{group}_sweep" and not (ASSET_PARTITION_RANGE_START_TAG in tags or PARTITION_TAG in tags):
             raise no_trials_named()
 
         if sweep.demo_data and not storage.is_remote(sweep.data_dir) and not (sweep.data_dir / "images").is_dir():
@@ -291,7 +291,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         atomic_write_json(imgtune.sweep_dir(sweep.name) / "run_settings.json", settings)
         preview = pd.DataFrame([{"trial": t["trial"], **(t["params"] or {})} for t in trials])
         notes = early_stopping_notes(sweep, sum(1 for r in rows if r.status == "ok"))
-        if not is_staged(sweep) and (repeated := repeated_trials_note(sweep, trials)):
+        if repeated := repeated_trials_note(sweep, trials):
             notes.append(repeated)
         for note in notes:
             context.log.warning(f"{sweep.path}: {note}")
@@ -531,8 +531,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "evaluations_full": len(records) * n_images,
             # What the user should know about how the sweep ran (early stopping that stopped nothing).
             "notes": [*early_stopping_notes(sweep, n_images, records),
-                      *([] if is_staged(sweep) or not (repeated := repeated_trials_note(sweep, records))
-                        else [repeated])],
+                      *filter(None, [repeated_trials_note(sweep, records)])],
             # For the next sweep after the images change: warm starts (core/search.py).
             "manifest_digest": digest,
             "space_digest": space_digest(search_space(sweep)),

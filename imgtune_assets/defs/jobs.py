@@ -28,6 +28,7 @@ SWEEP_TAG = "imgtune/sweep"
 # The tags Dagster itself puts on a ranged run (dagster._core.storage.tags; spelled out to avoid a private import).
 ASSET_PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 ASSET_PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
+PARTITION_TAG = "dagster/partition"  # a run of one partition (a backfill's)
 IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
                DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 

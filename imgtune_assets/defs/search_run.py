@@ -15,7 +15,7 @@ from imgtune_assets.core.manifest import ManifestRow, usable
 from imgtune_assets.core.report import prepare_in_background
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_key, trial_keys
-from imgtune_assets.core.search import Ledger, Search, SearchError, image_detail
+from imgtune_assets.core.search import Ledger, Search, SearchError, image_detail, is_staged
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.executor import steps_share_the_run_process
 from imgtune_assets.defs.resources import RayResource
@@ -45,7 +45,9 @@ def early_stopping_notes(sweep: Sweep, n_images: int, records: Sequence[dict[str
 def repeated_trials_note(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> str | None:
     """A fixed design (``grid``, ``random``...) over a space with fewer distinct points than trials gives
     some trials the parameters of an earlier one: they cost as much and say nothing new. None when every
-    trial's parameters are its own (or the trials are proposed as the search goes)."""
+    trial's parameters are its own, or the trials are proposed as the search goes (``is_staged``)."""
+    if is_staged(sweep):
+        return None
     seen: set[str] = set()
     repeats = 0
     for trial in trials:

@@ -249,11 +249,11 @@ def test_a_grid_with_more_trials_than_points_says_which_repeat(tmp_path, denoise
 
 
 def test_trials_of_distinct_parameters_need_no_note():
-    from types import SimpleNamespace  # (the note reads the sweep's sampler name only)
+    from types import SimpleNamespace  # (the note reads the sweep's sampler and early stopping only)
 
     from imgtune_assets.defs.search_run import repeated_trials_note
 
-    grid = SimpleNamespace(sampler="grid")
+    grid = SimpleNamespace(sampler="grid", early_stopping=None)
     assert repeated_trials_note(grid, [{"params": {"k": 3}}, {"params": {"k": 5}}, {"params": None}]) is None
     assert repeated_trials_note(grid, [{"params": {"k": 3, "s": 1.0}}, {"params": {"s": 1.0, "k": 3}}]).startswith(
         "1 of the 2 trials repeats the parameters of an earlier trial")
