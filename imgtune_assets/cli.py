@@ -812,6 +812,29 @@ def hosts_ray(environ: Mapping[str, str]) -> bool:
     return not environ.get(embedded_ray.RAY_ADDRESS_ENV) and executor != "ray"
 
 
+# imgtune-ray-host-<pid of the command>-<random>: a command killed with SIGKILL cannot remove its own.
+RAY_HOST_FOLDER_PREFIX = "imgtune-ray-host-"
+
+
+def remove_killed_ray_host_folders(temp_dir: Path) -> list[Path]:
+    """Remove the folders of ``ray_for_runs`` that commands killed before their clean-up left in
+    ``temp_dir``: this user's, named with a process id that no longer runs. Returns those removed."""
+    removed = []
+    for folder in temp_dir.glob(f"{RAY_HOST_FOLDER_PREFIX}*-*"):
+        pid = folder.name[len(RAY_HOST_FOLDER_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.lstat().st_uid != os.getuid() or not folder.is_dir():
+                continue
+            os.kill(int(pid), 0)
+            continue  # its command still runs (or the id is another's now: left for a later start)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except OSError:  # gone already, or a process of another user's holds the id
+            continue
+    return removed
+
+
 @contextlib.contextmanager
 def ray_for_runs() -> Iterator[tuple[dict[str, str] | None, embedded_ray.RayHost | None]]:
     """(the environment for the runs the sweep command launches, the command's Ray): with the embedded
@@ -821,7 +844,8 @@ def ray_for_runs() -> Iterator[tuple[dict[str, str] | None, embedded_ray.RayHost
     if not hosts_ray(os.environ):
         yield None, None
         return
-    with tempfile.TemporaryDirectory(prefix="imgtune-ray-host-") as folder:
+    remove_killed_ray_host_folders(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=f"{RAY_HOST_FOLDER_PREFIX}{os.getpid()}-") as folder:
         host = embedded_ray.RayHost(folder)
         try:
             yield dict(os.environ, **host.env()), host

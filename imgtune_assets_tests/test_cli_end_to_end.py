@@ -556,6 +556,19 @@ def test_sweep_logs_an_earlier_version_left_in_the_telemetry_folder_are_moved(tm
     assert cli.move_old_sweep_logs(tmp_path) == 0 and cli.move_old_sweep_logs(tmp_path / "new home") == 0
 
 
+def test_a_killed_commands_ray_host_folder_is_removed_by_the_next_and_a_running_ones_kept(tmp_path):
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    killed = tmp_path / f"{cli.RAY_HOST_FOLDER_PREFIX}{ended.pid}-abc123"
+    running = tmp_path / f"{cli.RAY_HOST_FOLDER_PREFIX}{os.getpid()}-def456"
+    older_version = tmp_path / f"{cli.RAY_HOST_FOLDER_PREFIX}ghi789"  # no process id in its name
+    for folder in (killed, running, older_version):
+        folder.mkdir()
+        (folder / "ray.json").write_text("{}")
+    assert cli.remove_killed_ray_host_folders(tmp_path) == [killed]
+    assert not killed.exists() and running.is_dir() and older_version.is_dir()
+
+
 def test_sweep_logs_stay_out_of_dagsters_telemetry_queue(tmp_path, monkeypatch):
     """Dagster's daemon and webserver post the files of this folder to Dagster's telemetry server,
     telemetry enabled or not (dagster._core.telemetry_upload): a sweep's log (paths, image names,

@@ -3,8 +3,10 @@ resumed, Ray's node killed mid-sweep and resumed, two sweeps at once on one inst
 with bad files mixed in."""
 
 import json
+import os
 import re
 import shlex
+import time
 
 import cv2
 import numpy as np
@@ -75,7 +77,14 @@ def test_run_killed_mid_sweep_then_resumed(tmp_path, denoise_data):
             assert json.loads((trials_dir / f"{name}.json").read_text())["trial"] == name
         for left in trials_dir.glob(".*.tmp"):
             assert left.name.split(".")[1] not in finished, f"{left.name}: a finished trial's result was being replaced"
+        # Resumed later than a write lasts, any such temporary file goes; one of a later trial is made
+        # here so that the path is taken whatever the kill's timing.
+        stale = trials_dir / ".trial-009.json.abcd1234.tmp"
+        stale.write_text("{")
+        for left in trials_dir.glob(".*.tmp"):
+            os.utime(left, (time.time() - 120,) * 2)
         resume(tmp_path, "slow", trials_cmd, report_cmd, env)
+        assert not list(trials_dir.glob(".*.tmp"))
     finally:
         run.stop(grace=2)  # what the killed run left running (Ray workers busy on a trial): no clean exit to wait for
 

@@ -54,11 +54,11 @@ def _temporary_prefix(name: str) -> str:
     return f".{name}."
 
 
-def remove_temporaries(folder: str | os.PathLike, names: set[str], older_than_seconds: float = 0.0,
+def remove_temporaries(folder: str | os.PathLike, names: set[str] | None, older_than_seconds: float = 0.0,
                        made_since: float | None = None) -> list[Path]:
     """Remove the temporary files that ``atomic_write_bytes`` left in ``folder`` for the files ``names``
-    when its process was killed between creating one and renaming it (a SIGKILL runs no clean-up): regular
-    files named as ``mkstemp`` names them, last modified at least ``older_than_seconds`` ago (a live
+    when its process was killed between creating one and renaming it (a SIGKILL runs no clean-up), or,
+    with ``names`` None, for any file: regular files named as ``mkstemp`` names them, last modified at least ``older_than_seconds`` ago (a live
     writer's is seconds old) and, with ``made_since`` (a time.time()), not before then (one run's own).
     Returns those removed; what cannot be listed or removed is left as it is."""
     removed = []
@@ -69,7 +69,7 @@ def remove_temporaries(folder: str | os.PathLike, names: set[str], older_than_se
     now = time.time()
     for entry in entries:
         match = _TEMPORARY.fullmatch(entry.name)
-        if match is None or match.group(1) not in names:
+        if match is None or (names is not None and match.group(1) not in names):
             continue
         try:
             if not entry.is_file(follow_symlinks=False):

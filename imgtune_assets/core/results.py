@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from imgtune_assets.core.evaluate import IDENTITY_STAGES, evaluate_chunk
-from imgtune_assets.core.files import atomic_write_json
+from imgtune_assets.core.files import atomic_write_json, remove_temporaries
 from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.sampling import trial_index, trial_key
 
@@ -70,6 +70,17 @@ class TrialStore:
 
     def save(self, record: dict[str, Any]) -> Path:
         return atomic_write_json(self.path(record["trial"]), record)
+
+    # A write's temporary file lives for the milliseconds of writing a small JSON file; one this old was
+    # left by a run killed (SIGKILL, a lost node) between creating it and renaming it into place.
+    KILLED_WRITE_AGE_SECONDS = 60.0
+
+    def remove_killed_writes(self) -> list[Path]:
+        """Remove the temporary files of result writes that a killed run left in ``trials/`` and its
+        ``partial/`` folder (each one's result was never saved, so nothing is lost); a run that is writing
+        beside this one (a parallel backfill of other trials) keeps its own, which are seconds old."""
+        return [file for folder in (self.folder, self.partial_folder)
+                for file in remove_temporaries(folder, None, older_than_seconds=self.KILLED_WRITE_AGE_SECONDS)]
 
     def _read_file(self, file: Path) -> dict[str, Any] | None:
         if not file.exists():

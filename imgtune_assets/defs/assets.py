@@ -339,6 +339,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         digest = run_settings["manifest_digest"]
         sweep_dir = imgtune.sweep_dir(sweep.name)
         store = TrialStore(sweep_dir, sweep.fingerprint(), digest)
+        for left in store.remove_killed_writes():
+            context.log.info(f"removed {left.name}: an unfinished write of a killed run (its result was never saved)")
         n_images = sum(1 for r in rows if r.status == "ok")
         progress = SweepProgress(len(keys), n_images, objective)
         failed: list[str] = []

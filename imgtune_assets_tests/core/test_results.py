@@ -34,6 +34,22 @@ def test_a_saved_result_is_current_and_loads_back(tmp_path, store):
     assert list(path.parent.iterdir()) == [path]  # written through a temporary file, none left behind
 
 
+def test_a_killed_runs_unfinished_writes_are_removed_and_a_live_writers_kept(store):
+    import os
+    import time
+
+    store.save(record("trial-001"))
+    store.partial_folder.mkdir(parents=True)
+    killed = [store.folder / ".trial-002.json.abcd1234.tmp", store.partial_folder / ".0123abcd.json.efgh5678.tmp"]
+    live = store.folder / ".trial-003.json.ijkl9012.tmp"
+    for file in [*killed, live]:
+        file.write_text("{")
+    for file in killed:
+        os.utime(file, (time.time() - store.KILLED_WRITE_AGE_SECONDS - 5,) * 2)
+    assert sorted(store.remove_killed_writes()) == sorted(killed)
+    assert live.exists() and store.load("trial-001") == record("trial-001")
+
+
 @pytest.mark.parametrize("changed", ["fingerprint", "digest"])
 def test_stale_results_are_counted_kept_and_never_reused(tmp_path, store, changed):
     store.save(record("trial-000", 10.0))
