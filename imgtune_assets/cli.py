@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
+from imgtune_assets import run_watch
 from imgtune_assets.core import embedded_ray
 from imgtune_assets.core.catalog import (
     EXECUTOR_ENV,
@@ -258,11 +259,12 @@ def run_failure_reasons(home: Path, invocation: str, sweep_name: str | None = No
     return []
 
 
-def fail_unfinished_run(home: Path, invocation: str, code: int | None) -> bool:
+def fail_unfinished_run(home: Path, invocation: str, code: int | None, how: str | None = None,
+                        by: str = "the imgtune sweep command") -> bool:
     """Mark failed the run tagged ``INVOCATION_TAG=invocation`` if it is still in progress although its
     process has ended (``code``: its exit status; killed by SIGKILL or the OOM killer, it could not say
-    so itself): else it would show as running for ever, and the sweep's new-images sensor would wait for
-    it. Returns whether it did. Loads Dagster: for failures only."""
+    so itself; or ``how`` it ended, said otherwise): else it would show as running for ever, and the
+    sweep's new-images sensor would wait for it. Returns whether it did. Loads Dagster: for failures only."""
     from dagster import DagsterInstance, RunsFilter
 
     from imgtune_assets.defs.jobs import IN_PROGRESS
@@ -271,10 +273,11 @@ def fail_unfinished_run(home: Path, invocation: str, code: int | None) -> bool:
         runs = instance.get_runs(filters=RunsFilter(tags={INVOCATION_TAG: invocation}), limit=1)
         if not runs or runs[0].status not in IN_PROGRESS:
             return False
-        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals() \
-            else f"exit {code}"
+        if how is None:
+            how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 \
+                and -code in signal.valid_signals() else f"exit {code}"
         instance.report_run_failed(runs[0], message=f"the run's process ended ({how}) before the run did; "
-                                                     "marked failed by the imgtune sweep command")
+                                                     f"marked failed by {by}")
         return True
 
 
@@ -544,8 +547,11 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             except OSError as exc:  # an output folder it cannot write: the run says so, and fails
                 print(f"  (the images are not read ahead: {exc})", file=err, flush=True)
         # The run process ends with this command (core/launcher.py): it is told whose child it is.
-        proc = launch_logged(command, log, env={**(env if env is not None else os.environ),
-                                                LAUNCHER_PID_ENV: str(os.getpid())})
+        run_env = env if env is not None else dict(os.environ)
+        proc = launch_logged(command, log, env={**run_env, LAUNCHER_PID_ENV: str(os.getpid())})
+        # Should this command be killed, the run process ends with it, usually before it can record the
+        # run's end (its Ray dies with the command): a watch outside this process group records it.
+        watch = run_watch.start(home, invocation, proc.pid, env=run_env)
         try:
             code = wait_polling(proc, poll)
         except KeyboardInterrupt:
@@ -567,6 +573,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         finally:
             if ahead is not None:  # the run is over: a read-ahead it never waited for stops (a failed start)
                 ahead.cancel()
+            run_watch.finish(watch)
         if is_trials:
             state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
         display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)

@@ -8,7 +8,8 @@ Plain module (no Dagster). On Linux (elsewhere nothing here acts):
   command dies (``end_with_launcher``): Dagster turns SIGINT, as it does Ctrl-C, into an interruption
   of the run, so a command killed by SIGKILL or the OOM killer leaves no run working on for nothing;
   once tied so, the run is tagged with the child's own identity (``RUN_PROCESS_TAG``);
-* when the child dies without ending its run, the command marks the run failed;
+* when the child dies without ending its run, the command marks the run failed; when the command is
+  killed, its run watch (``imgtune_assets/run_watch.py``) does, once the child has ended;
 * a run still shown as in progress whose tied run process no longer exists (``process_gone``: both
   killed, a power cut) is marked failed by the sweep's next run or the new-images sensor's next tick.
 
@@ -48,7 +49,7 @@ def _machine() -> dict:
     return {"host": socket.gethostname(), "pidns": pidns, "boot": boot}
 
 
-def _start_ticks(pid: int) -> int | None:
+def start_ticks(pid: int) -> int | None:
     """The kernel's start time of process ``pid`` (clock ticks since boot), None if there is none."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
@@ -61,7 +62,7 @@ def _start_ticks(pid: int) -> int | None:
 def process_tag(pid: int | None = None) -> str:
     """This process (or ``pid``) as a tag value (JSON): machine, pid namespace, boot, pid, start time."""
     pid = os.getpid() if pid is None else pid
-    return json.dumps({**_machine(), "pid": pid, "start": _start_ticks(pid) if _linux() else None})
+    return json.dumps({**_machine(), "pid": pid, "start": start_ticks(pid) if _linux() else None})
 
 
 def _parse(tag: str | None) -> dict | None:
@@ -86,14 +87,14 @@ def process_gone(tag: str | None) -> bool:
         return False
     if value.get("boot") != here["boot"]:
         return True  # a reboot since: every process of then is gone
-    if _start_ticks(value["pid"]) == value["start"]:
+    if start_ticks(value["pid"]) == value["start"]:
         return False
     try:
         os.kill(value["pid"], 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # another user's process of that id: ours may have been given it, or not
-        return _start_ticks(value["pid"]) is not None
+        return start_ticks(value["pid"]) is not None
     return True  # a process of that id exists, started at another time: another process
 
 
