@@ -45,6 +45,7 @@ from imgtune_assets.core.demo_data import ensure_demo_data
 from imgtune_assets.core.evaluate import NAN_SCORE
 from imgtune_assets.core.files import atomic_write_json
 from imgtune_assets.core.imageio import ImageReadError, read_image
+from imgtune_assets.core.metrics import improvement
 from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     ManifestError,
@@ -462,7 +463,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                    ins={"run_settings": AssetIn(key=settings_key)},
                    deps=[AssetDep(results_key, partition_mapping=AllPartitionMapping())], kinds={"pandas"})
     def sweep_report(context: AssetExecutionContext, imgtune: SweepResource, run_settings: dict) -> Output[dict]:
-        """Leaderboard, the best pipeline as a reusable sweep file, plots, and the best score.
+        """Leaderboard, the best pipeline as a reusable sweep file, plots, and the best score (with
+        ``improvement``: how much better than the identity pipeline, positive when better whichever way
+        the metric goes).
 
         Reads every trial result present for the current settings and images; missing trials are
         reported as missing, not fatal.
@@ -553,7 +556,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "best_trial": summary["best_trial"] or "",
             "best_params": MetadataValue.json(summary["best_params"] or {}),
             "identity_score": MetadataValue.float(identity_score),
-            "improvement": MetadataValue.float(best_score - identity_score if best else float("nan")),
+            "improvement": MetadataValue.float(improvement(best_score, identity_score, sweep.higher_is_better)
+                                               if best else float("nan")),
             "completed_trials": len(completed),
             "pruned_trials": len(pruned),
             "failed_trials": len(failed),

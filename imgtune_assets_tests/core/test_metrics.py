@@ -417,3 +417,9 @@ def test_results_are_python_floats():
     pred, target = pair("camera", "noise", 8)
     for name in METRICS:
         assert type(score(name, pred, target)) is float
+
+
+def test_improvement_is_positive_when_better_whichever_way_the_metric_goes():
+    assert M.improvement(31.5, 28.0, higher_is_better=True) == pytest.approx(3.5)
+    assert M.improvement(0.01, 0.25, higher_is_better=False) == pytest.approx(0.24)
+    assert M.improvement(0.30, 0.25, higher_is_better=False) == pytest.approx(-0.05)

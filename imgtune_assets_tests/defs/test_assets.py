@@ -208,6 +208,7 @@ def test_whole_sweep_materializes_on_a_temporary_instance(tmp_path, tiny_sweep, 
     mat = instance.fetch_materializations(asset_key(sweep, "sweep_report"), limit=1).records[0]
     metadata = mat.asset_materialization.metadata
     assert metadata["best_score"].value == pytest.approx(summary["best_score"])
+    assert metadata["improvement"].value == pytest.approx(summary["best_score"] - summary["identity_score"])
     assert "data:image/png;base64," in metadata["plots"].value
     assert len(metadata["top_10"].records) == 4
 
