@@ -2,8 +2,10 @@
 embedded Ray on loopback: a folder tuned (and a re-run that writes nothing), a pipeline that still
 searches, a missing input folder, and a cluster address where no Ray runs."""
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets_tests.conftest import VENV_BIN, cli_env, free_port, write_sweep
 from imgtune_assets_tests.support.files import SLOW_STAGES, age, slow_folder, wait_for_outputs
 from imgtune_assets_tests.support.processes import ended_after
+from imgtune_assets_tests.support.waiting import wait_for
 
 STAGES = [("gaussian_blur", {"ksize": 5, "sigma": 1.5}), ("median_blur", {"ksize": 3})]
 LOSSLESS = ("grey8.png", "scan16.tif")
@@ -284,6 +287,43 @@ def test_sigterm_stops_the_command_keeping_what_it_wrote_and_a_re_run_goes_on(tm
     for name in names:
         assert np.array_equal(decode(out / name), apply_pipeline(decode(src / name), SLOW_STAGES)), name
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_command_killed_outright_keeps_the_ledger_of_what_it_wrote_until_seconds_before(tmp_path):
+    """SIGKILL (the OOM killer, `kill -9`): no clean-up runs, but the ledger written as the tasks come
+    back lists what was written until then; each listed output is there and right, and the same command
+    run again rewrites none of them."""
+    import signal
+
+    pipeline = best_pipeline(tmp_path, SLOW_STAGES)
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = slow_folder(src, count=120)  # more than a fast machine does before the first checkpoint
+    env = environment(tmp_path, pipeline)
+    # a session of its own: what the command started (its Ray) is ended with its group afterwards
+    proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", str(pipeline), str(src),
+                             str(out)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is None and (out / LEDGER_NAME).exists(), 180, interval=0.02,
+                 what="the ledger written while the tasks run")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    listed = {Path(e["output"]).name: e for e in json.loads((out / LEDGER_NAME).read_text())["entries"]}
+    assert listed and set(listed) < set(names)
+    for name, entry in listed.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["output_sha256"], name
+
+    again = apply_cli(env, tmp_path, pipeline, src, out)
+    assert again.returncode == 0, again.stderr
+    counts = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) (written|unchanged|skipped)", again.stdout))
+    # (outputs that Ray's workers finished after the kill, unlisted, are written again)
+    assert counts["unchanged"] >= len(listed) and counts["written"] == len(names) - counts["unchanged"], again.stdout
+    for name in names:
+        assert np.array_equal(decode(out / name), apply_pipeline(decode(src / name), SLOW_STAGES)), name
 
 
 def test_an_embedded_ray_that_cannot_start_is_named_without_a_traceback(tmp_path):

@@ -405,37 +405,50 @@ def apply_to_folder(stages: Stages, input_dir: Location, output_dir: Location, *
 
 def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[int, int], None] | None = None,
              connect: Callable[[], None] | None = None) -> ApplyResult:
-    """``plan``'s items through Ray tasks, then the ledger, written whole."""
+    """``plan``'s items through Ray tasks, then the ledger, written whole. While the tasks run, the
+    ledger is also written every ``LEDGER_CHECKPOINT_SECONDS`` with the outputs back so far, so that a
+    command killed outright (SIGKILL, the OOM killer: no clean-up runs) loses only the last seconds'."""
     result = ApplyResult(entries=list(plan.settled), input_dir=plan.input_dir)
     finished: list[dict[str, Any]] = []
+
+    def write_ledger() -> Location:
+        # The outputs written so far, and the earlier runs' entries of the files not reached, for the next run.
+        done = {e["input"] for e in finished}
+        kept = [item[2] for item in plan.items if str(item[0]) not in done and item[2] is not None]
+        entries = [*result.entries, *finished]
+        ledger = {"pipeline": plan.key, "stages": [[op, params] for op, params in plan.stages],
+                  "entries": sorted([*(e for e in entries if e["output"]), *kept], key=lambda e: e["input"])}
+        payload = (json.dumps(ledger, indent=2, sort_keys=True, default=str) + "\n").encode()
+        return storage.write_bytes_atomic(plan.output_dir / LEDGER_NAME, payload)
+
     try:
         if plan.items:
             if connect is not None:
                 connect()
-            _run_tasks(plan, max_retries, on_progress, finished)
+            _run_tasks(plan, max_retries, on_progress, finished, checkpoint=write_ledger)
     finally:
         # Written whatever happened: a task lost beyond its retries (or an interruption) keeps the outputs
-        # written so far, and the earlier runs' entries of the files not reached, for the next run.
-        done = {e["input"] for e in finished}
-        kept = [item[2] for item in plan.items if str(item[0]) not in done and item[2] is not None]
-        entries = sorted([*result.entries, *finished], key=lambda e: e["input"])
-        ledger = {"pipeline": plan.key, "stages": [[op, params] for op, params in plan.stages],
-                  "entries": sorted([*(e for e in entries if e["output"]), *kept], key=lambda e: e["input"])}
-        payload = (json.dumps(ledger, indent=2, sort_keys=True, default=str) + "\n").encode()
+        # written so far.
         try:
-            result.ledger = storage.write_bytes_atomic(plan.output_dir / LEDGER_NAME, payload)
+            result.ledger = write_ledger()
         except KeyboardInterrupt:
             # Ctrl-C landed in the write (which removed its temporary file): the ledger is written whole
             # all the same (the command holds further signals while it cleans up), then it goes on.
-            result.ledger = storage.write_bytes_atomic(plan.output_dir / LEDGER_NAME, payload)
+            result.ledger = write_ledger()
             raise
-    result.entries = entries
+    result.entries = sorted([*result.entries, *finished], key=lambda e: e["input"])
     return result
 
 
+# A ledger of a few hundred entries is written in milliseconds; a killed command loses at most this
+# long's outputs (they are written again by the next run).
+LEDGER_CHECKPOINT_SECONDS = 2.0
+
+
 def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, int], None] | None,
-               entries: list[dict[str, Any]]) -> None:
-    """``plan``'s items through Ray tasks; each task's entries are appended to ``entries`` as it ends."""
+               entries: list[dict[str, Any]], checkpoint: Callable[[], object] | None = None) -> None:
+    """``plan``'s items through Ray tasks; each task's entries are appended to ``entries`` as it ends,
+    and ``checkpoint`` is called when new entries came back at most every ``LEDGER_CHECKPOINT_SECONDS``."""
     import ray
 
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -448,6 +461,7 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
     from imgtune_assets.core.fanout import ClusterWatch, ray_infrastructure_error
 
     watch = ClusterWatch()  # a cluster gone: RayInfrastructureError, while the ledger can still be written
+    saved, saved_at = 0, time.monotonic()
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=watch.every)
         for ref in ready:
@@ -460,4 +474,8 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
                 raise lost from None  # (the ledger lists what the tasks back before it wrote)
         if on_progress:
             on_progress(len(entries), len(plan.items))
+        if checkpoint is not None and len(entries) > saved and pending \
+                and time.monotonic() - saved_at >= LEDGER_CHECKPOINT_SECONDS:
+            checkpoint()
+            saved, saved_at = len(entries), time.monotonic()
         watch.check()  # after the entries back are taken (at most every ``every`` seconds)
