@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+import s3fs
 import yaml
 from dagster import AssetKey, DagsterInstance, materialize
 from skimage.metrics import peak_signal_noise_ratio
@@ -355,6 +356,25 @@ def test_wrong_credentials_fail_the_manifest_naming_the_url(tmp_path, local_data
     assert "AWS_ACCESS_KEY_ID" in message  # says where credentials come from
     assert wrong_secret not in message and key.secret not in message
     assert not instance.fetch_materializations(asset_key(sweep, "image_manifest"), limit=1).records
+
+
+@pytest.mark.parametrize("wrong", ["key", "secret"])
+def test_credentials_the_store_does_not_know_are_refused_before_any_output(tmp_path, wrong, monkeypatch):
+    with MotoServer.start(tmp_path / "moto", enforce_auth_after=3) as server:
+        key = server.create_access_key()  # the 3 requests moto accepts without credentials
+        make_bucket(server, "outputs", key.key_id, key.secret)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key.key_id if wrong == "secret" else "AKIAUNKNOWN0000000000")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-5e1d0c7a" if wrong == "secret" else key.secret)
+        out = storage.location("s3://outputs/tuned", endpoint_url=server.endpoint_url)
+        with pytest.raises(storage.StorageError) as err:
+            storage.require_output_folder(out)
+        code = "SignatureDoesNotMatch" if wrong == "secret" else "InvalidAccessKeyId"
+        assert str(err.value).startswith(f"s3://outputs/tuned: the store refused the credentials ({code}"), err.value
+        assert "AWS_ACCESS_KEY_ID" in str(err.value) and key.secret not in str(err.value)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key.key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key.secret)
+        s3fs.S3FileSystem.clear_instance_cache()  # (s3fs keeps a file system per endpoint, credentials and all)
+        storage.require_output_folder(storage.location("s3://outputs/tuned", endpoint_url=server.endpoint_url))
 
 
 def test_missing_bucket_fails_the_manifest_saying_so(tmp_path, s3_server):

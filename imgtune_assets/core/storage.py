@@ -104,6 +104,25 @@ def _remote_errors() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+# What an S3 API answers when it does not know the credentials themselves (not: they may not do this).
+CREDENTIAL_ERROR_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                          "TokenRefreshRequired")
+
+
+def credentials_refused(folder: Location, bucket: str | None) -> str | None:
+    """The store's error code when it refuses the credentials as such, asked by a listing (a HEAD's
+    refusal carries no code), else None: a denied look-up with credentials it knows may still allow
+    uploads."""
+    try:
+        folder.fs.ls(bucket or folder.path, refresh=True)
+    except PermissionError as exc:
+        code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
+        return code if code in CREDENTIAL_ERROR_CODES else None
+    except Exception:  # noqa: BLE001 - any other answer says nothing of the credentials
+        return None
+    return None
+
+
 def content_key_of_info(info: dict[str, Any]) -> str:
     """An object's content key from its listing entry: the store's content tag and its size."""
     for field in ("ETag", "etag", "md5Hash", "crc32c", "checksum"):
@@ -257,7 +276,8 @@ def require_output_folder(folder: Location) -> None:
     a local folder must be a folder, or not there yet under a writable folder (the first write makes
     it); an object-store folder's bucket must exist (a prefix that is not there yet is made by the first
     upload). Nothing is created — imgtune never creates a bucket. A store that denies the look-up is let
-    through (credentials may allow uploads only): each write reports its own refusal."""
+    through (credentials may allow uploads only): each write reports its own refusal — unless the store
+    says that it does not know the credentials at all (``credentials_refused``)."""
     name = describe(folder)
     if not is_remote(folder):
         path = Path(folder)
@@ -287,6 +307,11 @@ def require_output_folder(folder: Location) -> None:
         raise StorageError(f"{name}: the bucket {bucket!r} does not exist (cannot write into it; imgtune "
                            "creates no bucket: create it, or name another)", "missing") from None
     except PermissionError:
+        refused = credentials_refused(folder, bucket)
+        if refused is not None:
+            raise StorageError(f"{name}: the store refused the credentials ({refused}; cannot write into it) - "
+                               "credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                               "AWS_PROFILE) or the standard credential chain", "denied") from None
         return
     except _remote_errors() as exc:
         raise _explain(exc, folder, "write into it") from None
