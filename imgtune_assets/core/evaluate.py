@@ -58,6 +58,9 @@ class TrialOutcome:
     rung: int | None = None
     pruned: bool = False
     round_started_at: float | None = None  # wall clock (epoch seconds) when its round started
+    # A pruned trial's estimate of its mean over every image, by which its rung ranked it (its partial
+    # mean plus the gap that the earlier rounds predict from its parameters; search.RungGaps).
+    estimated_score: float | None = None
 
     @property
     def images_failed(self) -> int:
@@ -98,6 +101,7 @@ class TrialOutcome:
         staged = {} if self.round is None else {
             "round": self.round, "source": self.source, "rung": self.rung,
             "partial_score": None if math.isnan(self.partial_score) else self.partial_score,
+            "estimated_score": self.estimated_score,
             "round_started_at": self.round_started_at, "finished_at": time.time()}
         return {
             "sweep": sweep_name,

@@ -90,7 +90,7 @@ def leaderboard(sweep: Sweep, records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 # Leaderboard columns of a staged search (core/search.py).
-STAGED_COLUMNS = ["round", "source", "rung", "partial_score"]
+STAGED_COLUMNS = ["round", "source", "rung", "partial_score", "estimated_score"]
 
 
 def evaluations(records: list[dict[str, Any]]) -> int:

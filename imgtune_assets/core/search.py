@@ -859,21 +859,24 @@ def run_round(candidates: list[dict[str, Any]], order: list[str], halving: Halvi
         kept = ({t for t, _, _ in ranked[:keep] if t not in decided}
                 | {c["trial"] for c, _ in scored if decided.get(c["trial"], -1) > rung})
         active = []
+        estimates = {t: value for t, _, value in ranked}
         for c, per in scored:
             if c["trial"] in kept:
                 active.append(c)
             else:
-                outcomes.append(_settle(c, ids, per, rung, pruned=True, on_settled=on_settled))
+                outcomes.append(_settle(c, ids, per, rung, pruned=True, on_settled=on_settled,
+                                        estimate=estimates[c["trial"]]))
     index_of = {c["trial"]: c["index"] for c in candidates}
     return sorted(outcomes, key=lambda o: index_of[o.trial])
 
 
 def _settle(c: dict[str, Any], ids: list[str], per: list[dict[str, Any]], rung: int, pruned: bool,
-            on_settled: Callable[[TrialOutcome], None]) -> TrialOutcome:
+            on_settled: Callable[[TrialOutcome], None], estimate: float | None = None) -> TrialOutcome:
     outcome = TrialOutcome(trial=c["trial"], params=c["params"], stages=c["stages"], image_ids=list(ids),
                            per_image=[dict(p) for p in per], seconds=sum(p.get("seconds", 0.0) for p in per),
                            workers=[], round=c.get("round"), source=c.get("source"), rung=rung, pruned=pruned,
-                           round_started_at=c.get("round_started_at"))
+                           round_started_at=c.get("round_started_at"),
+                           estimated_score=None if estimate is None or not math.isfinite(estimate) else float(estimate))
     on_settled(outcome)
     return outcome
 

@@ -153,7 +153,10 @@ def _partition_metadata(record: dict, result_file, reused: bool) -> dict[str, An
         **({} if record.get("round") is None else {
             "round": record["round"], "source": record["source"], "rung": record["rung"],
             "partial_score": MetadataValue.float(float("nan") if record["partial_score"] is None
-                                                 else float(record["partial_score"]))}),
+                                                 else float(record["partial_score"])),
+            # what ranked a pruned trial at its last rung: its expected mean over every image
+            **({} if record.get("estimated_score") is None else {
+                "estimated_score": MetadataValue.float(float(record["estimated_score"]))})}),
     }
 
 

@@ -125,7 +125,7 @@ def test_a_staged_leaderboard_ranks_pruned_trials_below_complete_ones(tmp_path, 
     # the complete trial first; pruned ones (a higher partial mean on fewer images is no better) next
     assert list(board["trial"]) == ["trial-000", "trial-001", "trial-002", "trial-003"]
     assert list(board["status"]) == ["ok", "pruned", "pruned", "failed"]
-    assert list(board.columns[4:8]) == ["round", "source", "rung", "partial_score"]
+    assert list(board.columns[4:9]) == ["round", "source", "rung", "partial_score", "estimated_score"]
     assert evaluations(records) == 2 + 1 + 1 + 2
     assert top_params(records, True, k=5) == [s[0]["params"]]
     _, files = write_report(sweep, records, tmp_path / "out", best=best_record(records, True))

@@ -187,6 +187,8 @@ def test_successive_halving_keeps_the_best_of_each_rung_and_reuses_known_scores(
     assert all(by[t].status == "pruned" for t in ("t1", "t3", "t5", "t4"))
     assert len(by["t0"].per_image) == 8 and len(by["t1"].per_image) == 2
     assert math.isnan(by["t1"].score) and by["t1"].partial_score == pytest.approx(1.005)
+    # what ranked it: without a gap model, its partial mean; a complete trial has none
+    assert by["t1"].estimated_score == pytest.approx(1.005) and by["t0"].estimated_score is None
     # each rung asks only for what it lacks: t0's known first image is not computed again
     assert calls[0] == (["t0", "t1", "t2", "t3", "t4", "t5"], ["a", "b"])
     assert calls[1][0] == ["t0", "t2", "t4"]
@@ -291,10 +293,15 @@ def test_rung_gaps_learn_how_a_parameter_moves_the_full_mean_away_from_a_rungs(t
     def finalist(with_gaps):
         out = run_round(candidates, order, Halving(eta=3, min_images=2), evaluate, {}, maximize=True,
                         on_settled=lambda o: None, gaps=gaps if with_gaps else None)
-        return [o.trial for o in out if o.status == "ok"]
+        return [o.trial for o in out if o.status == "ok"], {o.trial: o for o in out}
 
-    assert finalist(False) == ["t0"]  # the first two images alone favour the largest sigma
-    assert finalist(True) == ["t1"]
+    assert finalist(False)[0] == ["t0"]  # the first two images alone favour the largest sigma
+    kept, by = finalist(True)
+    assert kept == ["t1"]
+    # each pruned trial records the estimate that ranked it: near its true mean over all eight images
+    for trial in ("t0", "t2"):
+        sigma = by[trial].params["gaussian_blur.sigma"]
+        assert by[trial].status == "pruned" and by[trial].estimated_score == pytest.approx(_mean8(sigma), abs=0.05)
     # a pruned trial's value for the models is the same estimate of its full mean
     pruned = HistoryTrial(9, {"gaussian_blur.sigma": 1.6}, "pruned", (_sloped(1.6, "a") + _sloped(1.6, "b")) / 2, 2,
                           {i: _sloped(1.6, i) for i in "ab"})

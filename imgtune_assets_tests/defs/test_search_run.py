@@ -3,6 +3,7 @@ temporary instance and a real embedded Ray: rounds in one ranged run, pruned tri
 the leaderboard, the ledger, re-running a trial, warm starts after the images change."""
 
 import csv
+import math
 import json
 import logging
 import shutil
@@ -94,9 +95,13 @@ def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local
     assert mats[pruned_key]["status"].value == "pruned"
     assert mats[pruned_key]["rung"].value == trials[pruned_key]["rung"]
     assert mats[pruned_key]["partial_score"].value == pytest.approx(trials[pruned_key]["partial_score"])
+    # with the estimate of its full mean that ranked it, in the leaderboard too
+    assert math.isfinite(trials[pruned_key]["estimated_score"])
+    assert mats[pruned_key]["estimated_score"].value == pytest.approx(trials[pruned_key]["estimated_score"])
     with open(out / "tiny" / "leaderboard.csv") as f:
         board = list(csv.DictReader(f))
     assert [row["status"] for row in board] == ["ok"] * 3 + ["pruned"] * 9
+    assert all(row["estimated_score"] for row in board[3:]) and not any(row["estimated_score"] for row in board[:3])
     assert [int(row["rung"]) for row in board[3:]] == sorted((int(row["rung"]) for row in board[3:]), reverse=True)
     assert (out / "tiny" / "plots" / "search_progress.png").stat().st_size > 0
     # every round scores the same images: their decoded chunks stayed in the object store
