@@ -297,9 +297,11 @@ class ProbeCache:
                 self.seen[name] = entry
                 self.reused += 1
             return entry["key"], entry["stat"], entry["size"], tuple(entry["header"])
-        key, stat, size, header = _probe(file, info)
-        with self._count:
-            self.read += 1
+        try:
+            key, stat, size, header = _probe(file, info)
+        finally:  # a file found unreadable was read too (and will be again: its failure is not kept)
+            with self._count:
+                self.read += 1
         # Kept under the identity seen before the read, when the read's trusted stat (None if racy or
         # changed while read) agrees with it; an inode or ctime that moved meanwhile only costs a read later.
         identity = key if remote else (now if stat is not None and now is not None and now.startswith(stat + ":")

@@ -261,8 +261,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "files": len(rows),
             "usable_images": len(usable),
             "skipped_files": len(skipped),
-            # Images and targets read and hashed by this scan; the others were unchanged since the last
-            # scan (their stat, or an object's tag) and were not read (ProbeCache).
+            # Images and targets read and hashed by this scan (a file found unreadable is read by every
+            # scan); the others were unchanged since the last scan (their stat, or an object's tag) and
+            # were not read (ProbeCache).
             "files_read": cache.read,
             "files_unchanged": cache.reused,
             "with_targets": sum(1 for r in usable if r.target_path),

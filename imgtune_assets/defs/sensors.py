@@ -156,8 +156,10 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
             return SkipReason(str(exc))
         baseline = cursor.get("content") if cursor else _last_manifest_hash(context, sweep)
         if content == baseline:
-            return SensorResult(skip_reason=f"files in {data_dir} were touched but their content is unchanged "
-                                            f"(content hash {content})",
+            # No cursor yet: the sensor's first look, at the images the last sweep already read.
+            why = (f"files in {data_dir} were touched but their content is unchanged" if cursor else
+                   f"the images in {data_dir} are those the last sweep read (the sensor's first look)")
+            return SensorResult(skip_reason=f"{why} (content hash {content})",
                                 cursor=json.dumps({"stat": stat, "content": content}))
         if _sweep_in_progress(context, job_name, sensor_name(sweep)):
             return SkipReason(f"images changed (content hash {baseline} -> {content}) but a {job_name} run "

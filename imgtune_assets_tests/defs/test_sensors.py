@@ -139,6 +139,7 @@ def test_first_tick_over_already_swept_images_requests_nothing(instance, sensor,
     data = tick(instance, sensor)
     assert not data.run_requests
     assert json.loads(data.cursor)["content"] == content_hash(folder)
+    assert "are those the last sweep read (the sensor's first look)" in data.skip_message, data.skip_message
 
 
 def test_another_sweeps_manifest_is_not_this_sweeps_baseline(instance, sensor, folder):
