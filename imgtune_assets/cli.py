@@ -578,7 +578,8 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
         display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
         if code != 0:
-            print(f"error: {sweep.name}: {label} failed (exit {code}): {shlex.join(command)}", file=err)
+            # (the command line, with its tags, heads the log named last: here the reasons come first)
+            print(f"error: {sweep.name}: {label} failed (exit {code})", file=err)
             marked = False
             try:
                 marked = fail_unfinished_run(home, invocation, code)

@@ -685,6 +685,7 @@ def test_a_run_whose_process_or_command_is_killed_is_marked_failed(tmp_path, kil
     if killed == "run process":
         assert proc.returncode != 0, out + err
         assert "the run's process ended (killed by SIGKILL) before the run did" in err, err
+        assert "error: slow: manifest, trials, report failed (exit -9)\n" in err and "--tags" not in err, err
         hint = re.search(r"finished trials are kept: `(\S+) -m imgtune_assets.cli sweep slow --resume` resumes\n", err)
         assert hint, err
         # the interpreter it names is the one imgtune runs on, as typed in the command's folder

@@ -461,6 +461,10 @@ def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_na
             return row
         if (width, height) != (row.width, row.height):
             row.reason = f"target {target_file.name} is {width}x{height}, image is {row.width}x{row.height}"
+            if (width, height) == (row.height, row.width):
+                row.reason += (" (sizes as read upright: a file's EXIF orientation tag turns it when it is read, "
+                               "as cv2.imread does; the two are turned a quarter from each other, so store the "
+                               "target as the image appears upright)")
             return row
     elif needs_target:
         kinds = "|".join(suffix[1:] for suffix in IMAGE_SUFFIXES if suffix not in (".jpeg", ".tiff"))

@@ -70,6 +70,7 @@ def test_bad_files_become_rows_with_reasons(messy):
     assert "not a decodable image" in rows["notes.png"].reason
     assert "no target" in rows["no_target.png"].reason
     assert "target wrong_size.png is 50x20, image is 50x40" in rows["wrong_size.png"].reason
+    assert "EXIF" not in rows["wrong_size.png"].reason  # not a quarter turn
     assert "not an image file type (.txt" in rows["readme.txt"].reason
     assert rows["colour photo.png"].channels == 3 and rows["tiefe_ÄÖÜ_16bit.png"].dtype == "uint16"
     for name, row in rows.items():
@@ -150,6 +151,7 @@ def test_a_phone_photo_is_scored_upright_against_an_upright_target(tmp_path):
     rows = {r.id: r for r in scan_folder(tmp_path, needs_target=True)}
     assert rows["upright"].status == "ok" and (rows["upright"].width, rows["upright"].height) == (30, 40)
     assert rows["stored"].status == "skipped" and "stored.png is 40x30, image is 30x40" in rows["stored"].reason
+    assert "EXIF orientation tag turns it when it is read" in rows["stored"].reason, rows["stored"].reason
     ids, images, targets = load_images(tmp_path, [rows["upright"]])
     assert np.array_equal(images[0], shown) and np.array_equal(targets[0], shown)
 
