@@ -550,59 +550,59 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         run_env = env if env is not None else dict(os.environ)
         proc = launch_logged(command, log, env={**run_env, LAUNCHER_PID_ENV: str(os.getpid())})
         # Should this command be killed, the run process ends with it, usually before it can record the
-        # run's end (its Ray dies with the command): a watch outside this process group records it.
-        watch = run_watch.start(home, invocation, proc.pid, env=run_env)
-        try:
-            code = wait_polling(proc, poll)
-        except KeyboardInterrupt:
-            # Ctrl-C on a terminal reached dagster too (SIGTERM only this command: it is passed on): let it
-            # stop its run, then give up.
+        # run's end (its Ray dies with the command): a watch outside this process group records it. The
+        # watch is dismissed once this command has seen the run process end and handled the outcome.
+        with run_watch.watching(home, invocation, proc, log=log, env=run_env):
             try:
-                proc.send_signal(signal.SIGINT)
-                proc.wait(timeout=30)
-            except (subprocess.TimeoutExpired, OSError):
-                proc.kill()
-                proc.wait()
+                code = wait_polling(proc, poll)
+            except KeyboardInterrupt:
+                # Ctrl-C on a terminal reached dagster too (SIGTERM only this command: it is passed on): let it
+                # stop its run, then give up.
                 try:
-                    fail_unfinished_run(home, invocation, proc.returncode)
-                except Exception as exc:  # noqa: BLE001 - said, on the way out; the run's log has the rest
-                    print(f"  (the run could not be marked failed: {type(exc).__name__}: {exc})", file=err)
-            display.finish(time.perf_counter() - clock, ok=False)
-            print(f"interrupted; {resume_hint(sweep.name)}; Dagster's log: {log}", file=err, flush=True)
-            return INTERRUPTED
-        finally:
-            if ahead is not None:  # the run is over: a read-ahead it never waited for stops (a failed start)
-                ahead.cancel()
-            run_watch.finish(watch)
-        if is_trials:
-            state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
-        display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
-        if code != 0:
-            # (the command line, with its tags, heads the log named last: here the reasons come first)
-            print(f"error: {sweep.name}: {label} failed (exit {code})", file=err)
-            marked = False
-            try:
-                marked = fail_unfinished_run(home, invocation, code)
-                reasons = run_failure_reasons(home, invocation, sweep.name)
-            except Exception as exc:  # noqa: BLE001 - an instance that cannot be read: said, then the log's tail
-                print(f"    (the run's events could not be read: {type(exc).__name__}: {exc})", file=err)
-                reasons = []
-            if reasons:  # what failed and why, from the run's events (the stack traces are in the log)
-                for line in reasons:
-                    print(f"    {line}", file=err)
-            else:  # no run recorded (Dagster itself failed): its own last words
-                print("the last lines of Dagster's log:", file=err)
-                for line in log_tail(log):
-                    print(f"    {line}", file=err)
-            if marked or code < 0:  # killed (SIGKILL, the OOM killer) under its run: the saved trials stand
-                print(resume_hint(sweep.name), file=err)
-            report_file = sweep_dir / REPORT_FILE
-            with contextlib.suppress(OSError):  # a step after the report failed (tuned_images): the report stands
-                if report_file.stat().st_mtime >= started:
-                    made = [n for n in ("leaderboard.csv", "best_pipeline.yaml", "plots/") if (sweep_dir / n).exists()]
-                    print(f"the report was made before the failure: {sweep_dir} ({', '.join(made)})", file=err)
-            print(f"log: {log}", file=err, flush=True)
-            return code
+                    proc.send_signal(signal.SIGINT)
+                    proc.wait(timeout=30)
+                except (subprocess.TimeoutExpired, OSError):
+                    proc.kill()
+                    proc.wait()
+                    try:
+                        fail_unfinished_run(home, invocation, proc.returncode)
+                    except Exception as exc:  # noqa: BLE001 - said, on the way out; the run's log has the rest
+                        print(f"  (the run could not be marked failed: {type(exc).__name__}: {exc})", file=err)
+                display.finish(time.perf_counter() - clock, ok=False)
+                print(f"interrupted; {resume_hint(sweep.name)}; Dagster's log: {log}", file=err, flush=True)
+                return INTERRUPTED
+            finally:
+                if ahead is not None:  # the run is over: a read-ahead it never waited for stops (a failed start)
+                    ahead.cancel()
+            if is_trials:
+                state["snap"] = read_progress(sweep_dir / PROGRESS_FILE, started, sweep.name) or state["snap"]
+            display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
+            if code != 0:
+                # (the command line, with its tags, heads the log named last: here the reasons come first)
+                print(f"error: {sweep.name}: {label} failed (exit {code})", file=err)
+                marked = False
+                try:
+                    marked = fail_unfinished_run(home, invocation, code)
+                    reasons = run_failure_reasons(home, invocation, sweep.name)
+                except Exception as exc:  # noqa: BLE001 - an instance that cannot be read: said, then the log's tail
+                    print(f"    (the run's events could not be read: {type(exc).__name__}: {exc})", file=err)
+                    reasons = []
+                if reasons:  # what failed and why, from the run's events (the stack traces are in the log)
+                    for line in reasons:
+                        print(f"    {line}", file=err)
+                else:  # no run recorded (Dagster itself failed): its own last words
+                    print("the last lines of Dagster's log:", file=err)
+                    for line in log_tail(log):
+                        print(f"    {line}", file=err)
+                if marked or code < 0:  # killed (SIGKILL, the OOM killer) under its run: the saved trials stand
+                    print(resume_hint(sweep.name), file=err)
+                report_file = sweep_dir / REPORT_FILE
+                with contextlib.suppress(OSError):  # a step after the report failed (tuned_images): the report stands
+                    if report_file.stat().st_mtime >= started:
+                        made = [n for n in ("leaderboard.csv", "best_pipeline.yaml", "plots/") if (sweep_dir / n).exists()]
+                        print(f"the report was made before the failure: {sweep_dir} ({', '.join(made)})", file=err)
+                print(f"log: {log}", file=err, flush=True)
+                return code
     report_file = sweep_dir / REPORT_FILE
     try:
         report = json.loads(report_file.read_text())
@@ -820,26 +820,30 @@ def hosts_ray(environ: Mapping[str, str]) -> bool:
     return not environ.get(embedded_ray.RAY_ADDRESS_ENV) and executor != "ray"
 
 
-# imgtune-ray-host-<pid of the command>-<random>: a command killed with SIGKILL cannot remove its own.
+# The sweep command's folder for its embedded Ray's address, with its owner (launcher.process_tag): a
+# command killed with SIGKILL cannot remove its own.
 RAY_HOST_FOLDER_PREFIX = "imgtune-ray-host-"
+RAY_HOST_OWNER_FILE = "owner.json"
 
 
 def remove_killed_ray_host_folders(temp_dir: Path) -> list[Path]:
     """Remove the folders of ``ray_for_runs`` that commands killed before their clean-up left in
-    ``temp_dir``: this user's, named with a process id that no longer runs. Returns those removed."""
+    ``temp_dir``: this user's, whose owner is known to be gone (``launcher.process_gone``: on this
+    machine and pid namespace, no process of its id and start time). Returns those removed."""
+    from imgtune_assets.core.launcher import process_gone
+
     removed = []
-    for folder in temp_dir.glob(f"{RAY_HOST_FOLDER_PREFIX}*-*"):
-        pid = folder.name[len(RAY_HOST_FOLDER_PREFIX):].split("-", 1)[0]
+    for folder in temp_dir.glob(f"{RAY_HOST_FOLDER_PREFIX}*"):
         try:
-            if not pid.isdigit() or folder.lstat().st_uid != os.getuid() or not folder.is_dir():
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
                 continue
-            os.kill(int(pid), 0)
-            continue  # its command still runs (or the id is another's now: left for a later start)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-        except OSError:  # gone already, or a process of another user's holds the id
+            owner = (folder / RAY_HOST_OWNER_FILE).read_text()
+        except OSError:  # gone already, not ours, or without an owner (an older version's): left alone
             continue
+        if process_gone(owner):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed.append(folder)
     return removed
 
 
@@ -853,7 +857,8 @@ def ray_for_runs() -> Iterator[tuple[dict[str, str] | None, embedded_ray.RayHost
         yield None, None
         return
     remove_killed_ray_host_folders(Path(tempfile.gettempdir()))
-    with tempfile.TemporaryDirectory(prefix=f"{RAY_HOST_FOLDER_PREFIX}{os.getpid()}-") as folder:
+    with tempfile.TemporaryDirectory(prefix=RAY_HOST_FOLDER_PREFIX) as folder:
+        (Path(folder) / RAY_HOST_OWNER_FILE).write_text(process_tag())
         host = embedded_ray.RayHost(folder)
         try:
             yield dict(os.environ, **host.env()), host

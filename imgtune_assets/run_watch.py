@@ -8,19 +8,23 @@ until the sweep's next run or the new-images sensor's next tick noticed (``jobs.
 
 So beside each run it launches, the command starts this watch (``python -m imgtune_assets.run_watch HOME
 INVOCATION PROCESS``) in a session of its own — what ends the command's process group does not end it —
-reading the command's pipe. The command writes ``done`` once it has seen its run end (and marked it
-failed itself if need be). If the pipe closes without that, the command was killed: the watch waits for
-the run process to end, then marks the run failed if it still shows as in progress. Dagster is imported
-only then; otherwise the watch is a sleeping interpreter.
+reading the command's pipe (``watching``). Once the command has seen the run process end and dealt with
+the outcome (marked the run failed itself if need be), it writes ``done``. If the pipe closes without
+that, the command was killed or gave up on a run process still running: the watch waits for the run
+process to end, then marks the run failed if it still shows as in progress. Dagster is imported only
+then; otherwise the watch is a sleeping interpreter. Its output goes to the sweep's log. Linux only,
+like the tie between the command and its run (elsewhere nothing is started).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 DONE = b"done\n"
 # The run process ends within seconds of the command (interrupted, or ended by its Ray); one still
@@ -29,30 +33,60 @@ RUN_END_WAIT_SECONDS = 300.0
 POLL_SECONDS = 0.2
 
 
-def start(home: Path, invocation: str, run_pid: int, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start the watch over the run tagged ``invocation``, whose process is ``run_pid``; write ``DONE``
-    to its stdin (``finish``) once the run is seen to end."""
-    return subprocess.Popen(
-        [sys.executable, "-m", __name__, str(home), invocation, str(run_pid)], stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True, close_fds=True)
+def start(home: Path, invocation: str, run_pid: int, *, log: Path | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen | None:
+    """Start the watch over the run tagged ``invocation``, whose process is ``run_pid`` (None where the
+    run is not tied to the command: not Linux). Its output is appended to ``log``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    with open(log, "a", encoding="utf-8") if log is not None else open(os.devnull, "w") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", __name__, str(home), invocation, str(run_pid)], stdin=subprocess.PIPE,
+            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True)
 
 
-def finish(watch: subprocess.Popen) -> None:
-    """Tell the watch the command saw its run end: it exits without doing anything."""
+def finish(watch: subprocess.Popen | None, run_ended: bool) -> None:
+    """Dismiss the watch when the command saw the run process end (``run_ended``): it exits without doing
+    anything. Otherwise the pipe is only closed, and the watch takes over as if the command had died."""
+    if watch is None:
+        return
     try:
-        watch.stdin.write(DONE)
+        if run_ended:
+            watch.stdin.write(DONE)
         watch.stdin.close()
-        watch.wait(timeout=10)
+        if run_ended:
+            watch.wait(timeout=10)
     except (OSError, ValueError, subprocess.TimeoutExpired):  # gone already, or slow: it ends on its own
         pass
 
 
+@contextlib.contextmanager
+def watching(home: Path, invocation: str, run: subprocess.Popen, *, log: Path | None = None,
+             env: dict[str, str] | None = None) -> Iterator[subprocess.Popen | None]:
+    """The watch over ``run`` for the block, in which the command waits for the run and handles its
+    outcome; dismissed at the end if the run process has ended by then."""
+    watch = start(home, invocation, run.pid, log=log, env=env)
+    try:
+        yield watch
+    finally:
+        finish(watch, run_ended=run.poll() is not None)
+
+
+def _running(pid: int, started: int | None) -> bool:
+    """Whether process ``pid``, started at kernel tick ``started``, still runs (a zombie does not: it has
+    ended, and only waits for a parent that may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return started is not None and fields[0] not in ("Z", "X") and int(fields[19]) == started
+
+
 def _wait_for_end(pid: int, started: int | None, timeout: float) -> bool:
     """Whether process ``pid`` (started at kernel tick ``started``) ended within ``timeout`` seconds."""
-    from imgtune_assets.core.launcher import start_ticks
-
     deadline = time.monotonic() + timeout
-    while started is not None and start_ticks(pid) == started:
+    while _running(pid, started):
         if time.monotonic() > deadline:
             return False
         time.sleep(POLL_SECONDS)
@@ -67,11 +101,15 @@ def main(argv: list[str]) -> int:
     if sys.stdin.buffer.read() == DONE:
         return 0
     if not _wait_for_end(pid, started, RUN_END_WAIT_SECONDS):
+        print(f"imgtune run watch: the run process {pid} still runs {RUN_END_WAIT_SECONDS:.0f} s after its sweep "
+              "command ended; its run is left as it is", flush=True)
         return 1
     from imgtune_assets.cli import fail_unfinished_run
 
-    fail_unfinished_run(home, invocation, None, how="the imgtune sweep command that launched it was killed",
-                        by="the command's run watch")
+    if fail_unfinished_run(home, invocation, None, how="the imgtune sweep command that launched it was killed",
+                           by="the command's run watch"):
+        print(f"imgtune run watch: the sweep command ended before its run (tag imgtune/cli_invocation="
+              f"{invocation}); marked the run failed", flush=True)
     return 0
 
 

@@ -297,15 +297,18 @@ def test_a_command_killed_outright_keeps_the_ledger_of_what_it_wrote_until_secon
 
     pipeline = best_pipeline(tmp_path, SLOW_STAGES)
     src, out = tmp_path / "in", tmp_path / "out"
-    names = slow_folder(src, count=120)  # more than a fast machine does before the first checkpoint
+    names = slow_folder(src, count=max(120, 40 * (os.cpu_count() or 1)))  # more than before the first checkpoint
     env = environment(tmp_path, pipeline)
     # a session of its own: what the command started (its Ray) is ended with its group afterwards
     proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "apply", str(pipeline), str(src),
                              str(out)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for(lambda: proc.poll() is None and (out / LEDGER_NAME).exists(), 180, interval=0.02,
-                 what="the ledger written while the tasks run")
+        def checkpointed() -> bool:
+            assert proc.poll() is None, f"the command ended before it could be killed: {proc.stderr.read()}"
+            return (out / LEDGER_NAME).exists()
+
+        wait_for(checkpointed, 180, interval=0.02, what="the ledger written while the tasks run")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -558,16 +558,22 @@ def test_sweep_logs_an_earlier_version_left_in_the_telemetry_folder_are_moved(tm
 
 
 def test_a_killed_commands_ray_host_folder_is_removed_by_the_next_and_a_running_ones_kept(tmp_path):
-    ended = subprocess.Popen(["true"])
+    ended = subprocess.Popen(["sleep", "60"])
+    killed_tag = cli.process_tag(ended.pid)  # (taken while it runs: its start time is part of it)
+    ended.kill()
     ended.wait()
-    killed = tmp_path / f"{cli.RAY_HOST_FOLDER_PREFIX}{ended.pid}-abc123"
-    running = tmp_path / f"{cli.RAY_HOST_FOLDER_PREFIX}{os.getpid()}-def456"
-    older_version = tmp_path / f"{cli.RAY_HOST_FOLDER_PREFIX}ghi789"  # no process id in its name
-    for folder in (killed, running, older_version):
-        folder.mkdir()
-        (folder / "ray.json").write_text("{}")
-    assert cli.remove_killed_ray_host_folders(tmp_path) == [killed]
-    assert not killed.exists() and running.is_dir() and older_version.is_dir()
+    owners = {"killed": killed_tag, "running": cli.process_tag(),
+              "another machine": json.dumps({**json.loads(killed_tag), "host": "elsewhere"})}
+    folders = {}
+    for name, owner in owners.items():
+        folders[name] = tmp_path / f"{cli.RAY_HOST_FOLDER_PREFIX}{name.replace(' ', '_')}"
+        folders[name].mkdir()
+        (folders[name] / cli.RAY_HOST_OWNER_FILE).write_text(owner)
+    older_version = tmp_path / f"{cli.RAY_HOST_FOLDER_PREFIX}ghi789"  # no owner recorded
+    older_version.mkdir()
+    assert cli.remove_killed_ray_host_folders(tmp_path) == [folders["killed"]]
+    assert not folders["killed"].exists() and folders["running"].is_dir() and folders["another machine"].is_dir()
+    assert older_version.is_dir()
 
 
 def test_sweep_logs_stay_out_of_dagsters_telemetry_queue(tmp_path, monkeypatch):

@@ -441,14 +441,18 @@ def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[in
 
 
 # A ledger of a few hundred entries is written in milliseconds; a killed command loses at most this
-# long's outputs (they are written again by the next run).
+# long's outputs (they are written again by the next run). A ledger that takes long to write (tens of
+# thousands of entries, a slow store) is written at most once per this many times its last write's time.
 LEDGER_CHECKPOINT_SECONDS = 2.0
+LEDGER_CHECKPOINT_SHARE = 20
 
 
 def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, int], None] | None,
                entries: list[dict[str, Any]], checkpoint: Callable[[], object] | None = None) -> None:
     """``plan``'s items through Ray tasks; each task's entries are appended to ``entries`` as it ends,
-    and ``checkpoint`` is called when new entries came back at most every ``LEDGER_CHECKPOINT_SECONDS``."""
+    and ``checkpoint`` is called when new entries came back, at most every ``LEDGER_CHECKPOINT_SECONDS``
+    (and ``LEDGER_CHECKPOINT_SHARE`` times its own last duration). A checkpoint that fails (a store's
+    passing error, a full disk) is tried again later: only the ledger written at the end must succeed."""
     import ray
 
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -461,7 +465,7 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
     from imgtune_assets.core.fanout import ClusterWatch, ray_infrastructure_error
 
     watch = ClusterWatch()  # a cluster gone: RayInfrastructureError, while the ledger can still be written
-    saved, saved_at = 0, time.monotonic()
+    saved, saved_at, interval = 0, time.monotonic(), LEDGER_CHECKPOINT_SECONDS
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=watch.every)
         for ref in ready:
@@ -474,8 +478,13 @@ def _run_tasks(plan: ApplyPlan, max_retries: int, on_progress: Callable[[int, in
                 raise lost from None  # (the ledger lists what the tasks back before it wrote)
         if on_progress:
             on_progress(len(entries), len(plan.items))
-        if checkpoint is not None and len(entries) > saved and pending \
-                and time.monotonic() - saved_at >= LEDGER_CHECKPOINT_SECONDS:
-            checkpoint()
-            saved, saved_at = len(entries), time.monotonic()
+        if checkpoint is not None and len(entries) > saved and pending and time.monotonic() - saved_at >= interval:
+            began = time.monotonic()
+            try:
+                checkpoint()
+                saved = len(entries)
+            except (storage.StorageError, OSError):
+                pass  # the outputs stand; the next checkpoint, or the final ledger, records them
+            saved_at = time.monotonic()
+            interval = max(LEDGER_CHECKPOINT_SECONDS, LEDGER_CHECKPOINT_SHARE * (saved_at - began))
         watch.check()  # after the entries back are taken (at most every ``every`` seconds)

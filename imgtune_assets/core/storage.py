@@ -104,17 +104,20 @@ def _remote_errors() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
-# What an S3 API answers when it does not know the credentials themselves (not: they may not do this).
-CREDENTIAL_ERROR_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-                          "TokenRefreshRequired")
+# What an S3 API answers, as a PermissionError through s3fs, when it does not know the credentials
+# themselves (not: they may not do this). (Other credential errors are not PermissionErrors: _explain.)
+CREDENTIAL_ERROR_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")
 
 
 def credentials_refused(folder: Location, bucket: str | None) -> str | None:
-    """The store's error code when it refuses the credentials as such, asked by a listing (a HEAD's
-    refusal carries no code), else None: a denied look-up with credentials it knows may still allow
-    uploads."""
+    """The store's error code when it refuses the credentials as such, asked by a one-key listing (a
+    HEAD's refusal carries no code), else None: a denied look-up with credentials it knows may still
+    allow uploads. Only S3 (s3fs) says which: for other stores, None."""
+    call = getattr(folder.fs, "call_s3", None)
+    if call is None or not bucket:
+        return None
     try:
-        folder.fs.ls(bucket or folder.path, refresh=True)
+        call("list_objects_v2", Bucket=bucket, MaxKeys=1)
     except PermissionError as exc:
         code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
         return code if code in CREDENTIAL_ERROR_CODES else None

@@ -45,7 +45,6 @@ from imgtune_assets.core.demo_data import ensure_demo_data
 from imgtune_assets.core.evaluate import NAN_SCORE
 from imgtune_assets.core.files import atomic_write_json
 from imgtune_assets.core.imageio import ImageReadError, read_image
-from imgtune_assets.core.metrics import improvement
 from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     ManifestError,
@@ -58,6 +57,7 @@ from imgtune_assets.core.manifest import (
     skip_undecodable,
 )
 from imgtune_assets.core.manifest import usable as usable_rows
+from imgtune_assets.core.metrics import improvement
 from imgtune_assets.core.paths import imgtune_command
 from imgtune_assets.core.report import (
     STAGED_COLUMNS,

@@ -573,7 +573,7 @@ def test_a_run_that_fails_midway_keeps_the_ledger_of_what_it_did(tmp_path, monke
     (out / LEDGER_NAME).write_text(json.dumps({"entries": [earlier]}))
     plan = apply.plan_apply(STAGES, src, out)
 
-    def half_then_lost(plan, max_retries, on_progress, entries):
+    def half_then_lost(plan, max_retries, on_progress, entries, checkpoint=None):
         entries.append({"input": str(src / "grey8.png"), "output": str(out / "grey8.png"), "status": "written",
                         "pipeline": plan.key, "output_sha256": "x"})
         raise RuntimeError("task lost beyond its retries")
@@ -585,6 +585,56 @@ def test_a_run_that_fails_midway_keeps_the_ledger_of_what_it_did(tmp_path, monke
     assert kept["grey8.png"]["status"] == "written"  # done before the loss
     assert kept["photo.jpg"] == earlier  # not reached: the earlier run's entry stays
     assert "notes.txt" not in kept  # not an image: no output, not in the ledger
+
+
+def test_the_ledger_written_while_tasks_run_lists_what_came_back_and_keeps_what_was_not_reached(tmp_path,
+                                                                                                monkeypatch):
+    # Ray's part replaced: one file back, a checkpoint, then the command killed outright (no final ledger).
+    from imgtune_assets.core import apply
+
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    earlier = {"input": str(src / "photo.jpg"), "output": str(out / "photo.jpg"), "status": "written",
+               "pipeline": "older", "input_key": "k", "output_sha256": "s"}
+    out.mkdir()
+    (out / LEDGER_NAME).write_text(json.dumps({"entries": [earlier]}))
+    plan = apply.plan_apply(STAGES, src, out)
+    seen = {}
+
+    class Killed(BaseException):  # what no clean-up catches
+        pass
+
+    def one_back_then_killed(plan, max_retries, on_progress, entries, checkpoint=None):
+        entries.append({"input": str(src / "grey8.png"), "output": str(out / "grey8.png"), "status": "written",
+                        "pipeline": plan.key, "output_sha256": "x"})
+        checkpoint()
+        seen.update({e["input"].rsplit("/", 1)[-1]: e for e in json.loads((out / LEDGER_NAME).read_text())["entries"]})
+        raise Killed
+
+    monkeypatch.setattr(apply, "_run_tasks", one_back_then_killed)
+    with pytest.raises(Killed):
+        apply.run_plan(plan)
+    assert seen["grey8.png"]["status"] == "written" and seen["photo.jpg"] == earlier and len(seen) == 2
+
+
+def test_a_failing_checkpoint_is_tried_again_and_does_not_stop_the_tasks(local_ray, tmp_path, monkeypatch):
+    from imgtune_assets.core import apply, storage
+
+    src = make_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    plan = apply.plan_apply(STAGES, src, out)
+    calls = []
+
+    def checkpoint():  # a store's passing refusal, the first time
+        calls.append(1)
+        if len(calls) == 1:
+            raise storage.StorageError(f"{out / LEDGER_NAME}: cannot write it (SlowDown)")
+
+    monkeypatch.setattr(apply, "LEDGER_CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every task back
+    entries = []
+    apply._run_tasks(plan, 0, None, entries, checkpoint=checkpoint)
+    assert sorted(e["input"] for e in entries) == sorted(str(item[0]) for item in plan.items)
+    assert len(plan.items) >= 3 and len(calls) >= 2  # tried again after the failure, and the tasks went on
 
 
 def test_sub_folders_are_skipped_with_a_reason_and_an_output_folder_inside_is_not_one(local_ray, tmp_path):
@@ -666,7 +716,7 @@ def test_a_ctrl_c_landing_in_the_ledger_write_still_leaves_the_whole_ledger(tmp_
     out = tmp_path / "out"
     plan = apply_module.plan_apply(STAGES, src, out)
 
-    def all_done(plan, max_retries, on_progress, entries):
+    def all_done(plan, max_retries, on_progress, entries, checkpoint=None):
         entries.extend({"input": str(item[0]), "output": str(item[1]), "status": "written", "pipeline": plan.key,
                         "output_sha256": "x"} for item in plan.items)
 

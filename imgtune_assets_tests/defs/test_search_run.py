@@ -3,9 +3,9 @@ temporary instance and a real embedded Ray: rounds in one ranged run, pruned tri
 the leaderboard, the ledger, re-running a trial, warm starts after the images change."""
 
 import csv
-import math
 import json
 import logging
+import math
 import shutil
 
 import pytest
