@@ -19,9 +19,11 @@ finished: long trials still show signs of life), when ``step_fraction`` of all t
 evaluations) finished since it, or, once, when every trial is done.
 
 Image evaluations are counted as done: a trial stopped early by successive halving (``pruned``)
-counts the images it was scored on, not all of them, and the evaluations still to do are at most
-every image of each unfinished trial (``evaluations_total``, which shrinks as trials are pruned;
-``evaluations_full`` is trials × images).
+counts the images it was scored on, not all of them, and the evaluations still to do
+(``evaluations_total`` less those done; ``evaluations_full`` is trials × images) are every image of
+each unfinished trial — or, under successive halving, the images such a trial is expected to be scored
+on (``expect_images_per_trial``: the rungs' sizes and the share kept at each), so that the time left is
+not that of scoring every trial on every image.
 
 The rate counts computed trials only: trials reused from an earlier run (``reused=True``) cost
 nothing, would inflate it and make the time left too optimistic. The rate is measured from
@@ -75,6 +77,7 @@ class SweepProgress:
         self._reported_finished = False
         self._partial: dict[str, int] = {}  # unfinished trial -> image evaluations computed so far
         self._finished_evaluations = 0  # finished trials' image evaluations (reused ones included)
+        self._expected_images: float | None = None  # per unfinished trial, under successive halving
         self._computed_evaluations = 0  # ... of the trials computed by this run
 
     # ------------------------------------------------------------------ feeding
@@ -132,11 +135,19 @@ class SweepProgress:
         """Image evaluations done: finished trials' (reused ones included) and unfinished trials' chunks."""
         return self._finished_evaluations + self.partial_evaluations
 
+    def expect_images_per_trial(self, images: float) -> None:
+        """Under successive halving, an unfinished trial is expected to be scored on ``images`` images
+        on average (``Halving.expected_images_per_trial``), not on all of them."""
+        self._expected_images = min(float(self.images), max(0.0, float(images)))
+
     @property
     def evaluations_total(self) -> int:
-        """At most this many image evaluations in all: the finished trials' own, and every image of each
-        unfinished trial (fewer when some are pruned)."""
-        return self._finished_evaluations + max(0, self.total - self.done) * self.images
+        """Image evaluations in all: the finished trials' own, and for each unfinished trial every image
+        (or the images it is expected to be scored on: ``expect_images_per_trial``); never below those
+        done."""
+        per_trial = self.images if self._expected_images is None else self._expected_images
+        left = round(max(0, self.total - self.done) * per_trial)
+        return max(self._finished_evaluations + left, self.evaluations_done)
 
     def evaluations_per_second(self) -> float | None:
         """Computed (trial × image) evaluations per second since computing started; None before any."""

@@ -128,6 +128,16 @@ class Halving:
             size *= self.eta
         return sizes + [n_images]
 
+    def expected_images_per_trial(self, n_candidates: int, n_images: int) -> float:
+        """The images a trial of a round of ``n_candidates`` is scored on, on average, when the round
+        runs its rungs as ``run_round`` does (the best ``ceil(n / eta)`` go on from each rung): what the
+        progress line expects the unfinished trials to cost."""
+        keep, total, scored = max(1, n_candidates), 0, 0
+        for size in self.rung_sizes(n_images):
+            total += keep * (size - scored)
+            scored, keep = size, max(1, math.ceil(keep / self.eta))
+        return total / max(1, n_candidates)
+
     def inactive_reason(self, n_images: int) -> str | None:
         """Why early stopping stops nothing with ``n_images`` images (``min_images`` not below their
         number: one rung, every trial scores every image), or None when it works. Not an error: a

@@ -378,7 +378,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             progress.start_computing()
             try:
                 stats = run_staged_search(context, sweep, sweep_dir, store, rows, keys, config.skip_finished,
-                                          ray_cluster, save, on_tick=report_progress)
+                                          ray_cluster, save, on_tick=report_progress,
+                                          on_plan=progress.expect_images_per_trial)
             except RayInfrastructureError as exc:  # what settled is saved
                 raise ray_failed(exc) from None
             stats["failed"] = len(failed)

@@ -121,9 +121,11 @@ def warm_start_params(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> li
 
 def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: Path, store: TrialStore,
                       rows: list[ManifestRow], keys: list[str], skip_finished: bool, ray_cluster: RayResource,
-                      save: Callable[[dict, bool], None], on_tick: Callable[[], None]) -> dict[str, Any]:
+                      save: Callable[[dict, bool], None], on_tick: Callable[[], None],
+                      on_plan: Callable[[float], None] | None = None) -> dict[str, Any]:
     """Run the rounds that hold ``keys``; each settled trial goes to ``save(record, reused)``, and
-    ``on_tick`` is called at least every second while Ray works. Returns the step's statistics (also
+    ``on_tick`` is called at least every second while Ray works; with successive halving, ``on_plan``
+    first gets the images a trial is expected to be scored on. Returns the step's statistics (also
     written to ``last_experiment_run.json``)."""
     from imgtune_assets.core.fanout import OBJECT_STORE_SHARE, DecodedChunks, ImageDataError, ImageFiles, \
         data_error_message, plan_chunks, run_trials
@@ -155,6 +157,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
         raise Failure(description=str(exc)) from None
     for note in early_stopping_notes(sweep, len(images)):
         context.log.warning(f"{sweep.path}: {note}")
+    if sweep.early_stopping is not None and on_plan is not None:
+        on_plan(sweep.early_stopping.expected_images_per_trial(search.rounds.batch_size, len(images)))
     known, known_identity = store.load_chunks() if skip_finished else ({}, {})
     if line := partial_reuse_message(known, [k for k in keys if k not in records_by_key]):
         context.log.info(line)

@@ -131,6 +131,21 @@ def test_pruned_trials_count_the_images_they_were_scored_on():
     assert snap["eta_seconds"] == 0.0
 
 
+def test_under_halving_the_unfinished_trials_count_the_images_they_are_expected_to_be_scored_on():
+    progress, clock = make(total=9, images=17)
+    progress.expect_images_per_trial(5.0)
+    images = lambda n: [{"id": f"i{k}", "score": 1.0} for k in range(n)]  # noqa: E731
+    progress.start_computing()
+    assert progress.snapshot()["evaluations_total"] == 45  # 9 × 5, not 9 × 17
+    clock.advance(2.0)
+    progress.trial_done({"trial": "trial-000", "status": "pruned", "score": None, "per_image": images(3)})
+    snap = progress.snapshot()
+    assert (snap["evaluations_done"], snap["evaluations_total"], snap["evaluations_full"]) == (3, 43, 153)
+    assert snap["eta_seconds"] == pytest.approx(40 / (3 / 2.0), abs=1e-3)  # (rounded to ms)
+    progress.expect_images_per_trial(40.0)  # (never more than every image)
+    assert progress.snapshot()["evaluations_total"] == 3 + 8 * 17
+
+
 def test_rate_and_eta_count_computed_trials_only():
     progress, clock = make(total=10, images=20)
     for k in range(4):  # reused from an earlier run: instant, not in the rate

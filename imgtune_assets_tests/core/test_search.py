@@ -243,6 +243,22 @@ def test_raising_trials_keeps_the_decisions_of_the_round_it_fills(tmp_path):
              for k in old}
 
 
+@pytest.mark.parametrize("n, images, eta", [(9, 17, 3), (8, 17, 3), (2, 17, 3), (18, 40, 2), (5, 4, 3)])
+def test_the_images_a_trial_is_expected_to_be_scored_on_are_what_a_round_scores(n, images, eta):
+    candidates = [{"trial": f"t{k}", "index": k, "params": {"v": float(k)}, "stages": []} for k in range(n)]
+    scored = []
+
+    def evaluate(trials, ids, known):
+        scored.extend((t["trial"], i) for t in trials for i in ids if i not in known.get(t["trial"], {}))
+        return {t["trial"]: {i: known.get(t["trial"], {}).get(i) or {"score": t["params"]["v"], "seconds": 0.0,
+                                                                     "error": None} for i in ids} for t in trials}
+
+    halving = Halving(eta=eta)
+    run_round(candidates, [f"i{k}" for k in range(images)], halving, evaluate, {}, maximize=True,
+              on_settled=lambda o: None)
+    assert halving.expected_images_per_trial(n, images) * n == pytest.approx(len(scored))
+
+
 def test_a_failing_image_fails_the_trial_at_its_rung():
     candidates = [{"trial": f"t{k}", "index": k, "params": {}, "stages": []} for k in range(3)]
 
