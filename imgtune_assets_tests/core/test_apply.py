@@ -561,8 +561,9 @@ def test_an_output_that_could_not_be_written_is_tried_again_and_a_broken_input_i
     assert second["broken.png"]["status"] == "skipped" and second["broken.png"]["reason"] == first["broken.png"]["reason"]
 
 
-def test_a_run_that_fails_midway_keeps_the_ledger_of_what_it_did(tmp_path, monkeypatch):
-    # Ray's part replaced: the first task's files are done, then a task is lost beyond its retries.
+def folder_with_an_earlier_ledger(tmp_path):
+    """An input folder, and an output folder whose ledger holds an earlier run's entry for photo.jpg (made
+    with another pipeline): (input, output, that entry, the plan of applying STAGES)."""
     from imgtune_assets.core import apply
 
     src = make_folder(tmp_path / "in")
@@ -571,7 +572,14 @@ def test_a_run_that_fails_midway_keeps_the_ledger_of_what_it_did(tmp_path, monke
                "pipeline": "older", "input_key": "k", "output_sha256": "s"}
     out.mkdir()
     (out / LEDGER_NAME).write_text(json.dumps({"entries": [earlier]}))
-    plan = apply.plan_apply(STAGES, src, out)
+    return src, out, earlier, apply.plan_apply(STAGES, src, out)
+
+
+def test_a_run_that_fails_midway_keeps_the_ledger_of_what_it_did(tmp_path, monkeypatch):
+    # Ray's part replaced: the first task's files are done, then a task is lost beyond its retries.
+    from imgtune_assets.core import apply
+
+    src, out, earlier, plan = folder_with_an_earlier_ledger(tmp_path)
 
     def half_then_lost(plan, max_retries, on_progress, entries, checkpoint=None):
         entries.append({"input": str(src / "grey8.png"), "output": str(out / "grey8.png"), "status": "written",
@@ -592,13 +600,7 @@ def test_the_ledger_written_while_tasks_run_lists_what_came_back_and_keeps_what_
     # Ray's part replaced: one file back, a checkpoint, then the command killed outright (no final ledger).
     from imgtune_assets.core import apply
 
-    src = make_folder(tmp_path / "in")
-    out = tmp_path / "out"
-    earlier = {"input": str(src / "photo.jpg"), "output": str(out / "photo.jpg"), "status": "written",
-               "pipeline": "older", "input_key": "k", "output_sha256": "s"}
-    out.mkdir()
-    (out / LEDGER_NAME).write_text(json.dumps({"entries": [earlier]}))
-    plan = apply.plan_apply(STAGES, src, out)
+    src, out, earlier, plan = folder_with_an_earlier_ledger(tmp_path)
     seen = {}
 
     class Killed(BaseException):  # what no clean-up catches
