@@ -72,21 +72,12 @@ def watching(home: Path, invocation: str, run: subprocess.Popen, *, log: Path | 
         finish(watch, run_ended=run.poll() is not None)
 
 
-def _running(pid: int, started: int | None) -> bool:
-    """Whether process ``pid``, started at kernel tick ``started``, still runs (a zombie does not: it has
-    ended, and only waits for a parent that may never reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return started is not None and fields[0] not in ("Z", "X") and int(fields[19]) == started
-
-
 def _wait_for_end(pid: int, started: int | None, timeout: float) -> bool:
     """Whether process ``pid`` (started at kernel tick ``started``) ended within ``timeout`` seconds."""
+    from imgtune_assets.core.launcher import still_running
+
     deadline = time.monotonic() + timeout
-    while _running(pid, started):
+    while still_running(pid, started):
         if time.monotonic() > deadline:
             return False
         time.sleep(POLL_SECONDS)

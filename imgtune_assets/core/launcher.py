@@ -49,14 +49,29 @@ def _machine() -> dict:
     return {"host": socket.gethostname(), "pidns": pidns, "boot": boot}
 
 
-def start_ticks(pid: int) -> int | None:
-    """The kernel's start time of process ``pid`` (clock ticks since boot), None if there is none."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the process's name (field 3, its state, first), None if
+    there is no such process (or /proc hides it: then its id is not ours to judge, see process_gone)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
             stat = handle.read()
-    except OSError:  # no such process (or /proc hides it: then its id is not ours to judge, see process_gone)
+    except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in parentheses may hold spaces
+    return stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+
+
+def start_ticks(pid: int) -> int | None:
+    """The kernel's start time of process ``pid`` (clock ticks since boot), None if there is none."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields is not None else None  # field 22
+
+
+def still_running(pid: int, started: int | None) -> bool:
+    """Whether process ``pid``, started at kernel tick ``started`` (``start_ticks``), still runs: not
+    gone, not another process given its id since, and not a zombie (which has ended, and only waits for
+    a parent that may never reap it)."""
+    fields = _stat_fields(pid)
+    return started is not None and fields is not None and fields[0] not in ("Z", "X") and int(fields[19]) == started
 
 
 def process_tag(pid: int | None = None) -> str:
