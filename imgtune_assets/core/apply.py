@@ -81,6 +81,10 @@ def to_depth(image: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The pipeline's output in the input's bit depth: 8-bit results of a 16-bit input are scaled
     (255 → 65535), 16-bit results of an 8-bit input scaled down, anything else rounded and clipped."""
     dtype = np.dtype(dtype)
+    if dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"to_depth: an image file holds 8-bit or 16-bit pixels, not {dtype}")
+    if not isinstance(image, np.ndarray) or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+        raise ValueError(f"to_depth: needs a numeric image array, got {getattr(image, 'dtype', type(image).__name__)}")
     if image.dtype == dtype:
         return image
     if image.dtype == np.uint8 and dtype == np.uint16:

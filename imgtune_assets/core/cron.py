@@ -12,7 +12,7 @@ from datetime import datetime
 
 from croniter import CroniterBadDateError, CroniterError, croniter
 
-__all__ = ["is_valid_cron", "validate_cron"]
+__all__ = ["validate_cron"]
 
 # Any fixed start will do: a string that fires at all fires within croniter's search window.
 _START = datetime(2000, 1, 1)
@@ -38,10 +38,3 @@ def validate_cron(expr: str) -> str:
         raise ValueError(f"{expr!r} never fires (no such date, e.g. 30 February)") from None
     return expr
 
-
-def is_valid_cron(expr: str) -> bool:
-    try:
-        validate_cron(expr)
-    except ValueError:
-        return False
-    return True

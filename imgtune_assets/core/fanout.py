@@ -351,8 +351,8 @@ class ImageFiles:
 
 @dataclass
 class InMemoryImages:
-    """Images already decoded in this process (tests, the benchmark's fan-out mode): each chunk is put
-    in the object store once."""
+    """Images already decoded in the calling process (a library user's arrays; the tests): each chunk
+    is put in the object store once."""
 
     ids: list[str]
     images: Sequence[np.ndarray]

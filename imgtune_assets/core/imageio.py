@@ -310,6 +310,11 @@ def exif_orientation(data: bytes) -> int:
 def orient(image: np.ndarray, orientation: int) -> np.ndarray:
     """``image`` as stored, turned upright for its EXIF ``orientation``: OpenCV's own steps
     (``ApplyExifOrientation``: 2 mirrors, 3 turns half, 4 flips, 5–8 transpose first). Grey or colour."""
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3):
+        raise ValueError(f"orient needs a 2-D (grey) or 3-D (colour) image array, got "
+                         f"{getattr(image, 'shape', type(image).__name__)}")
+    if orientation not in range(1, 9):
+        raise ValueError(f"EXIF orientation must be 1 to 8, got {orientation!r}")
     if orientation in (5, 6, 7, 8):
         image = image.swapaxes(0, 1)
     flip = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}.get(orientation)
@@ -333,15 +338,10 @@ def decode_image(data: bytes, file: str | os.PathLike) -> np.ndarray:
     return decode_oriented(data, file)[0]
 
 
-def decode_with_alpha(data: bytes, file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """``decode_image``'s image, and the alpha channel it drops (None when the file has none): for
-    writing a processed image back with its transparency."""
-    return decode_oriented(data, file)[:2]
-
-
 def decode_oriented(data: bytes, file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """``decode_with_alpha``'s image and alpha, upright, and the EXIF orientation that turned them
-    (``orient``; 1: as stored)."""
+    """``decode_image``'s image; the alpha channel it drops (None when the file has none), for writing
+    a processed image back with its transparency; both upright, and the EXIF orientation that turned
+    them (``orient``; 1: as stored)."""
     image, alpha = _decode_stored(data, file)
     orientation = exif_orientation(data)
     if orientation != 1:
@@ -380,7 +380,13 @@ def _decode_stored(data: bytes, file: str | os.PathLike) -> tuple[np.ndarray, np
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Encode ``image`` as PNG and write it atomically."""
+    """Encode ``image`` (8 or 16 bits; grey, BGR or BGRA) as PNG and write it atomically."""
+    # OpenCV would convert other pixel types to 8 bits with only a warning: a silently different file.
+    if not isinstance(image, np.ndarray) or image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{path}: PNG needs an 8-bit or 16-bit image array, got "
+                         f"{getattr(image, 'dtype', type(image).__name__)}")
+    if image.size == 0 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+        raise ValueError(f"{path}: PNG needs a grey, BGR or BGRA image, got shape {image.shape}")
     ok, buffer = cv2.imencode(".png", image)
     if not ok:
         raise ValueError(f"{path}: OpenCV could not encode image of shape {image.shape} {image.dtype}")

@@ -86,9 +86,12 @@ class TrialStore:
         if not file.exists():
             return None
         try:
-            return json.loads(file.read_text())
+            record = json.loads(file.read_text())
         except json.JSONDecodeError as exc:  # atomic writes make this a foreign or hand-edited file
             raise ValueError(f"{file}: not a trial result ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{file}: not a trial result (a JSON {type(record).__name__}, not an object)")
+        return record
 
     def _read(self, key: str) -> dict[str, Any] | None:
         """The result saved under ``key``; or, when there is none or it is stale, a current one saved
@@ -213,6 +216,8 @@ class IdentityBaseline:
         try:
             saved = json.loads(self.file.read_text())
         except json.JSONDecodeError:  # a cache: a damaged one is recomputed (and rewritten whole)
+            return None
+        if not isinstance(saved, dict):
             return None
         if {k: saved.get(k) for k in ("manifest_digest", "objective")} != self._key() or saved.get("score") is None:
             return None

@@ -931,9 +931,6 @@ class Search:
     def key(self, index: int) -> str:
         return trial_key(index)
 
-    def round_keys(self, r: int) -> list[str]:
-        return [self.key(k) for k in self.rounds.slots(r) if k < self.sweep.trials]
-
     def rounds_of(self, keys: Iterable[str]) -> list[int]:
         return sorted({self.rounds.of(trial_index(k)) for k in keys})
 

@@ -14,8 +14,8 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from imgtune_assets.core import embedded_ray, launcher
-# Re-exported: LOOPBACK_ENV is imported from here (benchmarks/sweep_bench.py).
-from imgtune_assets.core.embedded_ray import EMBEDDED_RAY_ENV, LEAN_ENV, LOOPBACK_ENV  # noqa: F401
+# Re-exported: the benchmarks and tests import them from here, beside RayResource.
+from imgtune_assets.core.embedded_ray import EMBEDDED_RAY_ENV, LOOPBACK_ENV  # noqa: F401
 from imgtune_assets.core.embedded_ray import RAY_ADDRESS_ENV
 from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
 

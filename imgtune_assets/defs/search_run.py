@@ -112,6 +112,8 @@ def warm_start_params(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> li
         report = json.loads(file.read_text())
     except json.JSONDecodeError:
         return []
+    if not isinstance(report, dict):  # not a report this code wrote: nothing to start from
+        return []
     if report.get("manifest_digest") in (None, manifest_digest):
         return []
     if report.get("space_digest") != space_digest(search_space(sweep)):

@@ -62,6 +62,13 @@ def test_to_depth_rounds_and_clips_other_types():
     assert to_depth(wide, np.uint8).tolist() == [0, 12, 255]
 
 
+def test_to_depth_refuses_a_depth_no_image_file_holds_and_a_non_numeric_image():
+    with pytest.raises(ValueError, match="8-bit or 16-bit pixels, not float32"):
+        to_depth(np.zeros(3, np.uint8), np.float32)
+    with pytest.raises(ValueError, match="numeric image array, got <U1"):
+        to_depth(np.array(["a"]), np.uint8)
+
+
 def test_pipeline_key_is_stable_and_order_sensitive():
     a = ("gaussian_blur", {"ksize": 5, "sigma": 1.2})
     b = ("median_blur", {"ksize": 3})

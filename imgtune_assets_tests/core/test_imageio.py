@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgtune_assets.core.imageio import (decode_image, decode_oriented, decode_with_alpha, exif_orientation, orient,
-                                         probe_image, unorient)
+from imgtune_assets.core.imageio import (decode_image, decode_oriented, exif_orientation, orient,
+                                         probe_image, unorient, write_png)
 
 # Not square, and not symmetric: every one of the eight orientations gives another array.
 STORED = np.random.default_rng(3).integers(0, 256, (12, 20, 3), dtype=np.uint8)
@@ -57,7 +57,8 @@ def test_a_tiff_is_turned_by_opencvs_own_decoder_and_probed_at_that_size(orienta
 
 def test_alpha_and_grey_turn_with_the_image():
     rgba = np.dstack([STORED, np.arange(240, dtype=np.uint8).reshape(12, 20)])
-    image, alpha = decode_with_alpha(encoded("PNG", 6, rgba), "x.png")
+    image, alpha, orientation = decode_oriented(encoded("PNG", 6, rgba), "x.png")
+    assert orientation == 6
     assert image.shape == (20, 12, 3) and alpha.shape == (20, 12)
     assert np.array_equal(alpha, np.rot90(rgba[:, :, 3], k=-1))  # 6: a quarter turn clockwise to display
     grey = STORED[:, :, 0].copy()
@@ -70,6 +71,30 @@ def test_unorient_undoes_orient(orientation, pixels):
     upright = orient(pixels, orientation)
     assert np.array_equal(unorient(upright, orientation), pixels)
     assert upright.shape[:2] == (pixels.shape[:2] if orientation <= 4 else pixels.shape[1::-1])
+
+
+def test_orient_refuses_what_is_not_an_image_or_an_orientation():
+    with pytest.raises(ValueError, match=r"2-D \(grey\) or 3-D \(colour\) image array, got \(5,\)"):
+        orient(np.zeros(5, np.uint8), 6)
+    with pytest.raises(ValueError, match="EXIF orientation must be 1 to 8, got 9"):
+        orient(STORED, 9)
+
+
+@pytest.mark.parametrize("image, words", [
+    (np.zeros((4, 4), np.float64), "8-bit or 16-bit image array, got float64"),
+    (np.zeros((4, 4, 2), np.uint8), r"grey, BGR or BGRA image, got shape \(4, 4, 2\)"),
+    (np.zeros((0, 4), np.uint8), r"got shape \(0, 4\)"),
+])
+def test_write_png_refuses_what_a_png_cannot_hold_and_writes_nothing(tmp_path, image, words):
+    target = tmp_path / "out.png"
+    with pytest.raises(ValueError, match=words) as err:
+        write_png(target, image)
+    assert str(target) in str(err.value) and not target.exists()
+
+
+def test_write_png_keeps_16_bits_and_alpha(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 65536, (6, 7, 4), dtype=np.uint16)
+    assert np.array_equal(cv2.imread(str(write_png(tmp_path / "a.png", pixels)), cv2.IMREAD_UNCHANGED), pixels)
 
 
 def test_damaged_or_missing_exif_means_as_stored():

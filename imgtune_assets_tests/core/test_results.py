@@ -93,6 +93,19 @@ def test_a_file_that_is_not_a_trial_result_is_named(store):
         store.load_all(["trial-000"])
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", '"a string"', "null"])
+def test_json_that_is_not_an_object_is_named_as_not_a_trial_result(store, content):
+    store.folder.mkdir(parents=True)
+    store.path("trial-000").write_text(content)
+    with pytest.raises(ValueError, match=f"{store.path('trial-000')}: not a trial result \\(a JSON "):
+        store.load_all(["trial-000"])
+
+
+def test_an_identity_cache_that_is_not_an_object_is_recomputed(tmp_path):
+    (tmp_path / "identity.json").write_text("[1, 2]")
+    assert IdentityBaseline(tmp_path, Objective("psnr"), DIGEST).cached() is None
+
+
 # ---------------------------------------------------------------------------------- identity baseline
 
 

@@ -570,7 +570,7 @@ def test_a_resumed_search_proposes_what_an_undisturbed_one_did(tmp_path, sampler
     whole, records, _ = run_search(sweep, tmp_path / "a")
     # "killed" after round 1 with half of round 2 settled: a new process takes it up from disk
     _, part, _ = run_search(sweep, tmp_path / "b", rounds=[0, 1])
-    keys = whole.round_keys(2)
+    keys = [whole.key(k) for k in whole.rounds.slots(2)]
     part.update({k: records[k] for k in keys[:2]})
     counter = Counter()
     _, resumed, _ = run_search(sweep, tmp_path / "b", rounds=[2, 3], records=part, evaluate=counter)
