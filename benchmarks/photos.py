@@ -42,6 +42,8 @@ import cv2
 import numpy as np
 import yaml
 
+from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
+
 # Bumped when the generated pixels change: a cache made by another version is not reused.
 GENERATOR_VERSION = 1
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -107,13 +109,6 @@ def make_photo(index: int, seed: int, size: tuple[int, int]) -> tuple[np.ndarray
     return clean, noisy.astype(np.uint8)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    # An interrupted generation leaves no truncated file that a later run would take as done.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _pool_files(pool_dir: Path, index: int) -> tuple[Path, Path]:
     return pool_dir / "images" / f"{photo_id(index)}.jpg", pool_dir / "targets" / f"{photo_id(index)}.png"
 
@@ -126,8 +121,9 @@ def _generate_one(job: tuple[str, int, int, tuple[int, int]]) -> int:
     ok2, png = cv2.imencode(".png", clean)
     if not (ok and ok2):
         raise RuntimeError(f"cannot encode photo {index}")
-    _write_atomically(target_file, png.tobytes())
-    _write_atomically(image_file, jpeg.tobytes())  # last: its presence says the photo is complete
+    # Atomic: an interrupted generation leaves no truncated file that a later run would take as done.
+    atomic_write_bytes(target_file, png.tobytes())
+    atomic_write_bytes(image_file, jpeg.tobytes())  # last: its presence says the photo is complete
     return index
 
 
@@ -286,7 +282,7 @@ def main(argv=None) -> int:
         print(photo_set(args.photos, args.megapixels, args.seed, args.data_cache, args.workers))
     elif args.command == "floor":
         result = run_floor(args.sweep_file, args.workers)
-        args.result.write_text(json.dumps(result))
+        atomic_write_text(args.result, json.dumps(result))
     else:
         result = run_apply_floor(args.pipeline, args.input_dir, args.output_dir, args.workers)
         print(json.dumps(result))

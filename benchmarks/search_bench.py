@@ -77,6 +77,7 @@ import numpy as np
 import yaml
 
 from imgtune_assets.core.evaluate import TrialOutcome, evaluate_image
+from imgtune_assets.core.files import atomic_write_text
 from imgtune_assets.core.imageio import read_image, write_png
 from imgtune_assets.core.manifest import manifest_digest, require_usable, scan_folder
 from imgtune_assets.core.metrics import Objective
@@ -401,7 +402,7 @@ def best_known_values(pool, cache: Path, spaces: list[Space], args) -> dict[str,
               f"trials, {args.best_known_seeds} seeds", flush=True)
         saved[space.name] = find_best_known(pool, cache, space, args.best_known_trials, args.best_known_seeds,
                                             args.batch)
-        BEST_KNOWN_FILE.write_text(json.dumps(saved, indent=2) + "\n")
+        atomic_write_text(BEST_KNOWN_FILE, json.dumps(saved, indent=2) + "\n")
     return {space.name: saved[space.name] for space in spaces}
 
 
@@ -519,7 +520,7 @@ def main(argv=None) -> int:
     print(table(rows))
     if args.json:
         search_py = Path(sys.modules[Search.__module__].__file__).read_bytes()
-        args.json.write_text(json.dumps({
+        atomic_write_text(args.json, json.dumps({
             "machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()},
             "search_py_sha256": hashlib.sha256(search_py).hexdigest()[:16],  # the code measured
             "best_known": best_known, "rows": rows, "runs": runs}, indent=1))

@@ -173,6 +173,22 @@ def test_ray_node_stop_used_by_the_at_once_stop():
 # --------------------------------------------------------------------------- Dagster (defs/executor.py)
 
 
+@pytest.mark.parametrize("logger, notice", [("RAY_AUTH_LOGGER", "RAY_AUTH_NOTICE"),
+                                            ("RAY_WORKER_LOGGER", "RAY_SIGTERM_NOTICE")])
+def test_ray_notices_that_the_embedded_ray_drops_are_logged_where_it_listens(logger, notice):
+    """The embedded Ray filters two of Ray's notices by logger and message: a moved logger or a reworded
+    message would let them through again, on every start."""
+    import importlib
+
+    from imgtune_assets.core import embedded_ray
+
+    name, text = getattr(embedded_ray, logger), getattr(embedded_ray, notice)
+    module = importlib.import_module(name)
+    assert getattr(module, "logger", None) is not None and module.logger.name == name, _recheck(
+        EMBEDDED, f"{name} no longer logs through logging.getLogger(__name__)")
+    assert f'"{text}' in _source(module), _recheck(EMBEDDED, f"{name} no longer logs a message that begins {text!r}")
+
+
 def test_dagster_tags_spelled_out_in_imgtune_are_dagsters():
     from dagster._core.storage import tags
 
@@ -351,7 +367,7 @@ def _private_imports(path: Path) -> list[tuple[int, str]]:
 
 
 def test_private_apis_are_imported_in_one_place_each():
-    """A private import outside the three modules above would escape this test's checks."""
+    """A private import outside the modules above would escape this test's checks."""
     stray = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()
@@ -361,7 +377,8 @@ def test_private_apis_are_imported_in_one_place_each():
                 continue
             stray.append(f"imgtune_assets/{rel}:{line} imports {module}")
     assert not stray, ("Private Dagster/Ray API imported outside its one place (defs/executor.py, "
-                       "defs/storage.py, core/embedded_ray.py): use a public API, or move it there and add "
+                       "defs/storage.py, core/embedded_ray.py, core/ray_lean_agent.py): use a public API, or "
+                       "move it there and add "
                        "its names to this test:\n" + "\n".join(stray))
 
 

@@ -90,8 +90,8 @@ def test_postgres_config_reads_every_connection_field_from_the_environment(tmp_p
         "hostname": {"env": "DAGSTER_PG_HOST"}, "port": {"env": "DAGSTER_PG_PORT"},
         "username": {"env": "DAGSTER_PG_USER"}, "password": {"env": "DAGSTER_PG_PASSWORD"},
         "db_name": {"env": "DAGSTER_PG_DB"}}
-    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
-    assert config["run_coordinator"]["config"]["max_concurrent_runs"] >= 4
+    # The public run_queue key (a run_coordinator block would name Dagster's private module path).
+    assert "run_coordinator" not in config and config["run_queue"]["max_concurrent_runs"] >= 4
     top = yaml.safe_load((PROJECT / "dagster.yaml").read_text())
     for key in ("telemetry", "run_monitoring", "nux"):
         assert config[key] == top[key], key
@@ -107,7 +107,9 @@ def test_postgres_config_reads_every_connection_field_from_the_environment(tmp_p
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         assert instance.run_coordinator.get_run_queue_config().max_concurrent_runs >= 4
+        assert instance.run_coordinator.dequeue_use_threads and instance.run_coordinator.dequeue_num_workers == 4
         assert instance.run_monitoring_enabled and not instance.telemetry_enabled
         assert instance.get_runs() == []
         # The instance ref every run worker and step worker opens keeps the env references, not values.

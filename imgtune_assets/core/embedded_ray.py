@@ -102,7 +102,12 @@ HOSTED_RAY_FILE_NAME = "ray-address.json"
 HOSTED_POLL_SECONDS = 0.02
 HOSTED_WAIT_SECONDS = 120.0
 RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
-RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # the logger of Ray's auth notices
+# Notices of Ray's that the embedded Ray does not pass on: (its logger, how the message begins). Ray's
+# private module paths, checked in imgtune_assets_tests/test_pinned_private_apis.py.
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+RAY_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+RAY_WORKER_LOGGER = "ray._private.worker"
+RAY_SIGTERM_NOTICE = "SIGTERM handler is not set"
 
 _OFF = ("0", "false", "no", "off")
 # The lean start runs Ray's dashboard agent through this script (Ray's name for the agent's process type).
@@ -141,7 +146,7 @@ def start_embedded_ray(num_cpus: Optional[int] = None, namespace: Optional[str] 
     # Ray's default for a new local cluster is token authentication, and it says so at every start
     # (unless RAY_AUTH_MODE is set): not news for the embedded Ray. (Setting RAY_AUTH_MODE here instead
     # would break a process that imported Ray before: Ray reads the mode once, when first imported.)
-    with _dropped(RAY_AUTH_LOGGER, "Token authentication is enabled for this Ray cluster"), \
+    with _dropped(RAY_AUTH_LOGGER, RAY_AUTH_NOTICE), \
             _lean_head_node(enabled=lean):
         ray.init(
             address="local",
@@ -203,7 +208,7 @@ class _RayInBackground:
     def _run(self) -> None:
         started = time.perf_counter()
         try:
-            with _dropped("ray._private.worker", "SIGTERM handler is not set"):
+            with _dropped(RAY_WORKER_LOGGER, RAY_SIGTERM_NOTICE):
                 self._start()
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits, and raised there
             self._error = exc
