@@ -13,13 +13,16 @@ def process_age_seconds() -> float:
     timed with it came out up to a second long. Here both ends come from the same clock (/proc/uptime
     and the process's start tick). Elsewhere, psutil's figure is the fallback.
     """
+    from imgtune_assets.core.launcher import start_ticks
+
     try:
-        with open("/proc/self/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()  # the command name may hold spaces
+        started = start_ticks(os.getpid())
         with open("/proc/uptime") as handle:
             uptime = float(handle.read().split()[0])
-        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
-    except (OSError, ValueError, IndexError):
-        import psutil
+    except (OSError, ValueError, IndexError):  # not Linux's /proc: psutil's figure below
+        started = None
+    if started is not None:
+        return uptime - started / os.sysconf("SC_CLK_TCK")
+    import psutil
 
-        return time.time() - psutil.Process().create_time()
+    return time.time() - psutil.Process().create_time()

@@ -434,7 +434,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                     on_trial_done=trial_done, on_tick=report_progress, on_chunk_done=chunk_done,
                     identity=need_identity, known={k: known[k] for k in todo if k in known},
                     known_identity=known_identity if need_identity else None,
-                    on_tail=report_imports_on_tail(),
+                    on_tail=report_imports_on_tail(context),
                 )
             except ImageDataError as exc:  # a pinned image changed, vanished or does not decode
                 raise Failure(description=data_error_message(exc, sweep_dir)) from None

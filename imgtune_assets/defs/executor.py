@@ -386,10 +386,11 @@ def executor_from_environment() -> ExecutorDefinition:
     raise ValueError(f"{EXECUTOR_ENV}={os.environ[EXECUTOR_ENV]!r}: expected in_process, multiprocess or ray")
 
 
-def steps_share_the_run_process() -> bool:
-    """Whether every step of a run runs in the run's own process (the in-process executor, the default):
-    what one step prepares in memory (e.g. the report's imports) is then there for the next."""
-    return executor_from_environment() is in_process_executor
+def steps_share_the_run_process(executor_def: ExecutorDefinition) -> bool:
+    """Whether every step of a run of a job with ``executor_def`` (``context.job_def.executor_def``: the
+    executor the definitions set) runs in the run's own process — the in-process executor, the
+    default: what one step prepares in memory (e.g. the report's imports) is then there for the next."""
+    return executor_def is in_process_executor
 
 
 __all__ = [

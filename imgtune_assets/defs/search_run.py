@@ -80,10 +80,10 @@ def partial_reuse_message(known: dict[str, dict[str, Any]], keys: Sequence[str])
             "(skip_finished)")
 
 
-def report_imports_on_tail() -> Callable[[], object] | None:
+def report_imports_on_tail(context: AssetExecutionContext) -> Callable[[], object] | None:
     """``run_trials``' ``on_tail``: the report step's imports, begun while the fan-out's last tasks run —
-    when that step runs in this process (the in-process executor), else nothing."""
-    return prepare_in_background if steps_share_the_run_process() else None
+    when that step runs in this process (the run's job has the in-process executor), else nothing."""
+    return prepare_in_background if steps_share_the_run_process(context.job_def.executor_def) else None
 
 
 def staged_trials(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[dict[str, Any]]:
@@ -192,7 +192,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                          memory_budget=ray_cluster.memory_budget_bytes(), on_chunk_done=chunk_done, on_tick=on_tick,
                          identity=need_identity, known={t["trial"]: known_now.get(t["trial"], {}) for t in trials},
                          known_identity={i: identity[i] for i in needed if i in identity},
-                         on_tail=report_imports_on_tail())
+                         on_tail=report_imports_on_tail(context))
         identity.update(fan.identity)
         stats["decodes"] += fan.decodes
         out = {}

@@ -158,14 +158,23 @@ def test_executor_from_environment(monkeypatch):
         executor_from_environment()
 
 
-def test_steps_share_the_run_process_only_with_the_in_process_executor(monkeypatch):
-    from imgtune_assets.defs.executor import steps_share_the_run_process
+@pytest.mark.parametrize("name, shared", [("in_process", True), ("multiprocess", False), ("ray", False)])
+def test_steps_share_the_run_process_only_with_the_in_process_executor(tmp_path, name, shared):
+    """Asked of the executor the definitions set (as a run's context has it), whatever the environment
+    says: definitions built with an explicit executor are not second-guessed by $IMGTUNE_EXECUTOR."""
+    from dagster import in_process_executor, multiprocess_executor
 
-    monkeypatch.delenv("IMGTUNE_EXECUTOR", raising=False)
-    assert steps_share_the_run_process()
-    for value in ("multiprocess", "ray"):
-        monkeypatch.setenv("IMGTUNE_EXECUTOR", value)
-        assert not steps_share_the_run_process(), value
+    from imgtune_assets.core.sweepfile import load_sweep
+    from imgtune_assets.defs.executor import ray_executor, steps_share_the_run_process
+    from imgtune_assets.defs.factory import build_definitions
+
+    executor = {"in_process": in_process_executor, "multiprocess": multiprocess_executor, "ray": ray_executor}[name]
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(f"name: s\ndata_dir: {tmp_path}\nobjective: {{metric: psnr}}\ntrials: 2\n"
+                          "pipeline:\n- op: gaussian_blur\n  ksize: {type: odd, low: 3, high: 5}\n")
+    defs = build_definitions([load_sweep(sweep_file)], executor=executor, output_dir=str(tmp_path / "out"))
+    job = defs.resolve_job_def("s_sweep")
+    assert steps_share_the_run_process(job.executor_def) is shared
 
 
 def test_whole_sweep_with_ray_executor_on_a_two_node_cluster(tmp_path, cluster, denoise_data):
