@@ -107,7 +107,7 @@ def sweep_commands(sweep_name: str, trial_keys: Sequence[str], *, apply: bool = 
 def ensure_instance_config(home: Path) -> Path | None:
     """Put the project's dagster.yaml into a new or empty DAGSTER_HOME (what ``make demo`` does), so a
     sweep runs on the instance imgtune is measured on: its event log writes a run's trial events in one
-    transaction (Dagster's default SQLite storage takes ~16 ms more per trial). A home that already
+    transaction (Dagster's default SQLite storage writes them one by one). A home that already
     holds a dagster.yaml or a history is the user's and is left alone. Returns the file written, if any."""
     target = home / "dagster.yaml"
     source = PROJECT_DAGSTER_YAML

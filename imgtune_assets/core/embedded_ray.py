@@ -25,7 +25,7 @@ fails when they move):
    monitor (their start methods on the private ``Node`` are skipped during ``ray.init``);
 3. the stop kills the node's processes at once instead of SIGTERM and up to 1 s of waiting each
    (the private node's ``kill_all_processes`` is wrapped for the coming ``ray.shutdown``);
-4. the driver sees its raylet register with GCS within ~20 ms instead of at Ray's next 1 s retry
+4. the driver sees its raylet register with GCS at the next short poll instead of at Ray's next 1 s retry
    (``ray._private.services.get_node``, which ``ray.init`` calls while the node starts, is preceded by
    a poll of GCS's node table; the raylet registers only once its agents are up, so Ray's first try
    almost always misses it and the second comes up to a second after it);
@@ -36,8 +36,8 @@ fails when they move):
    agent's command line, is wrapped during ``ray.init``).
 
 ``lean=False`` turns all five off together: a plain ``ray.init(address="local", ...)`` and
-``ray.shutdown()`` with only ``LOOPBACK_ENV`` and ``PRIORITY_ENV``, i.e. Ray as shipped, slower by ~2 s at start
-and ~1.4 s at stop. Use it when a Ray upgrade is being checked or the embedded Ray misbehaves.
+``ray.shutdown()`` with only ``LOOPBACK_ENV`` and ``PRIORITY_ENV``, i.e. Ray as shipped, slower to start and
+to stop. Use it when a Ray upgrade is being checked or the embedded Ray misbehaves.
 ``IMGTUNE_RAY_LEAN=0`` (or ``false``/``no``/``off``) turns it off for every embedded Ray of the
 process, whatever the caller asked for; ``RayResource.lean_embedded=False`` turns it off for one
 resource.
@@ -75,8 +75,8 @@ RAY_ADDRESS_ENV = "IMGTUNE_RAY_ADDRESS"
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 # Ray starts its workers 15 steps nicer than its raylet (a cluster node's workers must not starve the
 # raylet). The embedded Ray's workers do the command's own work, as a multiprocessing pool's would: at
-# the command's priority. With Ray's default, anything else busy on the machine took their CPUs —
-# applying a pipeline to 120 photos beside two busy processes took 165 s instead of 19 s.
+# the command's priority. With Ray's default, anything else busy on the machine took their CPUs first,
+# and a command beside two busy processes ran many times slower.
 PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 # Ray's internal config, for the lean embedded Ray only (measured on 2 cores, benchmarks/sweep_bench.py):
 # - the raylet connects to its own object store, started by another thread a moment earlier, and
@@ -410,7 +410,7 @@ def skip_final_collection_at_exit() -> None:
     """Let the process that ran a sweep exit without a last full garbage collection.
 
     Python's shutdown walks every live object (Dagster, Ray, gRPC and pydantic leave about a million)
-    to collect cycles that the exit frees anyway: 0.8 s at the end of every CLI run on 2 cores. Frozen
+    to collect cycles that the exit frees anyway, a noticeable pause at the end of every CLI run. Frozen
     objects are skipped; the atexit handlers registered before this one (Ray's, logging's flush,
     Dagster's) still run after it, and nothing else changes while the process lives.
     """
@@ -452,9 +452,9 @@ def _lean_head_node(enabled: bool = True) -> Iterator[None]:
     """Start the embedded Ray without the three head processes it has no use for.
 
     A local ``ray.init`` also starts the dashboard's API server (even with ``include_dashboard=False``;
-    and it waits ~0.6 s for it to come up), the autoscaler's monitor and the log monitor (which only
-    streams worker output to the driver, off here with ``log_to_driver=False``): three Python processes,
-    about 1.3 s of CPU at start-up on a 2-core machine, and a little polling all through the sweep. The
+    and it waits for it to come up), the autoscaler's monitor and the log monitor (which only streams
+    worker output to the driver, off here with ``log_to_driver=False``): three Python processes whose
+    start-up competes for the CPUs the sweep is starting on, and a little polling all through it. The
     embedded Ray is one node that lives as long as a run, with no dashboard, nothing to autoscale and
     its logs in the session folder; GCS, raylet, the object store, the workers and their agents start as
     usual. Ray offers no switch for these (``ray start`` hides ``--no-monitor``), so their start methods
@@ -535,8 +535,7 @@ def _after_registration(get_node, gcs_client):
 def _stop_at_once() -> None:
     """Make the coming ``ray.shutdown()`` kill the embedded Ray's processes at once.
 
-    By default it sends SIGTERM and waits up to a second per process (about 1.4 s at the end of every
-    run). The embedded Ray holds nothing that needs a graceful stop: every result is saved by then.
+    By default it sends SIGTERM and waits up to a second per process, at the end of every run. The embedded Ray holds nothing that needs a graceful stop: every result is saved by then.
     A raylet killed at once cannot stop the agents and workers it started, so they are killed too
     (they would otherwise live as long as this process). This reaches into Ray's private node object
     (``ray._private.worker._global_node``); if a Ray release moves it, the graceful stop remains.

@@ -197,8 +197,8 @@ def _blur(a: np.ndarray) -> np.ndarray:
 def _ssim_plane(x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
     """SSIM map of two contiguous 2-D float64 planes.
 
-    One plane at a time: single-channel filtering and contiguous temporaries are ~3x
-    faster than filtering a stacked multi-channel array.
+    One plane at a time: single-channel filtering over contiguous temporaries is faster than
+    filtering a stacked multi-channel array.
     """
     ux, uy = _blur(x), _blur(y)
     uxx, uyy, uxy = _blur(x * x), _blur(y * y), _blur(x * y)

@@ -4,7 +4,7 @@ install (the lean embedded Ray's fifth shortcut; see ``embedded_ray``).
 Run by the raylet as ``python -u ray_lean_agent.py <path of Ray's dashboard/agent.py> <its arguments>``.
 Ray's agent imports every module under ``ray.dashboard.modules`` to find those it can load; without
 ``ray[default]``'s dependencies none loads (``Available modules: []`` in its log), but the imports
-take a few hundred milliseconds of the raylet's start, which waits for the agent. With those
+still delay the raylet's start, which waits for the agent. With those
 dependencies installed, nothing is skipped. Plain script: no imgtune import (the raylet runs it with
 Ray's Python path), no Dagster.
 """

@@ -99,7 +99,7 @@ class RayResource(ConfigurableResource):
     when the run ends (``imgtune_assets.core.embedded_ray``). By default it is *lean*: it starts without the dashboard's
     API server, the autoscaler's monitor and the log monitor, with Ray's connect/flush timeouts
     shortened and the raylet's registration polled for, and stops by killing its processes at once
-    (about 2 s less at start and 1.4 s less at stop on 2 cores). Three of those shortcuts use Ray's
+    (figures in benchmarks/RESULTS.md). Three of those shortcuts use Ray's
     private API (pinned ``ray==2.60.0``).
     ``lean_embedded=False``, or ``IMGTUNE_RAY_LEAN=0`` in the environment (which also reaches the
     embedded Ray of ``ray_executor``), turns every shortcut off together: Ray then starts and stops
@@ -203,7 +203,7 @@ class RayResource(ConfigurableResource):
     def connect(self, log: Optional[logging.Logger] = None) -> None:
         """Connect to the cluster, or start the embedded local Ray; a no-op when already connected."""
         address = self.resolved_address()
-        started = time.perf_counter()  # Ray's start-up includes importing it (~0.3 s)
+        started = time.perf_counter()  # Ray's start-up includes importing it
         if self._early_start is None and self.hosted_file() and not _ray_initialized():
             # No run began this resource (e.g. it is used on its own): the launching command's Ray is
             # connected to as the run's background start would have been, and waited for below.

@@ -2,8 +2,8 @@
 
 A ranged run of ``experiment_results`` emits one planned-materialization event per trial when it starts
 and one materialization event per trial when it ends. Dagster's SQLite event log stores each event on
-its own: two new engines, two connections, two commits and a schema inspection per event (≈ 8 ms; 2 s
-for a 128-trial sweep on a 2-core machine). Dagster already hands such events over as a batch when
+its own: two new engines, two connections, two commits and a schema inspection per event, which adds up
+over a sweep of many trials. Dagster already hands such events over as a batch when
 ``DAGSTER_EVENT_BATCH_SIZE`` is set, but its SQLite storage then stores them one by one anyway. This
 storage writes the batch in one transaction per shard: the same rows in the same tables as the
 one-by-one path (a batch's asset check events are mirrored into the index after its asset events).
