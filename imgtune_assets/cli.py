@@ -45,6 +45,8 @@ from imgtune_assets import run_watch
 from imgtune_assets.core import embedded_ray
 from imgtune_assets.core.catalog import (
     EXECUTOR_ENV,
+    SWEEP_ENV,
+    SWEEPS_DIR_ENV,
     SweepCatalogError,
     find_sweep,
     group_name,
@@ -501,9 +503,14 @@ def select_sweeps(served: list[Sweep], names: Sequence[str], all_sweeps: bool) -
                             "(or set IMGTUNE_SWEEP to one sweep file)")
 
 
-def resume_hint(sweep_name: str) -> str:
-    """How to go on after an interrupted or killed run: the trials it finished are saved."""
-    return f"finished trials are kept: `{imgtune_command()} sweep {sweep_name} --resume` resumes"
+def resume_hint(sweep_name: str, environ: Mapping[str, str] | None = None) -> str:
+    """How to go on after an interrupted or killed run: the trials it finished are saved. The command
+    carries the variables that chose the sweep files (``IMGTUNE_SWEEP``, ``IMGTUNE_SWEEPS_DIR``), so
+    that it finds the same sweep when run as printed."""
+    environ = os.environ if environ is None else environ
+    chosen = "".join(f"{name}={shlex.quote(environ[name])} " for name in (SWEEP_ENV, SWEEPS_DIR_ENV)
+                     if environ.get(name, "").strip())
+    return f"finished trials are kept: `{chosen}{imgtune_command()} sweep {sweep_name} --resume` resumes"
 
 
 def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: bool, columns: int,

@@ -656,7 +656,8 @@ def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
             proc.kill()
     assert proc.returncode == 130, out + err
     assert "interrupted" in err and "failed: slow (exit 130)" in err, err
-    assert "python -m imgtune_assets.cli sweep slow --resume` resumes" in err, err  # how to go on
+    # how to go on, with the variable that chose the sweep file: run as printed, it finds the same sweep
+    assert f"`IMGTUNE_SWEEP={env['IMGTUNE_SWEEP']} " in err and "python -m imgtune_assets.cli sweep slow --resume` resumes" in err, err
     assert "SIGTERM received" not in err, err  # Ray's crash handler (a stack dump) did not take the signal
     _, alive = psutil.wait_procs(started, timeout=15)
     assert not alive, [p.cmdline() for p in alive]  # the run, Ray's processes
@@ -692,10 +693,11 @@ def test_a_run_whose_process_or_command_is_killed_is_marked_failed(tmp_path, kil
         assert proc.returncode != 0, out + err
         assert "the run's process ended (killed by SIGKILL) before the run did" in err, err
         assert "error: slow: manifest, trials, report failed (exit -9)\n" in err and "--tags" not in err, err
-        hint = re.search(r"finished trials are kept: `(\S+) -m imgtune_assets.cli sweep slow --resume` resumes\n", err)
-        assert hint, err
+        hint = re.search(r"finished trials are kept: `IMGTUNE_SWEEP=(\S+) (\S+) -m imgtune_assets.cli sweep slow --resume` "
+                         r"resumes\n", err)
+        assert hint and hint.group(1) == env["IMGTUNE_SWEEP"], err
         # the interpreter it names is the one imgtune runs on, as typed in the command's folder
-        shown = hint.group(1)
+        shown = hint.group(2)
         resolved = shutil.which(shown, path=env.get("PATH")) if shown == "python" else str(PROJECT / shown)
         assert Path(resolved).absolute() == (VENV_BIN / "python").absolute(), (shown, resolved)
         assert err.rstrip().endswith("failed: slow (exit -9)"), err

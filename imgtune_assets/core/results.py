@@ -58,11 +58,14 @@ def _ray_error_pattern() -> re.Pattern[str]:
 
 
 class TrialStore:
-    """The trial results of one sweep for one (fingerprint, manifest digest)."""
+    """The trial results of one sweep for one (fingerprint, manifest digest). Results saved under one of
+    ``earlier`` fingerprints (``Sweep.earlier_fingerprints``: the same trials, hashed as an earlier
+    version did) are current too; new ones are saved under ``fingerprint``."""
 
-    def __init__(self, sweep_dir: Path, fingerprint: str, manifest_digest: str):
+    def __init__(self, sweep_dir: Path, fingerprint: str, manifest_digest: str, earlier: Sequence[str] = ()):
         self.folder = Path(sweep_dir) / "trials"
         self.fingerprint = fingerprint
+        self.accepted = {fingerprint, *earlier}
         self.manifest_digest = manifest_digest
 
     def path(self, key: str) -> Path:
@@ -110,7 +113,7 @@ class TrialStore:
         return record
 
     def is_current(self, record: dict[str, Any]) -> bool:
-        return (record.get("fingerprint"), record.get("manifest_digest")) == (self.fingerprint, self.manifest_digest)
+        return record.get("fingerprint") in self.accepted and record.get("manifest_digest") == self.manifest_digest
 
     def load(self, key: str) -> dict[str, Any] | None:
         """The trial's result if it is current, else None (absent, stale, or ``lost_to_ray``)."""

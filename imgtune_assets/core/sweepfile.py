@@ -115,7 +115,24 @@ class Sweep:
         return self.objective.needs_target
 
     def fingerprint(self) -> str:
-        """Hash of everything that decides a trial's parameters and score (not the data)."""
+        """Hash of everything that decides a trial's parameters and score (not the data).
+
+        ``trials`` is in it only for ``grid``, whose points depend on their number: ``random``,
+        ``halton`` and ``sobol`` give trial k the same parameters whatever the count, and a staged
+        search extends its rounds (core/search.py), so raising ``trials`` keeps every saved trial."""
+        return self._fingerprint(with_trials=self.sampler == "grid")
+
+    def earlier_fingerprints(self) -> tuple[str, ...]:
+        """Fingerprints under which earlier versions of imgtune saved results that are this sweep's: a
+        sweep of ``random``, ``halton`` or ``sobol`` had its trial count in the hash. A result saved
+        under it for the current count is current (one saved for another count is found again once
+        it is computed under the current fingerprint)."""
+        if self.sampler in ("random", "halton", "sobol") and not (self.sampler in ADAPTIVE_SAMPLERS
+                                                                  or self.early_stopping is not None):
+            return (self._fingerprint(with_trials=True),)
+        return ()
+
+    def _fingerprint(self, *, with_trials: bool) -> str:
         payload = {
             "metric": self.objective.metric,
             "metric_options": self.objective.options,
@@ -128,14 +145,11 @@ class Sweep:
                 for s in self.pipeline
             ],
         }
-        # A staged search is extended by raising ``trials`` (its rounds and their results stay, see
-        # core/search.py); for the other samplers the count stays in, as it always was, so results
-        # saved under earlier fingerprints are still found.
         if self.sampler in ADAPTIVE_SAMPLERS or self.early_stopping is not None:
             payload["search"] = self.search.to_dict()
             payload["early_stopping"] = self.early_stopping.to_dict() if self.early_stopping else None
-            if self.sampler != "grid":  # the grid's points depend on the number of trials
-                del payload["trials"]
+        if not with_trials:
+            del payload["trials"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

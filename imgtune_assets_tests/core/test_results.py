@@ -101,6 +101,15 @@ def test_json_that_is_not_an_object_is_named_as_not_a_trial_result(store, conten
         store.load_all(["trial-000"])
 
 
+def test_results_saved_under_an_earlier_fingerprint_are_current(tmp_path):
+    earlier = TrialStore(tmp_path, "old-fingerprint", DIGEST)
+    earlier.save(record("trial-000", fingerprint="old-fingerprint"))
+    assert TrialStore(tmp_path, "new-fingerprint", DIGEST).load("trial-000") is None
+    store = TrialStore(tmp_path, "new-fingerprint", DIGEST, earlier=["old-fingerprint"])
+    assert store.load("trial-000")["trial"] == "trial-000"
+    assert TrialStore(tmp_path, "new-fingerprint", "other images", earlier=["old-fingerprint"]).load("trial-000") is None
+
+
 def test_an_identity_cache_that_is_not_an_object_is_recomputed(tmp_path):
     (tmp_path / "identity.json").write_text("[1, 2]")
     assert IdentityBaseline(tmp_path, Objective("psnr"), DIGEST).cached() is None

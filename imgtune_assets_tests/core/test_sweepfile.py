@@ -312,17 +312,32 @@ def test_not_a_mapping(tmp_path):
     ],
 )
 def test_fingerprint_is_stable(tmp_path, objective, expected):
-    # Values computed with the parser before the pydantic rewrite: results cached under a
-    # fingerprint must still be found (ints stay ints, options keep their values).
+    # Values computed with the parser before the pydantic rewrite (when the trial count was part of a
+    # random sweep's fingerprint): results cached under it must still be found (ints stay ints,
+    # options keep their values).
     text = GOOD.replace("{metric: psnr}", objective)
-    assert load_sweep(write(tmp_path, text)).fingerprint() == expected
+    assert load_sweep(write(tmp_path, text)).earlier_fingerprints() == (expected,)
     extra = "schedule: {cron: '0 2 * * *'}\nchunk_size: 3\ndemo_data: denoise\ndescription: hi\n"
-    assert load_sweep(write(tmp_path, text + extra)).fingerprint() == expected  # not part of it
+    assert load_sweep(write(tmp_path, text + extra)).earlier_fingerprints() == (expected,)  # not part of it
+    assert load_sweep(write(tmp_path, text + extra)).fingerprint() == load_sweep(write(tmp_path, text)).fingerprint()
 
 
 def test_fingerprint_is_stable_for_float_options_and_other_samplers(tmp_path):
     text = GOOD.replace("{metric: psnr}", "{metric: edge_f1, tolerance: 1.5}").replace("sampler: random", "sampler: halton")
-    assert load_sweep(write(tmp_path, text)).fingerprint() == "73ffcbf5a232809b"
+    assert load_sweep(write(tmp_path, text)).earlier_fingerprints() == ("73ffcbf5a232809b",)
+
+
+@pytest.mark.parametrize("sampler, kept", [("random", True), ("halton", True), ("sobol", True), ("grid", False)])
+def test_raising_trials_keeps_the_fingerprint_unless_the_points_depend_on_the_count(tmp_path, sampler, kept):
+    from imgtune_assets.core.sampling import trial_settings
+
+    text = GOOD.replace("sampler: random", f"sampler: {sampler}")
+    fewer = load_sweep(write(tmp_path, text))
+    more = load_sweep(write(tmp_path, text.replace("trials: 8", "trials: 20")))
+    assert (fewer.fingerprint() == more.fingerprint()) is kept
+    if kept:  # what makes keeping them right: trial k has the same parameters whatever the count
+        assert all(trial_settings(fewer, k)["params"] == trial_settings(more, k)["params"] for k in range(8))
+    assert more.earlier_fingerprints() == (() if sampler == "grid" else (more._fingerprint(with_trials=True),))
 
 
 def test_parsed_values_keep_their_types(tmp_path):

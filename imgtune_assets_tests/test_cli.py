@@ -1,0 +1,19 @@
+"""The sweep command's pure helpers (the command itself runs in test_cli_end_to_end.py and
+test_cli_apply.py, through a real Dagster instance and Ray)."""
+
+import shlex
+
+from imgtune_assets.cli import resume_hint
+from imgtune_assets.core.paths import imgtune_command
+
+
+def test_the_resume_hint_carries_the_variables_that_chose_the_sweep_files():
+    plain = resume_hint("slow", environ={})
+    assert plain == f"finished trials are kept: `{imgtune_command()} sweep slow --resume` resumes"
+    pinned = resume_hint("slow", environ={"IMGTUNE_SWEEP": "/data/my sweeps/slow.yaml", "IMGTUNE_SWEEPS_DIR": " "})
+    assert pinned.startswith("finished trials are kept: `IMGTUNE_SWEEP='/data/my sweeps/slow.yaml' ")
+    command = pinned.split("`")[1]
+    assert shlex.split(command)[0] == "IMGTUNE_SWEEP=/data/my sweeps/slow.yaml"  # a shell reads it back whole
+    assert "IMGTUNE_SWEEPS_DIR" not in pinned  # blank: not what chose the sweep
+    folder = resume_hint("slow", environ={"IMGTUNE_SWEEPS_DIR": "/srv/sweeps"})
+    assert "`IMGTUNE_SWEEPS_DIR=/srv/sweeps " in folder
