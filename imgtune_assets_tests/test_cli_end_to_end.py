@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -113,25 +114,32 @@ def _plain(path: Path) -> str:
     return ANSI.sub("", path.read_text())
 
 
-def _ray_sessions() -> set[str]:
-    """Ray's session folders on this machine (``<temp dir>/ray/session_<date>_<time>_<usec>_<pid>``)."""
-    import tempfile
+@pytest.fixture
+def ray_root():
+    """A Ray temp dir of the test's own, for the commands it starts (``RAY_TMPDIR``: the embedded Ray's
+    ``ray.init(address="local")`` makes its session folder in ``$RAY_TMPDIR/ray``), so that the session
+    folders counted there are the test's whatever other Ray runs on the machine. Short, under /tmp: Ray's
+    unix sockets live in it (paths of at most ~107 characters)."""
+    root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
-    root = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
-    return {p.name for p in root.glob("session_2*")}
+
+def _ray_sessions(root: Path) -> set[str]:
+    """Ray's session folders under a Ray temp dir (``<root>/ray/session_<date>_<time>_<usec>_<pid>``)."""
+    return {p.name for p in (root / "ray").glob("session_2*")}
 
 
-def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep):
-    env = cli_env(tmp_path, tiny_sweep)
+def test_cli_sweep_command_prints_best_score(tmp_path, tiny_sweep, ray_root):
+    env = cli_env(tmp_path, tiny_sweep, RAY_TMPDIR=str(ray_root))
     home_config = Path(env["DAGSTER_HOME"]) / "dagster.yaml"
     home_config.unlink()  # a DAGSTER_HOME the user just made: the command installs the project's dagster.yaml
-    sessions_before = _ray_sessions()
     result = run_cli(env)  # IMGTUNE_SWEEP names one sweep: no name needed
     assert result.returncode == 0, result.stdout + result.stderr
     # One embedded Ray, started by the command itself (Ray names a session folder after the pid of the
     # process that started it) and connected to by the run; Dagster's resource initialization after
     # the run must not start another.
-    started = [name.rsplit("_", 1)[1] for name in _ray_sessions() - sessions_before]
+    started = [name.rsplit("_", 1)[1] for name in _ray_sessions(ray_root)]
     assert len(started) == 1, started
     [log] = _log_files(result.stdout)
     assert "Ray connected (embedded local, hosted by the imgtune command)" in _plain(log)
@@ -163,19 +171,18 @@ def test_a_failed_tuned_images_step_still_points_at_the_report(tmp_path, denoise
     assert (tmp_path / "outputs" / "tiny" / "report.json").exists()
 
 
-def test_cli_all_sweeps_of_a_folder(tmp_path, denoise_data, segment_data):
+def test_cli_all_sweeps_of_a_folder(tmp_path, denoise_data, segment_data, ray_root):
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
     write_sweep(sweeps / "a-denoise.yaml", denoise_data, name="den-1", trials=4)
     write_sweep(sweeps / "b-segment.yaml", segment_data, name="seg.2", trials=4, metric="dice",
                 pipeline=SEGMENT_PIPELINE)
-    env = sweeps_dir_env(tmp_path, sweeps)
-    sessions_before = _ray_sessions()
+    env = sweeps_dir_env(tmp_path, sweeps, RAY_TMPDIR=str(ray_root))
     result = run_cli(env, "--all")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     # One Ray for the command's two runs, gone when the command has ended.
-    [session] = _ray_sessions() - sessions_before
+    [session] = _ray_sessions(ray_root)
     assert not [p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])]
     lines = output.splitlines()
     assert len(lines) < 40, output
@@ -612,9 +619,10 @@ def test_an_existing_instance_config_is_left_alone(tmp_path):
     assert f"cp {cli.PROJECT_DAGSTER_YAML} {used}/" in note and not (used / "dagster.yaml").exists()
 
 
-def _slow_sweep_under_way(tmp_path, trials):
+def _slow_sweep_under_way(tmp_path, trials, **extra_env):
     """``python -m imgtune_assets.cli sweep`` of a slow sweep, once its first trial is done:
-    (its environment, the command's process, the processes it has started by then)."""
+    (its environment, the command's process, the processes it has started by then). ``extra_env`` is
+    added to the command's environment."""
     import time
 
     from imgtune_assets.core.demo_data import make_denoise_set
@@ -623,7 +631,7 @@ def _slow_sweep_under_way(tmp_path, trials):
     make_denoise_set(data, count=8, size=384)
     sweep = write_sweep(tmp_path / "slow.yaml", data, name="slow", trials=trials, pipeline=[
         {"op": "bilateral_filter", "d": {"type": "int", "low": 15, "high": 25}, "sigma_color": 75, "sigma_space": 75}])
-    env = cli_env(tmp_path, sweep)
+    env = cli_env(tmp_path, sweep, **extra_env)
     progress = tmp_path / "outputs" / "slow" / "progress.json"
     proc = subprocess.Popen([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "--quiet"], cwd=PROJECT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -640,14 +648,13 @@ def _slow_sweep_under_way(tmp_path, trials):
         raise
 
 
-def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
+def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path, ray_root):
     """A job scheduler's SIGTERM (or `kill`) to the command alone: the command passes the interruption
     on to its run, which fails cleanly with the trials it had finished saved, stops its Ray, and exits
     with 130; nothing of either is left running."""
     import signal
 
-    sessions_before = _ray_sessions()
-    env, proc, started = _slow_sweep_under_way(tmp_path, trials=400)
+    env, proc, started = _slow_sweep_under_way(tmp_path, trials=400, RAY_TMPDIR=str(ray_root))
     try:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -661,7 +668,7 @@ def test_cli_sigterm_interrupts_the_run_and_stops_the_commands_ray(tmp_path):
     assert "SIGTERM received" not in err, err  # Ray's crash handler (a stack dump) did not take the signal
     _, alive = psutil.wait_procs(started, timeout=15)
     assert not alive, [p.cmdline() for p in alive]  # the run, Ray's processes
-    [session] = _ray_sessions() - sessions_before
+    [session] = _ray_sessions(ray_root)
     assert not [p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])]
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         [run] = instance.get_runs()

@@ -66,20 +66,45 @@ def test_one_failing_trial_does_not_fail_the_others(local_ray, images):
     assert all(outcomes[f"trial-{k:03d}"].status == "ok" for k in range(3))
 
 
-def _busy_workers():
+def _own_raylets(ray) -> list[psutil.Process]:
+    """The raylet of the Ray this test process is connected to (``local_ray``: ``ray.init(address="local")``
+    starts the node's processes as children of the driver), found by its socket (in the Ray's session
+    folder) among this process's descendants — never a raylet of another Ray on the machine."""
+    sockets = {f"--raylet_socket_name={node['RayletSocketName']}" for node in ray.nodes() if node["Alive"]}
+    raylets = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.name() == "raylet" and sockets & set(proc.cmdline()):
+                raylets.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return raylets
+
+
+def _busy_workers(raylets: list[psutil.Process]) -> list[int]:
+    """The workers of ``raylets`` (their children) running an imgtune task (Ray titles them
+    ``ray::<task name>``)."""
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith("ray::imgtune:"):
-            found.append(proc.info["pid"])
+    for raylet in raylets:
+        try:
+            workers = raylet.children()
+        except psutil.NoSuchProcess:
+            continue
+        for proc in workers:
+            try:
+                cmd = " ".join(proc.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if cmd.startswith("ray::imgtune:"):
+                found.append(proc.pid)
     return found
 
 
-def _kill_a_busy_worker(killed: list, seconds: float = 30) -> None:
-    """SIGKILL the first Ray worker seen running an imgtune task (its pid goes to ``killed``)."""
+def _kill_a_busy_worker(raylets: list[psutil.Process], killed: list, seconds: float = 30) -> None:
+    """SIGKILL the first worker of ``raylets`` seen running an imgtune task (its pid goes to ``killed``)."""
     deadline = time.time() + seconds
     while time.time() < deadline and not killed:
-        for pid in _busy_workers():
+        for pid in _busy_workers(raylets):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             break
@@ -94,8 +119,10 @@ def test_worker_killed_mid_sweep_changes_nothing(local_ray, images):
             for k in range(6)]
     undisturbed = run_trials(slow, InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=2).outcomes
 
+    raylets = _own_raylets(local_ray)
+    assert len(raylets) == 1, raylets  # this module's Ray: one node
     killed = []
-    killer = threading.Thread(target=_kill_a_busy_worker, args=(killed,))
+    killer = threading.Thread(target=_kill_a_busy_worker, args=(raylets, killed))
     killer.start()
     disturbed = run_trials(slow, InMemoryImages(ids, imgs, tgts), PSNR, chunk_size=2).outcomes
     killer.join()
@@ -322,8 +349,10 @@ def test_worker_killed_while_chunks_live_in_the_object_store_changes_nothing(loc
             for k in range(4)]
     # (fused: the killed worker may be one decoding and scoring a chunk; Ray runs its task again)
     undisturbed = run_trials(slow, ImageFiles(tmp_path, rows), PSNR, chunk_size=2).outcomes
+    raylets = _own_raylets(local_ray)
+    assert len(raylets) == 1, raylets  # this module's Ray: one node
     killed = []
-    killer = threading.Thread(target=_kill_a_busy_worker, args=(killed,))
+    killer = threading.Thread(target=_kill_a_busy_worker, args=(raylets, killed))
     killer.start()
     disturbed = run_trials(slow, ImageFiles(tmp_path, rows), PSNR, chunk_size=2, fuse=fuse)
     killer.join()
