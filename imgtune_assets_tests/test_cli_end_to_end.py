@@ -7,7 +7,6 @@ names; and, without Dagster, its command lines and what it prints."""
 
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -65,29 +64,28 @@ def run_cli(env, *args, timeout=600):
 
 
 # ----------------------------------------------------------------------------- the dagster CLI itself
-def test_whole_sweep_then_one_trial_again(tmp_path, tiny_sweep):
+def test_whole_sweep_then_one_trial_again(tmp_path, tiny_sweep, monkeypatch):
     env = cli_env(tmp_path, tiny_sweep)
     for command in sweep_commands("tiny", KEYS):
         run(env, command)
     run(env, [str(VENV_BIN / "dagster"), "asset", "materialize", *MODULE, "--select", "tiny/experiment_results",
               "--partition", "trial-002"])
 
-    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
-    try:
-        with DagsterInstance.get() as instance:
-            records = instance.fetch_materializations(AssetKey(["tiny", "experiment_results"]), limit=100).records
-            per_partition = {}
-            for record in records:
-                key = record.asset_materialization.partition
-                per_partition[key] = per_partition.get(key, 0) + 1
-            assert per_partition == {"trial-000": 1, "trial-001": 1, "trial-002": 2, "trial-003": 1}
-            ranged_runs = {r.run_id for r in records if r.asset_materialization.partition != "trial-002"}
-            assert len(ranged_runs) == 1  # the whole sweep was one run
-            report = instance.fetch_materializations(AssetKey(["tiny", "sweep_report"]), limit=1).records[0]
-            metadata = report.asset_materialization.metadata
-            assert not instance.fetch_materializations(AssetKey("experiment_results"), limit=1).records
-    finally:
-        del os.environ["DAGSTER_HOME"]
+    # The instance as a user's program finds it: through DAGSTER_HOME (the one the Makefile exports is
+    # put back after the test).
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    with DagsterInstance.get() as instance:
+        records = instance.fetch_materializations(AssetKey(["tiny", "experiment_results"]), limit=100).records
+        per_partition = {}
+        for record in records:
+            key = record.asset_materialization.partition
+            per_partition[key] = per_partition.get(key, 0) + 1
+        assert per_partition == {"trial-000": 1, "trial-001": 1, "trial-002": 2, "trial-003": 1}
+        ranged_runs = {r.run_id for r in records if r.asset_materialization.partition != "trial-002"}
+        assert len(ranged_runs) == 1  # the whole sweep was one run
+        report = instance.fetch_materializations(AssetKey(["tiny", "sweep_report"]), limit=1).records[0]
+        metadata = report.asset_materialization.metadata
+        assert not instance.fetch_materializations(AssetKey("experiment_results"), limit=1).records
 
     best_trial = metadata["best_trial"].value
     best_score = metadata["best_score"].value
