@@ -63,24 +63,31 @@ def test_start_ray_cluster_on_loopback_with_token_auth_and_stop_ends_only_its_ow
                                  stdin=subprocess.PIPE)
     mine = start_ray_cluster(tmp_path / "logs", nodes=2, num_cpus=1)
     try:
-        assert mine.node_ips == ["127.0.0.2", "127.0.0.3"]
-        assert mine.address.startswith("127.0.0.2:")
-        assert mine.env["RAY_AUTH_MODE"] == "token" and len(mine.env["RAY_AUTH_TOKEN"]) == 64
         processes = [p for node in mine.nodes for p in node.processes()]
         pids = {p.pid for p in processes}
         assert pids == mine.pids() and len(pids) >= 6  # 2 × (ray start, raylet, ...) + gcs_server
-        listening = set()
+        listening: dict[int, set[tuple[str, int]]] = {}
         for pid in pids:
             try:
-                listening |= {c.laddr.ip for c in psutil.Process(pid).net_connections("inet")
-                              if c.status == psutil.CONN_LISTEN}
+                listening[pid] = {(c.laddr.ip.removeprefix("::ffff:"), c.laddr.port)
+                                  for c in psutil.Process(pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
             except psutil.NoSuchProcess:
                 pass
         # Nodes advertise loopback addresses only (checked by start_ray_cluster: alive node IPs are the
         # 127.0.0.x given). Some multi-node Ray servers (raylet and GCS gRPC, workers) bind the wildcard
-        # address and Ray offers no option against it; none binds a specific non-loopback address.
-        specific = {ip.removeprefix("::ffff:") for ip in listening} - {"::", "0.0.0.0"}
+        # address and Ray offers no option against it; none binds a specific non-loopback address, and
+        # each node serves on its own loopback address.
+        specific = {ip for found in listening.values() for ip, _ in found} - {"::", "0.0.0.0"}
         assert specific and all(ip.startswith("127.") for ip in specific), listening
+        assert {"127.0.0.2", "127.0.0.3"} <= specific, listening
+        # The address handed to clients is the head's GCS: its gcs_server listens on that port.
+        [gcs] = [p for p in processes if p.name().startswith("gcs_server")]
+        assert int(mine.address.rpartition(":")[2]) in {port for _, port in listening[gcs.pid]}, listening
+        # The token handed to clients is the one the cluster's processes run with.
+        for node_process in [gcs, *(p for p in processes if p.name() == "raylet")]:
+            environ = node_process.environ()
+            assert environ.get("RAY_AUTH_MODE") == "token", node_process
+            assert environ.get("RAY_AUTH_TOKEN") == mine.env["RAY_AUTH_TOKEN"], node_process
         # A client without the token is refused: the cluster really uses token authentication.
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
