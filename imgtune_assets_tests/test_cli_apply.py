@@ -204,9 +204,11 @@ def test_a_cluster_address_where_no_ray_runs_fails_soon_naming_it(tmp_path):
     started = time.monotonic()
     # (before the fix Ray retried for many minutes: the timeout here fails the test instead)
     result = apply_cli(environment(tmp_path, pipeline), tmp_path, pipeline, source, tmp_path / "out",
-                       "--ray-address", address, timeout=60)
+                       "--ray-address", address, timeout=180)
     assert result.returncode != 0, result.stdout + result.stderr
-    assert time.monotonic() - started < 45
+    # The command's start and a 10 s probe: a minute and a half is generous for a busy machine, and far
+    # short of Ray's own retries.
+    assert time.monotonic() - started < 90
     assert f"error: cannot reach the Ray cluster at {address}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert " written, " not in result.stdout
@@ -233,6 +235,7 @@ def test_a_cluster_that_stops_mid_apply_is_said_and_leaves_its_ledger(tmp_path):
     finally:
         cluster.stop()
     assert proc.returncode == 1, f"{stdout[-3000:]}\n{stderr[-6000:]}"
+    print(f"\nthe cluster's stop detected and the command ended in {seconds:.1f}s")
     assert seconds < 50, stderr[-3000:]  # before Ray's own 60 s end
     # (whichever Ray shows first: its GCS refusing connections, or the raylet's death on a task)
     assert re.search(rf"error: (the Ray cluster stopped answering: its GCS at {re.escape(cluster.address)} has "

@@ -27,6 +27,7 @@ from imgtune_assets.core.manifest import (
     unreadable_advice,
 )
 from imgtune_assets_tests.support.files import age
+from imgtune_assets_tests.support.waiting import wait_for
 
 
 def png(path, image):
@@ -442,13 +443,16 @@ def test_a_cancelled_scan_ahead_stops_reading_and_saves_nothing(tmp_path, messy,
     cache_file = tmp_path / PROBE_CACHE_FILE
     probed = []
     real = manifest._probe
-    monkeypatch.setattr(manifest, "_probe", lambda file, info: probed.append(file) or time.sleep(0.2)
+    # Two seconds a file: reading the whole folder (a dozen files) would take 12 s or more, even on two threads.
+    monkeypatch.setattr(manifest, "_probe", lambda file, info: probed.append(file) or time.sleep(2.0)
                         or real(file, info))
     ahead = ProbeAhead(data, True, cache_file)
-    time.sleep(0.1)
+    wait_for(lambda: probed, 60, interval=0.01, what="the scan ahead to start reading files")
     ahead.cancel()  # e.g. the run failed before its manifest: the command must not wait for every file
     started = time.perf_counter()
     ahead.wait()
-    assert time.perf_counter() - started < 1.0
+    # The files being read are finished (up to two seconds), not the rest of the folder: generous for a
+    # busy machine, still well short of the whole folder.
+    assert time.perf_counter() - started < 8.0
     assert 0 < len(probed) <= 4  # the files being read (two threads, image then target) were finished
     assert not cache_file.exists()  # a partial scan would drop the entries it did not reach

@@ -431,7 +431,8 @@ def test_a_cluster_address_where_nothing_listens_fails_soon_naming_it(monkeypatc
     started = time.monotonic()
     with pytest.raises(RayConnectError) as raised:
         resource.connect()
-    assert time.monotonic() - started < 15
+    # The 10 s probe, then the error: generous for a busy machine, far short of Ray's own retries (minutes).
+    assert time.monotonic() - started < 45
     assert address in str(raised.value) and "connection refused" in str(raised.value)
     assert not ray.is_initialized()
     resource.teardown_after_execution(None)
