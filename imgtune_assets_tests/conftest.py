@@ -1,6 +1,7 @@
-"""Shared fixtures: small generated data sets and sweep files in temporary folders, and a two-node Ray
-cluster. The helpers behind them live in :mod:`imgtune_assets_tests.support`; ``write_sweep``,
-``cli_env``, ``sweeps_dir_env``, ``free_port``, ``PROJECT`` and ``VENV_BIN`` are importable from here too."""
+"""Shared fixtures: small generated data sets and sweep files in temporary folders, a real Dagster
+instance on disk, and a two-node Ray cluster. The helpers behind them live in
+:mod:`imgtune_assets_tests.support`; ``write_sweep``, ``cli_env``, ``sweeps_dir_env``, ``free_port``,
+``PROJECT`` and ``VENV_BIN`` are importable from here too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from imgtune_assets.core.demo_data import make_denoise_set, make_segment_set
+from imgtune_assets_tests.support.instances import project_instance
 from imgtune_assets_tests.support.processes import free_port
 from imgtune_assets_tests.support.sweeps import PROJECT, VENV_BIN, cli_env, sweeps_dir_env, write_sweep
 
@@ -53,6 +55,15 @@ def cluster(tmp_path_factory):
 
     with start_ray_cluster(tmp_path_factory.mktemp("raycluster"), nodes=2, num_cpus=1) as started:
         yield started
+
+
+@pytest.fixture
+def instance(tmp_path):
+    """A real Dagster instance on disk, as the CLI, daemon and webserver open it: the project's
+    dagster.yaml (ImgtuneInstance, its batched SQLite storage) in the test's own folder
+    (``tmp_path/instance_home``), not DAGSTER_HOME; disposed after the test."""
+    with project_instance(tmp_path / "instance_home") as opened:
+        yield opened
 
 
 @pytest.fixture

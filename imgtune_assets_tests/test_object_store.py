@@ -125,10 +125,11 @@ def step_failures(result) -> str:
 
 
 def in_process(tmp_path: Path, sweep_file: Path):
-    """The project's definitions for the sweep (outputs under tmp_path/outputs), a temporary instance."""
+    """The project's definitions for the sweep (outputs under tmp_path/outputs). (The tests materialize
+    them on the ``instance`` fixture: the project's instance on disk.)"""
     sweep = load_sweep(sweep_file)
     defs = build_definitions([sweep], output_dir=str(tmp_path / "outputs"))
-    return sweep, defs, DagsterInstance.ephemeral()
+    return sweep, defs
 
 
 def run_assets(sweep, defs, instance, names, **kwargs):
@@ -332,7 +333,7 @@ def test_applying_again_over_s3_needs_only_the_listings(tmp_path, local_data):
 
 
 # ------------------------------------------------------------------------------------------ c-e. failures
-def test_wrong_credentials_fail_the_manifest_naming_the_url(tmp_path, local_data, monkeypatch):
+def test_wrong_credentials_fail_the_manifest_naming_the_url(tmp_path, local_data, monkeypatch, instance):
     with MotoServer.start(tmp_path / "moto", enforce_auth_after=3) as server:
         key = server.create_access_key()  # the 3 requests moto accepts without credentials
         make_bucket(server, "private", key.key_id, key.secret)
@@ -346,8 +347,8 @@ def test_wrong_credentials_fail_the_manifest_naming_the_url(tmp_path, local_data
         wrong_secret = "wrong-secret-5e1d0c7a"
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key.key_id)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
-        sweep, defs, instance = in_process(tmp_path, write_s3_sweep(tmp_path / "priv.yaml", server, url,
-                                                                    name="priv", trials=2))
+        sweep, defs = in_process(tmp_path, write_s3_sweep(tmp_path / "priv.yaml", server, url, name="priv",
+                                                          trials=2))
         result = run_assets(sweep, defs, instance, ["image_manifest"])
     assert not result.success
     message = step_failures(result)
@@ -376,10 +377,10 @@ def test_credentials_the_store_does_not_know_are_refused_before_any_output(tmp_p
         storage.require_output_folder(storage.location("s3://outputs/tuned", endpoint_url=server.endpoint_url))
 
 
-def test_missing_bucket_fails_the_manifest_saying_so(tmp_path, s3_server):
+def test_missing_bucket_fails_the_manifest_saying_so(tmp_path, s3_server, instance):
     url = "s3://no-such-bucket-here/data"
-    sweep, defs, instance = in_process(tmp_path, write_s3_sweep(tmp_path / "nob.yaml", s3_server, url,
-                                                                name="nobucket", trials=2))
+    sweep, defs = in_process(tmp_path, write_s3_sweep(tmp_path / "nob.yaml", s3_server, url, name="nobucket",
+                                                      trials=2))
     result = run_assets(sweep, defs, instance, ["image_manifest"])
     assert not result.success
     message = step_failures(result)
@@ -435,13 +436,13 @@ def test_an_output_bucket_that_does_not_exist_is_refused_before_any_work(tmp_pat
 
 
 @pytest.mark.parametrize("budget_mb", [None, 0.001], ids=["chunks in the object store", "streamed, fused tasks"])
-def test_object_deleted_between_manifest_and_run(tmp_path, s3_server, local_data, budget_mb):
+def test_object_deleted_between_manifest_and_run(tmp_path, s3_server, local_data, budget_mb, instance):
     # (a budget smaller than one image on 2 CPUs: the images stream, 6 chunks of one, each read, decoded and
     # scored by one task)
     bucket = "vanish" if budget_mb is None else "vanish-fused"
     url = uploaded(s3_server, bucket, local_data)
-    sweep, defs, instance = in_process(tmp_path, write_s3_sweep(tmp_path / "van.yaml", s3_server, url,
-                                                                name="vanish", trials=4))
+    sweep, defs = in_process(tmp_path, write_s3_sweep(tmp_path / "van.yaml", s3_server, url, name="vanish",
+                                                      trials=4))
     if budget_mb is not None:
         defs = SimpleNamespace(assets=defs.assets, resources={
             **defs.resources, "ray_cluster": RayResource(object_store_budget_mb=budget_mb, num_cpus=2)})
@@ -477,8 +478,8 @@ def test_the_new_images_sensor_watches_a_bucket(tmp_path, s3_server, local_data)
     from imgtune_assets.defs.sensors import sensor_name
 
     url = uploaded(s3_server, "watched", local_data)
-    sweep, defs, _ = in_process(tmp_path, write_s3_sweep(tmp_path / "w.yaml", s3_server, url, name="watched",
-                                                          trials=2))
+    sweep, defs = in_process(tmp_path, write_s3_sweep(tmp_path / "w.yaml", s3_server, url, name="watched",
+                                                      trials=2))
     sensor = defs.get_sensor_def(sensor_name(sweep))
     resources = {"imgtune": SweepResource(output_dir=str(tmp_path / "outputs"))}
     with instance_for_test() as instance:

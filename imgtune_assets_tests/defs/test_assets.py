@@ -1,6 +1,6 @@
 """A sweep's assets, built by the factory for a sweep object of the test's own: single assets with
-build_asset_context, and the asset group with `materialize` on a temporary instance, with a real
-embedded Ray."""
+build_asset_context, and the asset group with `materialize` on a real instance on disk (the project's
+dagster.yaml in a temporary folder: the ``instance`` fixture), with a real embedded Ray."""
 
 import json
 import logging
@@ -10,59 +10,25 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-from dagster import AssetKey, AssetSelection, DagsterInstance, Failure, build_asset_context, materialize
+from dagster import AssetKey, AssetSelection, Failure, build_asset_context, materialize
 from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets.core.results import TrialStore
 from imgtune_assets.core.sweepfile import load_sweep
-from imgtune_assets.defs.assets import ExperimentConfig, build_sweep_assets
+from imgtune_assets.defs.assets import ExperimentConfig
 from imgtune_assets.defs.checks import build_sweep_checks
-from imgtune_assets.defs.io_manager import SweepStorageIOManager
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.partitions import trial_partitions
 from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets_tests.conftest import write_sweep
+from imgtune_assets_tests.support.asset_groups import built, data_files, independent_denoise_psnr, node, resources
 from imgtune_assets_tests.support.files import age
 from imgtune_assets_tests.support.sweeps import range_tags
 
 REPORT_FILES = ("leaderboard.csv", "per_image_scores.csv", "best_pipeline.yaml", "report.json",
                 "plots/score_vs_params.png", "plots/best_so_far.png", "plots/best_trial_images.png")
-
-
-def resources(out_dir):
-    """The resources every sweep shares (as definitions.py sets them), writing under ``out_dir``."""
-    imgtune = SweepResource(output_dir=str(out_dir))
-    return {"imgtune": imgtune, "ray_cluster": RayResource(), "io_manager": SweepStorageIOManager(imgtune=imgtune)}
-
-
-def built(sweep_file):
-    sweep = load_sweep(sweep_file)
-    return sweep, build_sweep_assets(sweep, trial_partitions(sweep))
-
-
-def node(assets_def) -> str:
-    return assets_def.op.name
-
-
-def data_files(sweep):
-    images = sorted((sweep.data_dir / "images").iterdir())
-    return [(p, sweep.data_dir / "targets" / p.name) for p in images]
-
-
-def independent_denoise_psnr(sweep, stages) -> float:
-    """Bilateral filter then Gaussian blur with OpenCV directly, scored with skimage: no imgtune code."""
-    (op1, bilateral), (op2, blur) = stages
-    assert (op1, op2) == ("bilateral_filter", "gaussian_blur")
-    scores = []
-    for image_file, target_file in data_files(sweep):
-        image = cv2.imread(str(image_file), cv2.IMREAD_UNCHANGED)
-        out = cv2.bilateralFilter(image, bilateral["d"], bilateral["sigma_color"], bilateral["sigma_space"])
-        out = cv2.GaussianBlur(out, (blur["ksize"], blur["ksize"]), blur["sigma"])
-        scores.append(peak_signal_noise_ratio(cv2.imread(str(target_file), cv2.IMREAD_UNCHANGED), out,
-                                              data_range=255))
-    return float(np.mean(scores))
 
 
 def independent_identity_psnr(sweep) -> float:
@@ -174,10 +140,9 @@ def test_the_report_without_trial_results_says_what_to_materialize(tmp_path, tin
 # ------------------------------------------------------------------------------------ the asset group
 
 
-def test_whole_sweep_materializes_on_a_temporary_instance(tmp_path, tiny_sweep, local_ray):
+def test_whole_sweep_materializes_on_a_temporary_instance(tmp_path, tiny_sweep, local_ray, instance):
     sweep, assets = built(tiny_sweep)
     checks = build_sweep_checks(assets)
-    instance = DagsterInstance.ephemeral()
     res = resources(tmp_path / "outputs")
     assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
     ranged = materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
@@ -213,9 +178,8 @@ def test_whole_sweep_materializes_on_a_temporary_instance(tmp_path, tiny_sweep, 
     assert len(metadata["top_10"].records) == 4
 
 
-def test_a_resumed_range_logs_what_it_reuses_and_what_it_computes(tmp_path, tiny_sweep, local_ray):
+def test_a_resumed_range_logs_what_it_reuses_and_what_it_computes(tmp_path, tiny_sweep, local_ray, instance):
     sweep, assets = built(tiny_sweep)
-    instance = DagsterInstance.ephemeral()
     out = tmp_path / "outputs"
     res = resources(out)
     assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
@@ -241,14 +205,13 @@ def test_a_resumed_range_logs_what_it_reuses_and_what_it_computes(tmp_path, tiny
     assert not [m for m in infos(first.run_id) if "skip_finished" in m]  # a run that reuses nothing says nothing
 
 
-def test_failing_trial_is_recorded_and_the_others_complete(tmp_path, segment_data, local_ray):
+def test_failing_trial_is_recorded_and_the_others_complete(tmp_path, segment_data, local_ray, instance):
     # Sobel with dx = dy = 0 passes validation but OpenCV refuses it at run time.
     pipeline = [{"op": "sobel", "dx": {"type": "int", "low": 0, "high": 1}, "dy": {"type": "int", "low": 0, "high": 1}},
                 {"op": "threshold", "method": "otsu"}]
     sweep, assets = built(write_sweep(tmp_path / "f.yaml", segment_data, name="fails", trials=4, metric="dice",
                                       pipeline=pipeline, sampler="grid"))
     checks = build_sweep_checks(assets)
-    instance = DagsterInstance.ephemeral()
     res = resources(tmp_path / "outputs")
     assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
     result = materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
@@ -287,7 +250,7 @@ def damaged_inside(png: bytes) -> bytes:
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])  # the plain fan-out, and the staged search's
 def test_an_image_that_does_not_decode_fails_one_run_and_the_next_manifest_skips_it(tmp_path, denoise_data, local_ray,
-                                                                                   sampler):
+                                                                                   sampler, instance):
     import shutil
 
     data = tmp_path / "data"
@@ -295,7 +258,6 @@ def test_an_image_that_does_not_decode_fails_one_run_and_the_next_manifest_skips
     bad = sorted((data / "images").iterdir())[2]
     bad.write_bytes(damaged_inside(bad.read_bytes()))
     sweep, assets = built(write_sweep(tmp_path / "d.yaml", data, name="damaged", sampler=sampler))
-    instance = DagsterInstance.ephemeral()
     res = resources(tmp_path / "outputs")
     assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
     manifest = instance.fetch_materializations(asset_key(sweep, "image_manifest"), limit=1).records[0]
@@ -324,7 +286,7 @@ def test_an_image_that_does_not_decode_fails_one_run_and_the_next_manifest_skips
     assert (rows["status"] == "ok").all()
 
 
-def test_two_sweeps_side_by_side_in_one_instance(tmp_path, denoise_data, segment_data, local_ray):
+def test_two_sweeps_side_by_side_in_one_instance(tmp_path, denoise_data, segment_data, local_ray, instance):
     from imgtune_assets.defs.factory import build_definitions
 
     denoise = load_sweep(write_sweep(tmp_path / "d.yaml", denoise_data, name="den-a", trials=3))
@@ -334,7 +296,6 @@ def test_two_sweeps_side_by_side_in_one_instance(tmp_path, denoise_data, segment
                   {"op": "threshold", "method": "otsu"}]))
     out = tmp_path / "outputs"
     defs = build_definitions([denoise, segment], output_dir=str(out))
-    instance = DagsterInstance.ephemeral()
     summaries = {}
     for sweep in (denoise, segment):
         # the whole sweep in one ranged run, as its schedule and sensor request it

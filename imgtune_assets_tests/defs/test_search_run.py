@@ -1,5 +1,5 @@
 """Staged sweeps (adaptive sampler, successive halving) through the asset group with `materialize` on a
-temporary instance and a real embedded Ray: rounds in one ranged run, pruned trials in the metadata and
+real instance on disk (the ``instance`` fixture) and a real embedded Ray: rounds in one ranged run, pruned trials in the metadata and
 the leaderboard, the ledger, re-running a trial, warm starts after the images change."""
 
 import csv
@@ -9,7 +9,7 @@ import math
 import shutil
 
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import materialize
 
 from imgtune_assets.core.manifest import ManifestRow
 from imgtune_assets.core.search import image_detail, image_order
@@ -18,16 +18,15 @@ from imgtune_assets.defs.checks import build_sweep_checks
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.search_run import early_stopping_notes, partial_reuse_message, reuse_message
 from imgtune_assets_tests.conftest import write_sweep
-from imgtune_assets_tests.defs.test_assets import built, independent_denoise_psnr, node, resources
+from imgtune_assets_tests.support.asset_groups import built, independent_denoise_psnr, node, resources
 from imgtune_assets_tests.support.sweeps import range_tags
 
 STAGED = {"sampler": "tpe", "search": {"batch_size": 4, "n_startup": 4},
           "early_stopping": {"method": "successive_halving", "eta": 2, "min_images": 2}}
 
 
-def run_sweep(sweep_file, out_dir, instance=None, tags=None, report=True):
+def run_sweep(sweep_file, out_dir, instance, tags=None, report=True):
     sweep, assets = built(sweep_file)
-    instance = instance or DagsterInstance.ephemeral()
     res = resources(out_dir)
     assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
     ranged = materialize(assets.all(), selection=[assets.experiment_results], instance=instance, resources=res,
@@ -44,10 +43,10 @@ def ledger_of(out_dir, name="tiny"):
     return json.loads(file.read_text())
 
 
-def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local_ray):
+def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local_ray, instance):
     sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=12, **STAGED)
     out = tmp_path / "outputs"
-    sweep, assets, instance, ranged, report = run_sweep(sweep_file, out)
+    sweep, assets, instance, ranged, report = run_sweep(sweep_file, out, instance)
     assert ranged.success
     summary = report.output_for_node(node(assets.sweep_report))
 
@@ -117,13 +116,13 @@ def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local
 
 
 def test_early_stopping_that_stops_nothing_is_said_in_the_logs_the_report_and_its_metadata(tmp_path, denoise_data,
-                                                                                           local_ray):
+                                                                                           local_ray, instance):
     """``min_images`` not below the number of images: the sweep runs (a nightly folder may shrink), every
     trial scores every image, and the run says so where a user looks."""
     staged = {**STAGED, "early_stopping": {"method": "successive_halving", "min_images": 50}}
     sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=4, **staged)
     out = tmp_path / "outputs"
-    sweep, assets, instance, ranged, report = run_sweep(sweep_file, out)
+    sweep, assets, instance, ranged, report = run_sweep(sweep_file, out, instance)
     assert ranged.success
     summary = report.output_for_node(node(assets.sweep_report))
     assert summary["completed_trials"] == 4 and summary["pruned_trials"] == 0
@@ -140,11 +139,11 @@ def test_early_stopping_that_stops_nothing_is_said_in_the_logs_the_report_and_it
     assert any(note in w for w in warnings), warnings  # the experiment step's log
 
 
-def test_rerunning_a_trial_evaluates_its_recorded_parameters(tmp_path, denoise_data, local_ray):
+def test_rerunning_a_trial_evaluates_its_recorded_parameters(tmp_path, denoise_data, local_ray, instance):
     sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=8, sampler="tpe",
                              search={"batch_size": 4, "n_startup": 4})
     out = tmp_path / "outputs"
-    sweep, assets, instance, ranged, _ = run_sweep(sweep_file, out, report=False)
+    sweep, assets, instance, ranged, _ = run_sweep(sweep_file, out, instance, report=False)
     assert ranged.success
     before = json.loads((out / "tiny" / "trials" / "trial-006.json").read_text())
     ledger = ledger_of(out)
@@ -157,11 +156,11 @@ def test_rerunning_a_trial_evaluates_its_recorded_parameters(tmp_path, denoise_d
     assert ledger_of(out) == ledger  # nothing proposed again
 
 
-def test_a_resumed_staged_range_logs_what_it_reuses_and_what_it_computes(tmp_path, denoise_data, local_ray):
+def test_a_resumed_staged_range_logs_what_it_reuses_and_what_it_computes(tmp_path, denoise_data, local_ray, instance):
     sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=8, sampler="tpe",
                              search={"batch_size": 4, "n_startup": 4})
     out = tmp_path / "outputs"
-    sweep, assets, instance, first, _ = run_sweep(sweep_file, out, report=False,
+    sweep, assets, instance, first, _ = run_sweep(sweep_file, out, instance, report=False,
                                                   tags={"dagster/asset_partition_range_start": "trial-000",
                                                         "dagster/asset_partition_range_end": "trial-003"})
     assert first.success
@@ -188,9 +187,9 @@ def test_saved_chunks_are_counted_for_the_unfinished_trials_only():
 
 
 def test_a_trial_asked_before_its_round_can_be_proposed_fails_naming_the_missing_ones(tmp_path, denoise_data,
-                                                                                        local_ray):
+                                                                                        local_ray, instance):
     sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=12, **STAGED)
-    _, _, _, ranged, _ = run_sweep(sweep_file, tmp_path / "outputs", report=False,
+    _, _, _, ranged, _ = run_sweep(sweep_file, tmp_path / "outputs", instance, report=False,
                                    tags={"dagster/asset_partition_range_start": "trial-008",
                                          "dagster/asset_partition_range_end": "trial-011"})
     assert not ranged.success
@@ -202,20 +201,20 @@ def test_a_trial_asked_before_its_round_can_be_proposed_fails_naming_the_missing
     assert not list((tmp_path / "outputs" / "tiny" / "trials").glob("trial-*.json"))  # nothing half-done
 
 
-def test_new_images_start_from_the_last_reports_best_parameters(tmp_path, denoise_data, local_ray):
+def test_new_images_start_from_the_last_reports_best_parameters(tmp_path, denoise_data, local_ray, instance):
     data = tmp_path / "data"
     shutil.copytree(denoise_data, data)
     sweep_file = write_sweep(tmp_path / "tiny.yaml", data, trials=8, sampler="tpe",
                              search={"batch_size": 4, "n_startup": 4, "warm_start": 2})
     out = tmp_path / "outputs"
-    _, _, instance, _, report = run_sweep(sweep_file, out)
+    _, _, _, _, report = run_sweep(sweep_file, out, instance)
     first = json.loads((out / "tiny" / "report.json").read_text())
     assert first["top_params"][0] == first["best_params"]
     # the images change (one more); the next sweep's first trials are the last report's two best
     image = next((data / "images").iterdir())
     shutil.copy(image, data / "images" / f"zz-{image.name}")
     shutil.copy(data / "targets" / image.name, data / "targets" / f"zz-{image.name}")
-    run_sweep(sweep_file, out, instance=instance, report=False)
+    run_sweep(sweep_file, out, instance, report=False)
     ledgers = sorted((out / "tiny" / "search").glob("ledger-*.json"), key=lambda p: p.stat().st_mtime)
     assert len(ledgers) == 2
     round0 = json.loads(ledgers[-1].read_text())["rounds"][0]["trials"]
@@ -236,14 +235,14 @@ def test_the_initial_design_note_waits_for_every_trial(tmp_path, denoise_data):
     assert note.startswith("sampler tpe: the only trial is the initial design (round 0 holds 1)")  # not "all 1 trials"
 
 
-def test_a_grid_with_more_trials_than_points_says_which_repeat(tmp_path, denoise_data, local_ray):
+def test_a_grid_with_more_trials_than_points_says_which_repeat(tmp_path, denoise_data, local_ray, instance):
     """Two odd kernel sizes and four grid trials: two trials repeat an earlier one's pipeline. The sweep
     runs, and the settings and the report say so, with the number to lower trials to."""
     sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=4, sampler="grid",
                              pipeline=[{"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 5},
                                         "sigma": 1.0}])
     out = tmp_path / "outputs"
-    sweep, assets, instance, ranged, report = run_sweep(sweep_file, out)
+    sweep, assets, instance, ranged, report = run_sweep(sweep_file, out, instance)
     assert ranged.success
     summary = report.output_for_node(node(assets.sweep_report))
     expected = ("2 of the 4 trials repeat the parameters of an earlier trial (sampler grid: the search space "

@@ -28,6 +28,7 @@ from dagster._core.storage.tags import (
 from imgtune_assets.defs import storage
 from imgtune_assets.defs.storage import BatchedSqliteEventLogStorage, ImgtuneInstance
 from imgtune_assets_tests.conftest import PROJECT
+from imgtune_assets_tests.support.instances import open_project_instance
 
 KEYS = [f"p{i}" for i in range(6)]
 parts = StaticPartitionsDefinition(KEYS)
@@ -46,9 +47,7 @@ def ranged_is_fine() -> AssetCheckResult:
 
 def _instance(home: Path) -> DagsterInstance:
     """An instance on the project's own dagster.yaml, opened without DAGSTER_HOME pointing at it."""
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text((PROJECT / "dagster.yaml").read_text())
-    return DagsterInstance.from_config(str(home))
+    return open_project_instance(home)
 
 
 def _ranged_run(instance: DagsterInstance):

@@ -1,5 +1,5 @@
-"""The ``tuned_images`` asset of a sweep file with ``apply:``: the whole sweep materialized on a
-temporary instance with a real embedded Ray, then the report's best pipeline applied to a folder.
+"""The ``tuned_images`` asset of a sweep file with ``apply:``: the whole sweep materialized on a real
+instance on disk (the ``instance`` fixture) with a real embedded Ray, then the report's best pipeline applied to a folder.
 A second materialization finds every output up to date. A sweep without ``apply:`` has no such asset."""
 
 import hashlib
@@ -8,7 +8,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
+from dagster import AssetKey, AssetSelection, materialize
 
 from imgtune_assets.core.apply import LEDGER_NAME, fixed_stages, pipeline_key
 from imgtune_assets.core.catalog import group_name
@@ -55,7 +55,7 @@ def apply_sweep(tmp_path):
                                   apply={"input_dir": str(photos), "output_dir": str(tmp_path / "tuned")}))
 
 
-def test_tuned_images_apply_the_reports_best_pipeline(tmp_path, apply_sweep, local_ray):
+def test_tuned_images_apply_the_reports_best_pipeline(tmp_path, apply_sweep, local_ray, instance):
     sweep = apply_sweep
     photos, tuned, out = tmp_path / "photos", tmp_path / "tuned", tmp_path / "outputs"
     assert sweep.apply_input == photos and sweep.apply_output == tuned
@@ -66,7 +66,6 @@ def test_tuned_images_apply_the_reports_best_pipeline(tmp_path, apply_sweep, loc
     assert asset_key(sweep, "sweep_report") in tuned_def.asset_deps[tuned_key]
     assert tuned_def.group_names_by_key[tuned_key] == group_name(sweep.name)
 
-    instance = DagsterInstance.ephemeral()
     result = materialize([*defs.assets, *defs.asset_checks], selection=AssetSelection.groups(group_name(sweep.name)),
                          instance=instance, resources=defs.resources, tags=range_tags(sweep))
     assert result.success

@@ -10,7 +10,11 @@ clusters, chromium), each written once:
   ``Webserver`` (``graphql``, ``locations``, ``wait_for_location``, ``reload_location``), ``runs``,
   ``wait_for_run``, ``run_failures``, ``materializations_by_partition``;
 * ``pgserver``: ``start_postgres`` → ``PgServer``; ``raycluster``: ``start_ray_cluster`` → ``RayCluster``
-  (import these two from their modules).
+  (import these two from their modules);
+* ``instances``: ``open_project_instance``, ``project_instance`` — the project's instance on disk
+  (the ``instance`` fixture of conftest.py); ``asset_groups``: ``built``, ``resources``, ``node``,
+  ``data_files``, ``independent_denoise_psnr`` — a sweep's asset group in process (import these two
+  from their modules).
 """
 
 from imgtune_assets_tests.support.dagster_services import (
