@@ -7,11 +7,15 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 # itself, only for the embedded Ray: a client of a real multi-host cluster must not carry it.)
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test dev clean system-deps ui-check
+.PHONY: install install-app demo test dev clean system-deps ui-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# What the demo and the UI need; `install` adds the tests' tools (pytest, scikit-image, moto, playwright).
+install-app: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
 
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -20,7 +24,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
-demo: install $(DAGSTER_HOME)/dagster.yaml
+demo: install-app $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m imgtune_assets.cli sweep --all
 
 # The tests drive real services: PostgreSQL's server programs (the tests start their own server on
@@ -43,8 +47,9 @@ test: install system-deps
 ui-check: install
 	$(BIN)/pytest -q imgtune_assets_tests/test_ui.py
 
-dev: install $(DAGSTER_HOME)/dagster.yaml
+dev: install-app $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dg dev --host 127.0.0.1 --port 3000
 
+# The demo's generated data sets, outputs and instance only: data/ may hold a user's own images.
 clean:
-	rm -rf outputs .dagster_home data
+	rm -rf outputs .dagster_home data/denoise data/segment
