@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from imgtune_assets.core.metrics import Objective
 from imgtune_assets.core.sampling import trial_index
@@ -296,3 +296,18 @@ def describe(snap: Mapping[str, Any], *, with_counts: bool = True) -> str:
         eta = float(snap["eta_seconds"])
         parts.append("about a second left" if eta < 1.5 else f"about {_duration(eta)} left")
     return ", ".join(parts)
+
+
+def reuse_message(reused: int, total: int) -> str:
+    """The experiment step's log line when it runs with ``skip_finished`` (a resumed sweep)."""
+    return f"reusing {reused} finished trial(s) (skip_finished), computing {total - reused} of {total}"
+
+
+def partial_reuse_message(known: dict[str, dict[str, Any]], keys: Sequence[str]) -> str | None:
+    """With ``skip_finished``, what the chunks an interrupted run saved (``known``: trial -> image ->
+    result) spare the trials ``keys`` still to compute; None when they spare nothing."""
+    saved = {k: len(known[k]) for k in keys if known.get(k)}
+    if not saved:
+        return None
+    return (f"reusing {sum(saved.values())} saved image evaluation(s) of {len(saved)} unfinished trial(s) "
+            "(skip_finished)")

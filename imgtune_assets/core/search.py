@@ -72,7 +72,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -91,6 +91,9 @@ from imgtune_assets.core.sampling import (
     trial_key,
     trial_stages,
 )
+
+if TYPE_CHECKING:  # (sweepfile.py imports this module's options)
+    from imgtune_assets.core.sweepfile import Sweep
 
 INITIAL_DESIGNS = ("sobol", "halton")
 DEFAULT_WARM_START = 3
@@ -1010,3 +1013,84 @@ class Search:
                                         _seed(self.sweep.seed, r)))
         return self._gaps[1]
 
+
+# ------------------------------------------------------------------- what run_settings and the report say
+
+
+# The proposal sources of trials that an adaptive sampler chose (TPE's batches take a Gaussian-process share).
+LEARNT_SOURCES = {"tpe": ("tpe", "gp"), "cmaes": ("cmaes",)}
+
+
+def early_stopping_notes(sweep: Sweep, n_images: int, records: Sequence[dict[str, Any]] = ()) -> list[str]:
+    """What the user should know about how the sweep searches on ``n_images`` images: early stopping that
+    stops nothing, and (given the trials' ``records``) an adaptive sampler that proposed no trial, every
+    one being from the initial design; logged as warnings, and kept in the report."""
+    reason = sweep.early_stopping.inactive_reason(n_images) if sweep.early_stopping else None
+    notes = [reason] if reason else []
+    learnt = LEARNT_SOURCES.get(sweep.sampler)
+    # only once every trial has a result: a range that ran round 0 alone has not reached the learning yet
+    if learnt and len(records) >= sweep.trials and not any(r.get("source") in learnt for r in records):
+        first = sum(1 for r in records if r.get("round") == 0)
+        every = "the only trial is" if len(records) == 1 else f"all {len(records)} trials are"
+        notes.append(f"sampler {sweep.sampler}: {every} the initial design (round 0 holds "
+                     f"{first}); none was proposed by {sweep.sampler} — raise trials above {first} (or lower "
+                     f"search.n_startup) for the search to learn from results")
+    return notes
+
+
+def repeated_trials_note(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> str | None:
+    """A fixed design (``grid``, ``random``...) over a space with fewer distinct points than trials gives
+    some trials the parameters of an earlier one: they cost as much and say nothing new. None when every
+    trial's parameters are its own, or the trials are proposed as the search goes (``is_staged``)."""
+    if is_staged(sweep):
+        return None
+    seen: set[str] = set()
+    repeats = 0
+    for trial in trials:
+        if trial.get("params") is None:
+            continue
+        key = json.dumps(trial["params"], sort_keys=True, default=str)
+        repeats += key in seen
+        seen.add(key)
+    if not repeats:
+        return None
+    advice = (f"lower trials to {len(seen)}, or widen the space" if sweep.sampler == "grid" else
+              "widen the space, or use sampler grid to try each distinct pipeline once")
+    return (f"{repeats} of the {len(trials)} trials {'repeats' if repeats == 1 else 'repeat'} the parameters of "
+            f"an earlier trial (sampler {sweep.sampler}: the search space gives {len(seen)} distinct pipelines "
+            f"here): {advice}")
+
+
+def staged_trials(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[dict[str, Any]]:
+    """``run_settings``' trial list for a staged sweep: the recorded proposals where the ledger has them;
+    the others are proposed by the experiment step, from the results of the rounds before theirs."""
+    try:
+        ledger = Ledger(Path(sweep_dir) / "search", sweep.fingerprint(), manifest_digest)
+    except SearchError:  # a damaged ledger is reported by the experiment step, which needs it
+        ledger = None
+    recorded = ledger.proposals() if ledger is not None and ledger.started else {}
+    out = []
+    for k in range(sweep.trials):
+        p = recorded.get(k)
+        out.append({"trial": trial_key(k), "index": k, "params": p["params"] if p else None,
+                    "round": p["round"] if p else None, "source": p["source"] if p else None})
+    return out
+
+
+def warm_start_params(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[dict[str, Any]]:
+    """The top parameter sets of the sweep's last report, when it was made for other images and the
+    same search space (a sweep run again after its images changed starts from them)."""
+    file = Path(sweep_dir) / "report.json"
+    if not file.exists():
+        return []
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(report, dict):  # not a report this code wrote: nothing to start from
+        return []
+    if report.get("manifest_digest") in (None, manifest_digest):
+        return []
+    if report.get("space_digest") != space_digest(search_space(sweep)):
+        return []
+    return [p for p in report.get("top_params") or [] if isinstance(p, dict)]

@@ -59,6 +59,7 @@ from imgtune_assets.core.manifest import (
 from imgtune_assets.core.manifest import usable as usable_rows
 from imgtune_assets.core.metrics import improvement
 from imgtune_assets.core.paths import imgtune_command
+from imgtune_assets.core.progress import partial_reuse_message, reuse_message
 from imgtune_assets.core.report import (
     STAGED_COLUMNS,
     before_after_panels,
@@ -71,13 +72,12 @@ from imgtune_assets.core.report import (
 )
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
-from imgtune_assets.core.search import is_staged
+from imgtune_assets.core.search import early_stopping_notes, is_staged, repeated_trials_note, staged_trials
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.jobs import ASSET_PARTITION_RANGE_START_TAG, PARTITION_TAG
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
-from imgtune_assets.defs.search_run import early_stopping_notes, partial_reuse_message, repeated_trials_note, \
-    report_imports_on_tail, reuse_message, run_staged_search, staged_trials
+from imgtune_assets.defs.search_run import report_imports_on_tail, run_staged_search
 
 MANIFEST_COLUMNS = {"id", "image_path", "status"}
 

@@ -1,124 +1,31 @@
 """The experiment step of a staged sweep (adaptive sampler or early stopping): its rounds run on the
 Ray fan-out inside the one ranged run that evaluates the sweep. The search itself (proposals, ledger,
-successive halving) is ``core/search.py``; this module wires it to the asset's store, Ray and logs."""
+successive halving, what the settings and the report say about it) is ``core/search.py``; this module
+wires it to the asset's store, Ray and logs."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from dagster import AssetExecutionContext, Failure
 
 from imgtune_assets.core.manifest import ManifestRow, usable
 from imgtune_assets.core.report import prepare_in_background
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
-from imgtune_assets.core.sampling import search_space, space_digest, trial_key, trial_keys
-from imgtune_assets.core.search import Ledger, Search, SearchError, image_detail, is_staged
+from imgtune_assets.core.progress import partial_reuse_message, reuse_message
+from imgtune_assets.core.sampling import trial_keys
+from imgtune_assets.core.search import Search, SearchError, early_stopping_notes, image_detail, warm_start_params
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.executor import steps_share_the_run_process
 from imgtune_assets.defs.resources import RayResource
-
-
-# The proposal sources of trials that an adaptive sampler chose (TPE's batches take a Gaussian-process share).
-LEARNT_SOURCES = {"tpe": ("tpe", "gp"), "cmaes": ("cmaes",)}
-
-
-def early_stopping_notes(sweep: Sweep, n_images: int, records: Sequence[dict[str, Any]] = ()) -> list[str]:
-    """What the user should know about how the sweep searches on ``n_images`` images: early stopping that
-    stops nothing, and (given the trials' ``records``) an adaptive sampler that proposed no trial, every
-    one being from the initial design; logged as warnings, and kept in the report."""
-    reason = sweep.early_stopping.inactive_reason(n_images) if sweep.early_stopping else None
-    notes = [reason] if reason else []
-    learnt = LEARNT_SOURCES.get(sweep.sampler)
-    # only once every trial has a result: a range that ran round 0 alone has not reached the learning yet
-    if learnt and len(records) >= sweep.trials and not any(r.get("source") in learnt for r in records):
-        first = sum(1 for r in records if r.get("round") == 0)
-        every = "the only trial is" if len(records) == 1 else f"all {len(records)} trials are"
-        notes.append(f"sampler {sweep.sampler}: {every} the initial design (round 0 holds "
-                     f"{first}); none was proposed by {sweep.sampler} — raise trials above {first} (or lower "
-                     f"search.n_startup) for the search to learn from results")
-    return notes
-
-
-def repeated_trials_note(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> str | None:
-    """A fixed design (``grid``, ``random``...) over a space with fewer distinct points than trials gives
-    some trials the parameters of an earlier one: they cost as much and say nothing new. None when every
-    trial's parameters are its own, or the trials are proposed as the search goes (``is_staged``)."""
-    if is_staged(sweep):
-        return None
-    seen: set[str] = set()
-    repeats = 0
-    for trial in trials:
-        if trial.get("params") is None:
-            continue
-        key = json.dumps(trial["params"], sort_keys=True, default=str)
-        repeats += key in seen
-        seen.add(key)
-    if not repeats:
-        return None
-    advice = (f"lower trials to {len(seen)}, or widen the space" if sweep.sampler == "grid" else
-              "widen the space, or use sampler grid to try each distinct pipeline once")
-    return (f"{repeats} of the {len(trials)} trials {'repeats' if repeats == 1 else 'repeat'} the parameters of "
-            f"an earlier trial (sampler {sweep.sampler}: the search space gives {len(seen)} distinct pipelines "
-            f"here): {advice}")
-
-
-def reuse_message(reused: int, total: int) -> str:
-    """The experiment step's log line when it runs with ``skip_finished`` (a resumed sweep)."""
-    return f"reusing {reused} finished trial(s) (skip_finished), computing {total - reused} of {total}"
-
-
-def partial_reuse_message(known: dict[str, dict[str, Any]], keys: Sequence[str]) -> str | None:
-    """With ``skip_finished``, what the chunks an interrupted run saved (``known``: trial -> image ->
-    result) spare the trials ``keys`` still to compute; None when they spare nothing."""
-    saved = {k: len(known[k]) for k in keys if known.get(k)}
-    if not saved:
-        return None
-    return (f"reusing {sum(saved.values())} saved image evaluation(s) of {len(saved)} unfinished trial(s) "
-            "(skip_finished)")
 
 
 def report_imports_on_tail(context: AssetExecutionContext) -> Callable[[], object] | None:
     """``run_trials``' ``on_tail``: the report step's imports, begun while the fan-out's last tasks run —
     when that step runs in this process (the run's job has the in-process executor), else nothing."""
     return prepare_in_background if steps_share_the_run_process(context.job_def.executor_def) else None
-
-
-def staged_trials(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[dict[str, Any]]:
-    """``run_settings``' trial list for a staged sweep: the recorded proposals where the ledger has them;
-    the others are proposed by the experiment step, from the results of the rounds before theirs."""
-    try:
-        ledger = Ledger(Path(sweep_dir) / "search", sweep.fingerprint(), manifest_digest)
-    except SearchError:  # a damaged ledger is reported by the experiment step, which needs it
-        ledger = None
-    recorded = ledger.proposals() if ledger is not None and ledger.started else {}
-    out = []
-    for k in range(sweep.trials):
-        p = recorded.get(k)
-        out.append({"trial": trial_key(k), "index": k, "params": p["params"] if p else None,
-                    "round": p["round"] if p else None, "source": p["source"] if p else None})
-    return out
-
-
-def warm_start_params(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[dict[str, Any]]:
-    """The top parameter sets of the sweep's last report, when it was made for other images and the
-    same search space (a sweep run again after its images changed starts from them)."""
-    file = Path(sweep_dir) / "report.json"
-    if not file.exists():
-        return []
-    try:
-        report = json.loads(file.read_text())
-    except json.JSONDecodeError:
-        return []
-    if not isinstance(report, dict):  # not a report this code wrote: nothing to start from
-        return []
-    if report.get("manifest_digest") in (None, manifest_digest):
-        return []
-    if report.get("space_digest") != space_digest(search_space(sweep)):
-        return []
-    return [p for p in report.get("top_params") or [] if isinstance(p, dict)]
 
 
 def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: Path, store: TrialStore,

@@ -6,8 +6,8 @@ import math
 import pytest
 
 from imgtune_assets.core.metrics import METRICS, Objective
-from imgtune_assets.core.progress import (BOUNDED_BY_ONE, SweepProgress, counted, describe, format_score, passes_a_tenth,
-                                          percent)
+from imgtune_assets.core.progress import (BOUNDED_BY_ONE, SweepProgress, counted, describe, format_score,
+                                          partial_reuse_message, passes_a_tenth, percent, reuse_message)
 
 
 class FakeClock:
@@ -296,3 +296,11 @@ def test_scores_of_metrics_bounded_by_one_have_six_decimals():
     assert format_score(0.0, "iou") == "0.000000" and format_score(0.0000234567, "mae") == "2.346e-05"
     assert format_score(28.4123, "psnr") == "28.41" and format_score(0.96112345) == "0.9611"  # as before
     assert format_score(123456.7, "sharpness") == "123457"
+
+
+def test_saved_chunks_are_counted_for_the_unfinished_trials_only():
+    known = {"trial-000": {"a": {}, "b": {}}, "trial-001": {"a": {}}, "trial-002": {}}
+    assert partial_reuse_message(known, ["trial-001", "trial-002", "trial-003"]) == \
+        "reusing 1 saved image evaluation(s) of 1 unfinished trial(s) (skip_finished)"
+    assert partial_reuse_message(known, ["trial-002", "trial-003"]) is None
+    assert reuse_message(3, 8) == "reusing 3 finished trial(s) (skip_finished), computing 5 of 8"

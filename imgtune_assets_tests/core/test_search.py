@@ -23,8 +23,10 @@ from imgtune_assets.core.search import (
     gp_count,
     gp_proposals,
     detail_of,
+    early_stopping_notes,
     image_order,
     propose,
+    repeated_trials_note,
     run_round,
     _seed,
     trial_values,
@@ -640,3 +642,30 @@ def test_sweep_file_options_reach_the_search(tmp_path):
     halved_grid = {"sampler": "grid", "early_stopping": {"method": "successive_halving"}}
     assert sweep_of(tmp_path, trials=8, **halved_grid).fingerprint() != \
         sweep_of(tmp_path, trials=9, **halved_grid).fingerprint()
+
+
+STAGED = {"sampler": "tpe", "search": {"batch_size": 4, "n_startup": 4},
+          "early_stopping": {"method": "successive_halving", "eta": 2, "min_images": 2}}
+
+
+def test_the_initial_design_note_waits_for_every_trial(tmp_path):
+    sweep = sweep_of(tmp_path, trials=8, **STAGED)
+    round0 = [{"trial": f"trial-00{k}", "round": 0, "source": "sobol"} for k in range(4)]
+    assert early_stopping_notes(sweep, 6, round0) == []  # a range that ran round 0 only: not yet
+    later = [{"trial": f"trial-00{k}", "round": 1, "source": "sobol"} for k in range(4, 8)]
+    [note] = early_stopping_notes(sweep, 6, round0 + later)
+    assert note.startswith("sampler tpe: all 8 trials are the initial design (round 0 holds 4)")
+    assert early_stopping_notes(sweep, 6, round0 + [{**r, "source": "tpe"} for r in later]) == []
+    one = sweep_of(tmp_path, trials=1, **STAGED)
+    [note] = early_stopping_notes(one, 6, round0[:1])
+    assert note.startswith("sampler tpe: the only trial is the initial design (round 0 holds 1)")  # not "all 1 trials"
+
+
+def test_trials_of_distinct_parameters_need_no_note():
+    from types import SimpleNamespace  # (the note reads the sweep's sampler and early stopping only)
+
+
+    grid = SimpleNamespace(sampler="grid", early_stopping=None)
+    assert repeated_trials_note(grid, [{"params": {"k": 3}}, {"params": {"k": 5}}, {"params": None}]) is None
+    assert repeated_trials_note(grid, [{"params": {"k": 3, "s": 1.0}}, {"params": {"s": 1.0, "k": 3}}]).startswith(
+        "1 of the 2 trials repeats the parameters of an earlier trial")

@@ -16,7 +16,6 @@ from imgtune_assets.core.search import image_detail, image_order
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.checks import build_sweep_checks
 from imgtune_assets.defs.keys import asset_key
-from imgtune_assets.defs.search_run import early_stopping_notes, partial_reuse_message, reuse_message
 from imgtune_assets_tests.conftest import write_sweep
 from imgtune_assets_tests.support.asset_groups import built, independent_denoise_psnr, node, resources
 from imgtune_assets_tests.support.sweeps import range_tags
@@ -178,14 +177,6 @@ def test_a_resumed_staged_range_logs_what_it_reuses_and_what_it_computes(tmp_pat
     assert not [e for e in instance.all_logs(first.run_id) if "skip_finished" in (e.message or "")]
 
 
-def test_saved_chunks_are_counted_for_the_unfinished_trials_only():
-    known = {"trial-000": {"a": {}, "b": {}}, "trial-001": {"a": {}}, "trial-002": {}}
-    assert partial_reuse_message(known, ["trial-001", "trial-002", "trial-003"]) == \
-        "reusing 1 saved image evaluation(s) of 1 unfinished trial(s) (skip_finished)"
-    assert partial_reuse_message(known, ["trial-002", "trial-003"]) is None
-    assert reuse_message(3, 8) == "reusing 3 finished trial(s) (skip_finished), computing 5 of 8"
-
-
 def test_a_trial_asked_before_its_round_can_be_proposed_fails_naming_the_missing_ones(tmp_path, denoise_data,
                                                                                         local_ray, instance):
     sweep_file = write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=12, **STAGED)
@@ -222,19 +213,6 @@ def test_new_images_start_from_the_last_reports_best_parameters(tmp_path, denois
     assert [p["params"] for p in round0[:2]] == first["top_params"][:2]
 
 
-def test_the_initial_design_note_waits_for_every_trial(tmp_path, denoise_data):
-    sweep = load_sweep(write_sweep(tmp_path / "tiny.yaml", denoise_data, trials=8, **STAGED))
-    round0 = [{"trial": f"trial-00{k}", "round": 0, "source": "sobol"} for k in range(4)]
-    assert early_stopping_notes(sweep, 6, round0) == []  # a range that ran round 0 only: not yet
-    later = [{"trial": f"trial-00{k}", "round": 1, "source": "sobol"} for k in range(4, 8)]
-    [note] = early_stopping_notes(sweep, 6, round0 + later)
-    assert note.startswith("sampler tpe: all 8 trials are the initial design (round 0 holds 4)")
-    assert early_stopping_notes(sweep, 6, round0 + [{**r, "source": "tpe"} for r in later]) == []
-    one = load_sweep(write_sweep(tmp_path / "one.yaml", denoise_data, trials=1, **STAGED))
-    [note] = early_stopping_notes(one, 6, round0[:1])
-    assert note.startswith("sampler tpe: the only trial is the initial design (round 0 holds 1)")  # not "all 1 trials"
-
-
 def test_a_grid_with_more_trials_than_points_says_which_repeat(tmp_path, denoise_data, local_ray, instance):
     """Two odd kernel sizes and four grid trials: two trials repeat an earlier one's pipeline. The sweep
     runs, and the settings and the report say so, with the number to lower trials to."""
@@ -250,14 +228,3 @@ def test_a_grid_with_more_trials_than_points_says_which_repeat(tmp_path, denoise
     assert summary["notes"] == [expected]
     settings = instance.fetch_materializations(asset_key(sweep, "run_settings"), limit=1).records[0]
     assert expected in settings.asset_materialization.metadata["notes"].value
-
-
-def test_trials_of_distinct_parameters_need_no_note():
-    from types import SimpleNamespace  # (the note reads the sweep's sampler and early stopping only)
-
-    from imgtune_assets.defs.search_run import repeated_trials_note
-
-    grid = SimpleNamespace(sampler="grid", early_stopping=None)
-    assert repeated_trials_note(grid, [{"params": {"k": 3}}, {"params": {"k": 5}}, {"params": None}]) is None
-    assert repeated_trials_note(grid, [{"params": {"k": 3, "s": 1.0}}, {"params": {"s": 1.0, "k": 3}}]).startswith(
-        "1 of the 2 trials repeats the parameters of an earlier trial")
