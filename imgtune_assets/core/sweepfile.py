@@ -127,8 +127,7 @@ class Sweep:
         sweep of ``random``, ``halton`` or ``sobol`` had its trial count in the hash. A result saved
         under it for the current count is current (one saved for another count is found again once
         it is computed under the current fingerprint)."""
-        if self.sampler in ("random", "halton", "sobol") and not (self.sampler in ADAPTIVE_SAMPLERS
-                                                                  or self.early_stopping is not None):
+        if self.sampler in ("random", "halton", "sobol") and self.early_stopping is None:
             return (self._fingerprint(with_trials=True),)
         return ()
 
