@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+from imgtune_assets.core.launcher import start_ticks
+
 
 def process_age_seconds() -> float:
     """Seconds since this process started, to the kernel's clock tick (10 ms).
@@ -13,8 +15,6 @@ def process_age_seconds() -> float:
     timed with it came out up to a second long. Here both ends come from the same clock (/proc/uptime
     and the process's start tick). Elsewhere, psutil's figure is the fallback.
     """
-    from imgtune_assets.core.launcher import start_ticks
-
     try:
         started = start_ticks(os.getpid())
         with open("/proc/uptime") as handle:

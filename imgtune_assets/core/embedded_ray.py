@@ -535,7 +535,8 @@ def _after_registration(get_node, gcs_client):
 def _stop_at_once() -> None:
     """Make the coming ``ray.shutdown()`` kill the embedded Ray's processes at once.
 
-    By default it sends SIGTERM and waits up to a second per process, at the end of every run. The embedded Ray holds nothing that needs a graceful stop: every result is saved by then.
+    By default it sends SIGTERM and waits up to a second per process, at the end of every run. The
+    embedded Ray holds nothing that needs a graceful stop: every result is saved by then.
     A raylet killed at once cannot stop the agents and workers it started, so they are killed too
     (they would otherwise live as long as this process). This reaches into Ray's private node object
     (``ray._private.worker._global_node``); if a Ray release moves it, the graceful stop remains.

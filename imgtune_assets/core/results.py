@@ -68,6 +68,12 @@ class TrialStore:
         self.accepted = {fingerprint, *earlier}
         self.manifest_digest = manifest_digest
 
+    @classmethod
+    def of_sweep(cls, sweep_dir: Path, sweep, manifest_digest: str) -> TrialStore:
+        """The store of ``sweep`` (a ``Sweep``) for these images: its fingerprint, and the earlier ones
+        its saved results may carry."""
+        return cls(sweep_dir, sweep.fingerprint(), manifest_digest, sweep.earlier_fingerprints())
+
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 

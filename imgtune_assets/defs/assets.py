@@ -202,10 +202,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         if "images" not in settings:
             raise Failure(description=f"{settings_key.to_user_string()} was made by an older imgtune that did not "
                                       "pin the images: materialize image_manifest and run_settings again")
-        if len(settings.get("trials", ())) != sweep.trials:  # ``trials`` raised or lowered since
-            raise Failure(description=f"{settings_key.to_user_string()} lists {len(settings.get('trials', ()))} "
-                                      f"trials and {sweep.path} now asks for {sweep.trials}: materialize it again "
-                                      "(saved trials are kept)")
+        listed = len(settings.get("trials", ()))
+        if listed != sweep.trials:  # ``trials`` raised or lowered since
+            raise Failure(description=f"{settings_key.to_user_string()} lists {listed} trials and {sweep.path} now "
+                                      f"asks for {sweep.trials}: materialize it again (saved trials are kept)")
 
     def no_trials_named() -> Failure:
         all_keys = trial_keys(sweep)
@@ -347,7 +347,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         rows = manifest_rows(run_settings["images"])
         digest = run_settings["manifest_digest"]
         sweep_dir = imgtune.sweep_dir(sweep.name)
-        store = TrialStore(sweep_dir, sweep.fingerprint(), digest, sweep.earlier_fingerprints())
+        store = TrialStore.of_sweep(sweep_dir, sweep, digest)
         for left in store.remove_killed_writes():
             context.log.info(f"removed {left.name}: an unfinished write of a killed run (its result was never saved)")
         n_images = sum(1 for r in rows if r.status == "ok")
@@ -485,7 +485,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         digest = run_settings["manifest_digest"]
         keys = trial_keys(sweep)
         try:
-            records, stale = TrialStore(out_dir, sweep.fingerprint(), digest, sweep.earlier_fingerprints()).load_all(keys)
+            records, stale = TrialStore.of_sweep(out_dir, sweep, digest).load_all(keys)
         except ValueError as exc:  # a file in trials/ that is not a trial result
             raise Failure(description=str(exc)) from None
         if not records:

@@ -12,9 +12,9 @@ from typing import Any, Callable
 from dagster import AssetExecutionContext, Failure
 
 from imgtune_assets.core.manifest import ManifestRow, usable
+from imgtune_assets.core.progress import partial_reuse_message, reuse_message
 from imgtune_assets.core.report import prepare_in_background
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
-from imgtune_assets.core.progress import partial_reuse_message, reuse_message
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.search import Search, SearchError, early_stopping_notes, image_detail, warm_start_params
 from imgtune_assets.core.sweepfile import Sweep
