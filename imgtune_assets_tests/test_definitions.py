@@ -1,20 +1,17 @@
-"""The definitions load: one asset group per sweep file with its own keys, partitions, jobs, schedule and
-sensor; the real CLI (`dagster definitions validate`, `dg list defs`) loads them, and refuses the whole
-code location when a sweep file is bad or two declare the same name."""
+"""The definitions load: the module serves one asset group per sweep file of the environment; the real
+CLI (`dagster definitions validate`, `dg list defs`) loads them, and refuses the whole code location
+when a sweep file is bad or two declare the same name. What the factory builds per sweep is tested in
+defs/test_factory.py."""
 
 import json
 import subprocess
 
-import pytest
-from dagster import AssetKey, Definitions
+from dagster import Definitions
 
 from imgtune_assets.core.catalog import group_name, sweeps_from_environment
-from imgtune_assets.defs.factory import build_definitions
+from imgtune_assets.defs.keys import ASSET_NAMES as ASSETS
 from imgtune_assets_tests.conftest import PROJECT, VENV_BIN, cli_env, sweeps_dir_env, write_sweep
-
-ASSETS = ("image_manifest", "run_settings", "experiment_results", "sweep_report")
-CHECKS = {"manifest_has_usable_images", "manifest_all_files_usable", "scores_are_numbers", "tuning_beats_identity",
-          "report_complete"}
+from imgtune_assets_tests.support.sweeps import CHECK_NAMES as CHECKS
 
 
 def validate(env):
@@ -31,58 +28,6 @@ def test_the_module_definitions_load_one_group_per_sweep_of_the_environment():
     expected = {group_name(s.name) for s in sweeps_from_environment()}
     graph = defs.resolve_asset_graph()
     assert {graph.get(k).group_name for k in graph.get_all_asset_keys()} == expected
-
-
-@pytest.fixture(scope="module")
-def bundled(tmp_path_factory):
-    """The bundled sweeps folder (the default): denoise-demo and segment-demo."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("IMGTUNE_SCHEDULE_CRON", raising=False)
-        mp.delenv("IMGTUNE_SENSOR_INTERVAL_SECONDS", raising=False)
-        return build_definitions(sweeps_from_environment({}), output_dir=str(tmp_path_factory.mktemp("out")))
-
-
-def test_the_bundled_sweeps_folder_gives_two_groups_with_prefixed_keys(bundled):
-    Definitions.validate_loadable(bundled)
-    graph = bundled.resolve_asset_graph()
-    groups = {}
-    for key in graph.get_all_asset_keys():
-        groups.setdefault(graph.get(key).group_name, set()).add(key.to_user_string())
-    assert groups == {
-        "denoise_demo": {f"denoise-demo/{a}" for a in ASSETS},
-        "segment_demo": {f"segment-demo/{a}" for a in ASSETS},
-    }
-    for name in ("denoise-demo", "segment-demo"):
-        key = lambda asset: AssetKey([name, asset])  # noqa: E731
-        # lineage, within the sweep only
-        assert graph.get(key("run_settings")).parent_keys == {key("image_manifest")}
-        assert graph.get(key("experiment_results")).parent_keys == {key("run_settings")}  # images pinned in settings
-        assert graph.get(key("sweep_report")).parent_keys == {key("run_settings"), key("experiment_results")}
-        # its own checks
-        assert {(c.asset_key, c.name) for c in graph.asset_check_keys if c.asset_key.path[0] == name} == \
-            {(key("image_manifest"), c) for c in ("manifest_has_usable_images", "manifest_all_files_usable")} | \
-            {(key("sweep_report"), c) for c in CHECKS - {"manifest_has_usable_images", "manifest_all_files_usable"}}
-
-
-def test_each_bundled_sweep_has_its_own_partitions_jobs_schedule_and_sensor(bundled):
-    graph = bundled.resolve_asset_graph()
-    trial_keys = [f"trial-{k:03d}" for k in range(32)]
-    for name, group in (("denoise-demo", "denoise_demo"), ("segment-demo", "segment_demo")):
-        partitions = graph.get(AssetKey([name, "experiment_results"])).partitions_def
-        assert partitions.get_partition_keys() == trial_keys
-        sweep_job = bundled.resolve_job_def(f"{group}_sweep")
-        assert sweep_job.asset_layer.executable_asset_keys == {AssetKey([name, a]) for a in ASSETS}
-        assert sweep_job.partitions_def.get_partition_keys() == trial_keys
-        trials_job = bundled.resolve_job_def(f"{group}_trials")
-        assert trials_job.asset_layer.executable_asset_keys == {AssetKey([name, "experiment_results"])}
-        schedule = bundled.resolve_schedule_def(f"{group}_nightly_sweep")
-        assert schedule.job_name == f"{group}_sweep" and schedule.cron_schedule == "0 2 * * *"
-        sensor = bundled.resolve_sensor_def(f"{group}_new_images")
-        assert sensor.job_name == f"{group}_sweep"
-    assert {s.name for s in bundled.schedules} == {"denoise_demo_nightly_sweep", "segment_demo_nightly_sweep"}
-    assert {s.name for s in bundled.sensors} == {"denoise_demo_new_images", "segment_demo_new_images"}
-    assert {j.name for j in bundled.jobs} == {"denoise_demo_sweep", "denoise_demo_trials", "segment_demo_sweep",
-                                              "segment_demo_trials"}
 
 
 def test_dagster_definitions_validate_cli(tmp_path, tiny_sweep):

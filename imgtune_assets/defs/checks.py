@@ -36,12 +36,12 @@ def build_sweep_checks(assets: SweepAssets) -> list[AssetChecksDefinition]:
     @asset_check(asset=assets.sweep_report, description="The best trial beats the identity pipeline (tuning helped).")
     def tuning_beats_identity(sweep_report: dict) -> AssetCheckResult:
         best, identity = sweep_report["best_score"], sweep_report["identity_score"]
-        if best is None or math.isnan(best) or math.isnan(identity):
-            passed = False
-        else:
-            passed = improves(best, identity, sweep_report["higher_is_better"])
-        return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.WARN,
-                                metadata={"best_score": float(best), "identity_score": float(identity)})
+        # The report holds NaN where there is no score; None (a report of an older version) fails alike.
+        known = {name: float(value) for name, value in (("best_score", best), ("identity_score", identity))
+                 if value is not None}
+        passed = len(known) == 2 and not any(map(math.isnan, known.values())) and improves(
+            known["best_score"], known["identity_score"], sweep_report["higher_is_better"])
+        return AssetCheckResult(passed=passed, severity=AssetCheckSeverity.WARN, metadata=known)
 
     @asset_check(asset=assets.sweep_report,
                  description="Every trial of the sweep completed or was stopped by early stopping; failed and "

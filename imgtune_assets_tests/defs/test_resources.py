@@ -253,21 +253,6 @@ def test_a_background_start_that_fails_is_raised_by_connect(monkeypatch):
     assert _starter_threads() == []
 
 
-def test_hosted_address_waits_for_the_commands_file_and_names_it_when_it_cannot_be_used(tmp_path):
-    file = tmp_path / embedded_ray.HOSTED_RAY_FILE_NAME
-    writer = threading.Timer(0.2, lambda: file.write_text('{"address": "127.0.0.1:6380"}'))
-    writer.start()
-    try:
-        assert embedded_ray.hosted_address(file, timeout=30) == "127.0.0.1:6380"
-    finally:
-        writer.cancel()
-    file.write_text('{"error": "ValueError: num_cpus must be nonnegative"}')
-    with pytest.raises(RuntimeError, match=f"failed to start: ValueError: num_cpus must be nonnegative.*{file}"):
-        embedded_ray.hosted_address(file)
-    with pytest.raises(RuntimeError, match=f"{tmp_path / 'none.json'}: .* not up after 0 s"):
-        embedded_ray.hosted_address(tmp_path / "none.json", timeout=0.1)
-
-
 def test_a_run_launched_by_the_sweep_command_connects_to_the_commands_ray(tmp_path):
     """``RayHost`` in one process (as ``python -m imgtune_assets.cli sweep`` has it) publishes its Ray's
     address; a run's resource, in another (both fresh processes, as they are), connects to that Ray in
@@ -520,51 +505,11 @@ def test_the_lean_switch_off_starts_and_stops_ray_as_shipped(monkeypatch, switch
     assert not alive, [p.cmdline() for p in alive]
 
 
-def test_lean_switch_from_the_environment(monkeypatch):
+def test_the_resource_follows_the_lean_switch_unless_its_field_turns_it_off(monkeypatch):
     monkeypatch.delenv(embedded_ray.LEAN_ENV, raising=False)
-    assert embedded_ray.lean_from_environment() and RayResource().lean()
-    for value in ("0", "false", "No", " off "):
-        monkeypatch.setenv(embedded_ray.LEAN_ENV, value)
-        assert not embedded_ray.lean_from_environment() and not RayResource().lean()
-    for value in ("1", "true", "yes", ""):
-        monkeypatch.setenv(embedded_ray.LEAN_ENV, value)
-        assert embedded_ray.lean_from_environment()
-        assert RayResource().lean() and not RayResource(lean_embedded=False).lean()
-
-
-class _NodeTable:
-    """GCS's node table as the lean start's poll sees it: the node registers on the ``registers_at``-th look."""
-
-    def __init__(self, node_id: str, registers_at: int, fails: bool = False):
-        self.node_id, self.registers_at, self.fails, self.looks = node_id, registers_at, fails, 0
-
-    def client(self, address: str):
-        assert address == "127.0.0.1:6379"
-        return self
-
-    def get_all_node_info(self, timeout=None):
-        self.looks += 1
-        if self.fails:
-            raise ConnectionError("GCS not reachable")
-        key = type("NodeID", (), {"hex": lambda _self: self.node_id})()
-        return {key: "record"} if self.looks >= self.registers_at else {}
-
-
-@pytest.mark.parametrize("registers_at, fails", [(4, False), (1, False), (1, True)])
-def test_the_lean_start_looks_the_node_up_once_it_has_registered(monkeypatch, registers_at, fails):
-    """Ray's lookup of the new node (which retries once a second) runs only once the poll sees the node
-    in GCS's table; if polling fails, Ray's lookup waits as shipped."""
-    monkeypatch.setattr(embedded_ray, "REGISTRATION_POLL_SECONDS", 0.001)
-    table = _NodeTable("ab12", registers_at, fails)
-    lookups = []
-
-    def ray_lookup(gcs_address, node_id):
-        lookups.append((gcs_address, node_id, table.looks))
-        return {"node_id": node_id}
-
-    lookup = embedded_ray._after_registration(ray_lookup, table.client)
-    assert lookup("127.0.0.1:6379", "ab12") == {"node_id": "ab12"}
-    assert lookups == [("127.0.0.1:6379", "ab12", 1 if fails else registers_at)]
+    assert RayResource().lean() and not RayResource(lean_embedded=False).lean()
+    monkeypatch.setenv(embedded_ray.LEAN_ENV, "off")
+    assert not RayResource().lean()
 
 
 def test_every_ray_resource_field_is_described():

@@ -12,6 +12,9 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 MODULE = "imgtune_assets.definitions"
+# The asset checks every sweep has (defs/checks.py), by name.
+CHECK_NAMES = {"manifest_has_usable_images", "manifest_all_files_usable", "scores_are_numbers",
+               "tuning_beats_identity", "report_complete"}
 
 DEFAULT_PIPELINE = [
     {"op": "bilateral_filter", "d": {"type": "int", "low": 3, "high": 7},
