@@ -257,6 +257,10 @@ def test_four_backfill_runs_at_once_on_postgres_with_the_ray_executor(tmp_path, 
             nodes.add(metadata["ray_node_ip"].value)
         assert nodes <= set(cluster.node_ips), nodes
         assert not list(Path(env["DAGSTER_HOME"]).glob("**/*.db")), "a SQLite database appeared in DAGSTER_HOME"
+        # The steps opened Postgres with the password, which no node wrote into its logs (Ray's
+        # runtime-env agent logs every task's env_vars): it went as the tasks' argument.
+        leaked = [f for f in cluster.temp_dir.rglob("*") if f.is_file() and pg.password.encode() in f.read_bytes()]
+        assert not leaked, leaked
         assert daemon.alive(), daemon.tail()
         # Short-lived connections (dagster-postgres uses no pool): far below PostgreSQL's default of 100.
         assert peak_connections < 100, peak_connections

@@ -45,7 +45,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,14 @@ from imgtune_assets.core.catalog import EXECUTOR_ENV, SWEEP_ENV, SWEEPS_DIR_ENV,
 NUM_CPUS_TAG = "imgtune/ray_num_cpus"
 # Environment variables that must reach the step's worker (through the task's runtime_env): the
 # instance (DAGSTER_HOME; the Postgres instance's connection, read from the environment of every
-# process that opens it), and imgtune's own settings.
+# process that opens it; Dagster's event batching), and imgtune's own settings.
 # The sweep variables (core/catalog.py) and IMGTUNE_OUTPUT_DIR are passed as absolute paths.
 PASSTHROUGH_ENV = ("DAGSTER_HOME", "IMGTUNE_EXECUTOR", "IMGTUNE_RAY_LEAN", SWEEP_ENV, SWEEPS_DIR_ENV,
-                   "IMGTUNE_OUTPUT_DIR",
-                   "DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB")
+                   "IMGTUNE_OUTPUT_DIR", "DAGSTER_EVENT_BATCH_SIZE",
+                   "DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_DB")
+# Secrets a step's worker needs, passed as the task's argument and set only while the step runs: Ray's
+# runtime-env agent writes a task's runtime_env, env_vars and all, into its log file on every node.
+SECRET_ENV = ("DAGSTER_PG_PASSWORD",)
 STEP_WORKER_MESSAGE = "imgtune step worker"
 
 
@@ -119,13 +123,34 @@ def _worker_identity() -> dict[str, Any]:
     }
 
 
-def execute_step_in_ray_worker(serialized_args: str) -> dict[str, Any]:
-    """Ray task body: what ``dagster api execute_step`` does, in this Ray worker process.
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` meanwhile; afterwards as before (a reused worker keeps no secret)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def execute_step_in_ray_worker(serialized_args: str, secrets: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Ray task body: what ``dagster api execute_step`` does, in this Ray worker process, with
+    ``secrets`` (``SECRET_ENV`` of the run process) in its environment while it runs.
 
     Returns the worker's identity and whether the step reported an outcome (success, failure,
     up for retry, or a resource init failure); the executor's health check fails a step whose task
     ended without one.
     """
+    with _environment(secrets or {}):
+        return _execute_step(serialized_args)
+
+
+def _execute_step(serialized_args: str) -> dict[str, Any]:
     args = deserialize_value(serialized_args, ExecuteStepArgs)
     step_keys = args.step_keys_to_execute or []
     step_key = step_keys[0] if len(step_keys) == 1 else None
@@ -204,6 +229,11 @@ def step_env_vars(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def step_secrets() -> dict[str, str]:
+    """The secrets (``SECRET_ENV``) of this process's environment that a step worker needs."""
+    return {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+
+
 class RayStepHandler(StepHandler):
     """Launches each step as a Ray task; health = the task's ObjectRef; terminate = ``ray.cancel``."""
 
@@ -270,7 +300,7 @@ class RayStepHandler(StepHandler):
             retry_exceptions=False,
             runtime_env={"env_vars": env_vars},
         )
-        ref = task.remote(serialize_value(ctx.execute_step_args))
+        ref = task.remote(serialize_value(ctx.execute_step_args), step_secrets())
         self._refs[(ctx.execute_step_args.run_id, step_key)] = ref
         yield DagsterEvent.step_worker_starting(
             step_context,

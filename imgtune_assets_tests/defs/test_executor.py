@@ -434,7 +434,7 @@ def test_terminating_a_launched_run_cancels_its_ray_step_tasks(tmp_path, cluster
 
 
 def test_step_env_vars_carry_the_instance_and_resolved_sweep(monkeypatch, tmp_path):
-    from imgtune_assets.defs.executor import step_env_vars
+    from imgtune_assets.defs.executor import step_env_vars, step_secrets
 
     sweep = tmp_path / "s.yaml"
     sweep.write_text("name: x\n")
@@ -443,8 +443,13 @@ def test_step_env_vars_carry_the_instance_and_resolved_sweep(monkeypatch, tmp_pa
     monkeypatch.delenv("IMGTUNE_SWEEPS_DIR", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DAGSTER_PG_HOST", "127.0.0.1")
+    monkeypatch.setenv("DAGSTER_PG_PASSWORD", "s3cret")
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", "1000")
     monkeypatch.delenv("IMGTUNE_OUTPUT_DIR", raising=False)
     env = step_env_vars({"EXTRA": "1", "OMP_NUM_THREADS": "2"})
+    # The password goes as the task's argument: Ray logs a task's runtime_env (env_vars too) on every node.
+    assert "DAGSTER_PG_PASSWORD" not in env and step_secrets() == {"DAGSTER_PG_PASSWORD": "s3cret"}
+    assert env["DAGSTER_EVENT_BATCH_SIZE"] == "1000"  # Postgres batches the step's events only with it
     assert env["IMGTUNE_SWEEP"] == str(sweep)
     assert "IMGTUNE_SWEEPS_DIR" not in env
     assert Path(env["IMGTUNE_OUTPUT_DIR"]).is_absolute()
@@ -488,3 +493,16 @@ def test_step_env_vars_carry_the_resolved_sweeps_folder(monkeypatch, tmp_path):
     env = step_env_vars()
     assert env["IMGTUNE_SWEEPS_DIR"] == str(Path(BUNDLED_SWEEPS).resolve())
     assert "IMGTUNE_SWEEP" not in env
+
+
+def test_a_step_s_secrets_are_in_its_worker_s_environment_only_while_it_runs(monkeypatch):
+    from imgtune_assets.defs.executor import _environment
+
+    monkeypatch.delenv("DAGSTER_PG_PASSWORD", raising=False)
+    monkeypatch.setenv("DAGSTER_PG_USER", "before")
+    with _environment({"DAGSTER_PG_PASSWORD": "s3cret", "DAGSTER_PG_USER": "step"}):
+        assert (os.environ["DAGSTER_PG_PASSWORD"], os.environ["DAGSTER_PG_USER"]) == ("s3cret", "step")
+    assert "DAGSTER_PG_PASSWORD" not in os.environ and os.environ["DAGSTER_PG_USER"] == "before"
+    with pytest.raises(RuntimeError), _environment({"DAGSTER_PG_PASSWORD": "s3cret"}):
+        raise RuntimeError("the step failed")
+    assert "DAGSTER_PG_PASSWORD" not in os.environ  # a reused worker keeps no secret
