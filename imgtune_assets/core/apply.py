@@ -8,8 +8,9 @@ and pipeline did not change and whose output is still there. An input that canno
 is skipped with its reason; the others are written.
 
 A re-run reads neither file of an unchanged pair when it can tell without reading (``unchanged_unread``):
-a local file whose size and mtime are those recorded when it was last read (recorded only when they
-can be trusted, the manifest's rule: not for a file modified less than 2 s before), an object whose
+a local file whose size, mtime, inode and ctime are those recorded when it was last read (recorded
+only when they can be trusted, the manifest's rule: not for a file modified less than 2 s before;
+a file replaced by a copy that kept its size and mtime has another inode or ctime), an object whose
 listing's tag is the one recorded. An output is recorded so once a later run has read it back intact
 (a file just written is never trusted by its stat: git's racy rule), so the third run of an unchanged
 folder reads nothing but the listings — and needs no Ray: ``plan_apply`` settles such pairs, and only
@@ -32,6 +33,7 @@ from imgtune_assets.core.imageio import (
     IMAGE_SUFFIXES,
     ImageReadError,
     decode_oriented,
+    format_suffix,
     jpeg_metadata,
     unorient,
     webp_is_lossless,
@@ -167,7 +169,9 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
 
             colour = output if output.ndim == 3 else cv2.cvtColor(output, cv2.COLOR_GRAY2BGR)
             output = np.dstack([colour[:, :, :3], alpha])
-        suffix = Path(source.name).suffix
+        # Written in the input's format, which its content says (a PNG named .jpg stays a PNG: encoding
+        # it as its name says would lose its 16 bits, or its alpha), under the input's name.
+        suffix = format_suffix(data) or Path(source.name).suffix
         jpeg = suffix.lower() in (".jpg", ".jpeg")
         if orientation != 1 and jpeg:
             # processed upright (as scored), stored back as the input stores it: the output keeps the

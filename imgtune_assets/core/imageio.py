@@ -15,6 +15,20 @@ from imgtune_assets.core.files import atomic_write_bytes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
+# The formats OpenCV encodes, by the signature their files begin with, and the suffix that selects the
+# encoder (``format_suffix``).
+_SIGNATURES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"II*\x00", ".tiff"),
+               (b"MM\x00*", ".tiff"), (b"BM", ".bmp"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"))
+
+
+def format_suffix(data: bytes) -> str | None:
+    """The suffix of the format that file bytes ``data`` are in, whatever the file is named (a PNG named
+    ``.jpg`` is a PNG): ``.jpg``, ``.png``, ``.tiff``, ``.webp``, ``.bmp`` or ``.gif``; None for others."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return next((suffix for signature, suffix in _SIGNATURES if data.startswith(signature)), None)
+
+
 # Decodes in this process, so a run can report how often each image was decoded.
 _decode_count = 0
 

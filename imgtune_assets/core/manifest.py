@@ -110,7 +110,7 @@ class ManifestRow:
     dtype: str | None
     status: str  # "ok" | "skipped"
     reason: str | None = None
-    # A local file's "size:mtime_ns" when it was hashed: a run re-hashes only a file whose stat changed.
+    # A local file's stat (``local_stat``) when it was hashed: a run re-hashes only a file whose stat changed.
     image_stat: str | None = None
     target_stat: str | None = None
     # The image file's size in bytes (its listing's, for an object): with its pixel count, how much detail
@@ -203,14 +203,17 @@ RACY_NS = 2_000_000_000
 
 
 def local_stat(file: Location) -> str | None:
-    """``size:mtime_ns`` of a local file (None for an object, or a file that cannot be stat'ed)."""
+    """``size:mtime_ns:inode:ctime_ns`` of a local file (None for an object, or a file that cannot be
+    stat'ed): by which a file is taken as unchanged without reading it. The inode and ctime, as git's
+    index keeps them, because no copy that keeps the mtime (``cp -p``, ``tar x``, ``rsync -t``, an
+    unzip) keeps them: a replaced file of the same size and time is read again."""
     if storage.is_remote(file):
         return None
     try:
         st = os.stat(file)
     except OSError:
         return None
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 def _trusted_stat(before: str | None, after: str | None, read_at_ns: int) -> str | None:
@@ -242,7 +245,7 @@ def _probe(file: Location, info: dict) -> tuple[str, str | None, int | None, tup
 
 def read_with_stat(file: Location) -> tuple[bytes, str, str | None]:
     """A file's bytes, its content key (``storage.read_with_key``) and the stat to record for it: a
-    local file's ``size:mtime_ns`` when it can be trusted later (``_trusted_stat``), else None (always
+    local file's ``local_stat`` when it can be trusted later (``_trusted_stat``), else None (always
     None for an object, whose key is its tag)."""
     read_at_ns, before = time.time_ns(), local_stat(file)
     data, key = storage.read_with_key(file)
@@ -253,9 +256,9 @@ class ProbeCache:
     """What earlier scans learnt of each file, so that a scan reads only the files that changed since.
 
     A file's probe (content key, stat, size, header) is reused when the file is as it was then: a local
-    file's ``size:mtime_ns`` equals the stat recorded when it was hashed (recorded only when trusted,
-    see ``_trusted_stat``: the same test by which a run skips re-hashing the files it reads), and so do
-    its inode and ctime (``_cache_identity``: a copy that keeps the mtime is read again); an object's
+    file's stat (``local_stat``: size, mtime, inode, ctime) equals the one recorded when it was hashed
+    (recorded only when trusted, see ``_trusted_stat``: the same test by which a run skips re-hashing
+    the files it reads; a copy that keeps the mtime is read again); an object's
     listing gives the same content key (tag and size). A nightly sweep over an unchanged
     folder, or the new-images sensor after a few files were added, reads the new and changed files
     only; ``touch`` makes a file be read again. Kept as JSON in the sweep's output folder
@@ -290,7 +293,7 @@ class ProbeCache:
     def probe(self, file: Location, info: dict) -> tuple[str, str | None, int | None, tuple[int, int, int, str]]:
         """``_probe(file, info)``, or the earlier probe of the same unchanged file."""
         name, remote = str(file), storage.is_remote(file)
-        now = storage.content_key_of_info(info) if remote else _cache_identity(file)
+        now = storage.content_key_of_info(info) if remote else local_stat(file)
         entry = self.known.get(name)
         if now is not None and _well_formed(entry) and entry["identity"] == now:
             with self._count:
@@ -303,9 +306,8 @@ class ProbeCache:
             with self._count:
                 self.read += 1
         # Kept under the identity seen before the read, when the read's trusted stat (None if racy or
-        # changed while read) agrees with it; an inode or ctime that moved meanwhile only costs a read later.
-        identity = key if remote else (now if stat is not None and now is not None and now.startswith(stat + ":")
-                                       else None)
+        # changed while read) agrees with it.
+        identity = key if remote else (now if stat is not None and now == stat else None)
         if identity is not None:
             self.seen[name] = {"identity": identity, "key": key, "stat": stat, "size": size, "header": list(header)}
         return key, stat, size, header
@@ -318,16 +320,6 @@ class ProbeCache:
             atomic_write_json(self.file, {"version": PROBE_CACHE_VERSION, "files": self.seen})
 
 
-def _cache_identity(file: Location) -> str | None:
-    """A local file as the probe cache recognises it: ``size:mtime_ns`` (the run's trusted stat) and also
-    its inode and ctime, which no copy that keeps an mtime (``cp -p``, ``tar x``, ``rsync -t``) keeps."""
-    try:
-        st = os.stat(file)
-    except OSError:
-        return None
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
-
-
 def _well_formed(entry: object) -> bool:
     """A probe cache entry as ``ProbeCache.probe`` writes them (anything else is probed again)."""
     return (isinstance(entry, dict) and {"identity", "key", "stat", "size", "header"} <= entry.keys()
@@ -337,7 +329,7 @@ def _well_formed(entry: object) -> bool:
 # The probe cache's file name in a sweep's output folder (``ProbeCache``), and the version of what it
 # holds: raise it whenever a probe's checks or content keys change, so that no earlier verdict is served.
 PROBE_CACHE_FILE = "probe_cache.json"
-PROBE_CACHE_VERSION = 3  # 3: sizes after EXIF orientation
+PROBE_CACHE_VERSION = 4  # 3: sizes after EXIF orientation; 4: stats with inode and ctime
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from imgtune_assets.core.apply import (
 )
 from imgtune_assets.core.ops import apply_pipeline
 from imgtune_assets.core.imageio import jpeg_metadata, webp_is_lossless, with_jpeg_metadata
+from imgtune_assets.core.manifest import local_stat
 from imgtune_assets.core.sweepfile import fixed_sweep_document, load_sweep
 from imgtune_assets_tests.conftest import write_sweep
 from imgtune_assets_tests.support.files import age
@@ -325,7 +326,8 @@ def test_re_runs_skip_what_did_not_change(local_ray, tmp_path):
 
 
 def _same_size_other_bytes(path):
-    """Other bytes of the same size and mtime: only reading the file could tell."""
+    """Other bytes of the same size and mtime (as `cp -p` of another file would leave): only its inode
+    or ctime, or reading it, tells."""
     st, data = path.stat(), bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -347,20 +349,17 @@ def test_a_third_run_of_an_unchanged_folder_reads_no_file(local_ray, tmp_path):
     assert {n: second[n]["status"] for n in IMAGES} == {n: "unchanged" for n in IMAGES}
     assert all(second[n]["output_stat"] is not None for n in IMAGES)
 
-    # Neither file is read now, and no Ray task runs (the caller need not even connect): bytes changed
-    # behind unchanged stats go unseen (the trust a run puts in the manifest's stats, too), ...
-    _same_size_other_bytes(src / "grey8.png")
-    _same_size_other_bytes(out / "colour8.png")
+    # Neither file is read now, and no Ray task runs (the caller need not even connect) ...
     third = by_name(apply_to_folder(STAGES, src, out, connect=lambda: connected.append("third")))
     assert connected == ["second"]
     assert {n: third[n]["status"] for n in IMAGES} == {n: "unchanged" for n in IMAGES}
     # a broken input stays skipped for its recorded reason, unread while its stat is unchanged
     assert third["broken.png"] == first["broken.png"]
     assert third["grey8.png"]["input_key"] == first["grey8.png"]["input_key"]
-    # ... and a new mtime has both read again: the input's new key seen (its damage found), the damaged
-    # output rewritten.
-    age(src / "grey8.png", 30)
-    age(out / "colour8.png", 30)
+    # ... but bytes changed behind the same size and mtime change the ctime: both files are read again,
+    # the input's new key seen (its damage found), the damaged output rewritten.
+    _same_size_other_bytes(src / "grey8.png")
+    _same_size_other_bytes(out / "colour8.png")
     fourth = by_name(apply_to_folder(STAGES, src, out))
     assert {n: fourth[n]["status"] for n in IMAGES if fourth[n]["status"] != "unchanged"} == \
         {"grey8.png": "skipped", "colour8.png": "written"}
@@ -440,8 +439,8 @@ def test_unchanged_unread_compares_stats_of_files_and_listing_tags_of_objects(tm
     src, out = tmp_path / "a.png", tmp_path / "b.png"
     src.write_bytes(b"in")
     out.write_bytes(b"out")
-    stat = lambda p: f"{p.stat().st_size}:{p.stat().st_mtime_ns}"  # noqa: E731
-    entry = {"status": "written", "pipeline": "k", "input": str(src), "input_stat": stat(src), "output_stat": stat(out)}
+    entry = {"status": "written", "pipeline": "k", "input": str(src), "input_stat": local_stat(src),
+             "output_stat": local_stat(out)}
     assert unchanged_unread(entry, "k", src, out)
     assert not unchanged_unread(entry, "other pipeline", src, out)
     assert not unchanged_unread({**entry, "output_stat": None}, "k", src, out)  # never read back yet
@@ -452,6 +451,14 @@ def test_unchanged_unread_compares_stats_of_files_and_listing_tags_of_objects(tm
     other.write_bytes(b"IN")
     os.utime(other, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
     assert not unchanged_unread(entry, "k", other, out)
+    # The input replaced by a file of the same size and mtime (`cp -p`, `tar x`, `rsync -t`): read again.
+    replacement = tmp_path / "replacement.png"
+    replacement.write_bytes(b"IN")
+    os.utime(replacement, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
+    replacement.replace(src)
+    assert (src.stat().st_size, src.stat().st_mtime_ns) == tuple(int(x) for x in entry["input_stat"].split(":")[:2])
+    assert not unchanged_unread(entry, "k", src, out)
+    entry["input_stat"] = local_stat(src)
     age(out, 1)
     assert not unchanged_unread(entry, "k", src, out)
     remote_in = storage.location("memory://bucket/in/a.png")
@@ -743,3 +750,20 @@ def test_a_ctrl_c_landing_in_the_ledger_write_still_leaves_the_whole_ledger(tmp_
         apply_module.run_plan(plan)
     assert calls == [out / LEDGER_NAME] * 2
     assert len(json.loads((out / LEDGER_NAME).read_text())["entries"]) == len(plan.items)
+
+
+def test_an_output_is_written_in_the_format_its_input_is_in_whatever_its_name(tmp_path):
+    """A 16-bit PNG named .jpg (a renamed or mislabelled file): encoding it as its name says would write
+    an 8-bit JPEG, its 16-bit values clipped to white. It is written as what it is, under its name."""
+    deep = _scene((30, 40), np.uint16, 11)
+    misnamed = tmp_path / "scan.jpg"
+    misnamed.write_bytes(_encode(deep, ".png"))
+    entry, encoded = prepare_output(STAGES, misnamed, tmp_path / "out" / "scan.jpg", None, "k")
+    assert encoded.startswith(b"\x89PNG") and entry["output"].endswith("scan.jpg")
+    written = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert written.dtype == np.uint16 and np.array_equal(written, apply_pipeline(deep, STAGES))
+    jpeg_as_png = tmp_path / "photo.png"
+    jpeg_as_png.write_bytes(_encode(_scene((30, 40, 3), np.uint8, 12), ".jpg"))
+    _, encoded = prepare_output(STAGES, jpeg_as_png, tmp_path / "out" / "photo.png", None, "k")
+    assert encoded.startswith(b"\xff\xd8\xff")
+

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgtune_assets.core.imageio import (decode_image, decode_oriented, exif_orientation, orient,
+from imgtune_assets.core.imageio import (decode_image, decode_oriented, exif_orientation, format_suffix, orient,
                                          probe_image, unorient, write_png)
 
 # Not square, and not symmetric: every one of the eight orientations gives another array.
@@ -134,3 +134,11 @@ def test_a_multi_picture_jpeg_is_turned_as_opencv_turns_it():
     assert upright.shape == (20, 12, 3) and exif_orientation(data) == 6
     assert np.array_equal(decode_image(data, "x.jpg"), upright)
     assert probe_image(data, "x.jpg")[:2] == (12, 20)
+
+
+@pytest.mark.parametrize("data, suffix", [
+    (b"\xff\xd8\xff\xe0rest", ".jpg"), (b"\x89PNG\r\n\x1a\nrest", ".png"), (b"II*\x00rest", ".tiff"),
+    (b"MM\x00*rest", ".tiff"), (b"RIFF\x10\x00\x00\x00WEBPVP8 ", ".webp"), (b"BM\x00\x00", ".bmp"),
+    (b"GIF89a...", ".gif"), (b"RIFF\x10\x00\x00\x00WAVE", None), (b"plain text", None), (b"", None)])
+def test_format_suffix_reads_the_files_signature(data, suffix):
+    assert format_suffix(data) == suffix

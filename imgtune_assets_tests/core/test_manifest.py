@@ -174,8 +174,8 @@ def test_a_file_whose_size_and_mtime_are_unchanged_is_not_hashed_again(messy):
         age(path, 60)
     rows = scan_folder(messy, needs_target=True)
     good = next(r for r in rows if r.id == "good")
-    assert good.image_stat == f"{(messy / 'images' / 'good.png').stat().st_size}:" \
-                              f"{(messy / 'images' / 'good.png').stat().st_mtime_ns}"
+    st = (messy / 'images' / 'good.png').stat()
+    assert good.image_stat == f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
     good.image_sha256 = "0" * 64  # a key the file does not have: only hashing it again would notice
     ids, images, _ = load_images(messy, rows, verify=True)
     assert "good" in ids
