@@ -85,7 +85,7 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
             bits = image.tag_v2.get(258) if kind == "TIFF" else None
             # decode_image's size: turned a quarter by an EXIF orientation of 5–8 (see orient). (A TIFF's
             # own orientation tag: OpenCV's decoder applies it, and Pillow's size is already the turned one.)
-            if _orientation_of(image) >= 5:
+            if _orientation_of(image, data) >= 5:
                 width, height = height, width
         if whole and kind == "PNG":
             check_png_chunks(data)
@@ -283,7 +283,7 @@ def check_png_chunks(data: bytes) -> None:
 
 
 # EXIF orientation (tag 0x0112) is applied where cv2.imread applies it: JPEG, PNG (an eXIf chunk before
-# the image data, where Pillow finds it on opening; OpenCV also reads one after) and WebP. A TIFF's own
+# or after the image data) and WebP. A TIFF's own
 # orientation tag OpenCV's TIFF decoder applies itself, even with IMREAD_UNCHANGED, which skips the
 # others. A phone's portrait photo is stored landscape with orientation 6: it is scored, shown and
 # processed upright, as OpenCV (and every viewer and labelling tool) shows it.
@@ -291,12 +291,30 @@ ORIENTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # (MPO: a JPEG holding furthe
 EXIF_ORIENTATION = 0x0112
 
 
-def _orientation_of(image) -> int:
+def _png_exif(data: bytes) -> bytes | None:
+    """The payload of a PNG's eXIf chunk wherever it lies (after the image data too, where Pillow finds
+    it only by decoding and OpenCV still applies it), walking the chunks' headers only; None if there is
+    none in ``data`` (which may be the file's head only)."""
+    pos, size = 8, len(data)
+    while pos + 8 <= size:
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind == b"eXIf":
+            return data[pos + 8:pos + 8 + length] if pos + 8 + length <= size else None
+        if kind == b"IEND":
+            return None
+        pos += 12 + length
+    return None
+
+
+def _orientation_of(image, data: bytes = b"") -> int:
     """The EXIF orientation (1–8; 1 when absent, unreadable or out of range) of a Pillow image opened on
-    a file's bytes, read from the metadata Pillow found while opening it (nothing decoded)."""
+    a file's bytes ``data``, read from the metadata Pillow found while opening it, or a PNG's eXIf chunk
+    after its image data (nothing decoded)."""
     from PIL import Image
 
     raw = image.info.get("exif") if image.format in ORIENTED_FORMATS else None
+    if not raw and image.format == "PNG":
+        raw = _png_exif(data)
     if not raw:
         return 1
     exif = Image.Exif()
@@ -316,7 +334,7 @@ def exif_orientation(data: bytes) -> int:
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _orientation_of(image)
+            return _orientation_of(image, data)
     except _pillow_open_errors():
         return 1
 

@@ -329,7 +329,7 @@ def _well_formed(entry: object) -> bool:
 # The probe cache's file name in a sweep's output folder (``ProbeCache``), and the version of what it
 # holds: raise it whenever a probe's checks or content keys change, so that no earlier verdict is served.
 PROBE_CACHE_FILE = "probe_cache.json"
-PROBE_CACHE_VERSION = 4  # 3: sizes after EXIF orientation; 4: stats with inode and ctime
+PROBE_CACHE_VERSION = 4  # 3: sizes after EXIF orientation; 4: stats with inode and ctime, late PNG eXIf
 
 
 @contextmanager

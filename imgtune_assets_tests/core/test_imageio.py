@@ -4,6 +4,7 @@ WebP images upright by their orientation tag (a TIFF its own decoder turns, what
 with alpha."""
 
 import io
+import zlib
 
 import cv2
 import numpy as np
@@ -42,6 +43,30 @@ def test_decoding_turns_the_image_upright_as_opencv_does(fmt, orientation):
     assert image.flags["C_CONTIGUOUS"]
     width, height, channels, dtype = probe_image(data, f"x.{fmt.lower()}")
     assert (height, width, channels, dtype) == (*upright.shape, "uint8")
+
+
+def late_exif_png(orientation: int) -> bytes:
+    """A PNG whose eXIf chunk comes after its image data (the PNG 1.5 extension allowed it there; Pillow
+    finds it only by decoding), written with OpenCV and the chunk inserted before the end chunk."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()
+    payload = payload[6:] if payload.startswith(b"Exif\x00\x00") else payload
+    chunk = len(payload).to_bytes(4, "big") + b"eXIf" + payload + zlib.crc32(b"eXIf" + payload).to_bytes(4, "big")
+    data = cv2.imencode(".png", STORED)[1].tobytes()
+    end = data.rfind(b"IEND") - 4
+    return data[:end] + chunk + data[end:]
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_pngs_exif_after_its_image_data_turns_it_as_opencv_does(orientation):
+    data = late_exif_png(orientation)
+    upright = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert upright.shape != STORED.shape or orientation == 3  # OpenCV turns it
+    image, _, found = decode_oriented(data, "late.png")
+    assert found == exif_orientation(data) == orientation and np.array_equal(image, upright)
+    width, height, _, _ = probe_image(data, "late.png")
+    assert (height, width) == upright.shape[:2]
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
