@@ -74,6 +74,7 @@ LOG_TAIL_LINES = 30
 # Tags the run the sweep command launches, so that the command reads that run's failure and no other's.
 INVOCATION_TAG = "imgtune/cli_invocation"
 INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT)
+NO_RESULT = 3  # the sweep ran, but no trial completed: no best pipeline (every trial failed)
 POLL_SECONDS = 0.25
 BAR_WIDTH = 20
 
@@ -631,6 +632,11 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
         print(f"  tuned images: {applied['written']} written, {applied['unchanged']} unchanged, "
               f"{applied['skipped']} skipped -> {applied['output_dir']}", file=out)
     out.flush()
+    if not report.get("best_trial"):  # the run succeeded, but there is no tuned pipeline: a script must know
+        failed = report.get("failed_trials") or []
+        print(f"error: {sweep.name}: no trial completed ({len(failed)} failed): no tuned pipeline; each trial's "
+              f"error is in {sweep_dir / 'leaderboard.csv'}", file=err, flush=True)
+        return NO_RESULT
     return 0
 
 

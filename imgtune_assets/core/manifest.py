@@ -97,6 +97,28 @@ def skip_undecodable(rows: list[ManifestRow], known: dict[str, dict]) -> list[Ma
     return out
 
 
+def skip_too_small(rows: list[ManifestRow], metric: str, min_side: int) -> list[ManifestRow]:
+    """``rows`` with every usable image narrower or lower than ``min_side`` pixels skipped, with the
+    reason: ``metric`` cannot score it, and would fail every trial on it."""
+    out = []
+    for row in rows:
+        if row.status == "ok" and row.width is not None and row.height is not None \
+                and min(row.width, row.height) < min_side:
+            row = replace(row, status="skipped",
+                          reason=f"{row.width}x{row.height} pixels: {metric} needs images of at least "
+                                 f"{min_side}x{min_side}")
+        out.append(row)
+    return out
+
+
+def sweep_rows(scanned: list[ManifestRow], sweep_dir: str | os.PathLike, metric: str, min_side: int
+               ) -> list[ManifestRow]:
+    """A sweep's manifest rows from a scan of its folder, as ``image_manifest`` and the new-images sensor
+    both compute them: the files earlier runs found undecodable skipped (``read_undecodable``), and the
+    images too small for the metric (``skip_too_small``)."""
+    return skip_too_small(skip_undecodable(scanned, read_undecodable(sweep_dir)), metric, min_side)
+
+
 @dataclass
 class ManifestRow:
     id: str

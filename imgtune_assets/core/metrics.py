@@ -83,6 +83,9 @@ class MetricSpec:
     needs_target: bool
     kind: str  # "image" | "mask" | "no_reference"
     doc: str = ""
+    # The smallest width and height it scores: the manifest skips smaller images, with the reason,
+    # rather than fail every trial on them.
+    min_side: int = 1
 
 
 def data_range(dtype) -> float:
@@ -347,7 +350,7 @@ METRICS: dict[str, MetricSpec] = {
     s.name: s
     for s in (
         MetricSpec("psnr", psnr, True, True, "image", "peak signal-to-noise ratio, dB (cap 100)"),
-        MetricSpec("ssim", ssim, True, True, "image", "structural similarity, Gaussian 11x11"),
+        MetricSpec("ssim", ssim, True, True, "image", "structural similarity, Gaussian 11x11", min_side=_SSIM_WIN),
         MetricSpec("mae", mae, False, True, "image", "mean absolute error / data range"),
         MetricSpec("dice", dice, True, True, "mask", "Dice overlap of pixel > 0 masks"),
         MetricSpec("iou", iou, True, True, "mask", "intersection over union of pixel > 0 masks"),

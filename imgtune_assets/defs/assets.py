@@ -52,9 +52,8 @@ from imgtune_assets.core.manifest import (
     cached_scan,
     image_folders,
     manifest_digest,
-    read_undecodable,
     require_usable,
-    skip_undecodable,
+    sweep_rows,
 )
 from imgtune_assets.core.manifest import usable as usable_rows
 from imgtune_assets.core.metrics import improvement
@@ -247,7 +246,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
 
             scanned, cache = cached_scan(sweep.data_dir, sweep.needs_target,
                                          imgtune.sweep_dir(sweep.name) / PROBE_CACHE_FILE, context.log, on_wait=waiting)
-            rows = skip_undecodable(scanned, read_undecodable(imgtune.sweep_dir(sweep.name)))
+            rows = sweep_rows(scanned, imgtune.sweep_dir(sweep.name), objective.metric, objective.spec.min_side)
             if sweep.needs_target and not any(r.target_path for r in rows):
                 _, target_dir = image_folders(sweep.data_dir)
                 raise ManifestError(f"{sweep.path}: objective.metric: {objective.metric} needs ground-truth "

@@ -45,9 +45,8 @@ from imgtune_assets.core.manifest import (
     cached_scan,
     image_folders,
     manifest_digest,
-    read_undecodable,
     scan_folder,
-    skip_undecodable,
+    sweep_rows,
 )
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.storage import Location
@@ -151,7 +150,8 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
                                          wait=False)
             else:
                 scanned = scan_folder(data_dir, needs_target=sweep.needs_target)
-            content = manifest_digest(skip_undecodable(scanned, read_undecodable(sweep_dir)))
+            content = manifest_digest(sweep_rows(scanned, sweep_dir, sweep.objective.metric,
+                                                 sweep.objective.spec.min_side))
         except ManifestError as exc:
             return SkipReason(str(exc))
         baseline = cursor.get("content") if cursor else _last_manifest_hash(context, sweep)

@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +24,9 @@ from imgtune_assets.core.manifest import (
     require_usable,
     save_probe_cache,
     scan_folder,
+    skip_too_small,
     skip_undecodable,
+    sweep_rows,
     unreadable_advice,
 )
 from imgtune_assets_tests.support.files import age
@@ -456,3 +459,19 @@ def test_a_cancelled_scan_ahead_stops_reading_and_saves_nothing(tmp_path, messy,
     assert time.perf_counter() - started < 8.0
     assert 0 < len(probed) <= 4  # the files being read (two threads, image then target) were finished
     assert not cache_file.exists()  # a partial scan would drop the entries it did not reach
+
+
+def test_images_too_small_for_the_metric_are_skipped_naming_the_metric(tmp_path):
+    rows = [ManifestRow(id=i, image_path=f"images/{i}.png", target_path=f"targets/{i}.png", image_sha256=i,
+                        target_sha256=i, width=w, height=h, channels=1, dtype="uint8", status="ok")
+            for i, (w, h) in {"big": (64, 48), "narrow": (10, 48), "edge": (11, 11)}.items()]
+    rows.append(replace(rows[0], id="gone", image_path="images/gone.png", status="skipped", reason="unreadable",
+                        width=None, height=None))
+    kept = {r.id: r for r in skip_too_small(rows, "ssim", 11)}
+    assert [kept[i].status for i in ("big", "narrow", "edge", "gone")] == ["ok", "skipped", "ok", "skipped"]
+    assert kept["narrow"].reason == "10x48 pixels: ssim needs images of at least 11x11"
+    assert kept["gone"].reason == "unreadable"
+    # What the manifest and the new-images sensor both compute: earlier runs' undecodable files too.
+    record_undecodable(tmp_path, "images/big.png", "big", "does not decode")
+    assert [r.status for r in sweep_rows(rows, tmp_path, "ssim", 11)] == ["skipped", "skipped", "ok", "skipped"]
+    assert [r.status for r in sweep_rows(rows, tmp_path / "none", "psnr", 1)] == ["ok", "ok", "ok", "skipped"]

@@ -423,3 +423,16 @@ def test_improvement_is_positive_when_better_whichever_way_the_metric_goes():
     assert M.improvement(31.5, 28.0, higher_is_better=True) == pytest.approx(3.5)
     assert M.improvement(0.01, 0.25, higher_is_better=False) == pytest.approx(0.24)
     assert M.improvement(0.30, 0.25, higher_is_better=False) == pytest.approx(-0.05)
+
+
+def test_each_metric_scores_images_of_its_minimum_side_and_refuses_smaller_ones():
+    rng = np.random.default_rng(5)
+    for name, spec in METRICS.items():
+        if not spec.needs_target:
+            continue
+        side = spec.min_side
+        a, b = (rng.integers(0, 256, (side, side + 3), dtype=np.uint8) for _ in range(2))
+        assert np.isfinite(score(name, a, b)), name
+        if side > 1:
+            with pytest.raises(MetricInputError, match=f"at least {side}x{side}"):
+                score(name, a[: side - 1], b[: side - 1])
