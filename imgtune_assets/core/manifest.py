@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from imgtune_assets.core import storage
-from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, decode_image, probe_image
+from imgtune_assets.core.imageio import IMAGE_SUFFIXES, ImageReadError, decode_image, format_suffix, probe_image
 from imgtune_assets.core.storage import Location
 
 
@@ -162,6 +162,8 @@ _INT_FIELDS = {f.name for f in fields(ManifestRow) if str(f.type).startswith("in
 
 # An object store's header probe reads this much of each object (a JPEG's size can follow its EXIF block).
 HEAD_BYTES = 256 * 1024
+# ... and, of a larger PNG or JPEG, this much of its end, where a whole one has its end chunk or marker.
+TAIL_BYTES = 64 * 1024
 
 
 # A data folder's ground truth: targets/<image stem>.<image suffix>.
@@ -255,14 +257,36 @@ def _probe(file: Location, info: dict) -> tuple[str, str | None, int | None, tup
         size = info.get("size")
         head = storage.read_head(file, HEAD_BYTES)
         try:
-            return key, None, size, probe_image(head, file, whole=len(head) < HEAD_BYTES)
+            header = probe_image(head, file, whole=len(head) < HEAD_BYTES)
+            if len(head) < HEAD_BYTES or _ends_whole(file, head, size):
+                return key, None, size, header
         except ImageReadError:
             if len(head) < HEAD_BYTES:
                 raise  # that was the whole object
-            data = storage.read_bytes(file)  # a header beyond the head: read it all, once more at most
-            return key, None, len(data), probe_image(data, file)
+        # A header beyond the head, or an end that does not look whole: read it all, once more at most.
+        data = storage.read_bytes(file)
+        return key, None, len(data), probe_image(data, file)
     data, key, stat = read_with_stat(file)
     return key, stat, len(data), probe_image(data, file)
+
+
+def _ends_whole(file: Location, head: bytes, size: int | None) -> bool:
+    """Whether an object larger than its ``head`` looks whole at its end, as ``probe_image`` checks a
+    whole file: a BMP or WebP as long as its header says, a PNG ending with its end chunk, a JPEG with
+    its end-of-image marker in its last ``TAIL_BYTES`` (one ranged read). False sends the object to a
+    whole read: a truncated one is then skipped by the manifest, not found by the run; one that is whole
+    after all (a JPEG with a video appended, as some phones write) passes. A TIFF is not checked."""
+    kind = format_suffix(head)
+    if size is None or kind not in (".bmp", ".webp", ".png", ".jpg"):
+        return True
+    if kind == ".bmp":
+        return size >= int.from_bytes(head[2:6], "little")
+    if kind == ".webp":
+        return size >= 8 + int.from_bytes(head[4:8], "little")
+    tail = storage.read_range(file, max(0, size - TAIL_BYTES), size)
+    if kind == ".png":
+        return tail.endswith(b"IEND\xaeB`\x82")
+    return tail.rfind(b"\xff\xd9") >= 0
 
 
 def read_with_stat(file: Location) -> tuple[bytes, str, str | None]:

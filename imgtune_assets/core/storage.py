@@ -161,11 +161,17 @@ def read_with_key(path: Location) -> tuple[bytes, str]:
 
 def read_head(path: Location, size: int) -> bytes:
     """The first ``size`` bytes (a ranged request on an object store)."""
+    return read_range(path, 0, size)
+
+
+def read_range(path: Location, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (fewer at the file's end; one ranged request on an object store)."""
     try:
         if is_remote(path):
-            return path.fs.cat_file(path.path, start=0, end=size)
+            return path.fs.cat_file(path.path, start=start, end=end)
         with open(path, "rb") as handle:
-            return handle.read(size)
+            handle.seek(start)
+            return handle.read(max(0, end - start))
     except _remote_errors() as exc:
         raise _explain(exc, path, "read it") from None
 

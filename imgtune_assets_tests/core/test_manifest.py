@@ -475,3 +475,27 @@ def test_images_too_small_for_the_metric_are_skipped_naming_the_metric(tmp_path)
     record_undecodable(tmp_path, "images/big.png", "big", "does not decode")
     assert [r.status for r in sweep_rows(rows, tmp_path, "ssim", 11)] == ["skipped", "skipped", "ok", "skipped"]
     assert [r.status for r in sweep_rows(rows, tmp_path / "none", "psnr", 1)] == ["ok", "ok", "ok", "skipped"]
+
+
+def test_an_object_truncated_beyond_its_head_is_skipped_by_the_manifest_not_failed_by_the_run():
+    """An object larger than the head the manifest reads: its end is checked (a ranged read), so a
+    truncated PNG or JPEG is skipped with its reason, as a local one is, and a JPEG with data after its
+    end marker (a phone's motion photo) is still usable."""
+    from imgtune_assets.core import storage
+    from imgtune_assets.core.manifest import HEAD_BYTES
+
+    noise = np.random.default_rng(9).integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", noise)[1].tobytes()
+    jpeg = cv2.imencode(".jpg", noise, [cv2.IMWRITE_JPEG_QUALITY, 98])[1].tobytes()
+    assert len(png) > 2 * HEAD_BYTES and len(jpeg) > 2 * HEAD_BYTES
+    root = storage.location("memory://imgtune-truncated/data")
+    files = {"whole.png": png, "cut.png": png[: len(png) * 3 // 4], "whole-photo.jpg": jpeg,
+             "cut-photo.jpg": jpeg[: len(jpeg) * 3 // 4], "motion.jpg": jpeg + b"\0\1ftypmp42" * 9000}
+    for name, data in files.items():
+        storage.write_bytes_atomic(root / "images" / name, data)
+    rows = {r.image_path: r for r in scan_folder(root, needs_target=False)}
+    assert {r.image_path: r.status for r in rows.values()} == {
+            "images/cut-photo.jpg": "skipped", "images/cut.png": "skipped", "images/motion.jpg": "ok",
+            "images/whole-photo.jpg": "ok", "images/whole.png": "ok"}
+    reasons = {r.image_path: r.reason for r in rows.values() if r.status != "ok"}
+    assert "truncated" in reasons["images/cut.png"] and "truncated JPEG" in reasons["images/cut-photo.jpg"], reasons

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -168,6 +169,9 @@ def test_memory_filesystem_urls_list_read_and_write():
     assert [f.name for f, _ in listed] == ["a.png", "b.png"]
     assert storage.read_bytes(root / "images" / "b.png") == b"2"
     assert storage.read_head(root / "images" / "a.png", 10) == b"1"
+    storage.write_bytes_atomic(root / "images" / "c.png", b"0123456789")
+    assert storage.read_range(root / "images" / "c.png", 7, 20) == b"789"
+    assert storage.read_range(Path(__file__), 0, 3) == b'"""'  # a local file the same way
     with pytest.raises(storage.StorageError, match="memory://imgtune-test/data/images/zzz.png"):
         storage.read_bytes(root / "images" / "zzz.png")
 
