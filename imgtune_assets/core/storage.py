@@ -81,6 +81,8 @@ def _explain(exc: BaseException, path: Location, doing: str) -> StorageError:
         text = str(exc)
         if "bucket" in text.lower():
             return StorageError(f"{name}: {text.rstrip('.')} (cannot {doing})", "missing")
+        if not is_remote(path) and os.path.islink(path):  # listed, as any file is: said what it is
+            return StorageError(f"{name}: a broken symbolic link (to {os.readlink(path)}; cannot {doing})", "missing")
         return StorageError(f"{name}: not found (cannot {doing})", "missing")
     if isinstance(exc, PermissionError):
         hint = (" - credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
@@ -188,7 +190,9 @@ def list_entries(folder: Location) -> tuple[list[tuple[Location, dict[str, Any]]
     try:
         if not is_remote(folder):
             paths = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-            return [(p, {}) for p in paths if p.is_file()], [p for p in paths if p.is_dir()]
+            # (a broken symbolic link is listed as a file: the manifest skips it, saying so, not silently)
+            return [(p, {}) for p in paths if p.is_file() or (p.is_symlink() and not p.exists())], \
+                [p for p in paths if p.is_dir()]
         # fsspec file systems are cached per process with their listings: a long-lived process (the
         # sensor's code server) must see objects added since, so every listing asks the store.
         folder.fs.invalidate_cache(folder.path)

@@ -499,3 +499,13 @@ def test_an_object_truncated_beyond_its_head_is_skipped_by_the_manifest_not_fail
             "images/whole-photo.jpg": "ok", "images/whole.png": "ok"}
     reasons = {r.image_path: r.reason for r in rows.values() if r.status != "ok"}
     assert "truncated" in reasons["images/cut.png"] and "truncated JPEG" in reasons["images/cut-photo.jpg"], reasons
+
+
+def test_a_broken_symbolic_link_is_a_skipped_row_saying_so(tmp_path):
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((20, 20), np.uint8))
+    (tmp_path / "images" / "b.png").symlink_to(tmp_path / "gone" / "b.png")
+    rows = {r.image_path: r for r in scan_folder(tmp_path, needs_target=False)}
+    assert rows["images/a.png"].status == "ok" and rows["images/b.png"].status == "skipped"
+    assert rows["images/b.png"].reason == (f"{tmp_path / 'images' / 'b.png'}: a broken symbolic link (to "
+                                           f"{tmp_path / 'gone' / 'b.png'}; cannot read it)")
