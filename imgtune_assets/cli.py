@@ -55,7 +55,7 @@ from imgtune_assets.core.catalog import (
 from imgtune_assets.core.launcher import LAUNCHER_PID_ENV, LAUNCHER_TAG, process_tag
 from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
-from imgtune_assets.core.paths import default_output_dir, imgtune_command, sweep_output_dir
+from imgtune_assets.core.paths import OUTPUT_DIR_ENV, default_output_dir, imgtune_command, sweep_output_dir
 from imgtune_assets.core.progress import BOUNDED_BY_ONE, counted, describe, format_score
 from imgtune_assets.core.sampling import stage_labels, trial_keys
 from imgtune_assets.core.sweepfile import Sweep, SweepFileError
@@ -506,10 +506,11 @@ def select_sweeps(served: list[Sweep], names: Sequence[str], all_sweeps: bool) -
 
 def resume_hint(sweep_name: str, environ: Mapping[str, str] | None = None) -> str:
     """How to go on after an interrupted or killed run: the trials it finished are saved. The command
-    carries the variables that chose the sweep files (``IMGTUNE_SWEEP``, ``IMGTUNE_SWEEPS_DIR``), so
-    that it finds the same sweep when run as printed."""
+    carries the variables that chose the sweep files (``IMGTUNE_SWEEP``, ``IMGTUNE_SWEEPS_DIR``) and
+    where its trials are saved (``IMGTUNE_OUTPUT_DIR``), so that, run as printed, it finds the same
+    sweep and reuses its trials (in another output folder it would compute them all again)."""
     environ = os.environ if environ is None else environ
-    chosen = "".join(f"{name}={shlex.quote(environ[name])} " for name in (SWEEP_ENV, SWEEPS_DIR_ENV)
+    chosen = "".join(f"{name}={shlex.quote(environ[name])} " for name in (SWEEP_ENV, SWEEPS_DIR_ENV, OUTPUT_DIR_ENV)
                      if environ.get(name, "").strip())
     return f"finished trials are kept: `{chosen}{imgtune_command()} sweep {sweep_name} --resume` resumes"
 
@@ -624,6 +625,9 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
     reused = (state["snap"] or {}).get("reused") if resume else None
     if reused:
         print(f"  reused {reused} finished trial(s) (--resume)", file=out)
+    elif resume:
+        print("  reused no finished trial (--resume): none was saved for this version of the sweep file (its "
+              f"search, objective, seed, sampler) and these images in {sweep_dir / 'trials'}", file=out)
     for line in summary_lines(report, settings):
         print(f"  {line}", file=out)
     tuned = sweep_dir / "tuned_images.json"

@@ -17,3 +17,9 @@ def test_the_resume_hint_carries_the_variables_that_chose_the_sweep_files():
     assert "IMGTUNE_SWEEPS_DIR" not in pinned  # blank: not what chose the sweep
     folder = resume_hint("slow", environ={"IMGTUNE_SWEEPS_DIR": "/srv/sweeps"})
     assert "`IMGTUNE_SWEEPS_DIR=/srv/sweeps " in folder
+
+
+def test_the_resume_hint_carries_where_the_trials_are_saved():
+    # Run as printed in a shell without it, the sweep would write to outputs/ and compute every trial again.
+    hint = resume_hint("slow", environ={"IMGTUNE_SWEEPS_DIR": "/srv/sweeps", "IMGTUNE_OUTPUT_DIR": "/data/out"})
+    assert "`IMGTUNE_SWEEPS_DIR=/srv/sweeps IMGTUNE_OUTPUT_DIR=/data/out " in hint

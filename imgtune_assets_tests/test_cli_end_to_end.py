@@ -262,6 +262,11 @@ def test_cli_sweep_resume_reuses_the_trials_a_partial_run_finished(tmp_path, tin
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         [cli_run] = [r for r in instance.get_runs() if r.tags.get("imgtune/trigger") == "cli"]
         assert cli_run.run_config["ops"]["tiny__experiment_results"]["config"] == {"skip_finished": True}
+    # Another seed: nothing saved is of this version; the command says so rather than nothing.
+    tiny_sweep.write_text(tiny_sweep.read_text().replace("seed: 0\n", "seed: 1\n"))
+    result = run_cli(env, "tiny", "--resume", "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "  reused no finished trial (--resume): none was saved for this version of the sweep file" in result.stdout
 
 
 def test_cli_summary_warns_of_a_skipped_file(tmp_path, denoise_data):
@@ -713,11 +718,11 @@ def test_a_run_whose_process_or_command_is_killed_is_marked_failed(tmp_path, kil
         assert proc.returncode != 0, out + err
         assert "the run's process ended (killed by SIGKILL) before the run did" in err, err
         assert "error: slow: manifest, trials, report failed (exit -9)\n" in err and "--tags" not in err, err
-        hint = re.search(r"finished trials are kept: `IMGTUNE_SWEEP=(\S+) (\S+) -m imgtune_assets.cli sweep slow --resume` "
-                         r"resumes\n", err)
-        assert hint and hint.group(1) == env["IMGTUNE_SWEEP"], err
+        hint = re.search(r"finished trials are kept: `IMGTUNE_SWEEP=(\S+) IMGTUNE_OUTPUT_DIR=(\S+) (\S+) -m "
+                         r"imgtune_assets.cli sweep slow --resume` resumes\n", err)
+        assert hint and hint.groups()[:2] == (env["IMGTUNE_SWEEP"], env["IMGTUNE_OUTPUT_DIR"]), err
         # the interpreter it names is the one imgtune runs on, as typed in the command's folder
-        shown = hint.group(2)
+        shown = hint.group(3)
         resolved = shutil.which(shown, path=env.get("PATH")) if shown == "python" else str(PROJECT / shown)
         assert Path(resolved).absolute() == (VENV_BIN / "python").absolute(), (shown, resolved)
         assert err.rstrip().endswith("failed: slow (exit -9)"), err

@@ -18,11 +18,13 @@ def _project_root() -> Path:
 
 PROJECT_ROOT = _project_root()
 BUNDLED_SWEEPS = PROJECT_ROOT / "sweeps"
+# Where sweeps write their results (default: ``outputs/`` in the project folder).
+OUTPUT_DIR_ENV = "IMGTUNE_OUTPUT_DIR"
 
 
 def default_output_dir() -> Path:
     """``IMGTUNE_OUTPUT_DIR`` when set, else ``outputs/`` in the project folder."""
-    value = os.environ.get("IMGTUNE_OUTPUT_DIR", "").strip()
+    value = os.environ.get(OUTPUT_DIR_ENV, "").strip()
     return Path(value).expanduser().resolve() if value else PROJECT_ROOT / "outputs"
 
 

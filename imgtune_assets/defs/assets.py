@@ -194,10 +194,14 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
     manifest_key, settings_key, results_key = (asset_key(sweep, n) for n in
                                                ("image_manifest", "run_settings", "experiment_results"))
 
-    def check_settings(settings: dict) -> None:
+    def check_settings(settings: dict, step: str) -> None:
+        """``run_settings`` as ``step`` (what the step does: "running trials") needs it: of this version of
+        the sweep file."""
         if settings["fingerprint"] != sweep.fingerprint():
             raise Failure(description=f"{settings_key.to_user_string()} was made from another version of "
-                                      f"{sweep.path}: materialize it again before running trials")
+                                      f"{sweep.path} (its search, objective, seed or sampler changed since): "
+                                      f"materialize image_manifest and run_settings again, then the trials, "
+                                      f"before {step}")
         if "images" not in settings:
             raise Failure(description=f"{settings_key.to_user_string()} was made by an older imgtune that did not "
                                       "pin the images: materialize image_manifest and run_settings again")
@@ -334,7 +338,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                                                 run_trials)
         from imgtune_assets.core.progress import SweepProgress, counted
 
-        check_settings(run_settings)
+        check_settings(run_settings, "running trials")
         if not (context.has_partition_key or context.has_partition_key_range):
             raise no_trials_named()
         keys = list(context.partition_keys)
@@ -478,7 +482,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         Reads every trial result present for the current settings and images; missing trials are
         reported as missing, not fatal.
         """
-        check_settings(run_settings)
+        check_settings(run_settings, "reporting")
         out_dir = imgtune.sweep_dir(sweep.name)
         rows = manifest_rows(run_settings["images"])
         digest = run_settings["manifest_digest"]
@@ -488,8 +492,11 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         except ValueError as exc:  # a file in trials/ that is not a trial result
             raise Failure(description=str(exc)) from None
         if not records:
-            raise Failure(description=f"no trial results for sweep {sweep.name!r} in {out_dir / 'trials'}: "
-                                      f"materialize {results_key.to_user_string()} first")
+            earlier = (f" ({stale} result file(s) there are of another version of the sweep file or of other "
+                       "images)") if stale else ""
+            raise Failure(description=f"no trial results for sweep {sweep.name!r} of its current version and "
+                                      f"images in {out_dir / 'trials'}{earlier}: materialize "
+                                      f"{results_key.to_user_string()} first")
 
         def image_pairs():
             # Only when the run did not leave the baseline (e.g. its cache was deleted): one image at a time.

@@ -82,6 +82,7 @@ from dagster._grpc.types import ExecuteStepArgs  # what the executor hands each 
 # --- end of Dagster's private API
 
 from imgtune_assets.core.catalog import EXECUTOR_ENV, SWEEP_ENV, SWEEPS_DIR_ENV, SweepCatalogError, served_sweep_files
+from imgtune_assets.core.paths import BUNDLED_SWEEPS, OUTPUT_DIR_ENV, default_output_dir
 
 NUM_CPUS_TAG = "imgtune/ray_num_cpus"
 # Environment variables that must reach the step's worker (through the task's runtime_env): the
@@ -89,7 +90,7 @@ NUM_CPUS_TAG = "imgtune/ray_num_cpus"
 # process that opens it; Dagster's event batching), and imgtune's own settings.
 # The sweep variables (core/catalog.py) and IMGTUNE_OUTPUT_DIR are passed as absolute paths.
 PASSTHROUGH_ENV = ("DAGSTER_HOME", "IMGTUNE_EXECUTOR", "IMGTUNE_RAY_LEAN", SWEEP_ENV, SWEEPS_DIR_ENV,
-                   "IMGTUNE_OUTPUT_DIR", "DAGSTER_EVENT_BATCH_SIZE",
+                   OUTPUT_DIR_ENV, "DAGSTER_EVENT_BATCH_SIZE",
                    "DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER", "DAGSTER_PG_DB")
 # Secrets a step's worker needs, passed as the task's argument and set only while the step runs: Ray's
 # runtime-env agent writes a task's runtime_env, env_vars and all, into its log file on every node.
@@ -214,15 +215,13 @@ def step_env_vars(extra: dict[str, str] | None = None) -> dict[str, str]:
     ``IMGTUNE_SWEEP`` and ``IMGTUNE_SWEEPS_DIR`` go through as absolute paths when set; with neither
     set, ``IMGTUNE_SWEEPS_DIR`` is the default sweeps folder as this process finds it.
     """
-    from imgtune_assets.core.paths import BUNDLED_SWEEPS, default_output_dir
-
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k, "").strip()}
     for name in (SWEEP_ENV, SWEEPS_DIR_ENV):
         if name in env:
             env[name] = _absolute(env[name])
     if SWEEP_ENV not in env and SWEEPS_DIR_ENV not in env:
         env[SWEEPS_DIR_ENV] = str(Path(BUNDLED_SWEEPS).resolve())
-    env["IMGTUNE_OUTPUT_DIR"] = str(default_output_dir())
+    env[OUTPUT_DIR_ENV] = str(default_output_dir())
     env["IMGTUNE_SWEEP_SHA"] = _env_fingerprint(_served_sweep_files(env))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})

@@ -126,6 +126,10 @@ def test_trials_refuse_settings_made_from_another_version_of_the_sweep(tmp_path,
         assets.experiment_results(build_asset_context(partition_key="trial-000"), config=ExperimentConfig(),
                                   imgtune=imgtune, ray_cluster=RayResource(), run_settings=old_settings)
     assert not (tmp_path / "out" / "tiny" / "trials").exists()
+    # The report says what it needs too, as a report (not "before running trials").
+    with pytest.raises(Failure, match="materialize image_manifest and run_settings again, then the trials, "
+                                      "before reporting"):
+        assets.sweep_report(build_asset_context(), imgtune=imgtune, run_settings=old_settings)
 
 
 def test_the_report_without_trial_results_says_what_to_materialize(tmp_path, tiny_sweep):
@@ -134,6 +138,14 @@ def test_the_report_without_trial_results_says_what_to_materialize(tmp_path, tin
     manifest = assets.image_manifest(build_asset_context(), imgtune=imgtune).value
     settings = assets.run_settings(build_asset_context(), imgtune=imgtune, image_manifest=manifest).value
     with pytest.raises(Failure, match="no trial results for sweep 'tiny'.*materialize tiny/experiment_results first"):
+        assets.sweep_report(build_asset_context(), imgtune=imgtune, run_settings=settings)
+    # Results of an earlier version of the sweep file are there, and are said to be stale.
+    trials = tmp_path / "out" / "tiny" / "trials"
+    trials.mkdir(parents=True)
+    (trials / "trial-000.json").write_text(json.dumps({"trial": "trial-000", "fingerprint": "an-earlier-one",
+                                                      "manifest_digest": settings["manifest_digest"], "status": "ok"}))
+    with pytest.raises(Failure, match=r"in .*trials \(1 result file\(s\) there are of another version of the "
+                                      r"sweep file or of other images\)"):
         assets.sweep_report(build_asset_context(), imgtune=imgtune, run_settings=settings)
 
 
