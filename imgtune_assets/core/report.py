@@ -99,10 +99,16 @@ def evaluations(records: list[dict[str, Any]]) -> int:
 
 
 def top_params(records: list[dict[str, Any]], higher_is_better: bool, k: int) -> list[dict[str, Any]]:
-    """The parameters of the best ``k`` complete trials, best first (the next sweep's warm starts)."""
-    ok = [r for r in records if r["status"] == "ok" and r["score"] is not None]
+    """The parameters of the best ``k`` trials in the leaderboard's order, best first (the next sweep's
+    warm starts): complete trials by score, then — where successive halving left fewer than ``k``
+    complete — pruned ones, furthest rung first, then by partial mean."""
     sign = -1.0 if higher_is_better else 1.0
-    return [r["params"] for r in sorted(ok, key=lambda r: (sign * r["score"], trial_index(r["trial"])))[:k]]
+    ok = [r for r in records if r["status"] == "ok" and r["score"] is not None]
+    pruned = [r for r in records if r["status"] == "pruned" and r.get("partial_score") is not None]
+    ranked = (sorted(ok, key=lambda r: (sign * r["score"], trial_index(r["trial"])))
+              + sorted(pruned, key=lambda r: (-(r.get("rung") or 0), sign * r["partial_score"],
+                                              trial_index(r["trial"]))))
+    return [r["params"] for r in ranked[:k]]
 
 
 def fixed_pipeline(sweep: Sweep) -> list[dict[str, Any]] | None:

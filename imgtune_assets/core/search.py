@@ -57,8 +57,9 @@ Decisions (also in the README):
   images); CMA-ES, which needs a value for every member of a generation, and the Gaussian process are
   told the same estimate of the full mean that ranked the trial (``trial_values``).
 - **Warm starts** (adaptive samplers): when a ledger is started for images that differ from the ones
-  the sweep's last report was made for, that report's top ``warm_start`` parameter sets (default 3)
-  are the first trials of round 0, recorded with ``source: warm-start``.
+  the sweep's last report was made for, that report's top ``warm_start`` parameter sets (default 3;
+  in the leaderboard's order, so pruned trials fill in where fewer trials completed) are the first
+  trials of round 0, recorded with ``source: warm-start``.
 """
 
 from __future__ import annotations

@@ -127,7 +127,11 @@ def test_a_staged_leaderboard_ranks_pruned_trials_below_complete_ones(tmp_path, 
     assert list(board["status"]) == ["ok", "pruned", "pruned", "failed"]
     assert list(board.columns[4:9]) == ["round", "source", "rung", "partial_score", "estimated_score"]
     assert evaluations(records) == 2 + 1 + 1 + 2
-    assert top_params(records, True, k=5) == [s[0]["params"]]
+    # Warm starts: the complete trial, then pruned ones in the leaderboard's order (a halving sweep has few
+    # complete trials); never a failed one.
+    assert top_params(records, True, k=5) == [s[0]["params"], s[1]["params"], s[2]["params"]]
+    assert top_params(records, True, k=2) == [s[0]["params"], s[1]["params"]]
+    assert top_params(records, False, k=5) == [s[0]["params"], s[2]["params"], s[1]["params"]]  # lower is better
     _, files = write_report(sweep, records, tmp_path / "out", best=best_record(records, True))
     assert files.plot_png["search_progress"][:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "plots" / "search_progress.png").exists()
