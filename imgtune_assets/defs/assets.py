@@ -578,6 +578,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "failed_trials": len(failed),
             "evaluations": summary["evaluations"],
             "evaluations_full": summary["evaluations_full"],
+            # The images it covers (image_manifest's content hash): the new-images sensor requests no
+            # sweep of images that a report covers already.
+            "content_hash": digest,
             **_notes_metadata(summary["notes"]),
             "missing_trials": len(summary["missing_trials"]),
             "total_trials": sweep.trials,

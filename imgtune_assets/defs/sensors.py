@@ -14,7 +14,8 @@ How a change is detected, cheaply on most ticks:
    file touched or rewritten with the same bytes) → skip, remembering the new stat digest.
    On the very first tick (no cursor) the baseline is the latest ``image_manifest``
    materialization's ``content_hash``, so starting the sensor over already-swept images requests
-   nothing.
+   nothing. Nor does a change that a sweep has reported on since the last tick (the latest
+   ``sweep_report``'s ``content_hash``: the schedule's run, the command's, or one the sensor waited for).
 3. A different content hash requests a sweep (run key ``images:<old>-><new>``) — unless a sweep run
    is already queued or running: then the sensor waits (cursor unchanged) and looks again on the next
    tick, so copying many images in over a minute gives one or two sweeps, not one per file.
@@ -101,10 +102,11 @@ def sensor_name(sweep: Sweep) -> str:
     return f"{group_name(sweep.name)}_new_images"
 
 
-def _last_manifest_hash(context: SensorEvaluationContext, sweep: Sweep) -> str | None:
+def _last_content_hash(context: SensorEvaluationContext, sweep: Sweep, asset: str) -> str | None:
+    """The ``content_hash`` of the sweep's latest materialization of ``asset`` (the images it was made of)."""
     if context.instance is None:
         return None
-    event = context.instance.get_latest_materialization_event(asset_key(sweep, "image_manifest"))
+    event = context.instance.get_latest_materialization_event(asset_key(sweep, asset))
     materialization = event.asset_materialization if event else None
     entry = materialization.metadata.get("content_hash") if materialization else None
     return str(entry.value) if entry is not None else None
@@ -154,12 +156,17 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
                                                  sweep.objective.spec.min_side))
         except ManifestError as exc:
             return SkipReason(str(exc))
-        baseline = cursor.get("content") if cursor else _last_manifest_hash(context, sweep)
+        baseline = cursor.get("content") if cursor else _last_content_hash(context, sweep, "image_manifest")
         if content == baseline:
             # No cursor yet: the sensor's first look, at the images the last sweep already read.
             why = (f"files in {data_dir} were touched but their content is unchanged" if cursor else
                    f"the images in {data_dir} are those the last sweep read (the sensor's first look)")
             return SensorResult(skip_reason=f"{why} (content hash {content})",
+                                cursor=json.dumps({"stat": stat, "content": content}))
+        if content == _last_content_hash(context, sweep, "sweep_report"):
+            # Another run (the schedule's, the command's, one this sensor waited for) swept these images.
+            return SensorResult(skip_reason=f"the images in {data_dir} changed since this sensor's last look, but a "
+                                            f"sweep since has reported on them (content hash {content})",
                                 cursor=json.dumps({"stat": stat, "content": content}))
         if _sweep_in_progress(context, job_name, sensor_name(sweep)):
             return SkipReason(f"images changed (content hash {baseline} -> {content}) but a {job_name} run "

@@ -186,6 +186,9 @@ def test_whole_sweep_materializes_on_a_temporary_instance(tmp_path, tiny_sweep, 
     metadata = mat.asset_materialization.metadata
     assert metadata["best_score"].value == pytest.approx(summary["best_score"])
     assert metadata["improvement"].value == pytest.approx(summary["best_score"] - summary["identity_score"])
+    # the images it covers, as the manifest hashed them (the new-images sensor compares with it)
+    manifest = instance.fetch_materializations(asset_key(sweep, "image_manifest"), limit=1).records[0]
+    assert metadata["content_hash"].value == manifest.asset_materialization.metadata["content_hash"].value
     assert "data:image/png;base64," in metadata["plots"].value
     assert len(metadata["top_10"].records) == 4
 

@@ -163,6 +163,23 @@ def test_waits_while_a_sweep_is_running(instance, sensor, folder):
     assert len(data.run_requests) == 1
 
 
+def test_a_change_a_sweep_reported_on_while_the_sensor_waited_requests_nothing(instance, sensor, folder):
+    cursor = tick(instance, sensor).cursor
+    shutil.copy(sorted((folder / "images").iterdir())[0], folder / "images" / "extra.png")
+    run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED)
+    assert "queued or running" in tick(instance, sensor, cursor).skip_message
+    # That run (the schedule's, say) swept the new images and reported on them.
+    instance.report_runless_asset_event(AssetMaterialization(
+        asset_key=AssetKey(["tiny", "sweep_report"]), metadata={"content_hash": content_hash(folder)}))
+    instance.report_run_failed(run)  # (ended, however it ended: its report stands)
+    data = tick(instance, sensor, cursor)
+    assert not data.run_requests and "a sweep since has reported on them" in data.skip_message
+    assert json.loads(data.cursor)["content"] == content_hash(folder)  # moved on: the next change is new
+    # A report on other images holds nothing back.
+    shutil.copy(sorted((folder / "images").iterdir())[1], folder / "images" / "extra2.png")
+    assert len(tick(instance, sensor, data.cursor).run_requests) == 1
+
+
 def test_a_run_whose_tied_run_process_is_gone_is_failed_and_holds_back_nothing(instance, sensor, folder):
     cursor = tick(instance, sensor).cursor
     shutil.copy(sorted((folder / "images").iterdir())[0], folder / "images" / "extra.png")
