@@ -989,7 +989,9 @@ class Search:
             others = [c["trial"] for c in candidates if c["trial"] not in requested and c["trial"] not in records]
             if others and self.sweep.early_stopping is not None:
                 raise SearchError(f"successive halving compares the trials of a round with each other: "
-                                  f"{', '.join(others)} (round {r}) have no result; run the round together")
+                                  f"{', '.join(others)} (round {r}) have no result; run the round together, in "
+                                  f"one run: the whole range (`--partition-range`, the sweep job, the CLI's "
+                                  f"`sweep`), not a backfill of one run per trial")
             candidates = [c for c in candidates if c["trial"] in requested
                           or (self.sweep.early_stopping is not None and c["trial"] in records)]
         halving = self.sweep.early_stopping
