@@ -5,8 +5,8 @@ The request is the schedule's: one ranged run of ``<group>_sweep`` over every tr
 
 How a change is detected, cheaply on most ticks:
 
-1. A *stat digest* of the images and targets folders (names, sizes, mtimes; no file is read). Same as
-   the cursor's → skip at once.
+1. A *stat digest* of the images and targets folders (names, sizes, mtimes, inodes, ctimes; no file is
+   read). Same as the cursor's → skip at once.
 2. Otherwise the *content hash*: exactly ``image_manifest``'s ``content_hash`` metadata
    (``scan_folder`` + ``manifest_digest``: file hashes and usability, files an earlier run found
    undecodable skipped), reading only the files changed since the last scan (the sweep's
@@ -69,8 +69,10 @@ def _interval() -> int:
 
 
 def stat_digest(data_dir: Location) -> str:
-    """Hash of (folder, name, size, mtime) of every visible file in the images and targets folders; for
-    an object store, of (folder, name, content tag, size) from one listing per folder."""
+    """Hash of (folder, name, size, mtime, inode, ctime) of every visible file in the images and targets
+    folders (the manifest's ``local_stat``: a file replaced by a copy that kept its size and mtime counts
+    as changed), and of the names of broken symbolic links there (rows of the manifest too); for an
+    object store, of (folder, name, content tag, size) from one listing per folder."""
     image_dir, target_dir = image_folders(data_dir)
     digest = hashlib.sha256()
     for folder in (image_dir, target_dir):
@@ -81,10 +83,14 @@ def stat_digest(data_dir: Location) -> str:
                 digest.update(f"{folder.name}/{file.name}\0{storage.content_key_of_info(info)}\n".encode())
             continue
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.name.startswith(".") or not entry.is_file():
+            if entry.name.startswith("."):
                 continue
-            st = entry.stat()
-            digest.update(f"{folder.name}/{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            if entry.is_file():
+                st = entry.stat()
+                digest.update(f"{folder.name}/{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0"
+                              f"{st.st_ctime_ns}\n".encode())
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                digest.update(f"{folder.name}/{entry.name}\0a broken symbolic link\n".encode())
     return digest.hexdigest()[:16]
 
 

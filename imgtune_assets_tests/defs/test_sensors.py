@@ -110,6 +110,22 @@ def test_touched_but_identical_files_request_nothing(instance, sensor, folder):
     assert json.loads(data.cursor)["content"] == json.loads(cursor)["content"]
 
 
+def test_a_file_replaced_by_one_of_the_same_size_and_mtime_is_looked_at(instance, sensor, folder):
+    cursor = tick(instance, sensor).cursor
+    first = sorted((folder / "images").iterdir())[0]
+    st, data = first.stat(), bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # other bytes of the same size
+    replacement = folder / "replacement.tmp"
+    replacement.write_bytes(bytes(data))
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    replacement.replace(first)  # as `cp -p` or `tar x` leave it: size and mtime as before
+    data = tick(instance, sensor, cursor)
+    assert len(data.run_requests) == 1, data.skip_message
+    # A broken symbolic link is a change too (the manifest lists it, skipped).
+    (folder / "images" / "gone.png").symlink_to(folder / "nowhere.png")
+    assert json.loads(tick(instance, sensor, data.cursor).cursor)["stat"] != json.loads(data.cursor)["stat"]
+
+
 @pytest.mark.parametrize("change", ["add", "modify", "remove", "new_target"])
 def test_new_changed_or_removed_images_request_a_sweep(instance, sensor, folder, change):
     cursor = tick(instance, sensor).cursor
