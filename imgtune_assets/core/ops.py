@@ -519,8 +519,10 @@ OPS: dict[str, OpSpec] = {
         _op(
             "canny",
             _canny,
-            _p("threshold1", "float", 100.0, 0, 1000),
-            _p("threshold2", "float", 200.0, 0, 1000),
+            # In OpenCV's gradient units, which grow with aperture_size (7's Sobel weighs 640 x 255 per
+            # direction): bounds that leave room for 5 and 7, whose thresholds are 10-100x 3's.
+            _p("threshold1", "float", 100.0, 0, 1_000_000),
+            _p("threshold2", "float", 200.0, 0, 1_000_000),
             _p("aperture_size", "choice", 3, choices=(3, 5, 7)),
             _p("l2_gradient", "bool", False),
         ),

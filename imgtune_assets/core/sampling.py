@@ -166,7 +166,10 @@ def _sobol(dims: list[Dimension], seed: int, k: int, n_trials: int) -> Point:
     return {d.name: d.from_unit(u) for d, u in zip(dims, unit)}
 
 
-def _grid(dims: list[Dimension], seed: int, k: int, n_trials: int) -> Point:
+def grid_axes(dims: list[Dimension], n_trials: int) -> list[list[Any]]:
+    """The values the ``grid`` sampler takes along each dimension for ``n_trials`` trials: about
+    ``n_trials ** (1 / dimensions)`` levels each (more where a choice has fewer values), so the grid
+    may hold more points than there are trials (trial k is point k, the last dimension varying fastest)."""
     levels = max(1, math.ceil(n_trials ** (1.0 / len(dims)) - 1e-9))
     grids = [d.candidates(levels) for d in dims]
     # Dimensions with few values (choices) leave room: raise the others' resolution to fill n_trials.
@@ -181,6 +184,11 @@ def _grid(dims: list[Dimension], seed: int, k: int, n_trials: int) -> Point:
                 break
         if not grown:
             break
+    return grids
+
+
+def _grid(dims: list[Dimension], seed: int, k: int, n_trials: int) -> Point:
+    grids = grid_axes(dims, n_trials)
     index = k % math.prod(map(len, grids))
     point = {}
     for d, grid in reversed(list(zip(dims, grids))):

@@ -85,6 +85,7 @@ from imgtune_assets.core.sampling import (
     Dimension,
     Point,
     _tidy,
+    grid_axes,
     sample_point,
     search_space,
     space_digest,
@@ -1056,12 +1057,29 @@ def repeated_trials_note(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> str 
         repeats += key in seen
         seen.add(key)
     if not repeats:
-        return None
+        return partial_grid_note(sweep, len(trials))
     advice = (f"lower trials to {len(seen)}, or widen the space" if sweep.sampler == "grid" else
               "widen the space, or use sampler grid to try each distinct pipeline once")
     return (f"{repeats} of the {len(trials)} trials {'repeats' if repeats == 1 else 'repeat'} the parameters of "
             f"an earlier trial (sampler {sweep.sampler}: the search space gives {len(seen)} distinct pipelines "
             f"here): {advice}")
+
+
+def partial_grid_note(sweep: Sweep, n_trials: int) -> str | None:
+    """A ``grid`` of more points than trials: the trials take its first points in order, so the first
+    parameter's last levels are never tried. None for any other sampler, or a grid the trials cover."""
+    if sweep.sampler != "grid" or not n_trials:
+        return None
+    dims = search_space(sweep)
+    axes = grid_axes(dims, n_trials)
+    points = math.prod(map(len, axes))
+    if not dims or points <= n_trials:
+        return None
+    tried = min(len(axes[0]), math.ceil(n_trials / math.prod(map(len, axes[1:]))))
+    shape = " x ".join(f"{len(a)} {d.name}" for d, a in zip(dims, axes))
+    return (f"sampler grid: the {n_trials} trials take the first {n_trials} of the {points} points of the grid "
+            f"({shape}), the last parameter varying fastest: {dims[0].name} is tried at {tried} of its "
+            f"{len(axes[0])} values; set trials to {points} to cover the grid")
 
 
 def staged_trials(sweep: Sweep, sweep_dir: Path, manifest_digest: str) -> list[dict[str, Any]]:

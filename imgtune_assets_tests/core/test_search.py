@@ -662,10 +662,34 @@ def test_the_initial_design_note_waits_for_every_trial(tmp_path):
 
 
 def test_trials_of_distinct_parameters_need_no_note():
-    from types import SimpleNamespace  # (the note reads the sweep's sampler and early stopping only)
+    from types import SimpleNamespace  # (but for grid, the note reads the sampler and early stopping only)
 
 
-    grid = SimpleNamespace(sampler="grid", early_stopping=None)
-    assert repeated_trials_note(grid, [{"params": {"k": 3}}, {"params": {"k": 5}}, {"params": None}]) is None
-    assert repeated_trials_note(grid, [{"params": {"k": 3, "s": 1.0}}, {"params": {"s": 1.0, "k": 3}}]).startswith(
+    plain = SimpleNamespace(sampler="random", early_stopping=None)
+    assert repeated_trials_note(plain, [{"params": {"k": 3}}, {"params": {"k": 5}}, {"params": None}]) is None
+    assert repeated_trials_note(plain, [{"params": {"k": 3, "s": 1.0}}, {"params": {"s": 1.0, "k": 3}}]).startswith(
         "1 of the 2 trials repeats the parameters of an earlier trial")
+
+
+def test_a_grid_the_trials_do_not_cover_is_said_so(tmp_path):
+    from imgtune_assets.core.sampling import sample_point, search_space
+
+    # 12 trials over 3 parameters: a grid of 3 x 3 x 3 = 27 points, of which the trials take the first 12.
+    pipeline = [{"op": "gaussian_blur", "ksize": {"type": "odd", "low": 3, "high": 7},
+                 "sigma": {"type": "float", "low": 0.5, "high": 2.0}},
+                {"op": "canny", "threshold1": {"type": "float", "low": 20, "high": 120}}]
+    sweep = sweep_of(tmp_path, trials=12, sampler="grid", pipeline=pipeline)
+    def trials(sw, n):
+        return [{"params": sample_point(search_space(sw), sw.sampler, sw.seed, k, n)} for k in range(n)]
+
+    note = repeated_trials_note(sweep, trials(sweep, 12))
+    dims = [d.name for d in search_space(sweep)]
+    assert note == (f"sampler grid: the 12 trials take the first 12 of the 27 points of the grid (3 {dims[0]} x "
+                    f"3 {dims[1]} x 3 {dims[2]}), the last parameter varying fastest: {dims[0]} is tried at 2 "
+                    f"of its 3 values; set trials to 27 to cover the grid")
+    tried = {t["params"][dims[0]] for t in trials(sweep, 12)}
+    assert len(tried) == 2  # what the note says
+    covered = sweep_of(tmp_path, trials=27, sampler="grid", pipeline=pipeline)
+    assert repeated_trials_note(covered, trials(covered, 27)) is None
+    assert repeated_trials_note(sweep_of(tmp_path, trials=12, sampler="sobol", pipeline=pipeline),
+                                [{"params": {"k": k}} for k in range(12)]) is None
