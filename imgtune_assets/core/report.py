@@ -228,7 +228,8 @@ def score_vs_params_figure(sweep: Sweep, board: pd.DataFrame):
     n = max(1, len(dims))
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False, layout="constrained")
+    # At most 1,000 px wide at 90 dpi: the UI's metadata dialog shows about 1,100 without scrolling.
+    fig, axes = plt.subplots(rows, cols, figsize=(3.7 * cols, 3.4 * rows), squeeze=False, layout="constrained")
     best = ok.iloc[0] if len(ok) else None
     for ax, dim in zip(axes.flat, dims):
         values = ok[dim.name]
@@ -298,7 +299,7 @@ def plot_best_so_far(sweep: Sweep, records: list[dict[str, Any]]) -> bytes:
     ax.set_xlabel("trial")
     ax.set_ylabel(sweep.objective.metric)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right" if sweep.higher_is_better else "upper right")
+    ax.legend(loc="best")  # (a fixed corner hid the points that reached it)
     ax.set_title(f"{sweep.name}: best {sweep.objective.metric} so far")
     return _png(fig)
 

@@ -134,10 +134,19 @@ class ExperimentConfig(Config):
 
 
 def _partition_metadata(record: dict, result_file, reused: bool) -> dict[str, Any]:
-    score = float(record["score"]) if record["score"] is not None else float("nan")
+    # The status first, then the score: a pruned or failed trial has none (a pruned one's partial mean
+    # and rung follow), and the UI's plot of scores across partitions leaves it out, not as a gap.
     return {
-        "score": MetadataValue.float(score),
         "status": record["status"],
+        **({"score": MetadataValue.float(float(record["score"]))} if record["score"] is not None else {}),
+        # Staged searches: the round that proposed the trial, by what, and the rung it reached.
+        **({} if record.get("round") is None else {
+            "partial_score": MetadataValue.float(float("nan") if record["partial_score"] is None
+                                                 else float(record["partial_score"])),
+            "rung": record["rung"], "round": record["round"], "source": record["source"],
+            # what ranked a pruned trial at its last rung: its expected mean over every image
+            **({} if record.get("estimated_score") is None else {
+                "estimated_score": MetadataValue.float(float(record["estimated_score"]))})}),
         "params": MetadataValue.json(record["params"]),
         "images_scored": record["images_scored"],
         "images_failed": record["images_failed"],
@@ -148,14 +157,6 @@ def _partition_metadata(record: dict, result_file, reused: bool) -> dict[str, An
         "error": record["error"] or "",
         "reused": reused,
         "result_file": MetadataValue.path(str(result_file)),
-        # Staged searches: the round that proposed the trial, by what, and the rung it reached.
-        **({} if record.get("round") is None else {
-            "round": record["round"], "source": record["source"], "rung": record["rung"],
-            "partial_score": MetadataValue.float(float("nan") if record["partial_score"] is None
-                                                 else float(record["partial_score"])),
-            # what ranked a pruned trial at its last rung: its expected mean over every image
-            **({} if record.get("estimated_score") is None else {
-                "estimated_score": MetadataValue.float(float(record["estimated_score"]))})}),
     }
 
 
@@ -324,16 +325,16 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                    ins={"run_settings": AssetIn(key=settings_key)}, kinds={"ray", "opencv"})
     def experiment_results(context: AssetExecutionContext, config: ExperimentConfig, imgtune: SweepResource,
                            ray_cluster: RayResource, run_settings: dict) -> None:
-        """Each trial evaluated on every usable image, on Ray; one partition per trial.
-
-        Ray tasks read and decode the images (``core/fanout.py``): this process holds file names and
-        scores, never pixels. Each trial's result is written (``trials/<key>.json``, atomically) as soon as it is complete, so a
-        killed run loses only unfinished trials. A trial whose pipeline raises is recorded as failed with
-        its error; the other trials complete. Ray failing under the run (its node dying: ``fanout``'s
-        ``RayInfrastructureError``) fails the run, saying so, with no trial recorded as failed for it;
-        the trials finished before are saved for ``skip_finished``. Progress goes to the run log (at
-        least every 5 s or every 10 % of the trials) and to ``progress.json`` in the sweep's output folder.
-        """
+        """One partition per trial: its pipeline's parameters, scored on the usable images, its score
+        the mean (per-image scores in its result file). With early stopping, a trial stopped after a
+        few images is `pruned`: no score, its partial mean and rung instead. A trial whose pipeline
+        fails is `failed`, with its error; the others go on. Results are saved as each trial
+        completes: a run that is stopped resumes with `skip_finished` (the CLI's `--resume`)."""
+        # Ray tasks read and decode the images (core/fanout.py): this process holds file names and
+        # scores, never pixels; each trial's result is written atomically (trials/<key>.json). Ray
+        # failing under the run (fanout's RayInfrastructureError) fails the run, saying so, with no
+        # trial recorded as failed for it. Progress: the run log (at least every 5 s or 10 % of the
+        # trials) and progress.json in the sweep's output folder.
         from imgtune_assets.core.fanout import (ImageDataError, ImageFiles, RayInfrastructureError, data_error_message,
                                                 run_trials)
         from imgtune_assets.core.progress import SweepProgress, counted
@@ -567,6 +568,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         context.log.info(f"best {objective.metric} {best_score:.4f} ({summary['best_trial']}); identity "
                          f"{identity_score:.4f}; report in {out_dir}")
         return Output(summary, metadata={
+            "metric": f"{objective.metric} ({'higher' if sweep.higher_is_better else 'lower'} is better)",
+            "sampler": sweep.sampler + (", successive halving" if sweep.early_stopping else ""),
             "best_score": MetadataValue.float(best_score),
             "best_trial": summary["best_trial"] or "",
             "best_params": MetadataValue.json(summary["best_params"] or {}),

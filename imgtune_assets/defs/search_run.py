@@ -134,8 +134,12 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
             stats["rounds"].append({"round": r, "trials": len(outcomes), "complete": len(kept),
                                     "pruned": sum(1 for o in outcomes if o.status == "pruned"),
                                     "seconds": round(time.perf_counter() - started, 3)})
+            # (a run of some of a round's trials, a UI launch of one, say: the round is what ranked them)
+            mine = [o for o in outcomes if o.trial in requested]
+            part = f" (this run's {len(mine)}: {sum(1 for o in mine if o.status == 'ok')} complete)" \
+                if len(mine) < len(outcomes) else ""
             context.log.info(f"round {r}: {len(outcomes)} trial(s), {len(kept)} complete, "
-                             f"{stats['rounds'][-1]['pruned']} pruned in {stats['rounds'][-1]['seconds']:.2f}s")
+                             f"{stats['rounds'][-1]['pruned']} pruned in {stats['rounds'][-1]['seconds']:.2f}s{part}")
     except SearchError as exc:  # named trials; what settled is saved
         raise Failure(description=str(exc)) from None
     except ImageDataError as exc:  # named files; what settled is saved

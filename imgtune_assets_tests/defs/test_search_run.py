@@ -91,6 +91,10 @@ def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local
             instance.fetch_materializations(asset_key(sweep, "experiment_results"), limit=50).records}
     pruned_key = next(k for k, r in trials.items() if r["status"] == "pruned")
     assert mats[pruned_key]["status"].value == "pruned"
+    # its status first, no score (the UI plots scores across partitions), its partial mean next
+    assert list(mats[pruned_key])[:2] == ["status", "partial_score"] and "score" not in mats[pruned_key]
+    complete_key = next(k for k, r in trials.items() if r["status"] == "ok")
+    assert list(mats[complete_key])[:3] == ["status", "score", "partial_score"]
     assert mats[pruned_key]["rung"].value == trials[pruned_key]["rung"]
     assert mats[pruned_key]["partial_score"].value == pytest.approx(trials[pruned_key]["partial_score"])
     # with the estimate of its full mean that ranked it, in the leaderboard too
@@ -111,6 +115,7 @@ def test_an_adaptive_sweep_with_successive_halving(tmp_path, denoise_data, local
         .asset_materialization.metadata
     assert metadata["evaluations"].value == summary["evaluations"]
     assert metadata["evaluations_full"].value == 72
+    assert (metadata["metric"].value, metadata["sampler"].value) == ("psnr (higher is better)", "tpe, successive halving")
     assert summary["notes"] == [] and "notes" not in metadata  # early stopping did stop trials
 
 
