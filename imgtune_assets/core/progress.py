@@ -52,10 +52,14 @@ class SweepProgress:
         step_fraction: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        sweep_trials: int | None = None,
     ):
+        """``sweep_trials``: the sweep's trials, when this run computes only some of them (a backfill, a
+        trial from the UI): its best is then the best of this run's trials, and is said to be."""
         if total_trials < 0 or images < 0:
             raise ValueError(f"total_trials and images must be >= 0, got {total_trials} and {images}")
         self.total = int(total_trials)
+        self.sweep_trials = int(sweep_trials) if sweep_trials is not None else self.total
         self.images = int(images)
         self.objective = objective
         self.min_interval_seconds = float(min_interval_seconds)
@@ -174,6 +178,7 @@ class SweepProgress:
         return {
             "done": self.done,
             "total": self.total,
+            "sweep_trials": self.sweep_trials,
             "failed": self.failed,
             "pruned": self.pruned,
             "reused": self.reused,
@@ -286,7 +291,8 @@ def describe(snap: Mapping[str, Any], *, with_counts: bool = True) -> str:
         parts.append(f"{snap['pruned']} pruned")
     metric = snap.get("metric") or "score"
     if snap.get("best") is not None:
-        parts.append(f"best {metric} {format_score(float(snap['best']), metric)} ({snap.get('best_trial')})")
+        of = " of this run" if int(snap.get("sweep_trials") or total) > total else ""
+        parts.append(f"best{of} {metric} {format_score(float(snap['best']), metric)} ({snap.get('best_trial')})")
     rate = snap.get("evaluations_per_second")
     if rate:
         parts.append(f"{rate:.1f} evaluations/s")

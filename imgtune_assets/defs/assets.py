@@ -355,7 +355,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         for left in store.remove_killed_writes():
             context.log.info(f"removed {left.name}: an unfinished write of a killed run (its result was never saved)")
         n_images = sum(1 for r in rows if r.status == "ok")
-        progress = SweepProgress(len(keys), n_images, objective)
+        progress = SweepProgress(len(keys), n_images, objective, sweep_trials=sweep.trials)
         failed: list[str] = []
         settled: set[str] = set()  # trials saved (or reused) by this run
 

@@ -254,6 +254,17 @@ def test_describe_reads_a_progress_file_snapshot():
     assert describe(snap) == "5/10 trials (50%), best dice 0.912345 (trial-004), about 80 s left"
     assert describe({**snap, "eta_seconds": 150.0}).endswith("about 2 min left")
     assert describe({**snap, "eta_seconds": 3 * 3600.0}).endswith("about 3.0 h left")
+    # A run of some of the sweep's trials (a backfill, one trial from the UI): its best is its own.
+    assert "best of this run dice 0.912345 (trial-004)" in describe({**snap, "sweep_trials": 32})
+    assert "best dice" in describe({**snap, "sweep_trials": 10})
+
+
+def test_a_run_of_part_of_a_sweep_says_its_best_is_its_own():
+    from imgtune_assets.core.metrics import Objective
+
+    part = SweepProgress(3, 4, Objective("psnr"), sweep_trials=12)
+    whole = SweepProgress(12, 4, Objective("psnr"))
+    assert (part.snapshot()["sweep_trials"], whole.snapshot()["sweep_trials"]) == (12, 12)
 
 
 def test_refuses_negative_sizes():
