@@ -45,6 +45,7 @@ from imgtune_assets.core.manifest import (
     ManifestError,
     cached_scan,
     image_folders,
+    local_stat,
     manifest_digest,
     scan_folder,
     sweep_rows,
@@ -69,28 +70,18 @@ def _interval() -> int:
 
 
 def stat_digest(data_dir: Location) -> str:
-    """Hash of (folder, name, size, mtime, inode, ctime) of every visible file in the images and targets
-    folders (the manifest's ``local_stat``: a file replaced by a copy that kept its size and mtime counts
-    as changed), and of the names of broken symbolic links there (rows of the manifest too); for an
-    object store, of (folder, name, content tag, size) from one listing per folder."""
+    """Hash of (folder, name, stat) of every file the manifest lists in the images and targets folders,
+    from one listing per folder, no file read: a local file's stat as the manifest takes it
+    (``local_stat``: size, mtime, inode, ctime — a file replaced by a copy that kept its size and mtime
+    counts as changed; none for a broken symbolic link), an object's content tag and size."""
     image_dir, target_dir = image_folders(data_dir)
     digest = hashlib.sha256()
     for folder in (image_dir, target_dir):
         if not storage.is_folder(folder):
             continue
-        if storage.is_remote(folder):
-            for file, info in storage.list_files(folder):
-                digest.update(f"{folder.name}/{file.name}\0{storage.content_key_of_info(info)}\n".encode())
-            continue
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.name.startswith("."):
-                continue
-            if entry.is_file():
-                st = entry.stat()
-                digest.update(f"{folder.name}/{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0"
-                              f"{st.st_ctime_ns}\n".encode())
-            elif entry.is_symlink() and not os.path.exists(entry.path):
-                digest.update(f"{folder.name}/{entry.name}\0a broken symbolic link\n".encode())
+        for file, info in storage.list_files(folder):
+            stat = storage.content_key_of_info(info) if storage.is_remote(file) else local_stat(file)
+            digest.update(f"{folder.name}/{file.name}\0{stat}\n".encode())
     return digest.hexdigest()[:16]
 
 
