@@ -283,16 +283,16 @@ def test_cli_summary_warns_of_a_skipped_file(tmp_path, denoise_data):
 
 
 def test_a_sweep_in_which_every_trial_failed_exits_3_after_its_report(tmp_path, segment_data):
-    # Sobel with dx = dy = 0 passes the sweep file's checks, but OpenCV refuses it on every image.
-    pipeline = [{"op": "sobel", "dx": 0, "dy": 0, "ksize": {"type": "choice", "values": [3, 5]}},
+    # A searched Sobel may draw dx = dy = 0 (the grid's first point), which OpenCV refuses on every image.
+    pipeline = [{"op": "sobel", "dx": {"type": "int", "low": 0, "high": 1}, "dy": {"type": "int", "low": 0, "high": 1}},
                 {"op": "threshold", "method": "otsu"}]
-    env = cli_env(tmp_path, write_sweep(tmp_path / "f.yaml", segment_data, name="fails", trials=2, metric="dice",
-                                        pipeline=pipeline))
+    env = cli_env(tmp_path, write_sweep(tmp_path / "f.yaml", segment_data, name="fails", trials=1, metric="dice",
+                                        pipeline=pipeline, sampler="grid"))
     result = run_cli(env, "--quiet")
     assert result.returncode == 3, result.stdout + result.stderr
     out_dir = tmp_path / "outputs" / "fails"
-    assert "0/2 trials completed (2 failed); no trial completed, no best dice" in result.stdout, result.stdout
-    assert f"error: fails: no trial completed (2 failed): no tuned pipeline; each trial's error is in " \
+    assert "0/1 trial completed (1 failed); no trial completed, no best dice" in result.stdout, result.stdout
+    assert f"error: fails: no trial completed (1 failed): no tuned pipeline; each trial's error is in " \
            f"{out_dir / 'leaderboard.csv'}" in result.stderr, result.stderr
     assert json.loads((out_dir / "report.json").read_text())["completed_trials"] == 0
 

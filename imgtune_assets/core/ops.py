@@ -417,9 +417,9 @@ def _canny(
 def _sobel(image: np.ndarray, ksize: int, scale: float, dx: int = 1, dy: int = 1) -> np.ndarray:
     """Derivative magnitude sqrt(Sobel(dx, 0)^2 + Sobel(0, dy)^2) * scale, per channel, clipped.
 
-    The defaults (dx = dy = 1) give the usual gradient magnitude. The derivative orders are passed to
-    OpenCV as they are, so combinations OpenCV refuses (dx = dy = 0, or an order >= ksize) raise
-    cv2.error at run time: such a trial is recorded as failed, the sweep goes on.
+    The defaults (dx = dy = 1) give the usual gradient magnitude. dx = dy = 0 asks for no derivative:
+    a sweep file that fixes both so is refused when it loads (``check_fixed``); a search that draws
+    both 0 gets OpenCV's cv2.error at run time, and that trial is recorded as failed.
     """
     img = _prep(image)
     if dx == 0 and dy == 0:
@@ -553,6 +553,24 @@ def _check_threshold(params: dict[str, Any], where: str) -> None:
 
 
 _CROSS_CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {"threshold": _check_threshold}
+
+
+def _check_sobel_fixed(fixed: Mapping[str, Any], where: str) -> None:
+    if fixed.get("dx") == 0 and fixed.get("dy") == 0:
+        raise OpParamError(f"{where}dx and dy are both 0: sobel needs a derivative along x or y "
+                           "(set dx or dy to 1 or 2, or search one of them)")
+
+
+# Checks of the values a sweep file fixes, whatever its searched parameters draw: a combination that
+# fails every trial is refused at load. (A searched one may still draw it; that trial fails alone.)
+_FIXED_CHECKS: dict[str, Callable[[Mapping[str, Any], str], None]] = {"sobel": _check_sobel_fixed}
+
+
+def check_fixed(op: str, fixed: Mapping[str, Any], where: str = "") -> None:
+    """Refuse fixed values (defaults included) that no trial of ``op`` could run with."""
+    check = _FIXED_CHECKS.get(op)
+    if check is not None:
+        check(fixed, _prefix(f"{where}: {op}" if where else op))
 
 
 def validate_stage(op: str, params: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:

@@ -43,7 +43,7 @@ from imgtune_assets.core.apply import same_folder, within
 from imgtune_assets.core.cron import validate_cron
 from imgtune_assets.core.demo_data import DEMO_KINDS
 from imgtune_assets.core.metrics import METRICS, Objective, metric_options
-from imgtune_assets.core.ops import OPS, OpParamError, ParamSpec, validate_stage
+from imgtune_assets.core.ops import OPS, OpParamError, ParamSpec, check_fixed, validate_stage
 from imgtune_assets.core.sampling import ADAPTIVE_SAMPLERS, sampler_names
 from imgtune_assets.core.search import INITIAL_DESIGNS, Halving, SearchOptions
 from imgtune_assets.core.storage import Location, StorageError, location
@@ -355,7 +355,9 @@ class _Stage(_Model):
         probe = {name: (value.values[0] if value.type == "choice" else _first_value(value))
                  if isinstance(value, SearchRange) else value for name, value in self.params.items()}
         try:
-            validate_stage(self.op, probe)
+            full = validate_stage(self.op, probe)
+            check_fixed(self.op, {name: value for name, value in full.items()
+                                  if not isinstance(self.params.get(name), SearchRange)})
         except OpParamError as exc:
             raise _problem(str(exc)) from None
         return self

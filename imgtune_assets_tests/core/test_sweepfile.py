@@ -388,10 +388,20 @@ def test_demo_kinds_and_metric_options_come_from_their_registries():
         ("block_size: 11", "block_size: 10\n    bogus: 1", "pipeline[2].block_size: parameter 'block_size' must be odd, got 10"),
         ("d: {type: int, low: 3, high: 11}", "d: {type: int, low: 3, high: 99}",
          "pipeline[0].d.high: 99 is outside the allowed range 1..25 of 'd'"),
+        # Fixed values that no trial could run with; dy's default is 1, so both must be given.
+        ("  - op: threshold", "  - op: sobel\n    dx: 0\n    dy: 0\n  - op: threshold",
+         "pipeline[2]: sobel: dx and dy are both 0: sobel needs a derivative along x or y (set dx or dy "
+         "to 1 or 2, or search one of them)"),
     ],
 )
 def test_more_messages(tmp_path, old, new, message):
     assert_message(tmp_path, old, new, message)
+
+
+@pytest.mark.parametrize("stage", ["{op: sobel, dx: 0}", "{op: sobel, dx: 0, dy: {type: int, low: 0, high: 2}}"])
+def test_sobel_with_a_derivative_left_to_default_or_search_loads(tmp_path, stage):
+    sweep = load_sweep(write(tmp_path, GOOD.replace("  - op: threshold", f"  - {stage}\n  - op: threshold")))
+    assert sweep.pipeline[2].op == "sobel" and sweep.pipeline[2].fixed["dx"] == 0
 
 
 def test_fixed_sweep_document_round_trips(tmp_path):
