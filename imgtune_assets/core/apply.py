@@ -154,19 +154,19 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
             if intact:  # recorded now, so that the next run need not read either file
                 return {**previous, "status": "unchanged", "input": str(source), "input_stat": entry["input_stat"],
                         "output_stat": output_stat, "output_tag": target_tag}, None
+        import cv2
+
         try:
             image, alpha, orientation = decode_oriented(data, source)
             output = to_depth(apply_pipeline(image, stages), image.dtype)
-        except MemoryError:
-            raise  # this machine's state, not the input's: tried again next run (below)
-        except Exception as exc:  # noqa: BLE001 - the input does not decode, or the pipeline refuses it
+        except (ValueError, cv2.error) as exc:  # the input does not decode, or the pipeline refuses it
+            # (ImageReadError and OpParamError are ValueErrors.) Anything else — this machine's state,
+            # a defect in imgtune — is not the content's fault: skipped below and tried again next run.
             reason = str(exc) if isinstance(exc, ImageReadError) else f"{source}: {type(exc).__name__}: {exc}"
             # the content's fault: skipped again, unread, while the input is unchanged
             entry.update(status="skipped", reason=reason, output_sha256=None, unusable=True)
             return entry, None
         if alpha is not None:  # the input's transparency goes back on unchanged
-            import cv2
-
             colour = output if output.ndim == 3 else cv2.cvtColor(output, cv2.COLOR_GRAY2BGR)
             output = np.dstack([colour[:, :, :3], alpha])
         # Written in the input's format, which its content says (a PNG named .jpg stays a PNG: encoding

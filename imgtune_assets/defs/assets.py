@@ -79,6 +79,7 @@ from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets.defs.search_run import report_imports_on_tail, run_staged_search
 
 MANIFEST_COLUMNS = {"id", "image_path", "status"}
+MAX_SKIPPED_LISTED = 100  # skipped apply inputs kept in tuned_images' value (all are in its outputs file)
 
 
 def _is_manifest_frame(_context, value) -> bool:
@@ -643,6 +644,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                    "input_dir": str(sweep.apply_input), "output_dir": str(sweep.apply_output),
                    "ledger": str(result.ledger), "written": result.count("written"),
                    "unchanged": result.count("unchanged"), "skipped": result.count("skipped"),
+                   # the first skipped inputs, for the asset check (all are in ``outputs``)
+                   "skipped_inputs": [[e["input"], e["reason"]] for e in result.entries
+                                      if e["status"] == "skipped"][:MAX_SKIPPED_LISTED],
                    "outputs": result.entries}
         atomic_write_json(imgtune.sweep_dir(sweep.name) / "tuned_images.json", summary)
         import pandas as pd

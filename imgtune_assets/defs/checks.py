@@ -1,4 +1,5 @@
-"""Asset checks of a sweep: the data is usable, scores are numbers, tuning helped, the report is complete."""
+"""Asset checks of a sweep: the data is usable, scores are numbers, tuning helped, the report is complete,
+and (with ``apply:``) every image of the folder got its tuned output."""
 
 
 import math
@@ -58,5 +59,20 @@ def build_sweep_checks(assets: SweepAssets) -> list[AssetChecksDefinition]:
                       "failed_trials": ", ".join(failed) or "none", "missing_trials": ", ".join(missing[:50]) or "none"},
         )
 
-    return [manifest_has_usable_images, manifest_all_files_usable, scores_are_numbers, tuning_beats_identity,
-            report_complete]
+    checks = [manifest_has_usable_images, manifest_all_files_usable, scores_are_numbers, tuning_beats_identity,
+              report_complete]
+    if assets.tuned_images is not None:
+        @asset_check(asset=assets.tuned_images,
+                     description="Every image of the apply folder has its tuned output; skipped inputs are listed "
+                                 "with a reason.")
+        def tuned_images_complete(tuned_images: dict) -> AssetCheckResult:
+            skipped = tuned_images.get("skipped_inputs", [])
+            return AssetCheckResult(
+                passed=tuned_images["skipped"] == 0,
+                severity=AssetCheckSeverity.WARN,
+                metadata={"skipped": tuned_images["skipped"],
+                          "reasons": "\n".join(reason for _, reason in skipped)[:4000]},
+            )
+
+        checks.append(tuned_images_complete)
+    return checks

@@ -767,3 +767,22 @@ def test_an_output_is_written_in_the_format_its_input_is_in_whatever_its_name(tm
     _, encoded = prepare_output(STAGES, jpeg_as_png, tmp_path / "out" / "photo.png", None, "k")
     assert encoded.startswith(b"\xff\xd8\xff")
 
+
+
+@pytest.mark.parametrize("raised, unusable", [(ValueError("refused"), True), (cv2.error("refused"), True),
+                                              (TypeError("a defect"), None), (MemoryError(), None)])
+def test_only_the_contents_fault_keeps_an_input_skipped_unread(tmp_path, monkeypatch, raised, unusable):
+    """An input the pipeline refuses (a ValueError, OpenCV's error) stays skipped while unchanged; any
+    other error (a defect, this machine's memory) is reported and the file tried again next run."""
+    source = tmp_path / "a.png"
+    source.write_bytes(_encode(_scene((30, 40), np.uint8, 3), ".png"))
+    age(source)
+
+    def refuse(image, stages):
+        raise raised
+
+    monkeypatch.setattr("imgtune_assets.core.ops.apply_pipeline", refuse)
+    entry, encoded = prepare_output(STAGES, source, tmp_path / "out" / "a.png", None, "k")
+    assert encoded is None and entry["status"] == "skipped" and entry.get("unusable") is unusable
+    assert entry["reason"].startswith(f"{source}: {type(raised).__name__}")
+    assert unchanged_unread(entry, "k", source, tmp_path / "out" / "a.png") is bool(unusable)

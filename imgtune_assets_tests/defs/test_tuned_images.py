@@ -8,7 +8,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from dagster import AssetKey, AssetSelection, materialize
+from dagster import AssetCheckSeverity, AssetKey, AssetSelection, materialize
 
 from imgtune_assets.core.apply import LEDGER_NAME, fixed_stages, pipeline_key
 from imgtune_assets.core.catalog import group_name
@@ -87,6 +87,9 @@ def test_tuned_images_apply_the_reports_best_pipeline(tmp_path, apply_sweep, loc
     rows = {row.data["input"].rsplit("/", 1)[-1]: row.data for row in metadata["outputs"].records}
     assert sorted(rows) == sorted([*images, "README.txt"])
     assert rows["README.txt"]["status"] == "skipped" and str(photos / "README.txt") in rows["README.txt"]["reason"]
+    [complete] = [e for e in result.get_asset_check_evaluations() if e.check_name == "tuned_images_complete"]
+    assert not complete.passed and complete.severity == AssetCheckSeverity.WARN
+    assert complete.metadata["skipped"].value == 1 and complete.metadata["reasons"].value == rows["README.txt"]["reason"]
     for name in images:
         row = rows[name]
         assert row["status"] == "written" and row["output"] == str(tuned / name)
