@@ -18,8 +18,8 @@ from imgtune_assets_tests.support.sweeps import PROJECT, VENV_BIN, cli_env, swee
 __all__ = ["PROJECT", "VENV_BIN", "cli_env", "free_port", "sweeps_dir_env", "write_sweep"]
 
 # Every test (and every process it starts) keeps Ray on loopback.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -121,12 +121,14 @@ def lean_from_environment() -> bool:
 
 
 def prepare_environment(lean: bool = True) -> None:
-    """Set the loopback and worker-priority variables (and, lean, Ray's start/stop tuning) unless
-    already set.
+    """Set the loopback variables, whatever the environment says (the embedded Ray is this machine's
+    alone: an inherited ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` would open it to the network), and the
+    worker-priority variables (and, lean, Ray's start/stop tuning) unless already set.
 
     Must run before this process first imports Ray; Ray's own processes inherit them.
     """
-    for key, value in (EMBEDDED_RAY_ENV if lean else {**LOOPBACK_ENV, **PRIORITY_ENV}).items():
+    os.environ.update(LOOPBACK_ENV)
+    for key, value in (PRIORITY_ENV | LEAN_TUNING_ENV if lean else PRIORITY_ENV).items():
         os.environ.setdefault(key, value)
 
 
@@ -157,6 +159,21 @@ def start_embedded_ray(num_cpus: Optional[int] = None, namespace: Optional[str] 
             log_to_driver=False,
             runtime_env=runtime_env,
         )
+    _check_loopback(ray.get_runtime_context().gcs_address)
+
+
+def _check_loopback(gcs_address: str) -> None:
+    """Stop an embedded Ray that is not on loopback: Ray was imported in this process before
+    ``prepare_environment`` ran, and read the environment's ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` then."""
+    host = gcs_address.rsplit(":", 1)[0]
+    if host != "127.0.0.1":
+        import ray
+
+        ray.shutdown()
+        raise RuntimeError(
+            f"the embedded Ray started on {gcs_address}, not on 127.0.0.1, and was stopped: Ray was imported "
+            f"in this process before imgtune set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (import Ray after "
+            f"imgtune's resource connects, or set that variable to 0 before starting Python)")
 
 
 @contextmanager

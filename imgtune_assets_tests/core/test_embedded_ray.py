@@ -16,12 +16,25 @@ def test_prepare_environment_sets_loopback_and_priority_but_leaves_what_the_user
     for key in embedded_ray.EMBEDDED_RAY_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_worker_niceness", "5")  # the user's own choice wins
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")  # ...but never opens the embedded Ray
     embedded_ray.prepare_environment(lean=False)
     assert all(os.environ[k] == v for k, v in embedded_ray.LOOPBACK_ENV.items())
     assert os.environ["RAY_worker_niceness"] == "5"
     assert not any(k in os.environ for k in embedded_ray.LEAN_TUNING_ENV)  # Ray as shipped
     embedded_ray.prepare_environment(lean=True)
     assert all(os.environ[k] == v for k, v in embedded_ray.LEAN_TUNING_ENV.items())
+
+
+def test_an_embedded_ray_off_loopback_is_stopped_with_the_reason(monkeypatch):
+    embedded_ray._check_loopback("127.0.0.1:6379")  # on loopback: nothing to do
+    stopped = []
+    import ray
+
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))  # no Ray is started here
+    with pytest.raises(RuntimeError, match=r"started on 10\.1\.2\.3:6379, not on 127\.0\.0\.1, and was stopped: "
+                                           r"Ray was imported .* RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"):
+        embedded_ray._check_loopback("10.1.2.3:6379")
+    assert stopped == [True]
 
 
 def test_the_lean_switch_is_read_from_the_environment(monkeypatch):
