@@ -52,6 +52,7 @@ from imgtune_assets.core.catalog import (
     group_name,
     sweeps_from_environment,
 )
+from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
 from imgtune_assets.core.launcher import LAUNCHER_PID_ENV, LAUNCHER_TAG, process_tag
 from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
@@ -117,7 +118,8 @@ def ensure_instance_config(home: Path) -> Path | None:
     if not source.exists() or (home.exists() and any(home.iterdir())):
         return None
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    # Whole or not at all: a half-copied file would make the home "the user's" and never be repaired.
+    atomic_write_bytes(target, source.read_bytes())
     return target
 
 
@@ -526,8 +528,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
     if resume:
         # Kept beside the log (not a temporary file), so the command line the log records can be run again.
         config = log.with_suffix(".resume.yaml")
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(resume_run_config(sweep.name))
+        atomic_write_text(config, resume_run_config(sweep.name))
     print(f"{sweep.name}: {counted(len(keys), 'trial')}{' (resuming)' if resume else ''}; Dagster's log: {log}",
           file=out, flush=True)
     # One run of the sweep's job: one process, one Dagster start, one Ray start for all its steps.
@@ -847,7 +848,8 @@ def remove_killed_ray_host_folders(temp_dir: Path) -> list[Path]:
     """Remove the folders of ``ray_for_runs`` that commands killed before their clean-up left in
     ``temp_dir``: this user's, whose owner is known to be gone (``launcher.process_gone``: on this
     machine and pid namespace, no process of its id and start time). Returns those removed."""
-    from imgtune_assets.core.launcher import process_gone
+    from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
+from imgtune_assets.core.launcher import process_gone
 
     removed = []
     for folder in temp_dir.glob(f"{RAY_HOST_FOLDER_PREFIX}*"):

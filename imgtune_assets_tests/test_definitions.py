@@ -30,6 +30,17 @@ def test_the_module_definitions_load_one_group_per_sweep_of_the_environment():
     assert {graph.get(k).group_name for k in graph.get_all_asset_keys()} == expected
 
 
+def test_loading_the_definitions_imports_neither_ray_nor_pandas(tmp_path, tiny_sweep):
+    # The code server and the daemon load them again and again: Ray is imported where it is used (in a
+    # run), pandas where a manifest or report is built.
+    code = ("import sys, imgtune_assets.definitions as d; assert d.defs is not None; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pandas', 'matplotlib'}))")
+    result = subprocess.run([str(VENV_BIN / "python"), "-c", code], cwd=PROJECT, env=cli_env(tmp_path, tiny_sweep),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_dagster_definitions_validate_cli(tmp_path, tiny_sweep):
     result = validate(cli_env(tmp_path, tiny_sweep))
     assert result.returncode == 0, result.stdout + result.stderr

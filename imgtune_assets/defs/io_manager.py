@@ -42,7 +42,12 @@ class PickledSweepStorage(UPathIOManager):
         if not path.exists():
             raise FileNotFoundError(f"{path}: no stored value of {context.asset_key.to_user_string()}; "
                                     "materialize it first")
-        return pickle.loads(path.read_bytes())
+        try:
+            return pickle.loads(path.read_bytes())
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as exc:
+            # damaged, or written by a version whose classes have gone: the file and the way out
+            raise ValueError(f"{path}: the stored value of {context.asset_key.to_user_string()} cannot be "
+                             f"read ({type(exc).__name__}: {exc}); materialize it again") from exc
 
     def handle_output(self, context: OutputContext, obj: Any) -> None:
         if obj is None:  # experiment_results writes its per-trial results itself

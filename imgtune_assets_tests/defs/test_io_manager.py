@@ -71,6 +71,17 @@ def test_a_missing_value_is_named(tmp_path, manager):
     assert str(err.value) == f"{path}: no stored value of tiny/image_manifest; materialize it first"
 
 
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b"not a pickle"])
+def test_a_damaged_value_is_named_with_the_way_out(tmp_path, manager, damage):
+    store(manager, SETTINGS, {"trials": list(range(100))})
+    path = tmp_path / "out" / "tiny" / "storage" / "run_settings"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError) as err:
+        load(manager, SETTINGS)
+    assert str(err.value).startswith(f"{path}: the stored value of tiny/run_settings cannot be read (")
+    assert str(err.value).endswith("); materialize it again")
+
+
 def test_a_key_without_a_sweep_prefix_is_refused_naming_it(tmp_path):
     manager = SweepStorageIOManager(imgtune=SweepResource(output_dir=str(tmp_path))).create_io_manager(None)
     with pytest.raises(ValueError, match="lonely: not a sweep asset"):
