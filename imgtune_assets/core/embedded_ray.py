@@ -78,10 +78,10 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABL
 # the command's priority. With Ray's default, anything else busy on the machine took their CPUs first,
 # and a command beside two busy processes ran many times slower.
 PRIORITY_ENV = {"RAY_worker_niceness": "0"}
-# Ray's internal config, for the lean embedded Ray only (measured on 2 cores, benchmarks/sweep_bench.py):
+# Ray's internal config, for the lean embedded Ray only (benchmarks/RESULTS.md has the measurements):
 # - the raylet connects to its own object store, started by another thread a moment earlier, and
-#   retries after 1 s when it comes too early — which it does in about half the starts under load: poll
-#   every 20 ms instead (the same 10 s in total);
+#   retries after 1 s when it comes too early, as it often does on a busy machine: poll every 20 ms
+#   instead (the same 10 s in total);
 # - the driver waits up to 1 s at shutdown to flush task events to GCS (they feed the dashboard and the
 #   state API, which the embedded Ray does not run).
 LEAN_TUNING_ENV = {

@@ -260,8 +260,8 @@ def check_png_chunks(data: bytes) -> None:
     and its CRC right, up to the end chunk. Raises ``SyntaxError`` naming the first bad chunk.
 
     Written out because Pillow's ``verify`` reads a large PNG's thousands of chunks in Python with
-    the GIL held (about three times the cost of hashing the file, and serial across the manifest's
-    threads); here each CRC is one ``zlib.crc32`` call on a view of the file, which releases the GIL.
+    the GIL held (serial across the manifest's threads, and slower than hashing the file); here each
+    CRC is one ``zlib.crc32`` call on a view of the file, which releases the GIL.
     """
     view = memoryview(data)
     pos, size = 8, len(data)
