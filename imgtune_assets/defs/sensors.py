@@ -26,7 +26,6 @@ Cursor: JSON ``{"stat": <stat digest>, "content": <content hash>}``. Interval:
 """
 
 
-import hashlib
 import json
 import os
 
@@ -44,14 +43,12 @@ from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     ManifestError,
     cached_scan,
-    image_folders,
-    local_stat,
     manifest_digest,
     scan_folder,
+    stat_digest,
     sweep_rows,
 )
 from imgtune_assets.core.sampling import trial_keys
-from imgtune_assets.core.storage import Location
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.jobs import SweepJobs, runs_in_progress, sweep_run_request
 from imgtune_assets.defs.keys import asset_key
@@ -67,22 +64,6 @@ def _interval() -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{INTERVAL_ENV}: expected a whole number of seconds >= 1, got {value!r}")
     return int(value)
-
-
-def stat_digest(data_dir: Location) -> str:
-    """Hash of (folder, name, stat) of every file the manifest lists in the images and targets folders,
-    from one listing per folder, no file read: a local file's stat as the manifest takes it
-    (``local_stat``: size, mtime, inode, ctime — a file replaced by a copy that kept its size and mtime
-    counts as changed; none for a broken symbolic link), an object's content tag and size."""
-    image_dir, target_dir = image_folders(data_dir)
-    digest = hashlib.sha256()
-    for folder in (image_dir, target_dir):
-        if not storage.is_folder(folder):
-            continue
-        for file, info in storage.list_files(folder):
-            stat = storage.content_key_of_info(info) if storage.is_remote(file) else local_stat(file)
-            digest.update(f"{folder.name}/{file.name}\0{stat}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def _parse_cursor(cursor: str | None) -> dict[str, str]:

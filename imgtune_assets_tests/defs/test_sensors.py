@@ -20,11 +20,12 @@ from imgtune_assets.core.manifest import (
     manifest_digest,
     scan_folder,
     skip_undecodable,
+    stat_digest,
 )
 from imgtune_assets.core.sweepfile import load_sweep
 from imgtune_assets.defs.jobs import build_sweep_jobs
 from imgtune_assets.defs.resources import SweepResource
-from imgtune_assets.defs.sensors import INTERVAL_ENV, build_new_images_sensor, stat_digest
+from imgtune_assets.defs.sensors import INTERVAL_ENV, build_new_images_sensor
 from imgtune_assets_tests.conftest import write_sweep
 from imgtune_assets_tests.support.files import age
 
