@@ -4,7 +4,7 @@ When the command dies, Linux interrupts its run process (``core/launcher.py``: `
 Dagster begins to fail the run; but the command hosted the embedded Ray, whose raylet dies with it, and
 Ray then ends the run process before that can record the run's end. Nobody else would: Dagster's run
 monitoring does not watch runs that ``dagster job execute`` started, so the run would show as running
-until the sweep's next run or the new-images sensor's next tick noticed (``jobs.runs_in_progress``).
+until the sweep's next run or the new-images sensor's next tick noticed (``jobs.live_runs_failing_orphans``).
 
 So beside each run it launches, the command starts this watch (``python -m imgtune_assets.run_watch HOME
 INVOCATION PROCESS``) in a session of its own — what ends the command's process group does not end it —

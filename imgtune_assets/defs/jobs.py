@@ -33,8 +33,8 @@ IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRun
                DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
 
-def runs_in_progress(instance: DagsterInstance, job_name: str, *, marked_by: str, log=None,
-                     besides: str | None = None) -> list:
+def live_runs_failing_orphans(instance: DagsterInstance, job_name: str, *, marked_by: str, log=None,
+                              besides: str | None = None) -> list:
     """The job's runs that are queued or running (but the run ``besides``) — after marking failed those
     whose run process, tied to the sweep command that launched it, is gone (``launcher.process_gone``:
     the command and the run killed together, a power cut): Dagster's run monitoring does not watch runs

@@ -22,7 +22,11 @@ from imgtune_assets.core.paths import default_output_dir, sweep_output_dir
 
 class SweepResource(ConfigurableResource):
     """Where sweeps write: each sweep under ``<output_dir>/<sweep name>/`` (reports, trial results and
-    the stored asset values). The sweep itself is bound to its assets by the sweep factory."""
+    the stored asset values). The sweep itself is bound to its assets by the sweep factory.
+
+    Every run of a sweep uses it, so its set-up is also where a run is tied to the sweep command that
+    launched it (it ends with that command) and where runs of the job left "in progress" by a process
+    that is gone are marked failed (``jobs.live_runs_failing_orphans``)."""
 
     output_dir: str = Field(
         description="Local folder for reports, trial results and stored asset values (one sub-folder per "
@@ -41,12 +45,12 @@ class SweepResource(ConfigurableResource):
         # and one that an earlier command left running when both were killed is marked failed now.
         tied = launcher.end_with_launcher(launcher.own_tag(run.tags, launcher.LAUNCHER_TAG))
         if context.instance is not None:
-            from imgtune_assets.defs.jobs import runs_in_progress
+            from imgtune_assets.defs.jobs import live_runs_failing_orphans
 
             if tied:  # this process is the run's: when it is gone, so is the run
                 context.instance.add_run_tags(run.run_id, {launcher.RUN_PROCESS_TAG: launcher.process_tag()})
-            runs_in_progress(context.instance, run.job_name, marked_by=f"run {run.run_id}", log=context.log,
-                             besides=run.run_id)
+            live_runs_failing_orphans(context.instance, run.job_name, marked_by=f"run {run.run_id}",
+                                      log=context.log, besides=run.run_id)
 
     def sweep_dir(self, sweep_name: str) -> Path:
         if "://" in self.output_dir:

@@ -50,7 +50,7 @@ from imgtune_assets.core.manifest import (
 )
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep
-from imgtune_assets.defs.jobs import SweepJobs, runs_in_progress, sweep_run_request
+from imgtune_assets.defs.jobs import SweepJobs, live_runs_failing_orphans, sweep_run_request
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import SweepResource
 
@@ -92,10 +92,11 @@ def _last_content_hash(context: SensorEvaluationContext, sweep: Sweep, asset: st
 
 def _sweep_in_progress(context: SensorEvaluationContext, job_name: str, sensor: str) -> bool:
     """Whether a run of the sweep's job is queued or running (a run left running by a sweep command that
-    is gone is marked failed instead: ``jobs.runs_in_progress``)."""
+    is gone is marked failed instead: ``jobs.live_runs_failing_orphans``)."""
     if context.instance is None:
         return False
-    return bool(runs_in_progress(context.instance, job_name, marked_by=f"the {sensor} sensor", log=context.log))
+    return bool(live_runs_failing_orphans(context.instance, job_name, marked_by=f"the {sensor} sensor",
+                                          log=context.log))
 
 
 def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:

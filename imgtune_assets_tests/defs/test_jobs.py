@@ -15,7 +15,7 @@ from imgtune_assets.defs.jobs import (
     ASSET_PARTITION_RANGE_START_TAG,
     SWEEP_TAG,
     TRIGGER_TAG,
-    runs_in_progress,
+    live_runs_failing_orphans,
     sweep_job_name,
     sweep_run_request,
     trials_job_name,
@@ -66,8 +66,8 @@ def test_a_run_whose_tied_process_is_gone_is_marked_failed_and_no_longer_counts(
     # A re-execution copies its parent's tags: the process named there was the parent's, not its own.
     copied = instance.create_run_for_job(job_def=job, tags={RUN_PROCESS_TAG: gone_tag,
                                                             "dagster/parent_run_id": abandoned.run_id})
-    found = runs_in_progress(instance, job.name, marked_by="a test", besides=untied.run_id)
+    found = live_runs_failing_orphans(instance, job.name, marked_by="a test", besides=untied.run_id)
     assert {r.run_id for r in found} == {live.run_id, copied.run_id}
     assert instance.get_run_by_id(abandoned.run_id).status == DagsterRunStatus.FAILURE
     assert instance.get_run_by_id(untied.run_id).status == DagsterRunStatus.NOT_STARTED
-    assert runs_in_progress(instance, "another_job", marked_by="a test") == []
+    assert live_runs_failing_orphans(instance, "another_job", marked_by="a test") == []
