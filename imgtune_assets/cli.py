@@ -848,8 +848,7 @@ def remove_killed_ray_host_folders(temp_dir: Path) -> list[Path]:
     """Remove the folders of ``ray_for_runs`` that commands killed before their clean-up left in
     ``temp_dir``: this user's, whose owner is known to be gone (``launcher.process_gone``: on this
     machine and pid namespace, no process of its id and start time). Returns those removed."""
-    from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
-from imgtune_assets.core.launcher import process_gone
+    from imgtune_assets.core.launcher import process_gone
 
     removed = []
     for folder in temp_dir.glob(f"{RAY_HOST_FOLDER_PREFIX}*"):

@@ -35,8 +35,8 @@ Which executor a run uses: ``executor_from_environment()`` (``$IMGTUNE_EXECUTOR`
 (default), ``multiprocess`` or ``ray``).
 
 Private Dagster API: Dagster offers no public way to write a step-delegating executor nor to run one
-step in an existing process, so this module imports from ``dagster._*`` — in the one block below and
-nowhere else. Pinned ``dagster==1.13.27``; imgtune_assets_tests/test_pinned_private_apis.py fails,
+step in an existing process, so this module imports from ``dagster._*`` — in the one block below (the
+package's only other private Dagster imports are defs/storage.py's, for the batched event log). Pinned ``dagster==1.13.27``; imgtune_assets_tests/test_pinned_private_apis.py fails,
 saying what to re-check, when the version or any name or signature used here changes.
 """
 
