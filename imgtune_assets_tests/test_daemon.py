@@ -156,6 +156,10 @@ def test_nightly_schedule_then_new_images_sensor_then_cli_backfill(deployment):
     assert all(r.dagster_run.status == DagsterRunStatus.SUCCESS for r in backfill_runs), \
         run_failures(instance, backfill_runs)
     assert sorted(r.dagster_run.tags["dagster/partition"] for r in backfill_runs) == ["trial-000", "trial-002"]
+    # Each starts its own embedded Ray: dagster.yaml's limit on imgtune/ray=embedded runs them one at a time.
+    assert {r.dagster_run.tags["imgtune/ray"] for r in backfill_runs} == {"embedded"}
+    first, second = sorted(backfill_runs, key=lambda r: r.start_time)
+    assert second.start_time >= first.end_time, (first.start_time, first.end_time, second.start_time)
     print(f"backfill: 2 runs done {max(r.end_time for r in backfill_runs) - started:.1f}s after the command")
     after = _trial_materializations(instance)
     assert after["trial-000"] == counts["trial-000"] + 1

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import time
 
 import cv2
@@ -16,8 +17,9 @@ from dagster import AssetCheckKey, DagsterInstance
 from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets.cli import sweep_commands
+from imgtune_assets.core.demo_data import make_denoise_set
 from imgtune_assets.defs.keys import asset_key
-from imgtune_assets_tests.support import (VENV_BIN, Service, cli_env, run_checked, sweeps_dir_env, tail_text,
+from imgtune_assets_tests.support import (PROJECT, VENV_BIN, Service, cli_env, run_checked, sweeps_dir_env, tail_text,
                                           wait_for, write_sweep)
 
 SLOW_PIPELINE = [{"op": "nl_means", "h": {"type": "float", "low": 3, "high": 20}, "template_window_size": 7,
@@ -189,6 +191,37 @@ def test_two_sweeps_at_once_keep_to_their_own_outputs(tmp_path, denoise_data):
             trials = instance.fetch_materializations(asset_key(name, "experiment_results"), limit=10).records
             assert sorted(r.asset_materialization.partition for r in trials) == ["trial-000", "trial-001", "trial-002"]
             assert report.asset_materialization.metadata["completed_trials"].value == 3
+
+
+def test_a_second_run_of_a_sweep_in_progress_stops_before_touching_its_files(tmp_path, denoise_data):
+    # Two runs of one sweep would mix their manifests, settings, trials and report. The sweep command
+    # started while a run of the same sweep computes its trials is refused at its first step.
+    data = tmp_path / "data"
+    make_denoise_set(data, count=6, size=320)  # large enough that the first run is still computing
+    sweep = write_sweep(tmp_path / "slow.yaml", data, name="slow", trials=24, pipeline=SLOW_PIPELINE)
+    env = cli_env(tmp_path, sweep)
+    inputs, trials_cmd, report_cmd = sweep_steps("slow", 24)
+    run_checked(inputs, env)
+    out = tmp_path / "outputs" / "slow"
+    stored = {name: (out / "storage" / name).read_bytes() for name in ("image_manifest", "run_settings")}
+    first = Service("trials", trials_cmd, env, tmp_path / "first.log")
+    try:
+        wait_for(lambda: first.alive() and "STEP_START" in first.tail(), 120, interval=0.05,
+                 what=lambda: f"the first run's step to start\n{first.tail()}")
+        second = subprocess.run([str(VENV_BIN / "python"), "-m", "imgtune_assets.cli", "sweep", "slow", "--quiet"],
+                                cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+        first_alive = first.alive()
+    finally:
+        wait_for(lambda: not first.alive(), 300, interval=0.5, what="the first run to end")
+        first.stop(grace=2)
+    shown = second.stdout + second.stderr
+    assert second.returncode != 0 or not first_alive, "the first run ended first: make its trials slower"
+    assert second.returncode != 0, shown
+    assert "another run of the sweep 'slow' is in progress" in shown and "launch it again" in shown, shown
+    assert {name: (out / "storage" / name).read_bytes() for name in stored} == stored  # untouched
+    run_checked(report_cmd, env)
+    report = json.loads((out / "report.json").read_text())
+    assert report["completed_trials"] == 24 and not report["missing_trials"] and not report.get("stale_trials")
 
 
 def test_bad_files_are_skipped_and_the_sweep_goes_on(tmp_path, denoise_data):

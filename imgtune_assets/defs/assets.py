@@ -45,6 +45,7 @@ from imgtune_assets.core.demo_data import ensure_demo_data
 from imgtune_assets.core.evaluate import NAN_SCORE
 from imgtune_assets.core.files import atomic_write_json
 from imgtune_assets.core.imageio import ImageReadError, read_image
+from imgtune_assets.core.launcher import PARENT_RUN_ID_TAG, RUN_PROCESS_TAG, process_tag
 from imgtune_assets.core.manifest import (
     PROBE_CACHE_FILE,
     ManifestError,
@@ -73,7 +74,8 @@ from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
 from imgtune_assets.core.search import early_stopping_notes, is_staged, repeated_trials_note, staged_trials
 from imgtune_assets.core.sweepfile import Sweep
-from imgtune_assets.defs.jobs import ASSET_PARTITION_RANGE_START_TAG, PARTITION_TAG
+from imgtune_assets.defs.executor import steps_share_the_run_process
+from imgtune_assets.defs.jobs import ASSET_PARTITION_RANGE_START_TAG, PARTITION_TAG, runs_in_the_way
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets.defs.search_run import report_imports_on_tail, run_staged_search
@@ -212,6 +214,29 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             raise Failure(description=f"{settings_key.to_user_string()} lists {listed} trials and {sweep.path} now "
                                       f"asks for {sweep.trials}: materialize it again (saved trials are kept)")
 
+    def refuse_overlap(context: AssetExecutionContext) -> None:
+        """Stop this run before it changes the sweep's files if an earlier run of the sweep is in
+        progress (``jobs.runs_in_the_way``: the two would mix their manifests, trials and reports)."""
+        try:
+            run, instance = context.run, context.instance
+        except DagsterError:  # invoked directly (build_asset_context): no run
+            return
+        if run is None or instance is None:
+            return
+        if steps_share_the_run_process(context.job_def.executor_def) and RUN_PROCESS_TAG not in run.tags \
+                and PARENT_RUN_ID_TAG not in run.tags:
+            # This process is the run's (a command's, the daemon's run worker, `dagster asset materialize`):
+            # if it is killed, the sweep's next run finds the run gone and marks it failed, instead of
+            # waiting for a run that shows as in progress for ever.
+            instance.add_run_tags(run.run_id, {RUN_PROCESS_TAG: process_tag()})
+        in_the_way = runs_in_the_way(instance, sweep.name, run.run_id, marked_by=f"run {run.run_id}", log=context.log)
+        if in_the_way:
+            other = in_the_way[0]
+            raise Failure(description=(
+                f"another run of the sweep {sweep.name!r} is in progress (run {other.run_id}, job {other.job_name}, "
+                f"{other.status.value.lower()}): this run stopped before changing the sweep's files, which the two "
+                "would mix; launch it again when that run has ended (or terminate that run)"))
+
     def no_trials_named() -> Failure:
         all_keys = trial_keys(sweep)
         return Failure(description=(
@@ -232,6 +257,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         """
         import pandas as pd
 
+        refuse_overlap(context)
         # The sweep's whole job launched without its trials (`dg launch --job NAME_sweep`, the UI's
         # launchpad): refused at its first step, before the folder is read, not at the trials.
         try:
@@ -297,6 +323,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         """
         import pandas as pd
 
+        refuse_overlap(context)
         rows = manifest_rows(image_manifest.to_dict("records"))
         trials = staged_trials(sweep, imgtune.sweep_dir(sweep.name), manifest_digest(rows)) if is_staged(sweep) \
             else [trial_settings(sweep, k) for k in range(sweep.trials)]
@@ -340,6 +367,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                                                 run_trials)
         from imgtune_assets.core.progress import SweepProgress, counted
 
+        refuse_overlap(context)
         check_settings(run_settings, "running trials")
         if not (context.has_partition_key or context.has_partition_key_range):
             raise no_trials_named()
@@ -484,6 +512,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         Reads every trial result present for the current settings and images; missing trials are
         reported as missing, not fatal.
         """
+        refuse_overlap(context)
         check_settings(run_settings, "reporting")
         out_dir = imgtune.sweep_dir(sweep.name)
         rows = manifest_rows(run_settings["images"])
@@ -612,6 +641,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         from imgtune_assets.core.apply import ApplyError, apply_to_folder, fixed_stages
         from imgtune_assets.core.sweepfile import SweepFileError, load_sweep
 
+        refuse_overlap(context)
         if not sweep_report.get("best_pipeline"):
             raise Failure(description=f"sweep {sweep.name!r} has no winning trial to apply (no completed trial): "
                                       f"see {asset_key(sweep, 'sweep_report').to_user_string()}")

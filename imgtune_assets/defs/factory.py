@@ -20,17 +20,17 @@ from dagster import Definitions
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.assets import build_sweep_assets
 from imgtune_assets.defs.checks import build_sweep_checks
-from imgtune_assets.defs.jobs import build_sweep_jobs
+from imgtune_assets.defs.jobs import build_sweep_jobs, ray_kind
 from imgtune_assets.defs.partitions import trial_partitions
 from imgtune_assets.defs.schedules import build_nightly_schedule
 from imgtune_assets.defs.sensors import build_new_images_sensor
 
 
-def sweep_definitions(sweep: Sweep) -> Definitions:
-    """Everything one sweep needs, without resources or executor."""
+def sweep_definitions(sweep: Sweep, ray: str | None = None) -> Definitions:
+    """Everything one sweep needs, without resources or executor (``ray``: ``jobs.ray_kind``)."""
     partitions = trial_partitions(sweep)
     assets = build_sweep_assets(sweep, partitions)
-    jobs = build_sweep_jobs(sweep)
+    jobs = build_sweep_jobs(sweep, ray)
     return Definitions(
         assets=assets.all(),
         asset_checks=build_sweep_checks(assets),
@@ -57,4 +57,5 @@ def shared_definitions(*, output_dir: str | None = None, ray_address: str | None
 def build_definitions(sweeps: Iterable[Sweep], **shared) -> Definitions:
     """The definitions of several sweeps side by side, with the shared resources (tests use this with
     sweep objects of their own)."""
-    return Definitions.merge(*(sweep_definitions(s) for s in sweeps), shared_definitions(**shared))
+    ray = ray_kind(shared.get("ray_address"))
+    return Definitions.merge(*(sweep_definitions(s, ray) for s in sweeps), shared_definitions(**shared))

@@ -7,7 +7,8 @@ When it runs (UTC, 5-field cron), first match wins:
 3. ``0 2 * * *`` (02:00 UTC).
 
 The cron is read when the code loads (like the trial partitions): reload the code location after
-changing it. Schedules are STOPPED until started: ``dagster schedule start <group>_nightly_sweep`` (or
+changing it. A tick while a run of the sweep is still in progress requests nothing (two runs of one
+sweep would mix their files). Schedules are STOPPED until started: ``dagster schedule start <group>_nightly_sweep`` (or
 the toggle in the UI), with ``dagster-daemon run`` running to tick them.
 """
 
@@ -15,14 +16,14 @@ the toggle in the UI), with ``dagster-daemon run`` running to tick them.
 import os
 from collections.abc import Mapping
 
-from dagster import RunRequest, ScheduleDefinition, ScheduleEvaluationContext, schedule
+from dagster import RunRequest, ScheduleDefinition, ScheduleEvaluationContext, SkipReason, schedule
 
 from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.cron import validate_cron
 from imgtune_assets.core.progress import counted
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep
-from imgtune_assets.defs.jobs import SweepJobs, sweep_run_request
+from imgtune_assets.defs.jobs import SweepJobs, runs_in_the_way, sweep_run_request
 
 CRON_ENV = "IMGTUNE_SCHEDULE_CRON"
 DEFAULT_CRON = "0 2 * * *"
@@ -59,8 +60,15 @@ def build_nightly_schedule(sweep: Sweep, jobs: SweepJobs) -> ScheduleDefinition:
         description=f"The whole sweep {sweep.name!r} ({counted(len(keys), 'trial')}) as one ranged run, on cron "
         f"'{cron}' UTC. Override with ${CRON_ENV} or the sweep file's schedule.cron.",
     )
-    def nightly_sweep(context: ScheduleEvaluationContext) -> RunRequest:
+    def nightly_sweep(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
         when = context.scheduled_execution_time
+        if context.instance is not None:
+            # A night's run still going (or the sensor's, or a command's): a second would mix its files.
+            busy = runs_in_the_way(context.instance, sweep.name, None, marked_by=f"the {schedule_name(sweep)} schedule",
+                                   log=context.log)
+            if busy:
+                return SkipReason(f"a run of the sweep {sweep.name!r} is still in progress ({busy[0].run_id}, "
+                                  f"{busy[0].status.value.lower()}): this tick requests nothing")
         return sweep_run_request(jobs.sweep.name, keys, trigger="schedule",
                                  tags={"imgtune/scheduled_for": when.isoformat() if when else ""})
 

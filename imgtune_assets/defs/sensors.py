@@ -50,7 +50,7 @@ from imgtune_assets.core.manifest import (
 )
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep
-from imgtune_assets.defs.jobs import SweepJobs, live_runs_failing_orphans, sweep_run_request
+from imgtune_assets.defs.jobs import SweepJobs, runs_in_the_way, sweep_run_request
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import SweepResource
 
@@ -90,13 +90,12 @@ def _last_content_hash(context: SensorEvaluationContext, sweep: Sweep, asset: st
     return str(entry.value) if entry is not None else None
 
 
-def _sweep_in_progress(context: SensorEvaluationContext, job_name: str, sensor: str) -> bool:
-    """Whether a run of the sweep's job is queued or running (a run left running by a sweep command that
-    is gone is marked failed instead: ``jobs.live_runs_failing_orphans``)."""
+def _sweep_in_progress(context: SensorEvaluationContext, sweep: Sweep, sensor: str) -> bool:
+    """Whether a run of the sweep is queued or running (``jobs.runs_in_the_way``; a run left running by a
+    sweep command that is gone is marked failed instead)."""
     if context.instance is None:
         return False
-    return bool(live_runs_failing_orphans(context.instance, job_name, marked_by=f"the {sensor} sensor",
-                                          log=context.log))
+    return bool(runs_in_the_way(context.instance, sweep.name, None, marked_by=f"the {sensor} sensor", log=context.log))
 
 
 def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
@@ -147,9 +146,9 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
             return SensorResult(skip_reason=f"the images in {data_dir} changed since this sensor's last look, but a "
                                             f"sweep since has reported on them (content hash {content})",
                                 cursor=json.dumps({"stat": stat, "content": content}))
-        if _sweep_in_progress(context, job_name, sensor_name(sweep)):
-            return SkipReason(f"images changed (content hash {baseline} -> {content}) but a {job_name} run "
-                              "is queued or running; will look again on the next tick")
+        if _sweep_in_progress(context, sweep, sensor_name(sweep)):
+            return SkipReason(f"images changed (content hash {baseline} -> {content}) but a run of the sweep "
+                              f"{sweep.name!r} is queued or running; will look again on the next tick")
         request = sweep_run_request(job_name, keys, trigger="new_images", run_key=f"images:{baseline}->{content}@{stat}",
                                     tags={"imgtune/images_content_hash": content})
         context.log.info(f"images in {data_dir} changed (content hash {baseline} -> {content}): requesting a sweep")

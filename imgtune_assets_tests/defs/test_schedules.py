@@ -11,7 +11,7 @@ from dagster import build_schedule_context, instance_for_test
 
 from imgtune_assets.core.sweepfile import SweepFileError, load_sweep
 from imgtune_assets.defs.factory import build_definitions
-from imgtune_assets.defs.jobs import build_sweep_jobs
+from imgtune_assets.defs.jobs import SWEEP_TAG, build_sweep_jobs
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.partitions import trial_partitions
 from imgtune_assets.defs.schedules import CRON_ENV, DEFAULT_CRON, build_nightly_schedule, resolve_cron
@@ -37,6 +37,21 @@ def nightly(sweep):
 def tick(schedule):
     with instance_for_test() as instance:
         return schedule.evaluate_tick(build_schedule_context(instance=instance, scheduled_execution_time=WHEN))
+
+
+def test_a_tick_while_a_run_of_the_sweep_is_in_progress_requests_nothing(sweep, instance):
+    from dagster import DagsterRunStatus
+    from dagster._core.test_utils import create_run_for_test
+
+    context = build_schedule_context(instance=instance, scheduled_execution_time=WHEN)
+    running = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED,
+                                  tags={SWEEP_TAG: "tiny"})
+    data = nightly(sweep).evaluate_tick(context)
+    assert not data.run_requests
+    assert data.skip_message == f"a run of the sweep 'tiny' is still in progress ({running.run_id}, started): " \
+                                "this tick requests nothing"
+    instance.report_run_failed(running)
+    assert len(nightly(sweep).evaluate_tick(context).run_requests) == 1
 
 
 def test_a_tick_requests_the_whole_sweep_as_one_ranged_run(sweep):

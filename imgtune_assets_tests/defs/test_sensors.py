@@ -23,7 +23,7 @@ from imgtune_assets.core.manifest import (
     stat_digest,
 )
 from imgtune_assets.core.sweepfile import load_sweep
-from imgtune_assets.defs.jobs import build_sweep_jobs
+from imgtune_assets.defs.jobs import SWEEP_TAG, build_sweep_jobs
 from imgtune_assets.defs.resources import SweepResource
 from imgtune_assets.defs.sensors import INTERVAL_ENV, build_new_images_sensor
 from imgtune_assets_tests.conftest import write_sweep
@@ -168,10 +168,13 @@ def test_another_sweeps_manifest_is_not_this_sweeps_baseline(instance, sensor, f
     assert request.run_key == f"images:None->{content_hash(folder)}@{stat_digest(folder)}"
 
 
+TINY = {SWEEP_TAG: "tiny"}  # as the sweep's jobs tag their runs
+
+
 def test_waits_while_a_sweep_is_running(instance, sensor, folder):
     cursor = tick(instance, sensor).cursor
     shutil.copy(sorted((folder / "images").iterdir())[0], folder / "images" / "extra.png")
-    run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED)
+    run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED, tags=TINY)
     data = tick(instance, sensor, cursor)
     assert not data.run_requests and "queued or running" in data.skip_message
     assert data.cursor in (None, cursor)  # unchanged: the change is still pending
@@ -183,7 +186,7 @@ def test_waits_while_a_sweep_is_running(instance, sensor, folder):
 def test_a_change_a_sweep_reported_on_while_the_sensor_waited_requests_nothing(instance, sensor, folder):
     cursor = tick(instance, sensor).cursor
     shutil.copy(sorted((folder / "images").iterdir())[0], folder / "images" / "extra.png")
-    run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED)
+    run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED, tags=TINY)
     assert "queued or running" in tick(instance, sensor, cursor).skip_message
     # That run (the schedule's, say) swept the new images and reported on them.
     instance.report_runless_asset_event(AssetMaterialization(
@@ -203,9 +206,10 @@ def test_a_run_whose_tied_run_process_is_gone_is_failed_and_holds_back_nothing(i
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # the run's process
     try:
         tags = {RUN_PROCESS_TAG: process_tag(process.pid)}
-        run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED, tags=tags)
+        run = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED,
+                                  tags={**TINY, **tags})
         # untied (another executor's, the daemon's): never taken for gone
-        other = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED)
+        other = create_run_for_test(instance, job_name="tiny_sweep", status=DagsterRunStatus.STARTED, tags=TINY)
         data = tick(instance, sensor, cursor)  # its process is alive: the run may be working
         assert not data.run_requests and "queued or running" in data.skip_message
         instance.report_run_canceled(other)
@@ -221,7 +225,7 @@ def test_a_run_whose_tied_run_process_is_gone_is_failed_and_holds_back_nothing(i
 def test_another_sweeps_run_does_not_hold_this_one_back(instance, sensor, folder):
     cursor = tick(instance, sensor).cursor
     shutil.copy(sorted((folder / "images").iterdir())[0], folder / "images" / "extra.png")
-    create_run_for_test(instance, job_name="other_sweep", status=DagsterRunStatus.STARTED)
+    create_run_for_test(instance, job_name="other_sweep", status=DagsterRunStatus.STARTED, tags={SWEEP_TAG: "other"})
     data = tick(instance, sensor, cursor)
     [request] = data.run_requests
     assert request.job_name == "tiny_sweep"
