@@ -38,9 +38,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         # mkstemp creates the file private (0600); give it the mode an ordinary write would.
         os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as exc:
         # Leave no temporary file behind; the original (if any) is untouched.
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A full disk or an I/O error on write or fsync names no file: name the one being written.
+            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
         raise
     return target
 

@@ -57,6 +57,30 @@ def _ray_error_pattern() -> re.Pattern[str]:
     return re.compile(rf"(?:RayTaskError\()?(?:{'|'.join(RAY_INFRASTRUCTURE_ERRORS)})\)?:")
 
 
+TRIAL_STATUSES = ("ok", "failed", "pruned")
+
+
+def trial_record_problem(record: Any) -> str | None:
+    """What makes ``record`` unusable as a saved trial result, or None: the fields every reader of
+    results relies on, with their types."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for name, kind in (("trial", str), ("status", str), ("fingerprint", str), ("manifest_digest", str),
+                       ("params", dict)):
+        if not isinstance(record.get(name), kind):
+            return f"its {name!r} is missing or not a {kind.__name__}"
+    if record["status"] not in TRIAL_STATUSES:
+        return f"its status {record['status']!r} is not one of {', '.join(TRIAL_STATUSES)}"
+    score = record.get("score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        return f"its score {score!r} is not a number"
+    return None
+
+
+def damaged_message(file: Path, why: str) -> str:
+    return f"{file}: not a usable trial result ({why}): its trial counts as not computed (running it replaces the file)"
+
+
 class TrialStore:
     """The trial results of one sweep for one (fingerprint, manifest digest). Results saved under one of
     ``earlier`` fingerprints (``Sweep.earlier_fingerprints``: the same trials, hashed as an earlier
@@ -67,6 +91,7 @@ class TrialStore:
         self.fingerprint = fingerprint
         self.accepted = {fingerprint, *earlier}
         self.manifest_digest = manifest_digest
+        self.damaged: dict[Path, str] = {}  # result files that could not be used, and why (``_read_file``)
 
     @classmethod
     def of_sweep(cls, sweep_dir: Path, sweep, manifest_digest: str) -> TrialStore:
@@ -92,14 +117,20 @@ class TrialStore:
                 for file in remove_temporaries(folder, None, older_than_seconds=self.KILLED_WRITE_AGE_SECONDS)]
 
     def _read_file(self, file: Path) -> dict[str, Any] | None:
+        """The record in ``file``; None when there is none, or when it is damaged (atomic writes make that
+        a hand-edited, foreign or disk-damaged file): then its trial counts as not computed — the next
+        run computes it again and replaces the file — and ``damaged`` says why, for the run's log."""
         if not file.exists():
             return None
         try:
             record = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:  # atomic writes make this a foreign or hand-edited file
-            raise ValueError(f"{file}: not a trial result ({exc})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{file}: not a trial result (a JSON {type(record).__name__}, not an object)")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.damaged[file] = f"not JSON ({exc})"
+            return None
+        problem = trial_record_problem(record)
+        if problem is not None:
+            self.damaged[file] = problem
+            return None
         return record
 
     def _read(self, key: str) -> dict[str, Any] | None:

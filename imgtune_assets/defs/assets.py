@@ -70,7 +70,7 @@ from imgtune_assets.core.report import (
     top_params,
     write_report,
 )
-from imgtune_assets.core.results import IdentityBaseline, TrialStore
+from imgtune_assets.core.results import IdentityBaseline, TrialStore, damaged_message
 from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
 from imgtune_assets.core.search import early_stopping_notes, is_staged, repeated_trials_note, staged_trials
 from imgtune_assets.core.sweepfile import Sweep
@@ -424,10 +424,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             context.log.info(f"{len(keys) - len(failed)} trial(s) settled, {len(failed)} failed ({json.dumps(stats)})")
             return
 
-        try:
-            reused, todo = store.split_finished(keys, config.skip_finished)
-        except ValueError as exc:  # a file in trials/ that is not a trial result: named, nothing overwritten
-            raise Failure(description=str(exc)) from None
+        reused, todo = store.split_finished(keys, config.skip_finished)
+        for file, why in store.damaged.items():
+            context.log.warning(damaged_message(file, why))
         for record in reused:
             save(record, reused=True)
         if config.skip_finished:
@@ -518,10 +517,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         rows = manifest_rows(run_settings["images"])
         digest = run_settings["manifest_digest"]
         keys = trial_keys(sweep)
-        try:
-            records, stale = TrialStore.of_sweep(out_dir, sweep, digest).load_all(keys)
-        except ValueError as exc:  # a file in trials/ that is not a trial result
-            raise Failure(description=str(exc)) from None
+        store = TrialStore.of_sweep(out_dir, sweep, digest)
+        records, stale = store.load_all(keys)
+        for file, why in store.damaged.items():
+            context.log.warning(damaged_message(file, why))
         if not records:
             earlier = (f" ({stale} result file(s) there are of another version of the sweep file or of other "
                        "images)") if stale else ""

@@ -28,6 +28,21 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
 
 
+def test_a_full_disk_is_reported_with_the_file_being_written(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write and fsync raise it: no file name
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "trials" / "trial-003.json"
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(target, b"{}")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    assert str(err.value) == f"[Errno {errno.ENOSPC}] No space left on device: '{target}'"
+    assert not list(target.parent.iterdir())
+
+
 def test_the_data_is_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
     calls = []
     real_fsync, real_replace = os.fsync, os.replace

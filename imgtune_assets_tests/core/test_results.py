@@ -11,13 +11,14 @@ import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
 from imgtune_assets.core.metrics import Objective
-from imgtune_assets.core.results import IdentityBaseline, TrialStore, lost_to_ray
+from imgtune_assets.core.results import IdentityBaseline, TrialStore, damaged_message, lost_to_ray, trial_record_problem
 
 FINGERPRINT, DIGEST = "f" * 16, "d" * 16
 
 
 def record(key: str, score: float = 20.0, *, fingerprint: str = FINGERPRINT, digest: str = DIGEST) -> dict:
-    return {"trial": key, "fingerprint": fingerprint, "manifest_digest": digest, "status": "ok", "score": score}
+    return {"trial": key, "fingerprint": fingerprint, "manifest_digest": digest, "status": "ok", "score": score,
+            "params": {"gaussian_blur.sigma": 1.0}}
 
 
 @pytest.fixture
@@ -86,19 +87,33 @@ def test_load_all_keeps_the_order_of_the_keys(store):
     assert [r["trial"] for r in records] == ["trial-001", "trial-002", "trial-000"] and stale == 0
 
 
-def test_a_file_that_is_not_a_trial_result_is_named(store):
-    store.folder.mkdir(parents=True)
-    store.path("trial-000").write_text("{not json")
-    with pytest.raises(ValueError, match=f"{store.path('trial-000')}: not a trial result"):
-        store.load_all(["trial-000"])
-
-
-@pytest.mark.parametrize("content", ["[1, 2]", '"a string"', "null"])
-def test_json_that_is_not_an_object_is_named_as_not_a_trial_result(store, content):
-    store.folder.mkdir(parents=True)
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "not JSON ("),
+    ("[1, 2]", "a JSON list, not an object"),
+    ("null", "a JSON NoneType, not an object"),
+    ('{"trial": "trial-000"}', "its 'status' is missing or not a str"),
+])
+def test_a_damaged_result_counts_as_not_computed_and_is_named(store, content, why):
+    store.save(record("trial-001"))
     store.path("trial-000").write_text(content)
-    with pytest.raises(ValueError, match=f"{store.path('trial-000')}: not a trial result \\(a JSON "):
-        store.load_all(["trial-000"])
+    records, stale = store.load_all(["trial-000", "trial-001"])
+    assert [r["trial"] for r in records] == ["trial-001"] and stale == 0
+    assert list(store.damaged) == [store.path("trial-000")] and store.damaged[store.path("trial-000")].startswith(why)
+    assert store.split_finished(["trial-000", "trial-001"], skip_finished=True)[1] == ["trial-000"]  # computed again
+    assert damaged_message(store.path("trial-000"), "x") == (
+        f"{store.path('trial-000')}: not a usable trial result (x): its trial counts as not computed (running it "
+        "replaces the file)")
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"status": "done"}, "its status 'done' is not one of ok, failed, pruned"),
+    ({"score": "high"}, "its score 'high' is not a number"),
+    ({"score": True}, "its score True is not a number"),
+    ({"params": None}, "its 'params' is missing or not a dict"),
+])
+def test_a_result_of_the_wrong_shape_is_named_with_what_is_wrong(change, why):
+    assert trial_record_problem(record("trial-000")) is None
+    assert trial_record_problem({**record("trial-000"), **change}) == why
 
 
 def test_results_saved_under_an_earlier_fingerprint_are_current(tmp_path):
