@@ -75,6 +75,8 @@ LOG_TAIL_LINES = 30
 # Tags the run the sweep command launches, so that the command reads that run's failure and no other's.
 INVOCATION_TAG = "imgtune/cli_invocation"
 INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT)
+# After a Ctrl-C is passed on to the run, how long before it is passed on once more (it can be lost).
+INTERRUPT_AGAIN_SECONDS = 10
 NO_RESULT = 3  # the sweep ran, but no trial completed: no best pipeline (every trial failed)
 POLL_SECONDS = 0.25
 BAR_WIDTH = 20
@@ -200,6 +202,20 @@ def log_file_path(home: Path, sweep_name: str, now: datetime | None = None) -> P
     """``$DAGSTER_HOME/sweep_logs/<sweep>-<UTC timestamp>.log``: Dagster's own output for one sweep."""
     now = now or datetime.now(timezone.utc)
     return Path(home) / SWEEP_LOGS_FOLDER / f"{sweep_name}-{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}.log"
+
+
+def claim_log_file(path: Path) -> Path:
+    """``path``, created empty for this command alone; ``<stem>-2.log``, ``-3``... when another command
+    took it (two sweeps of one name started in the same second must not share a log)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = path if attempt == 1 else path.with_name(f"{path.stem}-{attempt}{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: too many logs of this name")
 
 
 def launch_logged(command: Sequence[str], log: Path, *, env: dict[str, str] | None = None,
@@ -523,7 +539,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
     keys = trial_keys(sweep)
     invocation = uuid.uuid4().hex
     sweep_dir = sweep_output_dir(default_output_dir(), sweep.name)
-    log = log_file_path(home, sweep.name)
+    log = claim_log_file(log_file_path(home, sweep.name))
     config = None
     if resume:
         # Kept beside the log (not a temporary file), so the command line the log records can be run again.
@@ -570,7 +586,13 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                 # stop its run, then give up.
                 try:
                     proc.send_signal(signal.SIGINT)
-                    proc.wait(timeout=30)
+                    try:
+                        proc.wait(timeout=INTERRUPT_AGAIN_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        # Dagster can lose a SIGINT (its handler's exception raised where Python ignores
+                        # it, in a weakref callback) and go on: once more, then give up on it.
+                        proc.send_signal(signal.SIGINT)
+                        proc.wait(timeout=30 - INTERRUPT_AGAIN_SECONDS)
                 except (subprocess.TimeoutExpired, OSError):
                     proc.kill()
                     proc.wait()
@@ -578,8 +600,12 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                         fail_unfinished_run(home, invocation, proc.returncode)
                     except Exception as exc:  # noqa: BLE001 - said, on the way out; the run's log has the rest
                         print(f"  (the run could not be marked failed: {type(exc).__name__}: {exc})", file=err)
-                display.finish(time.perf_counter() - clock, ok=False)
-                print(f"interrupted; {resume_hint(sweep.name)}; Dagster's log: {log}", file=err, flush=True)
+                display.finish(time.perf_counter() - clock, ok=proc.returncode == 0)
+                if proc.returncode == 0:  # it had finished its work when the interruption reached it
+                    print(f"interrupted, but the run had finished: it succeeded (the report is in {sweep_dir}); "
+                          f"Dagster's log: {log}", file=err, flush=True)
+                else:
+                    print(f"interrupted; {resume_hint(sweep.name)}; Dagster's log: {log}", file=err, flush=True)
                 return INTERRUPTED
             finally:
                 if ahead is not None:  # the run is over: a read-ahead it never waited for stops (a failed start)
@@ -589,7 +615,9 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
             display.finish(time.perf_counter() - clock, state["snap"], ok=code == 0)
             if code != 0:
                 # (the command line, with its tags, heads the log named last: here the reasons come first)
-                print(f"error: {sweep.name}: {label} failed (exit {code})", file=err)
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+                    else f"exit {code}"
+                print(f"error: {sweep.name}: {label} failed ({how})", file=err)
                 marked = False
                 try:
                     marked = fail_unfinished_run(home, invocation, code)
@@ -612,7 +640,7 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
                         made = [n for n in ("leaderboard.csv", "best_pipeline.yaml", "plots/") if (sweep_dir / n).exists()]
                         print(f"the report was made before the failure: {sweep_dir} ({', '.join(made)})", file=err)
                 print(f"log: {log}", file=err, flush=True)
-                return code
+                return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says it
     report_file = sweep_dir / REPORT_FILE
     try:
         report = json.loads(report_file.read_text())

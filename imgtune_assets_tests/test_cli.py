@@ -23,3 +23,12 @@ def test_the_resume_hint_carries_where_the_trials_are_saved():
     # Run as printed in a shell without it, the sweep would write to outputs/ and compute every trial again.
     hint = resume_hint("slow", environ={"IMGTUNE_SWEEPS_DIR": "/srv/sweeps", "IMGTUNE_OUTPUT_DIR": "/data/out"})
     assert "`IMGTUNE_SWEEPS_DIR=/srv/sweeps IMGTUNE_OUTPUT_DIR=/data/out " in hint
+
+
+def test_two_commands_of_one_sweep_in_the_same_second_get_their_own_logs(tmp_path):
+    from imgtune_assets.cli import claim_log_file, log_file_path
+
+    path = log_file_path(tmp_path, "denoise-demo")
+    first, second, third = (claim_log_file(path) for _ in range(3))
+    assert first == path and second == path.with_name(f"{path.stem}-2.log") and third.name.endswith("-3.log")
+    assert all(p.is_file() and p.stat().st_size == 0 for p in (first, second, third))

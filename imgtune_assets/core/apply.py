@@ -279,7 +279,10 @@ def read_ledger(output_dir: Location) -> dict[str, dict[str, Any]]:
         saved = json.loads(storage.read_bytes(file))
     except (storage.StorageError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
-    return {e["output"]: e for e in saved.get("entries", []) if isinstance(e, dict) and "output" in e}
+    entries = saved.get("entries") if isinstance(saved, dict) else None  # a foreign or hand-edited file: none
+    if not isinstance(entries, list):
+        return {}
+    return {e["output"]: e for e in entries if isinstance(e, dict) and isinstance(e.get("output"), str)}
 
 
 def _listing_tags(folder: Location) -> dict[str, str]:

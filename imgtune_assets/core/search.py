@@ -1042,6 +1042,10 @@ def early_stopping_notes(sweep: Sweep, n_images: int, records: Sequence[dict[str
     return notes
 
 
+# Beyond this many values a discrete space's size is not worth counting (nor saying).
+DISCRETE_LIMIT = 100_000
+
+
 def repeated_trials_note(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> str | None:
     """A fixed design (``grid``, ``random``...) over a space with fewer distinct points than trials gives
     some trials the parameters of an earlier one: they cost as much and say nothing new. None when every
@@ -1058,11 +1062,17 @@ def repeated_trials_note(sweep: Sweep, trials: Sequence[dict[str, Any]]) -> str 
         seen.add(key)
     if not repeats:
         return partial_grid_note(sweep, len(trials))
-    advice = (f"lower trials to {len(seen)}, or widen the space" if sweep.sampler == "grid" else
-              "widen the space, or use sampler grid to try each distinct pipeline once")
-    return (f"{repeats} of the {len(trials)} trials {'repeats' if repeats == 1 else 'repeat'} the parameters of "
-            f"an earlier trial (sampler {sweep.sampler}: the search space gives {len(seen)} distinct pipelines "
-            f"here): {advice}")
+    verb = "repeats" if repeats == 1 else "repeat"
+    if sweep.sampler == "grid":
+        return (f"{repeats} of the {len(trials)} trials {verb} the parameters of an earlier trial (sampler grid: "
+                f"its grid has {len(seen)} distinct pipelines here): lower trials to {len(seen)}, or widen the space")
+    dims = search_space(sweep)
+    size = math.prod(len(d.candidates(DISCRETE_LIMIT + 1)) for d in dims) \
+        if all(d.range.type != "float" for d in dims) else None
+    held = f" of the {size} the search space holds" if size is not None and size <= DISCRETE_LIMIT else ""
+    return (f"{repeats} of the {len(trials)} trials {verb} the parameters of an earlier trial (sampler "
+            f"{sweep.sampler} drew {len(seen)} distinct pipelines{held}): widen the space, or use sampler grid to "
+            "try each distinct pipeline once")
 
 
 def partial_grid_note(sweep: Sweep, n_trials: int) -> str | None:

@@ -21,6 +21,7 @@ from imgtune_assets.core.apply import (
     fixed_stages,
     pipeline_key,
     prepare_output,
+    read_ledger,
     task_sizes,
     to_depth,
     unchanged_unread,
@@ -787,3 +788,11 @@ def test_only_the_contents_fault_keeps_an_input_skipped_unread(tmp_path, monkeyp
     assert encoded is None and entry["status"] == "skipped" and entry.get("unusable") is unusable
     assert entry["reason"].startswith(f"{source}: {type(raised).__name__}")
     assert unchanged_unread(entry, "k", source, tmp_path / "out" / "a.png") is bool(unusable)
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '{"entries": 5}', '{"entries": [1, {"output": 3}]}', "{not json"])
+def test_a_ledger_that_is_not_one_means_none(tmp_path, content):
+    (tmp_path / LEDGER_NAME).write_text(content)  # foreign, hand-edited or damaged: every file is done again
+    assert read_ledger(tmp_path) == {}
+    (tmp_path / LEDGER_NAME).write_text(json.dumps({"entries": [{"output": "o.png", "status": "written"}, 7]}))
+    assert read_ledger(tmp_path) == {"o.png": {"output": "o.png", "status": "written"}}

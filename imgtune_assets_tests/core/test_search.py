@@ -667,8 +667,18 @@ def test_trials_of_distinct_parameters_need_no_note():
 
     plain = SimpleNamespace(sampler="random", early_stopping=None)
     assert repeated_trials_note(plain, [{"params": {"k": 3}}, {"params": {"k": 5}}, {"params": None}]) is None
-    assert repeated_trials_note(plain, [{"params": {"k": 3, "s": 1.0}}, {"params": {"s": 1.0, "k": 3}}]).startswith(
-        "1 of the 2 trials repeats the parameters of an earlier trial")
+
+
+def test_random_trials_that_repeat_say_how_many_they_drew_of_how_many_there_are(tmp_path):
+    odd = [{"op": "median_blur", "ksize": {"type": "odd", "low": 3, "high": 7}}]  # 3, 5 or 7
+    sweep = sweep_of(tmp_path, trials=4, sampler="random", pipeline=odd)
+    drawn = [{"params": {"k": 3, "s": 1.0}}, {"params": {"s": 1.0, "k": 3}}, {"params": {"k": 5, "s": 1.0}}]
+    assert repeated_trials_note(sweep, drawn) == (
+        "1 of the 3 trials repeats the parameters of an earlier trial (sampler random drew 2 distinct pipelines of "
+        "the 3 the search space holds): widen the space, or use sampler grid to try each distinct pipeline once")
+    continuous = sweep_of(tmp_path, trials=4, sampler="random",
+                          pipeline=[{"op": "gaussian_blur", "sigma": {"type": "float", "low": 0.5, "high": 2.0}}])
+    assert "(sampler random drew 2 distinct pipelines): widen" in repeated_trials_note(continuous, drawn)
 
 
 def test_a_grid_the_trials_do_not_cover_is_said_so(tmp_path):

@@ -228,8 +228,8 @@ def test_a_grid_with_more_trials_than_points_says_which_repeat(tmp_path, denoise
     sweep, assets, instance, ranged, report = run_sweep(sweep_file, out, instance)
     assert ranged.success
     summary = report.output_for_node(node(assets.sweep_report))
-    expected = ("2 of the 4 trials repeat the parameters of an earlier trial (sampler grid: the search space "
-                "gives 2 distinct pipelines here): lower trials to 2, or widen the space")
+    expected = ("2 of the 4 trials repeat the parameters of an earlier trial (sampler grid: its grid has 2 "
+                "distinct pipelines here): lower trials to 2, or widen the space")
     assert summary["notes"] == [expected]
     settings = instance.fetch_materializations(asset_key(sweep, "run_settings"), limit=1).records[0]
     assert expected in settings.asset_materialization.metadata["notes"].value
