@@ -75,7 +75,8 @@ from imgtune_assets.core.sampling import search_space, space_digest, trial_keys,
 from imgtune_assets.core.search import early_stopping_notes, is_staged, repeated_trials_note, staged_trials
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.executor import steps_share_the_run_process
-from imgtune_assets.defs.jobs import ASSET_PARTITION_RANGE_START_TAG, PARTITION_TAG, runs_in_the_way
+from imgtune_assets.defs.jobs import (ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, PARTITION_TAG,
+                                      runs_in_the_way)
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import RayResource, SweepResource
 from imgtune_assets.defs.search_run import report_imports_on_tail, run_staged_search
@@ -266,6 +267,16 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             job, tags = None, {}
         if job == f"{group}_sweep" and not (ASSET_PARTITION_RANGE_START_TAG in tags or PARTITION_TAG in tags):
             raise no_trials_named()
+        named = [tags[t] for t in (ASSET_PARTITION_RANGE_START_TAG, ASSET_PARTITION_RANGE_END_TAG, PARTITION_TAG)
+                 if t in tags]
+        unknown = [key for key in named if key not in set(trial_keys(sweep))]
+        if unknown:
+            # Requested from code loaded before the sweep file changed (a schedule, the sensor, the UI):
+            # stopped here, before the manifest and settings are made for a file the request was not.
+            raise Failure(description=(
+                f"this run asks for {', '.join(unknown)}, which {sweep.path} no longer has (trials: {sweep.trials}): "
+                "the file changed after the code location that requested the run was loaded; reload the code "
+                "location (the UI's Deployment → Reload, or restart `dagster dev`) and launch again"))
 
         if sweep.demo_data and not storage.is_remote(sweep.data_dir) and not (sweep.data_dir / "images").is_dir():
             context.log.info(f"Generating the {sweep.demo_data} demo data set in {sweep.data_dir}")
