@@ -242,6 +242,25 @@ def test_cli_unknown_sweep_name_fails_naming_the_known_ones(tmp_path, denoise_da
     assert not (Path(env["DAGSTER_HOME"]) / "sweep_logs").exists()  # no dagster command was started
 
 
+def test_a_named_sweep_runs_though_another_teams_file_is_broken(tmp_path, denoise_data):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    write_sweep(sweeps / "alpha.yaml", denoise_data, name="alpha", trials=2)
+    broken = write_sweep(sweeps / "beta.yaml", denoise_data, name="beta", trials=2)
+    broken.write_text(broken.read_text().replace("trials: 2", "trails: 2"))
+    env = sweeps_dir_env(tmp_path, sweeps)
+    result = run_cli(env, "alpha", "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"warning: the sweep files cannot be served together:\n{broken}: trails: unknown field" in result.stderr
+    assert "running alpha from its own file (IMGTUNE_SWEEP)" in result.stderr
+    assert json.loads((tmp_path / "outputs" / "alpha" / "report.json").read_text())["completed_trials"] == 2
+    # The broken sweep itself, and --all, are refused, naming the file and field.
+    for args in (("beta",), ("--all",)):
+        refused = run_cli(env, *args, timeout=120)
+        assert refused.returncode == 2 and f"error: {broken}: trails: unknown field" in refused.stderr, args
+    assert not (tmp_path / "outputs" / "beta").exists()
+
+
 def test_cli_sweep_resume_reuses_the_trials_a_partial_run_finished(tmp_path, tiny_sweep):
     env = cli_env(tmp_path, tiny_sweep)
     inputs, trials, _ = sweep_commands("tiny", KEYS[:2])  # a run that finished two of the four trials

@@ -41,12 +41,17 @@ def group_name(sweep_name: str) -> str:
 
 
 def sweep_files(folder: Path) -> list[Path]:
-    """The sweep files of a folder (``*.yaml``, ``*.yml``; not hidden), in name order."""
+    """The sweep files of a folder (``*.yaml``, ``*.yml``; not hidden; not in its sub-folders), in name order.
+    A broken symbolic link among them is an error."""
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise SweepCatalogError(f"{folder}: sweeps folder not found (set {SWEEPS_DIR_ENV} to a folder of sweep files)")
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in SWEEP_SUFFIXES and not p.name.startswith("."))
+    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in SWEEP_SUFFIXES and not p.name.startswith("."))
+    broken = [p for p in candidates if p.is_symlink() and not p.exists()]
+    if broken:  # a sweep that silently went away (and its schedule with it) would go unnoticed
+        raise SweepCatalogError("\n".join(f"{p}: a broken symbolic link (to {os.readlink(p)}): point it at a sweep "
+                                          "file, or remove it" for p in broken))
+    return [p for p in candidates if p.is_file()]
 
 
 def load_catalog(files: list[Path]) -> list[Sweep]:
@@ -58,13 +63,16 @@ def load_catalog(files: list[Path]) -> list[Sweep]:
             sweeps.append(load_sweep(file))
         except SweepFileError as exc:
             problems.append(str(exc))
-    for label, key in (("sweep name", lambda s: s.name), ("asset group name", lambda s: group_name(s.name))):
+    for label, key in (("sweep name", lambda s: s.name), ("asset group name", lambda s: group_name(s.name)),
+                       # their output folders would be one on a case-insensitive file system (macOS, Windows)
+                       ("sweep name but for case", lambda s: s.name.casefold())):
         seen: dict[str, Sweep] = {}
         for sweep in sweeps:
             other = seen.setdefault(key(sweep), sweep)
             # (same names also make the same group: reported once, as names)
             if other is not sweep and (label == "sweep name" or other.name != sweep.name):
-                problems.append(f"{other.path} and {sweep.path}: both declare the {label} {key(sweep)!r}; "
+                shown = f"{other.name!r} / {sweep.name!r}" if label == "sweep name but for case" else repr(key(sweep))
+                problems.append(f"{other.path} and {sweep.path}: both declare the {label} {shown}; "
                                 "each sweep needs its own name (it names its asset keys, group and output folder)")
     # Two sweeps applying their winners into one folder would overwrite each other's outputs (and ledger)
     # on every run, each run rewriting everything.

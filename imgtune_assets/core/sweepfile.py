@@ -313,7 +313,8 @@ class _Stage(_Model):
         if not isinstance(raw, dict):
             raise _problem(f"each stage is a mapping with `op:` and parameters, got {raw!r}")
         if "op" not in raw:
-            raise _problem("missing", sub=".op")
+            others = f" (found: {', '.join(sorted(map(str, raw)))})" if raw else ""
+            raise _problem(f"missing{others}", sub=".op")
         return {"op": raw["op"], "params": {k: v for k, v in raw.items() if k != "op"}}
 
     @field_validator("op")
@@ -410,8 +411,11 @@ class _ObjectiveFields(_Model):
     def _mapping(cls, raw: Any) -> Any:
         if isinstance(raw, str):
             raw = {"metric": raw}
-        if not isinstance(raw, dict) or "metric" not in raw:
+        if not isinstance(raw, dict):
             raise _problem("expected a mapping like {metric: psnr}")
+        if "metric" not in raw:
+            others = f" (found: {', '.join(sorted(map(str, raw)))})" if raw else ""
+            raise _problem(f"missing{others}", sub=".metric")
         return raw
 
     @field_validator("metric")
@@ -449,7 +453,7 @@ class _Schedule(_Model):
 
     @classmethod
     def _unknown(cls, keys: list[Any]) -> tuple[str, str]:
-        return "", "expected a mapping like {cron: '0 2 * * *'}"
+        return f".{sorted(map(str, keys))[0]}", "unknown field (allowed: cron)"
 
     @model_validator(mode="before")
     @classmethod
@@ -566,8 +570,8 @@ class _EarlyStopping(_Model):
 
 def _plain_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise _problem(f"{name!r} is not a plain name (letters, digits, '_', '-', '.'; "
-                       "it names a folder under the output folder, so no '/' or '..')")
+        raise _problem(f"{name!r} is not a plain name (1 to 100 letters, digits, '_', '-', '.', starting with "
+                       "a letter or digit; it names a folder under the output folder, so no '/' or '..')")
     return name
 
 

@@ -157,6 +157,25 @@ def test_names_that_map_to_the_same_group_are_refused(folder, denoise_data):
     assert "sweep name" not in message  # the names themselves differ
 
 
+def test_names_that_differ_only_in_case_are_refused(folder, denoise_data):
+    # One output folder on a case-insensitive file system (macOS', Windows'): their trials would mix.
+    lower = write_sweep(folder / "a.yaml", denoise_data, name="team-alpha")
+    upper = write_sweep(folder / "b.yaml", denoise_data, name="TEAM-ALPHA")
+    with pytest.raises(SweepCatalogError) as err:
+        load_catalog(sweep_files(folder))
+    assert f"{lower} and {upper}: both declare the sweep name but for case 'team-alpha' / 'TEAM-ALPHA'" \
+        in str(err.value)
+
+
+def test_a_broken_link_among_the_sweep_files_is_named(folder, denoise_data):
+    write_sweep(folder / "a.yaml", denoise_data, name="a")
+    (folder / "gone.yaml").symlink_to(folder / "elsewhere" / "gone.yaml")
+    with pytest.raises(SweepCatalogError) as err:
+        sweep_files(folder)
+    assert str(err.value) == (f"{folder / 'gone.yaml'}: a broken symbolic link (to {folder / 'elsewhere' / 'gone.yaml'}): "
+                              "point it at a sweep file, or remove it")
+
+
 def test_every_problem_is_reported_at_once(folder, denoise_data):
     write_sweep(folder / "a.yaml", denoise_data, name="dup")
     write_sweep(folder / "b.yaml", denoise_data, name="dup")
