@@ -46,7 +46,6 @@ from imgtune_assets.core import embedded_ray
 from imgtune_assets.core.catalog import (
     EXECUTOR_ENV,
     SWEEP_ENV,
-    SWEEPS_DIR_ENV,
     SweepCatalogError,
     find_sweep,
     group_name,
@@ -56,7 +55,7 @@ from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
 from imgtune_assets.core.launcher import LAUNCHER_PID_ENV, LAUNCHER_TAG, process_tag
 from imgtune_assets.core.manifest import PROBE_CACHE_FILE, ProbeAhead
 from imgtune_assets.core.metrics import improves
-from imgtune_assets.core.paths import OUTPUT_DIR_ENV, default_output_dir, imgtune_command, sweep_output_dir
+from imgtune_assets.core.paths import default_output_dir, sweep_command, sweep_output_dir
 from imgtune_assets.core.progress import BOUNDED_BY_ONE, counted, describe, format_score
 from imgtune_assets.core.sampling import stage_labels, trial_keys
 from imgtune_assets.core.sweepfile import Sweep, SweepFileError
@@ -555,10 +554,7 @@ def resume_hint(sweep_name: str, environ: Mapping[str, str] | None = None) -> st
     carries the variables that chose the sweep files (``IMGTUNE_SWEEP``, ``IMGTUNE_SWEEPS_DIR``) and
     where its trials are saved (``IMGTUNE_OUTPUT_DIR``), so that, run as printed, it finds the same
     sweep and reuses its trials (in another output folder it would compute them all again)."""
-    environ = os.environ if environ is None else environ
-    chosen = "".join(f"{name}={shlex.quote(environ[name])} " for name in (SWEEP_ENV, SWEEPS_DIR_ENV, OUTPUT_DIR_ENV)
-                     if environ.get(name, "").strip())
-    return f"finished trials are kept: `{chosen}{imgtune_command()} sweep {sweep_name} --resume` resumes"
+    return f"finished trials are kept: `{sweep_command(sweep_name, '--resume', environ=environ)}` resumes"
 
 
 def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: bool, columns: int,

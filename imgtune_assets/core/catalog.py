@@ -21,11 +21,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from imgtune_assets.core.paths import BUNDLED_SWEEPS
+from imgtune_assets.core.paths import BUNDLED_SWEEPS, SWEEP_ENV, SWEEPS_DIR_ENV
 from imgtune_assets.core.sweepfile import Sweep, SweepFileError, load_sweep
 
-SWEEP_ENV = "IMGTUNE_SWEEP"
-SWEEPS_DIR_ENV = "IMGTUNE_SWEEPS_DIR"
 # Which Dagster executor the runs use (defs/executor.py reads it; the sweep command looks at it too).
 EXECUTOR_ENV = "IMGTUNE_EXECUTOR"
 SWEEP_SUFFIXES = (".yaml", ".yml")

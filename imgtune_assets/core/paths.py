@@ -20,6 +20,8 @@ PROJECT_ROOT = _project_root()
 BUNDLED_SWEEPS = PROJECT_ROOT / "sweeps"
 # Where sweeps write their results (default: ``outputs/`` in the project folder).
 OUTPUT_DIR_ENV = "IMGTUNE_OUTPUT_DIR"
+SWEEP_ENV = "IMGTUNE_SWEEP"  # one sweep file to serve (core/catalog.py)
+SWEEPS_DIR_ENV = "IMGTUNE_SWEEPS_DIR"  # the folder of sweep files to serve
 
 
 def default_output_dir() -> Path:
@@ -61,3 +63,14 @@ def imgtune_command() -> str:
     except (ValueError, OSError):  # elsewhere, or the working folder is gone (these messages explain errors)
         shown = str(executable)
     return f"{shlex.quote(shown)} -m imgtune_assets.cli"
+
+
+def sweep_command(sweep_name: str, *args: str, environ=None) -> str:
+    """The sweep command for ``sweep_name`` as a message tells the user to run it: with the variables that
+    chose the sweep files (``IMGTUNE_SWEEP``, ``IMGTUNE_SWEEPS_DIR``) and where its trials are saved
+    (``IMGTUNE_OUTPUT_DIR``) in front, so that, run as printed in another shell, it finds the same sweep
+    and its saved trials (in another output folder a resume would compute them all again)."""
+    environ = os.environ if environ is None else environ
+    chosen = "".join(f"{name}={shlex.quote(environ[name])} " for name in (SWEEP_ENV, SWEEPS_DIR_ENV, OUTPUT_DIR_ENV)
+                     if environ.get(name, "").strip())
+    return " ".join([f"{chosen}{imgtune_command()} sweep {shlex.quote(sweep_name)}", *args])

@@ -58,7 +58,7 @@ from imgtune_assets.core.manifest import (
 )
 from imgtune_assets.core.manifest import usable as usable_rows
 from imgtune_assets.core.metrics import improvement
-from imgtune_assets.core.paths import imgtune_command
+from imgtune_assets.core.paths import sweep_command
 from imgtune_assets.core.progress import partial_reuse_message, reuse_message
 from imgtune_assets.core.report import (
     STAGED_COLUMNS,
@@ -242,7 +242,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         all_keys = trial_keys(sweep)
         return Failure(description=(
             f"{results_key.to_user_string()} is partitioned by trial and this run names none: run the whole "
-            f"sweep with `{imgtune_command()} sweep {sweep.name}`, or launch the job with the trials' "
+            f"sweep with `{sweep_command(sweep.name)}`, or launch the job with the trials' "
             f"range, e.g. `dg launch --job {group}_sweep --partition-range '{all_keys[0]}...{all_keys[-1]}'` "
             f"or `dagster job execute -m imgtune_assets.definitions -j {group}_sweep --tags "
             f"'{{\"dagster/asset_partition_range_start\": \"{all_keys[0]}\", "
@@ -402,8 +402,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         def ray_failed(exc: RayInfrastructureError) -> Failure:
             return Failure(description=(
                 f"{exc.what}; no trial is recorded as failed because of it. {len(settled)} of the run's {len(keys)} "
-                f"trials are finished and saved: run again with skip_finished (`{imgtune_command()} "
-                f"sweep {sweep.name} --resume`) to compute the other {len(keys) - len(settled)}"))
+                f"trials are finished and saved: run again with skip_finished (`{sweep_command(sweep.name, '--resume')}`)"
+                f" to compute the other {len(keys) - len(settled)}"))
 
         def report_progress() -> None:
             snapshot = progress.report_if_due()

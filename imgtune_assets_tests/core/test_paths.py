@@ -62,3 +62,12 @@ def test_a_console_scripts_versioned_interpreter_is_named_as_the_venvs_python(tm
     lone.write_text("#!/bin/sh\n")  # beside a `python` that is another file
     monkeypatch.setattr(sys, "executable", str(lone))
     assert paths.imgtune_command() == "other/bin/python3.11 -m imgtune_assets.cli"
+
+
+def test_a_sweep_command_carries_the_variables_that_chose_the_sweep_and_its_outputs():
+    from imgtune_assets.core.paths import imgtune_command, sweep_command
+
+    assert sweep_command("my sweep", "--resume", environ={}) == f"{imgtune_command()} sweep 'my sweep' --resume"
+    env = {"IMGTUNE_SWEEPS_DIR": "/srv/team sweeps", "IMGTUNE_OUTPUT_DIR": "/data/out", "IMGTUNE_SWEEP": " "}
+    assert sweep_command("a", environ=env) == f"IMGTUNE_SWEEPS_DIR='/srv/team sweeps' IMGTUNE_OUTPUT_DIR=/data/out " \
+                                               f"{imgtune_command()} sweep a"
