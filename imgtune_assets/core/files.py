@@ -8,6 +8,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -28,6 +29,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     to disk (``fsync``) before the rename, so a power cut cannot leave the new name on an empty file.
     """
     target = Path(path)
+    tmp_name = _write_temporary(target, data)
+    try:
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)  # the original (if any) is untouched
+        raise
+    return target
+
+
+def atomic_write_all(files: Mapping[str | os.PathLike, bytes], remove: Iterable[str | os.PathLike] = ()) -> None:
+    """Write several files as one set (a report's): every file first to a temporary beside it, flushed
+    to disk, then every rename, then ``remove`` goes. A write that fails (a full disk) leaves every file
+    of the set as it was; the renames that follow need no space."""
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            written.append((_write_temporary(Path(path), data), Path(path)))
+    except BaseException:
+        for tmp_name, _ in written:
+            Path(tmp_name).unlink(missing_ok=True)
+        raise
+    for tmp_name, target in written:
+        os.replace(tmp_name, target)
+    for path in remove:
+        Path(path).unlink(missing_ok=True)
+
+
+def _write_temporary(target: Path, data: bytes) -> str:
+    """``data`` in a new temporary file beside ``target`` (``.<name>.XXXXXXXX.tmp``), flushed to disk,
+    with the mode an ordinary write would give; its name. Nothing is left behind when it fails, and the
+    error names ``target`` (a full disk's names no file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(target.name), suffix=TEMPORARY_SUFFIX, dir=target.parent)
     try:
@@ -37,15 +69,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(handle.fileno())
         # mkstemp creates the file private (0600); give it the mode an ordinary write would.
         os.chmod(tmp_name, 0o666 & ~_UMASK)
-        os.replace(tmp_name, target)
     except BaseException as exc:
-        # Leave no temporary file behind; the original (if any) is untouched.
         Path(tmp_name).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None:
-            # A full disk or an I/O error on write or fsync names no file: name the one being written.
             raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
         raise
-    return target
+    return tmp_name
 
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -90,5 +119,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as the JSON files imgtune writes hold it (indented, keys sorted, NaN kept)."""
+    return (json.dumps(payload, indent=2, sort_keys=True, allow_nan=True) + "\n").encode("utf-8")
+
+
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
-    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    return atomic_write_bytes(path, json_bytes(payload))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from imgtune_assets.core.files import atomic_write_bytes, atomic_write_text
+from imgtune_assets.core.files import atomic_write_all
 from imgtune_assets.core.sampling import Dimension, search_space, trial_index
 from imgtune_assets.core.sweepfile import Sweep, fixed_sweep_document
 
@@ -395,45 +396,51 @@ def write_report(
     best: dict[str, Any] | None,
     before_after: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] | Future | None = None,
     board: pd.DataFrame | None = None,
+    also: Mapping[Path, bytes] | None = None,
 ) -> tuple[pd.DataFrame, ReportFiles]:
     """Write the report files; ``best`` is ``best_record(...)``, ``board`` is ``leaderboard(sweep, records)``
     when the caller has it. ``before_after`` (``before_after_panels``) may still be being computed, as a
-    ``Future``: it is waited for last, after the other plots."""
+    ``Future``: it is waited for last, after the other plots. The files (with ``also``: the caller's
+    ``report.json``) are written as one set (``files.atomic_write_all``): a full disk leaves the last
+    report whole, not part of it replaced; files an earlier report had and this one has not go with it."""
     import pandas as pd
 
     out_dir = Path(out_dir)
     if board is None:
         board = leaderboard(sweep, records)
-    leaderboard_path = atomic_write_text(out_dir / "leaderboard.csv", board.to_csv(index=False))
+    leaderboard_path, per_image_path = out_dir / "leaderboard.csv", out_dir / "per_image_scores.csv"
     per_image_rows = [
         {"trial": rec["trial"], "image": r["id"], "score": r["score"], "seconds": r["seconds"], "error": r["error"]}
         for rec in records for r in rec["per_image"]
     ]
-    per_image_path = atomic_write_text(out_dir / "per_image_scores.csv",
-                                       pd.DataFrame(per_image_rows, columns=["trial", "image", "score", "seconds", "error"]).to_csv(index=False))
-    best_path = None
+    contents: dict[Path, bytes] = {
+        leaderboard_path: board.to_csv(index=False).encode(),
+        per_image_path: pd.DataFrame(per_image_rows, columns=["trial", "image", "score", "seconds", "error"])
+        .to_csv(index=False).encode(),
+    }
+    gone: list[Path] = []
+    best_path = out_dir / "best_pipeline.yaml" if best is not None else None
     if best is not None:
-        best_record = best
-        doc = fixed_sweep_document(sweep, [(op, params) for op, params in best_record["stages"]],
-                                   name=f"{sweep.name}-best")
-        header = (f"# Best pipeline of sweep {sweep.name!r}: {best_record['trial']}, "
-                  f"{sweep.objective.metric} = {best_record['score']:.6g}.\n# Every parameter is fixed; run it as a sweep "
+        doc = fixed_sweep_document(sweep, [(op, params) for op, params in best["stages"]], name=f"{sweep.name}-best")
+        header = (f"# Best pipeline of sweep {sweep.name!r}: {best['trial']}, "
+                  f"{sweep.objective.metric} = {best['score']:.6g}.\n# Every parameter is fixed; run it as a sweep "
                   "file (IMGTUNE_SWEEP) or read the stages.\n")
-        best_path = atomic_write_text(out_dir / "best_pipeline.yaml",
-                                      header + yaml.safe_dump(doc, sort_keys=False))
+        contents[best_path] = (header + yaml.safe_dump(doc, sort_keys=False)).encode()
     else:  # no winner this time: an earlier report's best pipeline must not be read as this one's
-        (out_dir / "best_pipeline.yaml").unlink(missing_ok=True)
+        gone.append(out_dir / "best_pipeline.yaml")
     png = {"score_vs_params": plot_score_vs_params(sweep, board), "best_so_far": plot_best_so_far(sweep, records)}
     if any(rec.get("round") is not None for rec in records):
         png["search_progress"] = plot_search_progress(sweep, records)
     else:
-        (out_dir / "plots" / "search_progress.png").unlink(missing_ok=True)
+        gone.append(out_dir / "plots" / "search_progress.png")
     if isinstance(before_after, Future):
         before_after = before_after.result()
     if before_after:
         png["best_trial_images"] = plot_before_after(before_after)
     else:
-        (out_dir / "plots" / "best_trial_images.png").unlink(missing_ok=True)
-    plots = {name: atomic_write_bytes(out_dir / "plots" / f"{name}.png", data) for name, data in png.items()}
+        gone.append(out_dir / "plots" / "best_trial_images.png")
+    plots = {name: out_dir / "plots" / f"{name}.png" for name in png}
+    contents.update({plots[name]: data for name, data in png.items()})
+    atomic_write_all({**contents, **(also or {})}, remove=gone)
     return board, ReportFiles(leaderboard=leaderboard_path, per_image=per_image_path, best_pipeline=best_path,
                               plots=plots, plot_png=png)

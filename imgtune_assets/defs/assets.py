@@ -43,7 +43,7 @@ from imgtune_assets.core.catalog import group_name
 from imgtune_assets.core.clock import process_age_seconds
 from imgtune_assets.core.demo_data import ensure_demo_data
 from imgtune_assets.core.evaluate import NAN_SCORE
-from imgtune_assets.core.files import atomic_write_json
+from imgtune_assets.core.files import atomic_write_json, json_bytes
 from imgtune_assets.core.imageio import ImageReadError, read_image
 from imgtune_assets.core.launcher import PARENT_RUN_ID_TAG, RUN_PROCESS_TAG, process_tag
 from imgtune_assets.core.manifest import (
@@ -559,49 +559,49 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             # Decoding the two pictured photos (OpenCV, outside the GIL) overlaps drawing the other plots.
             panels = (pool.submit(before_after_panels, best, rows, sweep.data_dir, sweep.higher_is_better)
                       if best else None)
-            try:
-                board, files = write_report(sweep, records, out_dir, best=best, before_after=panels,
-                                            board=leaderboard(sweep, records))
+            board = leaderboard(sweep, records)
+            top = board[board["status"].eq("ok")].head(10).drop(
+                columns=["error", "status", *(c for c in STAGED_COLUMNS if c in board.columns and c != "source")])
+            best_score = float(best["score"]) if best else float("nan")
+            summary = {
+                "sweep": sweep.name,
+                "metric": objective.metric,
+                "higher_is_better": sweep.higher_is_better,
+                "total_trials": sweep.trials,
+                "sampler": sweep.sampler,
+                "completed_trials": len(completed),
+                "pruned_trials": len(pruned),
+                "failed_trials": [r["trial"] for r in failed],
+                "missing_trials": [k for k in keys if k not in recorded],
+                "stale_trials": stale,
+                "best_trial": best["trial"] if best else None,
+                "best_score": best_score,
+                "best_params": best["params"] if best else None,
+                # A sweep with nothing to search: its stages, which the summary shows instead of best_params.
+                "fixed_pipeline": fixed_pipeline(sweep),
+                "identity_score": identity_score,
+                # Images whose metric came out NaN (such a trial is failed, not ranked): the scores_are_numbers check.
+                "nan_scores": sum(1 for r in records for p in r["per_image"] if p["error"] == NAN_SCORE),
+                # Image evaluations done (successive halving scores pruned trials on some images only),
+                # and what scoring every recorded trial on every image would have cost.
+                "evaluations": evaluations(records),
+                "evaluations_full": len(records) * n_images,
+                # What the user should know about how the sweep ran (early stopping that stopped nothing).
+                "notes": [*early_stopping_notes(sweep, n_images, records),
+                          *filter(None, [repeated_trials_note(sweep, records)])],
+                # For the next sweep after the images change: warm starts (core/search.py).
+                "manifest_digest": digest,
+                "space_digest": space_digest(search_space(sweep)),
+                "top_params": top_params(records, sweep.higher_is_better, k=max(10, sweep.search.warm_start)),
+                "output_dir": str(out_dir),
+                "leaderboard": str(out_dir / "leaderboard.csv"),
+                "best_pipeline": str(out_dir / "best_pipeline.yaml") if best else None,
+            }
+            try:  # the report's files and report.json as one set (a full disk leaves the last report whole)
+                board, files = write_report(sweep, records, out_dir, best=best, before_after=panels, board=board,
+                                            also={out_dir / "report.json": json_bytes(summary)})
             except ImageReadError as exc:  # a pictured photo changed or vanished since the run
                 raise Failure(description=str(exc)) from None
-        top = board[board["status"].eq("ok")].head(10).drop(
-            columns=["error", "status", *(c for c in STAGED_COLUMNS if c in board.columns and c != "source")])
-        best_score = float(best["score"]) if best else float("nan")
-        summary = {
-            "sweep": sweep.name,
-            "metric": objective.metric,
-            "higher_is_better": sweep.higher_is_better,
-            "total_trials": sweep.trials,
-            "sampler": sweep.sampler,
-            "completed_trials": len(completed),
-            "pruned_trials": len(pruned),
-            "failed_trials": [r["trial"] for r in failed],
-            "missing_trials": [k for k in keys if k not in recorded],
-            "stale_trials": stale,
-            "best_trial": best["trial"] if best else None,
-            "best_score": best_score,
-            "best_params": best["params"] if best else None,
-            # A sweep with nothing to search: its stages, which the summary shows instead of best_params.
-            "fixed_pipeline": fixed_pipeline(sweep),
-            "identity_score": identity_score,
-            # Images whose metric came out NaN (such a trial is failed, not ranked): the scores_are_numbers check.
-            "nan_scores": sum(1 for r in records for p in r["per_image"] if p["error"] == NAN_SCORE),
-            # Image evaluations done (successive halving scores pruned trials on some images only),
-            # and what scoring every recorded trial on every image would have cost.
-            "evaluations": evaluations(records),
-            "evaluations_full": len(records) * n_images,
-            # What the user should know about how the sweep ran (early stopping that stopped nothing).
-            "notes": [*early_stopping_notes(sweep, n_images, records),
-                      *filter(None, [repeated_trials_note(sweep, records)])],
-            # For the next sweep after the images change: warm starts (core/search.py).
-            "manifest_digest": digest,
-            "space_digest": space_digest(search_space(sweep)),
-            "top_params": top_params(records, sweep.higher_is_better, k=max(10, sweep.search.warm_start)),
-            "output_dir": str(out_dir),
-            "leaderboard": str(files.leaderboard),
-            "best_pipeline": str(files.best_pipeline) if files.best_pipeline else None,
-        }
-        atomic_write_json(out_dir / "report.json", summary)
         plots_md = "\n\n".join(f"### {name.replace('_', ' ')}\n\n{_embed_png(png, name)}"
                                for name, png in files.plot_png.items())
         failed_md = "".join(f"\n- `{r['trial']}`: {r['error']}" for r in failed)

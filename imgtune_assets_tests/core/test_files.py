@@ -87,3 +87,30 @@ def test_remove_temporaries_leaves_what_mkstemp_did_not_make_and_what_a_run_foun
     mine.write_bytes(b"x")
     assert files.remove_temporaries(tmp_path, {"photo.jpg"}, made_since=time.time() - 10) == [mine]
     assert users.exists() and folder.is_dir() and earlier.exists()
+
+
+def test_a_set_of_files_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from imgtune_assets.core.files import atomic_write_all
+
+    old = {tmp_path / "report.json": b"old report", tmp_path / "plots" / "a.png": b"old plot"}
+    atomic_write_all(old, remove=[tmp_path / "never-there"])
+    stale = tmp_path / "best_pipeline.yaml"
+    stale.write_bytes(b"an earlier best")
+    real_fsync, calls = os.fsync, []
+
+    def full_on_the_second(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_on_the_second)
+    new = {tmp_path / "report.json": b"new report", tmp_path / "plots" / "a.png": b"new plot"}
+    with pytest.raises(OSError) as err:
+        atomic_write_all(new, remove=[stale])
+    assert err.value.filename == str(tmp_path / "plots" / "a.png")
+    assert {p: p.read_bytes() for p in old} == old and stale.exists()  # the earlier set, whole
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "best_pipeline.yaml", "plots", "report.json"]
+    monkeypatch.undo()
+    atomic_write_all(new, remove=[stale])
+    assert {p: p.read_bytes() for p in new} == new and not stale.exists()

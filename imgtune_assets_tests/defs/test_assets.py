@@ -143,7 +143,8 @@ def test_the_report_without_trial_results_says_what_to_materialize(tmp_path, tin
     trials = tmp_path / "out" / "tiny" / "trials"
     trials.mkdir(parents=True)
     (trials / "trial-000.json").write_text(json.dumps({"trial": "trial-000", "fingerprint": "an-earlier-one",
-                                                      "manifest_digest": settings["manifest_digest"], "status": "ok"}))
+                                                      "manifest_digest": settings["manifest_digest"], "status": "ok",
+                                                      "params": {}}))
     with pytest.raises(Failure, match=r"in .*trials \(1 result file\(s\) there are of another version of the "
                                       r"sweep file or of other images\)"):
         assets.sweep_report(build_asset_context(), imgtune=imgtune, run_settings=settings)
