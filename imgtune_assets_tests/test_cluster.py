@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from dagster import DagsterInstance
 
 from imgtune_assets.cli import sweep_commands
@@ -278,7 +279,8 @@ def test_apply_on_a_cluster_ends_as_interrupted_on_sigterm(tmp_path, cluster):
     assert len(listed) < len(names) and all((out / Path(e["output"]).name).exists() for e in listed)
 
 
-def test_a_cluster_that_stops_mid_sweep_fails_the_run_saying_so(tmp_path):
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_cluster_that_stops_mid_sweep_fails_the_run_saying_so(tmp_path, sampler):
     """The cluster's GCS gone under a sweep (its head stopping): Ray's client would wait 60 s for it and
     then end the run's process from C++ (no message, the Dagster run left STARTED for ever). The run
     fails naming the cluster, keeps the trials it finished, and is marked failed; a resume on another
@@ -287,7 +289,10 @@ def test_a_cluster_that_stops_mid_sweep_fails_the_run_saying_so(tmp_path):
     make_denoise_set(data, count=8, size=256)
     pipeline = [{"op": "nl_means", "h": {"type": "float", "low": 3, "high": 20}, "template_window_size": 7,
                  "search_window_size": 21}]
-    sweep = write_sweep(tmp_path / "sweep.yaml", data, name="lost", trials=24, chunk_size=8, pipeline=pipeline)
+    # (tpe: rounds of 4 trials, each shorter than the grace the watch gives the GCS: one watch for all)
+    staged = {"sampler": "tpe", "search": {"batch_size": 4, "n_startup": 4}} if sampler == "tpe" else {}
+    sweep = write_sweep(tmp_path / "sweep.yaml", data, name="lost", trials=24, chunk_size=8, pipeline=pipeline,
+                        **staged)
     trials = tmp_path / "outputs" / "lost" / "trials"
     mine = start_ray_cluster(tmp_path / "cluster", nodes=1, num_cpus=2)
     try:

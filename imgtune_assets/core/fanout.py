@@ -210,6 +210,22 @@ def ray_infrastructure_error(exc: BaseException, during: str = "the sweep") -> R
     return RayInfrastructureError(f"{what}: {error_line(exc)}".rstrip("."), exc)  # (the message goes on after it)
 
 
+_REMOTE_FUNCTIONS: dict[Callable, Any] = {}
+
+
+def _remote(function: Callable) -> Any:
+    """``ray.remote(function)``, made once per process: each new remote function is exported through the
+    cluster's GCS at its first call, which blocks for Ray's whole reconnect timeout (and then ends the
+    process) when the GCS is gone — every round of a staged search, every chunk, would risk it. (Ray
+    exports a kept one again by itself when the process connects to another cluster.)"""
+    remote = _REMOTE_FUNCTIONS.get(function)
+    if remote is None:
+        import ray
+
+        remote = _REMOTE_FUNCTIONS[function] = ray.remote(function)
+    return remote
+
+
 def data_error_message(exc: ImageDataError, sweep_dir) -> str:
     """What a run stopped by ``exc`` tells the user. A file that does not decode is recorded first
     (``manifest.record_undecodable``), so that the next manifest skips it instead of the run failing
@@ -333,7 +349,7 @@ class ImageFiles:
 
         # SPREAD: on a cluster, decoding (and so the trial tasks that follow the decoded chunks) is
         # shared between nodes from the start; on one node it changes nothing.
-        task = ray.remote(_decode_task).options(
+        task = _remote(_decode_task).options(
             name="imgtune:decode", num_returns=2, max_retries=max_retries, retry_exceptions=False,
             num_cpus=1, scheduling_strategy="SPREAD")
         return task.remote(self.data_dir, list(self.rows[a:b]), self.verify, identity)
@@ -343,7 +359,7 @@ class ImageFiles:
         """One task that decodes images ``a:b`` and scores ``trials`` on them (one object ref back)."""
         import ray
 
-        task = ray.remote(_decode_evaluate_task).options(
+        task = _remote(_decode_evaluate_task).options(
             name="imgtune:decode+trials", max_retries=max_retries, retry_exceptions=False, num_cpus=1,
             scheduling_strategy="SPREAD")
         return task.remote(self.data_dir, list(self.rows[a:b]), self.verify, identity, trials, objective)
@@ -453,6 +469,7 @@ def run_trials(
     known: dict[str, dict[str, dict[str, Any]]] | None = None,
     known_identity: dict[str, dict[str, Any]] | None = None,
     on_chunk_done: Callable[[list[str], dict[str, list[dict[str, Any]]], list | None], None] | None = None,
+    resources: dict[str, float] | None = None,
     keep: DecodedChunks | None = None,
     fuse: bool | None = None,
     on_tail: Callable[[], None] | None = None,
@@ -477,6 +494,8 @@ def run_trials(
 
     ``keep``: decoded chunks found there are used without decoding, and chunks decoded here are left
     there (while they fit) instead of being released, for the next call on the same images.
+    ``resources`` (``ray.cluster_resources()``) and ``watch``: the caller's, for calls made one after
+    another (a staged search's rounds): asked once, watched over all of them.
 
     ``fuse``: decode a chunk and score all its trials in one task, so that its pixels never enter the
     object store. By default (None) chunks are fused when they stream through the object store anyway
@@ -505,14 +524,15 @@ def run_trials(
     ids = list(images.ids)
     n = len(ids)
     sizes = images.sizes()
-    resources = ray.cluster_resources()
+    if resources is None:  # (a staged search asks once: with its GCS gone the question would block)
+        resources = ray.cluster_resources()
     total_cpus = int(resources.get("CPU", 1))
     if memory_budget is None:
         memory_budget = int(resources.get("object_store_memory", 2 * MAX_CHUNK_BYTES) * OBJECT_STORE_SHARE)
     size = plan_chunks(n, len(trials), total_cpus, chunk_size, image_bytes=max(sizes, default=0),
                        memory_budget=memory_budget)
     spans = [(s, min(s + size, n)) for s in range(0, n, size)]
-    remote = ray.remote(_evaluate_task)
+    remote = _remote(_evaluate_task)
     result = FanoutResult(outcomes=[], chunks=len(spans), chunk_size=size)
 
     outcomes = result.outcomes

@@ -36,8 +36,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     ``on_tick`` is called at least every second while Ray works; with successive halving, ``on_plan``
     first gets the images a trial is expected to be scored on. Returns the step's statistics (also
     written to ``last_experiment_run.json``)."""
-    from imgtune_assets.core.fanout import OBJECT_STORE_SHARE, DecodedChunks, ImageDataError, ImageFiles, \
-        data_error_message, plan_chunks, run_trials
+    from imgtune_assets.core.fanout import OBJECT_STORE_SHARE, ClusterWatch, DecodedChunks, ImageDataError, \
+        ImageFiles, data_error_message, plan_chunks, run_trials
     from imgtune_assets.core.manifest import decoded_bytes
 
     objective = sweep.objective
@@ -86,7 +86,12 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                              "evaluations": 0, "rounds": [], "decodes": 0,
                              "ray_start_seconds": round(ray_cluster.connect_seconds, 3)}
 
+    # One watch for every round: with a watch per round, a round shorter than its grace never saw the
+    # GCS refuse for long enough, and Ray's own client ended the process, saying nothing, after 60 s.
+    watch = ClusterWatch()
+
     def evaluate(trials, ids, known_now):
+        watch.check()
         needed = [i for i in ids if any(i not in known_now.get(t["trial"], {}) for t in trials)
                   or (need_identity and i not in identity)]
         files = ImageFiles(sweep.data_dir, [by_id[i] for i in needed])
@@ -98,7 +103,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
                          memory_budget=ray_cluster.memory_budget_bytes(), on_chunk_done=chunk_done, on_tick=on_tick,
                          identity=need_identity, known={t["trial"]: known_now.get(t["trial"], {}) for t in trials},
                          known_identity={i: identity[i] for i in needed if i in identity},
-                         on_tail=report_imports_on_tail(context))
+                         on_tail=report_imports_on_tail(context), watch=watch, resources=resources)
         identity.update(fan.identity)
         stats["decodes"] += fan.decodes
         out = {}
