@@ -170,7 +170,8 @@ def test_graphql_shows_trial_partitions_and_the_report(ui):
     assert len(entries["top_10"]["table"]["records"]) == len(TRIALS)
     assert {"trial", "score"} <= {c["name"] for c in entries["top_10"]["table"]["schema"]["columns"]}
     assert entries["plots"]["__typename"] == "MarkdownMetadataEntry"
-    assert entries["plots"]["mdStr"].count("](data:image/png;base64,") >= 3
+    assert entries["plots"]["mdStr"].count("](data:image/png;base64,") >= 2  # the charts
+    assert entries["plots"]["mdStr"].count("](data:image/jpeg;base64,") == 1  # the before/after photographs
     assert _materializations(web, OTHER, "sweep_report") == []
 
 

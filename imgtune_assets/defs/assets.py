@@ -164,8 +164,25 @@ def _partition_metadata(record: dict, result_file, reused: bool) -> dict[str, An
     }
 
 
+# Photographs (the before/after picture) go into the UI's metadata as JPEG: a PNG of them is most of a
+# report's weight, and the instance keeps every report's metadata twice (the run's and the index's).
+PHOTO_PLOTS = {"best_trial_images"}
+EMBEDDED_JPEG_QUALITY = 85
+
+
 def _embed_png(png: bytes, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+    """A markdown image of ``png`` (a plot's file), inline; ``PHOTO_PLOTS`` re-encoded as JPEG when smaller."""
+    kind, data = "png", png
+    if alt in PHOTO_PLOTS:
+        import cv2
+        import numpy as np
+
+        image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, EMBEDDED_JPEG_QUALITY]) \
+            if image is not None else (False, None)
+        if ok and len(jpeg) < len(png):
+            kind, data = "jpeg", jpeg.tobytes()
+    return f"![{alt}](data:image/{kind};base64,{base64.b64encode(data).decode('ascii')})"
 
 
 @dataclass(frozen=True)

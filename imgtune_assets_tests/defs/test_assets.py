@@ -2,6 +2,7 @@
 build_asset_context, and the asset group with `materialize` on a real instance on disk (the project's
 dagster.yaml in a temporary folder: the ``instance`` fixture), with a real embedded Ray."""
 
+import base64
 import json
 import logging
 import math
@@ -191,6 +192,10 @@ def test_whole_sweep_materializes_on_a_temporary_instance(tmp_path, tiny_sweep, 
     manifest = instance.fetch_materializations(asset_key(sweep, "image_manifest"), limit=1).records[0]
     assert metadata["content_hash"].value == manifest.asset_materialization.metadata["content_hash"].value
     assert "data:image/png;base64," in metadata["plots"].value
+    # the photographs as JPEG, smaller than their PNG file, which stays lossless on disk
+    embedded = metadata["plots"].value.split("![best_trial_images](data:image/jpeg;base64,")[1].split(")")[0]
+    photo_file = tmp_path / "outputs" / sweep.name / "plots" / "best_trial_images.png"
+    assert 0 < len(base64.b64decode(embedded)) < photo_file.stat().st_size
     assert len(metadata["top_10"].records) == 4
 
 
