@@ -76,6 +76,7 @@ INVOCATION_TAG = "imgtune/cli_invocation"
 INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT)
 # After a Ctrl-C is passed on to the run, how long before it is passed on once more (it can be lost).
 INTERRUPT_AGAIN_SECONDS = 10
+NOT_ALL_WRITTEN = 4  # apply: some outputs could not be read or written (not their content's fault): run again
 NO_RESULT = 3  # the sweep ran, but no trial completed: no best pipeline (every trial failed)
 POLL_SECONDS = 0.25
 BAR_WIDTH = 20
@@ -843,6 +844,11 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
         print(f"error: none of the {counted(len(images), 'image')} of {result.input_dir} could be processed "
               f"(the reasons are above){where}", file=sys.stderr)
         return 1
+    retry = [entry for entry in images if entry["status"] == "skipped" and not entry.get("unusable")]
+    if retry:  # a failed read or write (a full disk, a lost connection), not the image's own fault
+        print(f"error: {counted(len(retry), 'image')} could not be read or written (the reasons are above), not "
+              "for their content: run the same command again to do them", file=sys.stderr)
+        return NOT_ALL_WRITTEN
     return 0
 
 

@@ -130,6 +130,27 @@ def test_a_folder_of_which_no_image_can_be_processed_fails_the_command(tmp_path)
         f"{fine.stdout[-3000:]}\n{fine.stderr[-3000:]}"
 
 
+def test_an_output_that_could_not_be_written_fails_the_command_until_a_re_run_writes_it(tmp_path):
+    """Not the image's fault (a full disk, a lost connection; here a folder where the output goes): exit 4,
+    so that a script runs the command again, which writes it."""
+    pipeline = best_pipeline(tmp_path)
+    env = environment(tmp_path, pipeline)
+    source, out = tmp_path / "photos", tmp_path / "out"
+    source.mkdir()
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(source / name), np.full((8, 8), 90, np.uint8))
+    (out / "b.png").mkdir(parents=True)  # in the way of b's output
+    result = apply_cli(env, tmp_path, pipeline, source, out)
+    assert result.returncode == 4, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert re.search(r"^1 written, 0 unchanged, 1 skipped in ", result.stdout, re.M), result.stdout
+    assert "error: 1 image could not be read or written (the reasons are above), not for their content: run the " \
+           "same command again to do them" in result.stderr, result.stderr
+    (out / "b.png").rmdir()
+    again = apply_cli(env, tmp_path, pipeline, source, out)
+    assert again.returncode == 0 and re.search(r"^1 written, 1 unchanged, 0 skipped in ", again.stdout, re.M), \
+        f"{again.stdout[-3000:]}\n{again.stderr[-3000:]}"
+
+
 def test_a_sweeps_data_folder_is_read_from_its_images_and_a_folder_without_images_is_named(tmp_path):
     pipeline = best_pipeline(tmp_path)
     env = environment(tmp_path, pipeline)
