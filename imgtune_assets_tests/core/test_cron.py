@@ -16,6 +16,9 @@ VALID = [
 ]
 
 INVALID = [
+    ("*/90 * * * *", "'*/90 * * * *': the minute step /90 is not smaller than the 60 minute values it steps "
+                     "through, so it fires once per hour"),
+    ("0 */36 * * *", "the hour step /36 is not smaller than the 24 hour values"),
     (None, "expected a 5-field cron string, got None"),
     (5, "expected a 5-field cron string, got 5"),
     ("0 2 * *", "expected a 5-field cron string, got '0 2 * *'"),
