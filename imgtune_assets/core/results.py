@@ -116,6 +116,10 @@ class TrialStore:
         return [file for folder in (self.folder, self.partial_folder)
                 for file in remove_temporaries(folder, None, older_than_seconds=self.KILLED_WRITE_AGE_SECONDS)]
 
+    def damaged_messages(self) -> list[str]:
+        """What the run's log says of each damaged result file read so far (``damaged_message``)."""
+        return [damaged_message(file, why) for file, why in self.damaged.items()]
+
     def _read_file(self, file: Path) -> dict[str, Any] | None:
         """The record in ``file``; None when there is none, or when it is damaged (atomic writes make that
         a hand-edited, foreign or disk-damaged file): then its trial counts as not computed — the next

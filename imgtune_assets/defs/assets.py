@@ -70,7 +70,7 @@ from imgtune_assets.core.report import (
     top_params,
     write_report,
 )
-from imgtune_assets.core.results import IdentityBaseline, TrialStore, damaged_message
+from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
 from imgtune_assets.core.search import early_stopping_notes, is_staged, repeated_trials_note, staged_trials
 from imgtune_assets.core.sweepfile import Sweep
@@ -453,8 +453,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             return
 
         reused, todo = store.split_finished(keys, config.skip_finished)
-        for file, why in store.damaged.items():
-            context.log.warning(damaged_message(file, why))
+        for message in store.damaged_messages():
+            context.log.warning(message)
         for record in reused:
             save(record, reused=True)
         if config.skip_finished:
@@ -547,8 +547,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         keys = trial_keys(sweep)
         store = TrialStore.of_sweep(out_dir, sweep, digest)
         records, stale = store.load_all(keys)
-        for file, why in store.damaged.items():
-            context.log.warning(damaged_message(file, why))
+        for message in store.damaged_messages():
+            context.log.warning(message)
         if not records:
             earlier = (f" ({stale} result file(s) there are of another version of the sweep file or of other "
                        "images)") if stale else ""

@@ -14,7 +14,7 @@ from dagster import AssetExecutionContext, Failure
 from imgtune_assets.core.manifest import ManifestRow, usable
 from imgtune_assets.core.progress import partial_reuse_message, reuse_message
 from imgtune_assets.core.report import prepare_in_background
-from imgtune_assets.core.results import IdentityBaseline, TrialStore, damaged_message
+from imgtune_assets.core.results import IdentityBaseline, TrialStore
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.search import Search, SearchError, early_stopping_notes, image_detail, warm_start_params
 from imgtune_assets.core.sweepfile import Sweep
@@ -45,8 +45,8 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     images = usable(rows)
     by_id = {r.id: r for r in images}
     records, _ = store.load_all(trial_keys(sweep))
-    for file, why in store.damaged.items():
-        context.log.warning(damaged_message(file, why))
+    for message in store.damaged_messages():
+        context.log.warning(message)
     records_by_key = {r["trial"]: r for r in records}
     requested = set(keys)
     recompute = set() if skip_finished else requested
