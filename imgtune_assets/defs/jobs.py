@@ -149,14 +149,23 @@ def build_sweep_jobs(sweep: Sweep, ray: str | None = None) -> SweepJobs:
     )
 
 
+def reuse_finished_config(sweep: Sweep) -> dict:
+    """Run config with the sweep's ``experiment_results`` reusing every trial saved for the same sweep
+    file and images (``ExperimentConfig.skip_finished``): what the daemon's runs ask for, so a night
+    whose images did not change recomputes nothing, and one after a killed run finishes its trials."""
+    op = asset_key(sweep, "experiment_results").to_python_identifier()
+    return {"ops": {op: {"config": {"skip_finished": True}}}}
+
+
 def sweep_run_request(job_name: str, trial_keys: Sequence[str], *, trigger: str, run_key: str | None = None,
-                      tags: Mapping[str, str] | None = None) -> RunRequest:
+                      tags: Mapping[str, str] | None = None, run_config: Mapping | None = None) -> RunRequest:
     """One ranged run of a sweep job covering ``trial_keys`` (first..last, in partition order)."""
     if not trial_keys:
         raise ValueError("a sweep needs at least one trial")
     return RunRequest(
         run_key=run_key,
         job_name=job_name,
+        run_config=dict(run_config or {}),
         tags={
             ASSET_PARTITION_RANGE_START_TAG: trial_keys[0],
             ASSET_PARTITION_RANGE_END_TAG: trial_keys[-1],

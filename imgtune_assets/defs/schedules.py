@@ -7,7 +7,9 @@ When it runs (UTC, 5-field cron), first match wins:
 3. ``0 2 * * *`` (02:00 UTC).
 
 The cron is read when the code loads (like the trial partitions): reload the code location after
-changing it. A tick while a run of the sweep is still in progress requests nothing (two runs of one
+changing it. The run reuses every trial saved for the same sweep file and images (``skip_finished``):
+a night whose images did not change recomputes no trial and writes the same report, and a night after
+a killed run finishes what it left. A tick while a run of the sweep is still in progress requests nothing (two runs of one
 sweep would mix their files). Schedules are STOPPED until started: ``dagster schedule start <group>_nightly_sweep`` (or
 the toggle in the UI), with ``dagster-daemon run`` running to tick them.
 """
@@ -23,7 +25,7 @@ from imgtune_assets.core.cron import validate_cron
 from imgtune_assets.core.progress import counted
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep
-from imgtune_assets.defs.jobs import SweepJobs, runs_in_the_way, sweep_run_request
+from imgtune_assets.defs.jobs import SweepJobs, reuse_finished_config, runs_in_the_way, sweep_run_request
 
 CRON_ENV = "IMGTUNE_SCHEDULE_CRON"
 DEFAULT_CRON = "0 2 * * *"
@@ -69,7 +71,7 @@ def build_nightly_schedule(sweep: Sweep, jobs: SweepJobs) -> ScheduleDefinition:
             if busy:
                 return SkipReason(f"a run of the sweep {sweep.name!r} is still in progress ({busy[0].run_id}, "
                                   f"{busy[0].status.value.lower()}): this tick requests nothing")
-        return sweep_run_request(jobs.sweep.name, keys, trigger="schedule",
+        return sweep_run_request(jobs.sweep.name, keys, trigger="schedule", run_config=reuse_finished_config(sweep),
                                  tags={"imgtune/scheduled_for": when.isoformat() if when else ""})
 
     return nightly_sweep

@@ -50,7 +50,7 @@ from imgtune_assets.core.manifest import (
 )
 from imgtune_assets.core.sampling import trial_keys
 from imgtune_assets.core.sweepfile import Sweep
-from imgtune_assets.defs.jobs import SweepJobs, runs_in_the_way, sweep_run_request
+from imgtune_assets.defs.jobs import SweepJobs, reuse_finished_config, runs_in_the_way, sweep_run_request
 from imgtune_assets.defs.keys import asset_key
 from imgtune_assets.defs.resources import SweepResource
 
@@ -150,6 +150,7 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
             return SkipReason(f"images changed (content hash {baseline} -> {content}) but a run of the sweep "
                               f"{sweep.name!r} is queued or running; will look again on the next tick")
         request = sweep_run_request(job_name, keys, trigger="new_images", run_key=f"images:{baseline}->{content}@{stat}",
+                                    run_config=reuse_finished_config(sweep),
                                     tags={"imgtune/images_content_hash": content})
         context.log.info(f"images in {data_dir} changed (content hash {baseline} -> {content}): requesting a sweep")
         return SensorResult(run_requests=[request], cursor=json.dumps({"stat": stat, "content": content}))

@@ -141,3 +141,29 @@ def test_the_env_cron_reaches_the_schedule_when_the_definitions_are_built(monkey
     assert cron() == "30 4 * * 1"
     monkeypatch.setenv(CRON_ENV, "* * * * *")
     assert cron() == "* * * * *"
+
+
+def test_the_nightly_run_over_unchanged_images_reuses_every_saved_trial(tmp_path, sweep, instance, local_ray):
+    import logging
+
+    defs = build_definitions([sweep], output_dir=str(tmp_path / "out"))
+    schedule = defs.resolve_schedule_def("tiny_nightly_sweep")
+    [request] = schedule.evaluate_tick(build_schedule_context(instance=instance,
+                                                              scheduled_execution_time=WHEN)).run_requests
+    job = defs.resolve_job_def(request.job_name)
+    nights = [job.execute_in_process(run_config=request.run_config, tags=request.tags, instance=instance)
+              for _ in range(2)]
+    assert all(night.success for night in nights)
+    infos = [[e.message for e in instance.all_logs(night.run_id) if e.level == logging.INFO] for night in nights]
+    assert "reusing 0 finished trial(s) (skip_finished), computing 3 of 3" in infos[0], infos[0]
+    assert "reusing 3 finished trial(s) (skip_finished), computing 0 of 3" in infos[1], infos[1]
+    # each night records every trial and a report; the second night's is the first's
+    for night in nights:
+        keys = [e.dagster_event.event_specific_data.materialization.asset_key
+                for e in instance.all_logs(night.run_id) if e.dagster_event and e.dagster_event.is_step_materialization]
+        assert keys.count(asset_key(sweep, "experiment_results")) == 3
+        assert keys.count(asset_key(sweep, "sweep_report")) == 1
+    reports = instance.fetch_materializations(asset_key(sweep, "sweep_report"), limit=2).records
+    assert [r.run_id for r in reports] == [nights[1].run_id, nights[0].run_id]
+    best = [r.asset_materialization.metadata["best_score"].value for r in reports]
+    assert best[0] == best[1]
