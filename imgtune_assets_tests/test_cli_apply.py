@@ -110,7 +110,8 @@ def test_apply_a_pipeline_to_a_folder_then_again(tmp_path):
 
 def test_a_folder_of_which_no_image_can_be_processed_fails_the_command(tmp_path):
     """Every image skipped (here: none decodes) is a failure a script must see: exit 1, the reasons
-    and the ledger all the same; one usable image among them is a success with skips."""
+    and the ledger all the same; one usable image among them is a success with skips (a broken
+    symbolic link included: no re-run reads it, so it is not a passing failure, exit 4)."""
     pipeline = best_pipeline(tmp_path)
     env = environment(tmp_path, pipeline)
     source = tmp_path / "broken"
@@ -118,15 +119,17 @@ def test_a_folder_of_which_no_image_can_be_processed_fails_the_command(tmp_path)
     for name in ("a.png", "b.jpg"):
         (source / name).write_bytes(b"not an image at all")
     (source / "notes.txt").write_text("not an image\n")
+    (source / "link.png").symlink_to(tmp_path / "moved-away.png")
     result = apply_cli(env, tmp_path, pipeline, source, tmp_path / "out")
     assert result.returncode == 1, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    assert re.search(r"^0 written, 0 unchanged, 3 skipped in ", result.stdout, re.M), result.stdout
-    assert f"error: none of the 2 images of {source} could be processed" in result.stderr, result.stderr
+    assert re.search(r"^0 written, 0 unchanged, 4 skipped in ", result.stdout, re.M), result.stdout
+    assert f"error: none of the 3 images of {source} could be processed" in result.stderr, result.stderr
     assert f"skipped: {source / 'a.png'}: not a decodable image" in result.stderr, result.stderr
+    assert f"skipped: {source / 'link.png'}: a broken symbolic link" in result.stderr, result.stderr
     assert (tmp_path / "out" / LEDGER_NAME).exists()
     cv2.imwrite(str(source / "c.png"), np.full((8, 8), 90, np.uint8))
     fine = apply_cli(env, tmp_path, pipeline, source, tmp_path / "out")
-    assert fine.returncode == 0 and re.search(r"^1 written, 0 unchanged, 3 skipped in ", fine.stdout, re.M), \
+    assert fine.returncode == 0 and re.search(r"^1 written, 0 unchanged, 4 skipped in ", fine.stdout, re.M), \
         f"{fine.stdout[-3000:]}\n{fine.stderr[-3000:]}"
 
 

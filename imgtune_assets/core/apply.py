@@ -184,6 +184,8 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
         return entry, encoded
     except (storage.StorageError, ImageReadError) as exc:  # a failed read or encoding: tried again next run
         entry.update(status="skipped", reason=str(exc), output_sha256=None)
+        if storage.is_broken_link(source):  # not a passing failure: skipped as an unusable input is
+            entry["unusable"] = True
     except Exception as exc:  # noqa: BLE001 - reported with the image, not raised; tried again next run
         entry.update(status="skipped", reason=f"{source}: {type(exc).__name__}: {exc}", output_sha256=None)
     return entry, None

@@ -103,6 +103,8 @@ def probe_image(data: bytes, file: str | os.PathLike, *, whole: bool = True) -> 
     # full of 0xFF bytes, is slow and holds the GIL.
     if whole and kind == "JPEG" and data.rfind(b"\xff\xd9") < max(0, data.find(b"\xff\xda")):
         raise ImageReadError(f"{file}: not a decodable image (truncated JPEG: no end-of-image marker)")
+    if whole and kind == "TIFF":
+        check_tiff_structure(data, file)
     if whole and kind == "BMP" and len(data) < int.from_bytes(data[2:6], "little"):
         raise ImageReadError(f"{file}: not a decodable image (truncated BMP)")
     if whole and kind == "WEBP" and len(data) < 8 + int.from_bytes(data[4:8], "little"):
@@ -129,26 +131,74 @@ def _pillow_open_errors() -> tuple[type[BaseException], ...]:
     return UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError
 
 
-def tiff_pixel_type(data: bytes) -> str | None:
-    """A TIFF's sample type as numpy names it (``float32``, ``uint16``, ``int32``...) from its first
-    directory's BitsPerSample and SampleFormat tags (read by Pillow's TIFF directory reader, which does
-    not need Pillow to support the pixels), or None when ``data`` is no readable TIFF."""
+def tiff_directories(data: bytes, limit: int = 100_000) -> list:
+    """A (classic, not Big-) TIFF's image file directories in file order, read by Pillow's TIFF
+    directory reader (which does not need Pillow to support the pixels): empty when ``data`` is no
+    TIFF; the chain stops at a directory beyond ``data``, an unreadable one, a loop or ``limit``."""
     import io
     import warnings
 
     from PIL import TiffImagePlugin
 
     if data[:4] not in (b"II*\0", b"MM\0*"):
-        return None
-    try:
-        with warnings.catch_warnings():  # Pillow warns of every tag it cannot read: the answer says enough
-            warnings.simplefilter("ignore")
+        return []
+    directories: list = []
+    seen: set[int] = set()
+    stream = io.BytesIO(data)
+    with warnings.catch_warnings():  # Pillow warns of every tag it cannot read: the answers say enough
+        warnings.simplefilter("ignore")
+        offset = TiffImagePlugin.ImageFileDirectory_v2(data[:8]).next
+        while offset and offset < len(data) and offset not in seen and len(seen) < limit:
+            seen.add(offset)
             directory = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
-            stream = io.BytesIO(data)
-            stream.seek(directory.next)
-            directory.load(stream)
-    except (OSError, ValueError, SyntaxError, struct_error, EOFError):
+            stream.seek(offset)
+            try:
+                directory.load(stream)
+            except (OSError, ValueError, SyntaxError, struct_error, EOFError):
+                break
+            directories.append(directory)
+            offset = directory.next
+    return directories
+
+
+def check_tiff_structure(data: bytes, file: str | os.PathLike) -> None:
+    """Refuse, naming ``file``, a whole TIFF that holds more than one image (a z-stack, a time series,
+    an ImageJ hyperstack: OpenCV decodes the first page only, so the others would be scored and written
+    as nothing) or whose first image's strips or tiles end beyond the file (a copy cut short, which the
+    header alone does not show). Reduced-resolution copies (thumbnails: NewSubfileType bit 0) are not
+    pages."""
+    directories = tiff_directories(data)
+    pages = sum(1 for d in directories if not int(d.get(254, 0) or 0) & 1)
+    description = str(directories[0].get(270, "")) if directories else ""
+    if description.startswith("ImageJ="):  # ImageJ may store a stack's pages behind one directory
+        fields = dict(line.partition("=")[::2] for line in description.splitlines())
+        if fields.get("images", "").strip().isdigit():
+            pages = max(pages, int(fields["images"]))
+    if pages > 1:
+        raise ImageReadError(f"{file}: a multi-page TIFF ({pages} pages): imgtune reads one image per file "
+                             "(OpenCV would read the first page only); save each page as its own file")
+    if not directories:
+        return
+    first = directories[0]
+    for offsets_tag, counts_tag in ((273, 279), (324, 325)):  # strips, tiles
+        offsets, counts = first.get(offsets_tag), first.get(counts_tag)
+        if offsets is None or counts is None:
+            continue
+        offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+        counts = counts if isinstance(counts, tuple) else (counts,)
+        end = max((int(o) + int(c) for o, c in zip(offsets, counts)), default=0)
+        if end > len(data):
+            raise ImageReadError(f"{file}: not a decodable image (truncated TIFF: its image data ends at byte "
+                                 f"{end}, the file at byte {len(data)})")
+
+
+def tiff_pixel_type(data: bytes) -> str | None:
+    """A TIFF's sample type as numpy names it (``float32``, ``uint16``, ``int32``...) from its first
+    directory's BitsPerSample and SampleFormat tags, or None when ``data`` is no readable TIFF."""
+    directories = tiff_directories(data, limit=1)
+    if not directories:
         return None
+    directory = directories[0]
     if not all(tag in directory for tag in (256, 257, 258)):  # width, length, bits per sample
         return None
     bits, formats = directory[258], directory.get(339, (1,))
@@ -389,6 +439,7 @@ def _decode_stored(data: bytes, file: str | os.PathLike) -> tuple[np.ndarray, np
         raise ImageReadError(f"{file}: empty file (0 bytes)")
     global _decode_count
     _decode_count += 1
+    check_tiff_structure(data, file)  # (nothing to do for any other format)
     image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image)")

@@ -291,8 +291,11 @@ def _ends_whole(file: Location, head: bytes, size: int | None) -> bool:
     whole file: a BMP or WebP as long as its header says, a PNG ending with its end chunk, a JPEG with
     its end-of-image marker in its last ``TAIL_BYTES`` (one ranged read). False sends the object to a
     whole read: a truncated one is then skipped by the manifest, not found by the run; one that is whole
-    after all (a JPEG with a video appended, as some phones write) passes. A TIFF is not checked."""
+    after all (a JPEG with a video appended, as some phones write) passes. A TIFF larger than its head
+    is read whole: its pages and strips may be anywhere in it (``imageio.check_tiff_structure``)."""
     kind = format_suffix(head)
+    if kind == ".tiff":
+        return False
     if size is None or kind not in (".bmp", ".webp", ".png", ".jpg"):
         return True
     if kind == ".bmp":

@@ -140,8 +140,9 @@ def _check_same_hw(pred: np.ndarray, target: np.ndarray) -> None:
         )
 
 
-def _image_pair(pred, target) -> tuple[np.ndarray, np.ndarray, float]:
-    """Validate an intensity pair; return (pred, target in pred's units, R)."""
+def _image_pair(pred, target, peak: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Validate an intensity pair; return (pred, target in pred's units, R): R is pred's dtype's full
+    scale, or ``peak`` (the metric's ``data_range`` option, in pred's units) when given."""
     _check_array(pred, "pred", allow_float=True)
     _check_array(target, "target", allow_float=True)
     if pred.shape != target.shape:
@@ -153,6 +154,11 @@ def _image_pair(pred, target) -> tuple[np.ndarray, np.ndarray, float]:
     if target.dtype != pred.dtype:
         # Mixed bit depths: express target in pred's units so R is unambiguous.
         target = target.astype(np.float64) * (r / data_range(target.dtype))
+    if peak is not None:
+        if not 0 < peak <= r:
+            raise MetricInputError(f"the objective's data_range {peak!r} is not within 0 < data_range <= {r:g} "
+                                   f"(the full scale of this {pred.dtype} image)")
+        r = float(peak)
     return pred, target, r
 
 
@@ -172,14 +178,15 @@ def _mask_pair(pred, target) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------- image metrics
 
 
-def psnr(pred, target) -> float:
-    """Peak signal-to-noise ratio in dB, ``10*log10(R^2/MSE)`` with R from pred's dtype.
+def psnr(pred, target, data_range: float | None = None) -> float:
+    """Peak signal-to-noise ratio in dB, ``10*log10(R^2/MSE)`` with R from pred's dtype, or
+    ``data_range`` (e.g. 4095 for 12-bit data stored in 16-bit files).
 
     Colour MSE is over all channels. Capped at ``PSNR_CAP_DB`` (100 dB), which is also
     the value for identical images, so results stay finite and identical always ranks
     at least as high as near-identical.
     """
-    pred, target, r = _image_pair(pred, target)
+    pred, target, r = _image_pair(pred, target, data_range)
     if pred.dtype != target.dtype:
         pred = pred.astype(np.float64)
     # cv2.norm accumulates in double (exact for integer pixels) without temporaries.
@@ -214,15 +221,17 @@ def _ssim_plane(x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
     return num / den
 
 
-def ssim(pred, target) -> float:
+def ssim(pred, target, data_range: float | None = None) -> float:
     """Mean structural similarity (Wang et al. 2004), Gaussian window sigma 1.5 (11x11).
 
     K1=0.01, K2=0.03, L = pred's data range, population covariances; the mean excludes
     a 5-pixel border. Colour is the mean of per-channel SSIM. Matches
     ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=L)``. Needs images of at least 11x11.
+    use_sample_covariance=False, data_range=L)``. Needs images of at least 11x11. ``data_range``
+    sets L (e.g. 4095 for 12-bit data stored in 16-bit files: with 65535 the constants C1 and C2 swamp
+    such images' variances, and SSIM ranks a smoothing pipeline below the identity).
     """
-    pred, target, r = _image_pair(pred, target)
+    pred, target, r = _image_pair(pred, target, data_range)
     h, w = pred.shape[:2]
     if h < _SSIM_WIN or w < _SSIM_WIN:
         raise MetricInputError(
@@ -241,9 +250,10 @@ def ssim(pred, target) -> float:
     return total / channels
 
 
-def mae(pred, target) -> float:
-    """Mean absolute error divided by the data range, so in [0, 1]; lower is better."""
-    pred, target, r = _image_pair(pred, target)
+def mae(pred, target, data_range: float | None = None) -> float:
+    """Mean absolute error divided by the data range (pred's dtype's full scale, or ``data_range``);
+    lower is better."""
+    pred, target, r = _image_pair(pred, target, data_range)
     if pred.dtype != target.dtype:
         pred = pred.astype(np.float64)
     return cv2.norm(pred, target, cv2.NORM_L1) / (pred.size * r)

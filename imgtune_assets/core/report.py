@@ -363,6 +363,17 @@ def search_progress_figure(sweep: Sweep, records: list[dict[str, Any]]):
     return fig
 
 
+def display_white(*images: np.ndarray | None) -> float:
+    """The value shown as white for a row of 16-bit pictures: 65535, unless they fill only part of the 16
+    bits (a 12-bit camera's or a microscope's data), which would show nearly black — then their 99.9th
+    percentile, one for the row so that before, after and target stay comparable."""
+    sixteen = [image[::4, ::4] for image in images if image is not None and image.dtype == np.uint16]
+    if not sixteen:
+        return 65535.0
+    top = max(float(np.percentile(image, 99.9)) for image in sixteen)
+    return 65535.0 if top >= 65535 / 4 else max(top, 1.0)
+
+
 def plot_before_after(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]) -> bytes:
     """Rows of (label, before, after, target) images."""
     import matplotlib
@@ -372,17 +383,19 @@ def plot_before_after(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray
 
     fig, axes = plt.subplots(len(panels), 3, figsize=(10, 3.4 * len(panels)), squeeze=False, layout="constrained")
     for row, (label, before, after, target) in zip(axes, panels):
+        white = display_white(before, after, target)
         for ax, title, image in zip(row, ("before", "after", "target"), (before, after, target)):
             ax.axis("off")
             if image is None:
                 ax.set_title(f"{title}: none")
                 continue
-            shown = image.astype(np.float32) / (65535.0 if image.dtype == np.uint16 else 255.0)
+            shown = image.astype(np.float32) / (white if image.dtype == np.uint16 else 255.0)
             if shown.ndim == 3:
                 ax.imshow(shown[:, :, ::-1].clip(0, 1))
             else:
                 ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{label} — {title}", fontsize=9)
+            stretched = f" (shown 0–{white:.0f})" if image.dtype == np.uint16 and white < 65535 else ""
+            ax.set_title(f"{label} — {title}{stretched}", fontsize=9)
     # Photographs deflate slowly and little: zlib's fastest level costs a sixth more bytes, not a third
     # of the figure's drawing time.
     return _png(fig, compress_level=1)

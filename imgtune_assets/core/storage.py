@@ -75,13 +75,18 @@ def describe(path: Location) -> str:
     return str(path)
 
 
+def is_broken_link(path: Location) -> bool:
+    """Whether a local path is a symbolic link to nothing (listed as a file, never readable)."""
+    return not is_remote(path) and os.path.islink(path) and not os.path.exists(path)
+
+
 def _explain(exc: BaseException, path: Location, doing: str) -> StorageError:
     name = describe(path)
     if isinstance(exc, FileNotFoundError):
         text = str(exc)
         if "bucket" in text.lower():
             return StorageError(f"{name}: {text.rstrip('.')} (cannot {doing})", "missing")
-        if not is_remote(path) and os.path.islink(path):  # listed, as any file is: said what it is
+        if is_broken_link(path):  # listed, as any file is: said what it is
             return StorageError(f"{name}: a broken symbolic link (to {os.readlink(path)}; cannot {doing})", "missing")
         return StorageError(f"{name}: not found (cannot {doing})", "missing")
     if isinstance(exc, PermissionError):

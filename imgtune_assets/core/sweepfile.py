@@ -278,7 +278,8 @@ class _Range(_Model):
             raise _problem(f"low ({low}) > high ({high})")
         if self.log and low <= 0:
             raise _problem(f"a log range needs low > 0, got {low}", sub=".low")
-        allowed = {"int": ("int",), "odd": ("odd",), "float": ("float", "int")}.get(spec.kind, ())
+        # (odd values are whole numbers: an int parameter may be searched over its odd values only)
+        allowed = {"int": ("int", "odd"), "odd": ("odd",), "float": ("float", "int")}.get(spec.kind, ())
         if kind not in allowed:
             expected = " or ".join(allowed) if allowed else "choice"
             raise _problem(f"parameter {spec.name!r} is {spec.kind}: use type {expected}, not {kind}", sub=".type")
@@ -384,7 +385,8 @@ def _option_taken(value: Any, info: ValidationInfo) -> Any:
     metric = info.data.get("metric")  # absent when the metric itself is wrong (reported first)
     if metric is not None and info.field_name not in metric_options(metric):
         takers = [m for m in METRICS if info.field_name in metric_options(m)]
-        raise _problem(f"only {', '.join(takers)} takes {_a(info.field_name)}")
+        who = takers[0] if len(takers) == 1 else f"{', '.join(takers[:-1])} and {takers[-1]}"
+        raise _problem(f"only {who} {'takes' if len(takers) == 1 else 'take'} {_a(info.field_name)}")
     return value
 
 
@@ -392,6 +394,17 @@ def _non_negative(value: float) -> float:
     if value < 0:
         raise _problem(f"must be >= 0, got {value}")
     return value
+
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise _problem(f"must be > 0, got {value}")
+    return value
+
+
+# Each metric option's check: a data range (the images' full scale, for psnr, ssim and mae) must be > 0;
+# the others so far are tolerances, >= 0.
+_OPTION_CHECKS = {"data_range": _positive}
 
 
 class _ObjectiveFields(_Model):
@@ -430,13 +443,14 @@ class _ObjectiveFields(_Model):
         return Objective(metric=self.metric, options=options, direction=self.direction)
 
 
-# One optional field per metric option; every option so far is a non-negative number (a tolerance).
+# One optional field per metric option; every option so far is a number.
 _Objective = create_model(
     "_Objective",
     __base__=_ObjectiveFields,
     __validators__={"_option_taken": field_validator(*METRIC_OPTIONS, mode="before")(_option_taken)}
     if METRIC_OPTIONS else {},
-    **{name: (Annotated[Number, AfterValidator(_non_negative)], None) for name in METRIC_OPTIONS},
+    **{name: (Annotated[Number, AfterValidator(_OPTION_CHECKS.get(name, _non_negative))], None)
+       for name in METRIC_OPTIONS},
 )
 
 

@@ -167,3 +167,46 @@ def test_a_multi_picture_jpeg_is_turned_as_opencv_turns_it():
     (b"GIF89a...", ".gif"), (b"RIFF\x10\x00\x00\x00WAVE", None), (b"plain text", None), (b"", None)])
 def test_format_suffix_reads_the_files_signature(data, suffix):
     assert format_suffix(data) == suffix
+
+
+def _tiff(pages: np.ndarray, **options) -> bytes:
+    import tifffile  # (scikit-image's dependency: a second TIFF writer beside OpenCV's and Pillow's)
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pages, photometric="minisblack", **options)
+    return buffer.getvalue()
+
+
+STACK = np.random.default_rng(5).integers(100, 4100, (5, 24, 32), dtype=np.uint16)
+
+
+@pytest.mark.parametrize("options", [{}, {"imagej": True, "metadata": {"axes": "ZYX"}}], ids=["pages", "imagej"])
+def test_a_multi_page_tiff_is_refused_not_read_as_its_first_page(options):
+    data = _tiff(STACK, **options)
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).shape == (24, 32)  # what OpenCV does
+    for read in (lambda: probe_image(data, "stack.tif"), lambda: decode_image(data, "stack.tif")):
+        with pytest.raises(ValueError, match=r"^stack\.tif: a multi-page TIFF \(5 pages\)"):
+            read()
+
+
+def test_a_tiff_with_a_thumbnail_is_one_image():
+    import tifffile
+
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as writer:
+        writer.write(STACK[0], photometric="minisblack")
+        writer.write(STACK[0][::4, ::4], photometric="minisblack", subfiletype=1)  # reduced resolution
+    data = buffer.getvalue()
+    assert probe_image(data, "thumb.tif") == (32, 24, 1, "uint16")
+    assert np.array_equal(decode_image(data, "thumb.tif"), STACK[0])
+
+
+@pytest.mark.parametrize("options", [{}, {"compression": "zlib", "tile": (16, 16)}], ids=["strips", "tiles"])
+def test_a_tiff_cut_short_is_refused_by_its_header(options):
+    data = _tiff(STACK[0], **options)
+    assert probe_image(data, "whole.tif") == (32, 24, 1, "uint16")
+    cut = data[: len(data) - 64]
+    with pytest.raises(ValueError, match=r"^cut\.tif: not a decodable image \(truncated TIFF: its image data ends"):
+        probe_image(cut, "cut.tif")
+    # an object's head is no whole file: not checked until it is read whole
+    assert probe_image(cut, "cut.tif", whole=False) == (32, 24, 1, "uint16")

@@ -121,6 +121,23 @@ def test_mae_matches_integer_reference(case):
     assert 0.0 <= M.mae(pred, target) <= 1.0
 
 
+def test_data_range_sets_the_peak_as_skimage_takes_it():
+    # 12-bit data stored in 16 bits: the images' own range, not the dtype's, as skimage's data_range
+    target = (photo("camera").astype(np.uint16) * 16)
+    pred = np.clip(target.astype(np.float64) + np.random.default_rng(4).normal(0, 60, target.shape), 0,
+                   4095).astype(np.uint16)
+    assert score("psnr", pred, target, data_range=4095) == pytest.approx(
+        skm.peak_signal_noise_ratio(target, pred, data_range=4095), abs=1e-6)
+    assert score("ssim", pred, target, data_range=4095) == pytest.approx(skm.structural_similarity(
+        target, pred, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=4095), abs=1e-4)
+    diff = np.abs(pred.astype(np.int64) - target.astype(np.int64))
+    assert score("mae", pred, target, data_range=4095) == pytest.approx(diff.mean() / 4095, rel=1e-12)
+    # the dtype's range makes SSIM's constants swamp these variances: the scores differ a lot
+    assert score("ssim", pred, target) > score("ssim", pred, target, data_range=4095) + 0.05
+    with pytest.raises(MetricInputError, match=r"data_range 4095 is not within 0 < data_range <= 255 .*uint8"):
+        score("psnr", (pred >> 4).astype(np.uint8), (target >> 4).astype(np.uint8), data_range=4095)
+
+
 def test_mixed_bit_depth_rescales_target_to_pred_range():
     pred8 = noisy(photo("camera"), 10.0)
     target16 = to16(photo("camera"))

@@ -262,3 +262,15 @@ def test_the_reports_imports_are_prepared_once_in_a_background_thread():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True", "True", "agg"], out.stdout
+
+
+def test_sixteen_bit_pictures_that_fill_part_of_their_range_are_shown_to_their_own_white():
+    from imgtune_assets.core.report import display_white
+
+    twelve_bit = np.random.default_rng(2).integers(0, 4096, (64, 64), dtype=np.uint16)
+    white = display_white(twelve_bit, twelve_bit // 2, None)
+    assert white == pytest.approx(np.percentile(twelve_bit[::4, ::4], 99.9))  # the row's brightest decides
+    assert 3900 < white <= 4095
+    full = twelve_bit * 16
+    assert display_white(full, None, None) == 65535.0  # data that fills the 16 bits is shown as it is
+    assert display_white(np.zeros((8, 8), np.uint8), None, None) == 65535.0  # (8-bit pictures: not its concern)

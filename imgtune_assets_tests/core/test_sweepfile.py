@@ -172,6 +172,26 @@ def test_tolerance_only_for_edge_f1(tmp_path):
     assert sweep.objective.options == {"tolerance": 2}
 
 
+def test_data_range_for_psnr_ssim_and_mae_only_and_above_zero(tmp_path):
+    sweep = load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: ssim, data_range: 4095}")))
+    assert sweep.objective.options == {"data_range": 4095}
+    before = load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: ssim}")))
+    assert before.fingerprint() != sweep.fingerprint()  # another objective: results saved without it are not its
+    with pytest.raises(SweepFileError, match=r"objective.data_range: only psnr, ssim and mae take a data_range"):
+        load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: dice, data_range: 4095}")))
+    with pytest.raises(SweepFileError, match=r"objective.data_range: must be > 0, got 0"):
+        load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: psnr, data_range: 0}")))
+
+
+def test_an_int_parameter_may_be_searched_over_its_odd_values(tmp_path):
+    text = GOOD.replace("  - op: threshold", "  - op: morphology\n    ksize: {type: odd, low: 1, high: 7}\n  - op: threshold")
+    sweep = load_sweep(write(tmp_path, text))
+    from imgtune_assets.core.sampling import trial_settings
+
+    sizes = {trial_settings(sweep, k)["stages"][2][1]["ksize"] for k in range(16)}
+    assert len(sizes) > 1 and sizes <= {1, 3, 5, 7}
+
+
 def test_direction_overrides_the_metric_and_is_validated(tmp_path):
     sweep = load_sweep(write(tmp_path, GOOD.replace("{metric: psnr}", "{metric: psnr, direction: minimize}")))
     assert sweep.higher_is_better is False
@@ -231,7 +251,7 @@ def test_direction_overrides_the_metric_and_is_validated(tmp_path):
         ('objective: {metric: psnr}', 'objective: {metirc: psnr}',
          'objective.metric: missing (found: metirc)'),
         ('objective: {metric: psnr}', 'objective: {metric: psnr, tolerance: 2, foo: 1}',
-         "objective: unknown option(s) ['foo'] (allowed: metric, direction, tolerance)"),
+         "objective: unknown option(s) ['foo'] (allowed: metric, direction, data_range, tolerance)"),
         ('objective: {metric: psnr}', 'objective: {metric: edge_f1, tolerance: -1}',
          'objective.tolerance: must be >= 0, got -1'),
         ('objective: {metric: psnr}', 'objective: {metric: edge_f1, tolerance: yes}',
@@ -378,7 +398,8 @@ def test_sampler_names_come_from_the_sampler_registry(tmp_path, monkeypatch):
 def test_demo_kinds_and_metric_options_come_from_their_registries():
     assert sweepfile.DEMO_KINDS is demo_data.DEMO_KINDS
     assert sweepfile.METRIC_OPTIONS == tuple(sorted(set().union(*map(metric_options, METRICS))))
-    assert metric_options("edge_f1") == {"tolerance"} and metric_options("psnr") == frozenset()
+    assert metric_options("edge_f1") == {"tolerance"} and metric_options("psnr") == {"data_range"}
+    assert metric_options("dice") == frozenset()
 
 
 @pytest.mark.parametrize(
