@@ -498,7 +498,7 @@ def save_probe_cache(cache: ProbeCache, log) -> None:
 
 
 def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_name: str,
-               cache: ProbeCache, stop: threading.Event | None = None) -> ManifestRow:
+               cache: ProbeCache, stop: threading.Event | None = None, near_target: str | None = None) -> ManifestRow:
     if stop is not None and stop.is_set():
         row.reason = "not scanned (the scan was stopped)"
         return row
@@ -526,6 +526,8 @@ def _probe_row(row: ManifestRow, files: tuple, needs_target: bool, target_dir_na
     elif needs_target:
         kinds = "|".join(suffix[1:] for suffix in IMAGE_SUFFIXES if suffix not in (".jpeg", ".tiff"))
         row.reason = f"no target: expected {target_dir_name}/{row.id}.<{kinds}>"
+        if near_target is not None:  # names are matched exactly, as on the file systems that tell case apart
+            row.reason += f" ({target_dir_name}/{near_target} differs in case only: rename one to match)"
         return row
     row.status = "ok"
     return row
@@ -562,8 +564,9 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
         unread = f" ({len(folders)} sub-folder(s) not read: put the images directly in it)" if folders else ""
         raise ManifestError(f"{image_dir}: no image files in the data folder{unread}")
     targets = targets_by_stem(target_files)
+    folded = {stem.casefold(): found[0][0].name for stem, found in targets.items()}
     rows: list[ManifestRow] = []
-    work: list[tuple[ManifestRow, tuple]] = []
+    work: list[tuple[ManifestRow, tuple, str | None]] = []
     for (file, info), target, reason in listed_files(files, targets):
         row = ManifestRow(id=Path(file.name).stem, image_path=_relative(file, data_dir), target_path=None,
                           image_sha256=None, target_sha256=None, width=None, height=None, channels=None,
@@ -573,7 +576,7 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
             continue
         if target is not None:
             row.target_path = _relative(target[0], data_dir)
-        work.append((row, ((file, info), target)))
+        work.append((row, ((file, info), target), None if target else folded.get(row.id.casefold())))
     for folder in folders:  # id and path end with "/": no file's stem or path can be the same
         rows.append(ManifestRow(
             id=f"{folder.name}/", image_path=_relative(folder, data_dir) + "/", target_path=None, image_sha256=None,
@@ -583,8 +586,8 @@ def scan_folder(data_dir: str | Location, *, needs_target: bool, threads: int | 
     workers = max(1, min(threads or os.cpu_count() or 1, len(work) or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgtune-manifest") as pool:
         # map keeps at most the pool's files in flight: memory stays a few files however many there are.
-        for _ in pool.map(lambda item: _probe_row(item[0], item[1], needs_target, target_dir.name, cache, stop),
-                          work):
+        for _ in pool.map(lambda item: _probe_row(item[0], item[1], needs_target, target_dir.name, cache, stop,
+                                                  item[2]), work):
             pass
     return rows
 

@@ -59,6 +59,8 @@ def messy(tmp_path):
     (images / "empty.png").write_bytes(b"")
     (images / "notes.png").write_text("this is not an image\n")
     png(images / "no_target.png", grey)
+    png(images / "IMG_0001.png", grey)
+    png(targets / "img_0001.png", grey)  # differs in case only
     png(images / "wrong_size.png", grey)
     png(targets / "wrong_size.png", grey[:20])
     (images / "readme.txt").write_text("hello")
@@ -72,7 +74,9 @@ def test_bad_files_become_rows_with_reasons(messy):
     assert "not a decodable image" in rows["truncated.png"].reason
     assert "empty file" in rows["empty.png"].reason
     assert "not a decodable image" in rows["notes.png"].reason
-    assert "no target" in rows["no_target.png"].reason
+    assert "no target" in rows["no_target.png"].reason and "case" not in rows["no_target.png"].reason
+    assert rows["IMG_0001.png"].reason.startswith("no target: expected targets/IMG_0001.<") and \
+        rows["IMG_0001.png"].reason.endswith("(targets/img_0001.png differs in case only: rename one to match)")
     assert "target wrong_size.png is 50x20, image is 50x40" in rows["wrong_size.png"].reason
     assert "EXIF" not in rows["wrong_size.png"].reason  # not a quarter turn
     assert "not an image file type (.txt" in rows["readme.txt"].reason
