@@ -524,9 +524,11 @@ def select_sweeps(served: list[Sweep], names: Sequence[str], all_sweeps: bool) -
 
 def sweeps_alone(names: Sequence[str]) -> list[Sweep] | None:
     """When the served sweep files cannot be used as a whole (another team's file has a typo), the named
-    sweeps read from their own files — each name that of exactly one good file — else None. Each then
-    runs with ``IMGTUNE_SWEEP`` set to its file, so its run loads that file alone."""
-    from imgtune_assets.core.catalog import served_sweep_files
+    sweeps read from their own files — each name that of exactly one good file, at fault in none of the
+    good files' conflicts (``catalog.cross_sweep_problems``: a sweep that would write its tuned images
+    over another's is refused, not run alone) — else None. Each then runs with ``IMGTUNE_SWEEP`` set to
+    its file, so its run loads that file alone."""
+    from imgtune_assets.core.catalog import cross_sweep_problems, served_sweep_files
     from imgtune_assets.core.sweepfile import load_sweep
 
     if not names:
@@ -547,6 +549,8 @@ def sweeps_alone(names: Sequence[str]) -> list[Sweep] | None:
         if len(found) != 1:
             return None
         chosen.append(found[0])
+    if any(sweep in at_fault for _, at_fault in cross_sweep_problems(good) for sweep in chosen):
+        return None
     return chosen
 
 

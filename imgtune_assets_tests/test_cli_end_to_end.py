@@ -259,6 +259,19 @@ def test_a_named_sweep_runs_though_another_teams_file_is_broken(tmp_path, denois
         refused = run_cli(env, *args, timeout=120)
         assert refused.returncode == 2 and f"error: {broken}: trails: unknown field" in refused.stderr, args
     assert not (tmp_path / "outputs" / "beta").exists()
+    # A good file at fault in a conflict between good files is no other team's typo: refused, not run
+    # alone (its tuned images would overwrite the originals alpha applies its winner to).
+    photos = tmp_path / "photos"
+    write_sweep(sweeps / "alpha.yaml", denoise_data, name="alpha", trials=2,
+                apply={"input_dir": str(photos), "output_dir": str(tmp_path / "tuned")})
+    gamma = write_sweep(sweeps / "gamma.yaml", denoise_data, name="gamma", trials=2,
+                        apply={"input_dir": str(denoise_data), "output_dir": str(photos)})
+    refused = run_cli(env, "gamma", timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"error: {broken}: trails: unknown field" in refused.stderr
+    assert f"{gamma}: apply.output_dir {photos} is inside the apply.input_dir of {sweeps / 'alpha.yaml'}" \
+        in refused.stderr, refused.stderr
+    assert not (tmp_path / "outputs" / "gamma").exists() and not photos.exists()
 
 
 def test_cli_sweep_resume_reuses_the_trials_a_partial_run_finished(tmp_path, tiny_sweep):

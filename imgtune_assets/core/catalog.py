@@ -53,7 +53,8 @@ def sweep_files(folder: Path) -> list[Path]:
 
 
 def load_catalog(files: list[Path]) -> list[Sweep]:
-    """Validate every file; refuse the set if any file is bad or two sweeps would share a name or group."""
+    """Validate every file; refuse the set if any file is bad or two sweeps would share a name or group,
+    or one would write its tuned images over another's images (``cross_sweep_problems``)."""
     sweeps: list[Sweep] = []
     problems: list[str] = []
     for file in files:
@@ -61,6 +62,16 @@ def load_catalog(files: list[Path]) -> list[Sweep]:
             sweeps.append(load_sweep(file))
         except SweepFileError as exc:
             problems.append(str(exc))
+    problems += [text for text, _ in cross_sweep_problems(sweeps)]
+    if problems:
+        raise SweepCatalogError("\n".join(problems))
+    return sweeps
+
+
+def cross_sweep_problems(sweeps: list[Sweep]) -> list[tuple[str, list[Sweep]]]:
+    """What stops good sweep files from being served together, each with the sweeps at fault: two with
+    one name or group, or one whose tuned images would land on another's files."""
+    problems: list[tuple[str, list[Sweep]]] = []
     for label, key in (("sweep name", lambda s: s.name), ("asset group name", lambda s: group_name(s.name)),
                        # their output folders would be one on a case-insensitive file system (macOS, Windows)
                        ("sweep name but for case", lambda s: s.name.casefold())):
@@ -70,8 +81,9 @@ def load_catalog(files: list[Path]) -> list[Sweep]:
             # (same names also make the same group: reported once, as names)
             if other is not sweep and (label == "sweep name" or other.name != sweep.name):
                 shown = f"{other.name!r} / {sweep.name!r}" if label == "sweep name but for case" else repr(key(sweep))
-                problems.append(f"{other.path} and {sweep.path}: both declare the {label} {shown}; "
-                                "each sweep needs its own name (it names its asset keys, group and output folder)")
+                problems.append((f"{other.path} and {sweep.path}: both declare the {label} {shown}; "
+                                 "each sweep needs its own name (it names its asset keys, group and output folder)",
+                                 [other, sweep]))
     # Two sweeps applying their winners into one folder would overwrite each other's outputs (and ledger)
     # on every run, each run rewriting everything.
     from imgtune_assets.core.apply import same_folder, within
@@ -80,18 +92,21 @@ def load_catalog(files: list[Path]) -> list[Sweep]:
     for i, sweep in enumerate(applying):
         for other in applying[:i]:
             if same_folder(other.apply_output, sweep.apply_output) and _same_store(other, sweep, sweep.apply_output):
-                problems.append(f"{other.path} and {sweep.path}: both write their tuned images to "
-                                f"{sweep.apply_output} (apply.output_dir); each sweep needs its own output folder")
-    # ... nor into another sweep's data folder (its images and targets; its own is refused when loaded)
+                problems.append((f"{other.path} and {sweep.path}: both write their tuned images to "
+                                 f"{sweep.apply_output} (apply.output_dir); each sweep needs its own output folder",
+                                 [other, sweep]))
+    # ... nor into another sweep's data folder (its images and targets; its own is refused when loaded),
+    # nor into the folder another sweep applies its winner to (its originals)
     for sweep in applying:
         for other in sweeps:
-            if other is not sweep and within(sweep.apply_output, other.data_dir) and _same_store(other, sweep,
-                                                                                                   other.data_dir):
-                problems.append(f"{sweep.path}: apply.output_dir {sweep.apply_output} is inside the data folder "
-                                f"of {other.path} ({other.data_dir}): the tuned images would overwrite its images")
-    if problems:
-        raise SweepCatalogError("\n".join(problems))
-    return sweeps
+            if other is sweep:
+                continue
+            for folder, what, harm in ((other.data_dir, "the data folder", "its images"),
+                                       (other.apply_input, "the apply.input_dir", "the images it tunes")):
+                if folder is not None and within(sweep.apply_output, folder) and _same_store(other, sweep, folder):
+                    problems.append((f"{sweep.path}: apply.output_dir {sweep.apply_output} is inside {what} of "
+                                     f"{other.path} ({folder}): the tuned images would overwrite {harm}", [sweep]))
+    return problems
 
 
 def _same_store(a: Sweep, b: Sweep, where) -> bool:

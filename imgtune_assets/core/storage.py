@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Union
 
@@ -49,12 +50,19 @@ def is_url(text: str | os.PathLike) -> bool:
 
 
 def location(spec: str | os.PathLike, *, base_dir: Path | None = None, endpoint_url: str | None = None) -> Location:
-    """A local folder (relative to ``base_dir``) as a ``Path``, or a URL as a universal-pathlib ``UPath``."""
+    """A local folder (relative to ``base_dir``) as a ``Path``, or a URL as a universal-pathlib ``UPath``.
+    A URL that carries credentials (``s3://KEY:SECRET@bucket/...``) is refused, named without them: they
+    would be shown wherever the URL is (logs, the UI, the event log); credentials come from the
+    environment and the standard credential chains only."""
     if isinstance(spec, Path) and not is_url(spec):
         return spec
     if not is_url(spec):
         path = Path(spec).expanduser()
         return (base_dir / path).resolve() if base_dir is not None and not path.is_absolute() else path.resolve()
+    if has_credentials(str(spec)):
+        raise StorageError(f"{without_credentials(str(spec))}: credentials in a URL are refused (they would show "
+                           "in logs and the UI); set them in the environment (AWS_ACCESS_KEY_ID / "
+                           "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or the standard credential chain")
     from upath import UPath
 
     options: dict[str, Any] = {}
@@ -64,6 +72,19 @@ def location(spec: str | os.PathLike, *, base_dir: Path | None = None, endpoint_
         return UPath(str(spec), **options)
     except (ValueError, ImportError) as exc:  # an unknown scheme, or its fsspec package not installed
         raise StorageError(f"{spec}: {exc}") from None
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*@)")
+
+
+def has_credentials(url: str) -> bool:
+    """Whether a URL carries a user (and password) before its host or bucket: ``scheme://user:pass@...``."""
+    return bool(_USERINFO.match(url))
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with its ``user:pass@`` part shown as ``***@``."""
+    return _USERINFO.sub(r"\1***@", url)
 
 
 def is_remote(path: Location | str) -> bool:

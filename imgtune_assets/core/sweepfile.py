@@ -478,6 +478,11 @@ class _Schedule(_Model):
 
 
 def _endpoint(url: str) -> str:
+    from imgtune_assets.core.storage import has_credentials, without_credentials
+
+    if has_credentials(url):  # (named without them: the message goes to logs and the UI)
+        raise _problem(f"credentials in the endpoint URL {without_credentials(url)!r} are refused: they come from "
+                       "the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE) only")
     if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
         raise _problem(f"expected an http(s) URL like http://127.0.0.1:9000, got {url!r}")
     return url
@@ -487,7 +492,7 @@ class _Storage(_Model):
     """Options for object-store URLs (``data_dir``, ``apply``): no credentials, ever."""
 
     _ORDER = ("+", "endpoint_url")
-    endpoint_url: Optional[Annotated[StrictStr, AfterValidator(_endpoint), _says("expected a URL, got {!r}")]] = None
+    endpoint_url: Optional[Annotated[StrictStr, _says("expected a URL, got {!r}"), AfterValidator(_endpoint)]] = None
 
     @classmethod
     def _unknown(cls, keys: list[Any]) -> tuple[str, str]:

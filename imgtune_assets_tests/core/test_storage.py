@@ -274,3 +274,13 @@ def test_an_output_folder_under_a_folder_that_refuses_writes_is_refused(tmp_path
         storage.require_output_folder(refused / "out")
     assert err.value.kind == "denied" and str(err.value) == \
         f"{refused / 'out'}: access denied (cannot write into {refused})"
+
+
+@pytest.mark.parametrize("url", ["s3://AKIAEXAMPLE:s3cr3t@photos/set", "gs://someone@bucket/images"])
+def test_a_url_with_credentials_is_refused_without_showing_them(url):
+    with pytest.raises(storage.StorageError) as refused:
+        storage.location(url)
+    message = str(refused.value)
+    assert "s3cr3t" not in message and "AKIAEXAMPLE" not in message and "someone" not in message
+    assert message.startswith(url.split("://")[0] + "://***@") and "credentials in a URL are refused" in message
+    assert not storage.has_credentials("s3://bucket/a@b/c.png")  # an @ in a key is no user

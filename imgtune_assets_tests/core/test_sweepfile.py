@@ -493,3 +493,13 @@ def test_apply_output_inside_the_sweeps_data_folder_is_refused(tmp_path, output_
     assert str(err.value) == (f"{path}: apply.output_dir: must not be data_dir or inside it "
                               f"({(path.parent / output_dir).resolve()} is in {data}): the tuned images would "
                               "overwrite the images and targets the sweep tunes on")
+
+
+def test_credentials_in_a_url_are_refused_naming_the_field_not_the_secret(tmp_path):
+    for old, new, field in (("data_dir: data", "data_dir: s3://KEYID:SeCrEt@photos/set", "data_dir"),
+                            ("data_dir: data", "data_dir: s3://photos/set\nstorage: {endpoint_url: "
+                                               "'http://user:SeCrEt@127.0.0.1:9000'}", "storage.endpoint_url")):
+        with pytest.raises(SweepFileError) as refused:
+            load_sweep(write(tmp_path, GOOD.replace(old, new)))
+        assert f": {field}: " in str(refused.value) and "SeCrEt" not in str(refused.value), str(refused.value)
+        assert "credentials in" in str(refused.value)
