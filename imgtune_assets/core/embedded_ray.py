@@ -58,6 +58,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -121,13 +122,19 @@ def lean_from_environment() -> bool:
 
 
 def prepare_environment(lean: bool = True) -> None:
-    """Set the loopback variables, whatever the environment says (the embedded Ray is this machine's
-    alone: an inherited ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` would open it to the network), and the
+    """Set the loopback variables and token authentication, whatever the environment says (the embedded
+    Ray is this machine's alone: an inherited ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` would open it to the
+    network, ``RAY_AUTH_MODE=disabled`` to every local process), and the
     worker-priority variables (and, lean, Ray's start/stop tuning) unless already set.
 
     Must run before this process first imports Ray; Ray's own processes inherit them.
     """
     os.environ.update(LOOPBACK_ENV)
+    if "ray" not in sys.modules:
+        # Token authentication, whatever the environment says: with an inherited RAY_AUTH_MODE=disabled
+        # any local process could run code on this Ray as this user. (Ray reads the mode once, when
+        # first imported: a process that imported it before keeps what it read, and must match.)
+        os.environ[RAY_AUTH_MODE_ENV] = "token"
     for key, value in (PRIORITY_ENV | LEAN_TUNING_ENV if lean else PRIORITY_ENV).items():
         os.environ.setdefault(key, value)
 
@@ -339,7 +346,7 @@ class RayHost(EmbeddedRayStart):
         # Ray's local start turns token authentication on unless RAY_AUTH_MODE says otherwise; said
         # here first, so that the runs, launched before Ray is up, are told how to connect (Ray reads
         # the mode once per process). The token stays where Ray keeps it (~/.ray/auth_token).
-        os.environ.setdefault(RAY_AUTH_MODE_ENV, "token")
+        os.environ[RAY_AUTH_MODE_ENV] = "token"
         super().__init__(lean=lean)
 
     def _started(self, error: Optional[BaseException]) -> None:

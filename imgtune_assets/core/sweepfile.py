@@ -797,10 +797,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
 
+# Far above any real sweep file (a few KB): a larger one in a shared sweeps folder is a mistake or worse.
+MAX_SWEEP_FILE_BYTES = 1024 * 1024
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file (also a ``best_pipeline.yaml``, and each file of a sweeps folder)."""
     file = Path(path).expanduser().resolve()
     try:
+        if file.stat().st_size > MAX_SWEEP_FILE_BYTES:
+            raise SweepFileError(f"{file}: {file.stat().st_size} bytes: a sweep file is refused above "
+                                 f"{MAX_SWEEP_FILE_BYTES} bytes")
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SweepFileError(f"{file}: sweep file not found") from None
@@ -816,7 +823,14 @@ def load_sweep(path: str | Path) -> Sweep:
                                  "a key may appear once in a mapping") from None
         problem = getattr(exc, "problem", None) or str(exc)
         raise SweepFileError(f"{file}: {where}: YAML syntax error: {problem}") from None
-    return parse_sweep(raw, file)
+    except RecursionError:
+        raise SweepFileError(f"{file}: YAML nested too deeply") from None
+    except ValueError as exc:  # a number beyond Python's digit limit for int()
+        raise SweepFileError(f"{file}: YAML value refused: {str(exc).splitlines()[0]}") from None
+    try:
+        return parse_sweep(raw, file)
+    except RecursionError:
+        raise SweepFileError(f"{file}: nested too deeply to be a sweep file") from None
 
 
 def fixed_sweep_document(sweep: Sweep, stages: list[tuple[str, dict[str, Any]]], *, name: str) -> dict[str, Any]:

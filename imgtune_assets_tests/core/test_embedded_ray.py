@@ -25,6 +25,19 @@ def test_prepare_environment_sets_loopback_and_priority_but_leaves_what_the_user
     assert all(os.environ[k] == v for k, v in embedded_ray.LEAN_TUNING_ENV.items())
 
 
+def test_an_inherited_auth_mode_never_turns_the_embedded_rays_tokens_off():
+    """(In a fresh interpreter: Ray reads the mode when first imported, and this one has imported it.)"""
+    import subprocess
+    import sys
+
+    script = ("import os, sys; from imgtune_assets.core import embedded_ray; "
+              "assert 'ray' not in sys.modules; embedded_ray.prepare_environment(); print(os.environ['RAY_AUTH_MODE'])")
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "token"
+
+
 def test_an_embedded_ray_off_loopback_is_stopped_with_the_reason(monkeypatch):
     embedded_ray._check_loopback("127.0.0.1:6379")  # on loopback: nothing to do
     stopped = []

@@ -503,3 +503,15 @@ def test_credentials_in_a_url_are_refused_naming_the_field_not_the_secret(tmp_pa
             load_sweep(write(tmp_path, GOOD.replace(old, new)))
         assert f": {field}: " in str(refused.value) and "SeCrEt" not in str(refused.value), str(refused.value)
         assert "credentials in" in str(refused.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("description: " + "[" * 20000 + "]" * 20000 + "\n", "YAML nested too deeply"),
+    ("seed_note: " + "9" * 5000 + "\n", "YAML value refused: Exceeds the limit"),
+    ("# padding\n" * 120000, "bytes: a sweep file is refused above 1048576 bytes"),
+])
+def test_hostile_yaml_is_a_sweep_file_error_naming_the_file(tmp_path, text, message):
+    path = write(tmp_path, GOOD + text)
+    with pytest.raises(SweepFileError) as refused:
+        load_sweep(path)
+    assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value), str(refused.value)[:300]
