@@ -68,9 +68,10 @@ from typing import Any, Optional
 
 import psutil
 
-LEAN_ENV = "IMGTUNE_RAY_LEAN"
 # A Ray cluster to use instead of the embedded Ray (RayResource.address and the apply command's default).
-RAY_ADDRESS_ENV = "IMGTUNE_RAY_ADDRESS"
+from imgtune_assets.core.paths import RAY_ADDRESS_ENV  # noqa: F401 - also imported from here
+
+LEAN_ENV = "IMGTUNE_RAY_LEAN"
 # Set before an embedded Ray starts: Ray then listens on and advertises 127.0.0.1 only
 # (by default Ray 2.60 listens on every interface).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}

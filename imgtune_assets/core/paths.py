@@ -22,6 +22,7 @@ BUNDLED_SWEEPS = PROJECT_ROOT / "sweeps"
 OUTPUT_DIR_ENV = "IMGTUNE_OUTPUT_DIR"
 SWEEP_ENV = "IMGTUNE_SWEEP"  # one sweep file to serve (core/catalog.py)
 SWEEPS_DIR_ENV = "IMGTUNE_SWEEPS_DIR"  # the folder of sweep files to serve
+RAY_ADDRESS_ENV = "IMGTUNE_RAY_ADDRESS"  # a Ray cluster's address (the embedded Ray without it)
 
 
 def default_output_dir() -> Path:
@@ -67,10 +68,12 @@ def imgtune_command() -> str:
 
 def sweep_command(sweep_name: str, *args: str, environ=None) -> str:
     """The sweep command for ``sweep_name`` as a message tells the user to run it: with the variables that
-    chose the sweep files (``IMGTUNE_SWEEP``, ``IMGTUNE_SWEEPS_DIR``) and where its trials are saved
-    (``IMGTUNE_OUTPUT_DIR``) in front, so that, run as printed in another shell, it finds the same sweep
-    and its saved trials (in another output folder a resume would compute them all again)."""
+    chose the sweep files (``IMGTUNE_SWEEP``, ``IMGTUNE_SWEEPS_DIR``), where its trials are saved
+    (``IMGTUNE_OUTPUT_DIR``) and the Ray cluster it ran on (``IMGTUNE_RAY_ADDRESS``) in front, so that,
+    run as printed in another shell, it finds the same sweep, its saved trials (in another output folder
+    a resume would compute them all again) and its cluster."""
     environ = os.environ if environ is None else environ
-    chosen = "".join(f"{name}={shlex.quote(environ[name])} " for name in (SWEEP_ENV, SWEEPS_DIR_ENV, OUTPUT_DIR_ENV)
+    chosen = "".join(f"{name}={shlex.quote(environ[name])} "
+                     for name in (SWEEP_ENV, SWEEPS_DIR_ENV, OUTPUT_DIR_ENV, RAY_ADDRESS_ENV)
                      if environ.get(name, "").strip())
     return " ".join([f"{chosen}{imgtune_command()} sweep {shlex.quote(sweep_name)}", *args])

@@ -59,7 +59,7 @@ from imgtune_assets.core.manifest import (
 from imgtune_assets.core.manifest import usable as usable_rows
 from imgtune_assets.core.metrics import improvement
 from imgtune_assets.core.paths import sweep_command
-from imgtune_assets.core.progress import partial_reuse_message, reuse_message
+from imgtune_assets.core.progress import counted, partial_reuse_message, reuse_message
 from imgtune_assets.core.report import (
     STAGED_COLUMNS,
     before_after_panels,
@@ -417,10 +417,13 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         settled: set[str] = set()  # trials saved (or reused) by this run
 
         def ray_failed(exc: RayInfrastructureError) -> Failure:
+            # (chunks streamed through fused tasks save their image evaluations before any trial is whole)
+            partial = progress.partial_evaluations
+            also = f", and {counted(partial, 'image evaluation')} of the others" if partial else ""
             return Failure(description=(
                 f"{exc.what}; no trial is recorded as failed because of it. {len(settled)} of the run's {len(keys)} "
-                f"trials are finished and saved: run again with skip_finished (`{sweep_command(sweep.name, '--resume')}`)"
-                f" to compute the other {len(keys) - len(settled)}"))
+                f"trials are finished and saved{also}: run again with skip_finished "
+                f"(`{sweep_command(sweep.name, '--resume')}`) to compute the other {len(keys) - len(settled)}"))
 
         def report_progress() -> None:
             snapshot = progress.report_if_due()

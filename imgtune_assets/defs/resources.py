@@ -261,7 +261,7 @@ class RayResource(ConfigurableResource):
         resources = ray.cluster_resources()
         where = address or ("embedded local, hosted by the imgtune command" if self.hosted_file() else "embedded local")
         log.info(f"Ray connected ({where}{'' if address or lean else ', not lean'}): "
-                 f"{int(resources.get('CPU', 0))} CPUs, {len(ray.nodes())} node(s)")
+                 f"{int(resources.get('CPU', 0))} CPUs, {sum(1 for n in ray.nodes() if n.get('Alive'))} node(s)")
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         early, self._early_start = self._early_start, None
@@ -285,17 +285,22 @@ class RayResource(ConfigurableResource):
 
 def probe_address(address: str, timeout: float) -> None:
     """Raise ``RayConnectError`` naming ``address`` unless its host:port accepts a TCP connection within
-    ``timeout`` seconds. Addresses that are not a host:port (``auto``, ``local``, anything unparsable) are
-    left to Ray."""
+    ``timeout`` seconds, by a server that may be Ray's (``_not_grpc``). Addresses that are not a
+    host:port (``auto``, ``local``, anything unparsable) are left to Ray."""
     endpoint = _host_port(address)
     if endpoint is None:
         return
+    answer: Optional[str] = None
+    what = "the Ray client server" if address.startswith(RAY_CLIENT_PREFIX) else "the Ray cluster"
     started = time.monotonic()
     while True:
         remaining = started + timeout - time.monotonic()
         try:
-            with socket.create_connection(endpoint, timeout=max(0.05, min(PROBE_ATTEMPT_SECONDS, remaining))):
+            with socket.create_connection(endpoint, timeout=max(0.05, min(PROBE_ATTEMPT_SECONDS, remaining))) as probe:
+                answer = _not_grpc(probe)
+            if answer is None:
                 return
+            break
         except socket.gaierror as exc:
             reason = f"unknown host ({exc.strerror or exc})"
             if exc.errno == socket.EAI_NONAME:  # no such name: it will not resolve a moment later either
@@ -307,8 +312,37 @@ def probe_address(address: str, timeout: float) -> None:
             reason += f" for {time.monotonic() - started:.0f} s"
             break
         time.sleep(min(PROBE_PAUSE_SECONDS, remaining))
-    what = "the Ray client server" if address.startswith(RAY_CLIENT_PREFIX) else "the Ray cluster"
+    if answer is not None:
+        raise RayConnectError(f"{what} at {address} is not there: {answer} — use the GCS's address that "
+                              "`ray start --head` printed (port 6379 by default), or ray://HOST:10001 for a Ray client")
     raise RayConnectError(f"cannot reach {what} at {address}: {reason} (is `ray start --head` running there?)")
+
+
+# An HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, its
+# client server) must answer with a SETTINGS frame of its own.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_SETTINGS_FRAME_TYPE = 0x04
+
+
+def _not_grpc(connection: socket.socket) -> Optional[str]:
+    """What the server on ``connection`` is instead of a gRPC server, when its answer to an HTTP/2
+    preface shows it (an HTTP/1 server: the dashboard's port, a web server; any other protocol); None
+    when it answers as gRPC does, or not at once (left to Ray), or when Ray is to speak TLS to it.
+    Without this, ``ray.init`` waits on such a port for ever, retrying, saying nothing."""
+    if os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true"):
+        return None
+    try:
+        connection.settimeout(PROBE_ATTEMPT_SECONDS)
+        connection.sendall(_HTTP2_PREFACE)
+        answer = connection.recv(64)
+    except OSError:
+        return None
+    if not answer or (len(answer) >= 4 and answer[3] == _SETTINGS_FRAME_TYPE):
+        return None
+    if answer.startswith(b"HTTP/"):
+        status = answer.split(b"\r\n", 1)[0].decode("latin-1")
+        return f"an HTTP server answers on that port ({status!r}; the dashboard's, 8265?)"
+    return "the server on that port does not speak gRPC, as Ray does"
 
 
 def _host_port(address: str) -> Optional[tuple[str, int]]:

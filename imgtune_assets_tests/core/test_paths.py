@@ -71,3 +71,7 @@ def test_a_sweep_command_carries_the_variables_that_chose_the_sweep_and_its_outp
     env = {"IMGTUNE_SWEEPS_DIR": "/srv/team sweeps", "IMGTUNE_OUTPUT_DIR": "/data/out", "IMGTUNE_SWEEP": " "}
     assert sweep_command("a", environ=env) == f"IMGTUNE_SWEEPS_DIR='/srv/team sweeps' IMGTUNE_OUTPUT_DIR=/data/out " \
                                                f"{imgtune_command()} sweep a"
+    # resumed on the cluster it ran on, not on an embedded Ray
+    env["IMGTUNE_RAY_ADDRESS"] = "127.0.0.2:6379"
+    assert sweep_command("a", environ=env).endswith(f"IMGTUNE_OUTPUT_DIR=/data/out IMGTUNE_RAY_ADDRESS=127.0.0.2:6379 "
+                                                    f"{imgtune_command()} sweep a")

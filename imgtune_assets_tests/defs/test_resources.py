@@ -547,3 +547,36 @@ def test_a_refused_client_is_told_the_innermost_reason_and_for_tokens_what_to_se
     assert "is not the cluster's" in refused_client_message("127.0.0.2:6379", failed_connect(auth))
     other = refused_client_message("auto", failed_connect("ConnectionError: Could not find any running Ray instance."))
     assert other == "cannot connect to the Ray cluster at auto: ConnectionError: Could not find any running Ray instance."
+
+
+@pytest.mark.parametrize("server", ["http", "other"])
+def test_a_cluster_address_where_another_service_listens_fails_at_once_naming_it(server):
+    """Ray's own connect to a port that accepts connections but is no GCS (the dashboard's port pasted
+    as the address) retries for ever without a word: the probe asks the server for HTTP/2 first."""
+    import socketserver
+    import threading
+
+    from imgtune_assets.defs.resources import RayConnectError, probe_address
+
+    class Answer(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.recv(64)
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" if server == "http" else b"-ERR unknown\r\n")
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Answer) as service:
+        threading.Thread(target=service.serve_forever, daemon=True).start()
+        address = f"127.0.0.1:{service.server_address[1]}"
+        started = time.monotonic()
+        with pytest.raises(RayConnectError) as raised:
+            probe_address(address, 10)
+        service.shutdown()
+    assert time.monotonic() - started < 5
+    expected = "an HTTP server answers on that port ('HTTP/1.1 400 Bad Request'" if server == "http" else \
+        "does not speak gRPC"
+    assert f"the Ray cluster at {address} is not there: " in str(raised.value) and expected in str(raised.value)
+
+
+def test_a_real_gcs_passes_the_probe(local_ray):
+    from imgtune_assets.defs.resources import probe_address
+
+    probe_address(local_ray.get_runtime_context().gcs_address, 5)  # raises if it is taken for another service
