@@ -282,6 +282,7 @@ def test_run_streaming_chunks_killed_then_resumed_keeps_its_chunk_progress(tmp_p
 
     stats = json.loads((tmp_path / "outputs" / "stream" / "last_experiment_run.json").read_text())
     assert stats["chunks"] == 6 and stats["fused"] and stats["chunks_in_object_store_at_most"] == 0
+    assert stats["spilled_bytes"] == 0  # measured (not None: Ray was asked), and streamed: nothing spilled
     assert stats["chunks_decoded"] == 6 - kept  # the saved chunks were neither decoded nor scored again
     assert stats["evaluations"] == 3 * (6 - kept)  # this run's image evaluations: the chunks not saved before
     assert not list(partial.glob("*.json"))  # progress files go once their trials are saved whole

@@ -7,7 +7,9 @@ Where public APIs fall short, imgtune reaches into private ones, each imported i
 * ``imgtune_assets/defs/storage.py``: Dagster's SQLite storages, subclassed to write event batches;
 * ``imgtune_assets/core/embedded_ray.py`` (``_ray_private``): Ray's ``Node``, ``_global_node``,
   ``services.get_node``, ``ray._raylet.GcsClient`` and the dashboard agent's command line and module
-  search (``ray_lean_agent.py``), for the lean start and the at-once stop of the embedded Ray.
+  search (``ray_lean_agent.py``), for the lean start and the at-once stop of the embedded Ray; and
+  (``spilled_bytes_total``) ``ray._private.internal_api``'s global memory info, for the bytes a run's
+  cluster spilled.
 
 This module fails, saying what to re-check, when a pinned version changes or when a name, method or
 signature used there is gone or changed. After an upgrade: read the upstream changes for the listed
@@ -81,7 +83,7 @@ def test_ray_private_modules_are_where_embedded_ray_imports_them():
 
     private = embedded_ray._ray_private()
     assert private is not None, _recheck(EMBEDDED, "ray._private.node.Node or ray._private.worker cannot be imported")
-    _, worker, _, _ = private
+    _, worker, _, _, _ = private
     assert hasattr(worker, "_global_node"), _recheck(EMBEDDED, "ray._private.worker._global_node is gone")
 
 
@@ -168,6 +170,20 @@ def test_ray_node_stop_used_by_the_at_once_stop():
     for keyword in ("check_alive=", "allow_graceful=", "wait="):
         assert keyword in shutdown, _recheck(
             EMBEDDED, f"ray.shutdown calls kill_all_processes without {keyword}")
+
+
+def test_ray_memory_info_that_the_spill_report_reads():
+    from ray._private import internal_api
+    from ray.core.generated import node_manager_pb2
+
+    _has_params(internal_api.get_memory_info_reply, ["state", "node_manager_address", "node_manager_port",
+                                                     "timeout_seconds"], EMBEDDED,
+                "ray._private.internal_api.get_memory_info_reply")
+    _has_params(internal_api.get_state_from_address, ["address"], EMBEDDED,
+                "ray._private.internal_api.get_state_from_address")
+    fields = node_manager_pb2.FormatGlobalMemoryInfoReply.DESCRIPTOR.fields_by_name["store_stats"].message_type
+    assert "spilled_bytes_total" in fields.fields_by_name, _recheck(
+        EMBEDDED, "Ray's store stats no longer carry spilled_bytes_total")
 
 
 # --------------------------------------------------------------------------- Dagster (defs/executor.py)

@@ -458,18 +458,35 @@ def final_collection_skipped() -> bool:
 
 def _ray_private():
     """The one place imgtune imports Ray's private modules: ``(Node class, ray._private.worker,
-    ray._private.services, ray._raylet.GcsClient)``.
+    ray._private.services, ray._raylet.GcsClient, ray._private.internal_api)``.
 
     ``None`` when a Ray release has moved them: the lean shortcuts are then skipped and the embedded
     Ray starts and stops as shipped. Pinned: ray==2.60.0 (imgtune_assets_tests/test_pinned_private_apis.py).
     """
     try:
-        from ray._private import services, worker
+        from ray._private import internal_api, services, worker
         from ray._private.node import Node
         from ray._raylet import GcsClient
     except ImportError:  # pragma: no cover - Ray moved its private modules
         return None
-    return Node, worker, services, GcsClient
+    return Node, worker, services, GcsClient, internal_api
+
+
+def spilled_bytes_total(gcs_address: str) -> Optional[int]:
+    """Bytes the connected Ray cluster's object stores have spilled to disk since they started, summed
+    over its nodes (what ``ray memory --stats-only`` shows), or None when it cannot be asked. Ray has no
+    public API for it: ``ray._private.internal_api`` (pinned ray==2.60.0,
+    imgtune_assets_tests/test_pinned_private_apis.py); read by runs to report spilling."""
+    private = _ray_private()
+    if private is None:
+        return None
+    internal_api = private[4]
+    try:
+        reply = internal_api.get_memory_info_reply(internal_api.get_state_from_address(gcs_address),
+                                                   timeout_seconds=10)
+        return int(reply.store_stats.spilled_bytes_total)
+    except Exception:  # noqa: BLE001 - a report of spilling must never fail the run it describes
+        return None
 
 
 @contextmanager
@@ -490,7 +507,7 @@ def _lean_head_node(enabled: bool = True) -> Iterator[None]:
     if private is None:
         yield
         return
-    node_class, _, services, gcs_client = private
+    node_class, _, services, gcs_client, _ = private
     originals = {name: node_class.__dict__.get(name) for name in SKIPPED_HEAD_PROCESSES}
     if any(method is None for method in originals.values()):
         yield

@@ -439,13 +439,62 @@ def _raise_data_error(exc: BaseException) -> None:
         raise error from None
 
 
+class SpillWatch:
+    """What the connected cluster's object stores spill to disk from now until ``spilled()``: the
+    cluster's total, so other work on a shared cluster counts too (None: Ray could not be asked)."""
+
+    def __init__(self) -> None:
+        import ray
+
+        from imgtune_assets.core.embedded_ray import spilled_bytes_total
+
+        self._total = spilled_bytes_total
+        self.address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+        self.before = spilled_bytes_total(self.address) if self.address else None
+
+    def spilled(self) -> int | None:
+        after = self._total(self.address) if self.before is not None else None
+        return None if after is None else max(0, after - self.before)
+
+    def report(self, log) -> int | None:
+        """``spilled()``, with a warning on ``log`` when it is not 0."""
+        spilled = self.spilled()
+        if spilled:
+            log.warning(f"Ray spilled {spilled / 2**20:.0f} MiB of objects to disk while the trials ran (a node's "
+                        "object store was full: slower, and it takes disk): lower ray_cluster.object_store_budget_mb "
+                        "or the sweep's chunk_size, or give the nodes larger object stores")
+        return spilled
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The connected cluster's CPUs, and the object store a run's decoded chunks may fill: that of its
+    smallest live node that runs tasks, not the cluster's total — a chunk is decoded on whichever node
+    has a CPU free, and a budget of the total would fill, and spill, a node with a small store."""
+    import ray
+
+    return capacity_of(ray.nodes()) or dict(ray.cluster_resources())
+
+
+def capacity_of(nodes: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    """``cluster_capacity`` from Ray's node table (``ray.nodes()``); None when no live node runs tasks."""
+    working = [n["Resources"] for n in nodes if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    if not working:
+        return None
+    return {"CPU": sum(n["CPU"] for n in working),
+            "object_store_memory": min(n.get("object_store_memory", 0) for n in working)}
+
+
 def plan_chunks(n_images: int, n_trials: int, total_cpus: int, chunk_size: int | None = None,
                 image_bytes: int = 0, memory_budget: int | None = None) -> int:
     """Images per chunk: whole image sets when there are enough trials to fill every CPU, smaller
     chunks when few trials must still spread over the cluster, and never more than a share of the
-    memory budget (so that several chunks are in flight on every CPU) or ``MAX_CHUNK_BYTES``."""
+    memory budget (so that several chunks are in flight on every CPU) or ``MAX_CHUNK_BYTES``. A
+    sweep's own ``chunk_size`` is kept within the memory budget too (a larger chunk would spill)."""
     if chunk_size:
-        return max(1, min(chunk_size, n_images))
+        size = max(1, min(chunk_size, n_images))
+        if image_bytes > 0 and memory_budget:
+            size = min(size, max(1, memory_budget // image_bytes))
+        return size
     chunks_per_trial = max(1, math.ceil(2 * max(1, total_cpus) / max(1, n_trials)))
     size = max(1, math.ceil(n_images / min(chunks_per_trial, max(1, n_images))))
     if image_bytes > 0:
@@ -525,7 +574,7 @@ def run_trials(
     n = len(ids)
     sizes = images.sizes()
     if resources is None:  # (a staged search asks once: with its GCS gone the question would block)
-        resources = ray.cluster_resources()
+        resources = cluster_capacity()
     total_cpus = int(resources.get("CPU", 1))
     if memory_budget is None:
         memory_budget = int(resources.get("object_store_memory", 2 * MAX_CHUNK_BYTES) * OBJECT_STORE_SHARE)

@@ -59,7 +59,7 @@ from imgtune_assets.core.manifest import (
 from imgtune_assets.core.manifest import usable as usable_rows
 from imgtune_assets.core.metrics import improvement
 from imgtune_assets.core.paths import sweep_command
-from imgtune_assets.core.progress import counted, partial_reuse_message, reuse_message
+from imgtune_assets.core.progress import partial_reuse_message, reuse_message
 from imgtune_assets.core.report import (
     STAGED_COLUMNS,
     before_after_panels,
@@ -391,8 +391,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         # failing under the run (fanout's RayInfrastructureError) fails the run, saying so, with no
         # trial recorded as failed for it. Progress: the run log (at least every 5 s or 10 % of the
         # trials) and progress.json in the sweep's output folder.
-        from imgtune_assets.core.fanout import (ImageDataError, ImageFiles, RayInfrastructureError, data_error_message,
-                                                run_trials)
+        from imgtune_assets.core.fanout import (ImageDataError, ImageFiles, RayInfrastructureError, SpillWatch,
+                                                data_error_message, run_trials)
         from imgtune_assets.core.progress import SweepProgress, counted
 
         refuse_overlap(context)
@@ -490,6 +490,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                 report_progress()
 
             fanout_started = time.perf_counter()
+            spill = SpillWatch()
             stats["startup_seconds"] = round(process_age_seconds(), 3)
             stats["fanout_started_at"] = time.time()
             progress.start_computing()  # rate and time left from here, not from Ray's start-up
@@ -513,6 +514,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             files = len(images.rows) + sum(1 for r in images.rows if r.target_path)
             stats.update({
                 "fanout_seconds": round(time.perf_counter() - fanout_started, 3),
+                "spilled_bytes": spill.report(context.log),
                 # image evaluations computed by this run (progress saved by an interrupted run is not redone)
                 "evaluations": sum(1 for k in todo for i in images.ids if i not in known.get(k, {})),
                 "chunks": fan.chunks, "chunk_size": fan.chunk_size, "chunks_decoded": fan.chunks_decoded,

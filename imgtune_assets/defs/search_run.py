@@ -37,7 +37,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     first gets the images a trial is expected to be scored on. Returns the step's statistics (also
     written to ``last_experiment_run.json``)."""
     from imgtune_assets.core.fanout import OBJECT_STORE_SHARE, ClusterWatch, DecodedChunks, ImageDataError, \
-        ImageFiles, data_error_message, plan_chunks, run_trials
+        ImageFiles, SpillWatch, cluster_capacity, data_error_message, plan_chunks, run_trials
     from imgtune_assets.core.manifest import decoded_bytes
 
     objective = sweep.objective
@@ -53,9 +53,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     if skip_finished:  # (a requested trial with a current result is reused when its round settles)
         context.log.info(reuse_message(sum(1 for k in requested if k in records_by_key), len(requested)))
     ray_cluster.connect(context.log)
-    import ray
-
-    resources = ray.cluster_resources()
+    resources = cluster_capacity()
     cpus = int(resources.get("CPU", 1))
     try:
         search = Search(sweep, sweep_dir, digest, [r.id for r in images], default_batch_size=cpus,
@@ -89,6 +87,7 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     # One watch for every round: with a watch per round, a round shorter than its grace never saw the
     # GCS refuse for long enough, and Ray's own client ended the process, saying nothing, after 60 s.
     watch = ClusterWatch()
+    spill = SpillWatch()
 
     def evaluate(trials, ids, known_now):
         watch.check()
@@ -155,4 +154,5 @@ def run_staged_search(context: AssetExecutionContext, sweep: Sweep, sweep_dir: P
     store.clear_chunks()
     files = len(images) + sum(1 for r in images if r.target_path)
     stats["decodes_per_image"] = round(stats["decodes"] / max(1, files), 4)
+    stats["spilled_bytes"] = spill.report(context.log)
     return stats

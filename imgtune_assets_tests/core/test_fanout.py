@@ -42,6 +42,44 @@ def test_plan_chunks():
     assert plan_chunks(64, 1, 2) == 16            # one trial: split so every CPU gets work
     assert plan_chunks(3, 1, 8) == 1
     assert plan_chunks(10, 4, 2, chunk_size=4) == 4
+    # a sweep's own chunk size, kept within the memory budget: a larger chunk would spill
+    assert plan_chunks(30, 6, 2, chunk_size=10, image_bytes=70 << 20, memory_budget=150 << 20) == 2
+    assert plan_chunks(30, 6, 2, chunk_size=10, image_bytes=70 << 20, memory_budget=10 << 20) == 1
+
+
+def test_the_budget_is_the_smallest_working_nodes_store_and_every_cpu_counts():
+    from imgtune_assets.core.fanout import capacity_of
+
+    def node(cpus, store, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": cpus, "object_store_memory": store} if cpus else
+                {"object_store_memory": store}}
+
+    nodes = [node(1, 1500e6), node(1, 80e6), node(4, 9e9, alive=False), node(0, 10e6)]  # a dead one, a CPU-less head
+    assert capacity_of(nodes) == {"CPU": 2, "object_store_memory": 80e6}
+    assert capacity_of([node(0, 10e6)]) is None
+
+
+def test_a_spill_is_measured_on_a_real_ray():
+    """(A Ray of its own with a small object store, in a fresh interpreter.)"""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import numpy as np, ray
+        ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=80 * 2**20,
+                 logging_level="ERROR")
+        from imgtune_assets.core.fanout import SpillWatch
+        watch = SpillWatch()
+        assert watch.spilled() == 0, watch.spilled()
+        held = [ray.put(np.zeros(30 * 2**20, np.uint8)) for _ in range(5)]  # 150 MiB into 80
+        print(watch.spilled())
+        ray.shutdown()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) >= 60 * 2**20
 
 
 def test_ray_results_equal_a_plain_loop(local_ray, images):
