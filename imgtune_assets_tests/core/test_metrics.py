@@ -453,3 +453,13 @@ def test_each_metric_scores_images_of_its_minimum_side_and_refuses_smaller_ones(
         if side > 1:
             with pytest.raises(MetricInputError, match=f"at least {side}x{side}"):
                 score(name, a[: side - 1], b[: side - 1])
+
+
+def test_ssim_in_bands_is_ssim_of_the_whole_plane():
+    # bands of 7 rows over a 67-row image: every band edge inside, one short last band
+    target = photo("camera")[:67, :90]
+    pred = noisy(photo("camera"), 15.0)[:67, :90]
+    x, y = pred.astype(np.float64), target.astype(np.float64)
+    whole = M._ssim_plane(x, y, 255.0)[5:62, 5:85].sum(dtype=np.float64)
+    for rows in (1, 7, 56, 57, 1000):
+        assert M._ssim_plane_mean(pred, target, 255.0, band_rows=rows) == pytest.approx(whole, rel=1e-12)
