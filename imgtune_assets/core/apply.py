@@ -142,10 +142,16 @@ def prepare_output(stages: Stages, source: Location, target: Location, previous:
     is final (``unchanged`` or ``skipped``, with its reason) when there is nothing to write. Never raises
     for a bad input. The file is read: pairs that stand unread were settled by ``plan_apply`` already.
     ``target_tag``: the output object's tag from its folder's listing."""
-    from imgtune_assets.core.manifest import read_with_stat
+    from imgtune_assets.core.manifest import read_with_stat, refuse_unknown_format
     from imgtune_assets.core.ops import apply_pipeline
 
     entry: dict[str, Any] = {"input": str(source), "output": str(target), "pipeline": key_of_pipeline}
+    if not storage.is_remote(source):
+        try:  # not read whole when its first bytes are no image's
+            refuse_unknown_format(source)
+        except ImageReadError as exc:
+            entry.update(status="skipped", reason=str(exc), output_sha256=None, unusable=True)
+            return entry, None
     try:
         data, entry["input_key"], entry["input_stat"] = read_with_stat(source)
         if (previous and previous.get("status") in ("written", "unchanged")

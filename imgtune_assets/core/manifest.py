@@ -282,8 +282,23 @@ def _probe(file: Location, info: dict) -> tuple[str, str | None, int | None, tup
         # A header beyond the head, or an end that does not look whole: read it all, once more at most.
         data = storage.read_bytes(file)
         return key, None, len(data), probe_image(data, file)
+    refuse_unknown_format(file)
     data, key, stat = read_with_stat(file)
     return key, stat, len(data), probe_image(data, file)
+
+
+def refuse_unknown_format(file: Location) -> None:
+    """Raise ``ImageReadError`` for a local file whose first bytes are those of no image format imgtune
+    reads, before the file is read whole (a multi-GB file named ``.png`` would be read, and held, all of
+    it, on every scan)."""
+    try:
+        with open(file, "rb") as opened:
+            head = opened.read(16)
+    except OSError:
+        return  # the whole read says what is wrong with it
+    if head and format_suffix(head) is None and not (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        raise ImageReadError(f"{file}: not a decodable image (corrupt, truncated or not an image: no known image "
+                             "format)")
 
 
 def _ends_whole(file: Location, head: bytes, size: int | None) -> bool:

@@ -513,3 +513,18 @@ def test_a_broken_symbolic_link_is_a_skipped_row_saying_so(tmp_path):
     assert rows["images/a.png"].status == "ok" and rows["images/b.png"].status == "skipped"
     assert rows["images/b.png"].reason == (f"{tmp_path / 'images' / 'b.png'}: a broken symbolic link (to "
                                            f"{tmp_path / 'gone' / 'b.png'}; cannot read it)")
+
+
+def test_a_file_that_begins_as_no_image_is_not_read_whole(tmp_path, monkeypatch):
+    from imgtune_assets.core import manifest
+
+    png(tmp_path / "images" / "ok.png", np.zeros((16, 16), np.uint8))
+    with open(tmp_path / "images" / "huge.png", "wb") as sparse:
+        sparse.truncate(256 * 2**20)  # zeros: no image format begins so
+    read = []
+    real = manifest.read_with_stat
+    monkeypatch.setattr(manifest, "read_with_stat", lambda file: read.append(file.name) or real(file))
+    rows = {r.image_path.split("/")[-1]: r for r in scan_folder(tmp_path, needs_target=False)}
+    assert rows["ok.png"].status == "ok"
+    assert rows["huge.png"].status == "skipped" and "no known image format" in rows["huge.png"].reason
+    assert read == ["ok.png"]
