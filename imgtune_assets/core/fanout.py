@@ -449,7 +449,10 @@ class SpillWatch:
         from imgtune_assets.core.embedded_ray import spilled_bytes_total
 
         self._total = spilled_bytes_total
-        self.address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+        try:
+            self.address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+        except Exception:  # noqa: BLE001 - (a Ray client's context may not know it): not measured, said as None
+            self.address = None
         self.before = spilled_bytes_total(self.address) if self.address else None
 
     def spilled(self) -> int | None:

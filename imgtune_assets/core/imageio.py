@@ -147,7 +147,10 @@ def tiff_directories(data: bytes, limit: int = 100_000) -> list:
     stream = io.BytesIO(data)
     with warnings.catch_warnings():  # Pillow warns of every tag it cannot read: the answers say enough
         warnings.simplefilter("ignore")
-        offset = TiffImagePlugin.ImageFileDirectory_v2(data[:8]).next
+        try:
+            offset = TiffImagePlugin.ImageFileDirectory_v2(data[:8]).next
+        except (OSError, ValueError, SyntaxError, struct_error, EOFError):
+            return []
         while offset and offset < len(data) and offset not in seen and len(seen) < limit:
             seen.add(offset)
             directory = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
