@@ -740,6 +740,11 @@ def run_apply(pipeline: str, input_dir: str, output_dir: str, *, endpoint_url: s
             print(f"error: {exc}", file=sys.stderr)
             return 2
         endpoint = endpoint_url or fixed.endpoint_url
+        if endpoint and storage.has_credentials(endpoint):  # (shown without them)
+            print(f"error: --endpoint-url {storage.without_credentials(endpoint)}: credentials in a URL are refused; "
+                  "they come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE) only",
+                  file=sys.stderr)
+            return 2
         started = time.perf_counter()
         try:
             source = storage.location(input_dir, base_dir=Path.cwd(), endpoint_url=endpoint)
@@ -785,7 +790,7 @@ def _what_stands(target, ledger_name: str) -> str:
 def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedRayStart | None,
                 started: float) -> int:
     from imgtune_assets.core import storage
-    from imgtune_assets.core.apply import LEDGER_NAME, ApplyError, run_plan
+    from imgtune_assets.core.apply import LEDGER_NAME, ApplyError, LedgerNotWritten, run_plan
     from imgtune_assets.core.fanout import RayInfrastructureError
     from imgtune_assets.core.imageio import IMAGE_SUFFIXES
 
@@ -818,10 +823,13 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
             if signal.getsignal(signal.SIGTERM) not in (_interrupt_once, _held_stop_signal):
                 signal.signal(signal.SIGTERM, _interrupt_once)
     tty = sys.stdout.isatty()
+    unrecorded = None  # the ledger could not be written: what was done is printed, and the exit code is 4
     try:
         retries = {"max_retries": cluster.max_retries} if cluster is not None else {}
         result = run_plan(plan, **retries, on_progress=lambda done, total: tty and print(
             f"\r  {progress_bar(done, total)} {done}/{total}", end="", flush=True))
+    except LedgerNotWritten as exc:
+        result, unrecorded = exc.result, str(exc)
     except (ApplyError, storage.StorageError) as exc:
         print(f"{chr(10) if tty else ''}error: {exc}", file=sys.stderr)
         return 1
@@ -839,8 +847,12 @@ def _apply_plan(plan, target, address: str | None, early: embedded_ray.EmbeddedR
     if not any(entry["output"] for entry in result.entries):
         print(f"warning: no image files in {result.input_dir} ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
     print(f"{result.count('written')} written, {result.count('unchanged')} unchanged, {result.count('skipped')} "
-          f"skipped in {time.perf_counter() - started:.1f}s -> {target} (ledger {result.ledger})", flush=True)
+          f"skipped in {time.perf_counter() - started:.1f}s -> {target} (ledger {result.ledger or 'not written'})", flush=True)
     images = [entry for entry in result.entries if entry["output"]]
+    if unrecorded is not None:  # (the outputs above stand; without their ledger a re-run redoes them)
+        print(f"error: {unrecorded}: the outputs written stand, but without the ledger the same command "
+              "run again redoes them", file=sys.stderr)
+        return NOT_ALL_WRITTEN
     if images and not any(entry["status"] in ("written", "unchanged") for entry in images):
         # Nothing usable came out: a script (or a scheduler) must see it, not only the lines above.
         where = (" — the Ray cluster's nodes read the files themselves, with the credentials of their own "

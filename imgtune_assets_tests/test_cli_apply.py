@@ -154,6 +154,25 @@ def test_an_output_that_could_not_be_written_fails_the_command_until_a_re_run_wr
         f"{again.stdout[-3000:]}\n{again.stderr[-3000:]}"
 
 
+def test_a_ledger_that_could_not_be_written_is_a_passing_failure_with_the_outputs_listed(tmp_path):
+    """The outputs were written but their ledger was not (the store lost, write access refused; here a
+    folder where the ledger goes): exit 4 with what was done printed, not exit 1 as if nothing was."""
+    pipeline = best_pipeline(tmp_path)
+    env = environment(tmp_path, pipeline)
+    source, out = tmp_path / "photos", tmp_path / "out"
+    source.mkdir()
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(source / name), np.full((8, 8), 90, np.uint8))
+    (out / LEDGER_NAME / "in-the-way").mkdir(parents=True)
+    result = apply_cli(env, tmp_path, pipeline, source, out)
+    assert result.returncode == 4, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert re.search(r"^2 written, 0 unchanged, 0 skipped in .*\(ledger not written\)$", result.stdout, re.M), \
+        result.stdout
+    assert f"error: {out / LEDGER_NAME}" in result.stderr and "the outputs written stand" in result.stderr, \
+        result.stderr
+    assert (out / "a.png").is_file() and (out / "b.png").is_file()
+
+
 def test_a_sweeps_data_folder_is_read_from_its_images_and_a_folder_without_images_is_named(tmp_path):
     pipeline = best_pipeline(tmp_path)
     env = environment(tmp_path, pipeline)

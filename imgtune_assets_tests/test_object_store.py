@@ -495,3 +495,27 @@ def test_the_new_images_sensor_watches_a_bucket(tmp_path, s3_server, local_data)
         assert len(changed.run_requests) == 1
         assert changed.run_requests[0].tags["imgtune/images_content_hash"] != first.run_requests[0].tags[
             "imgtune/images_content_hash"]
+        # Folder markers (the S3 console's "Create folder") are no files: nothing to sweep again.
+        fs.pipe_file("watched/data/images/", b"")
+        fs.pipe_file("watched/data/targets/", b"")
+        marked = sensor.evaluate_tick(build_sensor_context(instance=instance, cursor=changed.cursor, resources=resources))
+        assert marked.run_requests == [], marked.run_requests
+        listed = [p.name for p, _ in storage.list_files(storage.location(url + "/images",
+                                                                         endpoint_url=s3_server.endpoint_url))]
+        assert listed and "images" not in listed and "" not in listed, listed
+
+
+def test_the_new_images_sensor_names_a_missing_bucket(tmp_path, s3_server):
+    from dagster import build_sensor_context, instance_for_test
+
+    from imgtune_assets.defs.resources import SweepResource
+    from imgtune_assets.defs.sensors import sensor_name
+
+    url = "s3://no-such-bucket-here/data"
+    sweep, defs = in_process(tmp_path, write_s3_sweep(tmp_path / "nob.yaml", s3_server, url, name="nobucket",
+                                                      trials=2))
+    with instance_for_test() as instance:
+        tick = defs.get_sensor_def(sensor_name(sweep)).evaluate_tick(build_sensor_context(
+            instance=instance, resources={"imgtune": SweepResource(output_dir=str(tmp_path / "outputs"))}))
+    assert tick.run_requests == [] and url in tick.skip_message, tick.skip_message
+    assert "bucket does not exist" in tick.skip_message.lower() and "does not exist yet" not in tick.skip_message

@@ -278,6 +278,18 @@ class ApplyResult:
         return sum(1 for e in self.entries if e["status"] == status)
 
 
+class LedgerNotWritten(storage.StorageError):
+    """The ledger could not be written after the tasks ran (the store lost, write access refused): the
+    outputs written stand, and ``result`` says which; the next run, without a ledger, redoes them."""
+
+    def __init__(self, message: str, kind: str = "other", result: ApplyResult | None = None):
+        super().__init__(message, kind)
+        self.result = result
+
+    def __reduce__(self):
+        return type(self), (str(self), self.kind, self.result)
+
+
 def read_ledger(output_dir: Location) -> dict[str, dict[str, Any]]:
     """The previous run's entries by output path; a missing or damaged ledger means none (a cache)."""
     file = output_dir / LEDGER_NAME
@@ -455,6 +467,9 @@ def run_plan(plan: ApplyPlan, *, max_retries: int = 3, on_progress: Callable[[in
             # all the same (the command holds further signals while it cleans up), then it goes on.
             result.ledger = write_ledger()
             raise
+        except storage.StorageError as exc:
+            result.entries = sorted([*result.entries, *finished], key=lambda e: e["input"])
+            raise LedgerNotWritten(str(exc), exc.kind, result) from None
     result.entries = sorted([*result.entries, *finished], key=lambda e: e["input"])
     return result
 

@@ -226,8 +226,14 @@ def list_entries(folder: Location) -> tuple[list[tuple[Location, dict[str, Any]]
     except _remote_errors() as exc:
         raise _explain(exc, folder, "list it") from None
     files, folders = [], []
+    own = str(folder.path).rstrip("/")
     for entry in entries:
-        name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+        key = str(entry["name"])
+        # A key ending in "/" is a folder marker (the S3 console's "Create folder", sync tools), the
+        # folder's own or a sub-folder's: no file.
+        if key.endswith("/") or key.rstrip("/") == own:
+            continue
+        name = key.rsplit("/", 1)[-1]
         if not name or name.startswith("."):
             continue
         if entry.get("type") == "file":

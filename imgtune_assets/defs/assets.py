@@ -7,10 +7,12 @@ Only the Dagster concerns live here (keys, partitions, metadata, failures); the 
 
 
 import base64
+import hashlib
 import json
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +73,7 @@ from imgtune_assets.core.report import (
     write_report,
 )
 from imgtune_assets.core.results import IdentityBaseline, TrialStore
-from imgtune_assets.core.sampling import search_space, space_digest, trial_keys, trial_settings
+from imgtune_assets.core.sampling import search_space, space_digest, trial_index, trial_keys, trial_settings
 from imgtune_assets.core.search import early_stopping_notes, is_staged, repeated_trials_note, staged_trials
 from imgtune_assets.core.sweepfile import Sweep
 from imgtune_assets.defs.executor import steps_share_the_run_process
@@ -198,6 +200,16 @@ class SweepAssets:
                             self.tuned_images) if a is not None]
 
 
+def reversed_range(tags: Mapping[str, str]) -> None:
+    """Raise a ``Failure`` for a run whose partition range ends before it starts (``trial-010...trial-003``):
+    Dagster takes it as no partition at all, and the run would succeed having computed nothing."""
+    first, last = tags.get(ASSET_PARTITION_RANGE_START_TAG), tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    named = [key for key in (first, last) if key and key.partition("-")[0] == "trial" and key[6:].isdigit()]
+    if len(named) == 2 and trial_index(first) > trial_index(last):
+        raise Failure(description=f"this run's partition range {first}...{last} ends before it starts: name the "
+                                  f"first trial first ({last}...{first})")
+
+
 def one_run_asset(**kwargs):
     """``@asset`` with ``BackfillPolicy.single_run()``: a range of trials (and the unpartitioned steps
     beside it) is one run, also through ``dg launch --job <group>_sweep --partition-range A...B``, which
@@ -213,6 +225,9 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
     group = group_name(sweep.name)
     prefix = [sweep.name]
     objective = sweep.objective
+    # What decides the settings, the trials' scores and the report: a sweep file edited (another seed,
+    # space or objective) shows them as changed code in the UI, out of date until they are made again.
+    code_version = sweep.fingerprint()
     manifest_key, settings_key, results_key = (asset_key(sweep, n) for n in
                                                ("image_manifest", "run_settings", "experiment_results"))
 
@@ -294,6 +309,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
                 f"this run asks for {', '.join(unknown)}, which {sweep.path} no longer has (trials: {sweep.trials}): "
                 "the file changed after the code location that requested the run was loaded; reload the code "
                 "location (the UI's Deployment → Reload, or restart `dagster dev`) and launch again"))
+        reversed_range(tags)
 
         if sweep.demo_data and not storage.is_remote(sweep.data_dir) and not (sweep.data_dir / "images").is_dir():
             context.log.info(f"Generating the {sweep.demo_data} demo data set in {sweep.data_dir}")
@@ -339,7 +355,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             metadata["skipped"] = _table(frame[frame["status"] != "ok"][["image_path", "reason"]], limit=50)
         return Output(frame, metadata=metadata, data_version=DataVersion(digest))
 
-    @one_run_asset(name="run_settings", key_prefix=prefix, group_name=group,
+    @one_run_asset(name="run_settings", key_prefix=prefix, group_name=group, code_version=code_version,
                    ins={"image_manifest": AssetIn(key=manifest_key)})
     def run_settings(context: AssetExecutionContext, imgtune: SweepResource, image_manifest) -> Output[dict]:
         """What the sweep's runs evaluate: one entry per trial (its partition key and parameters, drawn from
@@ -364,7 +380,12 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             notes.append(repeated)
         for note in notes:
             context.log.warning(f"{sweep.path}: {note}")
-        return Output(settings, metadata={
+        # The same settings (trials, images) are the same data version: re-made unchanged, they leave the
+        # trials and the report up to date in the UI instead of marking every one of them stale.
+        # (the images by their content, not by the stats a rescan may record anew)
+        decisive = {key: settings[key] for key in ("fingerprint", "objective", "trials", "manifest_digest")}
+        version = hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return Output(settings, data_version=DataVersion(version), metadata={
             **_notes_metadata(notes),
             "trials": sweep.trials,
             "sampler": sweep.sampler,
@@ -377,7 +398,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "preview": _table(preview, limit=20),
         })
 
-    @one_run_asset(name="experiment_results", key_prefix=prefix, group_name=group, partitions_def=partitions,
+    @one_run_asset(name="experiment_results", key_prefix=prefix, group_name=group, code_version=code_version, partitions_def=partitions,
                    ins={"run_settings": AssetIn(key=settings_key)}, kinds={"ray", "opencv"})
     def experiment_results(context: AssetExecutionContext, config: ExperimentConfig, imgtune: SweepResource,
                            ray_cluster: RayResource, run_settings: dict) -> None:
@@ -399,7 +420,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         check_settings(run_settings, "running trials")
         if not (context.has_partition_key or context.has_partition_key_range):
             raise no_trials_named()
+        reversed_range(context.run.tags)
         keys = list(context.partition_keys)
+        if not keys:
+            raise Failure(description="this run names no trial: its partition range is empty")
         by_key = {t["trial"]: t for t in run_settings["trials"]}
         missing = [k for k in keys if k not in by_key]
         if missing:
@@ -533,7 +557,7 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
         context.log.info(f"{len(keys) - len(failed)} trial(s) completed, {len(failed)} failed "
                          f"in {time.perf_counter() - started:.2f}s ({json.dumps(stats)})")
 
-    @one_run_asset(name="sweep_report", key_prefix=prefix, group_name=group,
+    @one_run_asset(name="sweep_report", key_prefix=prefix, group_name=group, code_version=code_version,
                    ins={"run_settings": AssetIn(key=settings_key)},
                    deps=[AssetDep(results_key, partition_mapping=AllPartitionMapping())], kinds={"pandas"})
     def sweep_report(context: AssetExecutionContext, imgtune: SweepResource, run_settings: dict) -> Output[dict]:

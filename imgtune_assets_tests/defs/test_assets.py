@@ -369,3 +369,31 @@ def test_a_run_requested_for_trials_the_file_no_longer_has_stops_before_the_mani
     assert not (tmp_path / "outputs" / "edited" / "storage").exists()  # nothing made for the other file
     assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res,
                        tags={**stale, "dagster/asset_partition_range_end": "trial-001"}).success
+
+
+def test_a_reversed_range_fails_instead_of_succeeding_with_nothing_done(tmp_path, denoise_data, instance):
+    sweep, assets = built(write_sweep(tmp_path / "s.yaml", denoise_data, name="back", trials=4))
+    res = resources(tmp_path / "outputs")
+    backwards = {"dagster/asset_partition_range_start": "trial-003", "dagster/asset_partition_range_end": "trial-001"}
+    failed = materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res,
+                         tags=backwards, raise_on_error=False)
+    assert not failed.success
+    message = failed.failure_data_for_node(node(assets.image_manifest)).error.message
+    assert "partition range trial-003...trial-001 ends before it starts" in message, message
+    assert not (tmp_path / "outputs" / "back" / "storage").exists()
+
+
+def test_unchanged_settings_keep_their_data_version_and_the_sweep_file_is_the_code_version(tmp_path, denoise_data,
+                                                                                          instance):
+    sweep, assets = built(write_sweep(tmp_path / "s.yaml", denoise_data, name="same", trials=3))
+    res = resources(tmp_path / "outputs")
+    for _ in range(2):
+        assert materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res).success
+    records = instance.fetch_materializations(asset_key(sweep, "run_settings"), limit=2).records
+    versions = [r.asset_materialization.tags["dagster/data_version"] for r in records]
+    assert len(versions) == 2 and versions[0] == versions[1]  # made again unchanged: nothing downstream is stale
+    for asset in (assets.run_settings, assets.experiment_results, assets.sweep_report):
+        assert set(asset.code_versions_by_key.values()) == {sweep.fingerprint()}
+    assert set(assets.image_manifest.code_versions_by_key.values()) == {None}  # the images decide it, not the file
+    other, _ = built(write_sweep(tmp_path / "s.yaml", denoise_data, name="same", trials=3, seed=1))
+    assert other.fingerprint() != sweep.fingerprint()
