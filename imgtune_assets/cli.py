@@ -684,8 +684,10 @@ def run_one_sweep(sweep: Sweep, home: Path, *, out: IO[str], err: IO[str], tty: 
     if reused:
         print(f"  reused {reused} finished trial(s) (--resume)", file=out)
     elif resume:
-        print("  reused no finished trial (--resume): none was saved for this version of the sweep file (its "
-              f"search, objective, seed, sampler) and these images in {sweep_dir / 'trials'}", file=out)
+        print("  reused no finished trial (--resume): none was saved whole for this version of the sweep file (its "
+              f"search, objective, seed, sampler) and these images in {sweep_dir / 'trials'} (the image "
+              "evaluations an interrupted run saved of unfinished trials are reused all the same: the run's log "
+              "says how many)", file=out)
     for line in summary_lines(report, settings):
         print(f"  {line}", file=out)
     tuned = sweep_dir / "tuned_images.json"

@@ -298,7 +298,7 @@ def test_cli_sweep_resume_reuses_the_trials_a_partial_run_finished(tmp_path, tin
     tiny_sweep.write_text(tiny_sweep.read_text().replace("seed: 0\n", "seed: 1\n"))
     result = run_cli(env, "tiny", "--resume", "--quiet")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "  reused no finished trial (--resume): none was saved for this version of the sweep file" in result.stdout
+    assert "  reused no finished trial (--resume): none was saved whole for this version of the sweep file" in result.stdout
 
 
 def test_cli_summary_warns_of_a_skipped_file(tmp_path, denoise_data):
