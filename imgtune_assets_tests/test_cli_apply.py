@@ -133,15 +133,20 @@ def test_a_folder_of_which_no_image_can_be_processed_fails_the_command(tmp_path)
         f"{fine.stdout[-3000:]}\n{fine.stderr[-3000:]}"
 
 
-def test_an_output_that_could_not_be_written_fails_the_command_until_a_re_run_writes_it(tmp_path):
-    """Not the image's fault (a full disk, a lost connection; here a folder where the output goes): exit 4,
-    so that a script runs the command again, which writes it."""
+def two_photos(tmp_path: Path):
+    """(pipeline, environment, a folder of two small photos, the output folder)."""
     pipeline = best_pipeline(tmp_path)
-    env = environment(tmp_path, pipeline)
-    source, out = tmp_path / "photos", tmp_path / "out"
+    source = tmp_path / "photos"
     source.mkdir()
     for name in ("a.png", "b.png"):
         cv2.imwrite(str(source / name), np.full((8, 8), 90, np.uint8))
+    return pipeline, environment(tmp_path, pipeline), source, tmp_path / "out"
+
+
+def test_an_output_that_could_not_be_written_fails_the_command_until_a_re_run_writes_it(tmp_path):
+    """Not the image's fault (a full disk, a lost connection; here a folder where the output goes): exit 4,
+    so that a script runs the command again, which writes it."""
+    pipeline, env, source, out = two_photos(tmp_path)
     (out / "b.png").mkdir(parents=True)  # in the way of b's output
     result = apply_cli(env, tmp_path, pipeline, source, out)
     assert result.returncode == 4, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -157,12 +162,7 @@ def test_an_output_that_could_not_be_written_fails_the_command_until_a_re_run_wr
 def test_a_ledger_that_could_not_be_written_is_a_passing_failure_with_the_outputs_listed(tmp_path):
     """The outputs were written but their ledger was not (the store lost, write access refused; here a
     folder where the ledger goes): exit 4 with what was done printed, not exit 1 as if nothing was."""
-    pipeline = best_pipeline(tmp_path)
-    env = environment(tmp_path, pipeline)
-    source, out = tmp_path / "photos", tmp_path / "out"
-    source.mkdir()
-    for name in ("a.png", "b.png"):
-        cv2.imwrite(str(source / name), np.full((8, 8), 90, np.uint8))
+    pipeline, env, source, out = two_photos(tmp_path)
     (out / LEDGER_NAME / "in-the-way").mkdir(parents=True)
     result = apply_cli(env, tmp_path, pipeline, source, out)
     assert result.returncode == 4, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"

@@ -354,16 +354,21 @@ def test_two_sweeps_side_by_side_in_one_instance(tmp_path, denoise_data, segment
     assert math.isclose(seg["best_score"], independent_dice(segment, seg_best["stages"]), rel_tol=1e-9)
 
 
+def manifest_refusal(assets, instance, res, tags) -> str:
+    """The message of ``image_manifest``'s failure in a run of the manifest and settings with ``tags``."""
+    failed = materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res,
+                         tags=tags, raise_on_error=False)
+    assert not failed.success
+    return failed.failure_data_for_node(node(assets.image_manifest)).error.message
+
+
 def test_a_run_requested_for_trials_the_file_no_longer_has_stops_before_the_manifest(tmp_path, denoise_data,
                                                                                       instance):
     # A schedule or UI loaded when the file had 5 trials asks for trial-000..trial-004; the file now has 2.
     sweep, assets = built(write_sweep(tmp_path / "s.yaml", denoise_data, name="edited", trials=2))
     res = resources(tmp_path / "outputs")
     stale = {"dagster/asset_partition_range_start": "trial-000", "dagster/asset_partition_range_end": "trial-004"}
-    failed = materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res,
-                         tags=stale, raise_on_error=False)
-    assert not failed.success
-    message = failed.failure_data_for_node(node(assets.image_manifest)).error.message
+    message = manifest_refusal(assets, instance, res, stale)
     assert f"this run asks for trial-004, which {sweep.path} no longer has (trials: 2)" in message
     assert "reload the code location" in message
     assert not (tmp_path / "outputs" / "edited" / "storage").exists()  # nothing made for the other file
@@ -375,10 +380,7 @@ def test_a_reversed_range_fails_instead_of_succeeding_with_nothing_done(tmp_path
     sweep, assets = built(write_sweep(tmp_path / "s.yaml", denoise_data, name="back", trials=4))
     res = resources(tmp_path / "outputs")
     backwards = {"dagster/asset_partition_range_start": "trial-003", "dagster/asset_partition_range_end": "trial-001"}
-    failed = materialize([assets.image_manifest, assets.run_settings], instance=instance, resources=res,
-                         tags=backwards, raise_on_error=False)
-    assert not failed.success
-    message = failed.failure_data_for_node(node(assets.image_manifest)).error.message
+    message = manifest_refusal(assets, instance, res, backwards)
     assert "partition range trial-003...trial-001 ends before it starts" in message, message
     assert not (tmp_path / "outputs" / "back" / "storage").exists()
 
