@@ -281,12 +281,18 @@ def prefetch(files: Iterable[Location], budget_bytes: int | None = None) -> int:
 
 
 def is_folder(path: Location) -> bool:
+    """Whether a folder (or prefix) is there; as ``exists``, a store that refuses or has no such bucket
+    raises ``StorageError`` rather than answering False."""
     try:
         if is_remote(path):
             path.fs.invalidate_cache(path.path)  # see list_files
-        return path.is_dir()
+        if path.is_dir():
+            return True
     except _remote_errors() as exc:
         raise _explain(exc, path, "look it up") from None
+    if is_remote(path):
+        exists(path)  # (s3fs's is_dir answers False for a missing bucket: said, not hidden)
+    return False
 
 
 def exists(path: Location) -> bool:

@@ -204,8 +204,13 @@ def reversed_range(tags: Mapping[str, str]) -> None:
     """Raise a ``Failure`` for a run whose partition range ends before it starts (``trial-010...trial-003``):
     Dagster takes it as no partition at all, and the run would succeed having computed nothing."""
     first, last = tags.get(ASSET_PARTITION_RANGE_START_TAG), tags.get(ASSET_PARTITION_RANGE_END_TAG)
-    named = [key for key in (first, last) if key and key.partition("-")[0] == "trial" and key[6:].isdigit()]
-    if len(named) == 2 and trial_index(first) > trial_index(last):
+    if not (first and last):
+        return
+    try:
+        backwards = trial_index(first) > trial_index(last)
+    except ValueError:  # not trial keys: the trials step names them
+        return
+    if backwards:
         raise Failure(description=f"this run's partition range {first}...{last} ends before it starts: name the "
                                   f"first trial first ({last}...{first})")
 
@@ -380,11 +385,10 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             notes.append(repeated)
         for note in notes:
             context.log.warning(f"{sweep.path}: {note}")
-        # The same settings (trials, images) are the same data version: re-made unchanged, they leave the
-        # trials and the report up to date in the UI instead of marking every one of them stale.
-        # (the images by their content, not by the stats a rescan may record anew)
+        # The same trials over the same images (by content, not by the stats a rescan records anew) are
+        # the same data version: made again unchanged, they leave the trials and the report up to date.
         decisive = {key: settings[key] for key in ("fingerprint", "objective", "trials", "manifest_digest")}
-        version = hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        version = hashlib.sha256(json_bytes(decisive)).hexdigest()[:16]
         return Output(settings, data_version=DataVersion(version), metadata={
             **_notes_metadata(notes),
             "trials": sweep.trials,
@@ -398,8 +402,8 @@ def build_sweep_assets(sweep: Sweep, partitions: PartitionsDefinition) -> SweepA
             "preview": _table(preview, limit=20),
         })
 
-    @one_run_asset(name="experiment_results", key_prefix=prefix, group_name=group, code_version=code_version, partitions_def=partitions,
-                   ins={"run_settings": AssetIn(key=settings_key)}, kinds={"ray", "opencv"})
+    @one_run_asset(name="experiment_results", key_prefix=prefix, group_name=group, code_version=code_version,
+                   partitions_def=partitions, ins={"run_settings": AssetIn(key=settings_key)}, kinds={"ray", "opencv"})
     def experiment_results(context: AssetExecutionContext, config: ExperimentConfig, imgtune: SweepResource,
                            ray_cluster: RayResource, run_settings: dict) -> None:
         """One partition per trial: its pipeline's parameters, scored on the usable images, its score

@@ -113,7 +113,7 @@ def build_new_images_sensor(sweep: Sweep, jobs: SweepJobs) -> SensorDefinition:
         data_dir = sweep.data_dir
         try:
             # (for a URL: a missing bucket, refused credentials raise here, said as the manifest says them)
-            if storage.is_remote(data_dir) and not storage.exists(data_dir) or not storage.is_folder(data_dir):
+            if not storage.is_folder(data_dir):
                 return SkipReason(f"{data_dir}: data folder does not exist yet"
                                   + (" (the first sweep generates the demo set)" if sweep.demo_data else ""))
             stat = stat_digest(data_dir)
